@@ -1,0 +1,16 @@
+"""Codecs: how a float array becomes a packed uint8 pytree and back.
+
+Each factory returns a frozen, hashable codec with ``encode``, ``decode``,
+``zeros`` and an all-in ``bits_per_element``. The pure ``jnp`` group functions
+of each codec are the definition of its behaviour.
+"""
+
+from optax_lowbit.codecs.base import Codec, Packed
+from optax_lowbit.codecs.identity import IdentityCodec, identity
+
+__all__ = [
+    "Codec",
+    "IdentityCodec",
+    "Packed",
+    "identity",
+]

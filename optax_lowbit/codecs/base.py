@@ -1,0 +1,285 @@
+"""The codec contract: `Packed` pytrees, the `Codec` base class, layout helpers.
+
+A codec turns a float array into a `Packed` pytree and back:
+
+* Groups run along the **last axis**, padded with zeros to a multiple of
+  ``group_size``; leading axes are kept. A leaf of shape ``(A, B, N)`` packs to
+  ``codes`` of shape ``(A, B, ceil(N / G), bytes_per_group)`` (``uint8``) and
+  ``scales`` of shape ``(A, B, ceil(N / G) * scales_per_group)``. So a state
+  shards like its parameter on every leading axis. A 0-d leaf is one group of
+  one element.
+* ``Packed.shape`` and ``Packed.codec`` (the codec's name) are static pytree
+  metadata: a `Packed` passes through ``jit``, ``vmap``, ``tree_map``,
+  ``device_put``, sharding, ``jax.eval_shape`` and Orbax unchanged.
+* ``bits_per_element`` is the all-in figure for whole groups:
+  ``8 * (bytes_per_group + scales_per_group * scale_bytes) / group_size``.
+  `Packed.bits_per_element` gives the figure for one real array, padding
+  included.
+* ``decode(encode(0)) == 0`` exactly, and an all-zero group never makes NaN.
+
+Subclasses implement the group functions ``encode_groups`` and
+``decode_groups``; they are pure ``jnp`` and are the definition of the codec's
+behaviour: the Pallas kernels call the very same functions.
+
+Bit layout: codes of ``b`` bits are packed **planar** (`pack_codes`). ``b`` is
+split into power-of-two widths (3 = 2 + 1, 4 = 4); for each width ``w`` the
+group's ``K`` values fill ``K * w / 8`` bytes where value ``j`` sits in byte
+``j % nbytes`` at bit offset ``(j // nbytes) * w``. Unpacking is a few shifts
+of contiguous byte slices and a concatenation: no interleaving shuffles.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowbit import _checks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A quantized array: uint8 codes, group scales and static metadata.
+
+    Attributes:
+      codes: ``uint8`` array ``(*lead, n_groups, bytes_per_group)``.
+      scales: float array ``(*lead, n_groups * scales_per_group)``.
+      shape: the shape of the array that was encoded (static).
+      codec: the name of the codec that made it, e.g. ``"polar-2b-signed"``
+        (static).
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    codec: str = dataclasses.field(metadata={"static": True})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by codes and scales together."""
+        return int(self.codes.nbytes + self.scales.nbytes)
+
+    @property
+    def bits_per_element(self) -> float:
+        """All-in bits per element of this array, padding included."""
+        numel = max(1, math.prod(self.shape))
+        return 8.0 * self.nbytes / numel
+
+
+def lead_and_last(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Splits a shape into its leading axes and the grouped last axis."""
+    if len(shape) == 0:
+        return (), 1
+    return tuple(shape[:-1]), int(shape[-1])
+
+
+def num_groups(shape: tuple[int, ...], group_size: int) -> int:
+    """Number of groups along the last axis of ``shape``."""
+    _, last = lead_and_last(shape)
+    return -(-last // group_size) if last else 0
+
+
+def to_groups(x: jax.Array, group_size: int) -> jax.Array:
+    """Reshapes ``x`` to ``(*lead, n_groups, group_size)`` float32, zero-padded."""
+    x = jnp.asarray(x, jnp.float32)
+    lead, last = lead_and_last(x.shape)
+    x = x.reshape((*lead, last))
+    n = num_groups(x.shape, group_size)
+    pad = n * group_size - last
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
+    return x.reshape((*lead, n, group_size))
+
+
+def from_groups(xg: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `to_groups`: drops the padding and restores ``shape``."""
+    lead, last = lead_and_last(shape)
+    x = xg.reshape((*lead, -1))[..., :last]
+    return x.reshape(shape)
+
+
+def _widths(bits: int) -> list[int]:
+    """Splits ``bits`` into power-of-two plane widths, widest first."""
+    out, rest = [], bits
+    for w in (8, 4, 2, 1):
+        if rest >= w:
+            out.append(w)
+            rest -= w
+    return out
+
+
+def packed_bytes(num_values: int, bits: int) -> int:
+    """Bytes that `pack_codes` uses for ``num_values`` codes of ``bits`` bits."""
+    total = 0
+    for w in _widths(bits):
+        per_byte = 8 // w
+        total += -(-num_values // per_byte)
+    return total
+
+
+def pack_codes(values: jax.Array, bits: int) -> jax.Array:
+    """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
+
+    Args:
+      values: integer array ``(..., K)``, every value in ``[0, 2**bits)``.
+        ``K * w`` must be a multiple of 8 for every plane width ``w`` of
+        ``bits`` (true for ``K`` a multiple of 8).
+      bits: code width, 1 to 8.
+
+    Returns:
+      ``uint8`` array ``(..., packed_bytes(K, bits))``.
+    """
+    values = values.astype(jnp.uint8)
+    k = values.shape[-1]
+    planes, shift = [], 0
+    # Low bits go to the widest plane; each plane is packed on its own.
+    for w in reversed(_widths(bits)):
+        part = (values >> shift) & ((1 << w) - 1)
+        shift += w
+        per_byte = 8 // w
+        if k % per_byte:
+            raise ValueError(f"{k} codes of width {w} do not fill whole bytes.")
+        nbytes = k // per_byte
+        part = part.reshape((*values.shape[:-1], per_byte, nbytes))
+        byte = jnp.zeros((*values.shape[:-1], nbytes), jnp.uint8)
+        for s in range(per_byte):
+            byte = byte | (part[..., s, :] << (s * w)).astype(jnp.uint8)
+        planes.append(byte)
+    return jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
+
+
+def unpack_codes(packed: jax.Array, bits: int, num_values: int) -> jax.Array:
+    """Inverse of `pack_codes`: ``(..., bytes)`` uint8 -> ``(..., K)`` uint8."""
+    packed = packed.astype(jnp.uint8)
+    out = jnp.zeros((*packed.shape[:-1], num_values), jnp.uint8)
+    offset, shift = 0, 0
+    for w in reversed(_widths(bits)):
+        per_byte = 8 // w
+        nbytes = num_values // per_byte
+        byte = packed[..., offset : offset + nbytes]
+        offset += nbytes
+        part = jnp.concatenate(
+            [(byte >> (s * w)) & ((1 << w) - 1) for s in range(per_byte)], axis=-1
+        )
+        out = out | (part.astype(jnp.uint8) << shift)
+        shift += w
+    return out
+
+
+def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Rounds group maxima to the stored scale dtype and makes a safe divisor.
+
+    Args:
+      absmax: float32 group maxima (>= 0).
+      dtype: storage dtype of the scales (float32 or bfloat16).
+
+    Returns:
+      ``(stored, divisor)``: ``stored`` is ``absmax`` rounded **up** to
+      ``dtype`` (so normalised values stay within [-1, 1]); ``divisor`` is its
+      float32 value with zeros replaced by 1, so an all-zero group divides to
+      zeros, never NaN.
+    """
+    absmax = jnp.asarray(absmax, jnp.float32)
+    stored = absmax.astype(dtype)
+    if jnp.dtype(dtype) != jnp.float32:
+        too_small = stored.astype(jnp.float32) < absmax
+        stored = jnp.where(
+            too_small, jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype)), stored
+        )
+    as_f32 = stored.astype(jnp.float32)
+    divisor = jnp.where(as_f32 > 0, as_f32, 1.0)
+    return stored, divisor
+
+
+class Codec(abc.ABC):
+    """Base class of every codec: a frozen, hashable description of a format.
+
+    Subclasses are frozen dataclasses that define `name`, `group_size`,
+    `bytes_per_group`, `scale_dtype`, `encode_groups` and `decode_groups`.
+    """
+
+    #: elements per group (the unit of ``codes``' second-to-last axis)
+    group_size: int
+    #: scales stored per group (1 for every codec but π-Quant's superblocks)
+    scales_per_group: int = 1
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """A short unique name, e.g. ``"polar-2b-signed"``."""
+
+    @property
+    @abc.abstractmethod
+    def bytes_per_group(self) -> int:
+        """Code bytes per group."""
+
+    @property
+    @abc.abstractmethod
+    def scale_dtype(self) -> Any:
+        """dtype of the stored scales."""
+
+    @property
+    def signed(self) -> bool:
+        """Whether the codec accepts negative values."""
+        return True
+
+    @property
+    def bits_per_element(self) -> float:
+        """All-in bits per element for whole groups: codes plus scales."""
+        scale_bytes = self.scales_per_group * jnp.dtype(self.scale_dtype).itemsize
+        return 8.0 * (self.bytes_per_group + scale_bytes) / self.group_size
+
+    @abc.abstractmethod
+    def encode_groups(self, xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Encodes ``(..., group_size)`` float32 groups.
+
+        Returns:
+          ``(codes, scales)`` of shapes ``(..., bytes_per_group)`` uint8 and
+          ``(..., scales_per_group)`` in `scale_dtype`.
+        """
+
+    @abc.abstractmethod
+    def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
+        """Decodes groups back to ``(..., group_size)`` float32."""
+
+    def encode(self, x: jax.Array) -> Packed:
+        """Encodes a float array of any shape into a `Packed` pytree."""
+        _checks.float_array("x", x)
+        shape = tuple(x.shape)
+        xg = to_groups(x, self.group_size)
+        codes, scales = self.encode_groups(xg)
+        scales = scales.reshape((*scales.shape[:-2], -1))
+        return Packed(codes=codes, scales=scales, shape=shape, codec=self.name)
+
+    def decode(self, packed: Packed) -> jax.Array:
+        """Decodes a `Packed` made by this codec to float32 of its shape."""
+        if not isinstance(packed, Packed):
+            raise TypeError(f"packed must be a Packed, got {type(packed).__name__}.")
+        if packed.codec != self.name:
+            raise ValueError(
+                f"packed was made by codec {packed.codec!r}; this codec is "
+                f"{self.name!r}. Decode it with the codec that encoded it."
+            )
+        scales = packed.scales.reshape(
+            (*packed.scales.shape[:-1], -1, self.scales_per_group)
+        )
+        xg = self.decode_groups(packed.codes, scales)
+        return from_groups(xg, packed.shape)
+
+    def zeros(self, shape: tuple[int, ...]) -> Packed:
+        """The encoding of an all-zero array of ``shape`` (an optimizer's init)."""
+        shape = _checks.shape_of("shape", shape)
+        return self.encode(jnp.zeros(shape, jnp.float32))
+
+    def packed_shapes(self, shape: tuple[int, ...]) -> Packed:
+        """`Packed` of ``jax.ShapeDtypeStruct`` leaves for an array of ``shape``."""
+        return jax.eval_shape(lambda: self.zeros(tuple(shape)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, {self.bits_per_element:.4g} bits)"
+
