@@ -6,11 +6,15 @@ of each codec are the definition of its behaviour.
 """
 
 from optax_lowbit.codecs.base import Codec, Packed
+from optax_lowbit.codecs.blockwise import BlockwiseCodec, blockwise4, blockwise8
 from optax_lowbit.codecs.identity import IdentityCodec, identity
 
 __all__ = [
+    "BlockwiseCodec",
     "Codec",
     "IdentityCodec",
     "Packed",
+    "blockwise4",
+    "blockwise8",
     "identity",
 ]
