@@ -1,0 +1,290 @@
+"""Per-leaf machinery shared by the transforms over quantized states.
+
+A *moment tree* has the structure of the parameters; each of its leaves is
+either a `Packed` (the policy quantizes that leaf) or a plain float array (the
+policy keeps it in full precision, float32 by default). A transform:
+
+1. at construction: ``policy = resolve_policy(policy)``, ``check_codec(...)``
+   and `register_codec` for each codec (so `codec_by_name` can decode states,
+   as `optax_lowbit.convert` does);
+2. in ``init``: ``init_moment(params, codec, policy)`` per moment (it raises,
+   naming the leaf path and dtype, on integer or complex parameters; it uses
+   shapes and dtypes only, so it runs under ``jax.eval_shape``);
+3. in ``update``: ``map_leaves(step, updates, (mu, nu), (mu_codec, nu_codec))``
+   where ``step(g, m, v) -> (u, m_new, v_new)`` works on one leaf in float32:
+   each moment is decoded, stepped and re-encoded leaf by leaf, so a leaf's
+   decoded float32 moments are temporaries of that leaf only.
+
+`decode_moment` and `encode_like` do the two halves on whole trees, for code
+that needs all decoded moments at once (e.g. a global norm).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowbit import policy as _policy
+from optax_lowbit.codecs import base
+
+__all__ = [
+    "check_codec",
+    "check_float_params",
+    "codec_by_name",
+    "decode_moment",
+    "encode_like",
+    "init_moment",
+    "is_packed",
+    "map_leaves",
+    "register_codec",
+    "resolve_policy",
+]
+
+
+def is_packed(x: Any) -> bool:
+    """Whether ``x`` is a `Packed` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, base.Packed)
+
+
+def resolve_policy(policy: Any) -> Callable[[Any, Any], bool]:
+    """``None`` -> the default policy; TypeError naming ``policy`` if not callable."""
+    return _policy.resolve(policy)
+
+
+def check_codec(name: str, codec: Any, *, signed: bool = False) -> base.Codec:
+    """Checks that ``codec`` is a `Codec` (and signed, if ``signed``).
+
+    Args:
+      name: the argument's name, for the message (e.g. ``"mu_codec"``).
+      codec: the value received.
+      signed: require a codec that accepts negative values (first moments,
+        momenta).
+
+    Returns:
+      ``codec``.
+    """
+    if not isinstance(codec, base.Codec):
+        raise TypeError(
+            f"{name} must be a codec (an optax_lowbit.codecs.Codec such as "
+            f"lowbit.codecs.identity()), got {codec!r} of type {type(codec).__name__}."
+        )
+    if signed and not codec.signed:
+        raise ValueError(
+            f"{name} must be a signed codec (this state takes negative values), "
+            f"got the unsigned codec {codec.name!r}; use its signed=True variant."
+        )
+    return codec
+
+
+_REGISTRY_LOCK = threading.Lock()
+_REGISTRY: dict[str, base.Codec] = {}
+_AMBIGUOUS: set[str] = set()
+
+
+def register_codec(codec: base.Codec) -> None:
+    """Records ``codec`` under its name, so states it made can be decoded by name.
+
+    Two unequal codecs with one name make that name ambiguous: `codec_by_name`
+    then raises instead of guessing.
+    """
+    with _REGISTRY_LOCK:
+        known = _REGISTRY.get(codec.name)
+        if known is None:
+            _REGISTRY[codec.name] = codec
+        elif known != codec:
+            _AMBIGUOUS.add(codec.name)
+
+
+def codec_by_name(name: str, codecs: Sequence[base.Codec] = ()) -> base.Codec:
+    """The codec called ``name``: from ``codecs`` first, then the registry.
+
+    Every transform registers its codecs when it is built, so a state can be
+    decoded by name once the transform that made it was built in this process.
+    """
+    for c in codecs:
+        if c.name == name:
+            return c
+    with _REGISTRY_LOCK:
+        if name in _AMBIGUOUS:
+            raise ValueError(
+                f"several different codecs are named {name!r}; pass the one that "
+                "made this state explicitly (codecs=...)."
+            )
+        codec = _REGISTRY.get(name)
+    if codec is None:
+        raise ValueError(
+            f"no codec named {name!r} is known; build the transform that made "
+            "this state first (its codecs register themselves), or pass the "
+            "codec explicitly (codecs=...)."
+        )
+    return codec
+
+
+def check_float_params(params: Any, what: str = "params") -> None:
+    """Raises TypeError naming the leaf path and dtype of a non-float leaf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(_policy.unwrap(leaf), "dtype", None)
+        try:
+            ok = bool(jnp.issubdtype(dtype, jnp.floating))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError(
+                f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; quantized "
+                "optimizers accept floating-point parameters only (float16, "
+                "bfloat16, float32, float64). Leave integer leaves out of the "
+                "optimizer, e.g. with optax.masked or nnx.Optimizer(wrt=nnx.Param)."
+            )
+
+
+def _leading_sharding(leaf: Any, ndim_out: int) -> Any:
+    """The NamedSharding of ``leaf`` on its leading axes, for a state array."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(leaf, jax.core.Tracer) or sharding is None:
+        return None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    lead = spec[: max(len(leaf.shape) - 1, 0)]
+    out = lead + (None,) * (ndim_out - len(lead))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*out))
+
+
+def _zeros_packed(codec: base.Codec, leaf: Any) -> base.Packed:
+    packed = codec.zeros(tuple(leaf.shape))
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+        # Concrete sharded parameter: shard the state like it on leading axes.
+        codes_sh = _leading_sharding(leaf, packed.codes.ndim)
+        scales_sh = _leading_sharding(leaf, packed.scales.ndim)
+        if codes_sh is not None and scales_sh is not None:
+            packed = base.Packed(
+                codes=jax.device_put(packed.codes, codes_sh),
+                scales=jax.device_put(packed.scales, scales_sh),
+                shape=packed.shape,
+                codec=packed.codec,
+            )
+    return packed
+
+
+def _zeros_plain(leaf: Any, dtype: Any) -> jax.Array:
+    if isinstance(leaf, jax.Array):
+        return jnp.zeros_like(leaf, dtype=dtype)  # keeps the leaf's sharding
+    return jnp.zeros(tuple(leaf.shape), dtype)
+
+
+def init_moment(
+    params: Any,
+    codec: base.Codec,
+    policy: Callable[[Any, Any], bool],
+    *,
+    fallback_dtype: Any = jnp.float32,
+) -> Any:
+    """A zero moment tree: ``codec.zeros`` where ``policy`` says so, else zeros.
+
+    Args:
+      params: the parameter tree (arrays, ``ShapeDtypeStruct`` or values under
+        ``flax.nnx.Variable`` nodes; only shapes and dtypes are used).
+      codec: the codec of quantized leaves.
+      policy: ``policy(path, leaf) -> bool`` (see `optax_lowbit.policy`).
+      fallback_dtype: dtype of the leaves the policy keeps unquantized.
+
+    Returns:
+      A tree of the structure of ``params`` whose leaves are `Packed` or
+      ``fallback_dtype`` zeros; a concrete sharded parameter's state is sharded
+      like it on leading axes.
+    """
+    check_float_params(params)
+
+    def leaf_init(path: Any, leaf: Any) -> Any:
+        if policy(path, leaf):
+            return _zeros_packed(codec, leaf)
+        return _zeros_plain(leaf, fallback_dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf_init, params)
+
+
+def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
+    if is_packed(x):
+        return codec.decode(x)
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _encode_leaf(value: jax.Array, like: Any, codec: base.Codec) -> Any:
+    if is_packed(like):
+        return codec.encode(value)
+    return value.astype(like.dtype)
+
+
+def decode_moment(moment: Any, codec: base.Codec) -> Any:
+    """Decodes a moment tree to float32 arrays (plain leaves are cast)."""
+    return jax.tree.map(lambda x: _decode_leaf(x, codec), moment, is_leaf=is_packed)
+
+
+def encode_like(values: Any, like: Any, codec: base.Codec) -> Any:
+    """Encodes float ``values`` in the layout of the moment tree ``like``.
+
+    A leaf is encoded by ``codec`` where ``like`` holds a `Packed`, and cast to
+    ``like``'s dtype elsewhere.
+    """
+    return jax.tree.map(
+        lambda old, v: _encode_leaf(v, old, codec), like, values, is_leaf=is_packed
+    )
+
+
+def map_leaves(
+    step: Callable[..., tuple[Any, ...]],
+    updates: Any,
+    moments: Sequence[Any],
+    codecs: Sequence[base.Codec],
+) -> tuple[Any, tuple[Any, ...]]:
+    """Runs ``step`` leaf by leaf: decode the moments, step, encode them again.
+
+    Args:
+      step: ``step(g, *moments_f32) -> (u, *new_moments_f32)`` for one leaf;
+        ``g`` is the incoming update leaf in its own dtype, the moments are
+        float32 arrays of its shape. It may close over traced
+        hyperparameters.
+      updates: the incoming updates (the structure of the parameters).
+      moments: the moment trees of the state, each made by `init_moment`.
+      codecs: one codec per moment tree.
+
+    Returns:
+      ``(new_updates, new_moments)``: ``new_updates`` has the structure of
+      ``updates``; each new moment tree has the structure, shapes and dtypes of
+      the old one (quantized leaves stay `Packed` of the same codec).
+    """
+    if len(moments) != len(codecs):
+        raise ValueError(f"got {len(moments)} moment trees but {len(codecs)} codecs.")
+    flat, treedef = jax.tree_util.tree_flatten(updates)
+    per_moment = []
+    for moment in moments:
+        try:
+            per_moment.append(treedef.flatten_up_to(moment))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "the optimizer state does not match the updates' tree structure; "
+                "was the state made by tx.init on these parameters? "
+                f"updates: {treedef}"
+            ) from e
+    new_updates, new_moments = [], [[] for _ in moments]
+    for i, g in enumerate(flat):
+        olds = [leaves[i] for leaves in per_moment]
+        decoded = [_decode_leaf(x, c) for x, c in zip(olds, codecs, strict=True)]
+        u, *news = step(g, *decoded)
+        new_updates.append(u)
+        for j, (new, old, c) in enumerate(zip(news, olds, codecs, strict=True)):
+            new_moments[j].append(_encode_leaf(new, old, c))
+    return (
+        jax.tree_util.tree_unflatten(treedef, new_updates),
+        tuple(jax.tree_util.tree_unflatten(treedef, m) for m in new_moments),
+    )
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Number of elements of ``shape``."""
+    return math.prod(int(s) for s in shape)

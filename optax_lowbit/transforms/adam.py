@@ -1,0 +1,440 @@
+"""Adam over quantized moments: `scale_by_adam_quantized` and its presets.
+
+Semantics are `optax.scale_by_adam`'s, step for step: decode the moments to
+float32, update them, bias-correct, compute the update from the float32 moments
+(never from their quantized images), then encode the new moments. With
+``lowbit.codecs.identity()`` for both moments the result equals
+`optax.scale_by_adam` to float tolerance.
+
+Structural arguments (codecs, ``bits``, ``policy``, ``impl``, ``nesterov``) are
+fixed at construction. Numeric hyperparameters (``b1``, ``b2``, ``eps``,
+``eps_root``) may be arrays or tracers (``optax.inject_hyperparams``); they are
+checked only when they are Python numbers. Under ``optax.inject_hyperparams``
+list the structural ones that are numbers or callables in ``static_args``::
+
+    optax.inject_hyperparams(lowbit.adamw_polar, static_args=("bits", "policy"))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowbit import _checks
+from optax_lowbit.codecs import base
+from optax_lowbit.transforms import _quantized
+
+_IMPLS = ("auto", "jnp")
+
+
+class ScaleByAdamQuantizedState(NamedTuple):
+    """State of `scale_by_adam_quantized`.
+
+    Attributes:
+      count: int32 array of shape ``()``: the number of updates so far.
+      mu: first moment, the structure of the parameters; per leaf a `Packed`
+        (the policy quantizes it) or a float32 array.
+      nu: second moment, the same layout as ``mu``.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def _check_bits_static(bits: Any, accepted: tuple[Any, ...], hint: str) -> None:
+    if isinstance(bits, (jax.Array, jax.core.Tracer)) or hasattr(bits, "__array__"):
+        raise TypeError(
+            f"bits must be a Python number, one of {accepted}, got an array "
+            f"({bits!r}); bits sets the state's layout. Under "
+            "optax.inject_hyperparams pass static_args=('bits',)."
+        )
+    _checks.one_of("bits", bits, accepted, hint)
+
+
+def _check_impl(impl: Any) -> None:
+    _checks.one_of(
+        "impl",
+        impl,
+        _IMPLS,
+        "the Pallas kernels (impl='pallas') are not available yet; 'auto' uses jnp.",
+    )
+
+
+def _check_mu_dtype(mu_dtype: Any) -> Any:
+    if mu_dtype is None:
+        return jnp.float32
+    name = jnp.dtype(mu_dtype).name
+    _checks.one_of("mu_dtype", name, ("float32", "bfloat16"))
+    return jnp.dtype(mu_dtype)
+
+
+def scale_by_adam_quantized(
+    mu_codec: base.Codec,
+    nu_codec: base.Codec,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by Adam's rule, keeping both moments in given codecs.
+
+    Per leaf, with :math:`g` the update, :math:`t` the new count:
+
+    .. math::
+
+      m &\leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+      v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+      u &= \frac{m / (1 - \beta_1^t)}
+               {\sqrt{v / (1 - \beta_2^t) + \bar\varepsilon} + \varepsilon}
+
+    computed in float32 from the decoded moments; then ``m`` and ``v`` are
+    encoded again. ``nesterov=True`` uses
+    :math:`\beta_1 m / (1 - \beta_1^{t+1}) + (1 - \beta_1) g / (1 - \beta_1^t)`
+    in place of the corrected :math:`m`, as `optax.scale_by_adam` does.
+
+    Args:
+      mu_codec: codec of the first moment on quantized leaves (must be signed).
+      nu_codec: codec of the second moment on quantized leaves.
+      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      nesterov: whether to use Nesterov momentum (NAdam), as in Optax.
+      policy: ``policy(path, leaf) -> bool``, which leaves are quantized
+        (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
+        Other leaves keep float32 moments.
+      impl: ``"auto"`` or ``"jnp"`` (the pure ``jnp`` path; ``"auto"`` picks it
+        until the Pallas kernels land).
+      mu_dtype: dtype of the first moment on the leaves the policy keeps
+        unquantized: ``None`` (float32) or ``jnp.bfloat16``.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is a
+      `ScaleByAdamQuantizedState`. Updates have the dtype of the incoming
+      updates.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax, optax_lowbit as lowbit
+      >>> fp32 = lowbit.codecs.identity()
+      >>> tx = lowbit.scale_by_adam_quantized(fp32, fp32, policy=lambda p, x: True)
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -1.0, 0.0])}, state)
+      >>> print(updates["w"].round(4))  # step 1: m_hat / sqrt(v_hat) = sign(g)
+      [ 1. -1.  0.]
+      >>> state.mu["w"].codec, int(state.count)
+      ('identity-float32', 1)
+
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014
+
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016
+    """
+    mu_codec = _quantized.check_codec("mu_codec", mu_codec, signed=True)
+    nu_codec = _quantized.check_codec("nu_codec", nu_codec)
+    _checks.in_unit_interval("b1", b1)
+    _checks.in_unit_interval("b2", b2)
+    _checks.non_negative("eps", eps)
+    _checks.non_negative("eps_root", eps_root)
+    _checks.is_bool("nesterov", nesterov)
+    _check_impl(impl)
+    fallback_mu_dtype = _check_mu_dtype(mu_dtype)
+    policy = _quantized.resolve_policy(policy)
+    _quantized.register_codec(mu_codec)
+    _quantized.register_codec(nu_codec)
+
+    def init_fn(params: optax.Params) -> ScaleByAdamQuantizedState:
+        mu = _quantized.init_moment(
+            params, mu_codec, policy, fallback_dtype=fallback_mu_dtype
+        )
+        nu = _quantized.init_moment(params, nu_codec, policy)
+        return ScaleByAdamQuantizedState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByAdamQuantizedState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, ScaleByAdamQuantizedState]:
+        del params
+        count = optax.safe_increment(state.count)
+        bc1 = 1 - b1**count
+        bc2 = 1 - b2**count
+        bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
+
+        def step(g, m, v):
+            g32 = g.astype(jnp.float32)
+            m = (1 - b1) * g32 + b1 * m
+            v = (1 - b2) * (g32 * g32) + b2 * v
+            if nesterov:
+                m_hat = b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
+            else:
+                m_hat = m / bc1
+            u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
+            return u.astype(g.dtype), m, v
+
+        updates, (mu, nu) = _quantized.map_leaves(
+            step, updates, (state.mu, state.nu), (mu_codec, nu_codec)
+        )
+        return updates, ScaleByAdamQuantizedState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _codecs(module: str) -> Any:
+    """Imports ``optax_lowbit.codecs.<module>``, naming it if it is missing."""
+    return importlib.import_module(f"optax_lowbit.codecs.{module}")
+
+
+def scale_by_adam_polar(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    bits: float = 2,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+    mu_dtype: Any = None,
+    mu_codec: base.Codec | None = None,
+    nu_codec: base.Codec | None = None,
+) -> optax.GradientTransformation:
+    """Adam with both moments in 2D polar codes, 2 or 1.5 bits per element.
+
+    The first moment uses the signed polar codebook (8 angles x rings), the
+    second moment the unsigned first-quadrant one; groups of 64 elements with
+    one scale each (see `optax_lowbit.codecs.polar`).
+
+    Args:
+      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      bits: ``2`` or ``1.5`` code bits per element (structural: under
+        ``optax.inject_hyperparams`` list it in ``static_args``).
+      nesterov: whether to use Nesterov momentum, as in Optax.
+      policy: which leaves are quantized; ``None`` is the default policy.
+      impl: ``"auto"`` or ``"jnp"``.
+      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
+        float32).
+      mu_codec: overrides the first moment's codec.
+      nu_codec: overrides the second moment's codec.
+
+    Returns:
+      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> tx = lowbit.scale_by_adam_polar(bits=2)
+      >>> state = tx.init({"w": jnp.zeros((256, 256))})
+      >>> round(lowbit.state_bytes(state) / 256**2, 2)  # bytes per parameter
+      0.56
+
+    References:
+      Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
+    """
+    _check_bits_static(bits, (1.5, 2), "for 4 bits use scale_by_adam_4bit.")
+    if mu_codec is None or nu_codec is None:
+        polar = _codecs("polar")
+        if mu_codec is None:
+            mu_codec = polar.polar(bits=bits, signed=True)
+        if nu_codec is None:
+            nu_codec = polar.polar(bits=bits, signed=False)
+    return scale_by_adam_quantized(
+        mu_codec,
+        nu_codec,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+        mu_dtype=mu_dtype,
+    )
+
+
+def scale_by_adam_piquant(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    encoder: str = "nearest",
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Adam with both moments in π-Quant codes (100 codewords per pair).
+
+    Args:
+      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      encoder: ``"nearest"`` (exact nearest codeword, our default) or
+        ``"paper"`` (the closed-form encoder of the reference code).
+      nesterov: whether to use Nesterov momentum, as in Optax.
+      policy: which leaves are quantized; ``None`` is the default policy.
+      impl: ``"auto"`` or ``"jnp"``.
+      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
+        float32).
+
+    Returns:
+      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> tx = lowbit.scale_by_adam_piquant()
+      >>> state = tx.init({"w": jnp.zeros((256, 256))})
+      >>> type(state).__name__
+      'ScaleByAdamQuantizedState'
+
+    References:
+      Pi-Quant: irrational complex rotations for optimizer-state quantization;
+      reference code github.com/Ethan-TZ/Pi-Quant.
+    """
+    _checks.one_of("encoder", encoder, ("nearest", "paper"))
+    piquant = _codecs("piquant")
+    return scale_by_adam_quantized(
+        piquant.piquant(encoder=encoder, signed=True),
+        piquant.piquant(encoder=encoder, signed=False),
+        b1,
+        b2,
+        eps,
+        eps_root,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+        mu_dtype=mu_dtype,
+    )
+
+
+def scale_by_adam_8bit(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Adam with both moments in 8 bits (blockwise dynamic map, block 256).
+
+    As bitsandbytes' ``AdamW8bit``: the signed dynamic-tree map for the first
+    moment, the unsigned one for the second, an fp32 absmax scale per 256
+    elements: 8.125 bits per element all-in.
+
+    Args:
+      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      nesterov: whether to use Nesterov momentum, as in Optax.
+      policy: which leaves are quantized; ``None`` is the default policy.
+      impl: ``"auto"`` or ``"jnp"``.
+      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
+        float32).
+
+    Returns:
+      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> state = lowbit.scale_by_adam_8bit().init({"w": jnp.zeros((256, 256))})
+      >>> round(lowbit.state_bytes(state) / 256**2, 3)  # B/param, both moments
+      2.031
+
+    References:
+      Dettmers et al, `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2022
+    """
+    factory = _codecs("blockwise").blockwise8
+    return scale_by_adam_quantized(
+        factory(signed=True),
+        factory(signed=False),
+        b1,
+        b2,
+        eps,
+        eps_root,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+        mu_dtype=mu_dtype,
+    )
+
+
+def scale_by_adam_4bit(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Adam with both moments in 4 bits (block 128).
+
+    As the 4-bit optimizer of Li et al: the dynamic-exponent map for the first
+    moment, the zero-free linear map for the second, an fp32 scale per 128
+    elements: 4.25 bits per element all-in.
+
+    Args:
+      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      nesterov: whether to use Nesterov momentum, as in Optax.
+      policy: which leaves are quantized; ``None`` is the default policy.
+      impl: ``"auto"`` or ``"jnp"``.
+      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
+        float32).
+
+    Returns:
+      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> state = lowbit.scale_by_adam_4bit().init({"w": jnp.zeros((256, 256))})
+      >>> round(lowbit.state_bytes(state) / 256**2, 3)  # B/param, both moments
+      1.063
+
+    References:
+      Li et al, `Memory Efficient Optimizers with 4-bit States
+      <https://arxiv.org/abs/2309.01507>`_, 2023
+    """
+    factory = _codecs("blockwise").blockwise4
+    return scale_by_adam_quantized(
+        factory(signed=True),
+        factory(signed=False),
+        b1,
+        b2,
+        eps,
+        eps_root,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+        mu_dtype=mu_dtype,
+    )
