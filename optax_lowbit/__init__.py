@@ -2,12 +2,50 @@
 
 Import it as ``import optax_lowbit as lowbit``. Everything public is
 re-exported here; modules whose names start with ``_`` are private.
+
+``lowbit.convert`` is the function `optax_lowbit.convert.convert` (the module
+stays importable as ``importlib.import_module("optax_lowbit.convert")``);
+``lowbit.policy`` is the module (``lowbit.policy.default()``,
+``lowbit.policy.from_predicate(fn)``).
 """
 
-from optax_lowbit import codecs
+from optax_lowbit import codecs, policy
+from optax_lowbit.alias import (
+    adam_polar,
+    adamw_4bit,
+    adamw_8bit,
+    adamw_piquant,
+    adamw_polar,
+)
+from optax_lowbit.convert import convert
+from optax_lowbit.memory import state_bytes, summarize, summary
+from optax_lowbit.transforms.adam import (
+    ScaleByAdamQuantizedState,
+    scale_by_adam_4bit,
+    scale_by_adam_8bit,
+    scale_by_adam_piquant,
+    scale_by_adam_polar,
+    scale_by_adam_quantized,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScaleByAdamQuantizedState",
+    "adam_polar",
+    "adamw_4bit",
+    "adamw_8bit",
+    "adamw_piquant",
+    "adamw_polar",
     "codecs",
+    "convert",
+    "policy",
+    "scale_by_adam_4bit",
+    "scale_by_adam_8bit",
+    "scale_by_adam_piquant",
+    "scale_by_adam_polar",
+    "scale_by_adam_quantized",
+    "state_bytes",
+    "summarize",
+    "summary",
 ]
