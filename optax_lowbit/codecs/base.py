@@ -137,7 +137,8 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
     values = values.astype(jnp.uint8)
     k = values.shape[-1]
     planes, shift = [], 0
-    # Low bits go to the widest plane; each plane is packed on its own.
+    # Planes are filled narrowest first: for 3 bits, bit 0 goes to the 1-bit
+    # plane and bits 1-2 to the 2-bit plane; each plane is packed on its own.
     for w in reversed(_widths(bits)):
         part = (values >> shift) & ((1 << w) - 1)
         shift += w
