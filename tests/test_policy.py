@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -93,9 +94,27 @@ def test_nnx_state_variables():
     tx = lowbit.scale_by_adam_quantized(FP32, FP32)
     opt = tx.init(state)
     mu = opt.mu
-    assert isinstance(mu["lin"]["kernel"].get_value(), lowbit.codecs.Packed)
+    # a quantized leaf is a Packed of Variables (a Variable never holds a Packed)
+    assert isinstance(mu["lin"]["kernel"], lowbit.codecs.Packed)
+    assert isinstance(mu["lin"]["kernel"].codes, nnx.Param)
     assert not isinstance(mu["lin"]["bias"].get_value(), lowbit.codecs.Packed)
     assert not isinstance(mu["embed"]["embedding"].get_value(), lowbit.codecs.Packed)
+
+    # and nnx.Optimizer trains with it
+    model = Model(nnx.Rngs(0))
+    opt = nnx.Optimizer(
+        model, optax.chain(tx, optax.scale_by_learning_rate(1e-2)), wrt=nnx.Param
+    )
+
+    @nnx.jit
+    def step(model, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean(m.lin(m.embed(x)) ** 2))(model)
+        opt.update(model, g)
+        return loss
+
+    losses = [float(step(model, opt, jnp.arange(16))) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert int(nnx.as_pure(opt.opt_state)[0].count) == 5
     # a Variable given as the leaf is unwrapped
     assert policy(("lin", "kernel"), state["lin"]["kernel"])
     assert policy.reason(("embed",), state["embed"]["embedding"]) == "embedding"

@@ -201,11 +201,53 @@ def init_moment(
     check_float_params(params)
 
     def leaf_init(path: Any, leaf: Any) -> Any:
+        if _is_variable(leaf):
+            return _init_variable(path, leaf, codec, policy, fallback_dtype)
         if policy(path, leaf):
             return _zeros_packed(codec, leaf)
         return _zeros_plain(leaf, fallback_dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf_init, params)
+    return jax.tree_util.tree_map_with_path(leaf_init, params, is_leaf=_is_variable)
+
+
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def _is_variable(x: Any) -> bool:
+    """Whether ``x`` is a ``flax.nnx.Variable`` (without importing flax)."""
+    return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata")
+
+
+def _init_variable(path, var, codec, policy, fallback_dtype) -> Any:
+    """`init_moment` of one ``nnx.Variable`` leaf (``nnx.Optimizer`` passes them).
+
+    An unquantized leaf stays a Variable of the parameter's type and metadata
+    (as `optax.tree.zeros_like` makes it). A quantized leaf becomes a `Packed`
+    whose ``codes`` and ``scales`` are each such a Variable, with the
+    parameter's sharding annotation kept on the leading axes: a Variable never
+    holds a `Packed`, which ``nnx.update`` would split into a dict.
+    """
+    value = var.get_value()
+    if not policy(path, value):
+        return jax.tree.map(lambda x: _zeros_plain(x, fallback_dtype), var)
+    packed = _zeros_packed(codec, value)
+    meta = dict(var.get_metadata())
+
+    def wrap(array: jax.Array) -> Any:
+        m = dict(meta)
+        for key in _SHARDING_KEYS:
+            names = m.get(key)
+            if isinstance(names, (tuple, list)):
+                lead = tuple(names)[: max(len(value.shape) - 1, 0)]
+                m[key] = lead + (None,) * (array.ndim - len(lead))
+        return type(var)(array, **m)
+
+    return base.Packed(
+        codes=wrap(packed.codes),
+        scales=wrap(packed.scales),
+        shape=packed.shape,
+        codec=packed.codec,
+    )
 
 
 def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
