@@ -8,13 +8,16 @@ of each codec are the definition of its behaviour.
 from optax_lowbit.codecs.base import Codec, Packed
 from optax_lowbit.codecs.blockwise import BlockwiseCodec, blockwise4, blockwise8
 from optax_lowbit.codecs.identity import IdentityCodec, identity
+from optax_lowbit.codecs.piquant import PiQuantCodec, piquant
 
 __all__ = [
     "BlockwiseCodec",
     "Codec",
     "IdentityCodec",
     "Packed",
+    "PiQuantCodec",
     "blockwise4",
     "blockwise8",
     "identity",
+    "piquant",
 ]

@@ -1,0 +1,486 @@
+"""π-Quant: a pair of elements coded as one "irrational rotation" (100 codes).
+
+Tian, Zhao and Wen (2025) write a normalised pair ``z = (x, y)`` as the sum of
+two unit vectors, ``z = e^{iα} + e^{iβ}``, and tie the two angles to one
+rotation ``t``: ``α = t``, ``β = κ t`` with ``κ`` irrational, so that one
+integer code reaches points all over the disk of radius 2. This module is our
+JAX version of their 3.32-"bit" optimizer state codec, with storage at the
+real information rate.
+
+What the public reference really does
+-------------------------------------
+Read at commit ``76753e81822b635c4265e3acb9b5c8a278731eb7`` of
+github.com/Ethan-TZ/Pi-Quant, file ``torch_optim_AdamW_3.32bit.py`` (a patched
+copy of ``torch.optim.AdamW``; the 6.64- and 13.28-bit files differ only in
+the digit mapping and in ``κ``). Line numbers refer to that file.
+
+* **κ** (line 16): ``0.0100384626433832795028841971693993751058209749445923...``
+  ``0.0100`` followed by digits of π taken from its 17th decimal (``38462643...``).
+  As a float64 it equals DESIGN's ``0.0100384626433832795``; we keep it as the
+  scalar `KAPPA`.
+* **Groups and scale** (lines 51-65): the tensor is viewed as rows of 32
+  consecutive elements; ``s = max |x|`` of the row (fp32, 0 replaced by
+  ``1e-40``, line 58); pairs are ``(x[2i], x[2i+1]) / s`` (lines 55-56).
+  Only tensors whose last axis is a multiple of 32 are quantized
+  (lines 193, 199, 490); the others keep fp32 moments.
+* **Code -> rotation** (lines 12, 18-34): a code ``c`` in 0..99 is two
+  decimal digits, ``a = c // 10`` and ``b = c % 10``, and decodes with
+  ``t = 2π (10 a + 8 + b / 10)`` to ``s (cos t + cos κt, sin t + sin κt)``.
+  So ``α = t`` takes 10 values, ``2π b / 10``, and ``β = κ t`` about 10 values,
+  ``2π κ (10 a + 8 + b/10)`` in ``[0.080, 0.994]`` turns. DESIGN's
+  "θ = 2π (integer part + fractional digits / 100)" is the 6.64-bit file's
+  mapping (code ``100 N + F``, ``t = 2π (N + F/100)``, int16); the 3.32-bit file
+  keeps only the tens digit of each, ``N = 10 a + 8`` (a fixed offset of 8,
+  line 12) and ``F = 10 b``.
+* **Closed-form encoder** (``get_theta``, lines 36-49): with
+  ``c = arccos((2 - |z|^2) / 2)`` (``π`` minus the angle between the unit
+  vectors), ``α = atan2(y, x) - (π - c) / 2`` wrapped into ``[0, 2π)``,
+  ``β = π + α - c``; then ``a = floor(floor(100 frac((β - κα)/2π)) / 10)``
+  and ``b = floor(round(100 α / 2π) / 10)``; the code is ``10 a + b``.
+  Both digits are therefore *floored*, not rounded (``α`` is floored to a
+  tenth of a turn, up to 36 degrees off), ``β``'s digit is decoded at
+  ``10 a + 8`` rather than the centre of its cell, and ``frac(...) * 100``
+  stands in for ``frac(...) / κ`` (99.6). When ``round(100 α / 2π) = 100`` the
+  digit ``b = 10`` carries into ``a``: codes ``10 (a + 1)`` and, for
+  ``a = 9``, the code 100 (stored fine in the reference's int8, decoded there
+  as ``t = 2π·108``). Our ``"paper"`` encoder reproduces the formula with
+  its carry. The code 100 needs a pair of radius above 1.998, which
+  max-normalised pairs (radius <= √2) never reach; base-100 storage has no
+  code 100, so we store ``code mod 100`` = 0, whose codeword lies 0.024
+  (normalised) from the reference's decoding of 100. Every code equals the
+  reference's up to float32 ties at the floors (200,000 random pairs: all
+  equal to a float64 transcription). Decoding ``β``'s digit at the centre of
+  its cell (offset 5) would cut this encoder's Gaussian error from 0.92 to
+  0.67; we keep the reference's 8.
+* **Second moment** (lines 496, 569): encoded as ``|v|`` with the same
+  encoder, decoded as ``|decode(·)|`` coordinate-wise. Both moments use the
+  codec; at step 1 the reference starts from fp32 zeros (lines 491-493).
+* **Storage**: one int8 per pair (lines 15, 191-201) plus an fp32 scale per 32
+  elements: 4 + 1 = 5 bits per element, not the quoted 3.32 (``log2(100)/2``);
+  the scales live as Python attributes of the state tensors (lines 63, 76), so
+  ``state_dict`` does not save them.
+* The reference builds its codewords in float32 (``t`` up to ``2π·108``, so
+  ``cos t`` is off by up to ~1e-4); ours are the float64 values rounded once
+  to float32 (``cos t`` is evaluated on the reduced angle ``2π b / 10``).
+
+Measured with this module (arrays (1000, 640), numpy seed 0, bf16 scales):
+relative L2 error ``|x̂ - x| / |x|``
+
+=======================  ========  ===========
+data                     paper     nearest
+=======================  ========  ===========
+Gaussian (signed)        0.915     0.265
+Student-t(3) (signed)    1.483     0.318
+Gaussian², unsigned      1.016     0.271
+t(3)², unsigned          2.115     0.339
+=======================  ========  ===========
+
+(A float64 numpy transcription with the reference's fp32 scales gives the
+same within 0.005.) For the second moment the smallest ratio
+``v̂ / v`` over those arrays is 0.053 with ``"nearest"`` (0.010 with
+``"paper"``): some small entries of ``v`` are under-estimated up to ~19x
+(~100x), which scales those entries of ``m / √v`` up by ~4.4x (~10x). That is
+the codebook, not a bug; measure it in training before relying on it alone.
+
+The reference's encoder loses most of the signal (the floors above), so the
+exact nearest codeword, ``encoder="nearest"``, is the default; ``"paper"``
+exists to reproduce the reference. Only 36 of the 100 codewords lie in the
+square ``[-1, 1]^2`` where max-normalised pairs live (50 within radius
+``√2``), which is why even the nearest codeword is coarse; we keep the
+reference's ``s = max |x|``.
+
+Storage layout
+--------------
+The packing group is a **superblock of 96 elements** = 3 scale blocks of 32
+elements (each with its own scale, ``scales_per_group = 3``) = 48 pairs.
+Pair ``j`` of block ``k`` (elements ``32 k + 2 j`` and ``32 k + 2 j + 1``) has
+code ``c[k, j]`` in 0..99. The three pairs with the same ``j`` form one 20-bit
+word ``w[j] = c[0, j] + 100 c[1, j] + 10000 c[2, j]`` (< 10^6 < 2^20), so 16
+words per superblock, 320 bits = 40 bytes, planar:
+
+* ``codes[..., 0:16]``  = ``w[0:16] & 0xFF``         (low bytes)
+* ``codes[..., 16:32]`` = ``(w[0:16] >> 8) & 0xFF``  (middle bytes)
+* ``codes[..., 32:40]`` = ``(w[0:8] >> 16) | ((w[8:16] >> 16) << 4)``
+  (high nibbles: word ``j`` in the low nibble of byte ``32 + j``, word
+  ``j + 8`` in its high nibble)
+
+Decoding is three contiguous slices, shifts and ors, then two integer
+divisions by 100. Scales are ``(*lead, n_super * 3)``, block ``k`` of
+superblock ``g`` at index ``3 g + k``. All-in: ``8 (40 + 3·2) / 96 = 3.833``
+bits per element with bf16 scales (4.333 with fp32). The last axis is padded
+to a multiple of 96, so a leaf whose last axis is 32 pays a full superblock
+(11.5 bits per element).
+
+Arbitrary bytes decode to finite, defined values: the low two digits are
+``w % 100`` and ``(w // 100) % 100``, always < 100; the high digit
+``w // 10000`` is clamped to 99 (words 10^6 .. 2^20 - 1 are never written by
+the encoder). Codewords never have a zero coordinate (smallest ``|coordinate|``
+is 0.00248, codeword 95), so an unsigned decode with a nonzero scale is
+positive; it is also floored at the smallest normal float32 so that a tiny
+scale cannot flush it to 0 (an Adam update divides by ``√v``). A pair
+``(0, 0)`` inside a nonzero block decodes to the smallest codeword
+(radius 0.060, code 39) times the scale, not to 0; an all-zero block stores
+scale 0 and decodes to exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_lowbit import _checks
+from optax_lowbit.codecs import base
+
+#: κ, the irrational ratio of the two rotations (reference line 16).
+KAPPA = 0.0100384626433832795028841971693993751058209749445923078164
+#: codes per pair (two decimal digits).
+NUM_CODES = 100
+#: offset added to the integer part of the rotation (reference line 12).
+OFFSET = 8
+#: elements per scale block (the reference's group).
+BLOCK = 32
+#: scale blocks per superblock (one base-100 word holds one pair of each).
+BLOCKS_PER_SUPER = 3
+#: elements per superblock, the codec's ``group_size``.
+SUPER = BLOCK * BLOCKS_PER_SUPER
+#: 20-bit words per superblock (pairs per block).
+WORDS = BLOCK // 2
+#: code bytes per superblock.
+SUPER_BYTES = WORDS * 20 // 8
+
+_ENCODERS = ("nearest", "paper")
+_SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def rotation(code: Any) -> Any:
+    """The rotation ``t / 2π`` (in turns) of integer codes 0..99.
+
+    Args:
+      code: integer array of codes.
+
+    Returns:
+      ``10 (code // 10) + 8 + (code % 10) / 10`` as float32.
+
+    Examples:
+      >>> [round(v, 4) for v in rotation(jnp.array([0, 37, 99])).tolist()]
+      [8.0, 38.7, 98.9]
+    """
+    code = jnp.asarray(code, jnp.int32)
+    a, b = code // 10, code % 10
+    return (10 * a + OFFSET).astype(jnp.float32) + b.astype(jnp.float32) / 10.0
+
+
+def codeword(code: Any, signed: bool = True) -> tuple[Any, Any]:
+    """Normalised codeword ``(cos t + cos κt, sin t + sin κt)`` of codes.
+
+    Uses only scalar constants, so a kernel may evaluate it in place of a
+    codebook lookup. ``cos t`` and ``sin t`` are taken on the reduced angle
+    ``2π (code % 10) / 10`` (exact in turns), ``κt`` is below one turn.
+
+    Args:
+      code: integer array of codes in 0..99.
+      signed: if False, returns absolute values (the second moment's
+        codebook).
+
+    Returns:
+      ``(x, y)`` float32 arrays of ``code``'s shape.
+
+    Examples:
+      >>> x, y = codeword(jnp.array([0]))
+      >>> print(f"{float(x[0]):.6f} {float(y[0]):.6f}")
+      1.875374 0.483447
+    """
+    code = jnp.asarray(code, jnp.int32)
+    alpha = (2.0 * math.pi / 10.0) * (code % 10).astype(jnp.float32)
+    beta = (2.0 * math.pi * KAPPA) * rotation(code)
+    x = jnp.cos(alpha) + jnp.cos(beta)
+    y = jnp.sin(alpha) + jnp.sin(beta)
+    if not signed:
+        x, y = jnp.abs(x), jnp.abs(y)
+    return x, y
+
+
+def codebook(signed: bool = True) -> jax.Array:
+    """The 100 normalised codewords as a ``(100, 2)`` float32 array.
+
+    Computed in float64 and rounded once. For ``signed=False`` the codewords
+    are folded into the first quadrant (``|·|``), as the reference decodes the
+    second moment.
+
+    Args:
+      signed: whether the codebook is for signed (first moment) states.
+
+    Returns:
+      ``(100, 2)`` float32 array; row ``c`` is the codeword of code ``c``.
+
+    Examples:
+      >>> codebook().shape
+      (100, 2)
+      >>> print(np.round(np.asarray(codebook()[:2]), 4))
+      [[1.8754 0.4834]
+       [1.6813 1.0767]]
+    """
+    c = np.arange(NUM_CODES)
+    turns = 10 * (c // 10) + OFFSET + (c % 10) / 10.0
+    alpha = 2.0 * np.pi * (c % 10) / 10.0
+    beta = 2.0 * np.pi * KAPPA * turns
+    book = np.stack([np.cos(alpha) + np.cos(beta), np.sin(alpha) + np.sin(beta)], -1)
+    if not signed:
+        book = np.abs(book)
+    return jnp.asarray(book, jnp.float32)
+
+
+def pack_words(codes: jax.Array) -> jax.Array:
+    """Packs pair codes ``(..., 48)`` (0..99) into ``(..., 40)`` uint8.
+
+    Pair ``j`` of block ``k`` is ``codes[..., 16 k + j]``; see the module
+    docstring for the byte layout.
+    """
+    c = codes.astype(jnp.uint32).reshape((*codes.shape[:-1], BLOCKS_PER_SUPER, WORDS))
+    w = c[..., 0, :] + 100 * c[..., 1, :] + 10000 * c[..., 2, :]
+    low = (w & 0xFF).astype(jnp.uint8)
+    mid = ((w >> 8) & 0xFF).astype(jnp.uint8)
+    high = (w >> 16).astype(jnp.uint8)
+    half = WORDS // 2
+    nib = high[..., :half] | (high[..., half:] << 4)
+    return jnp.concatenate([low, mid, nib], axis=-1)
+
+
+def unpack_words(packed: jax.Array) -> jax.Array:
+    """Inverse of `pack_words`: ``(..., 40)`` uint8 -> ``(..., 48)`` int32.
+
+    Any bytes give codes in 0..99: the top digit of a word >= 10^6 is
+    clamped to 99.
+    """
+    p = packed.astype(jnp.uint32)
+    nib = p[..., 2 * WORDS :]
+    high = jnp.concatenate([nib & 0xF, nib >> 4], axis=-1)
+    w = p[..., :WORDS] | (p[..., WORDS : 2 * WORDS] << 8) | (high << 16)
+    c0 = w % 100
+    c1 = (w // 100) % 100
+    c2 = jnp.minimum(w // 10000, NUM_CODES - 1)
+    return jnp.concatenate([c0, c1, c2], axis=-1).astype(jnp.int32)
+
+
+def _paper_codes(px: jax.Array, py: jax.Array) -> jax.Array:
+    """The reference's closed-form encoder on normalised pairs (see above)."""
+    two_pi = 2.0 * math.pi
+    r2 = px * px + py * py
+    c = jnp.arccos(jnp.clip((2.0 - r2) / 2.0, -1.0, 1.0))
+    alpha = jnp.arctan2(py, px) - (math.pi - c) / 2.0
+    alpha = jnp.where(alpha < 0, alpha + two_pi, alpha)
+    beta = math.pi + alpha - c
+    w = (beta - alpha * KAPPA) / two_pi
+    hundredths = jnp.floor((w - jnp.floor(w)) * 100.0)
+    b100 = jnp.round(alpha / two_pi * 100.0)
+    code = jnp.floor(hundredths / 10.0) * 10.0 + jnp.floor(b100 / 10.0)
+    return code.astype(jnp.int32) % NUM_CODES
+
+
+def _nearest_codes(px: jax.Array, py: jax.Array, book: jax.Array) -> jax.Array:
+    """Index of the nearest codeword (first one on ties)."""
+    bx, by = book[:, 0], book[:, 1]
+    # |p - q|^2 - |p|^2 = |q|^2 - 2 p.q: the same argmin, two FMAs per code.
+    score = (bx * bx + by * by) - 2.0 * (px[..., None] * bx + py[..., None] * by)
+    return jnp.argmin(score, axis=-1).astype(jnp.int32)
+
+
+def encode_groups_with(
+    xg: jax.Array,
+    book: jax.Array,
+    *,
+    encoder: str = "nearest",
+    signed: bool = True,
+    scale_dtype: Any = jnp.bfloat16,
+) -> tuple[jax.Array, jax.Array]:
+    """Encodes superblocks ``(..., 96)`` given the ``(100, 2)`` codebook.
+
+    Args:
+      xg: float array ``(..., 96)``.
+      book: `codebook` of the same ``signed``; an explicit input so that a
+        Pallas kernel can pass it in (kernels cannot capture arrays).
+      encoder: ``"nearest"`` or ``"paper"``.
+      signed: if False the input is coded as ``|x|``.
+      scale_dtype: dtype of the stored scales.
+
+    Returns:
+      ``(codes, scales)``: ``(..., 40)`` uint8 and ``(..., 3)`` in
+      ``scale_dtype``.
+    """
+    xg = jnp.asarray(xg, jnp.float32)
+    if not signed:
+        xg = jnp.abs(xg)
+    lead = xg.shape[:-1]
+    blocks = xg.reshape((*lead, BLOCKS_PER_SUPER, BLOCK))
+    stored, divisor = base.safe_scale(jnp.max(jnp.abs(blocks), axis=-1), scale_dtype)
+    pairs = blocks.reshape((*lead, BLOCKS_PER_SUPER, WORDS, 2))
+    pairs = pairs / divisor[..., None, None]
+    px, py = pairs[..., 0], pairs[..., 1]
+    if encoder == "paper":
+        codes = _paper_codes(px, py)
+    else:
+        codes = _nearest_codes(px, py, book)
+    codes = codes.reshape((*lead, BLOCKS_PER_SUPER * WORDS))
+    return pack_words(codes), stored
+
+
+def decode_groups_with(
+    codes: jax.Array, scales: jax.Array, book: jax.Array, *, signed: bool = True
+) -> jax.Array:
+    """Decodes superblocks given the ``(100, 2)`` codebook.
+
+    Args:
+      codes: uint8 ``(..., 40)``.
+      scales: ``(..., 3)`` float (bf16 or fp32).
+      book: `codebook` of the same ``signed``.
+      signed: if False, a nonzero scale never decodes to 0 (floored at the
+        smallest normal float32).
+
+    Returns:
+      float32 ``(..., 96)``.
+    """
+    idx = unpack_words(codes).reshape((*codes.shape[:-1], BLOCKS_PER_SUPER, WORDS))
+    s = scales.astype(jnp.float32)[..., None]
+    x = jnp.take(book[:, 0], idx, mode="clip") * s
+    y = jnp.take(book[:, 1], idx, mode="clip") * s
+    if not signed:
+        floor = jnp.where(s > 0, _TINY, 0.0)
+        x, y = jnp.maximum(x, floor), jnp.maximum(y, floor)
+    out = jnp.stack([x, y], axis=-1)
+    return out.reshape((*codes.shape[:-1], SUPER))
+
+
+@dataclasses.dataclass(frozen=True)
+class PiQuantCodec(base.Codec):
+    """π-Quant codes: 100 codes per pair, base-100 packed, 3.833 bits all-in.
+
+    Attributes:
+      encoder: ``"nearest"`` (exact nearest codeword, default) or ``"paper"``
+        (the reference's closed-form encoder).
+      signed: True for signed states (first moment); False codes ``|x|`` and
+        decodes through ``|·|`` (second moment).
+      scale_dtype_name: ``"bfloat16"`` or ``"float32"``.
+
+    The format does not depend on ``encoder``: both encoders write the same
+    layout and share a `name`, so a state may change encoder freely.
+    """
+
+    encoder: str = "nearest"
+    signed: bool = True
+    scale_dtype_name: str = "bfloat16"
+    group_size: int = dataclasses.field(default=SUPER, init=False)
+    scales_per_group: int = dataclasses.field(default=BLOCKS_PER_SUPER, init=False)
+
+    @property
+    def name(self) -> str:
+        """``piquant-signed`` / ``piquant-unsigned``, ``-fp32`` for fp32 scales."""
+        kind = "signed" if self.signed else "unsigned"
+        suffix = "-fp32" if self.scale_dtype_name == "float32" else ""
+        return f"piquant-{kind}{suffix}"
+
+    @property
+    def bytes_per_group(self) -> int:
+        """40 code bytes per 96-element superblock."""
+        return SUPER_BYTES
+
+    @property
+    def scale_dtype(self) -> Any:
+        """The dtype of the stored scales."""
+        return _SCALE_DTYPES[self.scale_dtype_name]
+
+    def codebook(self) -> jax.Array:
+        """The ``(100, 2)`` float32 codebook this codec decodes with."""
+        return codebook(self.signed)
+
+    def encode_groups(self, xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Encodes ``(..., 96)`` superblocks; see `encode_groups_with`."""
+        return encode_groups_with(
+            xg,
+            self.codebook(),
+            encoder=self.encoder,
+            signed=self.signed,
+            scale_dtype=self.scale_dtype,
+        )
+
+    def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
+        """Decodes ``(..., 40)`` codes and ``(..., 3)`` scales to ``(..., 96)``."""
+        return decode_groups_with(codes, scales, self.codebook(), signed=self.signed)
+
+
+def piquant(
+    encoder: str = "nearest",
+    signed: bool = True,
+    *,
+    scale_dtype: Any = jnp.bfloat16,
+) -> PiQuantCodec:
+    r"""π-Quant codec: pairs coded as one irrational rotation, 100 codes each.
+
+    A pair ``(x[2i], x[2i+1])`` of a 32-element block with scale
+    ``s = max |x|`` decodes to ``s (cos t + cos κt, sin t + sin κt)`` with
+    ``t = 2π (10 (c // 10) + 8 + (c % 10) / 10)`` for its code ``c`` in 0..99
+    and ``κ = 0.01003846...`` (`KAPPA`). Codes are stored at their information
+    rate, 3 pairs per 20 bits, with a bf16 scale per 32 elements: 3.833 bits
+    per element all-in (the paper quotes 3.32 without scales; the reference
+    stores 5). Layout and the comparison with the reference: module docstring.
+
+    Where we differ from the reference, and why: ``encoder="nearest"`` (the
+    default) picks the exact nearest of the same 100 codewords, relative L2
+    error 0.26 on Gaussian data against 0.92 for the reference's closed-form
+    encoder (``encoder="paper"``, reproduced here), 0.32 against 1.48 on
+    Student-t(3) data. Scales are bf16 rounded up (fp32 in the reference), and
+    an all-zero block decodes to exactly 0.
+
+    Args:
+      encoder: ``"nearest"`` or ``"paper"``.
+      signed: True for signed states (Adam's first moment). False for
+        non-negative ones (the second moment): ``|x|`` is coded, decoding goes
+        through ``|·|`` as in the reference, and a nonzero scale never
+        decodes to 0.
+      scale_dtype: ``jnp.bfloat16`` (3.833 bits per element) or
+        ``jnp.float32`` (4.333).
+
+    Returns:
+      A `PiQuantCodec`, hashable (usable as a static argument).
+
+    Raises:
+      ValueError: ``encoder`` or ``scale_dtype`` not accepted.
+      TypeError: ``signed`` is not a bool.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> codec = lowbit.codecs.piquant()
+      >>> round(codec.bits_per_element, 4)
+      3.8333
+      >>> x = jax.random.normal(jax.random.key(0), (4, 192))
+      >>> packed = codec.encode(x)
+      >>> packed.codes.shape, packed.scales.shape
+      ((4, 2, 40), (4, 6))
+      >>> err = jnp.linalg.norm(codec.decode(packed) - x) / jnp.linalg.norm(x)
+      >>> bool(err < 0.3)
+      True
+      >>> codec.decode(codec.encode(jnp.zeros(5))).tolist()
+      [0.0, 0.0, 0.0, 0.0, 0.0]
+
+    References:
+      Tian et al, `Irrational Complex Rotations Empower Low-bit Optimizers
+      <https://arxiv.org/abs/2501.12896>`_, 2025 (code:
+      https://github.com/Ethan-TZ/Pi-Quant)
+    """
+    _checks.one_of("encoder", encoder, _ENCODERS)
+    _checks.is_bool("signed", signed)
+    try:
+        dtype_name = jnp.dtype(scale_dtype).name
+    except TypeError:
+        dtype_name = repr(scale_dtype)
+    _checks.one_of("scale_dtype", dtype_name, tuple(_SCALE_DTYPES))
+    return PiQuantCodec(
+        encoder=encoder, signed=bool(signed), scale_dtype_name=dtype_name
+    )
