@@ -1,0 +1,122 @@
+"""SGD momentum over a quantized trace: `trace_quantized`.
+
+Semantics are `optax.trace`'s, step for step: decode the trace to float32,
+``t = g + decay * t``, compute the update from the float32 trace (``t``, or
+``g + decay * t`` with Nesterov), then encode ``t``. With
+``lowbit.codecs.identity()`` the result equals `optax.trace` to float
+tolerance, and `optax_lowbit.sgd_polar` equals `optax.sgd`.
+
+Structural arguments (``codec``, ``policy``, ``nesterov``) are fixed at
+construction; ``decay`` may be an array or a tracer (``inject_hyperparams``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowbit import _checks
+from optax_lowbit.codecs import base
+from optax_lowbit.transforms import _quantized
+
+
+class TraceQuantizedState(NamedTuple):
+    """State of `trace_quantized` (the layout of `optax.TraceState`).
+
+    Attributes:
+      trace: the momentum, the structure of the parameters; per leaf a `Packed`
+        (the policy quantizes it) or a float array.
+    """
+
+    trace: optax.Params
+
+
+def _fallback_dtype(name: str, dtype: Any) -> Any:
+    if dtype is None:
+        return jnp.dtype(jnp.float32)
+    _checks.one_of(name, jnp.dtype(dtype).name, ("float32", "bfloat16"))
+    return jnp.dtype(dtype)
+
+
+def trace_quantized(
+    decay: Any,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+    *,
+    codec: base.Codec,
+    policy: Any = None,
+) -> optax.GradientTransformation:
+    r"""A trace of past updates (heavy-ball momentum) kept in a given codec.
+
+    Per leaf, with :math:`g` the update and :math:`\mu` = ``decay``:
+
+    .. math::
+
+      t \leftarrow g + \mu t, \qquad
+      u = t \ \text{or, with Nesterov,}\ u = g + \mu t
+
+    computed in float32 from the decoded trace; then ``t`` is encoded again.
+
+    Args:
+      decay: decay rate of the trace, as in `optax.trace` (may be traced).
+      nesterov: whether to use Nesterov momentum.
+      accumulator_dtype: dtype of the trace on the leaves the policy keeps
+        unquantized: ``None`` (float32) or ``jnp.bfloat16``.
+      codec: codec of the trace on quantized leaves (must be signed).
+      policy: ``policy(path, leaf) -> bool``, which leaves are quantized
+        (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is a `TraceQuantizedState`.
+      Updates have the dtype of the incoming updates.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> tx = lowbit.trace_quantized(0.5, codec=lowbit.codecs.identity(),
+      ...                             policy=lambda path, x: True)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> u, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
+      >>> u, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
+      >>> print(u["w"])  # g + 0.5 * g
+      [ 1.5 -3. ]
+
+    References:
+      Polyak, `Some methods of speeding up the convergence of iteration methods
+      <https://doi.org/10.1016/0041-5553(64)90137-5>`_, 1964
+
+      Sutskever et al, `On the importance of initialization and momentum in
+      deep learning <http://proceedings.mlr.press/v28/sutskever13.pdf>`_, 2013
+    """
+    codec = _quantized.check_codec("codec", codec, signed=True)
+    _checks.non_negative("decay", decay)
+    _checks.is_bool("nesterov", nesterov)
+    fallback = _fallback_dtype("accumulator_dtype", accumulator_dtype)
+    policy = _quantized.resolve_policy(policy)
+
+    def init_fn(params: optax.Params) -> TraceQuantizedState:
+        return TraceQuantizedState(
+            _quantized.init_moment(params, codec, policy, fallback_dtype=fallback)
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: TraceQuantizedState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, TraceQuantizedState]:
+        del params
+
+        def step(g: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+            t = g.astype(jnp.float32) + decay * t
+            u = g.astype(jnp.float32) + decay * t if nesterov else t
+            return u.astype(g.dtype), t
+
+        updates, (trace,) = _quantized.map_leaves(
+            step, updates, (state.trace,), (codec,)
+        )
+        return updates, TraceQuantizedState(trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
