@@ -11,14 +11,23 @@ stays importable as ``importlib.import_module("optax_lowbit.convert")``);
 
 from optax_lowbit import codecs, policy
 from optax_lowbit.alias import (
+    adafactor_polar,
     adam_polar,
     adamw_4bit,
     adamw_8bit,
     adamw_piquant,
     adamw_polar,
+    lion_polar,
+    sgd_polar,
 )
 from optax_lowbit.convert import convert
 from optax_lowbit.memory import state_bytes, summarize, summary
+from optax_lowbit.transforms.adafactor import (
+    EmaQuantizedState,
+    ScaleByFactoredRmsQuantizedState,
+    ema_quantized,
+    scale_by_factored_rms_quantized,
+)
 from optax_lowbit.transforms.adam import (
     ScaleByAdamQuantizedState,
     scale_by_adam_4bit,
@@ -27,11 +36,21 @@ from optax_lowbit.transforms.adam import (
     scale_by_adam_polar,
     scale_by_adam_quantized,
 )
+from optax_lowbit.transforms.lion import (
+    ScaleByLionQuantizedState,
+    scale_by_lion_quantized,
+)
+from optax_lowbit.transforms.sgd import TraceQuantizedState, trace_quantized
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmaQuantizedState",
     "ScaleByAdamQuantizedState",
+    "ScaleByFactoredRmsQuantizedState",
+    "ScaleByLionQuantizedState",
+    "TraceQuantizedState",
+    "adafactor_polar",
     "adam_polar",
     "adamw_4bit",
     "adamw_8bit",
@@ -39,13 +58,19 @@ __all__ = [
     "adamw_polar",
     "codecs",
     "convert",
+    "ema_quantized",
+    "lion_polar",
     "policy",
     "scale_by_adam_4bit",
     "scale_by_adam_8bit",
     "scale_by_adam_piquant",
     "scale_by_adam_polar",
     "scale_by_adam_quantized",
+    "scale_by_factored_rms_quantized",
+    "scale_by_lion_quantized",
+    "sgd_polar",
     "state_bytes",
     "summarize",
     "summary",
+    "trace_quantized",
 ]

@@ -119,3 +119,18 @@ def shape_of(name: str, shape: Any) -> tuple[int, ...]:
         raise ValueError(f"{name} must hold non-negative ints, got {shape!r}.")
     return out
 
+
+
+def static_arg(name: str, value: Any, accepted: str) -> None:
+    """Raises TypeError if ``value`` is an array or tracer (it shapes the state).
+
+    ``optax.inject_hyperparams`` turns every int/float argument into an array
+    unless it is listed in ``static_args``; a structural argument (one that
+    fixes the state's layout) must stay a Python value.
+    """
+    if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
+        raise TypeError(
+            f"{name} must be a Python value ({accepted}), got an array "
+            f"({value!r}); {name} sets the state's layout. Under "
+            f"optax.inject_hyperparams pass static_args=('{name}',)."
+        )
