@@ -7,8 +7,10 @@ of each codec are the definition of its behaviour.
 
 from optax_lowbit.codecs.base import Codec, Packed
 from optax_lowbit.codecs.blockwise import BlockwiseCodec, blockwise4, blockwise8
+from optax_lowbit.codecs.calibrate import calibrate
 from optax_lowbit.codecs.identity import IdentityCodec, identity
 from optax_lowbit.codecs.piquant import PiQuantCodec, piquant
+from optax_lowbit.codecs.polar import PolarCodec, polar
 
 __all__ = [
     "BlockwiseCodec",
@@ -16,8 +18,11 @@ __all__ = [
     "IdentityCodec",
     "Packed",
     "PiQuantCodec",
+    "PolarCodec",
     "blockwise4",
     "blockwise8",
+    "calibrate",
     "identity",
     "piquant",
+    "polar",
 ]
