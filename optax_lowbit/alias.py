@@ -21,7 +21,6 @@ import importlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_lowbit import _checks
@@ -413,7 +412,7 @@ def adafactor_polar(
     multiply_by_parameter_scale: bool = True,
     clipping_threshold: Any = 1.0,
     momentum: Any = None,
-    dtype_momentum: Any = jnp.float32,
+    dtype_momentum: Any = None,
     weight_decay_rate: optax.ScalarOrSchedule | None = None,
     eps: Any = 1e-30,
     factored: bool = True,
@@ -446,8 +445,10 @@ def adafactor_polar(
       multiply_by_parameter_scale: scale updates by the parameters' block RMS.
       clipping_threshold: block-RMS clipping threshold, or ``None``.
       momentum: decay of the momentum (quantized), or ``None`` for none.
-      dtype_momentum: dtype of the momentum on leaves kept unquantized
-        (float32 or bfloat16).
+      dtype_momentum: dtype of the momentum on leaves kept unquantized:
+        ``None`` (float32) or ``jnp.bfloat16``. (Optax's default is
+        ``jnp.float32``, a callable that ``optax.inject_hyperparams`` would
+        take for a schedule; ``None`` avoids that.)
       weight_decay_rate: decoupled weight decay rate, or ``None``.
       eps: added to the squared gradient.
       factored: whether to factor the second moment of rank >= 2 leaves.

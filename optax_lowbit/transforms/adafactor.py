@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from optax_lowbit import _checks
+from optax_lowbit import policy as _policy
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import _quantized
 
@@ -172,22 +173,36 @@ def scale_by_factored_rms_quantized(
 
     def init_fn(params: optax.Params) -> ScaleByFactoredRmsQuantizedState:
         _quantized.check_float_params(params)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
+        # flax.nnx.Variable nodes (nnx.Optimizer) are leaves here, as in
+        # init_moment, so that paths agree with the ones it gives the policy.
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: _policy.unwrap(x) is not x
+        )
+        values = [_policy.unwrap(x) for _, x in flat]
+        leaf_dims = [dims(x.shape) for x in values]
         factored_paths = {
-            jax.tree_util.keystr(path) for path, x in flat if dims(x.shape)
+            jax.tree_util.keystr(path)
+            for (path, _), d in zip(flat, leaf_dims, strict=True)
+            if d
         }
         # v exists only where the leaf is not factored: elsewhere a (1,) zero.
+        placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
         v = _quantized.init_moment(
-            treedef.unflatten([placeholder if dims(x.shape) else x for _, x in flat]),
+            treedef.unflatten(
+                [
+                    placeholder if d else x
+                    for (_, x), d in zip(flat, leaf_dims, strict=True)
+                ]
+            ),
             nu_codec,
             lambda path, x: (
                 jax.tree_util.keystr(path) not in factored_paths and policy(path, x)
             ),
         )
+        # Row/column statistics are plain float32 arrays: they do not have the
+        # parameter's rank, so its sharding annotation does not apply to them.
         rows, cols = [], []
-        for _, x in flat:
-            d = dims(x.shape)
+        for x, d in zip(values, leaf_dims, strict=True):
             rows.append(_zeros_without_axis(x, d[1]) if d else jnp.zeros((1,)))
             cols.append(_zeros_without_axis(x, d[0]) if d else jnp.zeros((1,)))
         return ScaleByFactoredRmsQuantizedState(

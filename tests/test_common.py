@@ -1,0 +1,332 @@
+"""The shared checklist, run over every alias (STYLE.md "Tests").
+
+Each check is one test function parametrized over `ALIASES`. The jitted train
+step of an alias is built once (`_setup`) and shared by the checks that use it,
+so this file stays within a few minutes on a CPU.
+
+inject_hyperparams: ``optax.inject_hyperparams`` turns every int/float argument
+of the factory into an array, *defaults included*. Arguments that fix the
+state's layout must be listed in ``static_args`` (`STATIC_ARGS`); omitting them
+raises a TypeError at construction that names the argument and says
+``static_args=('<name>',)`` (``test_inject_hyperparams_without_static_args``).
+Aliases without such numeric arguments (adamw_piquant, adamw_8bit, adamw_4bit)
+need none.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import optax_lowbit as lowbit
+from optax_lowbit.codecs import base
+
+ALIASES = {
+    "adamw_polar-2": lambda lr=3e-3: lowbit.adamw_polar(lr, bits=2),
+    "adamw_polar-1.5": lambda lr=3e-3: lowbit.adamw_polar(lr, bits=1.5),
+    "adam_polar": lambda lr=3e-3: lowbit.adam_polar(lr),
+    "adamw_piquant": lambda lr=3e-3: lowbit.adamw_piquant(lr),
+    "adamw_8bit": lambda lr=3e-3: lowbit.adamw_8bit(lr),
+    "adamw_4bit": lambda lr=3e-3: lowbit.adamw_4bit(lr),
+    "adafactor_polar": lambda lr=3e-2: lowbit.adafactor_polar(lr, momentum=0.9),
+    "lion_polar": lambda lr=1e-3: lowbit.lion_polar(lr),
+    "sgd_polar": lambda lr=0.05: lowbit.sgd_polar(lr, momentum=0.9),
+}
+FACTORIES = {
+    "adamw_polar-2": (lowbit.adamw_polar, {"bits": 2}),
+    "adamw_polar-1.5": (lowbit.adamw_polar, {"bits": 1.5}),
+    "adam_polar": (lowbit.adam_polar, {}),
+    "adamw_piquant": (lowbit.adamw_piquant, {}),
+    "adamw_8bit": (lowbit.adamw_8bit, {}),
+    "adamw_4bit": (lowbit.adamw_4bit, {}),
+    "adafactor_polar": (lowbit.adafactor_polar, {"momentum": 0.9}),
+    "lion_polar": (lowbit.lion_polar, {}),
+    "sgd_polar": (lowbit.sgd_polar, {"momentum": 0.9}),
+}
+STATIC_ARGS = {
+    "adamw_polar-2": ("bits",),
+    "adamw_polar-1.5": ("bits",),
+    "adam_polar": ("bits",),
+    "adafactor_polar": ("bits", "min_dim_size_to_factor"),
+    "lion_polar": ("bits",),
+    "sgd_polar": ("bits",),
+}
+NAMES = list(ALIASES)
+
+
+def _is_packed(x):
+    return isinstance(x, base.Packed)
+
+
+def _packed(tree):
+    return [x for x in jax.tree.leaves(tree, is_leaf=_is_packed) if _is_packed(x)]
+
+
+# --- a small regression problem ------------------------------------------------
+
+_X = jax.random.normal(jax.random.key(0), (256, 32))
+_Y = jnp.tanh(_X @ jax.random.normal(jax.random.key(1), (32, 4)))
+
+
+def _params():
+    k = jax.random.split(jax.random.key(2), 3)
+    return {
+        "l1": {"w": jax.random.normal(k[0], (32, 128)) / 6, "b": jnp.zeros(128)},
+        "l2": {"w": jax.random.normal(k[1], (128, 128)) / 11, "b": jnp.zeros(128)},
+        "out": {"w": jax.random.normal(k[2], (128, 4)) / 11},
+    }
+
+
+def _loss(p):
+    h = jnp.tanh(_X @ p["l1"]["w"] + p["l1"]["b"])
+    h = jnp.tanh(h @ p["l2"]["w"] + p["l2"]["b"])
+    return jnp.mean((h @ p["out"]["w"] - _Y) ** 2)
+
+
+@functools.cache
+def _setup(name):
+    """(tx, jitted step, trace counter) for an alias, built once per session."""
+    tx = ALIASES[name]()
+    traces = []
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)  # runs only while tracing
+        value, g = jax.value_and_grad(_loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    return tx, step, traces
+
+
+def _run(name, params, state, steps):
+    _, step, _ = _setup(name)
+    values = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        values.append(float(value))
+    return params, state, values
+
+
+# --- the checklist -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_and_does_not_recompile(name):
+    tx, _, traces = _setup(name)
+    params = _params()
+    state = tx.init(params)
+    assert len(_packed(state)) >= 2, "the policy should quantize l1.w and l2.w"
+    _, state, values = _run(name, params, state, 40)
+    assert np.all(np.isfinite(values))
+    assert values[-1] < 0.6 * values[0], values[::8]
+    assert len(traces) == 1  # one trace for 40 steps: no recompile on step 2
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, tx.init(params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_update_inside_lax_cond(name):
+    tx = ALIASES[name]()
+    params = _params()
+    state = tx.init(params)
+    grads = jax.grad(_loss)(params)
+
+    @jax.jit
+    def f(pred, state):
+        return jax.lax.cond(
+            pred, lambda s: tx.update(grads, s, params)[1], lambda s: s, state
+        )
+
+    new, same = f(True, state), f(False, state)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+    chex.assert_trees_all_equal(same, state)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_under_eval_shape(name):
+    tx = ALIASES[name]()
+    params = _params()
+    abstract = jax.eval_shape(tx.init, params)
+    real = tx.init(params)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    chex.assert_trees_all_equal_shapes_and_dtypes(abstract, real)
+    codecs = [x.codec for x in _packed(abstract)]
+    assert codecs == [x.codec for x in _packed(real)] and codecs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_traced_learning_rate(name):
+    factory, kw = FACTORIES[name]
+    sched = optax.linear_schedule(1e-2, 1e-3, 10)
+    tx = optax.inject_hyperparams(factory, static_args=STATIC_ARGS.get(name, ()))(
+        learning_rate=sched, **kw
+    )
+    params = _params()
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    grads = jax.grad(_loss)(params)
+    for _ in range(3):
+        u, state = step(grads, state, params)
+    chex.assert_tree_all_finite(u)
+    np.testing.assert_allclose(state.hyperparams["learning_rate"], sched(2), rtol=1e-6)
+    assert len(_packed(state.inner_state)) >= 2
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n in STATIC_ARGS])
+def test_inject_hyperparams_without_static_args(name):
+    factory, kw = FACTORIES[name]
+    params = _params()
+    for arg in STATIC_ARGS[name]:
+        others = tuple(a for a in STATIC_ARGS[name] if a != arg)
+        tx = optax.inject_hyperparams(factory, static_args=others)(1e-3, **kw)
+        with pytest.raises(TypeError, match=rf"static_args=\('{arg}',\)"):
+            tx.init(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multisteps(name):
+    tx = optax.MultiSteps(ALIASES[name](), every_k_schedule=2)
+    params = _params()
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(4):
+        grads = jax.grad(_loss)(params)
+        u, new = step(grads, state, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+        state = new
+        params = optax.apply_updates(params, u)
+        is_zero = all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+        assert is_zero == (i % 2 == 0)
+    assert int(state.gradient_step) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_if_finite_keeps_state_bitwise(name):
+    tx = optax.apply_if_finite(ALIASES[name](), max_consecutive_errors=3)
+    params = _params()
+    step = jax.jit(tx.update)
+    grads = jax.grad(_loss)(params)
+    _, state = step(grads, tx.init(params), params)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    u, new = step(bad, state, params)
+    chex.assert_trees_all_equal(new.inner_state, state.inner_state)
+    assert not bool(new.last_finite) and int(new.notfinite_count) == 1
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chain_with_clip_by_global_norm(name):
+    params = _params()
+    grads = jax.grad(_loss)(params)
+    plain = ALIASES[name]()
+    loose = optax.chain(optax.clip_by_global_norm(1e9), ALIASES[name]())
+    tight = optax.chain(optax.clip_by_global_norm(1e-4), ALIASES[name]())
+    u0, s0 = jax.jit(plain.update)(grads, plain.init(params), params)
+    u1, s1 = jax.jit(loose.update)(grads, loose.init(params), params)
+    u2, s2 = jax.jit(tight.update)(grads, tight.init(params), params)
+    chex.assert_trees_all_equal(u1, u0)  # a clip that does not trigger is a no-op
+    chex.assert_trees_all_equal(s1[1], s0)
+    chex.assert_tree_all_finite(u2)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s2[1], s0)
+
+
+class _Mlp(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.l1 = nnx.Linear(
+            32, 128, kernel_init=nnx.with_partitioning(init, ("a", "b")), rngs=rngs
+        )
+        self.l2 = nnx.Linear(
+            128, 128, kernel_init=nnx.with_partitioning(init, ("b", None)), rngs=rngs
+        )
+        self.out = nnx.Linear(128, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.l2(jnp.tanh(self.l1(x)))))
+
+
+def _sharding_names(var):
+    return var.get_metadata().get("out_sharding")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nnx_optimizer_trains_and_keeps_sharding_metadata(name):
+    mesh = jax.make_mesh(
+        (1, 1), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    with jax.set_mesh(mesh):
+        model = _Mlp(nnx.Rngs(0))
+        opt = nnx.Optimizer(model, ALIASES[name](), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, opt):
+            def loss_fn(model):
+                return jnp.mean((model(_X) - _Y) ** 2)
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return loss
+
+        losses = [float(train_step(model, opt)) for _ in range(30)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses[::6]
+    # The param's sharding names are kept wherever a state has the param's
+    # rank; a Packed keeps them on its leading axes (codes and scales).
+    checked = 0
+    for path, var in jax.tree_util.tree_flatten_with_path(
+        nnx.state(opt, nnx.optimizer.OptState),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )[0]:
+        key = jax.tree_util.keystr(path)
+        if "kernel" not in key or "out" in key:
+            continue
+        names = ("a", "b") if "l1" in key else ("b", None)
+        shape = (32, 128) if "l1" in key else (128, 128)
+        value = var.get_value()
+        if value.shape == shape:
+            assert _sharding_names(var) == names, key
+            checked += 1
+        elif "codes" in key or "scales" in key:
+            lead = names[:1] + (None,) * (value.ndim - 1)
+            assert _sharding_names(var) == lead, key
+            checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_orbax_restore_then_3_steps_bitwise(name, tmp_path):
+    tx, _, _ = _setup(name)
+    params = _params()
+    p, s, _ = _run(name, params, tx.init(params), 3)
+    unbroken_p, unbroken_s, _ = _run(name, p, s, 3)
+
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
+    ckpt.wait_until_finished()
+    target = {
+        "params": jax.eval_shape(lambda: params),
+        "opt_state": jax.eval_shape(tx.init, params),
+    }
+    restored = ckpt.restore(tmp_path / "ckpt", target)
+    ckpt.close()
+    assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(s)
+    p2, s2, _ = _run(name, restored["params"], restored["opt_state"], 3)
+    assert jax.tree.structure(s2) == jax.tree.structure(unbroken_s)
+    for a, b in zip(
+        jax.tree.leaves((p2, s2)),
+        jax.tree.leaves((unbroken_p, unbroken_s)),
+        strict=True,
+    ):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _packed(s2)
