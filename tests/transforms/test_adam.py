@@ -213,22 +213,7 @@ def _fp32_reference():
     return first, last
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="piquant(encoder='nearest') first moment does not train "
-                "(loss 0.42 vs 0.037 with encoder='paper' as m codec): codec bug",
-            ),
-        )
-        if n == "piquant"
-        else n
-        for n in _quantized_txs()
-    ],
-)
+@pytest.mark.parametrize("name", list(_quantized_txs()))
 def test_quantized_adam_trains_close_to_fp32(name):
     first, ref_last = _fp32_reference()
     assert ref_last < 0.1 * first
