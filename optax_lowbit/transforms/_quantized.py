@@ -155,8 +155,42 @@ def _leading_sharding(leaf: Any, ndim_out: int) -> Any:
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*out))
 
 
+def _traced_leading_spec(leaf: Any) -> tuple[Any, ...] | None:
+    """The leading-axis spec of a traced ``leaf`` under explicit mesh axes.
+
+    Under ``jax.jit(tx.init)`` inside ``jax.set_mesh`` with Explicit axes the
+    parameter's sharding is part of its type; ``codec.zeros`` would make
+    unsharded (single-device) states, so they are resharded to it. ``None``
+    where there is nothing to do (Auto axes carry no sharding in the type:
+    there use an eager init or ``out_shardings``).
+    """
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.empty:
+        return None
+    if jax.sharding.get_abstract_mesh().empty:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    lead = spec[: max(len(leaf.shape) - 1, 0)]
+    return lead if any(a is not None for a in lead) else None
+
+
 def _zeros_packed(codec: base.Codec, leaf: Any) -> base.Packed:
     packed = codec.zeros(tuple(leaf.shape))
+    if isinstance(leaf, jax.core.Tracer):
+        lead = _traced_leading_spec(leaf)
+        if lead is None:
+            return packed
+
+        def reshard(x: jax.Array) -> jax.Array:
+            spec = jax.sharding.PartitionSpec(*lead, *(None,) * (x.ndim - len(lead)))
+            return jax.sharding.reshard(x, spec)
+
+        return base.Packed(
+            codes=reshard(packed.codes),
+            scales=reshard(packed.scales),
+            shape=packed.shape,
+            codec=packed.codec,
+        )
     if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
         # Concrete sharded parameter: shard the state like it on leading axes.
         codes_sh = _leading_sharding(leaf, packed.codes.ndim)

@@ -92,17 +92,35 @@ def _zeros_without_axis(leaf: Any, axis: int) -> jax.Array:
     A concrete parameter with a `NamedSharding` gets statistics sharded like it
     on the remaining axes.
     """
+    if isinstance(leaf, jax.core.Tracer):
+        # under jit: the reduction's type carries the sharding (explicit axes)
+        target = jax.eval_shape(lambda x: jnp.sum(x, axis=axis), leaf)
+        return jnp.zeros_like(target, dtype=jnp.float32)
     shape = tuple(s for i, s in enumerate(leaf.shape) if i != axis)
     zeros = jnp.zeros(shape, jnp.float32)
     sharding = getattr(leaf, "sharding", None)
-    if isinstance(leaf, jax.core.Tracer) or not isinstance(
-        sharding, jax.sharding.NamedSharding
-    ):
+    if not isinstance(sharding, jax.sharding.NamedSharding):
         return zeros
     spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
     del spec[axis]
     out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     return jax.device_put(zeros, out)
+
+
+def _placeholder(leaf: Any) -> jax.Array:
+    """The ``(1,)`` float32 zero Optax keeps where a statistic does not apply.
+
+    Replicated over the mesh of a concrete sharded parameter, so that the state
+    keeps one placement through updates.
+    """
+    zeros = jnp.zeros((1,), jnp.float32)
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(leaf, jax.core.Tracer) or not isinstance(
+        sharding, jax.sharding.NamedSharding
+    ):
+        return zeros
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(zeros, replicated)
 
 
 def scale_by_factored_rms_quantized(
@@ -186,12 +204,11 @@ def scale_by_factored_rms_quantized(
             if d
         }
         # v exists only where the leaf is not factored: elsewhere a (1,) zero.
-        placeholder = jax.ShapeDtypeStruct((1,), jnp.float32)
         v = _quantized.init_moment(
             treedef.unflatten(
                 [
-                    placeholder if d else x
-                    for (_, x), d in zip(flat, leaf_dims, strict=True)
+                    _placeholder(v) if d else x
+                    for (_, x), v, d in zip(flat, values, leaf_dims, strict=True)
                 ]
             ),
             nu_codec,
@@ -203,8 +220,8 @@ def scale_by_factored_rms_quantized(
         # parameter's rank, so its sharding annotation does not apply to them.
         rows, cols = [], []
         for x, d in zip(values, leaf_dims, strict=True):
-            rows.append(_zeros_without_axis(x, d[1]) if d else jnp.zeros((1,)))
-            cols.append(_zeros_without_axis(x, d[0]) if d else jnp.zeros((1,)))
+            rows.append(_zeros_without_axis(x, d[1]) if d else _placeholder(x))
+            cols.append(_zeros_without_axis(x, d[0]) if d else _placeholder(x))
         return ScaleByFactoredRmsQuantizedState(
             jnp.zeros([], jnp.int32),
             treedef.unflatten(rows),

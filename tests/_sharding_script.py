@@ -1,0 +1,213 @@
+"""Run by tests/test_sharding.py in its own process, with 8 fake CPU devices.
+
+Exits non-zero (an AssertionError) on the first failed check; prints
+``ALL OK`` at the end. Run by hand::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+        python tests/_sharding_script.py auto|explicit [alias ...]
+"""
+
+import contextlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_lowbit as lowbit
+from optax_lowbit.codecs import base
+
+ALIASES = {
+    "adamw_polar-2": lambda: lowbit.adamw_polar(1e-3, bits=2),
+    "adamw_polar-1.5": lambda: lowbit.adamw_polar(1e-3, bits=1.5),
+    "adam_polar": lambda: lowbit.adam_polar(1e-3),
+    "adamw_piquant": lambda: lowbit.adamw_piquant(1e-3),
+    "adamw_8bit": lambda: lowbit.adamw_8bit(1e-3),
+    "adamw_4bit": lambda: lowbit.adamw_4bit(1e-3),
+    "adafactor_polar": lambda: lowbit.adafactor_polar(1e-2, momentum=0.9),
+    "lion_polar": lambda: lowbit.lion_polar(1e-3),
+    "sgd_polar": lambda: lowbit.sgd_polar(1e-2, momentum=0.9),
+}
+
+# global shapes and leading-axis specs over a ("data", "model") mesh
+SHAPES = {
+    "w3": ((8, 64, 256), P("data", "model")),  # rank 3, two leading axes sharded
+    "w2": ((256, 512), P("model")),  # rank 2, leading axis sharded
+    "wsq": ((128, 64), P(("data", "model"))),  # 8-way: 1024 elements per device
+    "b": ((512,), P()),  # vector, replicated, never quantized
+}
+
+
+def is_packed(x):
+    return isinstance(x, base.Packed)
+
+
+def make_params(mesh):
+    keys = jax.random.split(jax.random.key(0), len(SHAPES))
+    out = {}
+    for k, (name, (shape, spec)) in zip(keys, SHAPES.items(), strict=True):
+        spec = P(*[a if _fits(a, mesh) else None for a in spec])
+        out[name] = jax.device_put(
+            jax.random.normal(k, shape) * 0.1, NamedSharding(mesh, spec)
+        )
+    return out
+
+
+def _fits(axis, mesh):
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return all(n in mesh.axis_names for n in names)
+
+
+def lead_spec(param, ndim):
+    spec = tuple(param.sharding.spec) + (None,) * (
+        param.ndim - len(param.sharding.spec)
+    )
+    lead = spec[: param.ndim - 1]
+    return P(*(lead + (None,) * (ndim - len(lead))))
+
+
+def same_spec(a, b):
+    pad = lambda s, n: tuple(s) + (None,) * (n - len(s))  # noqa: E731
+    n = max(len(a), len(b))
+    return pad(a, n) == pad(b, n)
+
+
+def check_state_sharded_like_params(name, state, params):
+    """Every Packed state of a param: codes and scales sharded on its leading axes."""
+    n = 0
+    for sub in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, dict)):
+        if not isinstance(sub, dict) or set(sub) != set(params):
+            continue
+        for key, leaf in sub.items():
+            if not is_packed(leaf):
+                continue
+            p = params[key]
+            for arr in (leaf.codes, leaf.scales):
+                want = lead_spec(p, arr.ndim)
+                got = arr.sharding.spec
+                assert same_spec(got, want), (name, key, got, want)
+                n += 1
+    assert n >= 4, (name, "too few packed states checked", n)
+    return n
+
+
+def state_tensor_shapes(state):
+    shapes = set()
+    for leaf in jax.tree.leaves(state, is_leaf=is_packed):
+        if is_packed(leaf):
+            shapes.add(tuple(leaf.codes.shape))
+            shapes.add(tuple(leaf.scales.shape))
+    return shapes
+
+
+def main(mode, names):
+    assert jax.device_count() == 8, jax.device_count()
+    axis = getattr(jax.sharding.AxisType, mode.capitalize())
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis, axis))
+    explicit = mode == "explicit"
+    ctx = (lambda: jax.set_mesh(mesh)) if explicit else contextlib.nullcontext
+    params = make_params(mesh)
+    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0) + 0.01, params)
+    for name in names:
+        tx = ALIASES[name]()
+        # eager init of concrete sharded params: device_put on leading axes
+        state = tx.init(params)
+        n = check_state_sharded_like_params(name, state, params)
+        if explicit:
+            # jitted init (as Optax's sharding test), inside the mesh: the
+            # explicit axes are part of the params' types
+            with ctx():
+                state = jax.jit(tx.init)(params)
+            n = check_state_sharded_like_params(name, state, params)
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        jitted = jax.jit(step)
+        with ctx():
+            hlo = jitted.lower(params, state, grads).compile().as_text()
+        gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather", ln)]
+        # no state tensor is all-gathered (a gather's result would have the
+        # state's global shape); report any all-gather at all.
+        shapes = state_tensor_shapes(state)
+        bad = [
+            ln
+            for ln in gathers
+            if any(f"[{','.join(map(str, s))}]" in ln for s in shapes)
+        ]
+        assert not bad, (name, bad[:3])
+        assert not gathers, (name, "all-gather in the step", gathers[:3])
+        with ctx():
+            new_params, new_state = jitted(params, state, grads)
+        before = jax.tree.leaves(state)
+        after = jax.tree.leaves(new_state)
+        assert jax.tree.structure(state) == jax.tree.structure(new_state), name
+        for a, b in zip(before, after, strict=True):
+            if a.ndim == 0 and not explicit:
+                # the eagerly made count is uncommitted on one device; the
+                # step returns it replicated over the mesh
+                continue
+            ta, tb = jax.typeof(a), jax.typeof(b)
+            assert ta == tb, (
+                name,
+                ta,
+                tb,
+                ta.weak_type,
+                tb.weak_type,
+                ta.sharding,
+                tb.sharding,
+            )
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (
+                name,
+                a.shape,
+                a.sharding,
+                b.sharding,
+            )
+        check_state_sharded_like_params(name, new_state, params)
+        for k in params:
+            assert new_params[k].sharding.is_equivalent_to(
+                params[k].sharding, params[k].ndim
+            ), (name, k)
+        print(
+            f"{mode} {name}: {n} packed arrays sharded on leading axes; "
+            "no all-gather; typeof/sharding kept",
+            flush=True,
+        )
+
+    if explicit:
+        print("ALL OK")
+        return 0
+    # The policy decides from global shapes: the same leaves are quantized on
+    # 1, 2 and 8 devices (wsq has 1024 elements per device on 8).
+    decisions = []
+    for shape in ((1, 1), (1, 2), (2, 4)):
+        m = jax.make_mesh(
+            shape, ("data", "model"), devices=jax.devices()[: np.prod(shape)]
+        )
+        p = make_params(m)
+        for name in ("adamw_polar-2", "adafactor_polar", "sgd_polar"):
+            st = jax.eval_shape(ALIASES[name]().init, p)
+            flags = jax.tree.map(is_packed, st, is_leaf=is_packed)
+            decisions.append((name, shape, jax.tree.structure(st), flags))
+            real = ALIASES[name]().init(p)
+            assert jax.tree.map(is_packed, real, is_leaf=is_packed) == flags
+    for name in ("adamw_polar-2", "adafactor_polar", "sgd_polar"):
+        mine = [d for d in decisions if d[0] == name]
+        assert all(d[2] == mine[0][2] and d[3] == mine[0][3] for d in mine), name
+        assert "wsq" in str(mine[0][3]) and jax.tree.leaves(mine[0][3]).count(True) >= 2
+    if explicit:
+        print("ALL OK")
+        return 0
+    print("policy: same decisions on 1, 2 and 8 devices", flush=True)
+    print("ALL OK")
+    return 0
+
+
+if __name__ == "__main__":
+    mode, *names = sys.argv[1:] or ["auto"]
+    sys.exit(main(mode, names or list(ALIASES)))
