@@ -11,6 +11,7 @@ never branched on.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,14 +83,16 @@ def increasing_in_open_unit(name: str, values: Sequence[float]) -> None:
     """Checks a non-empty, strictly increasing sequence of radii in (0, 1]."""
     vals = list(values)
     if not vals:
-        raise ValueError(f"{name} must be a non-empty sequence of radii, got {values!r}.")
+        raise ValueError(
+            f"{name} must be a non-empty sequence of radii, got {values!r}."
+        )
     for v in vals:
         if not _is_concrete_number(v) or not 0.0 < float(v) <= 1.0:
             raise ValueError(
                 f"{name} must hold numbers in (0, 1], got {values!r}; "
                 "radii are normalised by the group scale."
             )
-    if any(b <= a for a, b in zip(vals, vals[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(vals)):
         raise ValueError(f"{name} must be strictly increasing, got {values!r}.")
 
 
@@ -118,7 +121,6 @@ def shape_of(name: str, shape: Any) -> tuple[int, ...]:
     if any(s < 0 for s in out):
         raise ValueError(f"{name} must hold non-negative ints, got {shape!r}.")
     return out
-
 
 
 def static_arg(name: str, value: Any, accepted: str) -> None:

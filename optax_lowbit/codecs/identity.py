@@ -33,29 +33,36 @@ class IdentityCodec(base.Codec):
 
     @property
     def name(self) -> str:
+        """``identity-float32`` or ``identity-bfloat16``."""
         return f"identity-{self.dtype_name}"
 
     @property
     def bytes_per_group(self) -> int:
+        """Bytes per element (a group is one element)."""
         return jnp.dtype(_DTYPES[self.dtype_name]).itemsize
 
     @property
     def scale_dtype(self) -> Any:
+        """float32 (the scales array is empty)."""
         return jnp.float32
 
     @property
     def bits_per_element(self) -> float:
+        """32 or 16: the array itself, no scales."""
         return 8.0 * self.bytes_per_group
 
     def encode_groups(self, xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Casts groups to the storage dtype; empty scales."""
         codes = xg.astype(_DTYPES[self.dtype_name])
         return codes, jnp.zeros((*xg.shape[:-1], 0), jnp.float32)
 
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
+        """Casts back to float32."""
         del scales
         return codes.astype(jnp.float32)
 
     def encode(self, x: jax.Array) -> base.Packed:
+        """Stores ``x`` in the storage dtype, keeping its shape."""
         _checks.float_array("x", x)
         x = jnp.asarray(x)
         lead, _ = base.lead_and_last(tuple(x.shape))
@@ -67,6 +74,7 @@ class IdentityCodec(base.Codec):
         )
 
     def decode(self, packed: base.Packed) -> jax.Array:
+        """Returns the stored array as float32."""
         if not isinstance(packed, base.Packed) or packed.codec != self.name:
             got = getattr(packed, "codec", type(packed).__name__)
             raise ValueError(f"packed must come from codec {self.name!r}, got {got!r}.")
