@@ -233,7 +233,7 @@ def encode_groups_with(
 
 
 def decode_groups_with(
-    codes: jax.Array, scales: jax.Array, qmap: jax.Array
+    codes: jax.Array, scales: jax.Array, qmap: jax.Array, *, floor: float = 0.0
 ) -> jax.Array:
     """Inverse of `encode_groups_with`: map entries times block scales.
 
@@ -241,6 +241,9 @@ def decode_groups_with(
       codes: ``(..., bytes_per_block)`` uint8.
       scales: ``(..., 1)`` float block scales.
       qmap: the map that encoded them.
+      floor: smallest map value decoded (unsigned codecs pass the smallest
+        positive entry, so a second moment never decodes to 0 in a block
+        whose scale is > 0: an Adam update divides by its square root).
 
     Returns:
       ``(..., block_size)`` float32, ``block_size = bytes * 8 // bits``.
@@ -249,6 +252,8 @@ def decode_groups_with(
     block_size = codes.shape[-1] * 8 // bits
     index = base.unpack_codes(codes, bits, block_size).astype(jnp.int32)
     values = jnp.take(jnp.asarray(qmap, jnp.float32), index, axis=0)
+    if floor:
+        values = jnp.maximum(values, jnp.float32(floor))
     return values * jnp.asarray(scales, jnp.float32)
 
 
@@ -310,9 +315,22 @@ class BlockwiseCodec(base.Codec):
         """See `encode_groups_with`; uses `qmap`."""
         return encode_groups_with(xg, self.qmap(), signed=self.signed)
 
+    def decode_floor(self) -> float:
+        """Smallest value decoded: 0 if signed, else the least positive entry.
+
+        bitsandbytes' unsigned 8-bit map holds 0; we decode that code as its
+        neighbour (3.25e-7 of the block scale) so that a second moment never
+        decodes to 0 where its block is nonzero (measured on g^2 data: 0.1% of
+        elements decoded to 0 and the Adam update error reached 2343x).
+        """
+        if self.signed:
+            return 0.0
+        qmap = self.qmap()
+        return float(qmap[qmap > 0].min())
+
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
-        """See `decode_groups_with`; uses `qmap`."""
-        return decode_groups_with(codes, scales, self.qmap())
+        """See `decode_groups_with`; uses `qmap` and `decode_floor`."""
+        return decode_groups_with(codes, scales, self.qmap(), floor=self.decode_floor())
 
 
 def blockwise8(signed: bool = True, *, block_size: int = 256) -> BlockwiseCodec:
