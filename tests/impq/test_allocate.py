@@ -1,0 +1,100 @@
+"""Tests of optax_lowbit.impq.allocate: the MILP against brute force."""
+
+import re
+
+import numpy as np
+import pytest
+
+from optax_lowbit.impq import allocate
+
+
+def _problem(rng, n, k=4):
+    phi = rng.normal(size=n)
+    c = rng.normal(size=(n, n)) * rng.uniform(0.1, 1.0)
+    c = (c + c.T) / 2
+    e = np.sort(rng.uniform(size=(n, k)), axis=1)[:, ::-1]
+    return phi, c, e
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_milp_equals_brute_force(n):
+    rng = np.random.default_rng(n)
+    for trial in range(4 if n < 8 else 2):
+        phi, c, e = _problem(rng, n)
+        sizes = rng.integers(1, 5, n).astype(float) if trial % 2 else None
+        budget = float(rng.uniform(2.25, 6.0))
+        got = allocate.allocate(phi, c, e, avg_bits=budget, sizes=sizes)
+        want = allocate.brute_force(phi, c, e, avg_bits=budget, sizes=sizes)
+        assert got.optimal and "Optimal" in got.status
+        assert got.objective == pytest.approx(want.objective, abs=1e-7)
+        assert got.avg_bits <= budget + 1e-9
+        assert got.objective == pytest.approx(
+            allocate.objective(got.bits, phi, c, e), abs=1e-9
+        )
+
+
+def test_asymmetric_interactions_and_subset_of_choices():
+    rng = np.random.default_rng(7)
+    phi, _, e = _problem(rng, 5, k=3)
+    c = rng.normal(size=(5, 5))  # not symmetric: only C_lk + C_kl matters
+    got = allocate.allocate(phi, c, e, avg_bits=3.0, bit_choices=(2, 3, 4))
+    want = allocate.brute_force(phi, c, e, avg_bits=3.0, bit_choices=(2, 3, 4))
+    assert got.objective == pytest.approx(want.objective, abs=1e-7)
+    assert set(got.bits.tolist()) <= {2, 3, 4}
+
+
+def test_interaction_term_changes_the_answer():
+    # Room for one 4-bit block: alone, block 2 matters least; but it interacts
+    # with both others, so only widening it removes both pair terms.
+    phi = np.array([1.0, 1.0, 0.9])
+    e = np.array([[1.0, 0.0]] * 3)
+    no_c = allocate.allocate(
+        phi, np.zeros((3, 3)), e, avg_bits=3.25 - 1 / 3, bit_choices=(2, 4)
+    )
+    assert no_c.bits.tolist().count(4) == 1 and no_c.bits[2] == 2
+    c = np.zeros((3, 3))
+    c[2, 0] = c[0, 2] = c[2, 1] = c[1, 2] = 1.0  # block 2 hurts with 0 and 1
+    with_c = allocate.allocate(phi, c, e, avg_bits=3.25 - 1 / 3, bit_choices=(2, 4))
+    assert with_c.bits[2] == 4
+
+
+def test_bad_budget_names_the_range():
+    phi, c, e = _problem(np.random.default_rng(0), 3)
+    msg = re.escape(
+        "avg_bits=1.8 is below min(bit_choices)+0.25=2.25; "
+        "accepted: 2.25 <= avg_bits <= 8.25"
+    )
+    with pytest.raises(ValueError, match=msg):
+        allocate.allocate(phi, c, e, avg_bits=1.8)
+    with pytest.raises(
+        ValueError, match=re.escape("accepted: 2.25 <= avg_bits <= 8.25")
+    ):
+        allocate.allocate(phi, c, e, avg_bits=9.0)
+    with pytest.raises(
+        ValueError, match=re.escape("accepted: 3.25 <= avg_bits <= 4.25")
+    ):
+        allocate.allocate(phi, c, e[:, 1:3], avg_bits=3.0, bit_choices=(3, 4))
+    with pytest.raises(ValueError, match="below"):
+        allocate.allocate(phi, c, e, avg_bits=float("nan"))
+
+
+@pytest.mark.parametrize("choices", [(1, 2), (2, 2, 4), (), (2, 16)])
+def test_bad_bit_choices(choices):
+    with pytest.raises(ValueError, match="bit_choices"):
+        allocate.check_bit_choices(choices)
+
+
+def test_bad_shapes():
+    phi, c, e = _problem(np.random.default_rng(0), 3)
+    with pytest.raises(ValueError, match="errors must be"):
+        allocate.allocate(phi, c, e[:, :3], avg_bits=3.0)
+    with pytest.raises(ValueError, match="interactions must be"):
+        allocate.allocate(phi, c[:2], e, avg_bits=3.0)
+    with pytest.raises(ValueError, match="finite"):
+        allocate.allocate(phi * np.nan, c, e, avg_bits=3.0)
+
+
+def test_relative_errors():
+    sse = np.array([[4.0, 1.0, 0.25, 0.0, 0.0]])
+    e = allocate.relative_errors(sse, (2, 3, 4, 8, 16), (2, 3, 4, 8))
+    np.testing.assert_allclose(e, [[1.0, 0.25, 0.0625, 0.0]])
