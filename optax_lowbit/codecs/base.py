@@ -8,9 +8,11 @@ A codec turns a float array into a `Packed` pytree and back:
   ``scales`` of shape ``(A, B, ceil(N / G) * scales_per_group)``. So a state
   shards like its parameter on every leading axis. A 0-d leaf is one group of
   one element.
-* ``Packed.shape`` and ``Packed.codec`` (the codec's name) are static pytree
-  metadata: a `Packed` passes through ``jit``, ``vmap``, ``tree_map``,
-  ``device_put``, sharding, ``jax.eval_shape`` and Orbax unchanged.
+* ``Packed.shape`` and ``Packed.codec`` (the codec itself: a frozen, hashable
+  description of the format) are static pytree metadata: a `Packed` decodes
+  itself (``packed.decode()``) and passes through ``jit``, ``vmap``,
+  ``tree_map``, ``device_put``, sharding, ``jax.eval_shape`` and Orbax
+  unchanged.
 * ``bits_per_element`` is the all-in figure for whole groups:
   ``8 * (bytes_per_group + scales_per_group * scale_bytes) / group_size``.
   `Packed.bits_per_element` gives the figure for one real array, padding
@@ -50,14 +52,23 @@ class Packed:
       codes: ``uint8`` array ``(*lead, n_groups, bytes_per_group)``.
       scales: float array ``(*lead, n_groups * scales_per_group)``.
       shape: the shape of the array that was encoded (static).
-      codec: the name of the codec that made it, e.g. ``"polar-2b-signed"``
-        (static).
+      codec: the codec that made it (static; compared by its format name,
+        e.g. ``"polar-2b-signed"``, see `codec_name`).
     """
 
     codes: jax.Array
     scales: jax.Array
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
-    codec: str = dataclasses.field(metadata={"static": True})
+    codec: Codec = dataclasses.field(metadata={"static": True})
+
+    @property
+    def codec_name(self) -> str:
+        """The format name of the codec, e.g. ``"polar-2b-signed"``."""
+        return getattr(self.codec, "name", str(self.codec))
+
+    def decode(self) -> jax.Array:
+        """Decodes with the codec that made it (float32, of `shape`)."""
+        return self.codec.decode(self)
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +133,40 @@ def packed_bytes(num_values: int, bits: int) -> int:
     return total
 
 
+def split_last(x: jax.Array, parts: int) -> list[jax.Array]:
+    """Splits the last axis into ``parts`` equal contiguous pieces.
+
+    Written with ``jnp.split`` (one ``lax.split``), which Pallas Triton lowers
+    for power-of-two ``parts``; static slices of a value do not lower there.
+    """
+    if parts == 1:
+        return [x]
+    return list(jnp.split(x, parts, axis=-1))
+
+
+def concat_last(parts: list[jax.Array]) -> jax.Array:
+    """Concatenates equal-shaped pieces along the last axis.
+
+    For a power-of-two number of pieces this is written as pairwise
+    ``stack(axis=-1)``, a transpose and a reshape, which Pallas Triton lowers
+    (its ``concatenate`` takes only ``[..., 1]`` operands); XLA fuses either
+    form. Other counts or shapes use ``jnp.concatenate``.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    n = len(parts)
+    same = all(p.shape == parts[0].shape for p in parts)
+    if not same or n & (n - 1):
+        return jnp.concatenate(parts, axis=-1)
+    while len(parts) > 1:
+        merged = []
+        for a, b in zip(parts[0::2], parts[1::2], strict=True):
+            pair = jnp.swapaxes(jnp.stack([a, b], axis=-1), -1, -2)
+            merged.append(pair.reshape((*a.shape[:-1], 2 * a.shape[-1])))
+        parts = merged
+    return parts[0]
+
+
 def pack_codes(values: jax.Array, bits: int) -> jax.Array:
     """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
 
@@ -145,11 +190,11 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
         per_byte = 8 // w
         if k % per_byte:
             raise ValueError(f"{k} codes of width {w} do not fill whole bytes.")
-        nbytes = k // per_byte
-        part = part.reshape((*values.shape[:-1], per_byte, nbytes))
-        byte = jnp.zeros((*values.shape[:-1], nbytes), jnp.uint8)
-        for s in range(per_byte):
-            byte = byte | (part[..., s, :] << (s * w)).astype(jnp.uint8)
+        # value j of the plane sits in byte j % nbytes at bit (j // nbytes) * w
+        pieces = split_last(part, per_byte)
+        byte = pieces[0]
+        for s in range(1, per_byte):
+            byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
         planes.append(byte)
     return jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
 
@@ -157,19 +202,42 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
 def unpack_codes(packed: jax.Array, bits: int, num_values: int) -> jax.Array:
     """Inverse of `pack_codes`: ``(..., bytes)`` uint8 -> ``(..., K)`` uint8."""
     packed = packed.astype(jnp.uint8)
-    out = jnp.zeros((*packed.shape[:-1], num_values), jnp.uint8)
+    widths = list(reversed(_widths(bits)))
+    out = None
     offset, shift = 0, 0
-    for w in reversed(_widths(bits)):
+    for w in widths:
         per_byte = 8 // w
         nbytes = num_values // per_byte
-        byte = packed[..., offset : offset + nbytes]
+        if len(widths) == 1:
+            byte = packed  # one plane: no slice (kernel friendly)
+        else:
+            byte = packed[..., offset : offset + nbytes]
         offset += nbytes
-        part = jnp.concatenate(
-            [(byte >> (s * w)) & ((1 << w) - 1) for s in range(per_byte)], axis=-1
+        part = concat_last(
+            [(byte >> (s * w)) & ((1 << w) - 1) for s in range(per_byte)]
         )
-        out = out | (part.astype(jnp.uint8) << shift)
+        part = part.astype(jnp.uint8) << shift
+        out = part if out is None else out | part
         shift += w
     return out
+
+
+def _ceil_to_bf16(x: jax.Array) -> jax.Array:
+    """Rounds float32 ``x >= 0`` **up** to bfloat16, by bit arithmetic.
+
+    Any float32 whose low 16 bits are not zero moves to the next bfloat16 up;
+    NaN and inf are kept. Exact for every non-negative float32, and the same
+    on every backend: a round trip ``f32 -> bf16 -> f32`` compared with ``x``
+    (the obvious form) is folded away by the Triton compiler, which then
+    rounded half of the scales down.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    low = bits & jnp.uint32(0xFFFF)
+    finite = (bits & jnp.uint32(0x7F800000)) != jnp.uint32(0x7F800000)
+    up = (low != 0) & finite
+    bits = jnp.where(up, bits + jnp.uint32(0x10000), bits)
+    hi = (bits >> jnp.uint32(16)).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(hi, jnp.bfloat16)
 
 
 def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -186,12 +254,15 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
       zeros, never NaN.
     """
     absmax = jnp.asarray(absmax, jnp.float32)
-    stored = absmax.astype(dtype)
-    if jnp.dtype(dtype) != jnp.float32:
-        too_small = stored.astype(jnp.float32) < absmax
-        stored = jnp.where(
-            too_small, jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype)), stored
-        )
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        stored = _ceil_to_bf16(absmax)
+    else:
+        stored = absmax.astype(dtype)
+        if jnp.dtype(dtype) != jnp.float32:
+            too_small = stored.astype(jnp.float32) < absmax
+            stored = jnp.where(
+                too_small, jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype)), stored
+            )
     as_f32 = stored.astype(jnp.float32)
     divisor = jnp.where(as_f32 > 0, as_f32, 1.0)
     return stored, divisor
@@ -222,7 +293,7 @@ class Codec(abc.ABC):
     @property
     @abc.abstractmethod
     def scale_dtype(self) -> Any:
-        """dtype of the stored scales."""
+        """The dtype of the stored scales."""
 
     @property
     def signed(self) -> bool:
@@ -255,15 +326,15 @@ class Codec(abc.ABC):
         xg = to_groups(x, self.group_size)
         codes, scales = self.encode_groups(xg)
         scales = scales.reshape((*scales.shape[:-2], -1))
-        return Packed(codes=codes, scales=scales, shape=shape, codec=self.name)
+        return Packed(codes=codes, scales=scales, shape=shape, codec=self)
 
     def decode(self, packed: Packed) -> jax.Array:
         """Decodes a `Packed` made by this codec to float32 of its shape."""
         if not isinstance(packed, Packed):
             raise TypeError(f"packed must be a Packed, got {type(packed).__name__}.")
-        if packed.codec != self.name:
+        if packed.codec_name != self.name:
             raise ValueError(
-                f"packed was made by codec {packed.codec!r}; this codec is "
+                f"packed was made by codec {packed.codec_name!r}; this codec is "
                 f"{self.name!r}. Decode it with the codec that encoded it."
             )
         scales = packed.scales.reshape(
@@ -283,4 +354,3 @@ class Codec(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {self.bits_per_element:.4g} bits)"
-

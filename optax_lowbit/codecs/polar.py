@@ -147,6 +147,29 @@ def _select(index: jax.Array, values: Sequence[Any]) -> jax.Array:
     return out
 
 
+def ring_values(rings: Any) -> list[Any]:
+    """The ring radii as a list of float32 scalars.
+
+    ``rings`` is a float ``(R,)`` array, a sequence of scalars, or (inside a
+    Pallas kernel) a ``(R,)`` ref: each radius is read once as a scalar, so
+    the group functions never index an array value (no gather or slice).
+    """
+    if isinstance(rings, (list, tuple)):
+        return [jnp.asarray(r, jnp.float32) for r in rings]
+    if not hasattr(rings, "shape") or not hasattr(rings, "__getitem__"):
+        rings = jnp.asarray(rings, jnp.float32)
+    return [rings[k].astype(jnp.float32) for k in range(rings.shape[-1])]
+
+
+def _rint(x: jax.Array) -> jax.Array:
+    """``jnp.round`` (half to even) from floor and compares (Triton lowers it)."""
+    r = jnp.floor(x)
+    d = x - r  # exact for the small angles used here
+    odd = (r - 2.0 * jnp.floor(0.5 * r)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return r + up.astype(x.dtype)
+
+
 def safe_hypot(a: jax.Array, b: jax.Array) -> jax.Array:
     """Overflow-safe ``sqrt(a² + b²)`` (fine at 1e30 and 1e-30)."""
     hi = jnp.maximum(jnp.abs(a), jnp.abs(b))
@@ -167,7 +190,7 @@ def assign(
     Args:
       u: first coordinates, any shape.
       w: second coordinates, same shape.
-      rings: float32 ``(R,)`` ring radii, increasing.
+      rings: float32 ``(R,)`` ring radii, increasing (or see `ring_values`).
       signed: which codebook.
 
     Returns:
@@ -175,11 +198,12 @@ def assign(
       float32 projected radius ``p = r·cos(θ − φ)``.
     """
     cos_t, sin_t = _sector_cos_sin(signed)
-    n_rings = rings.shape[-1]
+    rings = ring_values(rings)
+    n_rings = len(rings)
     theta = jnp.arctan2(w, u)
     if signed:
         step = 2.0 * math.pi / SIGNED_SECTORS
-        sector = jnp.round(theta / step).astype(jnp.int32) % SIGNED_SECTORS
+        sector = _rint(theta / step).astype(jnp.int32) % SIGNED_SECTORS
     else:
         step = 0.5 * math.pi / UNSIGNED_SECTORS
         sector = jnp.clip(jnp.floor(theta / step), 0, UNSIGNED_SECTORS - 1)
@@ -224,18 +248,17 @@ def encode_groups_with(
       ``(..., 1)`` scales in ``scale_dtype``.
     """
     xg = jnp.asarray(xg, jnp.float32)
-    rings = jnp.asarray(rings, jnp.float32)
+    rings = ring_values(rings)
     if not signed:
         xg = jnp.maximum(xg, 0.0)
-    half = xg.shape[-1] // 2
-    a, b = xg[..., :half], xg[..., half:]
+    a, b = base.split_last(xg, 2)
     radius = safe_hypot(a, b)
     stored, divisor = base.safe_scale(
         jnp.max(radius, axis=-1, keepdims=True), scale_dtype
     )
     ring, sector, _ = assign(a / divisor, b / divisor, rings, signed=signed)
     code = ring * _num_sectors(signed) + sector
-    codes = base.pack_codes(code, code_bits(rings.shape[-1], signed))
+    codes = base.pack_codes(code, code_bits(len(rings), signed))
     return codes, stored
 
 
@@ -254,20 +277,20 @@ def decode_groups_with(
       float32 ``(..., G)``; zeros where the scale is 0; for unsigned codecs
       every value is > 0 where the scale is > 0.
     """
-    rings = jnp.asarray(rings, jnp.float32)
-    n_rings = rings.shape[-1]
+    rings = ring_values(rings)
+    n_rings = len(rings)
     n_sectors = _num_sectors(signed)
     bits = code_bits(n_rings, signed)
     n_pairs = codes.shape[-1] * 8 // bits
     code = base.unpack_codes(codes, bits, n_pairs).astype(jnp.int32)
     sector, ring = code % n_sectors, code // n_sectors
-    rho = _select(ring, [rings[k] for k in range(n_rings)])
+    rho = _select(ring, rings)
     cos_t, sin_t = _sector_cos_sin(signed)
     scale = scales.astype(jnp.float32)
     radius = rho * scale  # one order of products, the same under jit and eager
     a = radius * _select(sector, cos_t)
     b = radius * _select(sector, sin_t)
-    out = jnp.concatenate([a, b], axis=-1)
+    out = base.concat_last([a, b])
     if not signed:  # never decode to 0 (nor flush to 0) where the scale is > 0
         out = jnp.maximum(out, jnp.where(scale > 0, _TINY, 0.0))
     return out

@@ -17,6 +17,7 @@ list the structural ones that are numbers or callables in ``static_args``::
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, NamedTuple
 
@@ -28,7 +29,7 @@ from optax_lowbit import _checks
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import _quantized
 
-_IMPLS = ("auto", "jnp")
+_IMPLS = ("auto", "jnp", "pallas")
 
 
 class ScaleByAdamQuantizedState(NamedTuple):
@@ -61,7 +62,7 @@ def _check_impl(impl: Any) -> None:
         "impl",
         impl,
         _IMPLS,
-        "the Pallas kernels (impl='pallas') are not available yet; 'auto' uses jnp.",
+        "'auto' uses the Pallas kernels on GPU/TPU and jnp on CPU.",
     )
 
 
@@ -113,8 +114,10 @@ def scale_by_adam_quantized(
       policy: ``policy(path, leaf) -> bool``, which leaves are quantized
         (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
         Other leaves keep float32 moments.
-      impl: ``"auto"`` or ``"jnp"`` (the pure ``jnp`` path; ``"auto"`` picks it
-        until the Pallas kernels land).
+      impl: ``"auto"`` (Pallas kernels on GPU/TPU, jnp on CPU), ``"jnp"``
+        (the pure ``jnp`` path) or ``"pallas"`` (the fused kernel of
+        `optax_lowbit.kernels.adam` for leaves whose codecs have one, jnp for
+        the others; on a CPU backend it runs through the Pallas interpreter).
       mu_dtype: dtype of the first moment on the leaves the policy keeps
         unquantized: ``None`` (float32) or ``jnp.bfloat16``.
 
@@ -133,7 +136,7 @@ def scale_by_adam_quantized(
       >>> updates, state = tx.update({"w": jnp.array([0.5, -1.0, 0.0])}, state)
       >>> print(updates["w"].round(4))  # step 1: m_hat / sqrt(v_hat) = sign(g)
       [ 1. -1.  0.]
-      >>> state.mu["w"].codec, int(state.count)
+      >>> state.mu["w"].codec_name, int(state.count)
       ('identity-float32', 1)
 
     References:
@@ -153,8 +156,6 @@ def scale_by_adam_quantized(
     _check_impl(impl)
     fallback_mu_dtype = _check_mu_dtype(mu_dtype)
     policy = _quantized.resolve_policy(policy)
-    _quantized.register_codec(mu_codec)
-    _quantized.register_codec(nu_codec)
 
     def init_fn(params: optax.Params) -> ScaleByAdamQuantizedState:
         mu = _quantized.init_moment(
@@ -185,12 +186,53 @@ def scale_by_adam_quantized(
             u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
             return u.astype(g.dtype), m, v
 
+        if _kernels().use_pallas(impl):
+            hp = _kernel_adam().make_hp(
+                b1, b2, eps, eps_root, bc1, bc2, bc1_next if nesterov else None
+            )
+            return _update_with_kernels(
+                updates, state, count, hp, mu_codec, nu_codec, nesterov, step
+            )
+
         updates, (mu, nu) = _quantized.map_leaves(
             step, updates, (state.mu, state.nu), (mu_codec, nu_codec)
         )
         return updates, ScaleByAdamQuantizedState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _kernels() -> Any:
+    return importlib.import_module("optax_lowbit.kernels._backend")
+
+
+def _kernel_adam() -> Any:
+    return importlib.import_module("optax_lowbit.kernels.adam")
+
+
+def _update_with_kernels(updates, state, count, hp, mu_codec, nu_codec, nesterov, step):
+    """The update with the fused kernel on leaves it handles, ``step`` elsewhere."""
+    kadam = _kernel_adam()
+    fused = kadam.has_kernel(mu_codec) and kadam.has_kernel(nu_codec)
+    flat, treedef = jax.tree_util.tree_flatten(updates)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    out_u, out_m, out_v = [], [], []
+    for g, m, v in zip(flat, mus, nus, strict=True):
+        if fused and _quantized.is_packed(m) and _quantized.is_packed(v):
+            u, m, v = kadam.adam_update(
+                g, m, v, hp, mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov
+            )
+        else:
+            sub_u, (sub_m, sub_v) = _quantized.map_leaves(
+                step, [g], ([m], [v]), (mu_codec, nu_codec)
+            )
+            u, m, v = sub_u[0], sub_m[0], sub_v[0]
+        out_u.append(u)
+        out_m.append(m)
+        out_v.append(v)
+    unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return unflat(out_u), ScaleByAdamQuantizedState(count, unflat(out_m), unflat(out_v))
 
 
 def _codecs(module: str) -> Any:
@@ -227,7 +269,8 @@ def scale_by_adam_polar(
         ``optax.inject_hyperparams`` list it in ``static_args``).
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
+        `scale_by_adam_quantized`).
       mu_dtype: dtype of the first moment on unquantized leaves (``None``:
         float32).
       mu_codec: overrides the first moment's codec.
@@ -291,7 +334,8 @@ def scale_by_adam_piquant(
         ``"paper"`` (the closed-form encoder of the reference code).
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
+        `scale_by_adam_quantized`).
       mu_dtype: dtype of the first moment on unquantized leaves (``None``:
         float32).
 
@@ -350,7 +394,8 @@ def scale_by_adam_8bit(
       eps_root: term added to the denominator inside the square root.
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
+        `scale_by_adam_quantized`).
       mu_dtype: dtype of the first moment on unquantized leaves (``None``:
         float32).
 
@@ -407,7 +452,8 @@ def scale_by_adam_4bit(
       eps_root: term added to the denominator inside the square root.
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
+        `scale_by_adam_quantized`).
       mu_dtype: dtype of the first moment on unquantized leaves (``None``:
         float32).
 

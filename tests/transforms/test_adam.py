@@ -281,7 +281,7 @@ def test_init_under_eval_shape():
     assert jax.tree.structure(shapes) == jax.tree.structure(real)
     chex.assert_trees_all_equal_shapes_and_dtypes(shapes, real)
     assert isinstance(shapes.mu["dense"]["kernel"], base.Packed)
-    assert shapes.mu["dense"]["kernel"].codec == "test-int8-absmax"
+    assert shapes.mu["dense"]["kernel"].codec_name == "test-int8-absmax"
 
 
 def test_inject_hyperparams_traced_lr_and_b1():
@@ -443,7 +443,7 @@ def test_integer_params_fail_at_init_naming_the_leaf():
 
 def test_other_bad_arguments():
     with pytest.raises(ValueError, match="impl must be one of"):
-        lowbit.scale_by_adam_quantized(FP32, FP32, impl="pallas")
+        lowbit.scale_by_adam_quantized(FP32, FP32, impl="cuda")
     with pytest.raises(ValueError, match="b1 must be in"):
         lowbit.scale_by_adam_quantized(FP32, FP32, b1=1.5)
     with pytest.raises(TypeError, match="mu_codec must be a codec"):

@@ -1,0 +1,331 @@
+"""Optimizer step speed on the device: fp32/bf16 Optax AdamW vs low-bit polar Adam.
+
+Run on a GPU (``python -m benchmarks.step_speed``). For every case and
+optimizer it jits ``params, state = step(params, state, grads)`` with params
+and state donated, times >= 30 steps after warm-up (median, each step
+``block_until_ready``), and records ms, the ratio to ``optax.adamw`` fp32 of
+the same run, state and temporary bytes per parameter
+(``compiled.memory_analysis()``) and compile time. It also checks the kernel
+against the jnp reference on the device (code mismatch fraction, ``u``
+error), sweeps the kernel's block size / warps on the big leaf, measures the
+device copy ceiling, and tries the Mosaic GPU lowering (recorded as an error
+where it does not lower). Writes ``benchmarks/results/step_speed.json``
+(or ``$OUT/step_speed.json`` when ``OUT`` is set) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_lowbit as lowbit
+from optax_lowbit.kernels import adam as kadam
+
+N_TIMED = 30
+N_WARM = 3
+
+
+def gpt2_small(stacked: bool = False) -> dict:
+    """Shapes of a GPT-2-small parameter tree (124M params)."""
+    d, f, n_layer = 768, 3072, 12
+    layer = {
+        "ln1_g": (d,),
+        "ln1_b": (d,),
+        "qkv_w": (d, 3 * d),
+        "qkv_b": (3 * d,),
+        "proj_w": (d, d),
+        "proj_b": (d,),
+        "ln2_g": (d,),
+        "ln2_b": (d,),
+        "fc_w": (d, f),
+        "fc_b": (f,),
+        "out_w": (f, d),
+        "out_b": (d,),
+    }
+    tree = {"wte": (50257, d), "wpe": (1024, d), "lnf_g": (d,), "lnf_b": (d,)}
+    if stacked:
+        tree["layers"] = {k: (n_layer, *s) for k, s in layer.items()}
+    else:
+        for i in range(n_layer):
+            tree[f"h{i}"] = dict(layer)
+    return tree
+
+
+CASES = {
+    "leaf_256M": {"w": (16384, 16384)},
+    "gpt2_small_146": gpt2_small(False),
+    "gpt2_small_stacked_14": gpt2_small(True),
+    "tiny": {"w": (512, 1024), "b": (1024,), "x": (3, 200)},
+}
+
+
+def stacked_policy(path, leaf) -> bool:
+    """Default policy, with a stacked leaf's per-layer rank counted (rank >= 2)."""
+    return leaf.size >= 4096 and len(leaf.shape) >= 2 and leaf.shape[-1] > 1
+
+
+def optimizers(case: str) -> dict:
+    """Name -> (transform, impl) rows."""
+    lr = 1e-3
+    policy = stacked_policy if "stacked" in case else None
+    return {
+        "optax.adamw": (optax.adamw(lr), "xla"),
+        "optax.adamw(mu_dtype=bf16)": (optax.adamw(lr, mu_dtype=jnp.bfloat16), "xla"),
+        "adamw_polar(bits=2)/jnp": (
+            lowbit.adamw_polar(lr, bits=2, impl="jnp", policy=policy),
+            "jnp",
+        ),
+        "adamw_polar(bits=2)/pallas-triton": (
+            lowbit.adamw_polar(lr, bits=2, impl="pallas", policy=policy),
+            "pallas-triton",
+        ),
+    }
+
+
+def make_tree(shapes: dict, key) -> dict:
+    leaves, tdef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return tdef.unflatten(
+        [
+            0.02 * jax.random.normal(k, s, jnp.float32)
+            for k, s in zip(keys, leaves, strict=True)
+        ]
+    )
+
+
+def tree_bytes(tree) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
+
+
+def time_fn(fn, *args, n=N_TIMED, donate=True):
+    """Median ms of ``args = fn(*args)`` steps (outputs fed back when donated)."""
+    for _ in range(N_WARM):
+        out = fn(*args)
+        jax.block_until_ready(out)
+        if donate:
+            args = (*out, *args[len(out) :])
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if donate:
+            args = (*out, *args[len(out) :])
+    return statistics.median(times), min(times), args
+
+
+def bench_case(case: str, shapes: dict, meta: dict, log) -> list[dict]:
+    params = make_tree(shapes, jax.random.key(0))
+    grads = make_tree(shapes, jax.random.key(1))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_leaves = len(jax.tree.leaves(params))
+    log(f"case {case}: {n_params / 1e6:.1f}M params, {n_leaves} leaves")
+    rows = []
+    for name, (tx, impl) in optimizers(case).items():
+        rec = {"case": case, "optimizer": name, "impl": impl, "n_params": n_params}
+        rec.update(meta)
+        try:
+            p = jax.tree.map(jnp.copy, params)
+            state = jax.jit(tx.init)(p)
+
+            def step(p, s, g, tx=tx):
+                u, s = tx.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            jstep = jax.jit(step, donate_argnums=(0, 1))
+            t0 = time.perf_counter()
+            compiled = jstep.lower(p, state, grads).compile()
+            rec["compile_s"] = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            rec["temp_bytes_per_param"] = (
+                mem.temp_size_in_bytes / n_params if mem is not None else None
+            )
+            rec["state_bytes_per_param"] = tree_bytes(state) / n_params
+            ms, ms_min, (p, state, _) = time_fn(compiled, p, state, grads)
+            rec["ms"], rec["ms_min"] = ms, ms_min
+            jax.tree.map(lambda x: x.block_until_ready(), p)
+            rec["finite"] = bool(
+                all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
+            )
+            del p, state, compiled
+        except Exception as e:  # record, never fake
+            rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            log(traceback.format_exc(limit=3))
+        rows.append(rec)
+        log(json.dumps(rec))
+    base = next(
+        (r["ms"] for r in rows if r["optimizer"] == "optax.adamw" and "ms" in r), None
+    )
+    for r in rows:
+        if base and "ms" in r:
+            r["ratio_vs_optax_adamw"] = r["ms"] / base
+    return rows
+
+
+def kernel_checks(meta: dict, log, configs=None, lowerings=("triton", "mosaic")):
+    """On-device kernel vs jnp reference, lowering variants, block sweep."""
+    out = {}
+    mc = lowbit.codecs.polar(bits=2, signed=True)
+    nc = lowbit.codecs.polar(bits=2, signed=False)
+    key = jax.random.key(7)
+    k1, k2, k3 = jax.random.split(key, 3)
+    shape = (4096, 4096 + 64 * 3)
+    m = mc.encode(0.1 * jax.random.normal(k1, shape))
+    v = nc.encode(0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6)
+    g = jax.random.normal(k3, shape)
+    c = jnp.asarray(3, jnp.int32)
+    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 1 - 0.9**c, 1 - 0.999**c)
+    ref = jax.jit(
+        lambda g, m, v, hp: kadam.adam_update_reference(
+            g, m, v, hp, mu_codec=mc, nu_codec=nc
+        )
+    )(g, m, v, hp)
+    for low in lowerings:
+        try:
+            res = jax.jit(
+                lambda g, m, v, hp, low=low: kadam.adam_update(
+                    g, m, v, hp, mu_codec=mc, nu_codec=nc, lowering=low
+                )
+            )(g, m, v, hp)
+            jax.block_until_ready(res)
+            du = jnp.linalg.norm(res[0] - ref[0]) / jnp.linalg.norm(ref[0])
+            out[f"check_{low}"] = {
+                "u_rel_err": float(du),
+                "mu_code_mismatch": float(jnp.mean(res[1].codes != ref[1].codes)),
+                "nu_code_mismatch": float(jnp.mean(res[2].codes != ref[2].codes)),
+                "mu_scale_mismatch": float(jnp.mean(res[1].scales != ref[1].scales)),
+                "nu_scale_mismatch": float(jnp.mean(res[2].scales != ref[2].scales)),
+            }
+        except Exception as e:
+            out[f"check_{low}"] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+        log(f"check {low}: {out[f'check_{low}']}")
+    # copy ceiling: read + write of 1 GiB
+    x = jax.random.normal(k1, (1 << 28,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    ms, _, _ = time_fn(lambda x: (f(x),), x)
+    out["copy_ceiling_TBps"] = 2 * 4 * (1 << 28) / (ms * 1e-3) / 1e12
+    log(f"copy ceiling {out['copy_ceiling_TBps']:.2f} TB/s")
+    del x
+    # kernel alone on the 256M leaf: block / warps sweep (state donated)
+    shape = (16384, 16384)
+    g = jax.random.normal(k3, shape)
+    m = mc.encode(0.1 * g)
+    v = nc.encode(0.01 * g * g)
+    sweep = []
+    configs = configs or ((128, 4), (64, 4), (32, 4), (16, 4), (64, 8))
+    for bg, nw in configs:
+        try:
+            fn = jax.jit(
+                lambda m, v, g, hp, bg=bg, nw=nw: kadam.adam_update(
+                    g, m, v, hp, mu_codec=mc, nu_codec=nc, block_groups=bg, num_warps=nw
+                )[1:],
+                donate_argnums=(0, 1),
+            )
+            ms, ms_min, (m, v, *_) = time_fn(fn, m, v, g, hp)
+            n = g.size
+            moved = n * (4 + 4) + 2 * 2 * n * 18 / 64  # g in, u out, state r+w
+            rec = {
+                "block_groups": bg,
+                "num_warps": nw,
+                "ms": ms,
+                "ms_min": ms_min,
+                "TBps": moved / (ms * 1e-3) / 1e12,
+            }
+        except Exception as e:
+            rec = {
+                "block_groups": bg,
+                "num_warps": nw,
+                "error": f"{type(e).__name__}: {str(e)[:300]}",
+            }
+        sweep.append(rec)
+        log(f"sweep {rec}")
+    out["kernel_sweep_256M"] = sweep
+    ok = [r for r in sweep if "ms" in r]
+    if ok:  # the transform rows below use the fastest configuration
+        best = min(ok, key=lambda r: r["ms"])
+        kadam.DEFAULT_BLOCK_GROUPS = best["block_groups"]
+        kadam.DEFAULT_NUM_WARPS = best["num_warps"]
+    out["kernel_config_used"] = {
+        "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
+        "num_warps": kadam.DEFAULT_NUM_WARPS,
+    }
+    log(f"kernel config used: {out['kernel_config_used']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="leaf_256M,gpt2_small_146,gpt2_small_stacked_14")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-kernel-checks", action="store_true")
+    ap.add_argument("--quick-kernel", action="store_true")
+    args = ap.parse_args()
+    outdir = os.environ.get("OUT")
+    path = args.out or (
+        os.path.join(outdir, "step_speed.json")
+        if outdir
+        else os.path.join(os.path.dirname(__file__), "results", "step_speed.json")
+    )
+    meta = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+    def log(msg):
+        print(msg, flush=True)
+
+    log(json.dumps(meta))
+    result = {"meta": meta, "records": []}
+    try:
+        if not args.skip_kernel_checks:
+            if args.quick_kernel:
+                result["kernel"] = kernel_checks(
+                    meta, log, ((128, 4), (64, 4)), ("triton",)
+                )
+            else:
+                result["kernel"] = kernel_checks(meta, log)
+    except Exception:
+        log(traceback.format_exc())
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    for case in filter(None, args.cases.split(",")):
+        result["records"] += bench_case(case, CASES[case], meta, log)
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(f"\n{meta}")
+    print(
+        f"{'case':24s} {'optimizer':36s} {'ms':>8s} {'ratio':>6s} {'B/p st':>7s} "
+        f"{'B/p tmp':>7s} {'comp_s':>6s}"
+    )
+    for r in result["records"]:
+        if "ms" not in r:
+            print(
+                f"{r['case']:24s} {r['optimizer']:36s} ERROR {r.get('error', '')[:60]}"
+            )
+            continue
+        print(
+            f"{r['case']:24s} {r['optimizer']:36s} {r['ms']:8.3f} "
+            f"{r.get('ratio_vs_optax_adamw', float('nan')):6.2f} "
+            f"{r['state_bytes_per_param']:7.3f} {r['temp_bytes_per_param']:7.3f} "
+            f"{r['compile_s']:6.1f}"
+        )
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

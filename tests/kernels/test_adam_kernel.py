@@ -1,0 +1,156 @@
+"""The fused Pallas Adam kernel (interpret mode on CPU) against the jnp path."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_lowbit as lowbit
+from optax_lowbit.codecs import polar as polar_factory
+from optax_lowbit.kernels import adam as kadam
+
+BITS = 2
+MU = polar_factory(bits=BITS, signed=True)
+NU = polar_factory(bits=BITS, signed=False)
+
+
+def _random_state(key, shape):
+    """Random, non-zero existing moments (encoded) and a fresh gradient."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    m = 0.1 * jax.random.normal(k1, shape)
+    v = 0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6
+    g = jax.random.normal(k3, shape)
+    return g, MU.encode(m), NU.encode(v)
+
+
+def _hp(count=3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0):
+    count = jnp.asarray(count, jnp.int32)
+    return kadam.make_hp(b1, b2, eps, eps_root, 1 - b1**count, 1 - b2**count)
+
+
+def _poison(packed):
+    """A state of the same layout: every code byte 0xAB, every scale 7."""
+    return lowbit.codecs.Packed(
+        codes=jnp.full_like(packed.codes, 0xAB),
+        scales=jnp.full_like(packed.scales, 7.0),
+        shape=packed.shape,
+        codec=packed.codec,
+    )
+
+
+def _code_mismatch(a, b):
+    return float(np.mean(np.asarray(a.codes) != np.asarray(b.codes)))
+
+
+@functools.partial(jax.jit, static_argnames="block_groups")
+def _kernel(g, mu, nu, hp, block_groups=256):
+    return kadam.adam_update(
+        g, mu, nu, hp, mu_codec=MU, nu_codec=NU, block_groups=block_groups
+    )
+
+
+@jax.jit
+def _reference(g, mu, nu, hp):
+    return kadam.adam_update_reference(g, mu, nu, hp, mu_codec=MU, nu_codec=NU)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(256, 128), (3, 5, 200), (37,)],
+)
+def test_kernel_matches_reference(shape):
+    g, mu, nu = _random_state(jax.random.key(sum(shape) + len(shape)), shape)
+    hp = _hp()
+    u_ref, m_ref, v_ref = _reference(g, mu, nu, hp)
+    u, m, v = _kernel(g, mu, nu, hp)
+    chex.assert_trees_all_equal_shapes_and_dtypes((u, m, v), (u_ref, m_ref, v_ref))
+    chex.assert_tree_all_finite(u)
+    np.testing.assert_allclose(u, u_ref, rtol=1e-5, atol=1e-6)
+    # codes identical (one float tie may flip a code: allow 0.1%, measured 0)
+    assert _code_mismatch(m, m_ref) <= 1e-3
+    assert _code_mismatch(v, v_ref) <= 1e-3
+    np.testing.assert_array_equal(m.scales, m_ref.scales)
+    np.testing.assert_array_equal(v.scales, v_ref.scales)
+
+
+def test_every_output_written():
+    """Poisoned outputs (aliased state buffers) are all overwritten."""
+    shape = (256, 128)  # the shape of the first case: no new compile
+    g, mu, nu = _random_state(jax.random.key(1), shape)
+    # count=1 with b1 = b2 = 0 makes the new state a function of g alone, so
+    # poisoned old states must not leak into it.
+    hp0 = kadam.make_hp(0.0, 0.0, 1e-8, 0.0, 1.0, 1.0)
+    u, m, v = _kernel(g, _poison(mu), _poison(nu), hp0)
+    zeros = jnp.zeros(shape)
+    u0, m0, v0 = _reference(g, MU.encode(zeros), NU.encode(zeros), hp0)
+    chex.assert_tree_all_finite((u, m.scales, v.scales))
+    np.testing.assert_array_equal(m.codes, m0.codes)
+    np.testing.assert_array_equal(v.codes, v0.codes)
+    np.testing.assert_allclose(u, u0, rtol=1e-6)
+
+
+def test_padding_rows_and_blocks():
+    """A group count no power-of-two block >= 32 divides: rows are padded."""
+    shape = (3, 65 * 64)  # 195 groups
+    g, mu, nu = _random_state(jax.random.key(2), shape)
+    hp = _hp()
+    u_ref, m_ref, v_ref = _reference(g, mu, nu, hp)
+    u, m, v = _kernel(g, mu, nu, hp, block_groups=32)
+    np.testing.assert_allclose(u, u_ref, rtol=1e-5, atol=1e-6)
+    assert _code_mismatch(m, m_ref) <= 1e-3
+    assert _code_mismatch(v, v_ref) <= 1e-3
+
+
+def test_traced_hyperparameters():
+    """hp as jit arguments (schedules, inject_hyperparams): one compile."""
+    shape = (256, 128)
+    g, mu, nu = _random_state(jax.random.key(3), shape)
+    for lr_like in (0.8, 0.95):
+        hp = _hp(count=5, b1=lr_like)
+        u_ref, m_ref, _ = _reference(g, mu, nu, hp)
+        u, m, _ = _kernel(g, mu, nu, hp)
+        np.testing.assert_allclose(u, u_ref, rtol=1e-5, atol=1e-6)
+        assert _code_mismatch(m, m_ref) <= 1e-3
+
+
+def test_transform_pallas_equals_jnp_over_steps():
+    params = {"b": jnp.zeros((192,)), "x": jnp.zeros((2, 3, 100))}
+    policy = lambda path, leaf: leaf.size >= 64  # noqa: E731
+    tx_p = lowbit.scale_by_adam_polar(bits=2, impl="pallas", policy=policy)
+    tx_j = lowbit.scale_by_adam_polar(bits=2, impl="jnp", policy=policy)
+    sp, sj = tx_p.init(params), tx_j.init(params)
+    key = jax.random.key(4)
+    up_p, up_j = jax.jit(tx_p.update), jax.jit(tx_j.update)
+    for _ in range(5):
+        key, sub = jax.random.split(key)
+        leaves, tdef = jax.tree.flatten(params)
+        keys = jax.random.split(sub, len(leaves))
+        grads = tdef.unflatten(
+            [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        )
+        up, sp = up_p(grads, sp)
+        uj, sj = up_j(grads, sj)
+        chex.assert_trees_all_close(up, uj, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal_shapes_and_dtypes(sp, sj)
+    chex.assert_trees_all_equal(sp, sj)
+
+
+def test_pallas_inject_hyperparams_and_fallback_codec():
+    """inject_hyperparams passes traced b1; a codec without a kernel uses jnp."""
+    params = {"w": jnp.zeros((64, 128))}
+    grads = {"w": jax.random.normal(jax.random.key(5), (64, 128))}
+    make = lambda b1, impl: lowbit.scale_by_adam_polar(b1=b1, impl=impl)  # noqa: E731
+    tx_p = optax.inject_hyperparams(make, static_args=("impl",))(0.8, "pallas")
+    tx_j = optax.inject_hyperparams(make, static_args=("impl",))(0.8, "jnp")
+    up, _ = jax.jit(tx_p.update)(grads, tx_p.init(params))
+    uj, _ = jax.jit(tx_j.update)(grads, tx_j.init(params))
+    chex.assert_trees_all_close(up, uj, rtol=1e-5, atol=1e-6)
+    tx15 = lowbit.scale_by_adam_polar(bits=1.5, impl="pallas")  # no kernel: jnp
+    tx15j = lowbit.scale_by_adam_polar(bits=1.5, impl="jnp")
+    a, _ = jax.jit(tx15.update)(grads, tx15.init(params))
+    b, _ = jax.jit(tx15j.update)(grads, tx15j.init(params))
+    chex.assert_trees_all_close(a, b)
