@@ -17,15 +17,13 @@ Precision of a round trip:
 * low-bit -> fp32 is exact: the moments are decoded to float32;
 * with ``lowbit.codecs.identity()`` both ways are exact.
 
-A low-bit source state is decoded with the codecs that made it, found by name
-among the codecs of transforms built in this process (build the source
-transform first, as you would to restore its checkpoint), or passed in
-``codecs``.
+A low-bit source state is decoded with the codec each `Packed` leaf carries
+(static metadata of the state, restored by Orbax from the target template);
+the target leaves are encoded with the codecs of ``tx``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -45,21 +43,19 @@ def _is_adam(x: Any) -> bool:
     return isinstance(x, _ADAM_STATES)
 
 
-def _decode(x: Any, codecs: Sequence[base.Codec]) -> jax.Array:
+def _decode(x: Any) -> jax.Array:
     if isinstance(x, base.Packed):
-        return _quantized.codec_by_name(x.codec, codecs).decode(x)
+        return x.decode()  # a Packed carries the codec that made it
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _encode(value: jax.Array, like: Any, codecs: Sequence[base.Codec]) -> Any:
+def _encode(value: jax.Array, like: Any) -> Any:
     if isinstance(like, base.Packed):
-        return _quantized.codec_by_name(like.codec, codecs).encode(value)
+        return like.codec.encode(value)  # the target template's codec
     return value.astype(like.dtype)
 
 
-def _moment(
-    src: Any, dst_like: Any, name: str, where: str, codecs: Sequence[base.Codec]
-) -> Any:
+def _moment(src: Any, dst_like: Any, name: str, where: str) -> Any:
     is_leaf = _quantized.is_packed
     src_def = jax.tree.structure(src, is_leaf=is_leaf)
     dst_def = jax.tree.structure(dst_like, is_leaf=is_leaf)
@@ -80,7 +76,7 @@ def _moment(
                 f"convert: {where}.{name} has a leaf of shape {tuple(s.shape)} "
                 f"where the target has {tuple(d.shape)}."
             )
-        out.append(_encode(_decode(s, codecs), d, codecs))
+        out.append(_encode(_decode(s), d))
     return jax.tree.unflatten(dst_def, out)
 
 
@@ -88,8 +84,6 @@ def convert(
     opt_state: Any,
     tx: optax.GradientTransformation,
     params: Any,
-    *,
-    codecs: Sequence[base.Codec] = (),
 ) -> Any:
     """Converts an Adam-family state into the state of ``tx``, mid-training.
 
@@ -101,8 +95,6 @@ def convert(
         outside the Adam entries.
       params: the parameters (``tx.init`` is traced on them with
         ``jax.eval_shape``: nothing is allocated for the template).
-      codecs: codecs to decode ``opt_state``'s packed leaves with, if the
-        transform that made them was not built in this process.
 
     Returns:
       The state of ``tx``: Adam entries re-encoded (``count`` kept), everything
@@ -126,7 +118,6 @@ def convert(
       >>> type(back[0]).__name__, back[0].mu["w"].dtype
       ('ScaleByAdamState', dtype('float32'))
     """
-    codecs = tuple(codecs)
     target = jax.eval_shape(tx.init, params)
     src_flat, src_def = jax.tree.flatten(opt_state, is_leaf=_is_adam)
     dst_flat, dst_def = jax.tree.flatten(target, is_leaf=_is_adam)
@@ -154,8 +145,8 @@ def convert(
             out.append(s)
             continue
         where = f"{type(s).__name__}#{i}"
-        mu = _moment(s.mu, d.mu, "mu", where, codecs)
-        nu = _moment(s.nu, d.nu, "nu", where, codecs)
+        mu = _moment(s.mu, d.mu, "mu", where)
+        nu = _moment(s.nu, d.nu, "nu", where)
         count = jnp.asarray(s.count).astype(d.count.dtype)
         out.append(type(d)(count=count, mu=mu, nu=nu))
     return jax.tree.unflatten(dst_def, out)

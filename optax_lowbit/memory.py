@@ -138,7 +138,7 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
     for path, leaf in flat:
         if isinstance(leaf, base.Packed):
             nbytes = _leaf_bytes(leaf.codes) + _leaf_bytes(leaf.scales)
-            add(leaf.codec, "", math.prod(leaf.shape), nbytes)
+            add(leaf.codec_name, "", math.prod(leaf.shape), nbytes)
             continue
         shape = getattr(leaf, "shape", None)
         if shape is None or getattr(leaf, "dtype", None) is None:

@@ -96,7 +96,7 @@ def test_preset_to_preset_and_wrappers_kept():
     chex.assert_trees_all_equal(s2.acc_grads, s.acc_grads)
     chex.assert_trees_all_equal(s2.mini_step, s.mini_step)
     inner = s2.inner_opt_state[0]
-    assert inner.mu["w"].codec == "identity-float32"
+    assert inner.mu["w"].codec_name == "identity-float32"
     chex.assert_trees_all_close(
         FP32.decode(inner.mu["w"]), INT8.decode(s.inner_opt_state[0].mu["w"])
     )

@@ -70,13 +70,13 @@ class IdentityCodec(base.Codec):
             codes=x.astype(_DTYPES[self.dtype_name]),
             scales=jnp.zeros((*lead, 0), jnp.float32),
             shape=tuple(x.shape),
-            codec=self.name,
+            codec=self,
         )
 
     def decode(self, packed: base.Packed) -> jax.Array:
         """Returns the stored array as float32."""
-        if not isinstance(packed, base.Packed) or packed.codec != self.name:
-            got = getattr(packed, "codec", type(packed).__name__)
+        if not isinstance(packed, base.Packed) or packed.codec_name != self.name:
+            got = getattr(packed, "codec_name", type(packed).__name__)
             raise ValueError(f"packed must come from codec {self.name!r}, got {got!r}.")
         return packed.codes.astype(jnp.float32).reshape(packed.shape)
 

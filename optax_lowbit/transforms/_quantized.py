@@ -4,9 +4,9 @@ A *moment tree* has the structure of the parameters; each of its leaves is
 either a `Packed` (the policy quantizes that leaf) or a plain float array (the
 policy keeps it in full precision, float32 by default). A transform:
 
-1. at construction: ``policy = resolve_policy(policy)``, ``check_codec(...)``
-   and `register_codec` for each codec (so `codec_by_name` can decode states,
-   as `optax_lowbit.convert` does);
+1. at construction: ``policy = resolve_policy(policy)`` and
+   ``check_codec(...)`` for each codec (a `Packed` carries its codec, so any
+   state decodes itself: no registry, no global state);
 2. in ``init``: ``init_moment(params, codec, policy)`` per moment (it raises,
    naming the leaf path and dtype, on integer or complex parameters; it uses
    shapes and dtypes only, so it runs under ``jax.eval_shape``);
@@ -22,7 +22,6 @@ that needs all decoded moments at once (e.g. a global norm).
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,13 +34,11 @@ from optax_lowbit.codecs import base
 __all__ = [
     "check_codec",
     "check_float_params",
-    "codec_by_name",
     "decode_moment",
     "encode_like",
     "init_moment",
     "is_packed",
     "map_leaves",
-    "register_codec",
     "resolve_policy",
 ]
 
@@ -77,50 +74,6 @@ def check_codec(name: str, codec: Any, *, signed: bool = False) -> base.Codec:
         raise ValueError(
             f"{name} must be a signed codec (this state takes negative values), "
             f"got the unsigned codec {codec.name!r}; use its signed=True variant."
-        )
-    return codec
-
-
-_REGISTRY_LOCK = threading.Lock()
-_REGISTRY: dict[str, base.Codec] = {}
-_AMBIGUOUS: set[str] = set()
-
-
-def register_codec(codec: base.Codec) -> None:
-    """Records ``codec`` under its name, so states it made can be decoded by name.
-
-    Two unequal codecs with one name make that name ambiguous: `codec_by_name`
-    then raises instead of guessing.
-    """
-    with _REGISTRY_LOCK:
-        known = _REGISTRY.get(codec.name)
-        if known is None:
-            _REGISTRY[codec.name] = codec
-        elif known != codec:
-            _AMBIGUOUS.add(codec.name)
-
-
-def codec_by_name(name: str, codecs: Sequence[base.Codec] = ()) -> base.Codec:
-    """The codec called ``name``: from ``codecs`` first, then the registry.
-
-    Every transform registers its codecs when it is built, so a state can be
-    decoded by name once the transform that made it was built in this process.
-    """
-    for c in codecs:
-        if c.name == name:
-            return c
-    with _REGISTRY_LOCK:
-        if name in _AMBIGUOUS:
-            raise ValueError(
-                f"several different codecs are named {name!r}; pass the one that "
-                "made this state explicitly (codecs=...)."
-            )
-        codec = _REGISTRY.get(name)
-    if codec is None:
-        raise ValueError(
-            f"no codec named {name!r} is known; build the transform that made "
-            "this state first (its codecs register themselves), or pass the "
-            "codec explicitly (codecs=...)."
         )
     return codec
 

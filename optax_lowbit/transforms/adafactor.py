@@ -171,7 +171,7 @@ def scale_by_factored_rms_quantized(
       >>> state = tx.init({"w": jnp.zeros((32, 64)), "v": jnp.zeros((16, 512))})
       >>> state.v_row["w"].shape, state.v_col["w"].shape, state.v["w"].shape
       ((32,), (64,), (1,))
-      >>> state.v["v"].codec  # (16, 512) is not factored: v is stored
+      >>> state.v["v"].codec_name  # (16, 512) is not factored: v is stored
       'identity-float32'
 
     References:

@@ -97,7 +97,8 @@ def test_layout_keeps_leading_axes(name, shape):
     assert packed.codes.shape == (*lead, n, codec.bytes_per_group)
     assert packed.scales.shape == (*lead, n * codec.scales_per_group)
     assert packed.scales.dtype == jnp.dtype(codec.scale_dtype)
-    assert packed.shape == shape and packed.codec == codec.name
+    assert packed.shape == shape and packed.codec == codec
+    assert packed.codec_name == codec.name and packed.decode().shape == shape
     assert codec.decode(packed).shape == shape
 
 

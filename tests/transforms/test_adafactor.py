@@ -101,9 +101,9 @@ def test_polar_adafactor_state_layout_and_bytes():
     tx = lowbit.adafactor_polar(1e-2, momentum=0.9, bits=2)
     state = jax.eval_shape(tx.init, params)
     assert state[0].v_row["w"].dtype == jnp.float32
-    assert state[0].v["u"].codec == "polar-2b-unsigned"  # (16, 1024): unfactored
+    assert state[0].v["u"].codec_name == "polar-2b-unsigned"  # (16, 1024): unfactored
     assert state[0].v["w"].shape == (1,)
-    assert state[-2].ema["w"].codec == "polar-2b-signed"
+    assert state[-2].ema["w"].codec_name == "polar-2b-signed"
     # momentum of w in 2-bit polar plus fp32 row/col stats: far below 4 B/param
     w_bytes = lowbit.state_bytes(state[-2].ema["w"]) + 4 * (256 + 512)
     assert w_bytes / (256 * 512) < 0.31  # 2.25 bits all-in + fp32 row/col: 0.305
