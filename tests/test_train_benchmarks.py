@@ -87,3 +87,22 @@ def test_loss_falls(smoke, name):
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         train_lm.make_optimizer("sgd9", 1e-3, b1=0.9, b2=0.95, wd=0.1)
+
+
+def test_vision_smoke_writes_json_and_learns(tmp_path):
+    from benchmarks import train_vision
+
+    try:
+        data.fashion_mnist()
+    except RuntimeError as err:
+        pytest.skip(f"Debian package unavailable: {err}")
+    out = tmp_path / "train_vision.json"
+    args = ["--smoke", "--optimizers", "adamw_fp32,polar2", "--seeds", "0,1"]
+    train_vision.main([*args, "--out", str(out)])
+    result = json.loads(out.read_text())
+    for record in result["records"]:
+        assert set(REQUIRED) <= set(record)
+        assert record["metric"] == "test_accuracy"
+        # 10 classes: chance is 0.1; 10 steps of 128 images reach far above it.
+        assert record["mean"] > 0.3
+    assert "polar2" in result["goals"]

@@ -1,0 +1,202 @@
+"""MLP on Fashion-MNIST with every optimizer: test accuracy, side by side.
+
+The same seeds, data order (a permutation per seed and epoch), schedule and
+step budget for every optimizer; seeds train side by side (``jax.vmap``) and
+``--chunk`` steps run per jitted call (``lax.scan``). The optimizers,
+hyperparameters and record format are those of `benchmarks.train_lm`.
+
+Writes ``train_vision.json`` (records: optimizer, metric, mean, std, seeds,
+state_bytes_per_param, step_ms, device) and prints a table.
+
+Usage::
+
+    python -m benchmarks.train_vision --smoke
+    python -m benchmarks.train_vision                       # 4 epochs, 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import pathlib
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_lowbit as lowbit
+from benchmarks import models, train_lm
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+OPTIMIZERS = tuple(n for n in train_lm.ALL_OPTIMIZERS if n != "piquant_paper")
+
+
+def load(data_dir: str | None):
+    """Fashion-MNIST as float32 in [0, 1] (flattened) and int32 labels."""
+    if data_dir:
+        z = np.load(pathlib.Path(data_dir) / "fashion_mnist.npz")
+        x, y, xt, yt = z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+    else:
+        from benchmarks import data
+
+        x, y, xt, yt = data.fashion_mnist()
+    f = lambda a: (a.reshape(a.shape[0], -1) / 255.0).astype(np.float32)  # noqa: E731
+    return f(x), y.astype(np.int32), f(xt), yt.astype(np.int32)
+
+
+def run(name, cfg, graphdef, params0, x, y, xt, yt, order):
+    """Trains every seed with ``name``; returns accuracy and timings."""
+    steps = order.shape[0]
+    tx = train_lm.make_optimizer(
+        name,
+        optax.cosine_decay_schedule(cfg.lr, steps, alpha=0.1),
+        b1=0.9,
+        b2=0.999,
+        wd=cfg.wd,
+    )
+    one = jax.tree.map(lambda a: a[0], params0)
+    n_params = sum(a.size for a in jax.tree.leaves(one))
+    bpp = lowbit.state_bytes(jax.eval_shape(tx.init, one)) / n_params
+
+    def step(params, opt_state, idx):
+        def loss(p):
+            return models.classifier_loss(nnx.merge(graphdef, p), x[idx], y[idx])
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def chunk(params, opt_state, idx):
+        def body(carry, i):
+            p, o, v = jax.vmap(step)(*carry, i)
+            return (p, o), v
+
+        (params, opt_state), v = jax.lax.scan(body, (params, opt_state), idx)
+        return params, opt_state, v.mean(0)
+
+    @jax.jit
+    def accuracy(params):
+        return jax.vmap(lambda p: models.accuracy(nnx.merge(graphdef, p), xt, yt))(
+            params
+        )
+
+    opt_state = jax.vmap(tx.init)(params0)
+    params = jax.tree.map(jnp.copy, params0)
+    idx = jnp.asarray(order.reshape(-1, cfg.chunk, *order.shape[1:]))
+    t = time.perf_counter()
+    compiled = chunk.lower(params, opt_state, idx[0]).compile()
+    compile_s = time.perf_counter() - t
+    times, losses = [], []
+    for c in range(idx.shape[0]):
+        t = time.perf_counter()
+        params, opt_state, v = compiled(params, opt_state, idx[c])
+        jax.block_until_ready((params, opt_state))
+        times.append(time.perf_counter() - t)
+        losses.append(np.asarray(v).tolist())
+    acc = np.asarray(accuracy(params))
+    timed = times[1:] or times
+    return dict(
+        optimizer=name,
+        final_heldout=acc.tolist(),
+        finite=bool(np.all(np.isfinite(losses[-1]))),
+        state_bytes_per_param=bpp,
+        step_ms_all_seeds=1e3 * float(np.median(timed)) / cfg.chunk,
+        compile_s=compile_s,
+        train_loss=losses,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; returns the result written to ``--out``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=str(RESULTS / "train_vision.json"))
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=78)
+    p.add_argument("--hidden", default="256,256")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=1e-4)
+    cfg = p.parse_args(argv)
+    x, y, xt, yt = load(cfg.data_dir)
+    if cfg.smoke:
+        cfg.epochs, cfg.chunk, cfg.hidden = 1, 10, "64"
+        x, y, xt, yt = x[:1280], y[:1280], xt[:500], yt[:500]
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    per_epoch = x.shape[0] // cfg.batch // cfg.chunk * cfg.chunk
+    order = np.stack(
+        [
+            np.concatenate(
+                [
+                    np.random.default_rng([s, e]).permutation(x.shape[0])[
+                        : per_epoch * cfg.batch
+                    ]
+                    for e in range(cfg.epochs)
+                ]
+            ).reshape(-1, cfg.batch)
+            for s in seeds
+        ],
+        axis=1,
+    )  # (steps, seeds, batch)
+    hidden = tuple(int(h) for h in cfg.hidden.split(","))
+    states = []
+    for s in seeds:
+        graphdef, state = nnx.split(models.MLP(784, hidden, rngs=nnx.Rngs(s)))
+        states.append(nnx.to_pure_dict(state))
+    params0 = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    xs, ys, xts, yts = map(jnp.asarray, (x, y, xt, yt))
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    runs = []
+    for name in cfg.optimizers.split(","):
+        r = run(name, cfg, graphdef, params0, xs, ys, xts, yts, order)
+        runs.append(r)
+        print(f"{name}: test acc {r['final_heldout']}", flush=True)
+    records = train_lm.records_of(runs, seeds, device)
+    for r in records:
+        r["metric"] = "test_accuracy"
+    by = {r["optimizer"]: r for r in records}
+    goals = {}
+    if "polar2" in by and "adamw_fp32" in by:
+        gap = 100 * (by["polar2"]["mean"] - by["adamw_fp32"]["mean"])
+        goals["polar2"] = dict(points_vs_fp32=gap, tolerance=-0.3, met=gap >= -0.3)
+    result = dict(
+        meta=dict(
+            device=device,
+            jax=jax.__version__,
+            python=platform.python_version(),
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            model=f"MLP 784-{'-'.join(map(str, hidden))}-10",
+            n_params=int(sum(a[0].size for a in jax.tree.leaves(params0))),
+            epochs=cfg.epochs,
+            steps=int(order.shape[0]),
+            batch=cfg.batch,
+            lr=cfg.lr,
+            schedule="cosine decay to 10%",
+            seeds=seeds,
+            smoke=cfg.smoke,
+        ),
+        records=records,
+        goals=goals,
+        runs=runs,
+    )
+    out = pathlib.Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(train_lm.table(records).replace("held-out loss", "test accuracy"))
+    print(json.dumps(goals))
+    return result
+
+
+if __name__ == "__main__":
+    main()
