@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = run(name, cfg, graphdef, params0, xs, ys, xts, yts, order)
         runs.append(r)
         print(f"{name}: test acc {r['final_heldout']}", flush=True)
+        partial = dict(partial=True, records=train_lm.records_of(runs, seeds, device))
+        pathlib.Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(cfg.out).write_text(json.dumps(partial, indent=1))  # so far
     records = train_lm.records_of(runs, seeds, device)
     for r in records:
         r["metric"] = "test_accuracy"
