@@ -266,23 +266,9 @@ def _adam_update(
     num_warps: int,
     lowering: str | None,
 ) -> tuple[jax.Array, base.Packed, base.Packed]:
-    """The jitted body of `adam_update` (block and warps resolved).
+    """The jitted body of `adam_update`, with block and warps resolved.
 
-    Args:
-      g: the gradient (update) leaf, any float dtype and shape.
-      mu: first moment, `Packed` by ``mu_codec`` for ``g.shape``.
-      nu: second moment, `Packed` by ``nu_codec``.
-      hp: float32 ``(16,)`` from `make_hp` (may be traced).
-      mu_codec: codec of ``mu`` (`has_kernel` must hold).
-      nu_codec: codec of ``nu``.
-      nesterov: Nesterov momentum, as `optax.scale_by_adam`.
-      block_groups: groups per kernel block (a power of two); ``None``:
-        `DEFAULT_BLOCK_GROUPS`.
-      num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
-      lowering: force a GPU lowering (see `_backend.pick`).
-
-    Returns:
-      ``u`` in ``g``'s dtype and shape, and the new moments (same layout).
+    Arguments and return values are those of `adam_update`.
     """
     if mu_codec.group_size != nu_codec.group_size:
         raise ValueError(
