@@ -73,12 +73,6 @@ def test_explicit_axes_jitted_init_polar_aliases():
         assert f"explicit {name}: " in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codebook lookups (table[codes]) in the piquant and blockwise codecs "
-    "have no out_sharding: under Explicit mesh axes jax raises ShardingTypeError "
-    "in the update (codec fix: table.at[idx].get(out_sharding=...))",
-)
 @pytest.mark.parametrize("name", TABLE_CODECS)
 def test_explicit_axes_table_codecs(name):
     _run("explicit", [name])

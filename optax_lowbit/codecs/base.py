@@ -167,6 +167,24 @@ def concat_last(parts: list[jax.Array]) -> jax.Array:
     return parts[0]
 
 
+def take(table: jax.Array, index: jax.Array) -> jax.Array:
+    """``table[index]`` for a small 1-D lookup table, sharded like ``index``.
+
+    Under explicit mesh axes a gather needs its output sharding spelled out;
+    the result is sharded like the codes it decodes (with no mesh this is a
+    plain gather). Indices are clipped to the table.
+
+    Args:
+      table: 1-D lookup table (a codebook or quantization map).
+      index: integer codes of any shape.
+
+    Returns:
+      ``table[index]``, of ``index``'s shape and sharding.
+    """
+    sharding = jax.typeof(index).sharding
+    return table.at[index].get(mode="clip", out_sharding=sharding)
+
+
 def pack_codes(values: jax.Array, bits: int) -> jax.Array:
     """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
 

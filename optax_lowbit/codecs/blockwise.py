@@ -202,6 +202,23 @@ def _bits_of(qmap: jax.Array) -> int:
     return bits
 
 
+def _count_bounds_at_or_below(bounds: jax.Array, x: jax.Array, bits: int) -> jax.Array:
+    """``searchsorted(bounds, x, side="right")`` as a branchless binary search.
+
+    ``bits`` steps of a compare and a select, each reading one bound through
+    `base.take`, so the result is sharded like ``x`` (``jnp.searchsorted``
+    fails under explicit mesh axes in jax 0.10).
+    """
+    table = jnp.concatenate(
+        [jnp.asarray(bounds, jnp.float32), jnp.full((1,), jnp.inf, jnp.float32)]
+    )  # 2**bits entries: the sorted bounds, then a sentinel never <= x
+    index = jnp.zeros_like(x, dtype=jnp.int32)  # sharded like x
+    for step in (1 << k for k in reversed(range(bits))):
+        candidate = index + step
+        index = jnp.where(base.take(table, candidate - 1) <= x, candidate, index)
+    return index
+
+
 def encode_groups_with(
     xg: jax.Array, qmap: jax.Array, *, signed: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -226,8 +243,7 @@ def encode_groups_with(
     absmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
     scales, divisor = base.safe_scale(absmax, jnp.float32)
     normalised = xg / divisor
-    bounds = decision_bounds(qmap)
-    index = jnp.searchsorted(bounds, normalised, side="right")
+    index = _count_bounds_at_or_below(decision_bounds(qmap), normalised, bits)
     codes = base.pack_codes(index.astype(jnp.uint8), bits)
     return codes, scales
 
@@ -251,7 +267,7 @@ def decode_groups_with(
     bits = _bits_of(qmap)
     block_size = codes.shape[-1] * 8 // bits
     index = base.unpack_codes(codes, bits, block_size).astype(jnp.int32)
-    values = jnp.take(jnp.asarray(qmap, jnp.float32), index, axis=0)
+    values = base.take(jnp.asarray(qmap, jnp.float32), index)
     if floor:
         values = jnp.maximum(values, jnp.float32(floor))
     return values * jnp.asarray(scales, jnp.float32)

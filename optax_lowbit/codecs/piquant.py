@@ -366,8 +366,8 @@ def decode_groups_with(
     """
     idx = unpack_words(codes).reshape((*codes.shape[:-1], BLOCKS_PER_SUPER, WORDS))
     s = scales.astype(jnp.float32)[..., None]
-    x = jnp.take(book[:, 0], idx, mode="clip") * s
-    y = jnp.take(book[:, 1], idx, mode="clip") * s
+    x = base.take(book[:, 0], idx) * s
+    y = base.take(book[:, 1], idx) * s
     if not signed:
         floor = jnp.where(s > 0, _TINY, 0.0)
         x, y = jnp.maximum(x, floor), jnp.maximum(y, floor)
