@@ -111,7 +111,7 @@ def adamw_polar(
       nesterov: whether to use Nesterov momentum (NAdamW).
       policy: which leaves are quantized (`optax_lowbit.policy`); ``None`` is
         the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
 
     Returns:
       An `optax.GradientTransformation`, the chain of `scale_by_adam_polar`,
@@ -179,7 +179,7 @@ def adam_polar(
       bits: ``2`` or ``1.5`` (structural).
       nesterov: whether to use Nesterov momentum (NAdam).
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -241,7 +241,7 @@ def adamw_piquant(
       encoder: ``"nearest"`` (default) or ``"paper"``.
       nesterov: whether to use Nesterov momentum.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -301,7 +301,7 @@ def adamw_8bit(
       mask: where weight decay applies (a bool tree or a callable).
       nesterov: whether to use Nesterov momentum.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -361,7 +361,7 @@ def adamw_4bit(
       mask: where weight decay applies (a bool tree or a callable).
       nesterov: whether to use Nesterov momentum.
       policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` or ``"jnp"``.
+      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
 
     Returns:
       An `optax.GradientTransformation`.
