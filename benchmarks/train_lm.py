@@ -54,6 +54,8 @@ ALL_OPTIMIZERS = (
     "adamw_fp32",
     "polar2",
     "polar1.5",
+    "polar2_nearest",
+    "polar1.5_nearest",
     "adamw_bf16_mu",
     "adamw_8bit",
     "adamw_4bit",
@@ -90,7 +92,11 @@ def make_optimizer(name: str, lr: Any, *, b1: float, b2: float, wd: float):
     Every optimizer is chained after ``clip_by_global_norm(1.0)``.
     """
     adam = dict(b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
-    polar = lowbit.codecs.polar  # polar(bits=, signed=) -> codec
+    rounding = lowbit.transforms.adam.DEFAULT_ROUNDING
+
+    def polar_codec(signed: bool) -> Any:  # the 2-bit codec of the polar preset
+        return lowbit.codecs.polar(bits=2, signed=signed, rounding=rounding)
+
     ident = lowbit.codecs.identity()
     factories: dict[str, Callable[[], optax.GradientTransformation]] = {
         "adamw_fp32": lambda: optax.adamw(lr, **adam),
@@ -101,14 +107,21 @@ def make_optimizer(name: str, lr: Any, *, b1: float, b2: float, wd: float):
         "piquant_paper": lambda: lowbit.adamw_piquant(lr, encoder="paper", **adam),
         "polar2": lambda: lowbit.adamw_polar(lr, bits=2, **adam),
         "polar1.5": lambda: lowbit.adamw_polar(lr, bits=1.5, **adam),
+        # The deterministic rules (nearest signed codeword, radial ceiling for v).
+        "polar2_nearest": lambda: lowbit.adamw_polar(
+            lr, bits=2, rounding="nearest", **adam
+        ),
+        "polar1.5_nearest": lambda: lowbit.adamw_polar(
+            lr, bits=1.5, rounding="nearest", **adam
+        ),
         # Ablations: one moment polar (2 bits), the other float32.
         "polar2_m_only": lambda: _adam_codecs(
-            lowbit.scale_by_adam_quantized(polar(bits=2, signed=True), ident, b1, b2),
+            lowbit.scale_by_adam_quantized(polar_codec(True), ident, b1, b2),
             lr,
             wd,
         ),
         "polar2_v_only": lambda: _adam_codecs(
-            lowbit.scale_by_adam_quantized(ident, polar(bits=2, signed=False), b1, b2),
+            lowbit.scale_by_adam_quantized(ident, polar_codec(False), b1, b2),
             lr,
             wd,
         ),
@@ -420,6 +433,48 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_SAME_SETTINGS = (
+    "n_params",
+    "seeds",
+    "steps",
+    "batch",
+    "seq_len",
+    "lr",
+    "warmup",
+    "b1",
+    "b2",
+    "weight_decay",
+    "matmul_precision",
+    "eval_windows_final",
+    "device",
+)
+
+
+def resume(path: str, meta: dict, runs: list, names: list[str]) -> list[str]:
+    """Adds the runs of an earlier result of the same settings; returns the rest.
+
+    A benchmark that does not fit one device call runs in parts: the second
+    part resumes the first's JSON. Every setting that shapes the numbers must
+    match (``_SAME_SETTINGS``), else ValueError naming the first that differs.
+    """
+    prior = json.loads(pathlib.Path(path).read_text())
+    for key in _SAME_SETTINGS:
+        if prior["meta"].get(key) != meta.get(key):
+            raise ValueError(
+                f"--resume {path}: its {key} is {prior['meta'].get(key)!r}, this "
+                f"run's is {meta.get(key)!r}; resume only a run of the same settings."
+            )
+    kept = [r for r in prior["runs"] if r["optimizer"] in names]
+    runs.extend(kept)
+    meta["resumed_from"] = dict(
+        date=prior["meta"]["date"],
+        commit=prior["meta"].get("optax_lowbit_commit"),
+        optimizers=[r["optimizer"] for r in kept],
+    )
+    done = {r["optimizer"] for r in kept}
+    return [n for n in names if n not in done]
+
+
 def write(result, out_json: pathlib.Path, out_png: pathlib.Path | None) -> None:
     """Writes the JSON (and the PNG where matplotlib is there)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -467,6 +522,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="jax_default_matmul_precision; auto = bfloat16 on GPU, else default",
     )
     p.add_argument("--deadline-s", type=float, default=None, help="skip the rest")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="a result JSON of the same settings: keep its runs, run only the rest",
+    )
     p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
     cfg = p.parse_args(argv)
     if cfg.smoke:
@@ -560,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     runs: list[dict[str, Any]] = []
     result: dict[str, Any] = dict(meta=meta, records=[], goals={}, runs=runs)
+    if cfg.resume:
+        names = resume(cfg.resume, meta, runs, names)
     longest = 0.0
     for name in names:
         elapsed = time.perf_counter() - t_start

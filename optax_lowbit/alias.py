@@ -84,6 +84,7 @@ def adamw_polar(
     mask: Any = None,
     *,
     bits: float = 2,
+    rounding: str = _adam.DEFAULT_ROUNDING,
     nesterov: bool = False,
     policy: Any = None,
     impl: str = "auto",
@@ -108,6 +109,8 @@ def adamw_polar(
         a callable returning one: where weight decay applies.
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)`` under
         ``optax.inject_hyperparams``).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
+        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
       nesterov: whether to use Nesterov momentum (NAdamW).
       policy: which leaves are quantized (`optax_lowbit.policy`); ``None`` is
         the default policy.
@@ -140,6 +143,7 @@ def adamw_polar(
             eps,
             eps_root,
             bits=bits,
+            rounding=rounding,
             nesterov=nesterov,
             policy=policy,
             impl=impl,
@@ -160,6 +164,7 @@ def adam_polar(
     mu_dtype: Any = None,
     *,
     bits: float = 2,
+    rounding: str = _adam.DEFAULT_ROUNDING,
     nesterov: bool = False,
     policy: Any = None,
     impl: str = "auto",
@@ -177,6 +182,8 @@ def adam_polar(
       eps_root: term added to the denominator inside the square root.
       mu_dtype: dtype of the first moment on unquantized leaves.
       bits: ``2`` or ``1.5`` (structural).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
+        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
       nesterov: whether to use Nesterov momentum (NAdam).
       policy: which leaves are quantized; ``None`` is the default policy.
       impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
@@ -203,6 +210,7 @@ def adam_polar(
             eps,
             eps_root,
             bits=bits,
+            rounding=rounding,
             nesterov=nesterov,
             policy=policy,
             impl=impl,
@@ -394,14 +402,17 @@ def adamw_4bit(
     )
 
 
-def _polar(bits: Any, signed: bool, override: base.Codec | None) -> base.Codec:
-    """The polar codec of ``bits`` (checked as structural), unless overridden."""
+def _polar(
+    bits: Any, signed: bool, override: base.Codec | None, rounding: Any
+) -> base.Codec:
+    """The polar codec of ``bits`` and ``rounding`` (structural), unless overridden."""
     _checks.static_arg("bits", bits, "1.5 or 2")
     _checks.one_of("bits", bits, (1.5, 2), "for 4 or 8 bits use adamw_4bit/_8bit.")
+    _checks.static_arg("rounding", rounding, "'stochastic' or 'nearest'")
     if override is not None:
         return override
     polar = importlib.import_module("optax_lowbit.codecs.polar")
-    return polar.polar(bits=bits, signed=signed)
+    return polar.polar(bits=bits, signed=signed, rounding=rounding)
 
 
 def adafactor_polar(
@@ -419,6 +430,7 @@ def adafactor_polar(
     weight_decay_mask: Any = None,
     *,
     bits: float = 2,
+    rounding: str = _adam.DEFAULT_ROUNDING,
     policy: Any = None,
     mu_codec: base.Codec | None = None,
     nu_codec: base.Codec | None = None,
@@ -454,6 +466,8 @@ def adafactor_polar(
       factored: whether to factor the second moment of rank >= 2 leaves.
       weight_decay_mask: where weight decay applies (a bool tree or a callable).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
+        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
       policy: which leaves are quantized; ``None`` is the default policy.
       mu_codec: overrides the momentum's codec (signed).
       nu_codec: overrides the unfactored second moment's codec.
@@ -484,8 +498,8 @@ def adafactor_polar(
 
       Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
     """
-    mu_codec = _polar(bits, True, mu_codec)
-    nu_codec = _polar(bits, False, nu_codec)
+    mu_codec = _polar(bits, True, mu_codec, rounding)
+    nu_codec = _polar(bits, False, nu_codec, rounding)
     txs = [
         _adafactor.scale_by_factored_rms_quantized(
             factored,
@@ -528,6 +542,7 @@ def lion_polar(
     mask: Any = None,
     *,
     bits: float = 2,
+    rounding: str = _adam.DEFAULT_ROUNDING,
     policy: Any = None,
     mu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:
@@ -546,6 +561,8 @@ def lion_polar(
       weight_decay: decoupled weight decay (multiplied by the learning rate).
       mask: where weight decay applies (a bool tree or a callable).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
+        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
       policy: which leaves are quantized; ``None`` is the default policy.
       mu_codec: overrides the momentum's codec (signed).
 
@@ -574,7 +591,11 @@ def lion_polar(
     """
     return optax.chain(
         _lion.scale_by_lion_quantized(
-            b1, b2, mu_dtype, mu_codec=_polar(bits, True, mu_codec), policy=policy
+            b1,
+            b2,
+            mu_dtype,
+            mu_codec=_polar(bits, True, mu_codec, rounding),
+            policy=policy,
         ),
         _decay(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -588,6 +609,7 @@ def sgd_polar(
     accumulator_dtype: Any = None,
     *,
     bits: float = 2,
+    rounding: str = _adam.DEFAULT_ROUNDING,
     policy: Any = None,
     mu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:
@@ -604,6 +626,8 @@ def sgd_polar(
       accumulator_dtype: dtype of the trace on unquantized leaves (``None``:
         float32, or ``jnp.bfloat16``).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
+        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
       policy: which leaves are quantized; ``None`` is the default policy.
       mu_codec: overrides the trace's codec (signed).
 
@@ -639,7 +663,7 @@ def sgd_polar(
             momentum,
             nesterov,
             accumulator_dtype,
-            codec=_polar(bits, True, mu_codec),
+            codec=_polar(bits, True, mu_codec, rounding),
             policy=policy,
         ),
         optax.scale_by_learning_rate(learning_rate),

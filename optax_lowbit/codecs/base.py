@@ -286,6 +286,99 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     return stored, divisor
 
 
+_U32 = jnp.uint32
+
+
+def hash32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer mixer (``lowbias32``), elementwise.
+
+    Shifts, xors and wrapping uint32 multiplies only, so it runs the same in
+    XLA, in the Pallas interpreter and in a Triton kernel.
+
+    Args:
+      x: integer array (cast to uint32).
+
+    Returns:
+      uint32 array of ``x``'s shape.
+    """
+    x = jnp.asarray(x).astype(_U32)
+    x = x ^ (x >> _U32(16))
+    x = x * _U32(0x7FEB352D)
+    x = x ^ (x >> _U32(15))
+    x = x * _U32(0x846CA68B)
+    return x ^ (x >> _U32(16))
+
+
+def stream_seed(seed: Any, *salts: int) -> jax.Array:
+    """A uint32 seed for one random stream: ``seed`` mixed with static salts.
+
+    The transforms call it with their step count and the leaf's and moment's
+    ordinals, so every leaf, moment and step draws an independent stream from
+    state the optimizer already keeps (no PRNG key in the state).
+
+    Args:
+      seed: integer scalar, may be traced (e.g. the step count).
+      *salts: Python ints naming the stream.
+
+    Returns:
+      uint32 scalar.
+    """
+    s = hash32(jnp.asarray(seed).astype(_U32))
+    for salt in salts:
+        s = hash32(s ^ _U32(hash32(jnp.uint32(salt & 0xFFFFFFFF))))
+    return s
+
+
+def dither_bits(index: jax.Array, seed: Any) -> jax.Array:
+    """Random uint32 bits of element ``index`` in the stream ``seed``.
+
+    A counter-based generator: the bits are a pure function of the element's
+    position and the seed, so a kernel that knows an element's index draws the
+    same bits as the jnp reference, and a resumed run draws the same bits as
+    an unbroken one.
+
+    Args:
+      index: uint32 element indices (row-major positions in the pair grid).
+      seed: uint32 stream seed (`stream_seed`).
+
+    Returns:
+      uint32 array of ``index``'s shape.
+    """
+    seed = jnp.asarray(seed).astype(_U32)
+    return hash32(hash32(index.astype(_U32) ^ seed) + seed)
+
+
+def flat_index(shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:
+    """Row-major flat positions of an array of ``shape`` as uint32 (wrapping).
+
+    Args:
+      shape: the array's shape.
+      like: an array whose sharding (under explicit mesh axes) the indices
+        take on their leading axes; ``None`` for none.
+
+    Returns:
+      uint32 array of ``shape``.
+    """
+    sharding = None if like is None else jax.typeof(like).sharding
+    if sharding is not None and getattr(sharding, "mesh", None) is not None:
+        if sharding.mesh.empty or len(sharding.spec) > len(shape):
+            sharding = None
+    out = jnp.zeros(shape, _U32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(_U32, shape, dim, out_sharding=sharding)
+        out = out + iota * _U32(stride & 0xFFFFFFFF)
+        stride *= shape[dim]
+    return out
+
+
+def uniform_pair(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two float32 uniforms in ``[0, 1)`` (16-bit resolution) from uint32 bits."""
+    hi = (bits >> _U32(16)).astype(jnp.int32).astype(jnp.float32)
+    lo = (bits & _U32(0xFFFF)).astype(jnp.int32).astype(jnp.float32)
+    return hi * (1.0 / 65536.0), lo * (1.0 / 65536.0)
+
+
 class Codec(abc.ABC):
     """Base class of every codec: a frozen, hashable description of a format.
 
@@ -319,6 +412,11 @@ class Codec(abc.ABC):
         return True
 
     @property
+    def stochastic(self) -> bool:
+        """Whether encoding rounds stochastically (then it takes a ``seed``)."""
+        return False
+
+    @property
     def bits_per_element(self) -> float:
         """All-in bits per element for whole groups: codes plus scales."""
         scale_bytes = self.scales_per_group * jnp.dtype(self.scale_dtype).itemsize
@@ -337,12 +435,26 @@ class Codec(abc.ABC):
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """Decodes groups back to ``(..., group_size)`` float32."""
 
-    def encode(self, x: jax.Array) -> Packed:
-        """Encodes a float array of any shape into a `Packed` pytree."""
+    def encode(self, x: jax.Array, *, seed: Any = None) -> Packed:
+        """Encodes a float array of any shape into a `Packed` pytree.
+
+        Args:
+          x: float array.
+          seed: integer scalar (may be traced) selecting the random stream of a
+            `stochastic` codec; ``None`` is stream 0. Deterministic codecs
+            ignore it.
+
+        Returns:
+          The `Packed` encoding of ``x``.
+        """
         _checks.float_array("x", x)
         shape = tuple(x.shape)
         xg = to_groups(x, self.group_size)
-        codes, scales = self.encode_groups(xg)
+        if self.stochastic:
+            seed = stream_seed(0 if seed is None else seed)
+            codes, scales = self.encode_groups(xg, seed=seed)
+        else:
+            codes, scales = self.encode_groups(xg)
         scales = scales.reshape((*scales.shape[:-2], -1))
         return Packed(codes=codes, scales=scales, shape=shape, codec=self)
 

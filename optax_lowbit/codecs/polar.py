@@ -101,6 +101,11 @@ from optax_lowbit.codecs import base
 
 #: Published rings of the signed codebook (normalised radii), per bits/element.
 SIGNED_RINGS = {1.5: (0.40,), 2: (0.14, 0.53)}
+#: Rings of the signed codebook under stochastic rounding: the top ring is 1,
+#: so every pair of a group is a mean of codewords (see `assign_stochastic`).
+SIGNED_RINGS_STOCHASTIC = {1.5: (1.0,), 2: (0.4, 1.0)}
+#: Rounding rules of `polar`.
+ROUNDINGS = ("nearest", "stochastic")
 #: Measured rings of the unsigned codebook (see the module docstring).
 UNSIGNED_RINGS = {
     1.5: (0.238, 0.449, 0.68, 1.0),
@@ -205,9 +210,7 @@ def assign(
         step = 2.0 * math.pi / SIGNED_SECTORS
         sector = _rint(theta / step).astype(jnp.int32) % SIGNED_SECTORS
     else:
-        step = 0.5 * math.pi / UNSIGNED_SECTORS
-        sector = jnp.clip(jnp.floor(theta / step), 0, UNSIGNED_SECTORS - 1)
-        sector = sector.astype(jnp.int32)
+        sector = _unsigned_sector(theta)
     p = u * _select(sector, cos_t) + w * _select(sector, sin_t)
     ring = jnp.zeros(p.shape, jnp.int32)
     if signed:  # nearest ring: count the midpoints below p
@@ -217,6 +220,67 @@ def assign(
         for k in range(n_rings - 1):
             ring = ring + (p > rings[k]).astype(jnp.int32)
     return ring, sector, p
+
+
+def assign_stochastic(
+    theta: jax.Array, s: jax.Array, bits: jax.Array, rings: Any, *, signed: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Stochastic codeword of normalised pairs, unbiased where the codebook allows.
+
+    Signed: the pair ``z`` (angle ``theta``) lies between sector directions
+    ``e_k`` and ``e_{k+1}``, ``z = α e_k + β e_{k+1}`` with ``α, β >= 0``; the
+    sector is ``k+1`` with probability ``β / (α + β)`` and the radius to code is
+    ``s = α + β`` (``s`` is passed in, normalised so that ``s <= 1``). ``s`` is
+    then rounded stochastically on the line ``-ρ_R < … < -ρ_1 < ρ_1 < … < ρ_R``
+    (``-ρ`` is the opposite sector), so ``E[decode] = z`` exactly when the top
+    ring is 1. Unsigned: the nearest sector (as `assign`) and ``s`` the
+    projected radius, rounded stochastically between the rings around it (up to
+    the smallest ring below it): unbiased along the sector direction, never 0.
+
+    Args:
+      theta: pair angles ``atan2(w, u)``.
+      s: radii to code (see above), in ``[0, 1]``.
+      bits: uint32 random bits, one word per pair (`base.dither_bits`).
+      rings: float32 ``(R,)`` ring radii, increasing, the top one 1.0.
+      signed: which codebook.
+
+    Returns:
+      ``(ring, sector)`` int32 indices.
+    """
+    rings = ring_values(rings)
+    n_rings = len(rings)
+    n_sector, n_ring = base.uniform_pair(bits)
+    if signed:
+        step = 2.0 * math.pi / SIGNED_SECTORS
+        x = theta / step
+        k0 = jnp.floor(x)
+        psi = (x - k0) * step
+        w_lo, w_hi = jnp.sin(step - psi), jnp.sin(psi)
+        sector = k0.astype(jnp.int32) + (n_sector * (w_lo + w_hi) < w_hi).astype(
+            jnp.int32
+        )
+    else:
+        sector = _unsigned_sector(theta)
+    below = jnp.zeros(s.shape, jnp.int32)  # rings <= s
+    for k in range(n_rings):
+        below = below + (s >= rings[k]).astype(jnp.int32)
+    lo = _select(jnp.maximum(below - 1, 0), rings)
+    if signed:
+        lo = jnp.where(below == 0, -rings[0], lo)
+    hi = _select(jnp.minimum(below, n_rings - 1), rings)
+    up = n_ring * (hi - lo) < (s - lo)
+    up = up | (below >= n_rings) | (hi <= lo)
+    ring = jnp.where(up, jnp.minimum(below, n_rings - 1), jnp.maximum(below - 1, 0))
+    if signed:
+        flip = (~up) & (below == 0)  # -ρ_1: the opposite sector
+        sector = (sector + jnp.where(flip, SIGNED_SECTORS // 2, 0)) % SIGNED_SECTORS
+    return ring, sector
+
+
+def _unsigned_sector(theta: jax.Array) -> jax.Array:
+    step = 0.5 * math.pi / UNSIGNED_SECTORS
+    sector = jnp.clip(jnp.floor(theta / step), 0, UNSIGNED_SECTORS - 1)
+    return sector.astype(jnp.int32)
 
 
 def _num_sectors(signed: bool) -> int:
@@ -229,7 +293,12 @@ def code_bits(n_rings: int, signed: bool) -> int:
 
 
 def encode_groups_with(
-    xg: jax.Array, rings: jax.Array, *, signed: bool, scale_dtype: Any = jnp.bfloat16
+    xg: jax.Array,
+    rings: jax.Array,
+    *,
+    signed: bool,
+    scale_dtype: Any = jnp.bfloat16,
+    noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Encodes ``(..., G)`` groups with an explicit codebook (kernel entry point).
 
@@ -239,9 +308,14 @@ def encode_groups_with(
     Args:
       xg: float ``(..., G)`` groups, ``G`` a multiple of 16.
       rings: float32 ``(R,)`` ring radii (`PolarCodec.codebook`).
-      signed: signed (8 sectors, nearest rule) or unsigned (2 sectors in the
-        first quadrant, radial ceiling rule; negatives are treated as 0).
+      signed: signed (8 sectors) or unsigned (2 sectors in the first quadrant;
+        negatives are treated as 0).
       scale_dtype: dtype of the stored scales (rounded up to it).
+      noise: ``None`` for the deterministic rules (signed: exact nearest;
+        unsigned: radial ceiling), or uint32 random bits ``(..., G/2)``, one
+        word per pair, for stochastic rounding (`assign_stochastic`; the top
+        ring must be 1). Signed stochastic groups are scaled by the largest
+        ``α + β`` instead of the largest radius, so every pair is in reach.
 
     Returns:
       ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes and
@@ -253,10 +327,26 @@ def encode_groups_with(
         xg = jnp.maximum(xg, 0.0)
     a, b = base.split_last(xg, 2)
     radius = safe_hypot(a, b)
-    stored, divisor = base.safe_scale(
-        jnp.max(radius, axis=-1, keepdims=True), scale_dtype
-    )
-    ring, sector, _ = assign(a / divisor, b / divisor, rings, signed=signed)
+    if noise is None:
+        stored, divisor = base.safe_scale(
+            jnp.max(radius, axis=-1, keepdims=True), scale_dtype
+        )
+        ring, sector, _ = assign(a / divisor, b / divisor, rings, signed=signed)
+    else:
+        theta = jnp.arctan2(b, a)
+        if signed:  # α + β of the two sector directions around the pair
+            step = 2.0 * math.pi / SIGNED_SECTORS
+            psi = theta - jnp.floor(theta / step) * step
+            span = radius * (jnp.cos(psi - 0.5 * step) / math.cos(0.5 * step))
+        else:  # the projection on the nearest sector direction
+            cos_t, sin_t = _sector_cos_sin(False)
+            sector = _unsigned_sector(theta)
+            span = a * _select(sector, cos_t) + b * _select(sector, sin_t)
+        stored, divisor = base.safe_scale(
+            jnp.max(jnp.maximum(span, radius), axis=-1, keepdims=True), scale_dtype
+        )
+        span = jnp.minimum(span / divisor, 1.0)
+        ring, sector = assign_stochastic(theta, span, noise, rings, signed=signed)
     code = ring * _num_sectors(signed) + sector
     codes = base.pack_codes(code, code_bits(len(rings), signed))
     return codes, stored
@@ -306,6 +396,7 @@ class PolarCodec(base.Codec):
       rings: normalised ring radii, strictly increasing in (0, 1].
       group_size: elements per group (one scale each), a multiple of 16.
       scale_dtype_name: ``"bfloat16"`` or ``"float32"``.
+      rounding: ``"nearest"`` (deterministic rules) or ``"stochastic"``.
     """
 
     bits: float = 2
@@ -313,6 +404,7 @@ class PolarCodec(base.Codec):
     rings: tuple[float, ...] = SIGNED_RINGS[2]
     group_size: int = 64
     scale_dtype_name: str = "bfloat16"
+    rounding: str = "nearest"
 
     @property
     def name(self) -> str:
@@ -323,9 +415,16 @@ class PolarCodec(base.Codec):
             out += f"-g{self.group_size}"
         if self.scale_dtype_name != "bfloat16":
             out += "-f32"
-        if self.rings != _default_rings(self.bits, self.signed):
+        if self.rings != _default_rings(self.bits, self.signed, self.rounding):
             out += "-r" + ",".join(f"{r:.6g}" for r in self.rings)
+        if self.rounding == "stochastic":
+            out += "-sr"
         return out
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether encoding rounds stochastically (``rounding="stochastic"``)."""
+        return self.rounding == "stochastic"
 
     @property
     def bytes_per_group(self) -> int:
@@ -356,10 +455,26 @@ class PolarCodec(base.Codec):
         ]
         return jnp.asarray(pts, jnp.float32)
 
-    def encode_groups(self, xg: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Encodes ``(..., G)`` groups; see `encode_groups_with`."""
+    def encode_groups(
+        self, xg: jax.Array, seed: Any = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Encodes ``(..., G)`` groups; see `encode_groups_with`.
+
+        A stochastic codec draws one uint32 word per pair from the stream
+        ``seed`` (`base.stream_seed`; ``None`` is stream 0) at the pair's
+        row-major position in the ``(..., G/2)`` pair grid.
+        """
+        noise = None
+        if self.stochastic:
+            seed = base.stream_seed(0) if seed is None else seed
+            pairs = (*xg.shape[:-1], self.group_size // 2)
+            noise = base.dither_bits(base.flat_index(pairs, like=xg), seed)
         return encode_groups_with(
-            xg, self.codebook(), signed=self.signed, scale_dtype=self.scale_dtype
+            xg,
+            self.codebook(),
+            signed=self.signed,
+            scale_dtype=self.scale_dtype,
+            noise=noise,
         )
 
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
@@ -367,7 +482,11 @@ class PolarCodec(base.Codec):
         return decode_groups_with(codes, scales, self.codebook(), signed=self.signed)
 
 
-def _default_rings(bits: float, signed: bool) -> tuple[float, ...]:
+def _default_rings(
+    bits: float, signed: bool, rounding: str = "nearest"
+) -> tuple[float, ...]:
+    if signed and rounding == "stochastic":
+        return SIGNED_RINGS_STOCHASTIC[bits]
     return (SIGNED_RINGS if signed else UNSIGNED_RINGS)[bits]
 
 
@@ -378,6 +497,7 @@ def polar(
     group_size: int = 64,
     *,
     scale_dtype: Any = jnp.bfloat16,
+    rounding: str = "nearest",
 ) -> PolarCodec:
     r"""2D polar codec at 2 or 1.5 bits per element (2.25 / 1.75 all-in).
 
@@ -403,6 +523,13 @@ def polar(
         pair codes must fill whole bytes of each bit plane).
       scale_dtype: ``jnp.bfloat16`` (default, 2 bytes per group) or
         ``jnp.float32``.
+      rounding: ``"nearest"``: the deterministic rules above; or
+        ``"stochastic"``: unbiased stochastic rounding (`assign_stochastic`)
+        from a counter-based random stream selected by ``encode``'s ``seed``
+        (the optimizers pass their step count, leaf and moment), so an
+        exponential moving average of coded values neither stalls nor
+        ratchets. Same format and decoder; signed default rings ``(0.4,
+        1.0)`` at 2 bits and ``(1.0,)`` at 1.5 (the top ring must be 1).
 
     Returns:
       A frozen, hashable `PolarCodec`.
@@ -445,15 +572,22 @@ def polar(
     except TypeError:
         dtype_name = repr(scale_dtype)
     _checks.one_of("scale_dtype", dtype_name, tuple(_SCALE_DTYPES))
+    _checks.one_of("rounding", rounding, ROUNDINGS)
     bits = 1.5 if bits == 1.5 else 2
-    rings = _default_rings(bits, signed) if rings is None else rings
+    rings = _default_rings(bits, signed, rounding) if rings is None else rings
     rings = check_rings(rings, bits, signed)
+    if rounding == "stochastic" and rings[-1] != 1.0:
+        raise ValueError(
+            f"rings of a stochastic codec must end at 1.0 (unbiased rounding "
+            f"needs a ring at the group scale), got {rings!r}."
+        )
     return PolarCodec(
         bits=bits,
         signed=signed,
         rings=rings,
         group_size=int(group_size),
         scale_dtype_name=dtype_name,
+        rounding=rounding,
     )
 
 

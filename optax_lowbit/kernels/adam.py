@@ -63,11 +63,12 @@ def has_kernel(codec: base.Codec) -> bool:
     Polar codecs whose code bytes per group are a power of two (2 bits: 16
     bytes per group of 64). At 1.5 bits a group has 12 code bytes, which the
     Triton lowering rejects (block sizes must be powers of two): those leaves
-    take the jnp path.
+    take the jnp path. Stochastic rounding is not fused yet (jnp path).
     """
     nbytes = getattr(codec, "bytes_per_group", 0)
     return (
         isinstance(codec, polar.PolarCodec)
+        and not codec.stochastic
         and nbytes > 0
         and nbytes & (nbytes - 1) == 0
         and len(codec.rings) <= _CB_HALF

@@ -243,10 +243,24 @@ def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _encode_leaf(value: jax.Array, like: Any, codec: base.Codec) -> Any:
+def _encode_leaf(
+    value: jax.Array, like: Any, codec: base.Codec, seed: Any = None
+) -> Any:
     if is_packed(like):
+        if codec.stochastic:
+            return codec.encode(value, seed=seed)
         return codec.encode(value)
     return value.astype(like.dtype)
+
+
+def leaf_seed(seed: Any, leaf: int, moment: int) -> Any:
+    """The random stream of one leaf and moment at step ``seed`` (or ``None``).
+
+    Stochastic codecs draw their rounding bits from it: a pure function of the
+    transform's step count and the leaf's and moment's ordinals, so no PRNG key
+    is kept and a restored state continues bit for bit.
+    """
+    return None if seed is None else base.stream_seed(seed, leaf, moment)
 
 
 def decode_moment(moment: Any, codec: base.Codec) -> Any:
@@ -254,15 +268,22 @@ def decode_moment(moment: Any, codec: base.Codec) -> Any:
     return jax.tree.map(lambda x: _decode_leaf(x, codec), moment, is_leaf=is_packed)
 
 
-def encode_like(values: Any, like: Any, codec: base.Codec) -> Any:
+def encode_like(
+    values: Any, like: Any, codec: base.Codec, *, seed: Any = None, moment: int = 0
+) -> Any:
     """Encodes float ``values`` in the layout of the moment tree ``like``.
 
     A leaf is encoded by ``codec`` where ``like`` holds a `Packed`, and cast to
-    ``like``'s dtype elsewhere.
+    ``like``'s dtype elsewhere. ``seed`` (the step count) and ``moment`` select
+    the random streams of a stochastic codec, as in `map_leaves`.
     """
-    return jax.tree.map(
-        lambda old, v: _encode_leaf(v, old, codec), like, values, is_leaf=is_packed
-    )
+    leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=is_packed)
+    vals = treedef.flatten_up_to(values)
+    out = [
+        _encode_leaf(v, old, codec, leaf_seed(seed, i, moment))
+        for i, (old, v) in enumerate(zip(leaves, vals, strict=True))
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def map_leaves(
@@ -270,6 +291,9 @@ def map_leaves(
     updates: Any,
     moments: Sequence[Any],
     codecs: Sequence[base.Codec],
+    *,
+    seed: Any = None,
+    first_leaf: int = 0,
 ) -> tuple[Any, tuple[Any, ...]]:
     """Runs ``step`` leaf by leaf: decode the moments, step, encode them again.
 
@@ -281,6 +305,11 @@ def map_leaves(
       updates: the incoming updates (the structure of the parameters).
       moments: the moment trees of the state, each made by `init_moment`.
       codecs: one codec per moment tree.
+      seed: the transform's new step count (may be traced): stochastic codecs
+        round leaf ``i``'s moment ``j`` with the stream `leaf_seed` ``(seed,
+        i, j)``; ``None`` is stream 0 for all.
+      first_leaf: the ordinal of ``updates``' first leaf in the whole tree
+        (for a caller that maps a part of the tree).
 
     Returns:
       ``(new_updates, new_moments)``: ``new_updates`` has the structure of
@@ -307,7 +336,8 @@ def map_leaves(
         u, *news = step(g, *decoded)
         new_updates.append(u)
         for j, (new, old, c) in enumerate(zip(news, olds, codecs, strict=True)):
-            new_moments[j].append(_encode_leaf(new, old, c))
+            stream = leaf_seed(seed, first_leaf + i, j)
+            new_moments[j].append(_encode_leaf(new, old, c, stream))
     return (
         jax.tree_util.tree_unflatten(treedef, new_updates),
         tuple(jax.tree_util.tree_unflatten(treedef, m) for m in new_moments),

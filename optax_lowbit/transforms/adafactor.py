@@ -261,10 +261,10 @@ def scale_by_factored_rms_quantized(
             return u.astype(g.dtype), v_row, v_col, v
 
         codecs = (nu_codec, nu_codec, nu_codec)  # v_row, v_col are never Packed
-        updates, (v_row, v_col, v) = _quantized.map_leaves(
-            step, updates, (state.v_row, state.v_col, state.v), codecs
-        )
         count = optax.safe_increment(state.count)
+        updates, (v_row, v_col, v) = _quantized.map_leaves(
+            step, updates, (state.v_row, state.v_col, state.v), codecs, seed=count
+        )
         return updates, ScaleByFactoredRmsQuantizedState(count, v_row, v_col, v)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -334,7 +334,9 @@ def ema_quantized(
             u = m / correction if debias else m
             return u.astype(g.dtype), m
 
-        updates, (ema,) = _quantized.map_leaves(step, updates, (state.ema,), (codec,))
+        updates, (ema,) = _quantized.map_leaves(
+            step, updates, (state.ema,), (codec,), seed=count
+        )
         return updates, EmaQuantizedState(count, ema)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -32,6 +32,10 @@ from optax_lowbit.transforms import _quantized
 _IMPLS = ("auto", "jnp", "pallas")
 
 
+#: The polar presets' rounding rule (see `optax_lowbit.codecs.polar`).
+DEFAULT_ROUNDING = "stochastic"
+
+
 class ScaleByAdamQuantizedState(NamedTuple):
     """State of `scale_by_adam_quantized`.
 
@@ -195,7 +199,7 @@ def scale_by_adam_quantized(
             )
 
         updates, (mu, nu) = _quantized.map_leaves(
-            step, updates, (state.mu, state.nu), (mu_codec, nu_codec)
+            step, updates, (state.mu, state.nu), (mu_codec, nu_codec), seed=count
         )
         return updates, ScaleByAdamQuantizedState(count, mu, nu)
 
@@ -218,14 +222,14 @@ def _update_with_kernels(updates, state, count, hp, mu_codec, nu_codec, nesterov
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     out_u, out_m, out_v = [], [], []
-    for g, m, v in zip(flat, mus, nus, strict=True):
+    for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fused and _quantized.is_packed(m) and _quantized.is_packed(v):
             u, m, v = kadam.adam_update(
                 g, m, v, hp, mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov
             )
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
-                step, [g], ([m], [v]), (mu_codec, nu_codec)
+                step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
             )
             u, m, v = sub_u[0], sub_m[0], sub_v[0]
         out_u.append(u)
@@ -247,6 +251,7 @@ def scale_by_adam_polar(
     eps_root: Any = 0.0,
     *,
     bits: float = 2,
+    rounding: str = DEFAULT_ROUNDING,
     nesterov: bool = False,
     policy: Any = None,
     impl: str = "auto",
@@ -267,6 +272,8 @@ def scale_by_adam_polar(
       eps_root: term added to the denominator inside the square root.
       bits: ``2`` or ``1.5`` code bits per element (structural: under
         ``optax.inject_hyperparams`` list it in ``static_args``).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural), the polar
+        codecs' rounding rule (see `optax_lowbit.codecs.polar`).
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
       impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
@@ -294,9 +301,9 @@ def scale_by_adam_polar(
     if mu_codec is None or nu_codec is None:
         polar = _codecs("polar")
         if mu_codec is None:
-            mu_codec = polar.polar(bits=bits, signed=True)
+            mu_codec = polar.polar(bits=bits, signed=True, rounding=rounding)
         if nu_codec is None:
-            nu_codec = polar.polar(bits=bits, signed=False)
+            nu_codec = polar.polar(bits=bits, signed=False, rounding=rounding)
     return scale_by_adam_quantized(
         mu_codec,
         nu_codec,

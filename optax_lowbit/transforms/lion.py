@@ -126,7 +126,10 @@ def scale_by_lion_quantized(
             m = (1.0 - b2) * g32 + b2 * m
             return u.astype(g.dtype), m
 
-        updates, (mu,) = _quantized.map_leaves(step, updates, (state.mu,), (mu_codec,))
-        return updates, ScaleByLionQuantizedState(optax.safe_increment(state.count), mu)
+        count = optax.safe_increment(state.count)
+        updates, (mu,) = _quantized.map_leaves(
+            step, updates, (state.mu,), (mu_codec,), seed=count
+        )
+        return updates, ScaleByLionQuantizedState(count, mu)
 
     return optax.GradientTransformation(init_fn, update_fn)

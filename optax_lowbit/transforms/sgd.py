@@ -24,14 +24,17 @@ from optax_lowbit.transforms import _quantized
 
 
 class TraceQuantizedState(NamedTuple):
-    """State of `trace_quantized` (the layout of `optax.TraceState`).
+    """State of `trace_quantized` (`optax.TraceState` plus a step count).
 
     Attributes:
       trace: the momentum, the structure of the parameters; per leaf a `Packed`
         (the policy quantizes it) or a float array.
+      count: int32 array of shape ``()``: the number of updates so far (it
+        selects the rounding streams of stochastic codecs).
     """
 
     trace: optax.Params
+    count: jax.Array
 
 
 def _fallback_dtype(name: str, dtype: Any) -> Any:
@@ -99,7 +102,8 @@ def trace_quantized(
 
     def init_fn(params: optax.Params) -> TraceQuantizedState:
         return TraceQuantizedState(
-            _quantized.init_moment(params, codec, policy, fallback_dtype=fallback)
+            _quantized.init_moment(params, codec, policy, fallback_dtype=fallback),
+            jnp.zeros([], jnp.int32),
         )
 
     def update_fn(
@@ -114,9 +118,10 @@ def trace_quantized(
             u = g.astype(jnp.float32) + decay * t if nesterov else t
             return u.astype(g.dtype), t
 
+        count = optax.safe_increment(state.count)
         updates, (trace,) = _quantized.map_leaves(
-            step, updates, (state.trace,), (codec,)
+            step, updates, (state.trace,), (codec,), seed=count
         )
-        return updates, TraceQuantizedState(trace)
+        return updates, TraceQuantizedState(trace, count)
 
     return optax.GradientTransformation(init_fn, update_fn)

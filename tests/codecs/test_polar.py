@@ -174,7 +174,7 @@ def test_signed_error_bounds(seed):
     t = rng.standard_t(3, (64, 1024)).astype(np.float32)
     assert 0.36 < _rel(polar(2), g) < 0.41
     assert 0.49 < _rel(polar(1.5), g) < 0.54
-    assert _rel(polar(2), t) < 0.8
+    assert _rel(polar(2), t) < 1.0  # t(3): set by the few largest values
     assert _rel(polar(1.5), t) < 2.0
 
 
