@@ -1,6 +1,7 @@
 """Small Flax NNX models for benchmarks, tests and the demo.
 
 * ``MLP``: a ReLU classifier for digits / Fashion-MNIST (flattened images).
+* ``ResNet``: a small residual CNN for 28x28 grey images (Fashion-MNIST).
 * ``TinyGPT``: a GPT-style byte-level decoder (pre-LayerNorm, causal
   self-attention, learned positions, tied or untied output head). The token
   embedding lives at param path ``("embed", "embedding")`` and the positions at
@@ -47,13 +48,65 @@ class MLP(nnx.Module):
         return self.head(x)
 
 
-def classifier_loss(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
+class ResidualBlock(nnx.Module):
+    """Pre-activation residual block: (GroupNorm, ReLU, 3x3 conv) x 2 + skip."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.GroupNorm(channels, num_groups=8, rngs=rngs)
+        self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+        self.norm2 = nnx.GroupNorm(channels, num_groups=8, rngs=rngs)
+        self.conv2 = nnx.Conv(
+            channels, channels, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(jax.nn.relu(self.norm1(x)))
+        return x + self.conv2(jax.nn.relu(self.norm2(h)))
+
+
+class ResNet(nnx.Module):
+    """A small ResNet for ``(batch, 784)`` or ``(batch, 28, 28)`` grey images.
+
+    Stem 3x3 conv (stride 2, 28 -> 14), one residual block per stage, a
+    stride-2 conv between stages (14 -> 7), global average pooling and a
+    linear head. With ``widths=(64, 128)``: 0.48M parameters, every 3x3
+    kernel of 36K-147K elements (the default policy quantizes them; their
+    last axis is the output channels, one whole 64-element group or two).
+    The last conv of each block starts at zero (the block starts as identity).
+    """
+
+    def __init__(
+        self, widths: Sequence[int] = (64, 128), n_classes: int = 10, *, rngs: nnx.Rngs
+    ):
+        self.stem = nnx.Conv(1, widths[0], (3, 3), strides=2, rngs=rngs)
+        blocks, downs = [], []
+        for i, w in enumerate(widths):
+            if i:
+                downs.append(nnx.Conv(widths[i - 1], w, (3, 3), strides=2, rngs=rngs))
+            blocks.append(ResidualBlock(w, rngs=rngs))
+        self.blocks = nnx.List(blocks)
+        self.downs = nnx.List(downs)
+        self.norm = nnx.GroupNorm(widths[-1], num_groups=8, rngs=rngs)
+        self.head = nnx.Linear(widths[-1], n_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], 28, 28, 1)
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if i:
+                x = self.downs[i - 1](x)
+            x = block(x)
+        x = jax.nn.relu(self.norm(x)).mean(axis=(1, 2))
+        return self.head(x)
+
+
+def classifier_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of ``model(x)`` against integer labels ``y``."""
     logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def accuracy(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
+def accuracy(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
     """Fraction of ``x`` whose arg-max logit equals ``y``."""
     return jnp.mean(jnp.argmax(model(x), axis=-1) == y)
 

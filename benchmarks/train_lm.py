@@ -86,10 +86,13 @@ def _adam_codecs(tx_scale: optax.GradientTransformation, lr, wd):
     )
 
 
-def make_optimizer(name: str, lr: Any, *, b1: float, b2: float, wd: float):
+def make_optimizer(
+    name: str, lr: Any, *, b1: float, b2: float, wd: float, peak_lr: float = 1e-3
+):
     """Returns the `optax.GradientTransformation` called ``name``.
 
-    Every optimizer is chained after ``clip_by_global_norm(1.0)``.
+    Every optimizer is chained after ``clip_by_global_norm(1.0)``. ``peak_lr``
+    is the schedule's peak (Adafactor's weight decay is not scaled by it).
     """
     adam = dict(b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
     rounding = lowbit.transforms.adam.DEFAULT_ROUNDING
@@ -127,18 +130,21 @@ def make_optimizer(name: str, lr: Any, *, b1: float, b2: float, wd: float):
         ),
         # Adafactor with fp32 momentum vs polar 2-bit momentum; absolute step
         # sizes (no parameter scaling) so the learning rate means the same.
+        # optax.adafactor adds weight_decay_rate * p AFTER the learning rate
+        # (it is not multiplied by it), so the AdamW-equivalent rate is
+        # peak_lr * wd (with wd itself the params shrank 10% a step).
         "adafactor": lambda: optax.adafactor(
             lr,
             multiply_by_parameter_scale=False,
             momentum=b1,
-            weight_decay_rate=wd,
+            weight_decay_rate=peak_lr * wd,
             weight_decay_mask=_decay_mask,
         ),
         "adafactor_polar2": lambda: lowbit.adafactor_polar(
             lr,
             multiply_by_parameter_scale=False,
             momentum=b1,
-            weight_decay_rate=wd,
+            weight_decay_rate=peak_lr * wd,
             weight_decay_mask=_decay_mask,
             bits=2,
         ),
@@ -245,7 +251,9 @@ def run_optimizer(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Trains every seed with optimizer ``name``; returns curves and metrics."""
-    tx = make_optimizer(name, schedule(cfg), b1=cfg.b1, b2=cfg.b2, wd=cfg.wd)
+    tx = make_optimizer(
+        name, schedule(cfg), b1=cfg.b1, b2=cfg.b2, wd=cfg.wd, peak_lr=cfg.lr
+    )
     window = cfg.seq_len + 1
     one = jax.tree.map(lambda x: x[0], params0)
     n_params = sum(x.size for x in jax.tree.leaves(one))
@@ -466,10 +474,13 @@ def resume(path: str, meta: dict, runs: list, names: list[str]) -> list[str]:
             )
     kept = [r for r in prior["runs"] if r["optimizer"] in names]
     runs.extend(kept)
-    meta["resumed_from"] = dict(
-        date=prior["meta"]["date"],
-        commit=prior["meta"].get("optax_lowbit_commit"),
-        optimizers=[r["optimizer"] for r in kept],
+    meta.setdefault("resumed_from", []).append(
+        dict(
+            file=pathlib.Path(path).name,
+            date=prior["meta"]["date"],
+            commit=prior["meta"].get("optax_lowbit_commit"),
+            optimizers=[r["optimizer"] for r in kept],
+        )
     )
     done = {r["optimizer"] for r in kept}
     return [n for n in names if n not in done]
@@ -525,7 +536,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         default=None,
-        help="a result JSON of the same settings: keep its runs, run only the rest",
+        help="result JSONs (comma-separated) of the same settings: keep their runs "
+        "of the listed optimizers, run only the rest",
+    )
+    p.add_argument(
+        "--fresh",
+        default=None,
+        help="optimizers to run anew even where a --resume file has them",
     )
     p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
     cfg = p.parse_args(argv)
@@ -620,8 +637,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     runs: list[dict[str, Any]] = []
     result: dict[str, Any] = dict(meta=meta, records=[], goals={}, runs=runs)
-    if cfg.resume:
-        names = resume(cfg.resume, meta, runs, names)
+    fresh = [n for n in (cfg.fresh or "").split(",") if n]
+    for path in (cfg.resume or "").split(","):
+        if path:
+            rest = resume(path, meta, runs, [n for n in names if n not in fresh])
+            names = [n for n in names if n in rest or n in fresh]
     longest = 0.0
     for name in names:
         elapsed = time.perf_counter() - t_start

@@ -1,4 +1,4 @@
-"""MLP on Fashion-MNIST with every optimizer: test accuracy, side by side.
+"""A small ResNet on Fashion-MNIST with every optimizer: test accuracy, side by side.
 
 The same seeds, data order (a permutation per seed and epoch), schedule and
 step budget for every optimizer; seeds train side by side (``jax.vmap``) and
@@ -60,6 +60,7 @@ def run(name, cfg, graphdef, params0, x, y, xt, yt, order):
         b1=0.9,
         b2=0.999,
         wd=cfg.wd,
+        peak_lr=cfg.lr,
     )
     one = jax.tree.map(lambda a: a[0], params0)
     n_params = sum(a.size for a in jax.tree.leaves(one))
@@ -125,13 +126,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--chunk", type=int, default=78)
-    p.add_argument("--hidden", default="256,256")
+    p.add_argument("--model", default="resnet", choices=("resnet", "mlp"))
+    p.add_argument("--hidden", default="256,256", help="MLP hidden sizes")
+    p.add_argument("--widths", default="64,128", help="ResNet stage widths")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=1e-4)
     cfg = p.parse_args(argv)
     x, y, xt, yt = load(cfg.data_dir)
     if cfg.smoke:
-        cfg.epochs, cfg.chunk, cfg.hidden = 1, 10, "64"
+        cfg.epochs, cfg.chunk, cfg.hidden, cfg.widths = 1, 10, "64", "64"
         x, y, xt, yt = x[:1280], y[:1280], xt[:500], yt[:500]
     seeds = [int(s) for s in cfg.seeds.split(",")]
     per_epoch = x.shape[0] // cfg.batch // cfg.chunk * cfg.chunk
@@ -150,9 +153,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         axis=1,
     )  # (steps, seeds, batch)
     hidden = tuple(int(h) for h in cfg.hidden.split(","))
+    widths = tuple(int(w) for w in cfg.widths.split(","))
+
+    def make_model(seed: int) -> nnx.Module:
+        if cfg.model == "mlp":
+            return models.MLP(784, hidden, rngs=nnx.Rngs(seed))
+        return models.ResNet(widths, rngs=nnx.Rngs(seed))
+
+    model_name = (
+        f"MLP 784-{'-'.join(map(str, hidden))}-10"
+        if cfg.model == "mlp"
+        else f"ResNet widths {widths}, GroupNorm, one block per stage"
+    )
     states = []
     for s in seeds:
-        graphdef, state = nnx.split(models.MLP(784, hidden, rngs=nnx.Rngs(s)))
+        graphdef, state = nnx.split(make_model(s))
         states.append(nnx.to_pure_dict(state))
     params0 = jax.tree.map(lambda *a: jnp.stack(a), *states)
     xs, ys, xts, yts = map(jnp.asarray, (x, y, xt, yt))
@@ -179,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             jax=jax.__version__,
             python=platform.python_version(),
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            model=f"MLP 784-{'-'.join(map(str, hidden))}-10",
+            model=model_name,
             n_params=int(sum(a[0].size for a in jax.tree.leaves(params0))),
             epochs=cfg.epochs,
             steps=int(order.shape[0]),

@@ -197,7 +197,7 @@ def adam_polar(
       >>> tx = lowbit.adam_polar(1e-3, bits=1.5)
       >>> state = tx.init({"w": jnp.zeros((128, 128))})
       >>> state[0].mu["w"].codec_name, state[0].nu["w"].codec_name
-      ('polar-1.5b-signed', 'polar-1.5b-unsigned')
+      ('polar-1.5b-signed-sr', 'polar-1.5b-unsigned-sr')
 
     References:
       Kingma and Ba, `Adam: A Method for Stochastic Optimization
@@ -486,7 +486,7 @@ def adafactor_polar(
       >>> tx = lowbit.adafactor_polar(1e-2, momentum=0.9, bits=2)
       >>> state = tx.init(params)
       >>> state[-2].ema["w"].codec_name, state[0].v_row["w"].shape
-      ('polar-2b-signed', (256,))
+      ('polar-2b-signed-sr', (256,))
       >>> grads = {"w": jnp.full((256, 256), 0.5), "b": jnp.ones(256)}
       >>> updates, state = tx.update(grads, state, params)
       >>> print(f"{float(updates['w'][0, 0]):.4f}")
@@ -542,7 +542,7 @@ def lion_polar(
     mask: Any = None,
     *,
     bits: float = 2,
-    rounding: str = _adam.DEFAULT_ROUNDING,
+    rounding: str = "nearest",
     policy: Any = None,
     mu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:
@@ -561,8 +561,9 @@ def lion_polar(
       weight_decay: decoupled weight decay (multiplied by the learning rate).
       mask: where weight decay applies (a bool tree or a callable).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
-        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
+      rounding: ``"nearest"`` (default here: Lion's update is a sign, and
+        stochastic rounding noise flips small coordinates) or
+        ``"stochastic"`` (structural, like ``bits``).
       policy: which leaves are quantized; ``None`` is the default policy.
       mu_codec: overrides the momentum's codec (signed).
 
@@ -645,7 +646,7 @@ def sgd_polar(
       >>> print(f"{float(updates['w'][0, 0]):.4f}")
       -0.1000
       >>> state[0].trace["w"].codec_name
-      'polar-2b-signed'
+      'polar-2b-signed-sr'
 
     References:
       Sutskever et al, `On the importance of initialization and momentum in

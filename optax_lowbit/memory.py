@@ -207,12 +207,12 @@ def summary(opt_state: Any, params: Any = None, *, policy: Any = None) -> str:
       >>> params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
       >>> state = lowbit.adamw_polar(1e-3).init(params)
       >>> print(lowbit.summary(state, params))
-      kind               leaves  params  bytes  B/param  note
-      polar-2b-signed    1        8,192  2,304    0.281
-      polar-2b-unsigned  1        8,192  2,304    0.281
-      float32            2          256  1,024    4.000  rank < 2
-      other              1            -      4        -  counters, hyperparameters
-      total              5        8,320  5,636    0.677  0.08x fp32 Adam (8 B/param)
+      kind                  leaves  params  bytes  B/param  note
+      polar-2b-signed-sr    1        8,192  2,304    0.281
+      polar-2b-unsigned-sr  1        8,192  2,304    0.281
+      float32               2          256  1,024    4.000  rank < 2
+      other                 1            -      4        -  counters, hyperparameters
+      total                 5        8,320  5,636    0.677  0.08x fp32 Adam (8 B/param)
     """
     rows = summarize(opt_state, params, policy=policy)
     table = [("kind", "leaves", "params", "bytes", "B/param", "note")]

@@ -89,6 +89,28 @@ def test_unknown_optimizer_is_rejected():
         train_lm.make_optimizer("sgd9", 1e-3, b1=0.9, b2=0.95, wd=0.1)
 
 
+def test_resnet_shapes_and_policy():
+    import jax
+    from flax import nnx
+
+    import optax_lowbit as lowbit
+    from benchmarks import models
+
+    model = models.ResNet((16, 32), rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (3, 784))
+    assert model(x).shape == (3, 10)
+    params = nnx.state(model, nnx.Param)
+    state = lowbit.adamw_polar(1e-3).init(nnx.to_pure_dict(params))
+    quantized = [
+        leaf.shape
+        for leaf in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "codec"))
+        if hasattr(leaf, "codec")
+    ]
+    # 3x3x16x16 = 2304 < 4096 stays fp32; the 3x3x16x32 downsampling conv and
+    # the two 3x3x32x32 convs are coded, two moments each.
+    assert sorted(quantized) == sorted([(3, 3, 16, 32)] * 2 + [(3, 3, 32, 32)] * 4)
+
+
 def test_vision_smoke_writes_json_and_learns(tmp_path):
     from benchmarks import train_vision
 
@@ -97,7 +119,10 @@ def test_vision_smoke_writes_json_and_learns(tmp_path):
     except RuntimeError as err:
         pytest.skip(f"Debian package unavailable: {err}")
     out = tmp_path / "train_vision.json"
-    args = ["--smoke", "--optimizers", "adamw_fp32,polar2", "--seeds", "0,1"]
+    # The MLP: seeds are vmapped, and a vmapped conv is a grouped conv, which
+    # XLA runs slowly on CPU (the ResNet default is for the device).
+    args = ["--smoke", "--model", "mlp", "--optimizers", "adamw_fp32,polar2"]
+    args += ["--seeds", "0,1"]
     train_vision.main([*args, "--out", str(out)])
     result = json.loads(out.read_text())
     for record in result["records"]:

@@ -316,3 +316,119 @@ def test_decode_rejects_other_codec():
     packed = polar(2).encode(jnp.ones(64))
     with pytest.raises(ValueError, match="made by codec"):
         polar(1.5).decode(packed)
+
+
+# --------------------------------------------------------------------------
+# Stochastic rounding.
+# --------------------------------------------------------------------------
+
+
+def _sr(bits, signed, rings=None):
+    return polar(bits, signed=signed, rings=rings, rounding="stochastic")
+
+
+def test_stochastic_names_rings_and_same_format():
+    sr, nearest = _sr(2, True), polar(2, True)
+    assert sr.name == "polar-2b-signed-sr" and sr.stochastic
+    assert sr.rings == (0.3, 0.9) and _sr(1.5, True).rings == (0.8,)
+    assert _sr(2, False).rings == polar(2, False).rings
+    assert not nearest.stochastic
+    assert sr.bits_per_element == nearest.bits_per_element == 2.25
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 128)), jnp.float32)
+    packed = sr.encode(x, seed=3)
+    assert packed.codes.shape == nearest.encode(x).codes.shape
+    # The decoder is the nearest codec's: same codewords for the same bytes.
+    same_rings = polar(2, True, rings=sr.rings)
+    np.testing.assert_array_equal(
+        sr.decode_groups(packed.codes, packed.scales[..., None]),
+        same_rings.decode_groups(packed.codes, packed.scales[..., None]),
+    )
+
+
+@given(seed=SEEDS)
+def test_stochastic_is_a_pure_function_of_the_seed(seed):
+    codec = _sr(2, True)
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((8, 192)), jnp.float32)
+    a = codec.encode(x, seed=seed % 1000)
+    b = jax.jit(lambda x: codec.encode(x, seed=jnp.int32(seed % 1000)))(x)
+    c = codec.encode(x, seed=seed % 1000 + 1)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    assert (np.asarray(a.codes) != np.asarray(c.codes)).mean() > 0.2
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_codes_differ_between_identical_rows(signed):
+    codec = _sr(2, signed)
+    row = np.abs(np.random.default_rng(1).standard_normal(64)).astype(np.float32)
+    codes = np.asarray(codec.encode(jnp.asarray(np.stack([row] * 16)), seed=0).codes)
+    assert len({c.tobytes() for c in codes}) > 8  # positions draw their own bits
+
+
+@given(seed=SEEDS)
+def test_signed_stochastic_is_unbiased_inside_the_top_ring(seed):
+    # Rings ending at 1: every pair is a mean of codewords, so the average of
+    # many encodings converges to x (within 5 standard errors per element).
+    codec = _sr(2, True, rings=(0.3, 1.0))
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((2, 64)), jnp.float32)
+    n = 400
+    ys = jax.vmap(lambda s: codec.decode(codec.encode(x, seed=s)))(jnp.arange(n))
+    ys = np.asarray(ys)
+    err = np.abs(ys.mean(0) - np.asarray(x))
+    se = ys.std(0) / np.sqrt(n)
+    # slack: a coordinate whose codeword is drawn with probability << 1/n
+    # (a pair almost on a sector direction) may never be drawn.
+    assert (err < 5 * se + 0.01 * np.abs(np.asarray(x)).max()).all()
+    # Nearest rounding is biased on the same data: the published rings shrink.
+    near = np.asarray(polar(2, True).decode(polar(2, True).encode(x)))
+    assert np.abs(near - np.asarray(x)).mean() > 3 * err.mean()
+
+
+@given(seed=SEEDS, bits=st.sampled_from([2, 1.5]))
+def test_unsigned_stochastic_positive_and_unbiased_along_the_sector(seed, bits):
+    codec = _sr(bits, False)
+    rng = np.random.default_rng(seed)
+    v = jnp.asarray(rng.standard_normal((1, 64)) ** 2, jnp.float32)
+    n = 300
+    ys = np.asarray(
+        jax.vmap(lambda s: codec.decode(codec.encode(v, seed=s)))(jnp.arange(n))
+    )
+    assert (ys > 0).all()
+    # Projection p of each pair on its (nearest) sector direction: E[ŷ] = p e.
+    u, w = ys[:, 0, :32], ys[:, 0, 32:]
+    mean_radius = np.hypot(u, w).mean(0)
+    a, b = np.asarray(v[0, :32]), np.asarray(v[0, 32:])
+    theta = np.arctan2(b, a)
+    phi = np.where(theta < np.pi / 4, np.pi / 8, 3 * np.pi / 8)
+    p = a * np.cos(phi) + b * np.sin(phi)
+    scale = float(np.asarray(codec.encode(v).scales).astype(np.float32).max())
+    floor = codec.rings[0] * scale  # below the smallest ring: rounded up to it
+    expect = np.maximum(p, floor)
+    inside = p >= floor
+    se = np.hypot(u, w).std(0) / np.sqrt(n) + 1e-6 * scale
+    assert (np.abs(mean_radius - expect)[inside] < 5 * se[inside] + 1e-3 * scale).all()
+
+
+@pytest.mark.parametrize("bits", [2, 1.5])
+def test_stochastic_ema_tracks_a_constant_signal_nearest_stalls(bits):
+    # m <- 0.9 m̂ + 0.1 g with a fixed g; gain = projection of the mean of the
+    # last 100 coded m on g (1 = tracks g). Measured: stochastic 0.74 (2 bits,
+    # rings (0.3, 0.9)) and 0.49 (1.5 bits, (0.8,)): the top ring below 1 clips
+    # each group's largest pair (with top ring 1: 0.99 and 1.01); nearest
+    # rounding stalls at 0.14 and 0.11.
+    g = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
+
+    def gain(codec):
+        def body(m, t):
+            m = 0.9 * m + 0.1 * g
+            packed = codec.encode(m, seed=t) if codec.stochastic else codec.encode(m)
+            m = codec.decode(packed)
+            return m, m
+
+        _, ms = jax.lax.scan(body, jnp.zeros_like(g), jnp.arange(300))
+        m = np.asarray(ms[-100:].mean(0))
+        return float((m * g).sum() / (g * g).sum())
+
+    assert gain(_sr(bits, True)) > 0.45
+    assert gain(_sr(bits, True, rings=(0.3, 1.0) if bits == 2 else (1.0,))) > 0.95
+    assert gain(polar(bits, True)) < 0.2

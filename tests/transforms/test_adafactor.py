@@ -101,9 +101,10 @@ def test_polar_adafactor_state_layout_and_bytes():
     tx = lowbit.adafactor_polar(1e-2, momentum=0.9, bits=2)
     state = jax.eval_shape(tx.init, params)
     assert state[0].v_row["w"].dtype == jnp.float32
-    assert state[0].v["u"].codec_name == "polar-2b-unsigned"  # (16, 1024): unfactored
+    # (16, 1024) is not factored: its v is coded
+    assert state[0].v["u"].codec_name == "polar-2b-unsigned-sr"
     assert state[0].v["w"].shape == (1,)
-    assert state[-2].ema["w"].codec_name == "polar-2b-signed"
+    assert state[-2].ema["w"].codec_name == "polar-2b-signed-sr"
     # momentum of w in 2-bit polar plus fp32 row/col stats: far below 4 B/param
     w_bytes = lowbit.state_bytes(state[-2].ema["w"]) + 4 * (256 + 512)
     assert w_bytes / (256 * 512) < 0.31  # 2.25 bits all-in + fp32 row/col: 0.305
@@ -133,9 +134,9 @@ def test_quantized_adafactor_trains():
     for _ in range(100):
         params, state, value = step(params, state)
         first = value if first is None else first
-    # measured: 4.07 -> 0.95 (fp32 optax.adafactor: 1e-4; polar momentum alone
-    # 0.51, polar v alone 2e-4: the 2-bit signed polar momentum limits it)
-    assert float(loss(params)) < 0.35 * float(first)
+    # measured, loss ratio: stochastic rounding (default) 0.016; nearest
+    # rounding 0.23 (its momentum stalls); fp32 optax.adafactor 1e-5
+    assert float(loss(params)) < 0.1 * float(first)
 
 
 def test_int8_codecs_stay_close_to_optax():

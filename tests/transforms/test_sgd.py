@@ -57,9 +57,9 @@ def test_polar_sgd_trains():
 
         for _ in range(100):
             p, state = step(p, state)
-        # measured: 4.07 -> 1.10 (nesterov 0.70); fp32 optax.sgd 0.03, 8-bit
-        # blockwise trace 0.03: the 1.5-bit polar trace costs accuracy here
-        assert float(loss(p)) < 0.35 * float(loss(params)), nesterov
+        # measured, loss ratio: stochastic rounding (default) 0.054; nearest
+        # 0.27 (nesterov 0.17); fp32 optax.sgd 0.008
+        assert float(loss(p)) < 0.15 * float(loss(params)), nesterov
 
 
 def test_bad_arguments():
