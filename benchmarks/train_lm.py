@@ -241,7 +241,7 @@ def schedule(cfg: argparse.Namespace) -> optax.Schedule:
 def run_optimizer(
     name: str,
     cfg: argparse.Namespace,
-    graphdef: Any,
+    loss_of: Callable[[Any, jax.Array], jax.Array],
     params0: Any,
     train_tok: jax.Array,
     offsets: np.ndarray,
@@ -250,7 +250,11 @@ def run_optimizer(
     evaluate: Callable[[Any, jax.Array], jax.Array],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Trains every seed with optimizer ``name``; returns curves and metrics."""
+    """Trains every seed with optimizer ``name``; returns curves and metrics.
+
+    ``loss_of(params, tokens)`` is the mean next-token loss of one seed's
+    parameters on a ``(batch, seq_len + 1)`` token window batch.
+    """
     tx = make_optimizer(
         name, schedule(cfg), b1=cfg.b1, b2=cfg.b2, wd=cfg.wd, peak_lr=cfg.lr
     )
@@ -259,9 +263,6 @@ def run_optimizer(
     n_params = sum(x.size for x in jax.tree.leaves(one))
     state_shapes = jax.eval_shape(tx.init, one)
     state_bpp = lowbit.state_bytes(state_shapes) / n_params
-
-    def loss_of(params, tokens):
-        return models.loss_fn(nnx.merge(graphdef, params), tokens)
 
     def step(params, opt_state, starts):
         tokens = train_tok[starts[:, None] + jnp.arange(window)].astype(jnp.int32)
@@ -403,8 +404,10 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
         float(np.asarray(r["curve"]["train"]).mean(axis=1).max())
         for r in result["runs"]
     )
+    m = result["meta"]
+    unit = m.get("loss_unit", "nats/byte")
     labels = (
-        ("step", "train loss (nats/byte), full range"),
+        ("step", f"train loss ({unit}), full range"),
         ("step", "held-out loss, Persuasion (zoom)"),
         ("wall time (s), compile excluded", "held-out loss, Persuasion (zoom)"),
     )
@@ -414,9 +417,9 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
         ax.set_ylim(best - 0.05, min(top, 5.6) + 0.05 if k == 0 else best + 0.5)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    m = result["meta"]
     fig.suptitle(
-        f"Byte-level GPT {m['n_params'] / 1e6:.1f}M params, {m['steps']} steps x "
+        f"{m.get('model', 'Byte-level GPT')} {m['n_params'] / 1e6:.1f}M params, "
+        f"{m['steps']} steps x "
         f"{m['batch']}x{m['seq_len']} tokens, {len(m['seeds'])} seeds (mean), "
         f"{m['device']}"
     )
@@ -653,7 +656,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run = run_optimizer(
             name,
             cfg,
-            graphdef,
+            lambda p, tokens: models.loss_fn(nnx.merge(graphdef, p), tokens),
             params0,
             train_tok,
             offsets,

@@ -131,3 +131,20 @@ def test_vision_smoke_writes_json_and_learns(tmp_path):
         # 10 classes: chance is 0.1; 10 steps of 128 images reach far above it.
         assert record["mean"] > 0.3
     assert "polar2" in result["goals"]
+
+
+def test_finetune_smollm2_smoke_writes_json_and_learns(tmp_path):
+    from benchmarks import finetune_smollm2
+
+    out = tmp_path / "finetune_smollm2.json"
+    finetune_smollm2.main(
+        ["--smoke", "--optimizers", "adamw_fp32,polar2", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert (tmp_path / "finetune_smollm2.png").is_file()
+    for record in result["records"]:
+        assert set(REQUIRED) <= set(record)
+        assert record["metric"] == "heldout_perplexity"
+        # 20 steps on Austen bytes: perplexity falls well below the start.
+        assert record["mean"] < 0.5 * result["meta"]["perplexity_before"]
+    assert "polar2" in result["goals"]
