@@ -65,7 +65,14 @@ ALL_OPTIMIZERS = (
     "polar2_m_only",
     "polar2_v_only",
     "piquant_paper",
+    "polar2_vgeo",
+    "polar2_r1",
 )
+
+#: Ablation codebooks: geometric rings for v (a lower floor for small v in a
+#: group), and signed rings whose top ring is 1 (unbiased for every pair).
+V_RINGS_GEOMETRIC = (0.04, 0.08, 0.14, 0.22, 0.33, 0.48, 0.7, 1.0)
+M_RINGS_TOP_ONE = (0.3, 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -97,8 +104,19 @@ def make_optimizer(
     adam = dict(b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
     rounding = lowbit.transforms.adam.DEFAULT_ROUNDING
 
-    def polar_codec(signed: bool) -> Any:  # the 2-bit codec of the polar preset
-        return lowbit.codecs.polar(bits=2, signed=signed, rounding=rounding)
+    def polar_codec(signed: bool, rings: Any = None) -> Any:  # 2-bit preset codec
+        return lowbit.codecs.polar(
+            bits=2, signed=signed, rings=rings, rounding=rounding
+        )
+
+    def polar_pair(m_rings: Any = None, v_rings: Any = None) -> Any:
+        return _adam_codecs(
+            lowbit.scale_by_adam_quantized(
+                polar_codec(True, m_rings), polar_codec(False, v_rings), b1, b2
+            ),
+            lr,
+            wd,
+        )
 
     ident = lowbit.codecs.identity()
     factories: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -128,6 +146,8 @@ def make_optimizer(
             lr,
             wd,
         ),
+        "polar2_vgeo": lambda: polar_pair(v_rings=V_RINGS_GEOMETRIC),
+        "polar2_r1": lambda: polar_pair(m_rings=M_RINGS_TOP_ONE),
         # Adafactor with fp32 momentum vs polar 2-bit momentum; absolute step
         # sizes (no parameter scaling) so the learning rate means the same.
         # optax.adafactor adds weight_decay_rate * p AFTER the learning rate
