@@ -67,12 +67,30 @@ ALL_OPTIMIZERS = (
     "piquant_paper",
     "polar2_vgeo",
     "polar2_r1",
+    "polar2_cal",
+    "polar1.5_cal",
 )
 
 #: Ablation codebooks: geometric rings for v (a lower floor for small v in a
 #: group), and signed rings whose top ring is 1 (unbiased for every pair).
 V_RINGS_GEOMETRIC = (0.04, 0.08, 0.14, 0.22, 0.33, 0.48, 0.7, 1.0)
 M_RINGS_TOP_ONE = (0.3, 1.0)
+
+
+def calibrated_rings(bits: float, moment: str) -> tuple[float, ...]:
+    """Rings fitted by `optax_lowbit.codecs.calibrate` to real Adam moments.
+
+    Read from ``results/codec_error.json`` (``python -m benchmarks.codec_error``:
+    a byte-level TinyGPT on Austen, out-of-sample capture); the fit minimises
+    the nearest-rounding error, so the ``*_cal`` optimizers round to nearest.
+    """
+    tag = "2b" if bits == 2 else "1.5b"
+    records = json.loads((RESULTS / "codec_error.json").read_text())["records"]
+    for r in records:
+        if r.get("data") == f"real_{moment}" and r.get("variant") == "calibrated":
+            if r.get("codec") == f"polar {tag} (calibrated)":
+                return tuple(r["rings"])
+    raise ValueError(f"no calibrated {tag} rings for {moment} in codec_error.json")
 
 
 # --------------------------------------------------------------------------
@@ -108,6 +126,12 @@ def make_optimizer(
         return lowbit.codecs.polar(
             bits=2, signed=signed, rings=rings, rounding=rounding
         )
+
+    def calibrated(bits: float) -> Any:
+        codec = functools.partial(lowbit.codecs.polar, bits=bits, rounding="nearest")
+        m = codec(signed=True, rings=calibrated_rings(bits, "m"))
+        v = codec(signed=False, rings=calibrated_rings(bits, "v"))
+        return _adam_codecs(lowbit.scale_by_adam_quantized(m, v, b1, b2), lr, wd)
 
     def polar_pair(m_rings: Any = None, v_rings: Any = None) -> Any:
         return _adam_codecs(
@@ -147,6 +171,8 @@ def make_optimizer(
             wd,
         ),
         "polar2_vgeo": lambda: polar_pair(v_rings=V_RINGS_GEOMETRIC),
+        "polar2_cal": lambda: calibrated(2),
+        "polar1.5_cal": lambda: calibrated(1.5),
         "polar2_r1": lambda: polar_pair(m_rings=M_RINGS_TOP_ONE),
         # Adafactor with fp32 momentum vs polar 2-bit momentum; absolute step
         # sizes (no parameter scaling) so the learning rate means the same.
