@@ -115,6 +115,41 @@ def run(name, cfg, graphdef, params0, x, y, xt, yt, order):
     )
 
 
+def plot(result: dict[str, Any], path: pathlib.Path) -> None:
+    """Test accuracy per optimizer (mean, seed std) and the train-loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["records"]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 5))
+    names = [r["optimizer"] for r in records]
+    means = [100 * r["mean"] for r in records]
+    stds = [100 * r["std"] for r in records]
+    ax0.barh(names, means, xerr=stds, color=[f"C{i % 10}" for i in range(len(names))])
+    ax0.set_xlim(min(means) - 2, max(means) + 1)
+    ax0.invert_yaxis()
+    ax0.set_xlabel("test accuracy (%), mean ± std over seeds")
+    ax0.grid(alpha=0.3, axis="x")
+    for i, r in enumerate(result["runs"]):
+        loss = np.asarray(r["train_loss"]).mean(axis=1)
+        ax1.plot(np.arange(1, loss.size + 1), loss, label=r["optimizer"], color=f"C{i}")
+    ax1.set_xlabel("chunk of steps")
+    ax1.set_ylabel("train loss (mean over seeds)")
+    ax1.set_yscale("log")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(
+        f"Fashion-MNIST, {m['model']}, {m['epochs']} epochs, "
+        f"{len(m['seeds'])} seeds, {m['device']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the result written to ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,7 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--widths", default="64,128", help="ResNet stage widths")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=1e-4)
+    p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
     cfg = p.parse_args(argv)
+    if cfg.plot_only:
+        result = json.loads(pathlib.Path(cfg.plot_only).read_text())
+        plot(result, pathlib.Path(cfg.plot_only).with_suffix(".png"))
+        return result
     x, y, xt, yt = load(cfg.data_dir)
     if cfg.smoke:
         cfg.epochs, cfg.chunk, cfg.hidden, cfg.widths = 1, 10, "64", "64"
@@ -211,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    try:
+        plot(result, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: no plot")
     print(train_lm.table(records).replace("held-out loss", "test accuracy"))
     print(json.dumps(goals))
     return result
