@@ -355,8 +355,10 @@ def run_optimizer(
             steps_at.append(done)
             wall_at.append(wall)
             eval_curve.append(ev.tolist())
+            filled = round(20 * done / cfg.steps)
             log(
-                f"  {name:18s} step {done:5d}  train {losses.mean():.4f}"
+                f"  {name:18s} [{'#' * filled}{'.' * (20 - filled)}] "
+                f"step {done:5d}/{cfg.steps}  train {losses.mean():.4f}"
                 f"  heldout {ev.mean():.4f}  ({wall:.1f}s)"
             )
     final = np.asarray(evaluate(params, eval_full))
