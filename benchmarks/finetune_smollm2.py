@@ -164,23 +164,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--weights", default=None, help="packed dir, GGUF, or the package")
     p.add_argument("--out", default=str(RESULTS / "finetune_smollm2.json"))
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--chunk", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--b1", type=float, default=0.9)
-    p.add_argument("--b2", type=float, default=0.95)
-    p.add_argument("--wd", type=float, default=0.0)
-    p.add_argument("--eval-windows", type=int, default=32, help="curve subset")
-    p.add_argument("--eval-full", type=int, default=160, help="final windows")
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--matmul-precision", default="auto")
-    p.add_argument("--deadline-s", type=float, default=None, help="skip the rest")
+    train_lm.add_training_args(
+        p,
+        optimizers=OPTIMIZERS,
+        seeds="0,1",
+        steps=200,
+        batch=8,
+        seq_len=512,
+        lr=1e-4,
+        warmup=20,
+        wd=0.0,
+        eval_windows=32,
+        eval_full=160,
+        eval_batch=16,
+    )
     cfg = p.parse_args(argv)
     if cfg.smoke:
         cfg.steps, cfg.chunk, cfg.eval_every, cfg.batch, cfg.seq_len = 20, 10, 10, 4, 64

@@ -553,6 +553,32 @@ def write(result, out_json: pathlib.Path, out_png: pathlib.Path | None) -> None:
 # --------------------------------------------------------------------------
 
 
+def add_training_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The options `run_optimizer` reads, with per-benchmark ``defaults``."""
+    d = defaults
+    p.add_argument("--optimizers", default=",".join(d["optimizers"]))
+    p.add_argument("--seeds", default=d["seeds"])
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--chunk", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--batch", type=int, default=d["batch"])
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--warmup", type=int, default=d["warmup"])
+    p.add_argument("--b1", type=float, default=0.9)
+    p.add_argument("--b2", type=float, default=0.95)
+    p.add_argument("--wd", type=float, default=d["wd"])
+    p.add_argument("--eval-windows", type=int, default=d["eval_windows"])
+    p.add_argument("--eval-full", type=int, default=d["eval_full"], help="None = all")
+    p.add_argument("--eval-batch", type=int, default=d["eval_batch"])
+    p.add_argument(
+        "--matmul-precision",
+        default="auto",
+        help="jax_default_matmul_precision; auto = bfloat16 on GPU, else default",
+    )
+    p.add_argument("--deadline-s", type=float, default=None, help="skip the rest")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--smoke`` shrinks everything for CPU tests."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -560,30 +586,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS / "train_lm.json"))
     p.add_argument("--png", default=None, help="default: --out with .png")
-    p.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--chunk", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256)
+    add_training_args(
+        p,
+        optimizers=ALL_OPTIMIZERS,
+        seeds="0,1,2",
+        steps=400,
+        batch=32,
+        seq_len=256,
+        lr=1e-3,
+        warmup=40,
+        wd=0.1,
+        eval_windows=256,
+        eval_full=None,
+        eval_batch=64,
+    )
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--n-layers", type=int, default=5)
     p.add_argument("--n-heads", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--b1", type=float, default=0.9)
-    p.add_argument("--b2", type=float, default=0.95)
-    p.add_argument("--wd", type=float, default=0.1)
-    p.add_argument("--eval-windows", type=int, default=256, help="curve subset")
-    p.add_argument("--eval-full", type=int, default=None, help="final; None = all")
-    p.add_argument("--eval-batch", type=int, default=64)
-    p.add_argument(
-        "--matmul-precision",
-        default="auto",
-        help="jax_default_matmul_precision; auto = bfloat16 on GPU, else default",
-    )
-    p.add_argument("--deadline-s", type=float, default=None, help="skip the rest")
     p.add_argument(
         "--resume",
         default=None,
