@@ -35,6 +35,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -185,8 +186,17 @@ def take(table: jax.Array, index: jax.Array) -> jax.Array:
     return table.at[index].get(mode="clip", out_sharding=sharding)
 
 
-def pack_codes(values: jax.Array, bits: int) -> jax.Array:
-    """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
+def plane_bytes(num_values: int, bits: int) -> list[int]:
+    """Bytes of each plane of `pack_codes` (in storage order) for ``bits``."""
+    return [num_values * w // 8 for w in reversed(_widths(bits))]
+
+
+def pack_planes(values: jax.Array, bits: int) -> list[jax.Array]:
+    """Packs integer codes ``< 2**bits`` along the last axis into planes.
+
+    `pack_codes` is these planes concatenated. A kernel stores the planes
+    separately (each a power-of-two number of bytes for the shipped codecs),
+    since a 12-byte row of 3-bit codes is not a shape Triton can hold.
 
     Args:
       values: integer array ``(..., K)``, every value in ``[0, 2**bits)``.
@@ -195,7 +205,7 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
       bits: code width, 1 to 8.
 
     Returns:
-      ``uint8`` array ``(..., packed_bytes(K, bits))``.
+      A list of ``uint8`` arrays ``(..., K * w / 8)``, narrowest plane first.
     """
     values = values.astype(jnp.uint8)
     k = values.shape[-1]
@@ -214,30 +224,58 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
         for s in range(1, per_byte):
             byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
         planes.append(byte)
+    return planes
+
+
+def pack_codes(values: jax.Array, bits: int) -> jax.Array:
+    """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
+
+    Args:
+      values: integer array ``(..., K)``, every value in ``[0, 2**bits)``.
+        ``K * w`` must be a multiple of 8 for every plane width ``w`` of
+        ``bits`` (true for ``K`` a multiple of 8).
+      bits: code width, 1 to 8.
+
+    Returns:
+      ``uint8`` array ``(..., packed_bytes(K, bits))``: the `pack_planes`
+      planes, concatenated.
+    """
+    planes = pack_planes(values, bits)
     return jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
 
 
-def unpack_codes(packed: jax.Array, bits: int, num_values: int) -> jax.Array:
-    """Inverse of `pack_codes`: ``(..., bytes)`` uint8 -> ``(..., K)`` uint8."""
-    packed = packed.astype(jnp.uint8)
+def unpack_planes(planes: Sequence[jax.Array], bits: int) -> jax.Array:
+    """Inverse of `pack_planes`: the planes -> ``(..., K)`` uint8 codes."""
     widths = list(reversed(_widths(bits)))
-    out = None
-    offset, shift = 0, 0
-    for w in widths:
-        per_byte = 8 // w
-        nbytes = num_values // per_byte
-        if len(widths) == 1:
-            byte = packed  # one plane: no slice (kernel friendly)
-        else:
-            byte = packed[..., offset : offset + nbytes]
-        offset += nbytes
-        part = concat_last(
-            [(byte >> (s * w)) & ((1 << w) - 1) for s in range(per_byte)]
+    if len(planes) != len(widths):
+        raise ValueError(
+            f"{bits}-bit codes have {len(widths)} planes, got {len(planes)}."
         )
+    out, shift = None, 0
+    for w, byte in zip(widths, planes, strict=True):
+        byte = byte.astype(jnp.uint8)
+        part = concat_last([(byte >> (s * w)) & ((1 << w) - 1) for s in range(8 // w)])
         part = part.astype(jnp.uint8) << shift
         out = part if out is None else out | part
         shift += w
     return out
+
+
+def split_planes(packed: jax.Array, bits: int, num_values: int) -> list[jax.Array]:
+    """The planes of `pack_codes` bytes ``(..., bytes)`` (slices of the last axis)."""
+    sizes = plane_bytes(num_values, bits)
+    if len(sizes) == 1:
+        return [packed]  # one plane: no slice (kernel friendly)
+    out, offset = [], 0
+    for n in sizes:
+        out.append(packed[..., offset : offset + n])
+        offset += n
+    return out
+
+
+def unpack_codes(packed: jax.Array, bits: int, num_values: int) -> jax.Array:
+    """Inverse of `pack_codes`: ``(..., bytes)`` uint8 -> ``(..., K)`` uint8."""
+    return unpack_planes(split_planes(packed, bits, num_values), bits)
 
 
 def _ceil_to_bf16(x: jax.Array) -> jax.Array:

@@ -19,17 +19,20 @@ to exact zeros.
 **Byte layout** of one group (``G = 64``): 32 pair codes of ``b`` bits (``b = 4``
 at 2 bits per element, ``b = 3`` at 1.5), packed planar by
 `base.pack_codes`: 4-bit codes fill 16 bytes, code ``j`` in byte ``j % 16`` at
-bit ``4 * (j // 16)``; 3-bit codes fill 12 bytes: the low 2 bits of code ``j``
-in byte ``j % 8`` at bit ``2 * (j // 8)``, then its high bit in byte
-``8 + j % 4`` at bit ``j // 4``. A code is ``ring * S + sector``. With the
+bit ``4 * (j // 16)``; 3-bit codes fill 12 bytes: the low bit of code ``j``
+in byte ``j % 4`` at bit ``j // 4``, then its two high bits in byte ``4 + j %
+8`` at bit ``2 * (j // 8)``. A code is ``ring * S + sector``. With the
 2-byte bf16 scale: 18 bytes per 64 elements = **2.25 bits/element** all-in at
 2 bits, 14 bytes = **1.75** at 1.5 bits.
 
 **Signed codebook** (first moment): ``S = 8`` sectors at angles ``k·π/4`` times
 the rings: one ring (0.40) at 1.5 bits, two (0.14, 0.53) at 2 bits, the
 published values. Encoding is the exact nearest codeword, found without
-search: the sector is ``round(θ / (π/4)) mod 8``; then, with the sector angle
-φ fixed, the ring nearest to the projected radius ``p = r·cos(θ − φ)``. Proof:
+search: the sector is the nearest of ``k·π/4``, decided by comparisons
+(`fold_octant` reflects the pair onto the first octant; the diagonal wins
+where ``y > tan(π/8)·x``), so no trigonometry is evaluated; then, with the
+sector angle φ fixed, the ring nearest to the projected radius ``p = r·cos(θ −
+φ)``. Proof:
 ``|z − ρe^{iφ}|² = (ρ − p)² + r² − p²``, so for every ring ρ > 0 the nearest
 angle is best, and since every sector has the same rings the nearest codeword
 is the nearest angle with the ring nearest to ``p`` (tested against brute
@@ -207,13 +210,9 @@ def ring_values(rings: Any) -> list[Any]:
     return [rings[k].astype(jnp.float32) for k in range(rings.shape[-1])]
 
 
-def _rint(x: jax.Array) -> jax.Array:
-    """``jnp.round`` (half to even) from floor and compares (Triton lowers it)."""
-    r = jnp.floor(x)
-    d = x - r  # exact for the small angles used here
-    odd = (r - 2.0 * jnp.floor(0.5 * r)) == 1.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return r + up.astype(x.dtype)
+_SQRT2 = math.sqrt(2.0)
+_SQRT_HALF = math.sqrt(0.5)
+_TAN_PI_8 = math.tan(math.pi / 8.0)
 
 
 def safe_hypot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -224,6 +223,53 @@ def safe_hypot(a: jax.Array, b: jax.Array) -> jax.Array:
     return hi * jnp.sqrt(1.0 + jnp.square(lo / safe_hi))
 
 
+def fold_octant(
+    u: jax.Array, w: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Folds signed pairs into the first octant, without trigonometry.
+
+    A pair lies between two neighbouring sector directions of the signed
+    codebook (angles ``k·π/4``): the axis of its larger coordinate and the
+    diagonal of its quadrant. Reflected onto the first octant it is ``(x, y)``
+    with ``x >= y >= 0``, at angle ``atan(y / x)`` from the axis direction.
+
+    Args:
+      u: first coordinates, any shape.
+      w: second coordinates, same shape.
+
+    Returns:
+      ``(x, y, axis, diag)``: ``x = max(|u|, |w|)``, ``y = min(|u|, |w|)``
+      and the int32 sectors of the axis and the diagonal around the pair.
+    """
+    au, aw = jnp.abs(u), jnp.abs(w)
+    x, y = jnp.maximum(au, aw), jnp.minimum(au, aw)
+    u_neg, w_neg = u < 0, w < 0
+    axis = jnp.where(au >= aw, jnp.where(u_neg, 4, 0), jnp.where(w_neg, 6, 2)).astype(
+        jnp.int32
+    )
+    diag = jnp.where(u_neg, jnp.where(w_neg, 5, 3), jnp.where(w_neg, 7, 1))
+    return x, y, axis, diag.astype(jnp.int32)
+
+
+def signed_span(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``α + β`` of a folded pair ``(x, y) = α e_axis + β e_diag`` (>= its radius)."""
+    return x + (_SQRT2 - 1.0) * y
+
+
+def _unsigned_sector(u: jax.Array, w: jax.Array) -> jax.Array:
+    """The nearest of the two sectors (22.5°, 67.5°) of a pair ``u, w >= 0``."""
+    return (w > u).astype(jnp.int32)
+
+
+def _ring_of(p: jax.Array, rings: list[Any], *, signed: bool) -> jax.Array:
+    """Signed: the ring nearest to ``p``; unsigned: the smallest ring ``>= p``."""
+    ring = jnp.zeros(p.shape, jnp.int32)
+    for k in range(len(rings) - 1):
+        edge = 0.5 * (rings[k] + rings[k + 1]) if signed else rings[k]
+        ring = ring + (p > edge).astype(jnp.int32)
+    return ring
+
+
 def assign(
     u: jax.Array, w: jax.Array, rings: jax.Array, *, signed: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -231,7 +277,9 @@ def assign(
 
     Signed: the exact nearest codeword (nearest sector angle, then the ring
     nearest to the projected radius). Unsigned: the nearest sector, then the
-    smallest ring ``>=`` the projected radius (radial ceiling).
+    smallest ring ``>=`` the projected radius (radial ceiling). No
+    trigonometry: the nearest sector is decided by comparisons (`fold_octant`
+    and ``tan(π/8)``), so a kernel spends a few selects per pair.
 
     Args:
       u: first coordinates, any shape.
@@ -243,45 +291,38 @@ def assign(
       ``(ring, sector, projected)``: int32 ring and sector indices and the
       float32 projected radius ``p = r·cos(θ − φ)``.
     """
-    cos_t, sin_t = _sector_cos_sin(signed)
     rings = ring_values(rings)
-    n_rings = len(rings)
-    theta = jnp.arctan2(w, u)
     if signed:
-        step = 2.0 * math.pi / SIGNED_SECTORS
-        sector = _rint(theta / step).astype(jnp.int32) % SIGNED_SECTORS
+        x, y, axis, diag = fold_octant(u, w)
+        to_diag = y > _TAN_PI_8 * x
+        sector = jnp.where(to_diag, diag, axis)
+        p = jnp.where(to_diag, (x + y) * _SQRT_HALF, x)
     else:
-        sector = _unsigned_sector(theta)
-    p = u * _select(sector, cos_t) + w * _select(sector, sin_t)
-    ring = jnp.zeros(p.shape, jnp.int32)
-    if signed:  # nearest ring: count the midpoints below p
-        for k in range(n_rings - 1):
-            ring = ring + (p > 0.5 * (rings[k] + rings[k + 1])).astype(jnp.int32)
-    else:  # smallest ring >= p: count the rings below p, top ring caps
-        for k in range(n_rings - 1):
-            ring = ring + (p > rings[k]).astype(jnp.int32)
-    return ring, sector, p
+        cos_t, sin_t = _sector_cos_sin(False)
+        sector = _unsigned_sector(u, w)
+        p = u * _select(sector, cos_t) + w * _select(sector, sin_t)
+    return _ring_of(p, rings, signed=signed), sector, p
 
 
 def assign_stochastic(
-    theta: jax.Array, s: jax.Array, bits: jax.Array, rings: Any, *, signed: bool
+    u: jax.Array, w: jax.Array, bits: jax.Array, rings: Any, *, signed: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Stochastic codeword of normalised pairs, unbiased where the codebook allows.
 
-    Signed: the pair ``z`` (angle ``theta``) lies between sector directions
-    ``e_k`` and ``e_{k+1}``, ``z = α e_k + β e_{k+1}`` with ``α, β >= 0``; the
-    sector is ``k+1`` with probability ``β / (α + β)`` and the radius to code is
-    ``s = α + β`` (``s`` is passed in, normalised so that ``s <= 1``). ``s`` is
-    then rounded stochastically on the line ``-ρ_R < … < -ρ_1 < ρ_1 < … < ρ_R``
-    (``-ρ`` is the opposite sector), so ``E[decode] = z`` exactly for pairs
-    with ``s <= ρ_R``; larger ones are clipped to the top ring. Unsigned: the
-    nearest sector (as `assign`) and ``s`` the projected radius, rounded
-    stochastically between the rings around it (up to the smallest ring below
-    it): unbiased along the sector direction, never 0.
+    Signed: the pair ``z = (u, w)`` lies between sector directions ``e_k``
+    and ``e_{k+1}``, ``z = α e_k + β e_{k+1}`` with ``α, β >= 0``; the sector
+    is ``k+1`` with probability ``β / (α + β)`` and the radius to code is
+    ``s = α + β`` (`signed_span`; ``(u, w)`` are normalised so that ``s <=
+    1``). ``s`` is then rounded stochastically on the line ``-ρ_R < … < -ρ_1 <
+    ρ_1 < … < ρ_R`` (``-ρ`` is the opposite sector), so ``E[decode] = z``
+    exactly for pairs with ``s <= ρ_R``; larger ones are clipped to the top
+    ring. Unsigned: the nearest sector (as `assign`) and ``s`` the projected
+    radius, rounded stochastically between the rings around it (up to the
+    smallest ring below it): unbiased along the sector direction, never 0.
 
     Args:
-      theta: pair angles ``atan2(w, u)``.
-      s: radii to code (see above), in ``[0, 1]``.
+      u: first coordinates of the normalised pairs.
+      w: second coordinates, same shape.
       bits: uint32 random bits, one word per pair (`base.dither_bits`).
       rings: float32 ``(R,)`` ring radii, increasing.
       signed: which codebook.
@@ -293,16 +334,15 @@ def assign_stochastic(
     n_rings = len(rings)
     n_sector, n_ring = base.uniform_pair(bits)
     if signed:
-        step = 2.0 * math.pi / SIGNED_SECTORS
-        x = theta / step
-        k0 = jnp.floor(x)
-        psi = (x - k0) * step
-        w_lo, w_hi = jnp.sin(step - psi), jnp.sin(psi)
-        sector = k0.astype(jnp.int32) + (n_sector * (w_lo + w_hi) < w_hi).astype(
-            jnp.int32
-        )
+        x, y, axis, diag = fold_octant(u, w)
+        s = signed_span(x, y)
+        to_diag = n_sector * s < _SQRT2 * y  # probability β / (α + β)
+        sector = jnp.where(to_diag, diag, axis)
     else:
-        sector = _unsigned_sector(theta)
+        cos_t, sin_t = _sector_cos_sin(False)
+        sector = _unsigned_sector(u, w)
+        s = u * _select(sector, cos_t) + w * _select(sector, sin_t)
+    s = jnp.minimum(s, 1.0)
     below = jnp.zeros(s.shape, jnp.int32)  # rings <= s
     for k in range(n_rings):
         below = below + (s >= rings[k]).astype(jnp.int32)
@@ -317,12 +357,6 @@ def assign_stochastic(
         flip = (~up) & (below == 0)  # -ρ_1: the opposite sector
         sector = (sector + jnp.where(flip, SIGNED_SECTORS // 2, 0)) % SIGNED_SECTORS
     return ring, sector
-
-
-def _unsigned_sector(theta: jax.Array) -> jax.Array:
-    step = 0.5 * math.pi / UNSIGNED_SECTORS
-    sector = jnp.clip(jnp.floor(theta / step), 0, UNSIGNED_SECTORS - 1)
-    return sector.astype(jnp.int32)
 
 
 def _num_sectors(signed: bool) -> int:
@@ -341,7 +375,8 @@ def encode_groups_with(
     signed: bool,
     scale_dtype: Any = jnp.bfloat16,
     noise: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    planes: bool = False,
+) -> tuple[Any, jax.Array]:
     """Encodes ``(..., G)`` groups with an explicit codebook (kernel entry point).
 
     Only the last axis is sliced; leading axes are untouched, so a kernel can
@@ -358,49 +393,46 @@ def encode_groups_with(
         word per pair, for stochastic rounding (`assign_stochastic`).
         Signed stochastic groups are scaled by the largest
         ``α + β`` instead of the largest radius, so every pair is in reach.
+      planes: return the codes as the list of `base.pack_planes` planes (a
+        kernel stores them separately) instead of their concatenation.
 
     Returns:
-      ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes and
-      ``(..., 1)`` scales in ``scale_dtype``.
+      ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes (or
+      their planes) and ``(..., 1)`` scales in ``scale_dtype``.
     """
     xg = jnp.asarray(xg, jnp.float32)
     rings = ring_values(rings)
     if not signed:
         xg = jnp.maximum(xg, 0.0)
     a, b = base.split_last(xg, 2)
-    radius = safe_hypot(a, b)
-    if noise is None:
-        stored, divisor = base.safe_scale(
-            jnp.max(radius, axis=-1, keepdims=True), scale_dtype
-        )
-        ring, sector, _ = assign(a / divisor, b / divisor, rings, signed=signed)
+    if noise is not None and signed:  # every pair's α + β must reach <= 1
+        extent = signed_span(*fold_octant(a, b)[:2])
     else:
-        theta = jnp.arctan2(b, a)
-        if signed:  # α + β of the two sector directions around the pair
-            step = 2.0 * math.pi / SIGNED_SECTORS
-            psi = theta - jnp.floor(theta / step) * step
-            span = radius * (jnp.cos(psi - 0.5 * step) / math.cos(0.5 * step))
-        else:  # the projection on the nearest sector direction
-            cos_t, sin_t = _sector_cos_sin(False)
-            sector = _unsigned_sector(theta)
-            span = a * _select(sector, cos_t) + b * _select(sector, sin_t)
-        stored, divisor = base.safe_scale(
-            jnp.max(jnp.maximum(span, radius), axis=-1, keepdims=True), scale_dtype
-        )
-        span = jnp.minimum(span / divisor, 1.0)
-        ring, sector = assign_stochastic(theta, span, noise, rings, signed=signed)
+        extent = safe_hypot(a, b)
+    stored, divisor = base.safe_scale(
+        jnp.max(extent, axis=-1, keepdims=True), scale_dtype
+    )
+    inv = 1.0 / divisor  # one division per group
+    u, w = a * inv, b * inv
+    if noise is None:
+        ring, sector, _ = assign(u, w, rings, signed=signed)
+    else:
+        ring, sector = assign_stochastic(u, w, noise, rings, signed=signed)
     code = ring * _num_sectors(signed) + sector
-    codes = base.pack_codes(code, code_bits(len(rings), signed))
-    return codes, stored
+    bits = code_bits(len(rings), signed)
+    if planes:
+        return base.pack_planes(code, bits), stored
+    return base.pack_codes(code, bits), stored
 
 
 def decode_groups_with(
-    codes: jax.Array, scales: jax.Array, rings: jax.Array, *, signed: bool
+    codes: Any, scales: jax.Array, rings: jax.Array, *, signed: bool
 ) -> jax.Array:
     """Decodes ``(..., bytes)`` codes and ``(..., 1)`` scales to ``(..., G)``.
 
     Args:
-      codes: uint8 planar codes from `encode_groups_with`; any bytes are valid.
+      codes: uint8 planar codes from `encode_groups_with`, or the list of
+        their planes (``planes=True``); any bytes are valid.
       scales: ``(..., 1)`` group scales.
       rings: float32 ``(R,)`` ring radii, the same as at encoding.
       signed: which codebook.
@@ -413,8 +445,11 @@ def decode_groups_with(
     n_rings = len(rings)
     n_sectors = _num_sectors(signed)
     bits = code_bits(n_rings, signed)
-    n_pairs = codes.shape[-1] * 8 // bits
-    code = base.unpack_codes(codes, bits, n_pairs).astype(jnp.int32)
+    if isinstance(codes, (list, tuple)):
+        code = base.unpack_planes(codes, bits)
+    else:
+        code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
+    code = code.astype(jnp.int32)
     sector, ring = code % n_sectors, code // n_sectors
     rho = _select(ring, rings)
     cos_t, sin_t = _sector_cos_sin(signed)

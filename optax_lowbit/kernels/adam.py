@@ -9,11 +9,23 @@ moments (as `optax.scale_by_adam`); encodes the new moments
 (`polar.encode_groups_with`) and stores codes, scales (aliased in place) and
 ``u``. One pass over the state: the floor is bytes moved (DESIGN §6).
 
+With ``params`` given (`adam_update(..., params=p)`) the kernel also applies
+the step, ``p ← p − lr·(u + wd·p)`` (AdamW), and writes the parameters in
+place instead of ``u``: the fused update-and-apply path.
+
+Stochastic rounding draws the same bits as the jnp path: the counter-based
+hash of each pair's row-major position in the leaf's pair grid
+(`base.dither_bits`) under the stream seed `Codec.encode` would use, passed in
+as an input; the codes are those of `adam_update_reference`.
+
 Inputs the kernel cannot capture come in as arrays: the hyperparameters
-(``hp``, traced under schedules / ``inject_hyperparams``) and the codebooks
-(the rings). Leading axes are flattened to rows of one group each; the row
-count is padded to a multiple of the block only where no power-of-two block
-of at least 32 groups divides it.
+(``hp``, traced under schedules / ``inject_hyperparams``), the codebooks (the
+rings) and the stream seeds. Leading axes are flattened to rows of one group
+each; the row count is padded to a multiple of the block only where no
+power-of-two block of at least 32 groups divides it. Codes whose group is a
+power-of-two number of bytes (2 bits: 16) are blocked rows; 1.5-bit groups
+(12 bytes: a 4-byte and an 8-byte plane, `base.pack_planes`) are read and
+written plane by plane at computed offsets of the flat code buffer.
 
 `adam_update_reference` is the definition: the same step in pure jnp, the
 path ``impl="jnp"`` takes.
@@ -24,6 +36,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +59,8 @@ HP_FIELDS = (
     "bc1",
     "bc2",
     "bc1_next",
+    "learning_rate",
+    "weight_decay",
 )
 #: Groups per block and Triton warps. Time grows with elements per thread
 #: (register spills): on an H100, 256M elements, 256 groups / 4 warps took 17.1
@@ -55,32 +70,52 @@ DEFAULT_NUM_WARPS = 4
 _HP_LEN = 16
 _CB_LEN = 16  # codebook vector: mu rings at [0, 8), nu rings at [8, 16)
 _CB_HALF = 8
+_SEED_LEN = 8
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _planes(codec: base.Codec) -> list[int]:
+    """Bytes of each code plane of one group of ``codec``."""
+    bits = polar.code_bits(len(codec.rings), codec.signed)
+    return base.plane_bytes(codec.group_size // 2, bits)
 
 
 def has_kernel(codec: base.Codec) -> bool:
     """Whether the fused kernel handles moments in ``codec``.
 
-    Polar codecs whose code bytes per group are a power of two (2 bits: 16
-    bytes per group of 64). At 1.5 bits a group has 12 code bytes, which the
-    Triton lowering rejects (block sizes must be powers of two): those leaves
-    take the jnp path. Stochastic rounding is not fused yet (jnp path).
+    Polar codecs (2 and 1.5 bits, nearest or stochastic rounding) with at most
+    8 rings, whose code planes per group are powers of two bytes (2 bits: one
+    16-byte plane; 1.5 bits: 4 + 8 bytes) and whose group size is a power of
+    two from 16 to 256.
     """
-    nbytes = getattr(codec, "bytes_per_group", 0)
     return (
         isinstance(codec, polar.PolarCodec)
-        and not codec.stochastic
-        and nbytes > 0
-        and nbytes & (nbytes - 1) == 0
         and len(codec.rings) <= _CB_HALF
         and codec.group_size in (16, 32, 64, 128, 256)
+        and all(_power_of_two(n) for n in _planes(codec))
     )
 
 
-def make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next=None) -> jax.Array:
+def make_hp(
+    b1,
+    b2,
+    eps,
+    eps_root,
+    bc1,
+    bc2,
+    bc1_next=None,
+    learning_rate=0.0,
+    weight_decay=0.0,
+) -> jax.Array:
     """Packs the hyperparameters into the kernel's float32 ``(16,)`` input.
 
     ``1 - b1`` and ``1 - b2`` are formed here, as the jnp path forms them (in
     Python for numbers), so both paths use the same float32 constants.
+    ``learning_rate`` and ``weight_decay`` are read only by the fused
+    update-and-apply step.
     """
     vals = [
         b1,
@@ -92,6 +127,8 @@ def make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next=None) -> jax.Array:
         bc1,
         bc2,
         bc1 if bc1_next is None else bc1_next,
+        learning_rate,
+        weight_decay,
     ]
     vals = [jnp.asarray(v, jnp.float32).reshape(()) for v in vals]
     vals += [jnp.zeros((), jnp.float32)] * (_HP_LEN - len(vals))
@@ -115,61 +152,124 @@ def _moment_step(g, m, v, hp, *, nesterov: bool):
     return u, m, v
 
 
-def _group_fns(codec: base.Codec):
-    """``(decode(codes, scales, rings), encode(x, rings))`` of a kernel codec."""
+def _apply_step(p, u, hp):
+    """AdamW's parameter update in float32, in optax's order of operations.
 
-    def decode(codes, scales, rings):
-        return polar.decode_groups_with(codes, scales, rings, signed=codec.signed)
+    ``add_decayed_weights`` then ``scale_by_learning_rate`` then
+    ``apply_updates``: ``p + (-lr) * (u + wd * p)``.
+    """
+    return p + (-hp[9]) * (u + hp[10] * p)
 
-    def encode(x, rings):
-        return polar.encode_groups_with(
-            x, rings, signed=codec.signed, scale_dtype=codec.scale_dtype
-        )
 
-    return decode, encode
+class _Codes:
+    """How the kernel reads and writes one moment's codes.
+
+    A group whose codes are one power-of-two plane is a row of a blocked
+    ``(rows, bytes)`` array. Otherwise (1.5 bits: 12 bytes) the codes stay one
+    flat buffer and each plane is gathered and scattered at computed offsets
+    ``row * bytes + offset + j`` (every block shape a power of two).
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.planes = _planes(codec)
+        self.nbytes = sum(self.planes)
+        self.blocked = len(self.planes) == 1
+
+    def operand(self, codes: jax.Array, rows: int) -> jax.Array:
+        codes = _pad_rows(codes.reshape(-1, self.nbytes), rows)
+        return codes if self.blocked else codes.reshape(-1)
+
+    def spec(self, block: int) -> pl.BlockSpec:
+        if self.blocked:
+            return pl.BlockSpec((block, self.nbytes), lambda i: (i, 0))
+        return pl.BlockSpec()  # the whole flat buffer; rows are offsets
+
+    def _offsets(self, row):
+        out, start = [], 0
+        for n in self.planes:
+            col = jnp.arange(n, dtype=jnp.int32)[None, :] + start
+            out.append(row[:, None] * self.nbytes + col)
+            start += n
+        return out
+
+    def load(self, ref, row) -> list[jax.Array]:
+        if self.blocked:
+            return [ref[...]]
+        return [ref[idx] for idx in self._offsets(row)]
+
+    def store(self, ref, row, planes: list[jax.Array]) -> None:
+        if self.blocked:
+            ref[...] = planes[0]
+            return
+        for idx, plane in zip(self._offsets(row), planes, strict=True):
+            ref[idx] = plane
 
 
 def _adam_kernel(
     hp_ref,
     cb_ref,
+    seed_ref,
     g_ref,
-    mc_ref,
-    ms_ref,
-    vc_ref,
-    vs_ref,
-    u_ref,
-    mc_out,
-    ms_out,
-    vc_out,
-    vs_out,
-    *,
+    *refs,
     mu_codec,
     nu_codec,
     nesterov,
+    apply,
     last,
     groups_per_row,
     block,
 ):
+    p_ref = refs[0] if apply else None
+    refs = refs[int(apply) :]
+    mc_ref, ms_ref, vc_ref, vs_ref, out_ref, mc_out, ms_out, vc_out, vs_out = refs
     hp = [hp_ref[k] for k in range(len(HP_FIELDS))]  # scalars (traced hps)
     m_rings = [cb_ref[k] for k in range(len(mu_codec.rings))]
     v_rings = [cb_ref[_CB_HALF + k] for k in range(len(nu_codec.rings))]
-    m_decode, m_encode = _group_fns(mu_codec)
-    v_decode, v_encode = _group_fns(nu_codec)
+    m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
+    row = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
     g = g_ref[...].astype(jnp.float32)
-    m = m_decode(mc_ref[...], ms_ref[...], m_rings)
-    v = v_decode(vc_ref[...], vs_ref[...], v_rings)
+    m = polar.decode_groups_with(
+        m_io.load(mc_ref, row), ms_ref[...], m_rings, signed=mu_codec.signed
+    )
+    v = polar.decode_groups_with(
+        v_io.load(vc_ref, row), vs_ref[...], v_rings, signed=nu_codec.signed
+    )
     gsize = g.shape[-1]
     if last % gsize:  # the padded tail of each row holds zeros (as in jnp)
-        row = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
         col = (row % groups_per_row) * gsize
         col = col[:, None] + jnp.arange(gsize, dtype=jnp.int32)[None, :]
         valid = col < last
         m = jnp.where(valid, m, 0.0)
         v = jnp.where(valid, v, 0.0)
     u, m, v = _moment_step(g, m, v, hp, nesterov=nesterov)
-    u_ref[...] = u.astype(u_ref.dtype)
-    mc_out[...], ms_out[...] = m_encode(m, m_rings)
-    vc_out[...], vs_out[...] = v_encode(v, v_rings)
+    if apply:
+        out_ref[...] = _apply_step(p_ref[...].astype(jnp.float32), u, hp).astype(
+            out_ref.dtype
+        )
+    else:
+        out_ref[...] = u.astype(out_ref.dtype)
+    pair = None
+    if mu_codec.stochastic or nu_codec.stochastic:
+        half = gsize // 2
+        pair = (
+            row.astype(jnp.uint32)[:, None] * jnp.uint32(half)
+            + jnp.arange(half, dtype=jnp.uint32)[None, :]
+        )
+    for x, codec, rings, io, c_out, s_out, k in (
+        (m, mu_codec, m_rings, m_io, mc_out, ms_out, 0),
+        (v, nu_codec, v_rings, v_io, vc_out, vs_out, 1),
+    ):
+        noise = base.dither_bits(pair, seed_ref[k]) if codec.stochastic else None
+        planes, scales = polar.encode_groups_with(
+            x,
+            rings,
+            signed=codec.signed,
+            scale_dtype=codec.scale_dtype,
+            noise=noise,
+            planes=True,
+        )
+        io.store(c_out, row, planes)
+        s_out[...] = scales
 
 
 def _codebook(mu_codec: base.Codec, nu_codec: base.Codec) -> jax.Array:
@@ -177,6 +277,23 @@ def _codebook(mu_codec: base.Codec, nu_codec: base.Codec) -> jax.Array:
     cb[: len(mu_codec.rings)] = mu_codec.rings
     cb[_CB_HALF : _CB_HALF + len(nu_codec.rings)] = nu_codec.rings
     return jnp.asarray(cb, jnp.float32)
+
+
+def stream_seeds(
+    mu_codec: base.Codec, nu_codec: base.Codec, seeds: Any = None
+) -> jax.Array:
+    """The kernel's uint32 ``(8,)`` seed input: each moment's final stream.
+
+    ``seeds`` is ``(mu_seed, nu_seed)``, the ``seed`` arguments that
+    `Codec.encode` would get (``None``: stream 0), mixed here exactly as
+    `Codec.encode` mixes them.
+    """
+    seeds = (None, None) if seeds is None else tuple(seeds)
+    if len(seeds) != 2:
+        raise ValueError(f"seeds must be (mu_seed, nu_seed), got {seeds!r}.")
+    out = [base.stream_seed(0 if s is None else s) for s in seeds]
+    out += [jnp.zeros((), jnp.uint32)] * (_SEED_LEN - 2)
+    return jnp.stack(out)
 
 
 def _pick_block(n: int, block_groups: int) -> tuple[int, int]:
@@ -207,6 +324,8 @@ def adam_update(
     mu_codec: base.Codec,
     nu_codec: base.Codec,
     nesterov: bool = False,
+    seeds: Any = None,
+    params: jax.Array | None = None,
     block_groups: int | None = None,
     num_warps: int | None = None,
     lowering: str | None = None,
@@ -221,19 +340,39 @@ def adam_update(
       mu_codec: codec of ``mu`` (`has_kernel` must hold).
       nu_codec: codec of ``nu``.
       nesterov: Nesterov momentum, as `optax.scale_by_adam`.
+      seeds: ``(mu_seed, nu_seed)``, the ``seed`` arguments `Codec.encode`
+        would get for a stochastic codec (may be traced); ``None``: stream 0.
+      params: the parameter leaf for the fused update-and-apply step: then
+        the first output is the new parameter ``p − lr·(u + wd·p)`` (``lr``
+        and ``wd`` from ``hp``) in ``params``' dtype, written in place of
+        ``params`` (donate it), instead of ``u``.
       block_groups: groups per kernel block (a power of two); ``None``:
         `DEFAULT_BLOCK_GROUPS`.
       num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
       lowering: force a GPU lowering (see `_backend.pick`).
 
     Returns:
-      ``u`` in ``g``'s dtype and shape, and the new moments (same layout).
+      ``u`` in ``g``'s dtype and shape (or the new ``params``), and the new
+      moments (same layout).
     """
+    for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
+        if not has_kernel(codec):
+            raise ValueError(
+                f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
+                "(2 or 1.5 bits) with <= 8 rings and a power-of-two group size "
+                "from 16 to 256 (see has_kernel)."
+            )
+    if params is not None and tuple(params.shape) != tuple(g.shape):
+        raise ValueError(
+            f"params has shape {tuple(params.shape)}, the gradient {tuple(g.shape)}."
+        )
     return _adam_update(
         g,
         mu,
         nu,
         hp,
+        stream_seeds(mu_codec, nu_codec, seeds),
+        params,
         mu_codec=mu_codec,
         nu_codec=nu_codec,
         nesterov=nesterov,
@@ -259,6 +398,8 @@ def _adam_update(
     mu: base.Packed,
     nu: base.Packed,
     hp: jax.Array,
+    seeds: jax.Array,
+    params: jax.Array | None,
     *,
     mu_codec: base.Codec,
     nu_codec: base.Codec,
@@ -267,7 +408,7 @@ def _adam_update(
     num_warps: int,
     lowering: str | None,
 ) -> tuple[jax.Array, base.Packed, base.Packed]:
-    """The jitted body of `adam_update`, with block and warps resolved.
+    """The jitted body of `adam_update`, with block, warps and seeds resolved.
 
     Arguments and return values are those of `adam_update`.
     """
@@ -282,14 +423,19 @@ def _adam_update(
     xg = base.to_groups(g, gsize)
     lead_groups = xg.shape[:-1]
     n = math.prod(lead_groups)
-    bm, bv = mu.codes.shape[-1], nu.codes.shape[-1]
     block, rows = _pick_block(n, block_groups)
+    m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
     rows_g = _pad_rows(xg.reshape(n, gsize), rows)
-    mc = _pad_rows(mu.codes.reshape(n, bm), rows)
+    mc = m_io.operand(mu.codes, rows)
     ms = _pad_rows(mu.scales.reshape(n, 1), rows)
-    vc = _pad_rows(nu.codes.reshape(n, bv), rows)
+    vc = v_io.operand(nu.codes, rows)
     vs = _pad_rows(nu.scales.reshape(n, 1), rows)
-    u_dtype = g.dtype
+    apply = params is not None
+    if apply:
+        rows_p = _pad_rows(base.to_groups(params, gsize).reshape(n, gsize), rows)
+        out_dtype = params.dtype
+    else:
+        out_dtype = g.dtype
 
     def row_spec(width):
         return pl.BlockSpec((block, width), lambda i: (i, 0))
@@ -302,62 +448,68 @@ def _adam_update(
         mu_codec=mu_codec,
         nu_codec=nu_codec,
         nesterov=nesterov,
+        apply=apply,
         last=base.lead_and_last(shape)[1],
         groups_per_row=lead_groups[-1],
         block=block,
     )
-    state_bytes = rows * (bm + bv + ms.dtype.itemsize + vs.dtype.itemsize)
-    g_bytes = rows * gsize * (rows_g.dtype.itemsize + jnp.dtype(u_dtype).itemsize)
-    u, mc, ms, vc, vs = pl.pallas_call(
+    state_bytes = rows * (m_io.nbytes + v_io.nbytes + 2 * ms.dtype.itemsize)
+    g_bytes = rows * gsize * (rows_g.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
+    if apply:
+        g_bytes += rows * gsize * rows_p.dtype.itemsize
+    state_in = [mc, ms, vc, vs]
+    state_specs = [m_io.spec(block), row_spec(1), v_io.spec(block), row_spec(1)]
+    first_state = 4 + int(apply)
+    aliases = {first_state + k: 1 + k for k in range(4)}
+    if apply:
+        aliases[4] = 0
+    out, mc, ms, vc, vs = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((rows, gsize), u_dtype),
-            jax.ShapeDtypeStruct(mc.shape, mc.dtype),
-            jax.ShapeDtypeStruct(ms.shape, ms.dtype),
-            jax.ShapeDtypeStruct(vc.shape, vc.dtype),
-            jax.ShapeDtypeStruct(vs.shape, vs.dtype),
+            jax.ShapeDtypeStruct((rows, gsize), out_dtype),
+            *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state_in),
         ),
         grid=(rows // block,),
         in_specs=[
             full_spec(_HP_LEN),
             full_spec(_CB_LEN),
+            full_spec(_SEED_LEN),
             row_spec(gsize),
-            row_spec(bm),
-            row_spec(1),
-            row_spec(bv),
-            row_spec(1),
+            *([row_spec(gsize)] if apply else []),
+            *state_specs,
         ],
-        out_specs=(
-            row_spec(gsize),
-            row_spec(bm),
-            row_spec(1),
-            row_spec(bv),
-            row_spec(1),
-        ),
-        input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4},
+        out_specs=(row_spec(gsize), *state_specs),
+        input_output_aliases=aliases,
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=num_warps),
         cost_estimate=pl.CostEstimate(
             flops=60 * rows * gsize,
-            transcendentals=3 * rows * gsize,
+            transcendentals=2 * rows * gsize,
             bytes_accessed=2 * state_bytes + g_bytes,
         ),
         name=f"adam_{mu_codec.name}",
-    )(hp.astype(jnp.float32), _codebook(mu_codec, nu_codec), rows_g, mc, ms, vc, vs)
-    u = base.from_groups(u[:n].reshape((*lead_groups, gsize)), shape)
+    )(
+        hp.astype(jnp.float32),
+        _codebook(mu_codec, nu_codec),
+        seeds,
+        rows_g,
+        *([rows_p] if apply else []),
+        *state_in,
+    )
+    out = base.from_groups(out[:n].reshape((*lead_groups, gsize)), shape)
     new_mu = base.Packed(
-        codes=mc[:n].reshape(mu.codes.shape),
+        codes=mc.reshape(rows, m_io.nbytes)[:n].reshape(mu.codes.shape),
         scales=ms[:n].reshape(mu.scales.shape),
         shape=mu.shape,
         codec=mu.codec,
     )
     new_nu = base.Packed(
-        codes=vc[:n].reshape(nu.codes.shape),
+        codes=vc.reshape(rows, v_io.nbytes)[:n].reshape(nu.codes.shape),
         scales=vs[:n].reshape(nu.scales.shape),
         shape=nu.shape,
         codec=nu.codec,
     )
-    return u, new_mu, new_nu
+    return out, new_mu, new_nu
 
 
 def adam_update_reference(
@@ -369,9 +521,19 @@ def adam_update_reference(
     mu_codec: base.Codec,
     nu_codec: base.Codec,
     nesterov: bool = False,
+    seeds: Any = None,
+    params: jax.Array | None = None,
 ) -> tuple[jax.Array, base.Packed, base.Packed]:
-    """The same step in pure jnp (decode, `_moment_step`, encode): the definition."""
+    """The same step in pure jnp (decode, `_moment_step`, encode): the definition.
+
+    Arguments and return values are those of `adam_update`.
+    """
+    seeds = (None, None) if seeds is None else tuple(seeds)
     m = mu_codec.decode(mu)
     v = nu_codec.decode(nu)
     u, m, v = _moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
-    return u.astype(g.dtype), mu_codec.encode(m), nu_codec.encode(v)
+    if params is None:
+        out = u.astype(g.dtype)
+    else:
+        out = _apply_step(params.astype(jnp.float32), u, hp).astype(params.dtype)
+    return out, mu_codec.encode(m, seed=seeds[0]), nu_codec.encode(v, seed=seeds[1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -194,9 +195,10 @@ def scale_by_adam_quantized(
             hp = _kernel_adam().make_hp(
                 b1, b2, eps, eps_root, bc1, bc2, bc1_next if nesterov else None
             )
-            return _update_with_kernels(
+            outs, _, new_state, treedef = fused_leaves(
                 updates, state, count, hp, mu_codec, nu_codec, nesterov, step
             )
+            return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
         updates, (mu, nu) = _quantized.map_leaves(
             step, updates, (state.mu, state.nu), (mu_codec, nu_codec), seed=count
@@ -214,29 +216,89 @@ def _kernel_adam() -> Any:
     return importlib.import_module("optax_lowbit.kernels.adam")
 
 
-def _update_with_kernels(updates, state, count, hp, mu_codec, nu_codec, nesterov, step):
-    """The update with the fused kernel on leaves it handles, ``step`` elsewhere."""
+def fused_leaves(
+    updates: Any,
+    state: ScaleByAdamQuantizedState,
+    count: jax.Array,
+    hp: jax.Array,
+    mu_codec: base.Codec,
+    nu_codec: base.Codec,
+    nesterov: bool,
+    step: Any,
+    *,
+    use_pallas: bool = True,
+    params: Sequence[Any] | None = None,
+    leaf_hps: Sequence[jax.Array] | None = None,
+) -> tuple[list[Any], list[bool], ScaleByAdamQuantizedState, Any]:
+    """Adam over a tree: the fused kernel on the leaves it handles, ``step`` elsewhere.
+
+    Leaves whose moments are both `Packed` by codecs with a kernel
+    (`optax_lowbit.kernels.adam.has_kernel`) take one fused step
+    (`adam_update`, or its jnp definition `adam_update_reference` when
+    ``use_pallas`` is false); the other leaves take ``step`` through
+    `_quantized.map_leaves`. Both draw leaf ``i``'s stochastic rounding from
+    the streams ``leaf_seed(count, i, 0 | 1)``.
+
+    Args:
+      updates: the incoming updates.
+      state: the Adam state.
+      count: the new step count.
+      hp: the kernel hyperparameters (`make_hp`).
+      mu_codec: first-moment codec.
+      nu_codec: second-moment codec.
+      nesterov: Nesterov momentum.
+      step: the jnp step of one leaf (see `_quantized.map_leaves`).
+      use_pallas: the Pallas kernel, or its jnp definition.
+      params: parameter leaves (flat, in the order of ``updates``): fused
+        leaves then also apply the step and return the new parameter.
+      leaf_hps: per-leaf ``hp`` for the fused apply (weight decay masked).
+
+    Returns:
+      ``(outs, fused, new_state, treedef)``: flat per-leaf outputs (``u``, or
+      the new parameter where ``params`` is given and the leaf is fused),
+      which leaves were fused, the new state and the updates' treedef.
+    """
     kadam = _kernel_adam()
-    fused = kadam.has_kernel(mu_codec) and kadam.has_kernel(nu_codec)
+    fusable = (
+        kadam.has_kernel(mu_codec)
+        and kadam.has_kernel(nu_codec)
+        and mu_codec.group_size == nu_codec.group_size
+    )
     flat, treedef = jax.tree_util.tree_flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
-    out_u, out_m, out_v = [], [], []
+    outs, fused, new_m, new_v = [], [], [], []
+    run = kadam.adam_update if use_pallas else kadam.adam_update_reference
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
-        if fused and _quantized.is_packed(m) and _quantized.is_packed(v):
-            u, m, v = kadam.adam_update(
-                g, m, v, hp, mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov
+        if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
+            seeds = (
+                _quantized.leaf_seed(count, i, 0),
+                _quantized.leaf_seed(count, i, 1),
             )
+            out, m, v = run(
+                g,
+                m,
+                v,
+                hp if leaf_hps is None else leaf_hps[i],
+                mu_codec=mu_codec,
+                nu_codec=nu_codec,
+                nesterov=nesterov,
+                seeds=seeds,
+                params=None if params is None else params[i],
+            )
+            fused.append(True)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
             )
-            u, m, v = sub_u[0], sub_m[0], sub_v[0]
-        out_u.append(u)
-        out_m.append(m)
-        out_v.append(v)
+            out, m, v = sub_u[0], sub_m[0], sub_v[0]
+            fused.append(False)
+        outs.append(out)
+        new_m.append(m)
+        new_v.append(v)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflat(out_u), ScaleByAdamQuantizedState(count, unflat(out_m), unflat(out_v))
+    new_state = ScaleByAdamQuantizedState(count, unflat(new_m), unflat(new_v))
+    return outs, fused, new_state, treedef
 
 
 def _codecs(module: str) -> Any:
