@@ -1,16 +1,19 @@
-"""Optimizer step speed on the device: fp32/bf16 Optax AdamW vs low-bit polar Adam.
+"""Optimizer step speed on the device: fp32/bf16 Optax AdamW vs low-bit Adam.
 
 Run on a GPU (``python -m benchmarks.step_speed``). For every case and
 optimizer it jits ``params, state = step(params, state, grads)`` with params
 and state donated, times >= 30 steps after warm-up (median, each step
 ``block_until_ready``), and records ms, the ratio to ``optax.adamw`` fp32 of
 the same run, state and temporary bytes per parameter
-(``compiled.memory_analysis()``) and compile time. It also checks the kernel
-against the jnp reference on the device (code mismatch fraction, ``u``
-error), sweeps the kernel's block size / warps on the big leaf, measures the
-device copy ceiling, and tries the Mosaic GPU lowering (recorded as an error
-where it does not lower). Writes ``benchmarks/results/step_speed.json``
-(or ``$OUT/step_speed.json`` when ``OUT`` is set) and prints a table.
+(``compiled.memory_analysis()``) and compile time. Rows: the Optax baselines;
+for polar 2 and 1.5 bits (stochastic rounding, the default) the jnp chain,
+the Pallas chain (``impl="pallas"``) and the fused update-and-apply step
+(`optax_lowbit.fused_adamw_polar`); 8-bit, 4-bit and π-Quant on their jnp
+path. It also checks every kernel variant against the jnp reference on the
+device (code and scale mismatch fractions, output error), measures the
+device copy ceiling and sweeps the kernel's block size / warps on the big
+leaf. Writes ``benchmarks/results/step_speed.json`` (or
+``$OUT/step_speed.json`` when ``OUT`` is set) and prints a table.
 """
 
 from __future__ import annotations
@@ -75,21 +78,41 @@ def stacked_policy(path, leaf) -> bool:
 
 
 def optimizers(case: str) -> dict:
-    """Name -> (transform, impl) rows."""
+    """Name -> (kind, optimizer, impl) rows; kind "chain" (Optax) or "fused"."""
     lr = 1e-3
     policy = stacked_policy if "stacked" in case else None
-    return {
-        "optax.adamw": (optax.adamw(lr), "xla"),
-        "optax.adamw(mu_dtype=bf16)": (optax.adamw(lr, mu_dtype=jnp.bfloat16), "xla"),
-        "adamw_polar(bits=2)/jnp": (
-            lowbit.adamw_polar(lr, bits=2, impl="jnp", policy=policy),
-            "jnp",
-        ),
-        "adamw_polar(bits=2)/pallas-triton": (
-            lowbit.adamw_polar(lr, bits=2, impl="pallas", policy=policy),
-            "pallas-triton",
+    rows = {
+        "optax.adamw": ("chain", optax.adamw(lr), "xla"),
+        "optax.adamw(mu_dtype=bf16)": (
+            "chain",
+            optax.adamw(lr, mu_dtype=jnp.bfloat16),
+            "xla",
         ),
     }
+    for bits in (2, 1.5):
+        name = f"adamw_polar(bits={bits})"
+        rows[f"{name}/jnp"] = (
+            "chain",
+            lowbit.adamw_polar(lr, bits=bits, impl="jnp", policy=policy),
+            "jnp",
+        )
+        rows[f"{name}/pallas"] = (
+            "chain",
+            lowbit.adamw_polar(lr, bits=bits, impl="pallas", policy=policy),
+            "pallas-triton",
+        )
+        rows[f"fused_{name}/pallas"] = (
+            "fused",
+            lowbit.fused_adamw_polar(lr, bits=bits, impl="pallas", policy=policy),
+            "pallas-triton",
+        )
+    for name, make in (
+        ("adamw_8bit", lowbit.adamw_8bit),
+        ("adamw_4bit", lowbit.adamw_4bit),
+        ("adamw_piquant", lowbit.adamw_piquant),
+    ):
+        rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy), "jnp")
+    return rows
 
 
 def make_tree(shapes: dict, key) -> dict:
@@ -125,23 +148,33 @@ def time_fn(fn, *args, n=N_TIMED, donate=True):
     return statistics.median(times), min(times), args
 
 
-def bench_case(case: str, shapes: dict, meta: dict, log) -> list[dict]:
+def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
     params = make_tree(shapes, jax.random.key(0))
     grads = make_tree(shapes, jax.random.key(1))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     n_leaves = len(jax.tree.leaves(params))
     log(f"case {case}: {n_params / 1e6:.1f}M params, {n_leaves} leaves")
     rows = []
-    for name, (tx, impl) in optimizers(case).items():
+    for name, (kind, tx, impl) in optimizers(case).items():
+        if only and not any(o in name for o in only):
+            continue
         rec = {"case": case, "optimizer": name, "impl": impl, "n_params": n_params}
+        rec["path"] = kind
         rec.update(meta)
         try:
             p = jax.tree.map(jnp.copy, params)
             state = jax.jit(tx.init)(p)
 
-            def step(p, s, g, tx=tx):
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s
+            if kind == "fused":
+
+                def step(p, s, g, tx=tx):
+                    return tx.step(g, s, p)
+
+            else:
+
+                def step(p, s, g, tx=tx):
+                    u, s = tx.update(g, s, p)
+                    return optax.apply_updates(p, u), s
 
             jstep = jax.jit(step, donate_argnums=(0, 1))
             t0 = time.perf_counter()
@@ -173,43 +206,67 @@ def bench_case(case: str, shapes: dict, meta: dict, log) -> list[dict]:
     return rows
 
 
-def kernel_checks(meta: dict, log, configs=None, lowerings=("triton", "mosaic")):
-    """On-device kernel vs jnp reference, lowering variants, block sweep."""
+def _codecs(bits, rounding):
+    return (
+        lowbit.codecs.polar(bits=bits, signed=True, rounding=rounding),
+        lowbit.codecs.polar(bits=bits, signed=False, rounding=rounding),
+    )
+
+
+KERNEL_VARIANTS = {
+    "polar2-sr": (2, "stochastic"),
+    "polar1.5-sr": (1.5, "stochastic"),
+    "polar2-nearest": (2, "nearest"),
+}
+
+
+def kernel_checks(meta: dict, log, configs=None, variants=None):
+    """On-device kernel vs jnp reference (every variant, with and without the
+    fused apply), the copy ceiling, and a block / warps sweep on the 256M leaf."""
     out = {}
-    mc = lowbit.codecs.polar(bits=2, signed=True)
-    nc = lowbit.codecs.polar(bits=2, signed=False)
     key = jax.random.key(7)
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     shape = (4096, 4096 + 64 * 3)
-    m = mc.encode(0.1 * jax.random.normal(k1, shape))
-    v = nc.encode(0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6)
-    g = jax.random.normal(k3, shape)
     c = jnp.asarray(3, jnp.int32)
-    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 1 - 0.9**c, 1 - 0.999**c)
-    ref = jax.jit(
-        lambda g, m, v, hp: kadam.adam_update_reference(
-            g, m, v, hp, mu_codec=mc, nu_codec=nc
-        )
-    )(g, m, v, hp)
-    for low in lowerings:
-        try:
-            res = jax.jit(
-                lambda g, m, v, hp, low=low: kadam.adam_update(
-                    g, m, v, hp, mu_codec=mc, nu_codec=nc, lowering=low
-                )
-            )(g, m, v, hp)
-            jax.block_until_ready(res)
-            du = jnp.linalg.norm(res[0] - ref[0]) / jnp.linalg.norm(ref[0])
-            out[f"check_{low}"] = {
-                "u_rel_err": float(du),
-                "mu_code_mismatch": float(jnp.mean(res[1].codes != ref[1].codes)),
-                "nu_code_mismatch": float(jnp.mean(res[2].codes != ref[2].codes)),
-                "mu_scale_mismatch": float(jnp.mean(res[1].scales != ref[1].scales)),
-                "nu_scale_mismatch": float(jnp.mean(res[2].scales != ref[2].scales)),
-            }
-        except Exception as e:
-            out[f"check_{low}"] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
-        log(f"check {low}: {out[f'check_{low}']}")
+    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 1 - 0.9**c, 1 - 0.999**c, None, 1e-3, 0.1)
+    seeds = (jnp.uint32(11), jnp.uint32(12))
+    g = jax.random.normal(k3, shape)
+    params = jax.random.normal(k4, shape)
+    for vname, (bits, rounding) in KERNEL_VARIANTS.items():
+        mc, nc = _codecs(bits, rounding)
+        m = mc.encode(0.1 * jax.random.normal(k1, shape))
+        v = nc.encode(0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6)
+        for apply in (False, True):
+            name = f"check_{vname}" + ("_apply" if apply else "")
+            try:
+                kw = dict(mu_codec=mc, nu_codec=nc, seeds=seeds)
+                pa = params if apply else None
+                ref = jax.jit(
+                    lambda g, m, v, hp, p, kw=kw: kadam.adam_update_reference(
+                        g, m, v, hp, params=p, **kw
+                    )
+                )(g, m, v, hp, pa)
+                res = jax.jit(
+                    lambda g, m, v, hp, p, kw=kw: kadam.adam_update(
+                        g, m, v, hp, params=p, **kw
+                    )
+                )(g, m, v, hp, pa)
+                jax.block_until_ready(res)
+                du = jnp.linalg.norm(res[0] - ref[0]) / jnp.linalg.norm(ref[0])
+                out[name] = {
+                    "out_rel_err": float(du),
+                    "mu_code_mismatch": float(jnp.mean(res[1].codes != ref[1].codes)),
+                    "nu_code_mismatch": float(jnp.mean(res[2].codes != ref[2].codes)),
+                    "mu_scale_mismatch": float(
+                        jnp.mean(res[1].scales != ref[1].scales)
+                    ),
+                    "nu_scale_mismatch": float(
+                        jnp.mean(res[2].scales != ref[2].scales)
+                    ),
+                }
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+            log(f"{name}: {out[name]}")
     # copy ceiling: read + write of 1 GiB
     x = jax.random.normal(k1, (1 << 28,), jnp.float32)
     f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
@@ -220,38 +277,39 @@ def kernel_checks(meta: dict, log, configs=None, lowerings=("triton", "mosaic"))
     # kernel alone on the 256M leaf: block / warps sweep (state donated)
     shape = (16384, 16384)
     g = jax.random.normal(k3, shape)
-    m = mc.encode(0.1 * g)
-    v = nc.encode(0.01 * g * g)
     sweep = []
-    configs = configs or ((128, 4), (64, 4), (32, 4), (16, 4), (64, 8))
-    for bg, nw in configs:
-        try:
-            fn = jax.jit(
-                lambda m, v, g, hp, bg=bg, nw=nw: kadam.adam_update(
-                    g, m, v, hp, mu_codec=mc, nu_codec=nc, block_groups=bg, num_warps=nw
-                )[1:],
-                donate_argnums=(0, 1),
-            )
-            ms, ms_min, (m, v, *_) = time_fn(fn, m, v, g, hp)
-            n = g.size
-            moved = n * (4 + 4) + 2 * 2 * n * 18 / 64  # g in, u out, state r+w
-            rec = {
-                "block_groups": bg,
-                "num_warps": nw,
-                "ms": ms,
-                "ms_min": ms_min,
-                "TBps": moved / (ms * 1e-3) / 1e12,
-            }
-        except Exception as e:
-            rec = {
-                "block_groups": bg,
-                "num_warps": nw,
-                "error": f"{type(e).__name__}: {str(e)[:300]}",
-            }
-        sweep.append(rec)
-        log(f"sweep {rec}")
+    configs = configs or ((64, 4), (32, 4), (16, 4), (32, 2), (64, 8))
+    for vname in variants or ("polar2-sr", "polar1.5-sr"):
+        mc, nc = _codecs(*KERNEL_VARIANTS[vname])
+        m = mc.encode(0.1 * g)
+        v = nc.encode(0.01 * g * g)
+        state_b = 2 * (mc.bytes_per_group + 2) / 64  # both moments, B/elem
+        for bg, nw in configs:
+            rec = {"variant": vname, "block_groups": bg, "num_warps": nw}
+            try:
+                fn = jax.jit(
+                    lambda m, v, g, hp, bg=bg, nw=nw, mc=mc, nc=nc: kadam.adam_update(
+                        g,
+                        m,
+                        v,
+                        hp,
+                        mu_codec=mc,
+                        nu_codec=nc,
+                        seeds=seeds,
+                        block_groups=bg,
+                        num_warps=nw,
+                    )[1:],
+                    donate_argnums=(0, 1),
+                )
+                ms, ms_min, (m, v, *_) = time_fn(fn, m, v, g, hp)
+                moved = g.size * (4 + 4 + 2 * state_b)  # g in, u out, state r+w
+                rec.update(ms=ms, ms_min=ms_min, TBps=moved / (ms * 1e-3) / 1e12)
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            sweep.append(rec)
+            log(f"sweep {rec}")
     out["kernel_sweep_256M"] = sweep
-    ok = [r for r in sweep if "ms" in r]
+    ok = [r for r in sweep if "ms" in r and r["variant"] == "polar2-sr"]
     if ok:  # the transform rows below use the fastest configuration
         best = min(ok, key=lambda r: r["ms"])
         kadam.DEFAULT_BLOCK_GROUPS = best["block_groups"]
@@ -270,7 +328,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--quick-kernel", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of row-name substrings")
     args = ap.parse_args()
+    only = tuple(filter(None, args.only.split(",")))
     outdir = os.environ.get("OUT")
     path = args.out or (
         os.path.join(outdir, "step_speed.json")
@@ -293,7 +353,7 @@ def main() -> None:
         if not args.skip_kernel_checks:
             if args.quick_kernel:
                 result["kernel"] = kernel_checks(
-                    meta, log, ((128, 4), (64, 4)), ("triton",)
+                    meta, log, ((64, 4), (32, 4)), ("polar2-sr",)
                 )
             else:
                 result["kernel"] = kernel_checks(meta, log)
@@ -302,7 +362,7 @@ def main() -> None:
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
     for case in filter(None, args.cases.split(",")):
-        result["records"] += bench_case(case, CASES[case], meta, log)
+        result["records"] += bench_case(case, CASES[case], meta, log, only)
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
     print(f"\n{meta}")

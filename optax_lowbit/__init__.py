@@ -21,6 +21,7 @@ from optax_lowbit.alias import (
     sgd_polar,
 )
 from optax_lowbit.convert import convert
+from optax_lowbit.fused import FusedOptimizer, fused_adamw_polar
 from optax_lowbit.memory import state_bytes, summarize, summary
 from optax_lowbit.transforms.adafactor import (
     EmaQuantizedState,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmaQuantizedState",
+    "FusedOptimizer",
     "ScaleByAdamQuantizedState",
     "ScaleByFactoredRmsQuantizedState",
     "ScaleByLionQuantizedState",
@@ -59,6 +61,7 @@ __all__ = [
     "codecs",
     "convert",
     "ema_quantized",
+    "fused_adamw_polar",
     "lion_polar",
     "policy",
     "scale_by_adam_4bit",

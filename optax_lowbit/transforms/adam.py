@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -176,25 +176,8 @@ def scale_by_adam_quantized(
     ) -> tuple[optax.Updates, ScaleByAdamQuantizedState]:
         del params
         count = optax.safe_increment(state.count)
-        bc1 = 1 - b1**count
-        bc2 = 1 - b2**count
-        bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
-
-        def step(g, m, v):
-            g32 = g.astype(jnp.float32)
-            m = (1 - b1) * g32 + b1 * m
-            v = (1 - b2) * (g32 * g32) + b2 * v
-            if nesterov:
-                m_hat = b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
-            else:
-                m_hat = m / bc1
-            u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
-            return u.astype(g.dtype), m, v
-
+        hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
         if _kernels().use_pallas(impl):
-            hp = _kernel_adam().make_hp(
-                b1, b2, eps, eps_root, bc1, bc2, bc1_next if nesterov else None
-            )
             outs, _, new_state, treedef = fused_leaves(
                 updates, state, count, hp, mu_codec, nu_codec, nesterov, step
             )
@@ -206,6 +189,33 @@ def scale_by_adam_quantized(
         return updates, ScaleByAdamQuantizedState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam_step(
+    b1: Any, b2: Any, eps: Any, eps_root: Any, nesterov: bool, count: jax.Array
+) -> tuple[jax.Array, Callable[..., tuple[jax.Array, jax.Array, jax.Array]]]:
+    """Adam at step ``count`` (the new count): ``(hp, step)``.
+
+    ``hp`` is the fused kernel's hyperparameter vector (`make_hp`); ``step(g,
+    m, v) -> (u, m, v)`` is the same step of one leaf in jnp, float32 moments.
+    """
+    bc1 = 1 - b1**count
+    bc2 = 1 - b2**count
+    bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
+
+    def step(g, m, v):
+        g32 = g.astype(jnp.float32)
+        m = (1 - b1) * g32 + b1 * m
+        v = (1 - b2) * (g32 * g32) + b2 * v
+        if nesterov:
+            m_hat = b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
+        else:
+            m_hat = m / bc1
+        u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
+        return u.astype(g.dtype), m, v
+
+    hp = _kernel_adam().make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
+    return hp, step
 
 
 def _kernels() -> Any:
