@@ -57,7 +57,7 @@ def _scheduled(value: Any, sub_state: Any) -> Any:
     """``value`` at this step: schedules read the count in their chain state."""
     if not callable(value):
         return value
-    while not hasattr(sub_state, "count"):  # optax.masked wraps the inner state
+    while hasattr(sub_state, "inner_state"):  # optax.masked wraps the state
         sub_state = sub_state.inner_state
     return value(sub_state.count)
 

@@ -512,13 +512,33 @@ class Codec(abc.ABC):
         return from_groups(xg, packed.shape)
 
     def zeros(self, shape: tuple[int, ...]) -> Packed:
-        """The encoding of an all-zero array of ``shape`` (an optimizer's init)."""
+        """An all-zero array of ``shape``, encoded (an optimizer's init).
+
+        One zero group is encoded and repeated, so the codes are a broadcast
+        (nothing for XLA to constant-fold at init, however large the leaf);
+        it decodes to exact zeros.
+        """
         shape = _checks.shape_of("shape", shape)
-        return self.encode(jnp.zeros(shape, jnp.float32))
+        like = self.packed_shapes(shape)
+        zero = jnp.zeros((1, self.group_size), jnp.float32)
+        if self.stochastic:
+            codes, scales = self.encode_groups(zero, seed=stream_seed(0))
+        else:
+            codes, scales = self.encode_groups(zero)
+        reps = like.scales.shape[-1] // scales.shape[-1] if like.scales.ndim else 1
+        return Packed(
+            codes=jnp.broadcast_to(codes[0], like.codes.shape),
+            scales=jnp.broadcast_to(
+                jnp.tile(scales[0], reps).astype(like.scales.dtype), like.scales.shape
+            ),
+            shape=shape,
+            codec=self,
+        )
 
     def packed_shapes(self, shape: tuple[int, ...]) -> Packed:
         """`Packed` of ``jax.ShapeDtypeStruct`` leaves for an array of ``shape``."""
-        return jax.eval_shape(lambda: self.zeros(tuple(shape)))
+        shape = tuple(shape)
+        return jax.eval_shape(lambda: self.encode(jnp.zeros(shape, jnp.float32)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {self.bits_per_element:.4g} bits)"

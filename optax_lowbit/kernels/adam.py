@@ -21,8 +21,8 @@ as an input; the codes are those of `adam_update_reference`.
 Inputs the kernel cannot capture come in as arrays: the hyperparameters
 (``hp``, traced under schedules / ``inject_hyperparams``), the codebooks (the
 rings) and the stream seeds. Leading axes are flattened to rows of one group
-each; the row count is padded to a multiple of the block only where no
-power-of-two block of at least 32 groups divides it. Codes whose group is a
+each; where the block does not divide the rows, the last block's loads and
+stores are masked (no padded copies). Codes whose group is a
 power-of-two number of bytes (2 bits: 16) are blocked rows; 1.5-bit groups
 (12 bytes: a 4-byte and an 8-byte plane, `base.pack_planes`) are read and
 written plane by plane at computed offsets of the flat code buffer.
@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
@@ -175,9 +176,8 @@ class _Codes:
         self.nbytes = sum(self.planes)
         self.blocked = len(self.planes) == 1
 
-    def operand(self, codes: jax.Array, rows: int) -> jax.Array:
-        codes = _pad_rows(codes.reshape(-1, self.nbytes), rows)
-        return codes if self.blocked else codes.reshape(-1)
+    def operand(self, codes: jax.Array) -> jax.Array:
+        return codes.reshape((-1, self.nbytes) if self.blocked else (-1,))
 
     def spec(self, block: int) -> pl.BlockSpec:
         if self.blocked:
@@ -192,17 +192,34 @@ class _Codes:
             start += n
         return out
 
-    def load(self, ref, row) -> list[jax.Array]:
+    def load(self, ref, row, valid=None) -> list[jax.Array]:
         if self.blocked:
-            return [ref[...]]
-        return [ref[idx] for idx in self._offsets(row)]
+            return [_load(ref, valid)]
+        return [_load(ref, valid, idx) for idx in self._offsets(row)]
 
-    def store(self, ref, row, planes: list[jax.Array]) -> None:
+    def store(self, ref, row, planes: list[jax.Array], valid=None) -> None:
         if self.blocked:
-            ref[...] = planes[0]
+            _store(ref, planes[0], valid)
             return
         for idx, plane in zip(self._offsets(row), planes, strict=True):
-            ref[idx] = plane
+            _store(ref, plane, valid, idx)
+
+
+def _load(ref, valid, idx=None):
+    """``ref``'s block (or ``ref[idx]``); rows past the end (``~valid``) read 0."""
+    at = ... if idx is None else idx
+    if valid is None:
+        return ref[at]
+    return plgpu.load(ref.at[at], mask=valid[:, None], other=0)
+
+
+def _store(ref, value, valid, idx=None):
+    """Stores ``value`` in ``ref``'s block (or at ``idx``), skipping ``~valid`` rows."""
+    at = ... if idx is None else idx
+    if valid is None:
+        ref[at] = value
+    else:
+        plgpu.store(ref.at[at], value, mask=valid[:, None])
 
 
 def _adam_kernel(
@@ -218,6 +235,7 @@ def _adam_kernel(
     last,
     groups_per_row,
     block,
+    n_rows,
 ):
     p_ref = refs[0] if apply else None
     refs = refs[int(apply) :]
@@ -227,27 +245,34 @@ def _adam_kernel(
     v_rings = [cb_ref[_CB_HALF + k] for k in range(len(nu_codec.rings))]
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
     row = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
-    g = g_ref[...].astype(jnp.float32)
+    # the last block may run past the rows: masked loads and stores there
+    valid = None if n_rows % block == 0 else row < n_rows
+    g = _load(g_ref, valid).astype(jnp.float32)
     m = polar.decode_groups_with(
-        m_io.load(mc_ref, row), ms_ref[...], m_rings, signed=mu_codec.signed
+        m_io.load(mc_ref, row, valid),
+        _load(ms_ref, valid),
+        m_rings,
+        signed=mu_codec.signed,
     )
     v = polar.decode_groups_with(
-        v_io.load(vc_ref, row), vs_ref[...], v_rings, signed=nu_codec.signed
+        v_io.load(vc_ref, row, valid),
+        _load(vs_ref, valid),
+        v_rings,
+        signed=nu_codec.signed,
     )
     gsize = g.shape[-1]
     if last % gsize:  # the padded tail of each row holds zeros (as in jnp)
         col = (row % groups_per_row) * gsize
         col = col[:, None] + jnp.arange(gsize, dtype=jnp.int32)[None, :]
-        valid = col < last
-        m = jnp.where(valid, m, 0.0)
-        v = jnp.where(valid, v, 0.0)
+        inside = col < last
+        m = jnp.where(inside, m, 0.0)
+        v = jnp.where(inside, v, 0.0)
     u, m, v = _moment_step(g, m, v, hp, nesterov=nesterov)
     if apply:
-        out_ref[...] = _apply_step(p_ref[...].astype(jnp.float32), u, hp).astype(
-            out_ref.dtype
-        )
+        p = _load(p_ref, valid).astype(jnp.float32)
+        _store(out_ref, _apply_step(p, u, hp).astype(out_ref.dtype), valid)
     else:
-        out_ref[...] = u.astype(out_ref.dtype)
+        _store(out_ref, u.astype(out_ref.dtype), valid)
     pair = None
     if mu_codec.stochastic or nu_codec.stochastic:
         half = gsize // 2
@@ -268,8 +293,8 @@ def _adam_kernel(
             noise=noise,
             planes=True,
         )
-        io.store(c_out, row, planes)
-        s_out[...] = scales
+        io.store(c_out, row, planes, valid)
+        _store(s_out, scales, valid)
 
 
 def _codebook(mu_codec: base.Codec, nu_codec: base.Codec) -> jax.Array:
@@ -296,23 +321,11 @@ def stream_seeds(
     return jnp.stack(out)
 
 
-def _pick_block(n: int, block_groups: int) -> tuple[int, int]:
-    """``(block, padded_rows)``: a power-of-two block dividing ``n`` if >= 32."""
+def _pick_block(n: int, block_groups: int) -> int:
+    """Groups per block: ``block_groups``, or the power of two >= ``n`` (>= 8)."""
     if n <= block_groups:
-        b = max(8, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-        return b, b
-    b = block_groups
-    while b >= 32:
-        if n % b == 0:
-            return b, n
-        b //= 2
-    return block_groups, -(-n // block_groups) * block_groups
-
-
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    if x.shape[0] == rows:
-        return x
-    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+        return max(8, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return block_groups
 
 
 def adam_update(
@@ -423,16 +436,16 @@ def _adam_update(
     xg = base.to_groups(g, gsize)
     lead_groups = xg.shape[:-1]
     n = math.prod(lead_groups)
-    block, rows = _pick_block(n, block_groups)
+    block = _pick_block(n, block_groups)
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
-    rows_g = _pad_rows(xg.reshape(n, gsize), rows)
-    mc = m_io.operand(mu.codes, rows)
-    ms = _pad_rows(mu.scales.reshape(n, 1), rows)
-    vc = v_io.operand(nu.codes, rows)
-    vs = _pad_rows(nu.scales.reshape(n, 1), rows)
+    rows_g = xg.reshape(n, gsize)
+    mc = m_io.operand(mu.codes)
+    ms = mu.scales.reshape(n, 1)
+    vc = v_io.operand(nu.codes)
+    vs = nu.scales.reshape(n, 1)
     apply = params is not None
     if apply:
-        rows_p = _pad_rows(base.to_groups(params, gsize).reshape(n, gsize), rows)
+        rows_p = base.to_groups(params, gsize).reshape(n, gsize)
         out_dtype = params.dtype
     else:
         out_dtype = g.dtype
@@ -452,7 +465,9 @@ def _adam_update(
         last=base.lead_and_last(shape)[1],
         groups_per_row=lead_groups[-1],
         block=block,
+        n_rows=n,
     )
+    rows = n
     state_bytes = rows * (m_io.nbytes + v_io.nbytes + 2 * ms.dtype.itemsize)
     g_bytes = rows * gsize * (rows_g.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
     if apply:
@@ -469,7 +484,7 @@ def _adam_update(
             jax.ShapeDtypeStruct((rows, gsize), out_dtype),
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state_in),
         ),
-        grid=(rows // block,),
+        grid=(pl.cdiv(n, block),),
         in_specs=[
             full_spec(_HP_LEN),
             full_spec(_CB_LEN),
@@ -496,16 +511,16 @@ def _adam_update(
         *([rows_p] if apply else []),
         *state_in,
     )
-    out = base.from_groups(out[:n].reshape((*lead_groups, gsize)), shape)
+    out = base.from_groups(out.reshape((*lead_groups, gsize)), shape)
     new_mu = base.Packed(
-        codes=mc.reshape(rows, m_io.nbytes)[:n].reshape(mu.codes.shape),
-        scales=ms[:n].reshape(mu.scales.shape),
+        codes=mc.reshape(mu.codes.shape),
+        scales=ms.reshape(mu.scales.shape),
         shape=mu.shape,
         codec=mu.codec,
     )
     new_nu = base.Packed(
-        codes=vc.reshape(rows, v_io.nbytes)[:n].reshape(nu.codes.shape),
-        scales=vs[:n].reshape(nu.scales.shape),
+        codes=vc.reshape(nu.codes.shape),
+        scales=vs.reshape(nu.scales.shape),
         shape=nu.shape,
         codec=nu.codec,
     )

@@ -16,15 +16,28 @@ from optax_lowbit.kernels import adam as kadam
 BITS = 2
 MU = polar_factory(bits=BITS, signed=True)
 NU = polar_factory(bits=BITS, signed=False)
+#: (mu, nu) codec pairs with a kernel: the default (stochastic rounding) at
+#: 2 and 1.5 bits, and nearest rounding at 2 bits.
+VARIANTS = {
+    "sr2": (
+        polar_factory(bits=2, signed=True, rounding="stochastic"),
+        polar_factory(bits=2, signed=False, rounding="stochastic"),
+    ),
+    "sr1.5": (
+        polar_factory(bits=1.5, signed=True, rounding="stochastic"),
+        polar_factory(bits=1.5, signed=False, rounding="stochastic"),
+    ),
+    "nearest2": (MU, NU),
+}
 
 
-def _random_state(key, shape):
+def _random_state(key, shape, mc=MU, nc=NU):
     """Random, non-zero existing moments (encoded) and a fresh gradient."""
     k1, k2, k3 = jax.random.split(key, 3)
     m = 0.1 * jax.random.normal(k1, shape)
     v = 0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6
     g = jax.random.normal(k3, shape)
-    return g, MU.encode(m), NU.encode(v)
+    return g, mc.encode(m), nc.encode(v)
 
 
 def _hp(count=3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0):
@@ -46,16 +59,26 @@ def _code_mismatch(a, b):
     return float(np.mean(np.asarray(a.codes) != np.asarray(b.codes)))
 
 
-@functools.partial(jax.jit, static_argnames="block_groups")
-def _kernel(g, mu, nu, hp, block_groups=256):
+@functools.partial(jax.jit, static_argnames=("block_groups", "mc", "nc"))
+def _kernel(g, mu, nu, hp, block_groups=256, mc=MU, nc=NU, seeds=None, params=None):
     return kadam.adam_update(
-        g, mu, nu, hp, mu_codec=MU, nu_codec=NU, block_groups=block_groups
+        g,
+        mu,
+        nu,
+        hp,
+        mu_codec=mc,
+        nu_codec=nc,
+        block_groups=block_groups,
+        seeds=seeds,
+        params=params,
     )
 
 
-@jax.jit
-def _reference(g, mu, nu, hp):
-    return kadam.adam_update_reference(g, mu, nu, hp, mu_codec=MU, nu_codec=NU)
+@functools.partial(jax.jit, static_argnames=("mc", "nc"))
+def _reference(g, mu, nu, hp, mc=MU, nc=NU, seeds=None, params=None):
+    return kadam.adam_update_reference(
+        g, mu, nu, hp, mu_codec=mc, nu_codec=nc, seeds=seeds, params=params
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,6 +100,41 @@ def test_kernel_matches_reference(shape):
     np.testing.assert_array_equal(v.scales, v_ref.scales)
 
 
+@pytest.mark.parametrize("variant", ["sr2", "sr1.5"])
+@pytest.mark.parametrize("apply", [False, True])
+def test_stochastic_kernel_draws_the_reference_bits(variant, apply):
+    """SR codes equal the jnp path's for the same seeds (1.5 bits: two planes);
+    a partial last block (60 groups, blocks of 32) is masked, not padded."""
+    mc, nc = VARIANTS[variant]
+    shape = (3, 5, 200)
+    key = jax.random.key(11 + apply)
+    g, mu, nu = _random_state(key, shape, mc, nc)
+    params = jax.random.normal(jax.random.fold_in(key, 1), shape) if apply else None
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    seeds = (jnp.uint32(5), jnp.uint32(6))
+    kw = dict(mc=mc, nc=nc, seeds=seeds, params=params)
+    out_ref, m_ref, v_ref = _reference(g, mu, nu, hp, **kw)
+    out, m, v = _kernel(g, mu, nu, hp, block_groups=32, **kw)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+    # another stream gives other codes (the seeds reach the kernel)
+    _, m2, _ = _kernel(g, mu, nu, hp, block_groups=32, **{**kw, "seeds": (7, 6)})
+    assert _code_mismatch(m2, m) > 0.05
+
+
+def test_unsupported_codec_is_a_clear_error():
+    g, mu, nu = _random_state(jax.random.key(0), (64,))
+    eight = lowbit.codecs.blockwise8()
+    with pytest.raises(ValueError, match=r"mu_codec=.*has no fused kernel"):
+        kadam.adam_update(g, mu, nu, _hp(), mu_codec=eight, nu_codec=NU)
+    with pytest.raises(ValueError, match="params has shape"):
+        kadam.adam_update(
+            g, mu, nu, _hp(), mu_codec=MU, nu_codec=NU, params=jnp.zeros((3,))
+        )
+
+
 def test_every_output_written():
     """Poisoned outputs (aliased state buffers) are all overwritten."""
     shape = (256, 128)  # the shape of the first case: no new compile
@@ -93,8 +151,8 @@ def test_every_output_written():
     np.testing.assert_allclose(u, u0, rtol=1e-6)
 
 
-def test_padding_rows_and_blocks():
-    """A group count no power-of-two block >= 32 divides: rows are padded."""
+def test_partial_last_block():
+    """A group count the block does not divide: the last block is masked."""
     shape = (3, 65 * 64)  # 195 groups
     g, mu, nu = _random_state(jax.random.key(2), shape)
     hp = _hp()
@@ -117,11 +175,13 @@ def test_traced_hyperparameters():
         assert _code_mismatch(m, m_ref) <= 1e-3
 
 
-def test_transform_pallas_equals_jnp_over_steps():
+@pytest.mark.parametrize("bits", [2, 1.5])
+def test_transform_pallas_equals_jnp_over_steps(bits):
+    """The default (stochastic rounding) transform: the same state bit for bit."""
     params = {"b": jnp.zeros((192,)), "x": jnp.zeros((2, 3, 100))}
     policy = lambda path, leaf: leaf.size >= 64  # noqa: E731
-    tx_p = lowbit.scale_by_adam_polar(bits=2, impl="pallas", policy=policy)
-    tx_j = lowbit.scale_by_adam_polar(bits=2, impl="jnp", policy=policy)
+    tx_p = lowbit.scale_by_adam_polar(bits=bits, impl="pallas", policy=policy)
+    tx_j = lowbit.scale_by_adam_polar(bits=bits, impl="jnp", policy=policy)
     sp, sj = tx_p.init(params), tx_j.init(params)
     key = jax.random.key(4)
     up_p, up_j = jax.jit(tx_p.update), jax.jit(tx_j.update)
@@ -149,8 +209,8 @@ def test_pallas_inject_hyperparams_and_fallback_codec():
     up, _ = jax.jit(tx_p.update)(grads, tx_p.init(params))
     uj, _ = jax.jit(tx_j.update)(grads, tx_j.init(params))
     chex.assert_trees_all_close(up, uj, rtol=1e-5, atol=1e-6)
-    tx15 = lowbit.scale_by_adam_polar(bits=1.5, impl="pallas")  # no kernel: jnp
-    tx15j = lowbit.scale_by_adam_polar(bits=1.5, impl="jnp")
-    a, _ = jax.jit(tx15.update)(grads, tx15.init(params))
-    b, _ = jax.jit(tx15j.update)(grads, tx15j.init(params))
-    chex.assert_trees_all_close(a, b)
+    tx8 = lowbit.scale_by_adam_8bit(impl="pallas")  # no kernel: the jnp path
+    tx8j = lowbit.scale_by_adam_8bit(impl="jnp")
+    a, sa = jax.jit(tx8.update)(grads, tx8.init(params))
+    b, sb = jax.jit(tx8j.update)(grads, tx8j.init(params))
+    chex.assert_trees_all_equal((a, sa), (b, sb))

@@ -1,0 +1,71 @@
+"""The fused update-and-apply step against the Optax chain + apply_updates."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optax_lowbit as lowbit
+
+
+def _params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "w": jax.random.normal(k1, (64, 200)),  # quantized, 13 groups per row
+        "x": jax.random.normal(k2, (3, 7, 64)),  # quantized, 21 groups
+        "b": jnp.ones((10,)),  # small: float32 moments, the chain's path
+    }
+
+
+def _grads(params, key):
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tdef.unflatten(
+        [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+@pytest.mark.parametrize(
+    "impl,bits", [("jnp", 2), ("jnp", 1.5), ("pallas", 2), ("pallas", 1.5)]
+)
+def test_fused_step_equals_chain_then_apply(impl, bits):
+    lr = optax.linear_schedule(1e-2, 1e-3, 10)
+    wd = optax.linear_schedule(0.1, 0.0, 10)
+    mask = lambda p: {"w": True, "x": False, "b": True}  # noqa: E731
+    kw = dict(weight_decay=wd, mask=mask, bits=bits, impl=impl)
+    opt = lowbit.fused_adamw_polar(lr, **kw)
+    tx = lowbit.adamw_polar(lr, **kw)
+    params = _params(jax.random.key(bits == 2))
+    s_fused, s_chain = opt.init(params), tx.init(params)
+    chex.assert_trees_all_equal(s_fused, s_chain)  # the same state
+    p_fused = p_chain = params
+    step = jax.jit(opt.step, donate_argnums=(1, 2))
+    update = jax.jit(tx.update)
+    for i in range(3):
+        g = _grads(params, jax.random.key(100 + i))
+        p_fused, s_fused = step(g, s_fused, jax.tree.map(jnp.copy, p_fused))
+        u, s_chain = update(g, s_chain, p_chain)
+        p_chain = optax.apply_updates(p_chain, u)
+    chex.assert_trees_all_equal(s_fused, s_chain)  # codes, scales, counts
+    chex.assert_trees_all_close(p_fused, p_chain, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(p_fused["w"] - params["w"]).max()) > 1e-3  # it moved
+
+
+def test_fused_state_restores_into_the_chain():
+    """The chain can continue a fused run (and back): same state type."""
+    params = _params(jax.random.key(3))
+    opt = lowbit.fused_adamw_polar(1e-2, impl="jnp")
+    state = opt.init(params)
+    g = _grads(params, jax.random.key(4))
+    params2, state = jax.jit(opt.step)(g, state, params)
+    _, state2 = jax.jit(opt.tx.update)(g, state, params2)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state2, state)
+    assert int(state2[0].count) == 2
+
+
+def test_fused_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="bits"):
+        lowbit.fused_adamw_polar(1e-3, bits=3)
+    with pytest.raises(ValueError, match="impl"):
+        lowbit.fused_adamw_polar(1e-3, impl="cuda")
