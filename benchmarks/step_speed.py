@@ -278,7 +278,7 @@ def kernel_checks(meta: dict, log, configs=None, variants=None):
     shape = (16384, 16384)
     g = jax.random.normal(k3, shape)
     sweep = []
-    configs = configs or ((64, 4), (32, 4), (16, 4), (32, 2), (64, 8))
+    configs = configs or ((32, 4), (16, 4), (8, 4), (16, 2), (8, 2), (16, 8))
     for vname in variants or ("polar2-sr", "polar1.5-sr"):
         mc, nc = _codecs(*KERNEL_VARIANTS[vname])
         m = mc.encode(0.1 * g)
@@ -329,8 +329,14 @@ def main() -> None:
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--quick-kernel", action="store_true")
     ap.add_argument("--only", default="", help="comma list of row-name substrings")
+    ap.add_argument("--block-groups", type=int, default=None)
+    ap.add_argument("--num-warps", type=int, default=None)
     args = ap.parse_args()
     only = tuple(filter(None, args.only.split(",")))
+    if args.block_groups:
+        kadam.DEFAULT_BLOCK_GROUPS = args.block_groups
+    if args.num_warps:
+        kadam.DEFAULT_NUM_WARPS = args.num_warps
     outdir = os.environ.get("OUT")
     path = args.out or (
         os.path.join(outdir, "step_speed.json")
