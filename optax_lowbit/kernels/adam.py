@@ -64,9 +64,10 @@ HP_FIELDS = (
     "weight_decay",
 )
 #: Groups per block and Triton warps. Time grows with elements per thread
-#: (register spills): on an H100, 256M elements, 256 groups / 4 warps took 17.1
-#: ms, 128 groups 5.66 ms, 64 groups 2.56 ms (benchmarks/NOTES_kernels.md).
-DEFAULT_BLOCK_GROUPS = 64
+#: (register spills): on an H100, 256M elements, stochastic 2-bit kernel: 64
+#: groups / 4 warps 2.98 ms, 32 groups 2.42, 16 groups 2.13-2.24, 8 groups
+#: 2.23-2.44 (benchmarks/NOTES_kernels.md, v3).
+DEFAULT_BLOCK_GROUPS = 16
 DEFAULT_NUM_WARPS = 4
 _HP_LEN = 16
 _CB_LEN = 16  # codebook vector: mu rings at [0, 8), nu rings at [8, 16)
