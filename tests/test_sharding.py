@@ -76,3 +76,10 @@ def test_explicit_axes_jitted_init_polar_aliases():
 @pytest.mark.parametrize("name", TABLE_CODECS)
 def test_explicit_axes_table_codecs(name):
     _run("explicit", [name])
+
+
+def test_explicit_axes_kernels_run_per_shard():
+    """impl="pallas" (interpret mode) inside shard_map: no all-gather, state
+    sharded like the params, codes equal the jnp path's (shard offsets)."""
+    out = _run("explicit", ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"])
+    assert "adamw_polar-1.5-pallas: sharded kernel and fused step = jnp path" in out

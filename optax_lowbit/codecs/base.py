@@ -525,7 +525,8 @@ class Codec(abc.ABC):
             codes, scales = self.encode_groups(zero, seed=stream_seed(0))
         else:
             codes, scales = self.encode_groups(zero)
-        reps = like.scales.shape[-1] // scales.shape[-1] if like.scales.ndim else 1
+        per = max(scales.shape[-1], 1)
+        reps = like.scales.shape[-1] // per if like.scales.ndim else 1
         return Packed(
             codes=jnp.broadcast_to(codes[0], like.codes.shape),
             scales=jnp.broadcast_to(

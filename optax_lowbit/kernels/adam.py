@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
@@ -73,6 +74,7 @@ _HP_LEN = 16
 _CB_LEN = 16  # codebook vector: mu rings at [0, 8), nu rings at [8, 16)
 _CB_HALF = 8
 _SEED_LEN = 8
+_OFFS_LEN = 8  # leading axes of a leaf's group grid a shard may offset
 
 
 def _power_of_two(n: int) -> bool:
@@ -223,10 +225,30 @@ def _store(ref, value, valid, idx=None):
         plgpu.store(ref.at[at], value, mask=valid[:, None])
 
 
+def _global_row(row, offs_ref, lead_local, lead_global):
+    """uint32 row-major index of each local group row in the whole leaf.
+
+    Unsharded (``lead_global`` is None) it is the row itself; on a shard the
+    local row's multi-index over ``lead_local`` is shifted by the shard's
+    offsets (``offs_ref``) and flattened over ``lead_global``, wrapping mod
+    2**32 as `base.flat_index` does.
+    """
+    if lead_global is None:
+        return row.astype(jnp.uint32)
+    out = jnp.zeros(row.shape, jnp.uint32)
+    stride = math.prod(lead_local)
+    for d, (size, total) in enumerate(zip(lead_local, lead_global, strict=True)):
+        stride //= size
+        idx = (row // stride) % size + offs_ref[d]
+        out = out * jnp.uint32(total & 0xFFFFFFFF) + idx.astype(jnp.uint32)
+    return out
+
+
 def _adam_kernel(
     hp_ref,
     cb_ref,
     seed_ref,
+    offs_ref,
     g_ref,
     *refs,
     mu_codec,
@@ -237,6 +259,8 @@ def _adam_kernel(
     groups_per_row,
     block,
     n_rows,
+    lead_local,
+    lead_global,
 ):
     p_ref = refs[0] if apply else None
     refs = refs[int(apply) :]
@@ -276,11 +300,9 @@ def _adam_kernel(
         _store(out_ref, u.astype(out_ref.dtype), valid)
     pair = None
     if mu_codec.stochastic or nu_codec.stochastic:
+        grow = _global_row(row, offs_ref, lead_local, lead_global)
         half = gsize // 2
-        pair = (
-            row.astype(jnp.uint32)[:, None] * jnp.uint32(half)
-            + jnp.arange(half, dtype=jnp.uint32)[None, :]
-        )
+        pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
     for x, codec, rings, io, c_out, s_out, k in (
         (m, mu_codec, m_rings, m_io, mc_out, ms_out, 0),
         (v, nu_codec, v_rings, v_io, vc_out, vs_out, 1),
@@ -431,6 +453,129 @@ def _adam_update(
             "mu_codec and nu_codec must share group_size for the fused kernel, "
             f"got {mu_codec.group_size} and {nu_codec.group_size}."
         )
+    statics = dict(
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        block_groups=block_groups,
+        num_warps=num_warps,
+        lowering=lowering,
+    )
+    apply = params is not None
+    sharded = _lead_sharding(g)
+    if sharded is None:
+        offs = jnp.zeros((_OFFS_LEN,), jnp.int32)
+        out, *state = _kernel_call(
+            g,
+            mu.codes,
+            mu.scales,
+            nu.codes,
+            nu.scales,
+            hp,
+            seeds,
+            offs,
+            params,
+            lead_global=None,
+            **statics,
+        )
+    else:
+        mesh, spec = sharded
+        lead = spec[:-1]
+        g_spec = P(*spec)
+        c_spec, s_spec = P(*lead, None, None), P(*lead, None)
+        lead_global = (*g.shape[:-1], mu.codes.shape[-2])
+
+        def body(g, mc, ms, vc, vs, hp, seeds, *p):
+            offs = [
+                jnp.zeros((), jnp.int32)
+                if axes is None
+                else jax.lax.axis_index(axes).astype(jnp.int32) * size
+                for axes, size in zip(lead, g.shape[:-1], strict=True)
+            ]
+            offs += [jnp.zeros((), jnp.int32)] * (_OFFS_LEN - len(offs))
+            return _kernel_call(
+                g,
+                mc,
+                ms,
+                vc,
+                vs,
+                hp,
+                seeds,
+                jnp.stack(offs),
+                p[0] if p else None,
+                lead_global=lead_global,
+                **statics,
+            )
+
+        out, *state = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(g_spec, c_spec, s_spec, c_spec, s_spec, P(), P())
+            + ((g_spec,) if apply else ()),
+            out_specs=(g_spec, c_spec, s_spec, c_spec, s_spec),
+            check_vma=False,  # pallas_call outputs carry no varying-axes type
+        )(
+            g,
+            mu.codes,
+            mu.scales,
+            nu.codes,
+            nu.scales,
+            hp,
+            seeds,
+            *((params,) if apply else ()),
+        )
+    mc, ms, vc, vs = state
+    new_mu = base.Packed(codes=mc, scales=ms, shape=mu.shape, codec=mu.codec)
+    new_nu = base.Packed(codes=vc, scales=vs, shape=nu.shape, codec=nu.codec)
+    return out, new_mu, new_nu
+
+
+def _lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(mesh, spec)`` of a leaf sharded on leading axes, else ``None``.
+
+    Reads the sharding in ``x``'s type (explicit mesh axes).
+    """
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or x.ndim == 0:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    if all(s is None for s in spec):
+        return None
+    if spec[-1] is not None:
+        raise ValueError(
+            f"the fused kernel needs the last axis unsharded (groups run along "
+            f"it), got a leaf of shape {tuple(x.shape)} sharded as {spec}; "
+            "shard leading axes, or use impl='jnp' for this optimizer."
+        )
+    return mesh, spec
+
+
+def _kernel_call(
+    g,
+    mu_codes,
+    mu_scales,
+    nu_codes,
+    nu_scales,
+    hp,
+    seeds,
+    offs,
+    params,
+    *,
+    mu_codec,
+    nu_codec,
+    nesterov,
+    block_groups,
+    num_warps,
+    lowering,
+    lead_global,
+):
+    """One ``pallas_call`` over a leaf (or one device's shard of it).
+
+    Returns ``(out, mu_codes, mu_scales, nu_codes, nu_scales)`` shaped like the
+    inputs; ``lead_global`` is the whole leaf's group grid on a shard (the
+    stochastic-rounding positions), ``None`` unsharded.
+    """
     backend = _backend.pick(lowering)
     gsize = mu_codec.group_size
     shape = tuple(g.shape)
@@ -440,10 +585,10 @@ def _adam_update(
     block = _pick_block(n, block_groups)
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
     rows_g = xg.reshape(n, gsize)
-    mc = m_io.operand(mu.codes)
-    ms = mu.scales.reshape(n, 1)
-    vc = v_io.operand(nu.codes)
-    vs = nu.scales.reshape(n, 1)
+    mc = m_io.operand(mu_codes)
+    ms = mu_scales.reshape(n, 1)
+    vc = v_io.operand(nu_codes)
+    vs = nu_scales.reshape(n, 1)
     apply = params is not None
     if apply:
         rows_p = base.to_groups(params, gsize).reshape(n, gsize)
@@ -467,22 +612,23 @@ def _adam_update(
         groups_per_row=lead_groups[-1],
         block=block,
         n_rows=n,
+        lead_local=tuple(lead_groups),
+        lead_global=None if lead_global is None else tuple(lead_global),
     )
-    rows = n
-    state_bytes = rows * (m_io.nbytes + v_io.nbytes + 2 * ms.dtype.itemsize)
-    g_bytes = rows * gsize * (rows_g.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
+    state_bytes = n * (m_io.nbytes + v_io.nbytes + 2 * ms.dtype.itemsize)
+    g_bytes = n * gsize * (rows_g.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
     if apply:
-        g_bytes += rows * gsize * rows_p.dtype.itemsize
+        g_bytes += n * gsize * rows_p.dtype.itemsize
     state_in = [mc, ms, vc, vs]
     state_specs = [m_io.spec(block), row_spec(1), v_io.spec(block), row_spec(1)]
-    first_state = 4 + int(apply)
+    first_state = 5 + int(apply)
     aliases = {first_state + k: 1 + k for k in range(4)}
     if apply:
-        aliases[4] = 0
+        aliases[5] = 0
     out, mc, ms, vc, vs = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((rows, gsize), out_dtype),
+            jax.ShapeDtypeStruct((n, gsize), out_dtype),
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state_in),
         ),
         grid=(pl.cdiv(n, block),),
@@ -490,6 +636,7 @@ def _adam_update(
             full_spec(_HP_LEN),
             full_spec(_CB_LEN),
             full_spec(_SEED_LEN),
+            full_spec(_OFFS_LEN),
             row_spec(gsize),
             *([row_spec(gsize)] if apply else []),
             *state_specs,
@@ -499,8 +646,8 @@ def _adam_update(
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=num_warps),
         cost_estimate=pl.CostEstimate(
-            flops=60 * rows * gsize,
-            transcendentals=2 * rows * gsize,
+            flops=60 * n * gsize,
+            transcendentals=2 * n * gsize,
             bytes_accessed=2 * state_bytes + g_bytes,
         ),
         name=f"adam_{mu_codec.name}",
@@ -508,24 +655,19 @@ def _adam_update(
         hp.astype(jnp.float32),
         _codebook(mu_codec, nu_codec),
         seeds,
+        offs,
         rows_g,
         *([rows_p] if apply else []),
         *state_in,
     )
     out = base.from_groups(out.reshape((*lead_groups, gsize)), shape)
-    new_mu = base.Packed(
-        codes=mc.reshape(mu.codes.shape),
-        scales=ms.reshape(mu.scales.shape),
-        shape=mu.shape,
-        codec=mu.codec,
+    return (
+        out,
+        mc.reshape(mu_codes.shape),
+        ms.reshape(mu_scales.shape),
+        vc.reshape(nu_codes.shape),
+        vs.reshape(nu_scales.shape),
     )
-    new_nu = base.Packed(
-        codes=vc.reshape(nu.codes.shape),
-        scales=vs.reshape(nu.scales.shape),
-        shape=nu.shape,
-        codec=nu.codec,
-    )
-    return out, new_mu, new_nu
 
 
 def adam_update_reference(
