@@ -520,6 +520,8 @@ class Codec(abc.ABC):
         """
         shape = _checks.shape_of("shape", shape)
         like = self.packed_shapes(shape)
+        if like.codes.ndim < 2 or like.scales.ndim < 1:  # no group grid to repeat
+            return self.encode(jnp.zeros(shape, jnp.float32))
         zero = jnp.zeros((1, self.group_size), jnp.float32)
         if self.stochastic:
             codes, scales = self.encode_groups(zero, seed=stream_seed(0))
