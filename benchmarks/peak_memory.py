@@ -4,7 +4,8 @@ Run on a GPU (``python -m benchmarks.peak_memory``). The model is a
 GPT-2-medium-sized `benchmarks.models.TinyGPT` (d_model 1024, 16 heads,
 vocabulary 50257, tied embeddings; 24 layers: 355M parameters) trained on
 random tokens (memory does not depend on the data). Every optimizer runs in
-its own process, so ``memory_stats()["peak_bytes_in_use"]`` is that
+its own process (without preallocation, two at a time; the limit is 95% of
+the device's memory), so ``memory_stats()["peak_bytes_in_use"]`` is that
 optimizer's peak alone: the jitted step (loss, gradients, optimizer update,
 parameters and state donated) runs 3 times after ``jax.jit(init)``.
 
@@ -20,6 +21,7 @@ table; the baseline ``optax.adamw`` is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -131,6 +133,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--only", default="")
     ap.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    ap.add_argument("--parallel", type=int, default=2)
     args = ap.parse_args()
     if args.child:
         print(
@@ -156,50 +159,37 @@ def main() -> None:
         if not args.only or any(s in o for s in args.only.split(","))
     ]
     depths = [int(d) for d in args.depths.split(",")]
+    out_dir = os.environ.get("OUT") or os.path.join(
+        os.path.dirname(__file__), "results"
+    )
+    path = os.path.join(out_dir, "peak_memory.json")
+    # Children in pairs (no preallocation, so each process's allocator peak is
+    # its own; two fit on the device together); the limit is 95% of memory.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
+    keys = ("optimizer", "n_layers", "n_params", "peak_bytes", "error")
+
+    def run_child(job):
+        name, n_layers = job
+        cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--child", name]
+        cmd += ["--layers", str(n_layers), "--batch", str(args.batch)]
+        cmd += ["--seq", str(args.seq)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            err = (proc.stderr or proc.stdout)[-600:]
+            return {"optimizer": name, "n_layers": n_layers, "error": err}
+        return json.loads(lines[-1][len("RESULT ") :])
+
     records = []
-    for name in only:
-        for n_layers in depths:
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.peak_memory",
-                "--child",
-                name,
-                "--layers",
-                str(n_layers),
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                rec = {
-                    "optimizer": name,
-                    "n_layers": n_layers,
-                    "error": (proc.stderr or proc.stdout)[-600:],
-                }
-            else:
-                rec = json.loads(lines[-1][len("RESULT ") :])
+    jobs = [(name, d) for name in only for d in depths]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for rec in pool.map(run_child, jobs):
             rec.update(meta)
             records.append(rec)
-            print(
-                json.dumps(
-                    {
-                        k: rec.get(k)
-                        for k in (
-                            "optimizer",
-                            "n_layers",
-                            "n_params",
-                            "peak_bytes",
-                            "state_bytes_per_param",
-                            "error",
-                        )
-                    }
-                ),
-                flush=True,
-            )
+            print(json.dumps({k: rec.get(k) for k in keys}), flush=True)
+            with open(path, "w") as fh:
+                json.dump({"meta": meta, "records": records}, fh, indent=1)
     base = {
         r["n_layers"]: r["peak_bytes"]
         for r in records
@@ -228,10 +218,6 @@ def main() -> None:
             row["fixed_GiB"] = fixed / 2**30
             row["largest_params_B"] = (lim - fixed) / slope / 1e9
         summary.append(row)
-    out_dir = os.environ.get("OUT") or os.path.join(
-        os.path.dirname(__file__), "results"
-    )
-    path = os.path.join(out_dir, "peak_memory.json")
     with open(path, "w") as fh:
         json.dump({"meta": meta, "records": records, "summary": summary}, fh, indent=1)
     print(f"\n{meta}")
