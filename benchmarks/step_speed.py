@@ -72,6 +72,24 @@ CASES = {
 }
 
 
+def _split_tree(shapes: dict, big: bool) -> dict:
+    """The leaves the default policy quantizes (``big``) or the others."""
+    out = {}
+    for k, v in shapes.items():
+        if isinstance(v, dict):
+            sub = _split_tree(v, big)
+            if sub:
+                out[k] = sub
+        elif (len(v) >= 2 and v[-1] > 1 and v[0] * v[-1] >= 4096) == big:
+            out[k] = v
+    return out
+
+
+# where the 148-leaf tree's time goes: its big (quantized) and small leaves alone
+CASES["gpt2_small_146_big"] = _split_tree(CASES["gpt2_small_146"], True)
+CASES["gpt2_small_146_small"] = _split_tree(CASES["gpt2_small_146"], False)
+
+
 def stacked_policy(path, leaf) -> bool:
     """Default policy, with a stacked leaf's per-layer rank counted (rank >= 2)."""
     return leaf.size >= 4096 and len(leaf.shape) >= 2 and leaf.shape[-1] > 1
