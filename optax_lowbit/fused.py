@@ -161,7 +161,7 @@ def fused_adamw_polar(
         hp_plain = hp.at[kadam.HP_FIELDS.index("learning_rate")].set(lr)
         hp_decay = hp_plain.at[kadam.HP_FIELDS.index("weight_decay")].set(wd)
         p_flat, p_def = jax.tree_util.tree_flatten(params)
-        outs, fused, new_adam, treedef = tadam.fused_leaves(
+        outs, applied, new_adam, treedef = tadam.fused_leaves(
             grads,
             adam_state,
             count,
@@ -174,10 +174,11 @@ def fused_adamw_polar(
             params=p_flat,
             leaf_hps=[hp_decay if d else hp_plain for d in _mask_leaves(mask, params)],
         )
-        # Fused leaves are done; the chain's updates of the others (XLA drops
-        # the zeros standing in for the fused ones).
+        # Applied leaves are done; the chain's updates of the others (XLA
+        # drops the zeros standing in for the applied ones; the chain also
+        # advances its own state, the schedules' counts).
         u_flat = [
-            jnp.zeros_like(o) if f else o for o, f in zip(outs, fused, strict=True)
+            jnp.zeros_like(o) if f else o for o, f in zip(outs, applied, strict=True)
         ]
         updates, (new_decay, new_lr) = rest.update(
             jax.tree_util.tree_unflatten(treedef, u_flat),
@@ -187,7 +188,7 @@ def fused_adamw_polar(
         new_p = [
             out if f else optax.apply_updates(p, u)
             for out, f, p, u in zip(
-                outs, fused, p_flat, treedef.flatten_up_to(updates), strict=True
+                outs, applied, p_flat, treedef.flatten_up_to(updates), strict=True
             )
         ]
         return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, new_decay, new_lr)

@@ -14,7 +14,8 @@ def _params(key):
     return {
         "w": jax.random.normal(k1, (64, 200)),  # quantized, 13 groups per row
         "x": jax.random.normal(k2, (3, 7, 64)),  # quantized, 21 groups
-        "b": jnp.ones((10,)),  # small: float32 moments, the chain's path
+        "b": jnp.ones((10,)),  # small: float moments, stepped as one flat buffer
+        "c": jnp.full((3, 4), 0.5),  # small too, batched with "b"
     }
 
 
@@ -32,8 +33,10 @@ def _grads(params, key):
 def test_fused_step_equals_chain_then_apply(impl, bits):
     lr = optax.linear_schedule(1e-2, 1e-3, 10)
     wd = optax.linear_schedule(0.1, 0.0, 10)
-    mask = lambda p: {"w": True, "x": False, "b": True}  # noqa: E731
-    kw = dict(weight_decay=wd, mask=mask, bits=bits, impl=impl)
+    mask = lambda p: {"w": True, "x": False, "b": True, "c": False}  # noqa: E731
+    # at 1.5 bits the small leaves' first moment is bf16 (mu_dtype)
+    mu_dtype = jnp.bfloat16 if bits == 1.5 else None
+    kw = dict(weight_decay=wd, mask=mask, bits=bits, impl=impl, mu_dtype=mu_dtype)
     opt = lowbit.fused_adamw_polar(lr, **kw)
     tx = lowbit.adamw_polar(lr, **kw)
     params = _params(jax.random.key(bits == 2))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -245,9 +246,11 @@ def fused_leaves(
     Leaves whose moments are both `Packed` by codecs with a kernel
     (`optax_lowbit.kernels.adam.has_kernel`) take one fused step
     (`adam_update`, or its jnp definition `adam_update_reference` when
-    ``use_pallas`` is false); the other leaves take ``step`` through
-    `_quantized.map_leaves`. Both draw leaf ``i``'s stochastic rounding from
-    the streams ``leaf_seed(count, i, 0 | 1)``.
+    ``use_pallas`` is false); leaves with plain float moments take ``step`` on
+    one flat buffer per dtype combination (and, with ``params``, the AdamW
+    apply); the others take ``step`` through `_quantized.map_leaves`. Kernel
+    and jnp leaves draw leaf ``i``'s stochastic rounding from the streams
+    ``leaf_seed(count, i, 0 | 1)``.
 
     Args:
       updates: the incoming updates.
@@ -264,9 +267,9 @@ def fused_leaves(
       leaf_hps: per-leaf ``hp`` for the fused apply (weight decay masked).
 
     Returns:
-      ``(outs, fused, new_state, treedef)``: flat per-leaf outputs (``u``, or
-      the new parameter where ``params`` is given and the leaf is fused),
-      which leaves were fused, the new state and the updates' treedef.
+      ``(outs, applied, new_state, treedef)``: flat per-leaf outputs (``u``,
+      or the new parameter where ``applied``: ``params`` given and the leaf
+      fused or plain), the new state and the updates' treedef.
     """
     kadam = _kernel_adam()
     fusable = (
@@ -277,15 +280,18 @@ def fused_leaves(
     flat, treedef = jax.tree_util.tree_flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
-    outs, fused, new_m, new_v = [], [], [], []
+    n = len(flat)
+    outs, applied = [None] * n, [False] * n
+    new_m, new_v = [None] * n, [None] * n
     run = kadam.adam_update if use_pallas else kadam.adam_update_reference
+    plain = {}  # float moments of plain leaves, batched by dtypes (see below)
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             seeds = (
                 _quantized.leaf_seed(count, i, 0),
                 _quantized.leaf_seed(count, i, 1),
             )
-            out, m, v = run(
+            outs[i], new_m[i], new_v[i] = run(
                 g,
                 m,
                 v,
@@ -296,19 +302,56 @@ def fused_leaves(
                 seeds=seeds,
                 params=None if params is None else params[i],
             )
-            fused.append(True)
+            applied[i] = params is not None
+        elif _is_plain(g, m, v):
+            p_dtype = None if params is None else params[i].dtype
+            plain.setdefault((g.dtype, m.dtype, v.dtype, p_dtype), []).append(i)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
             )
-            out, m, v = sub_u[0], sub_m[0], sub_v[0]
-            fused.append(False)
-        outs.append(out)
-        new_m.append(m)
-        new_v.append(v)
+            outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
+    # Leaves with float moments (small ones, the policy's float32 leaves) are
+    # stepped as one flat buffer per dtype combination: XLA then runs a few
+    # fused loops instead of several kernels per leaf (on a GPT-2 tree the
+    # 98 small leaves took 1.1 ms leaf by leaf). Elementwise, so the values
+    # are those of the leaf-by-leaf step.
+    for idx in plain.values():
+        cat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])  # noqa: E731
+        g = cat([flat[i] for i in idx])
+        m = cat([mus[i].astype(jnp.float32) for i in idx])  # as map_leaves
+        v = cat([nus[i].astype(jnp.float32) for i in idx])
+        u, m, v = step(g, m, v)
+        if params is not None:
+            p = cat([params[i] for i in idx])
+            lr = leaf_hps[idx[0]][kadam.HP_FIELDS.index("learning_rate")]
+            k_wd = kadam.HP_FIELDS.index("weight_decay")
+            wd = cat([jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx])
+            u = (p + (-lr) * (u + wd * p)).astype(p.dtype)
+        offsets = list(itertools.accumulate(flat[i].size for i in idx))[:-1]
+        for i, ui, mi, vi in zip(
+            idx,
+            jnp.split(u, offsets),
+            jnp.split(m, offsets),
+            jnp.split(v, offsets),
+            strict=True,
+        ):
+            shape = flat[i].shape
+            outs[i] = ui.reshape(shape)
+            new_m[i] = mi.reshape(shape).astype(mus[i].dtype)
+            new_v[i] = vi.reshape(shape).astype(nus[i].dtype)
+            applied[i] = params is not None
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
     new_state = ScaleByAdamQuantizedState(count, unflat(new_m), unflat(new_v))
-    return outs, fused, new_state, treedef
+    return outs, applied, new_state, treedef
+
+
+def _is_plain(g: Any, m: Any, v: Any) -> bool:
+    """Whether a leaf's moments are plain float arrays of its shape."""
+    return (
+        all(isinstance(x, jax.Array) and not _quantized.is_packed(x) for x in (g, m, v))
+        and m.shape == g.shape == v.shape
+    )
 
 
 def _codecs(module: str) -> Any:
