@@ -129,7 +129,10 @@ def optimizers(case: str) -> dict:
         ("adamw_4bit", lowbit.adamw_4bit),
         ("adamw_piquant", lowbit.adamw_piquant),
     ):
-        rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy), "jnp")
+        rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy, impl="jnp"), "jnp")
+        if name != "adamw_piquant":  # π-Quant has no kernel
+            tx = make(lr, policy=policy, impl="pallas")
+            rows[f"{name}/pallas"] = ("chain", tx, "pallas-triton")
     return rows
 
 
@@ -225,6 +228,9 @@ def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
 
 
 def _codecs(bits, rounding):
+    if rounding == "blockwise":
+        make = lowbit.codecs.blockwise8 if bits == 8 else lowbit.codecs.blockwise4
+        return make(True), make(False)
     return (
         lowbit.codecs.polar(bits=bits, signed=True, rounding=rounding),
         lowbit.codecs.polar(bits=bits, signed=False, rounding=rounding),
@@ -235,6 +241,8 @@ KERNEL_VARIANTS = {
     "polar2-sr": (2, "stochastic"),
     "polar1.5-sr": (1.5, "stochastic"),
     "polar2-nearest": (2, "nearest"),
+    "blockwise8": (8, "blockwise"),
+    "blockwise4": (4, "blockwise"),
 }
 
 
@@ -297,11 +305,12 @@ def kernel_checks(meta: dict, log, configs=None, variants=None):
     g = jax.random.normal(k3, shape)
     sweep = []
     configs = configs or ((32, 4), (16, 4), (8, 4), (16, 2), (8, 2), (16, 8))
-    for vname in variants or ("polar2-sr", "polar1.5-sr"):
+    for vname in variants or ("polar2-sr", "polar1.5-sr", "blockwise8", "blockwise4"):
         mc, nc = _codecs(*KERNEL_VARIANTS[vname])
         m = mc.encode(0.1 * g)
         v = nc.encode(0.01 * g * g)
-        state_b = 2 * (mc.bytes_per_group + 2) / 64  # both moments, B/elem
+        per_group = mc.bytes_per_group + jnp.dtype(mc.scale_dtype).itemsize
+        state_b = 2 * per_group / mc.group_size  # both moments, B/elem
         for bg, nw in configs:
             rec = {"variant": vname, "block_groups": bg, "num_warps": nw}
             try:
@@ -377,7 +386,10 @@ def main() -> None:
         if not args.skip_kernel_checks:
             if args.quick_kernel:
                 result["kernel"] = kernel_checks(
-                    meta, log, ((64, 4), (32, 4)), ("polar2-sr",)
+                    meta,
+                    log,
+                    ((16, 4), (8, 4)),
+                    ("polar2-sr", "blockwise8", "blockwise4"),
                 )
             else:
                 result["kernel"] = kernel_checks(meta, log)

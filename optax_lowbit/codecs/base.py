@@ -168,12 +168,20 @@ def concat_last(parts: list[jax.Array]) -> jax.Array:
     return parts[0]
 
 
-def take(table: jax.Array, index: jax.Array) -> jax.Array:
+def is_ref(x: Any) -> bool:
+    """Whether ``x`` is a mutable ref (a Pallas kernel's input), not an array."""
+    return not isinstance(x, (list, tuple)) and isinstance(
+        jax.typeof(x), jax.ref.AbstractRef
+    )
+
+
+def take(table: Any, index: jax.Array) -> jax.Array:
     """``table[index]`` for a small 1-D lookup table, sharded like ``index``.
 
     Under explicit mesh axes a gather needs its output sharding spelled out;
     the result is sharded like the codes it decodes (with no mesh this is a
-    plain gather). Indices are clipped to the table.
+    plain gather). Indices are clipped to the table. Inside a Pallas kernel
+    ``table`` is a ref and this is a gathered load.
 
     Args:
       table: 1-D lookup table (a codebook or quantization map).
@@ -182,6 +190,8 @@ def take(table: jax.Array, index: jax.Array) -> jax.Array:
     Returns:
       ``table[index]``, of ``index``'s shape and sharding.
     """
+    if is_ref(table):  # inside a kernel: a gathered load from the table's ref
+        return table[jnp.clip(index, 0, table.shape[0] - 1)]
     sharding = jax.typeof(index).sharding
     return table.at[index].get(mode="clip", out_sharding=sharding)
 

@@ -202,16 +202,28 @@ def _bits_of(qmap: jax.Array) -> int:
     return bits
 
 
-def _count_bounds_at_or_below(bounds: jax.Array, x: jax.Array, bits: int) -> jax.Array:
+def search_table(qmap: jax.Array) -> jax.Array:
+    """The ``2**bits`` float32 entries the encoder's binary search reads.
+
+    The sorted `decision_bounds`, then a sentinel (``inf``) never ``<= x``.
+    A kernel gets it as an input (it cannot build it from a ref).
+    """
+    return jnp.concatenate(
+        [
+            jnp.asarray(decision_bounds(qmap), jnp.float32),
+            jnp.full((1,), jnp.inf, jnp.float32),
+        ]
+    )
+
+
+def _count_bounds_at_or_below(table: Any, x: jax.Array, bits: int) -> jax.Array:
     """``searchsorted(bounds, x, side="right")`` as a branchless binary search.
 
-    ``bits`` steps of a compare and a select, each reading one bound through
+    ``table`` is `search_table` (an array, or a ref inside a kernel). ``bits``
+    steps of a compare and a select, each reading one bound through
     `base.take`, so the result is sharded like ``x`` (``jnp.searchsorted``
     fails under explicit mesh axes in jax 0.10).
     """
-    table = jnp.concatenate(
-        [jnp.asarray(bounds, jnp.float32), jnp.full((1,), jnp.inf, jnp.float32)]
-    )  # 2**bits entries: the sorted bounds, then a sentinel never <= x
     # The first step reads one bound for every element: a scalar compare (a
     # gather at a constant index would be constant-folded by XLA, element by
     # element: 48 s of compile for a 135M-parameter model).
@@ -224,7 +236,7 @@ def _count_bounds_at_or_below(bounds: jax.Array, x: jax.Array, bits: int) -> jax
 
 
 def encode_groups_with(
-    xg: jax.Array, qmap: jax.Array, *, signed: bool
+    xg: jax.Array, qmap: Any, *, signed: bool, table: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """Blockwise absmax + nearest-entry encoding against an explicit map.
 
@@ -235,6 +247,8 @@ def encode_groups_with(
         (``codec.qmap()``); an argument, not a constant, so that a Pallas
         kernel can pass it in.
       signed: if ``False`` negative inputs are clipped to 0 first.
+      table: `search_table` of ``qmap`` (``None``: computed here; a kernel
+        passes it in, as an input ref).
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -247,7 +261,9 @@ def encode_groups_with(
     absmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
     scales, divisor = base.safe_scale(absmax, jnp.float32)
     normalised = xg / divisor
-    index = _count_bounds_at_or_below(decision_bounds(qmap), normalised, bits)
+    if table is None:
+        table = search_table(qmap)
+    index = _count_bounds_at_or_below(table, normalised, bits)
     codes = base.pack_codes(index.astype(jnp.uint8), bits)
     return codes, scales
 
@@ -271,7 +287,7 @@ def decode_groups_with(
     bits = _bits_of(qmap)
     block_size = codes.shape[-1] * 8 // bits
     index = base.unpack_codes(codes, bits, block_size).astype(jnp.int32)
-    values = base.take(jnp.asarray(qmap, jnp.float32), index)
+    values = base.take(qmap if base.is_ref(qmap) else jnp.asarray(qmap), index)
     if floor:
         values = jnp.maximum(values, jnp.float32(floor))
     return values * jnp.asarray(scales, jnp.float32)
@@ -351,6 +367,33 @@ class BlockwiseCodec(base.Codec):
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """See `decode_groups_with`; uses `qmap` and `decode_floor`."""
         return decode_groups_with(codes, scales, self.qmap(), floor=self.decode_floor())
+
+    def code_planes(self) -> list[int]:
+        """Bytes of each code plane of one block (one plane at 8 and 4 bits)."""
+        return base.plane_bytes(self.block_size, self.bits)
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes as inputs: the map and `search_table`."""
+        qmap = self.qmap()
+        with jax.ensure_compile_time_eval():  # constants, even under a trace
+            table = np.asarray(search_table(qmap), np.float32)
+        return qmap, table
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> jax.Array:
+        """`decode_groups_with` on the code plane, the map read from ``tables``."""
+        return decode_groups_with(
+            planes[0], scales, tables[0], floor=self.decode_floor()
+        )
+
+    def kernel_encode(
+        self, x: jax.Array, tables: Any, noise: jax.Array | None
+    ) -> tuple[list[jax.Array], jax.Array]:
+        """`encode_groups_with` against the tables (deterministic: no noise)."""
+        del noise
+        codes, scales = encode_groups_with(
+            x, tables[0], signed=self.signed, table=tables[1]
+        )
+        return [codes], scales
 
 
 def blockwise8(signed: bool = True, *, block_size: int = 256) -> BlockwiseCodec:

@@ -138,6 +138,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_lowbit import _checks
 from optax_lowbit.codecs import base
@@ -557,6 +558,34 @@ class PolarCodec(base.Codec):
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """Decodes groups; see `decode_groups_with`."""
         return decode_groups_with(codes, scales, self.codebook(), signed=self.signed)
+
+    def code_planes(self) -> list[int]:
+        """Bytes of each code plane of one group (`base.pack_planes`)."""
+        bits = code_bits(len(self.rings), self.signed)
+        return base.plane_bytes(self.group_size // 2, bits)
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes as inputs: the rings."""
+        return (np.asarray(self.rings, np.float32),)
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> jax.Array:
+        """`decode_groups_with` on code planes, the rings read from ``tables``."""
+        rings = [tables[0][k] for k in range(len(self.rings))]
+        return decode_groups_with(planes, scales, rings, signed=self.signed)
+
+    def kernel_encode(
+        self, x: jax.Array, tables: Any, noise: jax.Array | None
+    ) -> tuple[list[jax.Array], jax.Array]:
+        """`encode_groups_with` to code planes (``noise``: stochastic bits)."""
+        rings = [tables[0][k] for k in range(len(self.rings))]
+        return encode_groups_with(
+            x,
+            rings,
+            signed=self.signed,
+            scale_dtype=self.scale_dtype,
+            noise=noise if self.stochastic else None,
+            planes=True,
+        )
 
 
 def _default_rings(

@@ -1,13 +1,15 @@
-"""Fused Pallas Adam step over quantized moments (polar codecs).
+"""Fused Pallas Adam step over quantized moments (polar and blockwise codecs).
 
 Per block of ``block_groups`` groups the kernel loads the gradient, the packed
 first and second moments (codes and scales); decodes them with the codec's own
-jnp group functions (`optax_lowbit.codecs.polar.decode_groups_with`; there is
-no second copy of the codec math); updates the moments in float32; computes
-Adam's update ``u = m̂ / (sqrt(v̂ + eps_root) + eps)`` from the float32 new
-moments (as `optax.scale_by_adam`); encodes the new moments
-(`polar.encode_groups_with`) and stores codes, scales (aliased in place) and
-``u``. One pass over the state: the floor is bytes moved (DESIGN §6).
+jnp group functions (``codec.kernel_decode``: for polar
+`optax_lowbit.codecs.polar.decode_groups_with`, for the 8/4-bit baselines
+`optax_lowbit.codecs.blockwise.decode_groups_with`; there is no second copy
+of the codec math); updates the moments in float32; computes Adam's update
+``u = m̂ / (sqrt(v̂ + eps_root) + eps)`` from the float32 new moments (as
+`optax.scale_by_adam`); encodes the new moments (``codec.kernel_encode``) and
+stores codes, scales (aliased in place) and ``u``. One pass over the state:
+the floor is bytes moved (DESIGN §6).
 
 With ``params`` given (`adam_update(..., params=p)`) the kernel also applies
 the step, ``p ← p − lr·(u + wd·p)`` (AdamW), and writes the parameters in
@@ -19,11 +21,13 @@ hash of each pair's row-major position in the leaf's pair grid
 as an input; the codes are those of `adam_update_reference`.
 
 Inputs the kernel cannot capture come in as arrays: the hyperparameters
-(``hp``, traced under schedules / ``inject_hyperparams``), the codebooks (the
-rings) and the stream seeds. Leading axes are flattened to rows of one group
-each; where the block does not divide the rows, the last block's loads and
-stores are masked (no padded copies). Codes whose group is a
-power-of-two number of bytes (2 bits: 16) are blocked rows; 1.5-bit groups
+(``hp``, traced under schedules / ``inject_hyperparams``), the codebooks
+(``codec.kernel_tables()``: the polar rings; the blockwise map and its search
+table, read by gathered loads) and the stream seeds. Leading axes are
+flattened to rows of one group each; where the block does not divide the
+rows, the last block's loads and stores are masked (no padded copies).
+Codes whose group is one power-of-two plane (polar 2 bits: 16 bytes;
+blockwise: 256 or 64) are blocked rows; polar 1.5-bit groups
 (12 bytes: a 4-byte and an 8-byte plane, `base.pack_planes`) are read and
 written plane by plane at computed offsets of the flat code buffer.
 
@@ -34,21 +38,18 @@ path ``impl="jnp"`` takes.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
-
-# the module (the package re-exports the factory function under this name)
-polar = importlib.import_module("optax_lowbit.codecs.polar")
 
 #: Slots of the hyperparameter vector ``hp`` (float32, length 16).
 HP_FIELDS = (
@@ -71,8 +72,6 @@ HP_FIELDS = (
 DEFAULT_BLOCK_GROUPS = 16
 DEFAULT_NUM_WARPS = 4
 _HP_LEN = 16
-_CB_LEN = 16  # codebook vector: mu rings at [0, 8), nu rings at [8, 16)
-_CB_HALF = 8
 _SEED_LEN = 8
 _OFFS_LEN = 8  # leading axes of a leaf's group grid a shard may offset
 
@@ -83,21 +82,24 @@ def _power_of_two(n: int) -> bool:
 
 def _planes(codec: base.Codec) -> list[int]:
     """Bytes of each code plane of one group of ``codec``."""
-    bits = polar.code_bits(len(codec.rings), codec.signed)
-    return base.plane_bytes(codec.group_size // 2, bits)
+    return list(codec.code_planes())
 
 
 def has_kernel(codec: base.Codec) -> bool:
     """Whether the fused kernel handles moments in ``codec``.
 
-    Polar codecs (2 and 1.5 bits, nearest or stochastic rounding) with at most
-    8 rings, whose code planes per group are powers of two bytes (2 bits: one
-    16-byte plane; 1.5 bits: 4 + 8 bytes) and whose group size is a power of
-    two from 16 to 256.
+    Codecs with kernel group functions (``kernel_tables``, ``kernel_decode``,
+    ``kernel_encode``: polar at 2 and 1.5 bits, either rounding; blockwise 8
+    and 4 bits) whose code planes per group are powers of two bytes (polar 2
+    bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise: 256 and 64) and
+    whose group size is a power of two from 16 to 256. π-Quant (superblocks
+    of 96) has none: its leaves take the jnp path.
     """
     return (
-        isinstance(codec, polar.PolarCodec)
-        and len(codec.rings) <= _CB_HALF
+        all(
+            hasattr(codec, name)
+            for name in ("kernel_tables", "kernel_decode", "kernel_encode")
+        )
         and codec.group_size in (16, 32, 64, 128, 256)
         and all(_power_of_two(n) for n in _planes(codec))
     )
@@ -246,10 +248,8 @@ def _global_row(row, offs_ref, lead_local, lead_global):
 
 def _adam_kernel(
     hp_ref,
-    cb_ref,
     seed_ref,
     offs_ref,
-    g_ref,
     *refs,
     mu_codec,
     nu_codec,
@@ -262,28 +262,24 @@ def _adam_kernel(
     lead_local,
     lead_global,
 ):
+    n_mt, n_vt = len(mu_codec.kernel_tables()), len(nu_codec.kernel_tables())
+    m_tables, refs = refs[:n_mt], refs[n_mt:]
+    v_tables, refs = refs[:n_vt], refs[n_vt:]
+    g_ref, refs = refs[0], refs[1:]
     p_ref = refs[0] if apply else None
     refs = refs[int(apply) :]
     mc_ref, ms_ref, vc_ref, vs_ref, out_ref, mc_out, ms_out, vc_out, vs_out = refs
     hp = [hp_ref[k] for k in range(len(HP_FIELDS))]  # scalars (traced hps)
-    m_rings = [cb_ref[k] for k in range(len(mu_codec.rings))]
-    v_rings = [cb_ref[_CB_HALF + k] for k in range(len(nu_codec.rings))]
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
     row = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
     # the last block may run past the rows: masked loads and stores there
     valid = None if n_rows % block == 0 else row < n_rows
     g = _load(g_ref, valid).astype(jnp.float32)
-    m = polar.decode_groups_with(
-        m_io.load(mc_ref, row, valid),
-        _load(ms_ref, valid),
-        m_rings,
-        signed=mu_codec.signed,
+    m = mu_codec.kernel_decode(
+        m_io.load(mc_ref, row, valid), _load(ms_ref, valid), m_tables
     )
-    v = polar.decode_groups_with(
-        v_io.load(vc_ref, row, valid),
-        _load(vs_ref, valid),
-        v_rings,
-        signed=nu_codec.signed,
+    v = nu_codec.kernel_decode(
+        v_io.load(vc_ref, row, valid), _load(vs_ref, valid), v_tables
     )
     gsize = g.shape[-1]
     if last % gsize:  # the padded tail of each row holds zeros (as in jnp)
@@ -303,28 +299,24 @@ def _adam_kernel(
         grow = _global_row(row, offs_ref, lead_local, lead_global)
         half = gsize // 2
         pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
-    for x, codec, rings, io, c_out, s_out, k in (
-        (m, mu_codec, m_rings, m_io, mc_out, ms_out, 0),
-        (v, nu_codec, v_rings, v_io, vc_out, vs_out, 1),
+    for x, codec, tables, io, c_out, s_out, k in (
+        (m, mu_codec, m_tables, m_io, mc_out, ms_out, 0),
+        (v, nu_codec, v_tables, v_io, vc_out, vs_out, 1),
     ):
         noise = base.dither_bits(pair, seed_ref[k]) if codec.stochastic else None
-        planes, scales = polar.encode_groups_with(
-            x,
-            rings,
-            signed=codec.signed,
-            scale_dtype=codec.scale_dtype,
-            noise=noise,
-            planes=True,
-        )
+        planes, scales = codec.kernel_encode(x, tables, noise)
         io.store(c_out, row, planes, valid)
         _store(s_out, scales, valid)
 
 
-def _codebook(mu_codec: base.Codec, nu_codec: base.Codec) -> jax.Array:
-    cb = [0.0] * _CB_LEN
-    cb[: len(mu_codec.rings)] = mu_codec.rings
-    cb[_CB_HALF : _CB_HALF + len(nu_codec.rings)] = nu_codec.rings
-    return jnp.asarray(cb, jnp.float32)
+def _tables(codec: base.Codec) -> list[jax.Array]:
+    """The codec's kernel tables, each padded to a power-of-two length."""
+    out = []
+    for t in codec.kernel_tables():
+        t = np.asarray(t, np.float32).reshape(-1)
+        n = 1 << max(0, math.ceil(math.log2(max(t.size, 1))))
+        out.append(jnp.asarray(np.pad(t, (0, n - t.size), mode="edge")))
+    return out
 
 
 def stream_seeds(
@@ -395,8 +387,8 @@ def adam_update(
         if not has_kernel(codec):
             raise ValueError(
                 f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
-                "(2 or 1.5 bits) with <= 8 rings and a power-of-two group size "
-                "from 16 to 256 (see has_kernel)."
+                "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
+                "group size from 16 to 256 (see has_kernel)."
             )
     if params is not None and tuple(params.shape) != tuple(g.shape):
         raise ValueError(
@@ -621,10 +613,12 @@ def _kernel_call(
         g_bytes += n * gsize * rows_p.dtype.itemsize
     state_in = [mc, ms, vc, vs]
     state_specs = [m_io.spec(block), row_spec(1), v_io.spec(block), row_spec(1)]
-    first_state = 5 + int(apply)
+    tables = _tables(mu_codec) + _tables(nu_codec)
+    first_g = 3 + len(tables)  # after hp, seeds, offsets and the tables
+    first_state = first_g + 1 + int(apply)
     aliases = {first_state + k: 1 + k for k in range(4)}
     if apply:
-        aliases[5] = 0
+        aliases[first_g + 1] = 0
     out, mc, ms, vc, vs = pl.pallas_call(
         kernel,
         out_shape=(
@@ -634,9 +628,9 @@ def _kernel_call(
         grid=(pl.cdiv(n, block),),
         in_specs=[
             full_spec(_HP_LEN),
-            full_spec(_CB_LEN),
             full_spec(_SEED_LEN),
             full_spec(_OFFS_LEN),
+            *(full_spec(t.shape[0]) for t in tables),
             row_spec(gsize),
             *([row_spec(gsize)] if apply else []),
             *state_specs,
@@ -653,9 +647,9 @@ def _kernel_call(
         name=f"adam_{mu_codec.name}",
     )(
         hp.astype(jnp.float32),
-        _codebook(mu_codec, nu_codec),
         seeds,
         offs,
+        *tables,
         rows_g,
         *([rows_p] if apply else []),
         *state_in,

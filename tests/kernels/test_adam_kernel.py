@@ -28,6 +28,8 @@ VARIANTS = {
         polar_factory(bits=1.5, signed=False, rounding="stochastic"),
     ),
     "nearest2": (MU, NU),
+    "blockwise8": (lowbit.codecs.blockwise8(True), lowbit.codecs.blockwise8(False)),
+    "blockwise4": (lowbit.codecs.blockwise4(True), lowbit.codecs.blockwise4(False)),
 }
 
 
@@ -124,11 +126,31 @@ def test_stochastic_kernel_draws_the_reference_bits(variant, apply):
     assert _code_mismatch(m2, m) > 0.05
 
 
+@pytest.mark.parametrize("variant", ["blockwise8", "blockwise4"])
+@pytest.mark.parametrize("apply", [False, True])
+def test_blockwise_kernel_equals_reference(variant, apply):
+    """The 8/4-bit baselines' kernels: the map and its search table are inputs
+    read by gathered loads; codes and scales equal the jnp path's."""
+    mc, nc = VARIANTS[variant]
+    shape = (3, 5, 200)  # 1000-element rows: a partial block at the end
+    key = jax.random.key(21 + apply)
+    g, mu, nu = _random_state(key, shape, mc, nc)
+    params = jax.random.normal(jax.random.fold_in(key, 1), shape) if apply else None
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    kw = dict(mc=mc, nc=nc, params=params)
+    out_ref, m_ref, v_ref = _reference(g, mu, nu, hp, **kw)
+    out, m, v = _kernel(g, mu, nu, hp, block_groups=8, **kw)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+
+
 def test_unsupported_codec_is_a_clear_error():
     g, mu, nu = _random_state(jax.random.key(0), (64,))
-    eight = lowbit.codecs.blockwise8()
+    pq = lowbit.codecs.piquant()
     with pytest.raises(ValueError, match=r"mu_codec=.*has no fused kernel"):
-        kadam.adam_update(g, mu, nu, _hp(), mu_codec=eight, nu_codec=NU)
+        kadam.adam_update(g, mu, nu, _hp(), mu_codec=pq, nu_codec=NU)
     with pytest.raises(ValueError, match="params has shape"):
         kadam.adam_update(
             g, mu, nu, _hp(), mu_codec=MU, nu_codec=NU, params=jnp.zeros((3,))
@@ -209,8 +231,8 @@ def test_pallas_inject_hyperparams_and_fallback_codec():
     up, _ = jax.jit(tx_p.update)(grads, tx_p.init(params))
     uj, _ = jax.jit(tx_j.update)(grads, tx_j.init(params))
     chex.assert_trees_all_close(up, uj, rtol=1e-5, atol=1e-6)
-    tx8 = lowbit.scale_by_adam_8bit(impl="pallas")  # no kernel: the jnp path
-    tx8j = lowbit.scale_by_adam_8bit(impl="jnp")
+    tx8 = lowbit.scale_by_adam_piquant(impl="pallas")  # no kernel: the jnp path
+    tx8j = lowbit.scale_by_adam_piquant(impl="jnp")
     a, sa = jax.jit(tx8.update)(grads, tx8.init(params))
     b, sb = jax.jit(tx8j.update)(grads, tx8j.init(params))
     chex.assert_trees_all_equal((a, sa), (b, sb))
