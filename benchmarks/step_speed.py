@@ -358,12 +358,16 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of row-name substrings")
     ap.add_argument("--block-groups", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
+    ap.add_argument("--leaves-per-launch", type=int, default=None)
     args = ap.parse_args()
     only = tuple(filter(None, args.only.split(",")))
     if args.block_groups:
         kadam.DEFAULT_BLOCK_GROUPS = args.block_groups
     if args.num_warps:
         kadam.DEFAULT_NUM_WARPS = args.num_warps
+    if args.leaves_per_launch:
+        kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
+    meta_extra = {"leaves_per_launch": kadam.LEAVES_PER_LAUNCH}
     outdir = os.environ.get("OUT")
     path = args.out or (
         os.path.join(outdir, "step_speed.json")
@@ -380,6 +384,7 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
+    meta.update(meta_extra)
     log(json.dumps(meta))
     result = {"meta": meta, "records": []}
     try:

@@ -38,7 +38,9 @@ path ``impl="jnp"`` takes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -71,6 +73,9 @@ HP_FIELDS = (
 #: 2.23-2.44 (benchmarks/NOTES_kernels.md, v3).
 DEFAULT_BLOCK_GROUPS = 16
 DEFAULT_NUM_WARPS = 4
+#: Quantized leaves per kernel launch in the transforms (`adam_update_many`);
+#: 1 launches one kernel per leaf (see benchmarks/NOTES_kernels.md, v3c).
+LEAVES_PER_LAUNCH = 1
 _HP_LEN = 16
 _SEED_LEN = 8
 _OFFS_LEN = 8  # leading axes of a leaf's group grid a shard may offset
@@ -246,11 +251,17 @@ def _global_row(row, offs_ref, lead_local, lead_global):
     return out
 
 
-def _adam_kernel(
+def _leaf_body(
     hp_ref,
     seed_ref,
     offs_ref,
-    *refs,
+    m_tables,
+    v_tables,
+    leaf_refs,
+    block_index,
+    *,
+    hp_base,
+    seed_base,
     mu_codec,
     nu_codec,
     nesterov,
@@ -262,16 +273,20 @@ def _adam_kernel(
     lead_local,
     lead_global,
 ):
-    n_mt, n_vt = len(mu_codec.kernel_tables()), len(nu_codec.kernel_tables())
-    m_tables, refs = refs[:n_mt], refs[n_mt:]
-    v_tables, refs = refs[:n_vt], refs[n_vt:]
-    g_ref, refs = refs[0], refs[1:]
+    """One block of one leaf: load, decode, Adam step (apply), encode, store.
+
+    ``leaf_refs`` are the leaf's ``g, [p], mu codes, mu scales, nu codes, nu
+    scales`` inputs then its ``out, mu codes, mu scales, nu codes, nu scales``
+    outputs; ``block_index`` is the block's index within the leaf; its
+    hyperparameters and seeds start at ``hp_base`` / ``seed_base``.
+    """
+    g_ref, refs = leaf_refs[0], leaf_refs[1:]
     p_ref = refs[0] if apply else None
     refs = refs[int(apply) :]
     mc_ref, ms_ref, vc_ref, vs_ref, out_ref, mc_out, ms_out, vc_out, vs_out = refs
-    hp = [hp_ref[k] for k in range(len(HP_FIELDS))]  # scalars (traced hps)
+    hp = [hp_ref[hp_base + k] for k in range(len(HP_FIELDS))]  # traced scalars
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
-    row = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
+    row = block_index * block + jnp.arange(block, dtype=jnp.int32)
     # the last block may run past the rows: masked loads and stores there
     valid = None if n_rows % block == 0 else row < n_rows
     g = _load(g_ref, valid).astype(jnp.float32)
@@ -303,10 +318,52 @@ def _adam_kernel(
         (m, mu_codec, m_tables, m_io, mc_out, ms_out, 0),
         (v, nu_codec, v_tables, v_io, vc_out, vs_out, 1),
     ):
-        noise = base.dither_bits(pair, seed_ref[k]) if codec.stochastic else None
+        seed = seed_ref[seed_base + k]
+        noise = base.dither_bits(pair, seed) if codec.stochastic else None
         planes, scales = codec.kernel_encode(x, tables, noise)
         io.store(c_out, row, planes, valid)
         _store(s_out, scales, valid)
+
+
+def _split_refs(refs, mu_codec, nu_codec, n_leaves, apply):
+    """``(m_tables, v_tables, per-leaf refs)`` from a kernel's ref list."""
+    n_mt, n_vt = len(mu_codec.kernel_tables()), len(nu_codec.kernel_tables())
+    m_tables, refs = refs[:n_mt], refs[n_mt:]
+    v_tables, refs = refs[:n_vt], refs[n_vt:]
+    n_in = 5 + int(apply)
+    ins, outs = refs[: n_in * n_leaves], refs[n_in * n_leaves :]
+    leaves = [
+        (*ins[k * n_in : (k + 1) * n_in], *outs[k * 5 : (k + 1) * 5])
+        for k in range(n_leaves)
+    ]
+    return m_tables, v_tables, leaves
+
+
+def _adam_kernel(hp_ref, seed_ref, offs_ref, *refs, leaves, starts, common):
+    """The kernel over one or many leaves (a ``pl.when`` branch per leaf)."""
+    m_tables, v_tables, leaf_refs = _split_refs(
+        refs, common["mu_codec"], common["nu_codec"], len(leaves), common["apply"]
+    )
+    i = pl.program_id(0)
+    for k, (statics, leaf) in enumerate(zip(leaves, leaf_refs, strict=True)):
+        body = functools.partial(
+            _leaf_body,
+            hp_ref,
+            seed_ref,
+            offs_ref,
+            m_tables,
+            v_tables,
+            leaf,
+            hp_base=k * _HP_LEN,
+            seed_base=2 * k,
+            **statics,
+            **common,
+        )
+        if len(leaves) == 1:
+            body(i)
+        else:
+            start, stop = starts[k], starts[k + 1]
+            pl.when((i >= start) & (i < stop))(lambda body=body, s=start: body(i - s))
 
 
 def _tables(codec: base.Codec) -> list[jax.Array]:
@@ -568,100 +625,284 @@ def _kernel_call(
     inputs; ``lead_global`` is the whole leaf's group grid on a shard (the
     stochastic-rounding positions), ``None`` unsharded.
     """
+    leaf = (g, mu_codes, mu_scales, nu_codes, nu_scales, params, lead_global)
+    return _launch(
+        [leaf],
+        hp.reshape(1, -1),
+        seeds.reshape(1, -1)[:, :2],
+        offs,
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        block_groups=block_groups,
+        num_warps=num_warps,
+        lowering=lowering,
+    )[0]
+
+
+def _launch(
+    leaves,
+    hps,
+    seeds,
+    offs,
+    *,
+    mu_codec,
+    nu_codec,
+    nesterov,
+    block_groups,
+    num_warps,
+    lowering,
+):
+    """One ``pallas_call`` over ``leaves`` (a grid of every leaf's blocks).
+
+    Each leaf is ``(g, mu_codes, mu_scales, nu_codes, nu_scales, params,
+    lead_global)`` (``params`` None unless applying, the same for every
+    leaf); ``hps`` is ``(L, 16)``, ``seeds`` ``(L, 2)`` final stream seeds.
+    Returns one ``(out, mu_codes, mu_scales, nu_codes, nu_scales)`` per leaf.
+    """
     backend = _backend.pick(lowering)
     gsize = mu_codec.group_size
-    shape = tuple(g.shape)
-    xg = base.to_groups(g, gsize)
-    lead_groups = xg.shape[:-1]
-    n = math.prod(lead_groups)
-    block = _pick_block(n, block_groups)
+    apply = leaves[0][5] is not None
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
-    rows_g = xg.reshape(n, gsize)
-    mc = m_io.operand(mu_codes)
-    ms = mu_scales.reshape(n, 1)
-    vc = v_io.operand(nu_codes)
-    vs = nu_scales.reshape(n, 1)
-    apply = params is not None
-    if apply:
-        rows_p = base.to_groups(params, gsize).reshape(n, gsize)
-        out_dtype = params.dtype
-    else:
-        out_dtype = g.dtype
+    ns = [math.prod(base.to_groups(x[0], gsize).shape[:-1]) for x in leaves]
+    block = _pick_block(max(ns), block_groups)
+    nblocks = [pl.cdiv(n, block) for n in ns]
+    starts = [0, *itertools.accumulate(nblocks)]
+    multi = len(leaves) > 1
 
-    def row_spec(width):
-        return pl.BlockSpec((block, width), lambda i: (i, 0))
+    def row_spec(width, start, nb):
+        if not multi:
+            return pl.BlockSpec((block, width), lambda i: (i, 0))
+        return pl.BlockSpec(
+            (block, width), lambda i: (jnp.clip(i - start, 0, nb - 1), 0)
+        )
+
+    def code_spec(io, start, nb):
+        if not io.blocked:
+            return io.spec(block)
+        return row_spec(io.nbytes, start, nb)
 
     def full_spec(length):
         return pl.BlockSpec((length,), lambda i: (0,))
 
+    tables = _tables(mu_codec) + _tables(nu_codec)
+    ins, in_specs, out_shapes, out_specs, statics = [], [], [], [], []
+    aliases, nbytes = {}, 0
+    first = 3 + len(tables)  # after hp, seeds, offsets and the tables
+    n_in = 5 + int(apply)
+    for k, (g, mc, ms, vc, vs, p, lead_global) in enumerate(leaves):
+        n, start, nb = ns[k], starts[k], nblocks[k]
+        shape = tuple(g.shape)
+        lead_groups = base.to_groups(g, gsize).shape[:-1]
+        rows_g = base.to_groups(g, gsize).reshape(n, gsize)
+        state = [m_io.operand(mc), ms.reshape(n, 1), v_io.operand(vc), vs.reshape(n, 1)]
+        specs = [
+            code_spec(m_io, start, nb),
+            row_spec(1, start, nb),
+            code_spec(v_io, start, nb),
+            row_spec(1, start, nb),
+        ]
+        out_dtype = g.dtype if p is None else p.dtype
+        leaf_in = [rows_g]
+        if apply:
+            leaf_in.append(base.to_groups(p, gsize).reshape(n, gsize))
+        leaf_in += state
+        base_in = first + k * n_in
+        base_out = 5 * k
+        for j in range(4):  # the state is updated in place
+            aliases[base_in + 1 + int(apply) + j] = base_out + 1 + j
+        if apply:
+            aliases[base_in + 1] = base_out  # and the parameters
+        ins += leaf_in
+        in_specs += [row_spec(gsize, start, nb)] * (1 + int(apply)) + specs
+        out_shapes += [
+            jax.ShapeDtypeStruct((n, gsize), out_dtype),
+            *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
+        ]
+        out_specs += [row_spec(gsize, start, nb), *specs]
+        statics.append(
+            dict(
+                last=base.lead_and_last(shape)[1],
+                groups_per_row=lead_groups[-1],
+                block=block,
+                n_rows=n,
+                lead_local=tuple(lead_groups),
+                lead_global=None if lead_global is None else tuple(lead_global),
+            )
+        )
+        nbytes += sum(int(x.size) * x.dtype.itemsize for x in leaf_in)
+        nbytes += n * gsize * jnp.dtype(out_dtype).itemsize
+    n_hp = 1 << max(0, math.ceil(math.log2(hps.size)))
+    n_seed = max(_SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
+    hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
+    seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
     kernel = functools.partial(
         _adam_kernel,
-        mu_codec=mu_codec,
-        nu_codec=nu_codec,
-        nesterov=nesterov,
-        apply=apply,
-        last=base.lead_and_last(shape)[1],
-        groups_per_row=lead_groups[-1],
-        block=block,
-        n_rows=n,
-        lead_local=tuple(lead_groups),
-        lead_global=None if lead_global is None else tuple(lead_global),
-    )
-    state_bytes = n * (m_io.nbytes + v_io.nbytes + 2 * ms.dtype.itemsize)
-    g_bytes = n * gsize * (rows_g.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
-    if apply:
-        g_bytes += n * gsize * rows_p.dtype.itemsize
-    state_in = [mc, ms, vc, vs]
-    state_specs = [m_io.spec(block), row_spec(1), v_io.spec(block), row_spec(1)]
-    tables = _tables(mu_codec) + _tables(nu_codec)
-    first_g = 3 + len(tables)  # after hp, seeds, offsets and the tables
-    first_state = first_g + 1 + int(apply)
-    aliases = {first_state + k: 1 + k for k in range(4)}
-    if apply:
-        aliases[first_g + 1] = 0
-    out, mc, ms, vc, vs = pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((n, gsize), out_dtype),
-            *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state_in),
+        leaves=tuple(statics),
+        starts=tuple(starts),
+        common=dict(
+            mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov, apply=apply
         ),
-        grid=(pl.cdiv(n, block),),
+    )
+    total = sum(ns) * gsize
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shapes),
+        grid=(starts[-1],),
         in_specs=[
-            full_spec(_HP_LEN),
-            full_spec(_SEED_LEN),
+            full_spec(n_hp),
+            full_spec(n_seed),
             full_spec(_OFFS_LEN),
             *(full_spec(t.shape[0]) for t in tables),
-            row_spec(gsize),
-            *([row_spec(gsize)] if apply else []),
-            *state_specs,
+            *in_specs,
         ],
-        out_specs=(row_spec(gsize), *state_specs),
+        out_specs=tuple(out_specs),
         input_output_aliases=aliases,
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=num_warps),
         cost_estimate=pl.CostEstimate(
-            flops=60 * n * gsize,
-            transcendentals=2 * n * gsize,
-            bytes_accessed=2 * state_bytes + g_bytes,
+            flops=60 * total, transcendentals=2 * total, bytes_accessed=2 * nbytes
         ),
-        name=f"adam_{mu_codec.name}",
-    )(
-        hp.astype(jnp.float32),
+        name=f"adam_{mu_codec.name}" + (f"_x{len(leaves)}" if multi else ""),
+    )(hp_flat, seed_flat, offs, *tables, *ins)
+    results = []
+    for k, (g, mc, ms, vc, vs, _, _) in enumerate(leaves):
+        out, mc2, ms2, vc2, vs2 = outs[5 * k : 5 * k + 5]
+        lead_groups = base.to_groups(g, gsize).shape[:-1]
+        out = base.from_groups(out.reshape((*lead_groups, gsize)), tuple(g.shape))
+        results.append(
+            (
+                out,
+                mc2.reshape(mc.shape),
+                ms2.reshape(ms.shape),
+                vc2.reshape(vc.shape),
+                vs2.reshape(vs.shape),
+            )
+        )
+    return results
+
+
+def adam_update_many(
+    gs: Sequence[jax.Array],
+    mus: Sequence[base.Packed],
+    nus: Sequence[base.Packed],
+    hps: Sequence[jax.Array],
+    *,
+    mu_codec: base.Codec,
+    nu_codec: base.Codec,
+    nesterov: bool = False,
+    seeds: Sequence[Any] | None = None,
+    params: Sequence[jax.Array] | None = None,
+    block_groups: int | None = None,
+    num_warps: int | None = None,
+    lowering: str | None = None,
+) -> list[tuple[jax.Array, base.Packed, base.Packed]]:
+    """`adam_update` of many leaves in one kernel launch.
+
+    The grid covers every leaf's blocks; a program runs the leaf its index
+    falls in (one ``pl.when`` branch per leaf), so a tree of many small
+    leaves costs one launch instead of one per leaf. The results equal
+    `adam_update` leaf by leaf. Leaves sharded under explicit mesh axes are
+    not batched: they take `adam_update` (per shard) one by one.
+
+    Args:
+      gs: gradient leaves.
+      mus: their first moments.
+      nus: their second moments.
+      hps: one `make_hp` vector per leaf.
+      mu_codec: codec of every ``mus`` entry.
+      nu_codec: codec of every ``nus`` entry.
+      nesterov: Nesterov momentum.
+      seeds: one ``(mu_seed, nu_seed)`` per leaf (see `adam_update`).
+      params: parameter leaves for the fused apply (or ``None``).
+      block_groups: groups per block.
+      num_warps: Triton warps.
+      lowering: force a GPU lowering.
+
+    Returns:
+      One ``(out, new_mu, new_nu)`` per leaf.
+    """
+    n = len(gs)
+    seeds = [None] * n if seeds is None else list(seeds)
+    params = [None] * n if params is None else list(params)
+    kw = dict(
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        block_groups=block_groups,
+        num_warps=num_warps,
+        lowering=lowering,
+    )
+    if n == 1 or any(_lead_sharding(g) is not None for g in gs):
+        return [
+            adam_update(g, m, v, h, seeds=sd, params=p, **kw)
+            for g, m, v, h, sd, p in zip(gs, mus, nus, hps, seeds, params, strict=True)
+        ]
+    for codec in (mu_codec, nu_codec):
+        if not has_kernel(codec):
+            raise ValueError(f"{codec!r} has no fused kernel (see has_kernel).")
+    final = jnp.stack([stream_seeds(mu_codec, nu_codec, sd)[:2] for sd in seeds])
+    return _adam_update_many(
+        tuple(gs),
+        tuple(mus),
+        tuple(nus),
+        jnp.stack([jnp.asarray(h, jnp.float32) for h in hps]),
+        final,
+        None if params[0] is None else tuple(params),
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        lowering=lowering,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "mu_codec",
+        "nu_codec",
+        "nesterov",
+        "block_groups",
+        "num_warps",
+        "lowering",
+    ),
+)
+def _adam_update_many(
+    gs, mus, nus, hps, seeds, params, *, mu_codec, nu_codec, nesterov, **launch
+):
+    """The jitted body of `adam_update_many` (unsharded leaves)."""
+    leaves = [
+        (
+            g,
+            m.codes,
+            m.scales,
+            v.codes,
+            v.scales,
+            None if params is None else params[k],
+            None,
+        )
+        for k, (g, m, v) in enumerate(zip(gs, mus, nus, strict=True))
+    ]
+    results = _launch(
+        leaves,
+        hps,
         seeds,
-        offs,
-        *tables,
-        rows_g,
-        *([rows_p] if apply else []),
-        *state_in,
+        jnp.zeros((_OFFS_LEN,), jnp.int32),
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        **launch,
     )
-    out = base.from_groups(out.reshape((*lead_groups, gsize)), shape)
-    return (
-        out,
-        mc.reshape(mu_codes.shape),
-        ms.reshape(mu_scales.shape),
-        vc.reshape(nu_codes.shape),
-        vs.reshape(nu_scales.shape),
-    )
+    return [
+        (
+            out,
+            base.Packed(codes=mc, scales=ms, shape=m.shape, codec=m.codec),
+            base.Packed(codes=vc, scales=vs, shape=v.shape, codec=v.codec),
+        )
+        for (out, mc, ms, vc, vs), m, v in zip(results, mus, nus, strict=True)
+    ]
 
 
 def adam_update_reference(

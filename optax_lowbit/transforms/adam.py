@@ -283,25 +283,11 @@ def fused_leaves(
     n = len(flat)
     outs, applied = [None] * n, [False] * n
     new_m, new_v = [None] * n, [None] * n
-    run = kadam.adam_update if use_pallas else kadam.adam_update_reference
+    kernel_leaves = []  # stepped below, several per launch (LEAVES_PER_LAUNCH)
     plain = {}  # float moments of plain leaves, batched by dtypes (see below)
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
-            seeds = (
-                _quantized.leaf_seed(count, i, 0),
-                _quantized.leaf_seed(count, i, 1),
-            )
-            outs[i], new_m[i], new_v[i] = run(
-                g,
-                m,
-                v,
-                hp if leaf_hps is None else leaf_hps[i],
-                mu_codec=mu_codec,
-                nu_codec=nu_codec,
-                nesterov=nesterov,
-                seeds=seeds,
-                params=None if params is None else params[i],
-            )
+            kernel_leaves.append(i)
             applied[i] = params is not None
         elif _is_plain(g, m, v):
             p_dtype = None if params is None else params[i].dtype
@@ -311,6 +297,35 @@ def fused_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
             )
             outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
+    per_launch = max(1, kadam.LEAVES_PER_LAUNCH) if use_pallas else 1
+    for c in range(0, len(kernel_leaves), per_launch):
+        idx = kernel_leaves[c : c + per_launch]
+        seeds = [
+            (_quantized.leaf_seed(count, i, 0), _quantized.leaf_seed(count, i, 1))
+            for i in idx
+        ]
+        pars = None if params is None else [params[i] for i in idx]
+        kw = dict(
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            nesterov=nesterov,
+            seeds=seeds,
+            params=pars,
+        )
+        hps = [hp if leaf_hps is None else leaf_hps[i] for i in idx]
+        args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
+        if use_pallas:
+            results = kadam.adam_update_many(*args, hps, **kw)
+        else:
+            del kw["seeds"], kw["params"]
+            results = [
+                kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **kw)
+                for g, m, v, h, sd, p in zip(
+                    *args, hps, seeds, pars or [None] * len(idx), strict=True
+                )
+            ]
+        for i, (out, m, v) in zip(idx, results, strict=True):
+            outs[i], new_m[i], new_v[i] = out, m, v
     # Leaves with float moments (small ones, the policy's float32 leaves) are
     # stepped as one flat buffer per dtype combination: XLA then runs a few
     # fused loops instead of several kernels per leaf (on a GPT-2 tree the

@@ -236,3 +236,31 @@ def test_pallas_inject_hyperparams_and_fallback_codec():
     a, sa = jax.jit(tx8.update)(grads, tx8.init(params))
     b, sb = jax.jit(tx8j.update)(grads, tx8j.init(params))
     chex.assert_trees_all_equal((a, sa), (b, sb))
+
+
+def test_many_leaves_in_one_launch_equal_one_by_one(monkeypatch):
+    """LEAVES_PER_LAUNCH > 1: one kernel with a branch per leaf, the same state
+    as the jnp path (and so as one launch per leaf), chain and fused."""
+    monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 8)
+    params = {
+        "a": jnp.zeros((5, 200)),  # 20 groups: a partial block
+        "b": jnp.zeros((64, 128)),
+        "c": jnp.zeros((3, 4, 64)),
+        "d": jnp.zeros((7,)),  # plain float moments
+    }
+    grads = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params
+    )
+    policy = lambda path, leaf: leaf.size >= 64  # noqa: E731
+    for bits in (2, 1.5):
+        tx_p = lowbit.adamw_polar(1e-2, bits=bits, impl="pallas", policy=policy)
+        tx_j = lowbit.adamw_polar(1e-2, bits=bits, impl="jnp", policy=policy)
+        up, sp = jax.jit(tx_p.update)(grads, tx_p.init(params), params)
+        uj, sj = jax.jit(tx_j.update)(grads, tx_j.init(params), params)
+        chex.assert_trees_all_equal(sp, sj)
+        chex.assert_trees_all_close(up, uj, rtol=1e-5, atol=1e-6)
+    opt = lowbit.fused_adamw_polar(1e-2, impl="pallas", policy=policy)
+    p2, s2 = jax.jit(opt.step)(grads, opt.init(params), params)
+    u, s3 = jax.jit(opt.tx.update)(grads, opt.tx.init(params), params)
+    chex.assert_trees_all_equal(s2, s3)
+    chex.assert_trees_all_close(p2, optax.apply_updates(params, u), atol=1e-6)
