@@ -193,17 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         prepare(cfg.prepare, cfg.weights)
         return None
     t_start = time.perf_counter()
-    backend = jax.default_backend()
-    precision = cfg.matmul_precision
-    if precision == "auto":
-        precision = "bfloat16" if backend == "gpu" else None
-    if precision:
-        jax.config.update("jax_default_matmul_precision", precision)
-    device = f"{jax.devices()[0].device_kind} ({backend})"
-    seeds = [int(s) for s in cfg.seeds.split(",")]
-    names = [n for n in cfg.optimizers.split(",") if n]
-    for n in names:
-        train_lm.make_optimizer(n, 1e-3, b1=0.9, b2=0.95, wd=0.0)  # fail fast
+    precision, device, seeds, names = train_lm.setup(cfg)
 
     train_np, heldout_np = load_tokens(cfg)
     one, config = load_model(cfg)

@@ -579,6 +579,29 @@ def add_training_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
     p.add_argument("--deadline-s", type=float, default=None, help="skip the rest")
 
 
+def setup(cfg: argparse.Namespace) -> tuple[str | None, str, list[int], list[str]]:
+    """The run set-up shared by the training benchmarks.
+
+    Sets ``jax_default_matmul_precision`` (``auto``: bfloat16 on GPU) and
+    checks every optimizer name before any work (fail fast on typos).
+
+    Returns:
+      ``(precision or None, device description, seeds, optimizer names)``.
+    """
+    backend = jax.default_backend()
+    precision = cfg.matmul_precision
+    if precision == "auto":
+        precision = "bfloat16" if backend == "gpu" else None
+    if precision:
+        jax.config.update("jax_default_matmul_precision", precision)
+    device = f"{jax.devices()[0].device_kind} ({backend})"
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    names = [n for n in cfg.optimizers.split(",") if n]
+    for n in names:
+        make_optimizer(n, 1e-3, b1=0.9, b2=0.95, wd=0.1)
+    return precision, device, seeds, names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--smoke`` shrinks everything for CPU tests."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -637,17 +660,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(table(result["records"]))
         return result
     t_start = time.perf_counter()
-    backend = jax.default_backend()
-    precision = cfg.matmul_precision
-    if precision == "auto":
-        precision = "bfloat16" if backend == "gpu" else None
-    if precision:
-        jax.config.update("jax_default_matmul_precision", precision)
-    device = f"{jax.devices()[0].device_kind} ({backend})"
-    seeds = [int(s) for s in cfg.seeds.split(",")]
-    names = [n for n in cfg.optimizers.split(",") if n]
-    for n in names:
-        make_optimizer(n, 1e-3, b1=0.9, b2=0.95, wd=0.1)  # fail fast on typos
+    precision, device, seeds, names = setup(cfg)
 
     train_np, heldout_np = load_austen(cfg.data_dir)
     window = cfg.seq_len + 1
