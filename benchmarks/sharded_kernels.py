@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_lowbit as lowbit
+from benchmarks import step_speed
 
 
 def main() -> None:
@@ -74,20 +75,9 @@ def main() -> None:
         }
         states = {}
         for name, (kind, opt) in rows.items():
-            if kind == "fused":
-
-                def step(p, s, g, opt=opt):
-                    return opt.step(g, s, p)
-
-            else:
-
-                def step(p, s, g, opt=opt):
-                    u, s = opt.update(g, s, p)
-                    return optax.apply_updates(p, u), s
-
             with jax.set_mesh(mesh):
                 state = jax.jit(opt.init)(params)
-                jstep = jax.jit(step)
+                jstep = jax.jit(step_speed.train_step(kind, opt))
                 hlo = jstep.lower(params, state, grads).compile().as_text()
                 p, s = params, state
                 for _ in range(2):

@@ -136,6 +136,18 @@ def optimizers(case: str) -> dict:
     return rows
 
 
+def train_step(kind: str, opt):
+    """``step(params, state, grads) -> (params, state)`` of a chain or fused row."""
+    if kind == "fused":
+        return lambda p, s, g: opt.step(g, s, p)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
 def make_tree(shapes: dict, key) -> dict:
     leaves, tdef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -186,18 +198,7 @@ def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
             p = jax.tree.map(jnp.copy, params)
             state = jax.jit(tx.init)(p)
 
-            if kind == "fused":
-
-                def step(p, s, g, tx=tx):
-                    return tx.step(g, s, p)
-
-            else:
-
-                def step(p, s, g, tx=tx):
-                    u, s = tx.update(g, s, p)
-                    return optax.apply_updates(p, u), s
-
-            jstep = jax.jit(step, donate_argnums=(0, 1))
+            jstep = jax.jit(train_step(kind, tx), donate_argnums=(0, 1))
             t0 = time.perf_counter()
             compiled = jstep.lower(p, state, grads).compile()
             rec["compile_s"] = time.perf_counter() - t0

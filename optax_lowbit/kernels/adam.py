@@ -76,6 +76,15 @@ DEFAULT_NUM_WARPS = 4
 #: Quantized leaves per kernel launch in the transforms (`adam_update_many`);
 #: 1 launches one kernel per leaf (see benchmarks/NOTES_kernels.md, v3c).
 LEAVES_PER_LAUNCH = 1
+#: Static arguments of the jitted kernel wrappers.
+_JIT_STATICS = (
+    "mu_codec",
+    "nu_codec",
+    "nesterov",
+    "block_groups",
+    "num_warps",
+    "lowering",
+)
 _HP_LEN = 16
 _SEED_LEN = 8
 _OFFS_LEN = 8  # leading axes of a leaf's group grid a shard may offset
@@ -467,17 +476,7 @@ def adam_update(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "mu_codec",
-        "nu_codec",
-        "nesterov",
-        "block_groups",
-        "num_warps",
-        "lowering",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=_JIT_STATICS)
 def _adam_update(
     g: jax.Array,
     mu: base.Packed,
@@ -858,17 +857,7 @@ def adam_update_many(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "mu_codec",
-        "nu_codec",
-        "nesterov",
-        "block_groups",
-        "num_warps",
-        "lowering",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=_JIT_STATICS)
 def _adam_update_many(
     gs, mus, nus, hps, seeds, params, *, mu_codec, nu_codec, nesterov, **launch
 ):
