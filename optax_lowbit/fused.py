@@ -161,7 +161,7 @@ def fused_adamw_polar(
         hp_plain = hp.at[kadam.HP_FIELDS.index("learning_rate")].set(lr)
         hp_decay = hp_plain.at[kadam.HP_FIELDS.index("weight_decay")].set(wd)
         p_flat, p_def = jax.tree_util.tree_flatten(params)
-        outs, applied, new_adam, treedef = tadam.fused_leaves(
+        outs, applied, new_adam, unflatten = tadam.fused_leaves(
             grads,
             adam_state,
             count,
@@ -181,14 +181,12 @@ def fused_adamw_polar(
             jnp.zeros_like(o) if f else o for o, f in zip(outs, applied, strict=True)
         ]
         updates, (new_decay, new_lr) = rest.update(
-            jax.tree_util.tree_unflatten(treedef, u_flat),
-            (decay_state, lr_state),
-            params,
+            unflatten(u_flat), (decay_state, lr_state), params
         )
         new_p = [
             out if f else optax.apply_updates(p, u)
             for out, f, p, u in zip(
-                outs, applied, p_flat, treedef.flatten_up_to(updates), strict=True
+                outs, applied, p_flat, jax.tree.leaves(updates), strict=True
             )
         ]
         return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, new_decay, new_lr)

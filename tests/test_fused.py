@@ -72,3 +72,31 @@ def test_fused_bad_arguments_fail_at_construction():
         lowbit.fused_adamw_polar(1e-3, bits=3)
     with pytest.raises(ValueError, match="impl"):
         lowbit.fused_adamw_polar(1e-3, impl="cuda")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lowbit.adamw_polar(1e-2, impl="jnp"),
+        lambda: lowbit.adamw_polar(1e-2, impl="pallas"),
+        lambda: lowbit.sgd_polar(1e-2, momentum=0.9),
+        lambda: lowbit.adafactor_polar(1e-2, momentum=0.9),
+    ],
+)
+def test_raw_nnx_state_with_variables(make):
+    """tx.update on a raw nnx.split state (Variable nodes), as optax allows:
+    the same numbers as on pure dicts, Variables kept in updates and state."""
+    from flax import nnx
+
+    model = nnx.Linear(256, 128, rngs=nnx.Rngs(0))
+    _, state = nnx.split(model, nnx.Param)
+    grads = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1, state)
+    tx = make()
+    updates, new = jax.jit(tx.update)(grads, tx.init(state), state)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    assert all(is_var(x) for x in jax.tree.leaves(updates, is_leaf=is_var))
+    pure, gpure = nnx.to_pure_dict(state), nnx.to_pure_dict(grads)
+    ref, _ = jax.jit(tx.update)(gpure, tx.init(pure), pure)
+    chex.assert_trees_all_close(nnx.to_pure_dict(updates), ref)
+    _, again = jax.jit(tx.update)(grads, new, state)  # the state round-trips
+    chex.assert_trees_all_equal_structs(again, new)

@@ -288,9 +288,14 @@ def decode_groups_with(
     block_size = codes.shape[-1] * 8 // bits
     index = base.unpack_codes(codes, bits, block_size).astype(jnp.int32)
     values = base.take(qmap if base.is_ref(qmap) else jnp.asarray(qmap), index)
-    if floor:
-        values = jnp.maximum(values, jnp.float32(floor))
-    return values * jnp.asarray(scales, jnp.float32)
+    scales = jnp.asarray(scales, jnp.float32)
+    if not floor:
+        return values * scales
+    values = jnp.maximum(values, jnp.float32(floor))
+    # never 0 where the block is nonzero, even where the product is subnormal
+    # (flushed to 0 on CPU): the smallest normal float instead
+    tiny = jnp.where(scales > 0, jnp.finfo(jnp.float32).tiny, 0.0)
+    return jnp.maximum(values * scales, tiny)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -21,6 +21,7 @@ that needs all decoded moments at once (e.g. a global norm).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -286,6 +287,66 @@ def encode_like(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def flatten_with_moments(updates: Any, moments: Sequence[Any]) -> tuple[Any, ...]:
+    """Flat leaves of ``updates`` and of each moment tree, as plain arrays.
+
+    ``flax.nnx.Variable`` nodes (a raw ``nnx.split`` state) are unwrapped: an
+    update leaf to its value, a moment to its value or to a `Packed` of
+    values. ``rewrap(new_updates, new_moments)`` puts flat results back into
+    the trees, wrapped as the inputs were (``new_moments`` may be empty).
+
+    Returns:
+      ``(flat_updates, treedef, flat_moments, rewrap)``.
+    """
+    flat, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_is_variable)
+    per_moment = []
+    for moment in moments:
+        try:
+            per_moment.append(treedef.flatten_up_to(moment))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "the optimizer state does not match the updates' tree structure; "
+                "was the state made by tx.init on these parameters? "
+                f"updates: {treedef}"
+            ) from e
+
+    def unwrap(x: Any) -> Any:
+        if _is_variable(x):
+            return x.get_value()
+        if is_packed(x) and _is_variable(x.codes):
+            return base.Packed(
+                codes=x.codes.get_value(),
+                scales=x.scales.get_value(),
+                shape=x.shape,
+                codec=x.codec,
+            )
+        return x
+
+    def wrap(old: Any, new: Any) -> Any:
+        if _is_variable(old):
+            return type(old)(new, **old.get_metadata())
+        if is_packed(old) and _is_variable(old.codes):
+            return base.Packed(
+                codes=wrap(old.codes, new.codes),
+                scales=wrap(old.scales, new.scales),
+                shape=new.shape,
+                codec=new.codec,
+            )
+        return new
+
+    def rewrap(new_updates: list[Any], new_moments: Sequence[Any] = ()) -> Any:
+        unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+        u = unflat([wrap(o, n) for o, n in zip(flat, new_updates, strict=True)])
+        ms = tuple(
+            unflat([wrap(o, n) for o, n in zip(olds, news, strict=True)])
+            for olds, news in zip(per_moment, new_moments, strict=False)
+        )
+        return u, ms
+
+    plain = [unwrap(x) for x in flat]
+    return plain, treedef, [[unwrap(x) for x in m] for m in per_moment], rewrap
+
+
 def map_leaves(
     step: Callable[..., tuple[Any, ...]],
     updates: Any,
@@ -318,17 +379,7 @@ def map_leaves(
     """
     if len(moments) != len(codecs):
         raise ValueError(f"got {len(moments)} moment trees but {len(codecs)} codecs.")
-    flat, treedef = jax.tree_util.tree_flatten(updates)
-    per_moment = []
-    for moment in moments:
-        try:
-            per_moment.append(treedef.flatten_up_to(moment))
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "the optimizer state does not match the updates' tree structure; "
-                "was the state made by tx.init on these parameters? "
-                f"updates: {treedef}"
-            ) from e
+    flat, _, per_moment, rewrap = flatten_with_moments(updates, moments)
     new_updates, new_moments = [], [[] for _ in moments]
     for i, g in enumerate(flat):
         olds = [leaves[i] for leaves in per_moment]
@@ -338,10 +389,7 @@ def map_leaves(
         for j, (new, old, c) in enumerate(zip(news, olds, codecs, strict=True)):
             stream = leaf_seed(seed, first_leaf + i, j)
             new_moments[j].append(_encode_leaf(new, old, c, stream))
-    return (
-        jax.tree_util.tree_unflatten(treedef, new_updates),
-        tuple(jax.tree_util.tree_unflatten(treedef, m) for m in new_moments),
-    )
+    return rewrap(new_updates, new_moments)
 
 
 def numel(shape: Sequence[int]) -> int:

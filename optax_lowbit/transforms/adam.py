@@ -17,7 +17,6 @@ list the structural ones that are numbers or callables in ``static_args``::
 
 from __future__ import annotations
 
-import functools
 import importlib
 import itertools
 from collections.abc import Callable, Sequence
@@ -179,10 +178,10 @@ def scale_by_adam_quantized(
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
         if _kernels().use_pallas(impl):
-            outs, _, new_state, treedef = fused_leaves(
+            outs, _, new_state, unflatten = fused_leaves(
                 updates, state, count, hp, mu_codec, nu_codec, nesterov, step
             )
-            return jax.tree_util.tree_unflatten(treedef, outs), new_state
+            return unflatten(outs), new_state
 
         updates, (mu, nu) = _quantized.map_leaves(
             step, updates, (state.mu, state.nu), (mu_codec, nu_codec), seed=count
@@ -267,9 +266,10 @@ def fused_leaves(
       leaf_hps: per-leaf ``hp`` for the fused apply (weight decay masked).
 
     Returns:
-      ``(outs, applied, new_state, treedef)``: flat per-leaf outputs (``u``,
+      ``(outs, applied, new_state, unflatten)``: flat per-leaf outputs (``u``,
       or the new parameter where ``applied``: ``params`` given and the leaf
-      fused or plain), the new state and the updates' treedef.
+      fused or plain), the new state, and ``unflatten(flat)``, which builds
+      the updates' tree from flat leaves (``nnx.Variable`` nodes rewrapped).
     """
     kadam = _kernel_adam()
     fusable = (
@@ -277,9 +277,9 @@ def fused_leaves(
         and kadam.has_kernel(nu_codec)
         and mu_codec.group_size == nu_codec.group_size
     )
-    flat, treedef = jax.tree_util.tree_flatten(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
+    flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
+        updates, (state.mu, state.nu)
+    )
     n = len(flat)
     outs, applied = [None] * n, [False] * n
     new_m, new_v = [None] * n, [None] * n
@@ -356,9 +356,9 @@ def fused_leaves(
             new_m[i] = mi.reshape(shape).astype(mus[i].dtype)
             new_v[i] = vi.reshape(shape).astype(nus[i].dtype)
             applied[i] = params is not None
-    unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    new_state = ScaleByAdamQuantizedState(count, unflat(new_m), unflat(new_v))
-    return outs, applied, new_state, treedef
+    _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
+    new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree)
+    return outs, applied, new_state, lambda xs: rewrap(xs)[0]
 
 
 def _is_plain(g: Any, m: Any, v: Any) -> bool:
