@@ -409,6 +409,34 @@ def _pick_block(n: int, block_groups: int) -> int:
     return block_groups
 
 
+def _check_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> None:
+    """Clear errors, before tracing, for codecs the kernel cannot take."""
+    for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
+        if not has_kernel(codec):
+            raise ValueError(
+                f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
+                "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
+                "group size from 16 to 256 (see has_kernel)."
+            )
+    if mu_codec.group_size != nu_codec.group_size:
+        raise ValueError(
+            "mu_codec and nu_codec must share group_size for the fused kernel, "
+            f"got {mu_codec.group_size} and {nu_codec.group_size}."
+        )
+
+
+def _statics(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering):
+    """The jitted wrappers' static arguments, defaults resolved."""
+    return dict(
+        mu_codec=mu_codec,
+        nu_codec=nu_codec,
+        nesterov=nesterov,
+        block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        lowering=lowering,
+    )
+
+
 def adam_update(
     g: jax.Array,
     mu: base.Packed,
@@ -449,13 +477,7 @@ def adam_update(
       ``u`` in ``g``'s dtype and shape (or the new ``params``), and the new
       moments (same layout).
     """
-    for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
-        if not has_kernel(codec):
-            raise ValueError(
-                f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
-                "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
-                "group size from 16 to 256 (see has_kernel)."
-            )
+    _check_codecs(mu_codec, nu_codec)
     if params is not None and tuple(params.shape) != tuple(g.shape):
         raise ValueError(
             f"params has shape {tuple(params.shape)}, the gradient {tuple(g.shape)}."
@@ -467,12 +489,7 @@ def adam_update(
         hp,
         stream_seeds(mu_codec, nu_codec, seeds),
         params,
-        mu_codec=mu_codec,
-        nu_codec=nu_codec,
-        nesterov=nesterov,
-        block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
-        lowering=lowering,
+        **_statics(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering),
     )
 
 
@@ -496,19 +513,7 @@ def _adam_update(
 
     Arguments and return values are those of `adam_update`.
     """
-    if mu_codec.group_size != nu_codec.group_size:
-        raise ValueError(
-            "mu_codec and nu_codec must share group_size for the fused kernel, "
-            f"got {mu_codec.group_size} and {nu_codec.group_size}."
-        )
-    statics = dict(
-        mu_codec=mu_codec,
-        nu_codec=nu_codec,
-        nesterov=nesterov,
-        block_groups=block_groups,
-        num_warps=num_warps,
-        lowering=lowering,
-    )
+    statics = _statics(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering)
     apply = params is not None
     sharded = _lead_sharding(g)
     if sharded is None:
@@ -837,9 +842,7 @@ def adam_update_many(
             adam_update(g, m, v, h, seeds=sd, params=p, **kw)
             for g, m, v, h, sd, p in zip(gs, mus, nus, hps, seeds, params, strict=True)
         ]
-    for codec in (mu_codec, nu_codec):
-        if not has_kernel(codec):
-            raise ValueError(f"{codec!r} has no fused kernel (see has_kernel).")
+    _check_codecs(mu_codec, nu_codec)
     final = jnp.stack([stream_seeds(mu_codec, nu_codec, sd)[:2] for sd in seeds])
     return _adam_update_many(
         tuple(gs),
@@ -848,12 +851,7 @@ def adam_update_many(
         jnp.stack([jnp.asarray(h, jnp.float32) for h in hps]),
         final,
         None if params[0] is None else tuple(params),
-        mu_codec=mu_codec,
-        nu_codec=nu_codec,
-        nesterov=nesterov,
-        block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
-        lowering=lowering,
+        **_statics(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering),
     )
 
 

@@ -304,25 +304,18 @@ def fused_leaves(
             (_quantized.leaf_seed(count, i, 0), _quantized.leaf_seed(count, i, 1))
             for i in idx
         ]
-        pars = None if params is None else [params[i] for i in idx]
-        kw = dict(
-            mu_codec=mu_codec,
-            nu_codec=nu_codec,
-            nesterov=nesterov,
-            seeds=seeds,
-            params=pars,
-        )
+        pars = [None] * len(idx) if params is None else [params[i] for i in idx]
         hps = [hp if leaf_hps is None else leaf_hps[i] for i in idx]
         args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
+        codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov)
         if use_pallas:
-            results = kadam.adam_update_many(*args, hps, **kw)
+            results = kadam.adam_update_many(
+                *args, hps, seeds=seeds, params=pars, **codecs
+            )
         else:
-            del kw["seeds"], kw["params"]
             results = [
-                kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **kw)
-                for g, m, v, h, sd, p in zip(
-                    *args, hps, seeds, pars or [None] * len(idx), strict=True
-                )
+                kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **codecs)
+                for g, m, v, h, sd, p in zip(*args, hps, seeds, pars, strict=True)
             ]
         for i, (out, m, v) in zip(idx, results, strict=True):
             outs[i], new_m[i], new_v[i] = out, m, v
