@@ -8,12 +8,13 @@ the same run, state and temporary bytes per parameter
 (``compiled.memory_analysis()``) and compile time. Rows: the Optax baselines;
 for polar 2 and 1.5 bits (stochastic rounding, the default) the jnp chain,
 the Pallas chain (``impl="pallas"``) and the fused update-and-apply step
-(`optax_lowbit.fused_adamw_polar`); 8-bit, 4-bit and π-Quant on their jnp
-path. It also checks every kernel variant against the jnp reference on the
-device (code and scale mismatch fractions, output error), measures the
-device copy ceiling and sweeps the kernel's block size / warps on the big
-leaf. Writes ``benchmarks/results/step_speed.json`` (or
-``$OUT/step_speed.json`` when ``OUT`` is set) and prints a table.
+(`optax_lowbit.fused_adamw_polar`); the same three for 8-bit, 4-bit and
+π-Quant (`fused_adamw_8bit`, ...). It also checks every kernel variant
+against the jnp reference on the device (code and scale mismatch
+fractions, output error), measures the device copy ceiling and sweeps the
+kernel's block size / warps on the big leaf. Writes
+``benchmarks/results/step_speed.json`` (or ``$OUT/step_speed.json`` when
+``OUT`` is set) and prints a table.
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ def optimizers(case: str) -> dict:
         ("adamw_piquant", lowbit.adamw_piquant),
     ):
         rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy, impl="jnp"), "jnp")
-        if name != "adamw_piquant":  # π-Quant has no kernel
-            tx = make(lr, policy=policy, impl="pallas")
-            rows[f"{name}/pallas"] = ("chain", tx, "pallas-triton")
+        tx = make(lr, policy=policy, impl="pallas")
+        rows[f"{name}/pallas"] = ("chain", tx, "pallas-triton")
+        fused = getattr(lowbit, f"fused_{name}")(lr, policy=policy, impl="pallas")
+        rows[f"fused_{name}/pallas"] = ("fused", fused, "pallas-triton")
     return rows
 
 
@@ -229,6 +231,9 @@ def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
 
 
 def _codecs(bits, rounding):
+    if rounding.startswith("piquant"):
+        encoder = "paper" if rounding.endswith("paper") else "nearest"
+        return lowbit.codecs.piquant(encoder), lowbit.codecs.piquant(encoder, False)
     if rounding == "blockwise":
         make = lowbit.codecs.blockwise8 if bits == 8 else lowbit.codecs.blockwise4
         return make(True), make(False)
@@ -244,10 +249,12 @@ KERNEL_VARIANTS = {
     "polar2-nearest": (2, "nearest"),
     "blockwise8": (8, "blockwise"),
     "blockwise4": (4, "blockwise"),
+    "piquant": (None, "piquant"),
+    "piquant-paper": (None, "piquant-paper"),
 }
 
 
-def kernel_checks(meta: dict, log, configs=None, variants=None):
+def kernel_checks(meta: dict, log, configs=None, variants=None, checks=None):
     """On-device kernel vs jnp reference (every variant, with and without the
     fused apply), the copy ceiling, and a block / warps sweep on the 256M leaf."""
     out = {}
@@ -259,8 +266,8 @@ def kernel_checks(meta: dict, log, configs=None, variants=None):
     seeds = (jnp.uint32(11), jnp.uint32(12))
     g = jax.random.normal(k3, shape)
     params = jax.random.normal(k4, shape)
-    for vname, (bits, rounding) in KERNEL_VARIANTS.items():
-        mc, nc = _codecs(bits, rounding)
+    for vname in checks or KERNEL_VARIANTS:
+        mc, nc = _codecs(*KERNEL_VARIANTS[vname])
         m = mc.encode(0.1 * jax.random.normal(k1, shape))
         v = nc.encode(0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6)
         for apply in (False, True):
@@ -310,8 +317,7 @@ def kernel_checks(meta: dict, log, configs=None, variants=None):
         mc, nc = _codecs(*KERNEL_VARIANTS[vname])
         m = mc.encode(0.1 * g)
         v = nc.encode(0.01 * g * g)
-        per_group = mc.bytes_per_group + jnp.dtype(mc.scale_dtype).itemsize
-        state_b = 2 * per_group / mc.group_size  # both moments, B/elem
+        state_b = 2 * mc.bits_per_element / 8  # both moments, B/elem
         for bg, nw in configs:
             rec = {"variant": vname, "block_groups": bg, "num_warps": nw}
             try:
@@ -356,6 +362,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--quick-kernel", action="store_true")
+    ap.add_argument("--variants", default="", help="kernel variants to check/sweep")
     ap.add_argument("--only", default="", help="comma list of row-name substrings")
     ap.add_argument("--block-groups", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
@@ -390,12 +397,14 @@ def main() -> None:
     result = {"meta": meta, "records": []}
     try:
         if not args.skip_kernel_checks:
+            variants = tuple(filter(None, args.variants.split(",")))
             if args.quick_kernel:
                 result["kernel"] = kernel_checks(
                     meta,
                     log,
                     ((16, 4), (8, 4)),
-                    ("polar2-sr", "blockwise8", "blockwise4"),
+                    variants or ("polar2-sr", "blockwise8", "blockwise4"),
+                    variants or None,
                 )
             else:
                 result["kernel"] = kernel_checks(meta, log)

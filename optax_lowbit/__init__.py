@@ -21,7 +21,13 @@ from optax_lowbit.alias import (
     sgd_polar,
 )
 from optax_lowbit.convert import convert
-from optax_lowbit.fused import FusedOptimizer, fused_adamw_polar
+from optax_lowbit.fused import (
+    FusedOptimizer,
+    fused_adamw_4bit,
+    fused_adamw_8bit,
+    fused_adamw_piquant,
+    fused_adamw_polar,
+)
 from optax_lowbit.memory import state_bytes, summarize, summary
 from optax_lowbit.transforms.adafactor import (
     EmaQuantizedState,
@@ -61,6 +67,9 @@ __all__ = [
     "codecs",
     "convert",
     "ema_quantized",
+    "fused_adamw_4bit",
+    "fused_adamw_8bit",
+    "fused_adamw_piquant",
     "fused_adamw_polar",
     "lion_polar",
     "policy",

@@ -143,13 +143,29 @@ def fused_adamw_polar(
         policy=policy,
         impl=impl,
     )
+    polar = importlib.import_module("optax_lowbit.codecs.polar")
+    return _fused(
+        tx,
+        polar.polar(bits=bits, signed=True, rounding=rounding),
+        polar.polar(bits=bits, signed=False, rounding=rounding),
+        learning_rate,
+        (b1, b2, eps, eps_root, nesterov),
+        weight_decay,
+        mask,
+        impl,
+    )
+
+
+def _fused(tx, mu_codec, nu_codec, learning_rate, adam, weight_decay, mask, impl):
+    """The `FusedOptimizer` of an AdamW chain ``tx`` whose moments use the codecs.
+
+    ``adam`` is ``(b1, b2, eps, eps_root, nesterov)``.
+    """
+    b1, b2, eps, eps_root, nesterov = adam
     # The rest of the chain, for its own state and the leaves the kernel skips.
     rest = optax.chain(
         alias._decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)
     )
-    polar = importlib.import_module("optax_lowbit.codecs.polar")
-    mu_codec = polar.polar(bits=bits, signed=True, rounding=rounding)
-    nu_codec = polar.polar(bits=bits, signed=False, rounding=rounding)
     use_pallas = _backend.use_pallas(impl)
 
     def step(grads, state, params):
@@ -194,4 +210,257 @@ def fused_adamw_polar(
     return FusedOptimizer(tx.init, step, tx)
 
 
-__all__ = ["FusedOptimizer", "fused_adamw_polar"]
+def fused_adamw_piquant(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    encoder: str = "nearest",
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+) -> FusedOptimizer:
+    """`adamw_piquant` (3.83 bits all-in) as one fused step per quantized leaf.
+
+    Arguments, defaults, checks and state are those of
+    `optax_lowbit.adamw_piquant`; see `fused_adamw_polar` for the step.
+
+    Args:
+      learning_rate: a float or an `optax.Schedule`.
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      mu_dtype: first-moment dtype on unquantized leaves.
+      weight_decay: decoupled weight decay, a float or a schedule.
+      mask: where weight decay applies.
+      encoder: ``"nearest"`` or ``"paper"``.
+      nesterov: Nesterov momentum.
+      policy: which leaves are quantized.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
+
+    Returns:
+      A `FusedOptimizer`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> params = {"w": jnp.ones((64, 192))}
+      >>> opt = lowbit.fused_adamw_piquant(learning_rate=1e-2)
+      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
+      >>> print(f"{float(new['w'][0, 0]):.2f}")
+      0.99
+
+    References:
+      Tian et al, `Irrational Complex Rotations Empower Low-bit Optimizers
+      <https://arxiv.org/abs/2501.12896>`_, 2025
+    """
+    tx = alias.adamw_piquant(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        weight_decay,
+        mask,
+        encoder=encoder,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+    )
+    piquant = importlib.import_module("optax_lowbit.codecs.piquant")
+    return _fused(
+        tx,
+        piquant.piquant(encoder, signed=True),
+        piquant.piquant(encoder, signed=False),
+        learning_rate,
+        (b1, b2, eps, eps_root, nesterov),
+        weight_decay,
+        mask,
+        impl,
+    )
+
+
+def _fused_blockwise(
+    bits,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    weight_decay,
+    mask,
+    nesterov,
+    policy,
+    impl,
+):
+    make = alias.adamw_8bit if bits == 8 else alias.adamw_4bit
+    tx = make(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        weight_decay,
+        mask,
+        nesterov=nesterov,
+        policy=policy,
+        impl=impl,
+    )
+    blockwise = importlib.import_module("optax_lowbit.codecs.blockwise")
+    factory = blockwise.blockwise8 if bits == 8 else blockwise.blockwise4
+    return _fused(
+        tx,
+        factory(signed=True),
+        factory(signed=False),
+        learning_rate,
+        (b1, b2, eps, eps_root, nesterov),
+        weight_decay,
+        mask,
+        impl,
+    )
+
+
+def fused_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+) -> FusedOptimizer:
+    """`adamw_8bit` (8.125 bits all-in) as one fused step per quantized leaf.
+
+    Arguments, defaults, checks and state are those of
+    `optax_lowbit.adamw_8bit`; see `fused_adamw_polar` for the step.
+
+    Args:
+      learning_rate: a float or an `optax.Schedule`.
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      mu_dtype: first-moment dtype on unquantized leaves.
+      weight_decay: decoupled weight decay, a float or a schedule.
+      mask: where weight decay applies.
+      nesterov: Nesterov momentum.
+      policy: which leaves are quantized.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
+
+    Returns:
+      A `FusedOptimizer`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> params = {"w": jnp.ones((64, 256))}
+      >>> opt = lowbit.fused_adamw_8bit(learning_rate=1e-2)
+      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
+      >>> print(f"{float(new['w'][0, 0]):.2f}")
+      0.99
+
+    References:
+      Dettmers et al, `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2022
+    """
+    return _fused_blockwise(
+        8,
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        weight_decay,
+        mask,
+        nesterov,
+        policy,
+        impl,
+    )
+
+
+def fused_adamw_4bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+    policy: Any = None,
+    impl: str = "auto",
+) -> FusedOptimizer:
+    """`adamw_4bit` as one fused step per quantized leaf.
+
+    Arguments, defaults, checks and state are those of
+    `optax_lowbit.adamw_4bit`; see `fused_adamw_polar` for the step.
+
+    Args:
+      learning_rate: a float or an `optax.Schedule`.
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      mu_dtype: first-moment dtype on unquantized leaves.
+      weight_decay: decoupled weight decay, a float or a schedule.
+      mask: where weight decay applies.
+      nesterov: Nesterov momentum.
+      policy: which leaves are quantized.
+      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
+
+    Returns:
+      A `FusedOptimizer`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> params = {"w": jnp.ones((64, 256))}
+      >>> opt = lowbit.fused_adamw_4bit(learning_rate=1e-2)
+      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
+      >>> print(f"{float(new['w'][0, 0]):.2f}")
+      0.99
+
+    References:
+      Li et al, `Memory Efficient Optimizers with 4-bit States
+      <https://arxiv.org/abs/2309.01507>`_, 2023
+    """
+    return _fused_blockwise(
+        4,
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        weight_decay,
+        mask,
+        nesterov,
+        policy,
+        impl,
+    )
+
+
+__all__ = [
+    "FusedOptimizer",
+    "fused_adamw_4bit",
+    "fused_adamw_8bit",
+    "fused_adamw_piquant",
+    "fused_adamw_polar",
+]

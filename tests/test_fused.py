@@ -55,6 +55,29 @@ def test_fused_step_equals_chain_then_apply(impl, bits):
     assert float(jnp.abs(p_fused["w"] - params["w"]).max()) > 1e-3  # it moved
 
 
+@pytest.mark.parametrize("name", ["piquant", "8bit", "4bit"])
+def test_fused_baselines_equal_chain_then_apply(name):
+    """π-Quant, 8-bit and 4-bit: the fused kernel (interpret mode) steps like
+    their chain then apply_updates."""
+    fused = getattr(lowbit, f"fused_adamw_{name}")
+    chain = getattr(lowbit, f"adamw_{name}")
+    lr = optax.linear_schedule(1e-2, 1e-3, 10)
+    kw = dict(weight_decay=0.1, impl="pallas")
+    opt, tx = fused(lr, **kw), chain(lr, **{**kw, "impl": "jnp"})
+    params = _params(jax.random.key(7))
+    s_fused, s_chain = opt.init(params), tx.init(params)
+    p_fused = p_chain = params
+    for i in range(2):
+        g = _grads(params, jax.random.key(200 + i))
+        p_fused, s_fused = jax.jit(opt.step)(g, s_fused, p_fused)
+        u, s_chain = jax.jit(tx.update)(g, s_chain, p_chain)
+        p_chain = optax.apply_updates(p_chain, u)
+    chex.assert_trees_all_equal(s_fused, s_chain)
+    chex.assert_trees_all_close(p_fused, p_chain, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="impl"):
+        fused(1e-3, impl="cuda")
+
+
 def test_fused_state_restores_into_the_chain():
     """The chain can continue a fused run (and back): same state type."""
     params = _params(jax.random.key(3))

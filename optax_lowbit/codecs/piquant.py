@@ -255,36 +255,59 @@ def codebook(
     return jnp.asarray(book * scale, jnp.float32)
 
 
+def pack_block_words(codes: list[jax.Array]) -> list[jax.Array]:
+    """Packs the pair codes of a superblock's three blocks into its byte planes.
+
+    Args:
+      codes: three integer arrays ``(..., 16)`` (0..99): pair ``j`` of block
+        ``k`` is ``codes[k][..., j]``.
+
+    Returns:
+      ``[low, mid, nib]``: uint8 ``(..., 16)``, ``(..., 16)`` and ``(..., 8)``,
+      the planes whose concatenation is the 40-byte superblock (module
+      docstring). Each is a power-of-two row, so a kernel stores them as is.
+    """
+    c0, c1, c2 = (c.astype(jnp.uint32) for c in codes)
+    w = c0 + 100 * c1 + 10000 * c2
+    low = (w & 0xFF).astype(jnp.uint8)
+    mid = ((w >> 8) & 0xFF).astype(jnp.uint8)
+    first, second = base.split_last(w >> 16, 2)
+    return [low, mid, (first | (second << 4)).astype(jnp.uint8)]
+
+
+def unpack_block_words(planes: list[jax.Array]) -> list[jax.Array]:
+    """Inverse of `pack_block_words`: three int32 ``(..., 16)`` code arrays.
+
+    Any bytes give codes in 0..99: the top digit of a word >= 10^6 is
+    clamped to 99.
+    """
+    low, mid, nib = (p.astype(jnp.uint32) for p in planes)
+    w = low | (mid << 8) | (base.concat_last([nib & 0xF, nib >> 4]) << 16)
+    digits = [w % 100, (w // 100) % 100, jnp.minimum(w // 10000, NUM_CODES - 1)]
+    return [d.astype(jnp.int32) for d in digits]
+
+
+def _split_planes(packed: jax.Array) -> list[jax.Array]:
+    return [
+        packed[..., :WORDS],
+        packed[..., WORDS : 2 * WORDS],
+        packed[..., 2 * WORDS :],
+    ]
+
+
 def pack_words(codes: jax.Array) -> jax.Array:
     """Packs pair codes ``(..., 48)`` (0..99) into ``(..., 40)`` uint8.
 
     Pair ``j`` of block ``k`` is ``codes[..., 16 k + j]``; see the module
     docstring for the byte layout.
     """
-    c = codes.astype(jnp.uint32).reshape((*codes.shape[:-1], BLOCKS_PER_SUPER, WORDS))
-    w = c[..., 0, :] + 100 * c[..., 1, :] + 10000 * c[..., 2, :]
-    low = (w & 0xFF).astype(jnp.uint8)
-    mid = ((w >> 8) & 0xFF).astype(jnp.uint8)
-    high = (w >> 16).astype(jnp.uint8)
-    half = WORDS // 2
-    nib = high[..., :half] | (high[..., half:] << 4)
-    return jnp.concatenate([low, mid, nib], axis=-1)
+    blocks = [codes[..., k * WORDS : (k + 1) * WORDS] for k in range(BLOCKS_PER_SUPER)]
+    return jnp.concatenate(pack_block_words(blocks), axis=-1)
 
 
 def unpack_words(packed: jax.Array) -> jax.Array:
-    """Inverse of `pack_words`: ``(..., 40)`` uint8 -> ``(..., 48)`` int32.
-
-    Any bytes give codes in 0..99: the top digit of a word >= 10^6 is
-    clamped to 99.
-    """
-    p = packed.astype(jnp.uint32)
-    nib = p[..., 2 * WORDS :]
-    high = jnp.concatenate([nib & 0xF, nib >> 4], axis=-1)
-    w = p[..., :WORDS] | (p[..., WORDS : 2 * WORDS] << 8) | (high << 16)
-    c0 = w % 100
-    c1 = (w // 100) % 100
-    c2 = jnp.minimum(w // 10000, NUM_CODES - 1)
-    return jnp.concatenate([c0, c1, c2], axis=-1).astype(jnp.int32)
+    """Inverse of `pack_words`: ``(..., 40)`` uint8 -> ``(..., 48)`` int32."""
+    return jnp.concatenate(unpack_block_words(_split_planes(packed)), axis=-1)
 
 
 def _paper_codes(px: jax.Array, py: jax.Array) -> jax.Array:
@@ -302,12 +325,107 @@ def _paper_codes(px: jax.Array, py: jax.Array) -> jax.Array:
     return code.astype(jnp.int32) % NUM_CODES
 
 
-def _nearest_codes(px: jax.Array, py: jax.Array, book: jax.Array) -> jax.Array:
-    """Index of the nearest codeword (first one on ties)."""
-    bx, by = book[:, 0], book[:, 1]
-    # |p - q|^2 - |p|^2 = |q|^2 - 2 p.q: the same argmin, two FMAs per code.
-    score = (bx * bx + by * by) - 2.0 * (px[..., None] * bx + py[..., None] * by)
-    return jnp.argmin(score, axis=-1).astype(jnp.int32)
+def _nearest_codes(px: jax.Array, py: jax.Array, bx: Any, by: Any) -> jax.Array:
+    """Index of the nearest codeword (the first one on ties).
+
+    A running minimum over the 100 codewords ``(bx[k], by[k])``: arrays, or a
+    kernel's table refs (then read one scalar per step of a loop). Per code,
+    ``|q|^2 - 2 p.q`` (the same order as ``|p - q|^2 - |p|^2``).
+    """
+
+    def step(k, carry):
+        best, code = carry
+        qx, qy = bx[k], by[k]
+        score = (qx * qx + qy * qy) - 2.0 * (px * qx + py * qy)
+        better = score < best
+        return jnp.where(better, score, best), jnp.where(better, k, code)
+
+    zero = px * 0.0  # shaped (and sharded) like the pairs
+    init = (zero + jnp.inf, zero.astype(jnp.int32))
+    return jax.lax.fori_loop(0, NUM_CODES, step, init)[1]
+
+
+def encode_pairs(
+    pairs: list[tuple[jax.Array, jax.Array]],
+    book: tuple[Any, Any],
+    *,
+    encoder: str = "nearest",
+    signed: bool = True,
+    scale_dtype: Any = jnp.bfloat16,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Encodes a superblock given as its blocks' pairs: the codec's math.
+
+    Args:
+      pairs: three ``(even, odd)`` tuples, the elements ``32 k + 2 j`` and
+        ``32 k + 2 j + 1`` of block ``k`` as float arrays ``(..., 16)``.
+      book: the codewords' ``(x, y)`` coordinates, each ``(100,)`` (arrays,
+        or a kernel's table refs).
+      encoder: ``"nearest"`` or ``"paper"``.
+      signed: if False the input is coded as ``|x|``.
+      scale_dtype: dtype of the stored scales.
+
+    Returns:
+      ``(planes, scales)``: the `pack_block_words` planes and three
+      ``(..., 1)`` scales (one per block) in ``scale_dtype``.
+    """
+    codes, scales = [], []
+    for px, py in pairs:
+        px, py = px.astype(jnp.float32), py.astype(jnp.float32)
+        if not signed:
+            px, py = jnp.abs(px), jnp.abs(py)
+        absmax = jnp.maximum(
+            jnp.max(jnp.abs(px), axis=-1, keepdims=True),
+            jnp.max(jnp.abs(py), axis=-1, keepdims=True),
+        )
+        stored, divisor = base.safe_scale(absmax, scale_dtype)
+        px, py = px / divisor, py / divisor
+        if encoder == "paper":
+            codes.append(_paper_codes(px, py))
+        else:
+            codes.append(_nearest_codes(px, py, *book))
+        scales.append(stored)
+    return pack_block_words(codes), scales
+
+
+def decode_pairs(
+    planes: list[jax.Array],
+    scales: list[jax.Array],
+    book: tuple[Any, Any],
+    *,
+    signed: bool = True,
+) -> list[tuple[jax.Array, jax.Array]]:
+    """Inverse of `encode_pairs`: three ``(even, odd)`` float32 tuples.
+
+    Args:
+      planes: the `pack_block_words` planes of a superblock.
+      scales: three ``(..., 1)`` scales.
+      book: the codewords' ``(x, y)`` coordinates (arrays or table refs).
+      signed: if False, a nonzero scale never decodes to 0 (floored at the
+        smallest normal float32).
+    """
+    out = []
+    for idx, s in zip(unpack_block_words(planes), scales, strict=True):
+        s = s.astype(jnp.float32)
+        x = base.take(book[0], idx) * s
+        y = base.take(book[1], idx) * s
+        if not signed:
+            floor = jnp.where(s > 0, _TINY, 0.0)
+            x, y = jnp.maximum(x, floor), jnp.maximum(y, floor)
+        out.append((x, y))
+    return out
+
+
+def _to_pairs(xg: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """``(..., 96)`` -> three ``(even, odd)`` tuples of ``(..., 16)``."""
+    lead = xg.shape[:-1]
+    blocks = xg.reshape((*lead, BLOCKS_PER_SUPER, WORDS, 2))
+    return [
+        (blocks[..., k, :, 0], blocks[..., k, :, 1]) for k in range(BLOCKS_PER_SUPER)
+    ]
+
+
+def _book(book: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return book[:, 0], book[:, 1]
 
 
 def encode_groups_with(
@@ -332,21 +450,14 @@ def encode_groups_with(
       ``(codes, scales)``: ``(..., 40)`` uint8 and ``(..., 3)`` in
       ``scale_dtype``.
     """
-    xg = jnp.asarray(xg, jnp.float32)
-    if not signed:
-        xg = jnp.abs(xg)
-    lead = xg.shape[:-1]
-    blocks = xg.reshape((*lead, BLOCKS_PER_SUPER, BLOCK))
-    stored, divisor = base.safe_scale(jnp.max(jnp.abs(blocks), axis=-1), scale_dtype)
-    pairs = blocks.reshape((*lead, BLOCKS_PER_SUPER, WORDS, 2))
-    pairs = pairs / divisor[..., None, None]
-    px, py = pairs[..., 0], pairs[..., 1]
-    if encoder == "paper":
-        codes = _paper_codes(px, py)
-    else:
-        codes = _nearest_codes(px, py, book)
-    codes = codes.reshape((*lead, BLOCKS_PER_SUPER * WORDS))
-    return pack_words(codes), stored
+    planes, scales = encode_pairs(
+        _to_pairs(jnp.asarray(xg, jnp.float32)),
+        _book(book),
+        encoder=encoder,
+        signed=signed,
+        scale_dtype=scale_dtype,
+    )
+    return jnp.concatenate(planes, axis=-1), jnp.concatenate(scales, axis=-1)
 
 
 def decode_groups_with(
@@ -364,15 +475,11 @@ def decode_groups_with(
     Returns:
       float32 ``(..., 96)``.
     """
-    idx = unpack_words(codes).reshape((*codes.shape[:-1], BLOCKS_PER_SUPER, WORDS))
-    s = scales.astype(jnp.float32)[..., None]
-    x = base.take(book[:, 0], idx) * s
-    y = base.take(book[:, 1], idx) * s
-    if not signed:
-        floor = jnp.where(s > 0, _TINY, 0.0)
-        x, y = jnp.maximum(x, floor), jnp.maximum(y, floor)
-    out = jnp.stack([x, y], axis=-1)
-    return out.reshape((*codes.shape[:-1], SUPER))
+    per_block = [scales[..., k : k + 1] for k in range(BLOCKS_PER_SUPER)]
+    pairs = decode_pairs(_split_planes(codes), per_block, _book(book), signed=signed)
+    lead = codes.shape[:-1]
+    out = jnp.stack([jnp.stack([x, y], axis=-1) for x, y in pairs], axis=-3)
+    return out.reshape((*lead, SUPER))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +548,49 @@ class PiQuantCodec(base.Codec):
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """Decodes ``(..., 40)`` codes and ``(..., 3)`` scales to ``(..., 96)``."""
         return decode_groups_with(codes, scales, self.codebook(), signed=self.signed)
+
+    def code_planes(self) -> list[int]:
+        """Bytes of each plane of a superblock (`pack_block_words`): 16, 16, 8."""
+        return [WORDS, WORDS, WORDS // 2]
+
+    def kernel_columns(self) -> list[np.ndarray]:
+        """The kernel's parts of a superblock: columns of each block's evens and odds.
+
+        A kernel holds a superblock as six ``(rows, 16)`` parts (96 is not a
+        power of two; 16 is): part ``2 k + e`` is elements ``32 k + 2 j + e``.
+        """
+        return [
+            np.arange(WORDS) * 2 + BLOCK * k + e
+            for k in range(BLOCKS_PER_SUPER)
+            for e in (0, 1)
+        ]
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes as inputs: the codewords' x and y."""
+        with jax.ensure_compile_time_eval():  # constants, even under a trace
+            book = np.asarray(self.codebook(), np.float32)
+        return book[:, 0], book[:, 1]
+
+    def kernel_decode(
+        self, planes: list[Any], scales: list[Any], tables: Any
+    ) -> list[jax.Array]:
+        """`decode_pairs` to the six parts of `kernel_columns`."""
+        pairs = decode_pairs(planes, scales, tables[:2], signed=self.signed)
+        return [part for pair in pairs for part in pair]
+
+    def kernel_encode(
+        self, parts: list[jax.Array], tables: Any, noise: jax.Array | None
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
+        """`encode_pairs` of the six parts (deterministic: no noise)."""
+        del noise
+        pairs = list(zip(parts[0::2], parts[1::2], strict=True))
+        return encode_pairs(
+            pairs,
+            tables[:2],
+            encoder=self.encoder,
+            signed=self.signed,
+            scale_dtype=self.scale_dtype,
+        )
 
 
 def piquant(

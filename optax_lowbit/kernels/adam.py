@@ -99,23 +99,47 @@ def _planes(codec: base.Codec) -> list[int]:
     return list(codec.code_planes())
 
 
+def _columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
+    """``(start, stride, size)`` of each part a kernel splits a group into.
+
+    ``None``: the group is held whole. A group whose size is not a power of
+    two (π-Quant's 96) is held as parts of power-of-two sizes
+    (`PiQuantCodec.kernel_columns`: each an arithmetic progression of
+    columns, rebuilt in the kernel from an iota: it cannot capture arrays),
+    read and written by gathered loads at ``row * group_size + column``.
+    """
+    if not hasattr(codec, "kernel_columns"):
+        return None
+    out = []
+    for part in codec.kernel_columns():
+        part = np.asarray(part)
+        stride = int(part[1] - part[0]) if part.size > 1 else 1
+        if not np.array_equal(part, part[0] + stride * np.arange(part.size)):
+            raise ValueError(f"{codec!r}: a kernel part is not evenly spaced: {part}.")
+        out.append((int(part[0]), stride, int(part.size)))
+    return tuple(out)
+
+
 def has_kernel(codec: base.Codec) -> bool:
     """Whether the fused kernel handles moments in ``codec``.
 
     Codecs with kernel group functions (``kernel_tables``, ``kernel_decode``,
     ``kernel_encode``: polar at 2 and 1.5 bits, either rounding; blockwise 8
-    and 4 bits) whose code planes per group are powers of two bytes (polar 2
-    bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise: 256 and 64) and
-    whose group size is a power of two from 16 to 256. π-Quant (superblocks
-    of 96) has none: its leaves take the jnp path.
+    and 4 bits; π-Quant) whose code planes per group are powers of two bytes
+    (polar 2 bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise: 256 and 64;
+    π-Quant: 16 + 16 + 8) and whose group (or each of its parts: π-Quant's
+    96-element superblock is six parts of 16) is a power of two from 16 to
+    256 elements.
     """
-    return (
-        all(
-            hasattr(codec, name)
-            for name in ("kernel_tables", "kernel_decode", "kernel_encode")
-        )
-        and codec.group_size in (16, 32, 64, 128, 256)
-        and all(_power_of_two(n) for n in _planes(codec))
+    if not all(
+        hasattr(codec, name)
+        for name in ("kernel_tables", "kernel_decode", "kernel_encode")
+    ):
+        return False
+    cols = _columns(codec)
+    sizes = [codec.group_size] if cols is None else [c[2] for c in cols]
+    return all(n in (16, 32, 64, 128, 256) for n in sizes) and all(
+        _power_of_two(n) for n in _planes(codec)
     )
 
 
@@ -224,6 +248,85 @@ class _Codes:
             _store(ref, plane, valid, idx)
 
 
+class _Values:
+    """How the kernel reads and writes a leaf's values (gradient, parameters, u).
+
+    Whole groups are rows of a blocked ``(rows, group)`` array; a codec with
+    parts (`_columns`) reads a flat buffer at ``row * group + column``, part
+    by part. Values are always a list of parts (one for whole groups).
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.columns = _columns(codec)
+        self.size = codec.group_size
+
+    def operand(self, rows: jax.Array) -> jax.Array:
+        return rows if self.columns is None else rows.reshape(-1)
+
+    def spec(self, row_spec) -> pl.BlockSpec:
+        return row_spec if self.columns is None else pl.BlockSpec()
+
+    def _cols(self):
+        if self.columns is None:
+            return [jnp.arange(self.size, dtype=jnp.int32)[None, :]]
+        return [
+            start + stride * jnp.arange(size, dtype=jnp.int32)[None, :]
+            for start, stride, size in self.columns
+        ]
+
+    def _offsets(self, row):
+        return [row[:, None] * self.size + c for c in self._cols()]
+
+    def col(self, row, groups_per_row):
+        """Each part's column within the leaf's last axis."""
+        first = (row % groups_per_row) * self.size
+        return [first[:, None] + c for c in self._cols()]
+
+    def load(self, ref, row, valid) -> list[jax.Array]:
+        if self.columns is None:
+            return [_load(ref, valid)]
+        return [_load(ref, valid, idx) for idx in self._offsets(row)]
+
+    def store(self, ref, row, parts, valid) -> None:
+        if self.columns is None:
+            _store(ref, parts[0], valid)
+            return
+        for idx, part in zip(self._offsets(row), parts, strict=True):
+            _store(ref, part, valid, idx)
+
+
+class _Scales:
+    """How the kernel reads and writes a moment's scales.
+
+    One per group is a blocked ``(rows, 1)`` column; several (π-Quant's 3)
+    stay a flat buffer, read as a list of ``(block, 1)`` columns.
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.per_group = codec.scales_per_group
+
+    def operand(self, scales: jax.Array, n: int) -> jax.Array:
+        return scales.reshape((n, 1) if self.per_group == 1 else (-1,))
+
+    def spec(self, row_spec) -> pl.BlockSpec:
+        return row_spec if self.per_group == 1 else pl.BlockSpec()
+
+    def _offsets(self, row):
+        return [row[:, None] * self.per_group + k for k in range(self.per_group)]
+
+    def load(self, ref, row, valid):
+        if self.per_group == 1:
+            return _load(ref, valid)
+        return [_load(ref, valid, idx) for idx in self._offsets(row)]
+
+    def store(self, ref, row, scales, valid) -> None:
+        if self.per_group == 1:
+            _store(ref, scales, valid)
+            return
+        for idx, s in zip(self._offsets(row), scales, strict=True):
+            _store(ref, s, valid, idx)
+
+
 def _load(ref, valid, idx=None):
     """``ref``'s block (or ``ref[idx]``); rows past the end (``~valid``) read 0."""
     at = ... if idx is None else idx
@@ -295,43 +398,55 @@ def _leaf_body(
     mc_ref, ms_ref, vc_ref, vs_ref, out_ref, mc_out, ms_out, vc_out, vs_out = refs
     hp = [hp_ref[hp_base + k] for k in range(len(HP_FIELDS))]  # traced scalars
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
+    ms_io, vs_io = _Scales(mu_codec), _Scales(nu_codec)
+    vals = _Values(mu_codec)
     row = block_index * block + jnp.arange(block, dtype=jnp.int32)
     # the last block may run past the rows: masked loads and stores there
     valid = None if n_rows % block == 0 else row < n_rows
-    g = _load(g_ref, valid).astype(jnp.float32)
-    m = mu_codec.kernel_decode(
-        m_io.load(mc_ref, row, valid), _load(ms_ref, valid), m_tables
+
+    def parts(x):  # a codec with parts decodes to (and encodes from) a list
+        return [x] if vals.columns is None else list(x)
+
+    def whole(xs):
+        return xs[0] if vals.columns is None else xs
+
+    g = [x.astype(jnp.float32) for x in vals.load(g_ref, row, valid)]
+    m = parts(
+        mu_codec.kernel_decode(
+            m_io.load(mc_ref, row, valid), ms_io.load(ms_ref, row, valid), m_tables
+        )
     )
-    v = nu_codec.kernel_decode(
-        v_io.load(vc_ref, row, valid), _load(vs_ref, valid), v_tables
+    v = parts(
+        nu_codec.kernel_decode(
+            v_io.load(vc_ref, row, valid), vs_io.load(vs_ref, row, valid), v_tables
+        )
     )
-    gsize = g.shape[-1]
-    if last % gsize:  # the padded tail of each row holds zeros (as in jnp)
-        col = (row % groups_per_row) * gsize
-        col = col[:, None] + jnp.arange(gsize, dtype=jnp.int32)[None, :]
-        inside = col < last
-        m = jnp.where(inside, m, 0.0)
-        v = jnp.where(inside, v, 0.0)
-    u, m, v = _moment_step(g, m, v, hp, nesterov=nesterov)
+    if last % vals.size:  # the padded tail of each row holds zeros (as in jnp)
+        inside = [c < last for c in vals.col(row, groups_per_row)]
+        m = [jnp.where(i, x, 0.0) for i, x in zip(inside, m, strict=True)]
+        v = [jnp.where(i, x, 0.0) for i, x in zip(inside, v, strict=True)]
+    steps = [
+        _moment_step(*gmv, hp, nesterov=nesterov) for gmv in zip(g, m, v, strict=True)
+    ]
+    u, m, v = ([s[j] for s in steps] for j in range(3))
     if apply:
-        p = _load(p_ref, valid).astype(jnp.float32)
-        _store(out_ref, _apply_step(p, u, hp).astype(out_ref.dtype), valid)
-    else:
-        _store(out_ref, u.astype(out_ref.dtype), valid)
+        p = [x.astype(jnp.float32) for x in vals.load(p_ref, row, valid)]
+        u = [_apply_step(pk, uk, hp) for pk, uk in zip(p, u, strict=True)]
+    vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in u], valid)
     pair = None
     if mu_codec.stochastic or nu_codec.stochastic:
         grow = _global_row(row, offs_ref, lead_local, lead_global)
-        half = gsize // 2
+        half = vals.size // 2
         pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
-    for x, codec, tables, io, c_out, s_out, k in (
-        (m, mu_codec, m_tables, m_io, mc_out, ms_out, 0),
-        (v, nu_codec, v_tables, v_io, vc_out, vs_out, 1),
+    for x, codec, tables, io, s_io, c_out, s_out, k in (
+        (m, mu_codec, m_tables, m_io, ms_io, mc_out, ms_out, 0),
+        (v, nu_codec, v_tables, v_io, vs_io, vc_out, vs_out, 1),
     ):
         seed = seed_ref[seed_base + k]
         noise = base.dither_bits(pair, seed) if codec.stochastic else None
-        planes, scales = codec.kernel_encode(x, tables, noise)
+        planes, scales = codec.kernel_encode(whole(x), tables, noise)
         io.store(c_out, row, planes, valid)
-        _store(s_out, scales, valid)
+        s_io.store(s_out, row, scales, valid)
 
 
 def _split_refs(refs, mu_codec, nu_codec, n_leaves, apply):
@@ -418,10 +533,13 @@ def _check_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> None:
                 "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
                 "group size from 16 to 256 (see has_kernel)."
             )
-    if mu_codec.group_size != nu_codec.group_size:
+    if mu_codec.group_size != nu_codec.group_size or _columns(mu_codec) != _columns(
+        nu_codec
+    ):
         raise ValueError(
-            "mu_codec and nu_codec must share group_size for the fused kernel, "
-            f"got {mu_codec.group_size} and {nu_codec.group_size}."
+            "mu_codec and nu_codec must share group_size (and its kernel parts) "
+            f"for the fused kernel, got {mu_codec!r} (group_size "
+            f"{mu_codec.group_size}) and {nu_codec!r} ({nu_codec.group_size})."
         )
 
 
@@ -668,6 +786,8 @@ def _launch(
     gsize = mu_codec.group_size
     apply = leaves[0][5] is not None
     m_io, v_io = _Codes(mu_codec), _Codes(nu_codec)
+    ms_io, vs_io = _Scales(mu_codec), _Scales(nu_codec)
+    vals = _Values(mu_codec)
     ns = [math.prod(base.to_groups(x[0], gsize).shape[:-1]) for x in leaves]
     block = _pick_block(max(ns), block_groups)
     nblocks = [pl.cdiv(n, block) for n in ns]
@@ -698,18 +818,23 @@ def _launch(
         n, start, nb = ns[k], starts[k], nblocks[k]
         shape = tuple(g.shape)
         lead_groups = base.to_groups(g, gsize).shape[:-1]
-        rows_g = base.to_groups(g, gsize).reshape(n, gsize)
-        state = [m_io.operand(mc), ms.reshape(n, 1), v_io.operand(vc), vs.reshape(n, 1)]
+        rows_g = vals.operand(base.to_groups(g, gsize).reshape(n, gsize))
+        state = [
+            m_io.operand(mc),
+            ms_io.operand(ms, n),
+            v_io.operand(vc),
+            vs_io.operand(vs, n),
+        ]
         specs = [
             code_spec(m_io, start, nb),
-            row_spec(1, start, nb),
+            ms_io.spec(row_spec(1, start, nb)),
             code_spec(v_io, start, nb),
-            row_spec(1, start, nb),
+            vs_io.spec(row_spec(1, start, nb)),
         ]
         out_dtype = g.dtype if p is None else p.dtype
         leaf_in = [rows_g]
         if apply:
-            leaf_in.append(base.to_groups(p, gsize).reshape(n, gsize))
+            leaf_in.append(vals.operand(base.to_groups(p, gsize).reshape(n, gsize)))
         leaf_in += state
         base_in = first + k * n_in
         base_out = 5 * k
@@ -718,12 +843,12 @@ def _launch(
         if apply:
             aliases[base_in + 1] = base_out  # and the parameters
         ins += leaf_in
-        in_specs += [row_spec(gsize, start, nb)] * (1 + int(apply)) + specs
+        in_specs += [vals.spec(row_spec(gsize, start, nb))] * (1 + int(apply)) + specs
         out_shapes += [
-            jax.ShapeDtypeStruct((n, gsize), out_dtype),
+            jax.ShapeDtypeStruct(rows_g.shape, out_dtype),
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
         ]
-        out_specs += [row_spec(gsize, start, nb), *specs]
+        out_specs += [vals.spec(row_spec(gsize, start, nb)), *specs]
         statics.append(
             dict(
                 last=base.lead_and_last(shape)[1],
