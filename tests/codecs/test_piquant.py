@@ -459,3 +459,40 @@ def test_zero_code_decodes_small_pairs_to_zero_and_is_the_signed_default():
         lowbit.codecs.piquant(signed=False, zero_code=True)
     with pytest.raises(ValueError, match="zero_code=True needs"):
         lowbit.codecs.piquant(encoder="paper", zero_code=True)
+
+
+@pytest.mark.parametrize(
+    "signed,scale", [(True, 0.5), (False, 0.5), (True, 1.0), (False, 1.0)]
+)
+def test_grid_search_is_the_exact_nearest(signed, scale):
+    """The candidate-table search returns the argmin over all 100 codewords
+    (up to exact float ties of the score) on random pairs, the grid's cell
+    edges and the corners of the square."""
+    from optax_lowbit.codecs.piquant import _nearest_codes, _search_tables
+
+    codec = lowbit.codecs.piquant(signed=signed, codebook_scale=scale)
+    book = np.asarray(codec.codebook())
+    tables, width = _search_tables(codec.codebook(), signed, codec.candidates())
+    assert width <= 8  # the cost of the search: width evaluations, not 100
+    lo = -1.0 if signed else 0.0
+    rng = np.random.default_rng(int(signed) + int(10 * scale))
+    edges = np.linspace(lo, 1.0, 33, dtype=np.float32)
+    pts = np.concatenate(
+        [
+            rng.uniform(lo, 1.0, (50_000, 2)).astype(np.float32),
+            np.stack(np.meshgrid(edges, edges), -1).reshape(-1, 2),
+        ]
+    )
+    got = np.asarray(
+        jax.jit(lambda a, b: _nearest_codes(a, b, tables, width, signed))(
+            pts[:, 0], pts[:, 1]
+        )
+    )
+    bx, by = book[:, 0], book[:, 1]
+    score = (bx * bx + by * by)[None] - 2.0 * (
+        pts[:, :1] * bx[None] + pts[:, 1:] * by[None]
+    )
+    best = score.min(-1)
+    picked = score[np.arange(len(pts)), got]
+    np.testing.assert_allclose(picked, best, atol=1e-6)
+    assert np.mean(got != score.argmin(-1)) < 1e-4  # only float ties differ
