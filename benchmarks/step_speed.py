@@ -39,9 +39,10 @@ N_TIMED = 30
 N_WARM = 3
 
 
-def gpt2_small(stacked: bool = False) -> dict:
-    """Shapes of a GPT-2-small parameter tree (124M params)."""
-    d, f, n_layer = 768, 3072, 12
+def gpt2_small(stacked: bool = False, d: int = 768, n_layer: int = 12) -> dict:
+    """Shapes of a GPT-2 parameter tree: small (124M) by default, medium with
+    ``d=1024, n_layer=24`` (355M)."""
+    f = 4 * d
     layer = {
         "ln1_g": (d,),
         "ln1_b": (d,),
@@ -69,6 +70,8 @@ CASES = {
     "leaf_256M": {"w": (16384, 16384)},
     "gpt2_small_146": gpt2_small(False),
     "gpt2_small_stacked_14": gpt2_small(True),
+    "gpt2_medium_292": gpt2_small(False, d=1024, n_layer=24),
+    "gpt2_medium_stacked_16": gpt2_small(True, d=1024, n_layer=24),
     "tiny": {"w": (512, 1024), "b": (1024,), "x": (3, 200)},
 }
 
