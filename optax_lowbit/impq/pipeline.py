@@ -132,7 +132,10 @@ def run(
         result = spqe.estimate(
             fwd, calib, chain=chain, n_permutations=n_perm, seed=seed, callback=cb
         )
-        c = interaction.interaction_matrix(result.deltas, shrinkage=shrinkage)
+        c_raw = interaction.interaction_matrix(result.deltas, shrinkage=shrinkage)
+        phi_used, c, n_capped = allocate.monotone_terms(result.phi, c_raw)
+        # tie-break: budget the estimate calls free (phi = 0) is still spent
+        phi_used = phi_used + 1e-6 * max(float(phi_used.max()), 1e-12)
         timings["spqe_s"] = time.perf_counter() - t0
         report["spqe"] = {
             "chain": list(chain),
@@ -142,6 +145,9 @@ def run(
             "phi": result.phi.tolist(),
             "se": result.se.tolist(),
             "stage_phi": result.stage_phi.tolist(),
+            "n_pairs_capped": n_capped,
+            "n_pairs_negative": int(np.sum(np.triu(c_raw + c_raw.T, 1) < 0)),
+            "n_phi_clipped": int(np.sum(result.phi < 0)),
             "n_evals": result.n_evals,
             "n_lookups": result.n_lookups,
             "wall_s": result.wall_s,
@@ -165,7 +171,7 @@ def run(
             status = ""
             if m == "impq":
                 alloc = allocate.allocate(
-                    result.phi,
+                    phi_used,
                     c,
                     errors,
                     avg_bits=budget,

@@ -2,6 +2,8 @@
 
 import re
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -98,3 +100,50 @@ def test_relative_errors():
     sse = np.array([[4.0, 1.0, 0.25, 0.0, 0.0]])
     e = allocate.relative_errors(sse, (2, 3, 4, 8, 16), (2, 3, 4, 8))
     np.testing.assert_allclose(e, [[1.0, 0.25, 0.0625, 0.0]])
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 7))
+def test_monotone_terms_make_more_bits_never_worse(seed, n):
+    rng = np.random.default_rng(seed)
+    phi, c, e = _problem(rng, n)  # phi and C with negative entries
+    phi_m, c_m, n_capped = allocate.monotone_terms(phi, c)
+    assert np.all(phi_m >= 0) and 0 <= n_capped <= n * (n - 1) // 2
+    w, w_m = c + c.T, c_m + c_m.T
+    off = ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(w_m[off & (w >= 0)], w[off & (w >= 0)])  # kept
+    assert np.all(w_m[off] >= w[off] - 1e-12)  # only raised, never lowered
+    # raise one block's width by one choice from a random allocation: J never grows
+    for _ in range(20):
+        idx = rng.integers(0, e.shape[1], n)
+        layer = rng.integers(n)
+        if idx[layer] == e.shape[1] - 1:
+            continue
+        bits = np.asarray(allocate.quantizer.BIT_CHOICES)[idx]
+        wider = bits.copy()
+        wider[layer] = allocate.quantizer.BIT_CHOICES[idx[layer] + 1]
+        before = allocate.objective(bits, phi_m, c_m, e)
+        assert allocate.objective(wider, phi_m, c_m, e) <= before + 1e-12
+
+
+def test_monotone_terms_keep_a_harmless_objective():
+    phi = np.array([1.0, 2.0, 0.5])
+    c = np.array([[0.3, 0.1, 0.0], [0.1, 0.2, -0.2], [0.0, -0.2, 0.1]])
+    phi_m, c_m, n_capped = allocate.monotone_terms(phi, c)
+    assert n_capped == 0  # -0.4 between blocks 1 and 2 outweighs neither
+    np.testing.assert_allclose(c_m, c)
+    np.testing.assert_array_equal(phi_m, phi)
+
+
+def test_monotone_budget_is_spent():
+    # negative pair terms made the raw objective prefer unspent budget
+    rng = np.random.default_rng(3)
+    n = 6
+    phi = rng.uniform(0.1, 1.0, n)
+    c = -np.abs(rng.normal(size=(n, n)))
+    e = np.array([[1.0, 0.25, 0.06, 0.0]] * n)
+    raw = allocate.brute_force(phi, c, e, avg_bits=5.0)
+    phi_m, c_m, _ = allocate.monotone_terms(phi, c)
+    fixed = allocate.allocate(phi_m, c_m, e, avg_bits=5.0)
+    assert raw.avg_bits < 4.0  # the raw objective wastes the budget
+    assert fixed.avg_bits > 5.0 - 4.0 / n  # no single block could still widen
