@@ -155,9 +155,12 @@ def relative_errors(
 def _validate(phi, interactions, errors, bit_choices, sizes):
     choices = check_bit_choices(bit_choices)
     phi = np.asarray(phi, np.float64)
-    n = phi.shape[0] if phi.ndim == 1 else -1
-    if phi.ndim != 1 or n < 1:
-        raise ValueError(f"phi must be a 1-D array, got shape {phi.shape}.")
+    n = phi.shape[0] if phi.ndim in (1, 2) else -1
+    if n < 1 or (phi.ndim == 2 and phi.shape[1] != len(choices)):
+        raise ValueError(
+            f"phi must be (L,) Shapley values or an (L, len(bit_choices)) = "
+            f"(L, {len(choices)}) cost table, got shape {phi.shape}."
+        )
     c = np.asarray(interactions, np.float64)
     if c.shape != (n, n):
         raise ValueError(f"interactions must be ({n}, {n}), got {c.shape}.")
@@ -176,6 +179,11 @@ def _validate(phi, interactions, errors, bit_choices, sizes):
     return choices, phi, c, e, w
 
 
+def _linear(phi: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """The ``(L, K)`` linear cost: ``phi_l * e_l(b)``, or ``phi`` if a table."""
+    return phi if phi.ndim == 2 else phi[:, None] * e
+
+
 def objective(
     bits: Sequence[int],
     phi: np.ndarray,
@@ -183,13 +191,119 @@ def objective(
     errors: np.ndarray,
     bit_choices: Sequence[int] = quantizer.BIT_CHOICES,
 ) -> float:
-    """``J(bits) = sum phi_l e_l + sum_{l != k} C_lk e_l e_k``."""
+    """``J(bits) = sum phi_l e_l + sum_{l != k} C_lk e_l e_k``.
+
+    With an ``(L, K)`` ``phi`` (a cost table, `stage_costs`) the linear term
+    is ``sum_l phi[l, b_l]``.
+    """
     choices = check_bit_choices(bit_choices)
     idx = np.asarray([choices.index(int(b)) for b in bits])
-    e = np.asarray(errors)[np.arange(len(idx)), idx]
+    rows = np.arange(len(idx))
+    e_all = np.asarray(errors, np.float64)
+    e = e_all[rows, idx]
     c = np.asarray(interactions, np.float64)
     off = c - np.diag(np.diag(c))
-    return float(np.asarray(phi) @ e + e @ off @ e)
+    lin = _linear(np.asarray(phi, np.float64), e_all)[rows, idx]
+    return float(lin.sum() + e @ off @ e)
+
+
+def stage_costs(
+    stage_phi: np.ndarray,
+    chain: Sequence[int],
+    errors: np.ndarray,
+    bit_choices: Sequence[int] = quantizer.BIT_CHOICES,
+) -> np.ndarray:
+    """A per-width linear cost table from the Shapley values of each stage.
+
+    SPQE's chain (say 4 -> 3 -> 2) has one game per step; ``stage_phi[i, l]``
+    is block ``l``'s Shapley value for the step ``chain[i] -> chain[i+1]``,
+    measured with the other blocks at those two widths. The cost of block
+    ``l`` at a chain width ``b`` is the loss of stepping down to it from the
+    top of the chain (stage values clipped at 0)::
+
+        t_l(chain[0]) = 0,   t_l(chain[j]) = sum_{i < j} max(stage_phi[i, l], 0)
+
+    and a width off the chain (8 bits above a 4 -> 3 -> 2 chain) is placed
+    by its weight error, linearly in ``e_l`` along the nearest step. For a
+    two-width chain ``(hi, lo)`` and choices ``(lo, hi)`` this is the
+    paper's ``phi_l * e_l`` with ``e_l(lo) = 1, e_l(hi) = 0``; with more
+    widths it uses what each step measured (the 4 -> 3 step is measured near
+    the widths a 3.5-bit budget chooses between, the 3 -> 2 step near 2.5)
+    instead of scaling one total by weight errors.
+
+    Args:
+      stage_phi: ``(len(chain) - 1, L)`` stage Shapley values.
+      chain: the SPQE width chain, decreasing; every width in ``bit_choices``.
+      errors: ``(L, K)`` relative weight errors (`relative_errors`).
+      bit_choices: the ``K`` widths of ``errors``' columns.
+
+    Returns:
+      ``(L, K)`` costs, non-increasing in the width; pass as ``phi`` to
+      `allocate`.
+
+    Examples:
+      >>> import numpy as np
+      >>> e = np.array([[1.0, 0.25, 0.0625, 0.0]])
+      >>> stage_costs(np.array([[0.2], [0.6]]), (4, 3, 2), e).round(3).tolist()
+      [[0.8, 0.2, 0.0, -0.067]]
+    """
+    choices = check_bit_choices(bit_choices)
+    chain = tuple(int(b) for b in chain)
+    if len(chain) < 2 or list(chain) != sorted(chain, reverse=True):
+        raise ValueError(f"chain must be >= 2 decreasing widths, got {chain}.")
+    missing = [b for b in chain if b not in choices]
+    if missing:
+        raise ValueError(
+            f"chain widths {missing} are not in bit_choices={choices}; the "
+            "cost table needs every chain width's weight error."
+        )
+    stage = np.maximum(np.asarray(stage_phi, np.float64), 0.0)
+    e = np.asarray(errors, np.float64)
+    n = e.shape[0]
+    if stage.shape != (len(chain) - 1, n):
+        raise ValueError(
+            f"stage_phi must be (len(chain) - 1, L) = ({len(chain) - 1}, {n}), "
+            f"got {stage.shape}."
+        )
+    # chain points (e, t) per block, ordered by increasing error
+    pe = np.stack([e[:, choices.index(b)] for b in chain], 1)  # (L, J)
+    pt = np.concatenate([np.zeros((n, 1)), np.cumsum(stage.T, 1)], 1)
+    out = np.empty_like(e)
+    for col, b in enumerate(choices):
+        if b in chain:
+            out[:, col] = pt[:, chain.index(b)]
+            continue
+        # the step to extrapolate or interpolate along
+        j = 0 if b > chain[0] else len(chain) - 2
+        for i in range(len(chain) - 1):
+            if chain[i] > b > chain[i + 1]:
+                j = i
+        de = pe[:, j + 1] - pe[:, j]
+        slope = np.where(de > 0, (pt[:, j + 1] - pt[:, j]) / np.where(de > 0, de, 1), 0)
+        out[:, col] = pt[:, j] + slope * (e[:, col] - pe[:, j])
+    return out
+
+
+def cost_slopes(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Each block's least cost per unit of weight error over one width step.
+
+    ``min_a (t_l(a) - t_l(a+1)) / (e_l(a) - e_l(a+1))`` over consecutive
+    widths (steps with no error change skipped): the ``phi`` that
+    `monotone_terms` guards for a cost table (``phi_l`` itself when
+    ``t = phi * e``).
+
+    Args:
+      costs: ``(L, K)`` cost table, width ascending.
+      errors: ``(L, K)`` relative weight errors.
+
+    Returns:
+      ``(L,)`` slopes (0 where no step changes the error).
+    """
+    dt = -np.diff(np.asarray(costs, np.float64), axis=1)
+    de = -np.diff(np.asarray(errors, np.float64), axis=1)
+    ratio = np.where(de > 0, dt / np.where(de > 0, de, 1.0), np.inf)
+    low = ratio.min(1)
+    return np.where(np.isfinite(low), low, 0.0)
 
 
 def monotone_terms(
@@ -285,7 +399,7 @@ def allocate(
     pairs = [(i, j) for i, j in itertools.combinations(range(n), 2) if pair_w[i, j]]
     nx, ny = n * k, len(pairs) * k * k
     cost = np.zeros(nx + ny)
-    cost[:nx] = (phi[:, None] * e).ravel()
+    cost[:nx] = _linear(phi, e).ravel()
     rows, cols, vals, lo, hi = [], [], [], [], []
     r = 0
 
@@ -384,7 +498,8 @@ def brute_force(
     grid = np.array(list(itertools.product(range(k), repeat=n)))  # (K**L, L)
     ev = e[np.arange(n), grid]
     off = c - np.diag(np.diag(c))
-    vals = ev @ phi + np.einsum("il,lm,im->i", ev, off, ev)
+    lin = _linear(phi, e)[np.arange(n), grid].sum(1)
+    vals = lin + np.einsum("il,lm,im->i", ev, off, ev)
     over = 32.0 / group_size
     cost_bits = (np.asarray(choices)[grid] + over) @ w
     vals = np.where(cost_bits <= avg_bits * w.sum() + 1e-9 * w.sum(), vals, np.inf)

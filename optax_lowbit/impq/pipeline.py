@@ -31,7 +31,10 @@ import numpy as np
 from optax_lowbit.impq import allocate, baselines, interaction, quantizer, spqe
 from optax_lowbit.impq import model as _model
 
-METHODS = ("impq", "uniform", "isolated", "fisher", "lim", "random")
+METHODS = ("impq", "impq_phi", "uniform", "isolated", "fisher", "lim", "random")
+#: the two IMPQ linear terms: per-stage Shapley costs (`allocate.stage_costs`,
+#: the default) and the paper's ``phi_l * e_l(b)`` with relative weight errors.
+IMPQ_METHODS = ("impq", "impq_phi")
 
 Progress = Callable[[str, int], Callable[[int, int], None]]
 
@@ -125,7 +128,7 @@ def run(
         "records": [],
     }
     result = None
-    if "impq" in methods:
+    if any(m in IMPQ_METHODS for m in methods):
         t0 = time.perf_counter()
         n_perm = n_permutations
         cb = progress("SPQE coalitions", 0)
@@ -133,9 +136,6 @@ def run(
             fwd, calib, chain=chain, n_permutations=n_perm, seed=seed, callback=cb
         )
         c_raw = interaction.interaction_matrix(result.deltas, shrinkage=shrinkage)
-        phi_used, c, n_capped = allocate.monotone_terms(result.phi, c_raw)
-        # tie-break: budget the estimate calls free (phi = 0) is still spent
-        phi_used = phi_used + 1e-6 * max(float(phi_used.max()), 1e-12)
         timings["spqe_s"] = time.perf_counter() - t0
         report["spqe"] = {
             "chain": list(chain),
@@ -145,8 +145,8 @@ def run(
             "phi": result.phi.tolist(),
             "se": result.se.tolist(),
             "stage_phi": result.stage_phi.tolist(),
-            "n_pairs_capped": n_capped,
             "n_pairs_negative": int(np.sum(np.triu(c_raw + c_raw.T, 1) < 0)),
+            "deltas": result.deltas.tolist(),
             "n_phi_clipped": int(np.sum(result.phi < 0)),
             "n_evals": result.n_evals,
             "n_lookups": result.n_lookups,
@@ -154,6 +154,15 @@ def run(
             "n_traces": fwd.n_traces,
         }
         errors = allocate.relative_errors(fwd.sse, fwd.widths, choices)
+        terms = {}
+        for m in IMPQ_METHODS:
+            if m not in methods:
+                continue
+            linear, capped = impq_terms(
+                m, result.phi, result.stage_phi, c_raw, errors, chain, choices
+            )
+            terms[m] = linear, capped
+            report["spqe"][f"{m}_n_pairs_capped"] = capped[1]
     tables: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     if "isolated" in methods:
@@ -169,9 +178,10 @@ def run(
     for budget in budgets:
         for m in methods:
             status = ""
-            if m == "impq":
+            if m in IMPQ_METHODS:
+                (linear, (c, _)) = terms[m]
                 alloc = allocate.allocate(
-                    phi_used,
+                    linear,
                     c,
                     errors,
                     avg_bits=budget,
@@ -216,6 +226,47 @@ def run(
     report["timings"] = timings
     report["n_traces"] = fwd.n_traces
     return report
+
+
+def impq_terms(
+    method: str,
+    phi: np.ndarray,
+    stage_phi: np.ndarray,
+    interactions: np.ndarray,
+    errors: np.ndarray,
+    chain: Sequence[int],
+    bit_choices: Sequence[int],
+) -> tuple[np.ndarray, tuple[np.ndarray, int]]:
+    """IMPQ's linear term and guarded interaction matrix for `allocate.allocate`.
+
+    Args:
+      method: ``"impq"`` (per-stage costs, `allocate.stage_costs`; needs every
+        chain width in ``bit_choices``) or ``"impq_phi"`` (the paper's
+        ``phi_l * e_l(b)``).
+      phi: ``(L,)`` Shapley values.
+      stage_phi: ``(n_stages, L)`` per-stage Shapley values.
+      interactions: ``(L, L)`` raw interaction matrix.
+      errors: ``(L, K)`` relative weight errors.
+      chain: SPQE's width chain.
+      bit_choices: the widths.
+
+    Returns:
+      ``(linear, (C, n_capped))``: ``linear`` as ``allocate``'s ``phi`` (a
+      table, with a ``1e-6`` relative tie-break towards lower error so that
+      budget the estimate calls free is still spent), ``C`` made monotone
+      (`allocate.monotone_terms`).
+    """
+    if method == "impq":
+        table = allocate.stage_costs(stage_phi, chain, errors, bit_choices)
+        slopes = allocate.cost_slopes(table, errors)
+        _, c, n_capped = allocate.monotone_terms(slopes, interactions)
+    elif method == "impq_phi":
+        phi_c, c, n_capped = allocate.monotone_terms(phi, interactions)
+        table = phi_c[:, None] * errors
+    else:
+        raise ValueError(f"method must be one of {IMPQ_METHODS}, got {method!r}.")
+    scale = max(float(np.abs(table).max()), 1e-12)
+    return table + 1e-6 * scale * errors, (c, n_capped)
 
 
 def windows(ids: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:

@@ -147,3 +147,71 @@ def test_monotone_budget_is_spent():
     fixed = allocate.allocate(phi_m, c_m, e, avg_bits=5.0)
     assert raw.avg_bits < 4.0  # the raw objective wastes the budget
     assert fixed.avg_bits > 5.0 - 4.0 / n  # no single block could still widen
+
+
+def test_stage_costs_two_width_chain_is_the_papers_phi_times_e():
+    rng = np.random.default_rng(5)
+    phi = rng.uniform(0, 2, 6)
+    e = np.array([[1.0, 0.0]] * 6)
+    table = allocate.stage_costs(phi[None], (4, 2), e, bit_choices=(2, 4))
+    np.testing.assert_allclose(table, phi[:, None] * e)
+
+
+def test_stage_costs_on_the_chain_and_off_it():
+    rng = np.random.default_rng(6)
+    stage = rng.normal(size=(2, 5))  # some negative: clipped
+    e = np.sort(rng.uniform(0.01, 1, (5, 4)), axis=1)[:, ::-1]
+    e[:, 0] = 1.0
+    t = allocate.stage_costs(stage, (4, 3, 2), e)
+    s = np.maximum(stage, 0)
+    np.testing.assert_allclose(t[:, 2], 0.0)  # 4 bits: the top of the chain
+    np.testing.assert_allclose(t[:, 1], s[0])  # 3 bits
+    np.testing.assert_allclose(t[:, 0], s[0] + s[1])  # 2 bits
+    assert np.all(np.diff(t, axis=1) <= 1e-12)  # never costlier with more bits
+    # 8 bits: the 4 -> 3 step's cost per unit error, extrapolated
+    slope = s[0] / (e[:, 1] - e[:, 2])
+    np.testing.assert_allclose(t[:, 3], -slope * (e[:, 2] - e[:, 3]))
+
+
+@pytest.mark.parametrize(
+    "chain, match",
+    [((4,), "decreasing"), ((2, 4), "decreasing"), ((6, 2), "not in bit_choices")],
+)
+def test_stage_costs_bad_chain(chain, match):
+    with pytest.raises(ValueError, match=match):
+        allocate.stage_costs(np.zeros((1, 2)), chain, np.ones((2, 4)))
+
+
+def test_milp_with_a_cost_table_equals_brute_force():
+    rng = np.random.default_rng(11)
+    for n in (3, 6):
+        _, c, e = _problem(rng, n)
+        table = np.sort(rng.uniform(0, 1, (n, 4)), axis=1)[:, ::-1]
+        got = allocate.allocate(table, c, e, avg_bits=3.6)
+        want = allocate.brute_force(table, c, e, avg_bits=3.6)
+        assert got.objective == pytest.approx(want.objective, abs=1e-7)
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1), method=st.sampled_from(["impq", "impq_phi"])
+)
+def test_impq_terms_are_monotone(seed, method):
+    from optax_lowbit.impq import pipeline
+
+    rng = np.random.default_rng(seed)
+    n = 5
+    phi, c, e = _problem(rng, n)
+    e[:, 0] = 1.0
+    stage = rng.normal(size=(2, n))
+    table, (c_m, _) = pipeline.impq_terms(
+        method, phi, stage, c, e, (4, 3, 2), (2, 3, 4, 8)
+    )
+    for _ in range(20):
+        idx = rng.integers(0, 3, n)
+        layer = rng.integers(n)
+        bits = np.asarray((2, 3, 4, 8))[idx]
+        wider = bits.copy()
+        wider[layer] = (2, 3, 4, 8)[idx[layer] + 1]
+        before = allocate.objective(bits, table, c_m, e)
+        assert allocate.objective(wider, table, c_m, e) <= before + 1e-12
