@@ -31,7 +31,9 @@ CPU run (reduced: few permutations, short calibration)::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -167,6 +169,8 @@ def main(argv=None) -> int:
         "group_size": 128,
         "wall_s": time.perf_counter() - t0,
         "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": os.environ.get("OPTAX_LOWBIT_COMMIT", "working tree"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
