@@ -108,6 +108,22 @@ def _match_param(path: Any, index: dict) -> tuple[Any, Any] | None:
     return None
 
 
+def _unwrap_nnx(opt_state: Any) -> Any:
+    """An ``nnx.Optimizer``'s state; a clear error for an ``nnx.State``."""
+    module = type(opt_state).__module__ or ""
+    if module.startswith("flax"):
+        name = type(opt_state).__name__
+        if hasattr(opt_state, "opt_state") and name.endswith("Optimizer"):
+            return opt_state.opt_state
+        if name in ("State", "GraphState"):
+            raise TypeError(
+                "opt_state is an nnx.State: nnx.state() splits each packed leaf "
+                "into bare codes and scales and drops its codec. Pass "
+                "optimizer.opt_state (or the nnx.Optimizer itself) instead."
+            )
+    return opt_state
+
+
 def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list[Row]:
     """The rows of `summary` as data: one `Row` per (kind, reason).
 
@@ -121,7 +137,16 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
     Returns:
       A list of `Row`, quantized kinds first, then plain arrays, then
       ``"other"``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_lowbit as lowbit
+      >>> params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
+      >>> rows = lowbit.summarize(lowbit.adamw_polar(1e-3).init(params), params)
+      >>> [(r.kind, r.bytes) for r in rows[:2]]
+      [('polar-2b-signed-sr', 2304), ('polar-2b-unsigned-sr', 2304)]
     """
+    opt_state = _unwrap_nnx(opt_state)
     policy = _policy.resolve(policy)
     index = _param_index(params) if params is not None else {}
     rows: dict[tuple[str, str], list[int]] = {}

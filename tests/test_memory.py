@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_lowbit as lowbit
 from tests.transforms import _testing_codecs
@@ -81,3 +82,20 @@ def test_summary_of_optax_state_and_custom_policy():
     state = lowbit.scale_by_adam_quantized(INT8, SQRT, policy=policy).init(params)
     text = lowbit.summary(state, params, policy=policy)
     assert "excluded by policy" in text and "int8" not in text
+
+
+def test_summary_of_an_nnx_optimizer_and_a_clear_error_for_nnx_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(64, 128, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, lowbit.adamw_polar(1e-3), wrt=nnx.Param)
+    params = nnx.state(model, nnx.Param)
+    want = lowbit.summary(opt.opt_state, params)
+    assert "polar-2b-signed-sr" in want
+    assert lowbit.summary(opt, params) == want
+    with pytest.raises(TypeError, match="optimizer.opt_state"):
+        lowbit.summary(nnx.state(opt.opt_state), params)
