@@ -97,5 +97,5 @@ def test_summary_of_an_nnx_optimizer_and_a_clear_error_for_nnx_state():
     want = lowbit.summary(opt.opt_state, params)
     assert "polar-2b-signed-sr" in want
     assert lowbit.summary(opt, params) == want
-    with pytest.raises(TypeError, match="optimizer.opt_state"):
+    with pytest.raises(TypeError, match=r"optimizer\.opt_state"):
         lowbit.summary(nnx.state(opt.opt_state), params)
