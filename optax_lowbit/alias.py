@@ -235,7 +235,7 @@ def adamw_piquant(
     policy: Any = None,
     impl: str = "auto",
 ) -> optax.GradientTransformation:
-    """AdamW with both moments in π-Quant codes.
+    """AdamW with both moments in π-Quant codes (3.83 bits all-in per element).
 
     Args:
       learning_rate: a float or an `optax.Schedule`.

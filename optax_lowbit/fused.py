@@ -407,7 +407,7 @@ def fused_adamw_4bit(
     policy: Any = None,
     impl: str = "auto",
 ) -> FusedOptimizer:
-    """`adamw_4bit` as one fused step per quantized leaf.
+    """`adamw_4bit` (4.25 bits all-in) as one fused step per quantized leaf.
 
     Arguments, defaults, checks and state are those of
     `optax_lowbit.adamw_4bit`; see `fused_adamw_polar` for the step.
