@@ -453,8 +453,9 @@ def scale_by_adam_piquant(
     impl: str = "auto",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
-    """Adam with both moments in π-Quant codes (100 codewords per pair, 3.83 bits
-    all-in per element).
+    """Adam with both moments in π-Quant codes (3.83 bits all-in per element).
+
+    Each pair of elements is one of 100 codewords.
 
     Args:
       b1: decay rate of the first moment, as in `optax.scale_by_adam`.
