@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -498,11 +499,8 @@ class Codec(abc.ABC):
         _checks.float_array("x", x)
         shape = tuple(x.shape)
         xg = to_groups(x, self.group_size)
-        if self.stochastic:
-            seed = stream_seed(0 if seed is None else seed)
-            codes, scales = self.encode_groups(xg, seed=seed)
-        else:
-            codes, scales = self.encode_groups(xg)
+        seed = stream_seed(0 if seed is None else seed) if self.stochastic else None
+        codes, scales = _encode_groups_jit(self, xg, seed)
         scales = scales.reshape((*scales.shape[:-2], -1))
         return Packed(codes=codes, scales=scales, shape=shape, codec=self)
 
@@ -518,7 +516,7 @@ class Codec(abc.ABC):
         scales = packed.scales.reshape(
             (*packed.scales.shape[:-1], -1, self.scales_per_group)
         )
-        xg = self.decode_groups(packed.codes, scales)
+        xg = _decode_groups_jit(self, packed.codes, scales)
         return from_groups(xg, packed.shape)
 
     def zeros(self, shape: tuple[int, ...]) -> Packed:
@@ -533,10 +531,8 @@ class Codec(abc.ABC):
         if like.codes.ndim < 2 or like.scales.ndim < 1:  # no group grid to repeat
             return self.encode(jnp.zeros(shape, jnp.float32))
         zero = jnp.zeros((1, self.group_size), jnp.float32)
-        if self.stochastic:
-            codes, scales = self.encode_groups(zero, seed=stream_seed(0))
-        else:
-            codes, scales = self.encode_groups(zero)
+        seed = stream_seed(0) if self.stochastic else None
+        codes, scales = _encode_groups_jit(self, zero, seed)
         per = max(scales.shape[-1], 1)
         reps = like.scales.shape[-1] // per if like.scales.ndim else 1
         return Packed(
@@ -555,3 +551,18 @@ class Codec(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {self.bits_per_element:.4g} bits)"
+
+
+# One compiled encode/decode per codec and shape: eager callers (tests,
+# notebooks, `convert`) would otherwise dispatch the group math op by op;
+# under an outer jit these inline as before.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_groups_jit(codec: Codec, xg: jax.Array, seed: Any):
+    if codec.stochastic:
+        return codec.encode_groups(xg, seed=seed)
+    return codec.encode_groups(xg)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_groups_jit(codec: Codec, codes: jax.Array, scales: jax.Array):
+    return codec.decode_groups(codes, scales)

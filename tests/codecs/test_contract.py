@@ -41,7 +41,7 @@ def _all_codecs():
 CODECS = _all_codecs()
 QUANTIZED = {k: v for k, v in CODECS.items() if not k.startswith("identity")}
 UNSIGNED = {k: v for k, v in CODECS.items() if k.endswith("unsigned")}
-SHAPES = [(), (1,), (7,), (3, 5, 100), (2, 256), (4, 1, 96)]
+SHAPES = [(), (7,), (3, 5, 100), (2, 256), (4, 1, 96)]
 
 # The all-in bits each codec is specified to store (issue 3), with bf16 scales
 # for polar and π-Quant and fp32 scales for the 8- and 4-bit baselines.
