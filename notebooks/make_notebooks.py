@@ -1,7 +1,8 @@
 """Writes the notebooks of this folder from the cell texts below.
 
 The ``.ipynb`` files are generated, without outputs: edit the cells here and
-run ``python notebooks/make_notebooks.py``. CI executes every notebook with
+run ``python notebooks/make_notebooks.py`` (it formats the cells with ruff).
+CI executes every notebook with
 ``pytest --nbmake notebooks`` (small settings on CPU); on Colab the first
 cell installs the package.
 """
@@ -9,12 +10,14 @@ cell installs the package.
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import nbformat
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-INSTALL = '''\
+INSTALL = """\
 # Colab: install optax_lowbit (skipped where it is already installed, as in CI).
 # REPO is where this project's repository is hosted: edit it for a fork.
 import importlib.util
@@ -26,12 +29,32 @@ if importlib.util.find_spec("optax_lowbit") is None:
     subprocess.check_call(
         [sys.executable, "-m", "pip", "install", "-q",
          f"optax_lowbit[{EXTRAS}] @ git+{REPO}"]
-    )'''
+    )"""
 
 
 def install(extras: str) -> str:
     return INSTALL.replace("{EXTRAS}", extras)
 
+
+# scikit-learn's digits and a one-hidden-layer MLP as a plain parameter dict
+# (codecs.ipynb captures its Adam moments, migrate.ipynb checkpoints its run).
+DIGITS_MLP = """\
+digits = load_digits()
+x = jnp.asarray(digits.data / 16.0, jnp.float32)
+y = jnp.asarray(digits.target)
+key = jax.random.PRNGKey(0)
+k1, k2 = jax.random.split(key)
+params = {
+    "w1": jax.random.normal(k1, (64, 256)) * 0.1, "b1": jnp.zeros(256),
+    "w2": jax.random.normal(k2, (256, 10)) * 0.1, "b2": jnp.zeros(10),
+}
+
+
+def loss_fn(p, x, y):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    logits = h @ p["w2"] + p["b2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+"""
 
 QUICKSTART = [
     (
@@ -49,8 +72,6 @@ minute.""",
     (
         "code",
         """\
-import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -140,7 +161,7 @@ def smooth(a, k=20):
 
 plt.figure(figsize=(7, 3.5))
 plt.plot(smooth(loss_fp32), label=f"optax.adamw fp32 (test acc {acc_fp32:.3f})")
-plt.plot(smooth(loss_polar), label=f"lowbit.adamw_polar 2-bit (test acc {acc_polar:.3f})")
+plt.plot(smooth(loss_polar), label=f"adamw_polar 2-bit (test acc {acc_polar:.3f})")
 plt.yscale("log")
 plt.xlabel("step")
 plt.ylabel("training loss (20-step mean)")
@@ -179,7 +200,6 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-import optax_lowbit as lowbit
 from optax_lowbit import codecs""",
     ),
     ("md", "## The codebooks (scale 1)"),
@@ -193,10 +213,12 @@ books = {
     "pi-Quant (nearest), signed": codecs.piquant(signed=True),
 }
 fig, axes = plt.subplots(1, len(books), figsize=(14, 3.6))
-for ax, (name, codec) in zip(axes, books.items()):
-    pts = np.asarray(codec.codewords() if hasattr(codec, "codewords") else codec.codebook())
+for ax, (name, codec) in zip(axes, books.items(), strict=True):
+    book = codec.codewords if hasattr(codec, "codewords") else codec.codebook
+    pts = np.asarray(book())
     ax.scatter(pts[:, 0], pts[:, 1], s=12)
-    ax.set_title(f"{name}\\n{len(pts)} codewords, {codec.bits_per_element:.2f} bits", fontsize=9)
+    bits = codec.bits_per_element
+    ax.set_title(f"{name}\\n{len(pts)} codewords, {bits:.2f} bits", fontsize=9)
     ax.set_aspect("equal")
     ax.axhline(0, color="0.8", lw=0.5)
     ax.axvline(0, color="0.8", lw=0.5)
@@ -215,21 +237,8 @@ to circularly symmetric, which is what the polar codebook assumes.""",
     ),
     (
         "code",
-        """\
-digits = load_digits()
-x = jnp.asarray(digits.data / 16.0, jnp.float32)
-y = jnp.asarray(digits.target)
-key = jax.random.PRNGKey(0)
-k1, k2 = jax.random.split(key)
-params = {
-    "w1": jax.random.normal(k1, (64, 256)) * 0.1, "b1": jnp.zeros(256),
-    "w2": jax.random.normal(k2, (256, 10)) * 0.1, "b2": jnp.zeros(10),
-}
-
-
-def loss_fn(p, x, y):
-    h = jax.nn.relu(x @ p["w1"] + p["b1"])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p["w2"] + p["b2"], y).mean()
+        DIGITS_MLP
+        + """\
 
 
 tx = optax.adam(1e-3)
@@ -293,7 +302,7 @@ plt.figure(figsize=(6, 3.5))
 for name, bits, em, ev in rows:
     plt.scatter(bits, em, color="tab:blue")
     plt.scatter(bits, ev, color="tab:orange", marker="s")
-    plt.annotate(name, (bits, em), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    plt.annotate(name, (bits, em), fontsize=8)
 plt.xscale("log", base=2)
 plt.yscale("log")
 plt.xlabel("all-in bits per element")
@@ -340,7 +349,8 @@ import optax
 from optax_lowbit.impq import model as impq_model
 from optax_lowbit.impq import pipeline
 
-text = b"".join(p.read_bytes() for p in sorted(pathlib.Path(optax.__file__).parent.rglob("*.py")))
+sources = sorted(pathlib.Path(optax.__file__).parent.rglob("*.py"))
+text = b"".join(p.read_bytes() for p in sources)
 ids = np.frombuffer(text, np.uint8)
 cut = int(0.9 * len(ids))
 train_ids, held_ids = ids[:cut], ids[cut:]
@@ -363,7 +373,7 @@ def step(params, opt_state, batch):
 
 
 rng = np.random.default_rng(0)
-for i in range(200):
+for _ in range(200):
     starts = rng.integers(0, len(train_ids) - 65, 16)
     batch = np.stack([train_ids[s : s + 65] for s in starts]).astype(np.int32)
     params, opt_state, loss = step(params, opt_state, batch)
@@ -427,7 +437,8 @@ The allocation exports as ordered path-regex rules, the form qwix and MaxText ta
     (
         "code",
         """\
-best = min((r for r in report["records"] if r["budget_bits"] == 3.0), key=lambda r: r["ppl"])
+at_3 = [r for r in report["records"] if r["budget_bits"] == 3.0]
+best = min(at_3, key=lambda r: r["ppl"])
 print(best["method"], best["rules"][:3], "...")""",
     ),
 ]
@@ -459,20 +470,9 @@ from sklearn.datasets import load_digits
 
 import optax_lowbit as lowbit
 
-digits = load_digits()
-x = jnp.asarray(digits.data / 16.0, jnp.float32)
-y = jnp.asarray(digits.target)
-k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-params = {
-    "w1": jax.random.normal(k1, (64, 256)) * 0.1, "b1": jnp.zeros(256),
-    "w2": jax.random.normal(k2, (256, 10)) * 0.1, "b2": jnp.zeros(10),
-}
-
-
-def loss_fn(p, x, y):
-    h = jax.nn.relu(x @ p["w1"] + p["b1"])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p["w2"] + p["b2"], y).mean()
-
+"""
+        + DIGITS_MLP
+        + """
 
 def make_step(tx):
     @jax.jit
@@ -530,7 +530,9 @@ restores it bit for bit against `jax.eval_shape(polar_tx.init, params)`.""",
     (
         "code",
         """\
-ckpt.save(f"{root}/polar_step200", {"params": restored["params"], "opt_state": polar_state})
+ckpt.save(
+    f"{root}/polar_step200", {"params": restored["params"], "opt_state": polar_state}
+)
 ckpt.wait_until_finished()
 again = ckpt.restore(
     f"{root}/polar_step200",
@@ -538,7 +540,9 @@ again = ckpt.restore(
 )
 same = all(
     np.array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(again["opt_state"]), jax.tree.leaves(polar_state))
+    for a, b in zip(
+        jax.tree.leaves(again["opt_state"]), jax.tree.leaves(polar_state), strict=True
+    )
 )
 print("restored bit for bit:", same)
 _, _, losses_polar = train(polar_tx, again["params"], again["opt_state"], 200, 200)
@@ -578,7 +582,12 @@ def write(name: str, cells: list[tuple[str, str]]) -> None:
         else nbformat.v4.new_code_cell(src)
         for kind, src in cells
     ]
-    nbformat.write(nb, HERE / f"{name}.ipynb")
+    path = HERE / f"{name}.ipynb"
+    nbformat.write(nb, path)
+    # the cells as the project's formatter writes them (CI checks it)
+    subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "-q", str(path)], check=True
+    )
 
 
 def main() -> None:
