@@ -158,11 +158,11 @@ def run(
         for m in IMPQ_METHODS:
             if m not in methods:
                 continue
-            linear, capped = impq_terms(
+            linear, c, n_capped = impq_terms(
                 m, result.phi, result.stage_phi, c_raw, errors, chain, choices
             )
-            terms[m] = linear, capped
-            report["spqe"][f"{m}_n_pairs_capped"] = capped[1]
+            terms[m] = linear, c
+            report["spqe"][f"{m}_n_pairs_capped"] = n_capped
     tables: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     if "isolated" in methods:
@@ -179,7 +179,7 @@ def run(
         for m in methods:
             status = ""
             if m in IMPQ_METHODS:
-                (linear, (c, _)) = terms[m]
+                linear, c = terms[m]
                 alloc = allocate.allocate(
                     linear,
                     c,
@@ -236,7 +236,7 @@ def impq_terms(
     errors: np.ndarray,
     chain: Sequence[int],
     bit_choices: Sequence[int],
-) -> tuple[np.ndarray, tuple[np.ndarray, int]]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """IMPQ's linear term and guarded interaction matrix for `allocate.allocate`.
 
     Args:
@@ -251,7 +251,7 @@ def impq_terms(
       bit_choices: the widths.
 
     Returns:
-      ``(linear, (C, n_capped))``: ``linear`` as ``allocate``'s ``phi`` (a
+      ``(linear, C, n_capped)``: ``linear`` as ``allocate``'s ``phi`` (a
       table, with a ``1e-6`` relative tie-break towards lower error so that
       budget the estimate calls free is still spent), ``C`` made monotone
       (`allocate.monotone_terms`).
@@ -266,7 +266,7 @@ def impq_terms(
     else:
         raise ValueError(f"method must be one of {IMPQ_METHODS}, got {method!r}.")
     scale = max(float(np.abs(table).max()), 1e-12)
-    return table + 1e-6 * scale * errors, (c, n_capped)
+    return table + 1e-6 * scale * errors, c, n_capped
 
 
 def windows(ids: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:

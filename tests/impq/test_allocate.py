@@ -204,7 +204,7 @@ def test_impq_terms_are_monotone(seed, method):
     phi, c, e = _problem(rng, n)
     e[:, 0] = 1.0
     stage = rng.normal(size=(2, n))
-    table, (c_m, _) = pipeline.impq_terms(
+    table, c_m, _ = pipeline.impq_terms(
         method, phi, stage, c, e, (4, 3, 2), (2, 3, 4, 8)
     )
     for _ in range(20):
