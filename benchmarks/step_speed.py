@@ -234,6 +234,10 @@ def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
 
 
 def _codecs(bits, rounding):
+    if rounding == "preset":  # the (mu, nu) codecs of a preset, by name
+        from benchmarks import state_drift
+
+        return state_drift.codec_pairs()[bits]
     if rounding.startswith("piquant"):
         encoder = "paper" if rounding.endswith("paper") else "nearest"
         return lowbit.codecs.piquant(encoder), lowbit.codecs.piquant(encoder, False)
@@ -254,6 +258,11 @@ KERNEL_VARIANTS = {
     "blockwise4": (4, "blockwise"),
     "piquant": (None, "piquant"),
     "piquant-paper": (None, "piquant-paper"),
+    # what the presets store since issue 16 (stochastic 4/8-bit second moments)
+    "preset-polar2": ("polar2", "preset"),
+    "preset-polar1.5": ("polar1.5", "preset"),
+    "preset-4bit": ("4bit", "preset"),
+    "preset-8bit": ("8bit", "preset"),
 }
 
 
@@ -320,7 +329,7 @@ def kernel_checks(meta: dict, log, configs=None, variants=None, checks=None):
         mc, nc = _codecs(*KERNEL_VARIANTS[vname])
         m = mc.encode(0.1 * g)
         v = nc.encode(0.01 * g * g)
-        state_b = 2 * mc.bits_per_element / 8  # both moments, B/elem
+        state_b = (mc.bits_per_element + nc.bits_per_element) / 8  # B/elem
         for bg, nw in configs:
             rec = {"variant": vname, "block_groups": bg, "num_warps": nw}
             try:

@@ -148,5 +148,9 @@ def convert(
         mu = _moment(s.mu, d.mu, "mu", where)
         nu = _moment(s.nu, d.nu, "nu", where)
         count = jnp.asarray(s.count).astype(d.count.dtype)
-        out.append(type(d)(count=count, mu=mu, nu=nu))
+        if isinstance(d, _adam.ScaleByAdamQuantizedState):
+            fmt = jnp.asarray(_adam.STATE_FORMAT, jnp.int32)
+            out.append(type(d)(count=count, mu=mu, nu=nu, format=fmt))
+        else:
+            out.append(type(d)(count=count, mu=mu, nu=nu))
     return jax.tree.unflatten(dst_def, out)

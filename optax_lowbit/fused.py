@@ -18,7 +18,6 @@ to float rounding of the fused multiply-adds).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -143,11 +142,9 @@ def fused_adamw_polar(
         policy=policy,
         impl=impl,
     )
-    polar = importlib.import_module("optax_lowbit.codecs.polar")
     return _fused(
         tx,
-        polar.polar(bits=bits, signed=True, rounding=rounding),
-        polar.polar(bits=bits, signed=False, rounding=rounding),
+        *tadam.polar_codecs(bits, rounding),
         learning_rate,
         (b1, b2, eps, eps_root, nesterov),
         weight_decay,
@@ -170,6 +167,7 @@ def _fused(tx, mu_codec, nu_codec, learning_rate, adam, weight_decay, mask, impl
 
     def step(grads, state, params):
         adam_state, decay_state, lr_state = state
+        tadam.check_state_format(adam_state)
         count = optax.safe_increment(adam_state.count)
         hp, leaf_step = tadam.adam_step(b1, b2, eps, eps_root, nesterov, count)
         lr = _scheduled(learning_rate, lr_state)
@@ -274,11 +272,9 @@ def fused_adamw_piquant(
         policy=policy,
         impl=impl,
     )
-    piquant = importlib.import_module("optax_lowbit.codecs.piquant")
     return _fused(
         tx,
-        piquant.piquant(encoder, signed=True),
-        piquant.piquant(encoder, signed=False),
+        *tadam.piquant_codecs(encoder),
         learning_rate,
         (b1, b2, eps, eps_root, nesterov),
         weight_decay,
@@ -315,12 +311,9 @@ def _fused_blockwise(
         policy=policy,
         impl=impl,
     )
-    blockwise = importlib.import_module("optax_lowbit.codecs.blockwise")
-    factory = blockwise.blockwise8 if bits == 8 else blockwise.blockwise4
     return _fused(
         tx,
-        factory(signed=True),
-        factory(signed=False),
+        *tadam.blockwise_codecs(bits),
         learning_rate,
         (b1, b2, eps, eps_root, nesterov),
         weight_decay,

@@ -18,6 +18,11 @@ A codec turns a float array into a `Packed` pytree and back:
   `Packed.bits_per_element` gives the figure for one real array, padding
   included.
 * ``decode(encode(0)) == 0`` exactly, and an all-zero group never makes NaN.
+* Finite inputs never make NaN or inf: `safe_scale` saturates a group's scale
+  at `MAX_SCALE` (larger values encode as the codec's largest codeword) and
+  flushes group maxima below the smallest normal float32 to 0. A NaN element
+  makes its whole group NaN: the optimizers never encode one
+  (`saturate_or_keep`).
 
 Subclasses implement the group functions ``encode_groups`` and
 ``decode_groups``; they are pure ``jnp`` and are the definition of the codec's
@@ -289,10 +294,61 @@ def unpack_codes(packed: jax.Array, bits: int, num_values: int) -> jax.Array:
     return unpack_planes(split_planes(packed, bits, num_values), bits)
 
 
+#: Largest group scale a codec stores (2**126): its reciprocal, which the
+#: encoders multiply by (XLA turns ``x / scale`` into ``x * (1 / scale)``), is
+#: then a normal float32, never flushed to 0.
+MAX_SCALE = 2.0**126
+#: Largest magnitude the optimizers store (2**125, about 4.25e37): moments are
+#: saturated to it before encoding (`saturate_or_keep`), so no codec's group
+#: extent (at most a pair's radius, sqrt(2) times it) exceeds `MAX_SCALE`.
+MAX_STORED = MAX_SCALE / 2
+
+
+def is_finite(x: jax.Array) -> jax.Array:
+    """``jnp.isfinite(x)`` as ``|x| < inf``, which every Pallas backend lowers."""
+    return jnp.abs(x) < jnp.inf
+
+
+def saturate(x: jax.Array) -> jax.Array:
+    """``x`` clipped to ``[-MAX_STORED, MAX_STORED]`` (NaN stays NaN)."""
+    return jnp.clip(x, -MAX_STORED, MAX_STORED)
+
+
+def saturate_or_keep(new: jax.Array, old: jax.Array, ok: jax.Array) -> jax.Array:
+    """The value an optimizer stores for a moment: the fault rule.
+
+    Where ``ok`` (the element's incoming update is finite) the new moment,
+    saturated (`saturate`: an overflow to inf stores ``±MAX_STORED``); elsewhere
+    the old one, so a NaN or inf update element leaves its moments as they
+    were and the rest of its group is encoded as if it had not come. Every
+    transform's step applies it, on the ``jnp`` path and in the fused kernels
+    alike, before encoding.
+
+    Args:
+      new: the stepped moment, float32.
+      old: the moment before the step (decoded), float32, same shape.
+      ok: bool, same shape: where ``new`` is taken (`is_finite` of the
+        update).
+
+    Returns:
+      float32 of ``new``'s shape, finite wherever ``old`` is.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from optax_lowbit.codecs import base
+      >>> new, old = jnp.array([1.0, jnp.inf, 2.0]), jnp.full(3, 0.5)
+      >>> ok = jnp.array([True, True, False])  # the third update was NaN
+      >>> print(base.saturate_or_keep(new, old, ok))
+      [1.0000000e+00 4.2535296e+37 5.0000000e-01]
+    """
+    return jnp.where(ok, saturate(new), old)
+
+
 def _ceil_to_bf16(x: jax.Array) -> jax.Array:
     """Rounds float32 ``x >= 0`` **up** to bfloat16, by bit arithmetic.
 
-    Any float32 whose low 16 bits are not zero moves to the next bfloat16 up;
+    Any float32 whose low 16 bits are not zero moves to the next bfloat16 up
+    (above the largest bfloat16, to inf: `safe_scale` saturates it);
     NaN and inf are kept. Exact for every non-negative float32, and the same
     on every backend: a round trip ``f32 -> bf16 -> f32`` compared with ``x``
     (the obvious form) is folded away by the Triton compiler, which then
@@ -316,11 +372,18 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
     Returns:
       ``(stored, divisor)``: ``stored`` is ``absmax`` rounded **up** to
-      ``dtype`` (so normalised values stay within [-1, 1]); ``divisor`` is its
-      float32 value with zeros replaced by 1, so an all-zero group divides to
-      zeros, never NaN.
+      ``dtype`` (so normalised values stay within [-1, 1]), saturated at
+      `MAX_SCALE` (or the dtype's largest finite value, if smaller: a finite
+      ``absmax`` never stores inf; values beyond it normalise above 1 and
+      round to the codec's largest codeword), and 0 where ``absmax`` is below
+      the smallest normal float32 (flushed, as FTZ hardware does: a subnormal
+      scale's reciprocal would overflow); ``divisor`` is its float32 value
+      with zeros replaced by 1, so an all-zero group divides to zeros, never
+      NaN.
     """
     absmax = jnp.asarray(absmax, jnp.float32)
+    absmax = jnp.where(absmax < jnp.finfo(jnp.float32).tiny, 0.0, absmax)
+    limit = min(MAX_SCALE, float(jnp.finfo(dtype).max))
     if jnp.dtype(dtype) == jnp.bfloat16:
         stored = _ceil_to_bf16(absmax)
     else:
@@ -330,6 +393,7 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
             stored = jnp.where(
                 too_small, jnp.nextafter(stored, jnp.asarray(jnp.inf, dtype)), stored
             )
+    stored = jnp.minimum(stored, jnp.asarray(limit, stored.dtype))
     as_f32 = stored.astype(jnp.float32)
     divisor = jnp.where(as_f32 > 0, as_f32, 1.0)
     return stored, divisor
@@ -419,6 +483,35 @@ def flat_index(shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Arr
         out = out + iota * _U32(stride & 0xFFFFFFFF)
         stride *= shape[dim]
     return out
+
+
+def group_noise(xg: jax.Array, seed: Any) -> jax.Array:
+    """The stochastic-rounding bits of ``(..., G)`` groups: one uint32 per pair.
+
+    Word ``j`` of a group serves elements ``j`` and ``j + G/2`` (`uniform_pair`
+    splits it); words are drawn at the pair's row-major position in the
+    ``(..., G/2)`` pair grid, as a kernel that knows its global group index
+    draws them (`dither_bits`).
+
+    Args:
+      xg: float ``(..., G)`` groups (only the shape and sharding are read).
+      seed: uint32 stream seed (`stream_seed`); ``None`` is stream 0.
+
+    Returns:
+      uint32 ``(..., G/2)``.
+    """
+    seed = stream_seed(0) if seed is None else seed
+    pairs = (*xg.shape[:-1], xg.shape[-1] // 2)
+    return dither_bits(flat_index(pairs, like=xg), seed)
+
+
+def element_uniforms(bits: jax.Array) -> jax.Array:
+    """One uniform in ``[0, 1)`` per element from `group_noise` words.
+
+    ``(..., G/2)`` words -> ``(..., G)``: element ``j < G/2`` takes the high
+    16 bits of word ``j``, element ``j + G/2`` its low 16 bits.
+    """
+    return concat_last(list(uniform_pair(bits)))
 
 
 def uniform_pair(bits: jax.Array) -> tuple[jax.Array, jax.Array]:

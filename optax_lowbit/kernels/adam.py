@@ -7,9 +7,11 @@ jnp group functions (``codec.kernel_decode``: for polar
 `optax_lowbit.codecs.blockwise.decode_groups_with`; there is no second copy
 of the codec math); updates the moments in float32; computes Adam's update
 ``u = m̂ / (sqrt(v̂ + eps_root) + eps)`` from the float32 new moments (as
-`optax.scale_by_adam`); encodes the new moments (``codec.kernel_encode``) and
-stores codes, scales (aliased in place) and ``u``. One pass over the state:
-the floor is bytes moved (DESIGN §6).
+`optax.scale_by_adam`; `moment_step`, with the fault rule: a non-finite
+gradient element keeps its old moments, overflowing moments saturate); encodes
+the new moments (``codec.kernel_encode``) and stores codes, scales (aliased in
+place) and ``u``. One pass over the state: the floor is bytes moved (DESIGN
+§6).
 
 With ``params`` given (`adam_update(..., params=p)`) the kernel also applies
 the step, ``p ← p − lr·(u + wd·p)`` (AdamW), and writes the parameters in
@@ -179,21 +181,42 @@ def make_hp(
     return jnp.stack(vals)
 
 
-def _moment_step(g, m, v, hp, *, nesterov: bool):
-    """Adam's moment update and direction in float32 (shared by both paths).
+def moment_step(g, m, v, hp, *, nesterov: bool):
+    """Adam's step of one leaf in float32: the one definition, for both paths.
 
-    ``hp`` is indexable (an array or a ref); returns ``(u, m, v)``.
+    The fused kernels call it on each block, `adam_update_reference` and the
+    ``jnp`` path of `scale_by_adam_quantized` on whole leaves.
+
+    ``u`` is `optax.scale_by_adam`'s, from the float32 moments before they
+    are stored: NaN where ``g`` is NaN or inf, as Optax's, and where ``v``
+    overflowed to inf from a finite ``g`` (``|g|`` above about 1e19) 0, as
+    Optax's (also where Optax's would be ``inf / inf``: a finite ``g`` never
+    gives NaN). The moments returned are the ones to store
+    (`base.saturate_or_keep`): saturated at ``±base.MAX_STORED``, and the old
+    ones where ``g`` is not finite.
+
+    Args:
+      g: the update, float32.
+      m: the first moment before the step (decoded), float32.
+      v: the second moment, float32.
+      hp: `make_hp`'s vector (an array or a kernel's ref).
+      nesterov: Nesterov momentum, as `optax.scale_by_adam`.
+
+    Returns:
+      ``(u, m, v)``, float32.
     """
     b1, omb1, b2, omb2 = hp[0], hp[1], hp[2], hp[3]
     eps, eps_root, bc1, bc2 = hp[4], hp[5], hp[6], hp[7]
-    m = omb1 * g + b1 * m
-    v = omb2 * (g * g) + b2 * v
+    new_m = omb1 * g + b1 * m
+    new_v = omb2 * (g * g) + b2 * v
     if nesterov:
-        m_hat = b1 * (m / hp[8]) + omb1 * (g / bc1)
+        m_hat = b1 * (new_m / hp[8]) + omb1 * (g / bc1)
     else:
-        m_hat = m / bc1
-    u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
-    return u, m, v
+        m_hat = new_m / bc1
+    u = m_hat / (jnp.sqrt(new_v / bc2 + eps_root) + eps)
+    ok = base.is_finite(g)
+    u = jnp.where(ok & jnp.isnan(u), 0.0, u)
+    return u, base.saturate_or_keep(new_m, m, ok), base.saturate_or_keep(new_v, v, ok)
 
 
 def _apply_step(p, u, hp):
@@ -426,7 +449,7 @@ def _leaf_body(
         m = [jnp.where(i, x, 0.0) for i, x in zip(inside, m, strict=True)]
         v = [jnp.where(i, x, 0.0) for i, x in zip(inside, v, strict=True)]
     steps = [
-        _moment_step(*gmv, hp, nesterov=nesterov) for gmv in zip(g, m, v, strict=True)
+        moment_step(*gmv, hp, nesterov=nesterov) for gmv in zip(g, m, v, strict=True)
     ]
     u, m, v = ([s[j] for s in steps] for j in range(3))
     if apply:
@@ -1029,14 +1052,14 @@ def adam_update_reference(
     seeds: Any = None,
     params: jax.Array | None = None,
 ) -> tuple[jax.Array, base.Packed, base.Packed]:
-    """The same step in pure jnp (decode, `_moment_step`, encode): the definition.
+    """The same step in pure jnp (decode, `moment_step`, encode): the definition.
 
     Arguments and return values are those of `adam_update`.
     """
     seeds = (None, None) if seeds is None else tuple(seeds)
     m = mu_codec.decode(mu)
     v = nu_codec.decode(nu)
-    u, m, v = _moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
+    u, m, v = moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
     if params is None:
         out = u.astype(g.dtype)
     else:

@@ -13,6 +13,7 @@ from optax_lowbit.transforms.adam import (
     scale_by_adam_piquant,
     scale_by_adam_polar,
     scale_by_adam_quantized,
+    stable_nu_codec,
 )
 from optax_lowbit.transforms.lion import (
     ScaleByLionQuantizedState,
@@ -34,5 +35,6 @@ __all__ = [
     "scale_by_adam_quantized",
     "scale_by_factored_rms_quantized",
     "scale_by_lion_quantized",
+    "stable_nu_codec",
     "trace_quantized",
 ]

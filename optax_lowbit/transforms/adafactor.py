@@ -86,6 +86,20 @@ def _factored_dims(
     return int(order[-2]), int(order[-1])
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _mean(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """``jnp.mean`` of ``0 <= x <= float32 max`` that cannot overflow.
+
+    The sum runs over ``x * 2**-k`` with ``2**k >= n`` (exact scalings by a
+    power of two), so the result is ``jnp.mean(x)``'s, bit for bit, wherever
+    that one is finite and no partial sum is subnormal.
+    """
+    k = max(x.shape[axis] - 1, 0).bit_length()
+    return jnp.mean(x * 2.0**-k, axis=axis, keepdims=keepdims) * 2.0**k
+
+
 def _zeros_without_axis(leaf: Any, axis: int) -> jax.Array:
     """float32 zeros of ``leaf``'s shape without ``axis``.
 
@@ -145,6 +159,17 @@ def scale_by_factored_rms_quantized(
     leaf keeps :math:`v \leftarrow \hat\beta_t v + (1-\hat\beta_t) G`, stored by
     ``nu_codec`` where the policy says so, and returns :math:`g / \sqrt{v}`
     computed from the float32 ``v`` before it is encoded.
+
+    Faults: a NaN or inf element of ``g`` gives a non-finite update there, as
+    Optax's (`optax.clip_by_block_rms` in `optax_lowbit.adafactor_polar`
+    then spreads it over the leaf for that step, as in `optax.adafactor`). It
+    keeps its old stored ``v`` (`optax_lowbit.codecs.base.saturate_or_keep`);
+    in :math:`R` and :math:`C` its :math:`G` is the current estimate
+    :math:`R_i C_j / \mathrm{mean}(R)`, so it poisons neither its row nor its
+    column (Optax's turn NaN for good). Finite values never make NaN:
+    :math:`G` and the statistics saturate at ``base.MAX_STORED``, the means
+    cannot overflow, and a factored update overflowing float32 from a finite
+    ``g`` saturates at float32's max.
 
     Args:
       factored: whether to factor the second moment of rank >= 2 leaves.
@@ -240,17 +265,26 @@ def scale_by_factored_rms_quantized(
 
         def step(g, v_row, v_col, v):
             g32 = g.astype(jnp.float32)
+            ok = base.is_finite(g32)
             g_sq = g32 * g32 + epsilon
             d = dims(g.shape)
             if d is None:
-                v = beta * v + (1.0 - beta) * g_sq
-                u = g32 * v**-0.5
+                new_v = beta * v + (1.0 - beta) * g_sq
+                u = g32 * new_v**-0.5
+                v = base.saturate_or_keep(new_v, v, ok)
                 return u.astype(g.dtype), v_row, v_col, v
             d1, d0 = d
-            v_row = beta * v_row + (1.0 - beta) * jnp.mean(g_sq, axis=d0)
-            v_col = beta * v_col + (1.0 - beta) * jnp.mean(g_sq, axis=d1)
             reduced_d1 = d1 - 1 if d1 > d0 else d1
-            row_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
+            # A non-finite element adds its current estimate R C / mean(R) to
+            # its row and column (not inf or NaN); g^2 saturates, as stored
+            # values do, and the means cannot overflow.
+            old_mean = _mean(v_row, reduced_d1, keepdims=True)
+            ratio = jnp.where(old_mean > 0, v_row / old_mean, 0.0)
+            estimate = jnp.expand_dims(ratio, d0) * jnp.expand_dims(v_col, d1)
+            g_sq = base.saturate(jnp.where(ok, g_sq, estimate))
+            v_row = base.saturate(beta * v_row + (1.0 - beta) * _mean(g_sq, d0))
+            v_col = base.saturate(beta * v_col + (1.0 - beta) * _mean(g_sq, d1))
+            row_mean = _mean(v_row, reduced_d1, keepdims=True)
             row_factor = (v_row / row_mean) ** -0.5
             col_factor = v_col**-0.5
             u = (
@@ -258,6 +292,9 @@ def scale_by_factored_rms_quantized(
                 * jnp.expand_dims(row_factor, axis=d0)
                 * jnp.expand_dims(col_factor, axis=d1)
             )
+            # a product overflowing from a finite g saturates (Optax's inf
+            # would make clip_by_block_rms's inf * 0 a NaN over the leaf)
+            u = jnp.where(ok, jnp.clip(u, -_F32_MAX, _F32_MAX), u)
             return u.astype(g.dtype), v_row, v_col, v
 
         codecs = (nu_codec, nu_codec, nu_codec)  # v_row, v_col are never Packed
@@ -284,6 +321,9 @@ def ema_quantized(
     :math:`m` (divided by :math:`1 - \mu^t` if ``debias``), computed in float32
     from the decoded average; then :math:`m` is encoded again. It is
     Adafactor's momentum (``debias=False``) in `optax_lowbit.adafactor_polar`.
+    A non-finite element keeps its old average (its update is non-finite, as
+    Optax's); an average overflowing float32 saturates at
+    ``±base.MAX_STORED`` (`optax_lowbit.codecs.base.saturate_or_keep`).
 
     Args:
       decay: decay rate :math:`\mu` (may be traced).
@@ -330,9 +370,12 @@ def ema_quantized(
         correction = 1.0 - decay**count if debias else 1.0
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            m = (1.0 - decay) * g.astype(jnp.float32) + decay * m
-            u = m / correction if debias else m
-            return u.astype(g.dtype), m
+            g32 = g.astype(jnp.float32)
+            new_m = (1.0 - decay) * g32 + decay * m
+            u = new_m / correction if debias else new_m
+            return u.astype(g.dtype), base.saturate_or_keep(
+                new_m, m, base.is_finite(g32)
+            )
 
         updates, (ema,) = _quantized.map_leaves(
             step, updates, (state.ema,), (codec,), seed=count

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_lowbit import _checks
@@ -37,6 +38,11 @@ _IMPLS = ("auto", "jnp", "pallas")
 DEFAULT_ROUNDING = "stochastic"
 
 
+#: Version of the Adam state's format. 2: the presets' second moments moved to
+#: stochastic 4/8-bit codecs (issue 16); 1 (no ``format`` field): before.
+STATE_FORMAT = 2
+
+
 class ScaleByAdamQuantizedState(NamedTuple):
     """State of `scale_by_adam_quantized`.
 
@@ -45,11 +51,38 @@ class ScaleByAdamQuantizedState(NamedTuple):
       mu: first moment, the structure of the parameters; per leaf a `Packed`
         (the policy quantizes it) or a float32 array.
       nu: second moment, the same layout as ``mu``.
+      format: int32 array of shape ``()``, `STATE_FORMAT` when the state was
+        made. ``None`` in a state of format 1 (written before it existed,
+        e.g. unpickled from an older release): `update` then raises rather
+        than read its bytes with today's codecs.
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
+    format: Any = None
+
+
+def check_state_format(state: ScaleByAdamQuantizedState) -> None:
+    """Raises ValueError, naming the versions, on a state of another format.
+
+    A traced ``format`` cannot be read: only a missing one (format 1) and a
+    concrete value are checked; Orbax refuses a format-1 checkpoint restored
+    into a format-2 target itself (its ``format`` leaf is missing).
+    """
+    fmt = state.format
+    if fmt is not None and isinstance(fmt, jax.core.Tracer):
+        return
+    found = 1 if fmt is None else int(np.asarray(fmt))
+    if found != STATE_FORMAT:
+        raise ValueError(
+            f"this Adam state has format {found}; optax_lowbit writes and reads "
+            f"format {STATE_FORMAT} (the second moments' codecs changed). A state "
+            "of format 1 still decodes itself (each Packed keeps its codec): "
+            "re-encode it with lowbit.convert(old_state, tx, params); an Orbax "
+            "checkpoint of format 1 restores with the target of the release that "
+            "wrote it."
+        )
 
 
 def _check_bits_static(bits: Any, accepted: tuple[Any, ...], hint: str) -> None:
@@ -107,6 +140,15 @@ def scale_by_adam_quantized(
     encoded again. ``nesterov=True`` uses
     :math:`\beta_1 m / (1 - \beta_1^{t+1}) + (1 - \beta_1) g / (1 - \beta_1^t)`
     in place of the corrected :math:`m`, as `optax.scale_by_adam` does.
+
+    Faults, every codec and both paths (`optax_lowbit.kernels.adam.moment_step`):
+    a NaN or inf element of ``g`` gives a NaN update there, as Optax's, and
+    keeps its old (decoded) moments; the rest of its group (the codec's
+    ``group_size``) is encoded as if it had not come
+    (`optax_lowbit.codecs.base.saturate_or_keep`). A finite ``g`` never gives
+    NaN: where ``v`` overflows (``|g|`` above about 1e19) the update is 0, as
+    Optax's, and the stored moments saturate at ``±base.MAX_STORED`` (2**125),
+    where Optax stores inf.
 
     Args:
       mu_codec: codec of the first moment on quantized leaves (must be signed).
@@ -167,7 +209,9 @@ def scale_by_adam_quantized(
             params, mu_codec, policy, fallback_dtype=fallback_mu_dtype
         )
         nu = _quantized.init_moment(params, nu_codec, policy)
-        return ScaleByAdamQuantizedState(jnp.zeros([], jnp.int32), mu, nu)
+        return ScaleByAdamQuantizedState(
+            jnp.zeros([], jnp.int32), mu, nu, jnp.asarray(STATE_FORMAT, jnp.int32)
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -175,6 +219,7 @@ def scale_by_adam_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, ScaleByAdamQuantizedState]:
         del params
+        check_state_format(state)
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
         if _kernels().use_pallas(impl):
@@ -186,7 +231,7 @@ def scale_by_adam_quantized(
         updates, (mu, nu) = _quantized.map_leaves(
             step, updates, (state.mu, state.nu), (mu_codec, nu_codec), seed=count
         )
-        return updates, ScaleByAdamQuantizedState(count, mu, nu)
+        return updates, ScaleByAdamQuantizedState(count, mu, nu, state.format)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -197,24 +242,25 @@ def adam_step(
     """Adam at step ``count`` (the new count): ``(hp, step)``.
 
     ``hp`` is the fused kernel's hyperparameter vector (`make_hp`); ``step(g,
-    m, v) -> (u, m, v)`` is the same step of one leaf in jnp, float32 moments.
+    m, v) -> (u, m, v)`` is the same step of one leaf in jnp, float32 moments:
+    the kernels' own `moment_step` (fault rule included), ``u`` cast to
+    ``g``'s dtype.
     """
+    kadam = _kernel_adam()
     bc1 = 1 - b1**count
     bc2 = 1 - b2**count
     bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
+    hp = kadam.make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
+    # The jnp step reads the same slots as numbers where they are numbers, so
+    # XLA folds them as it folds Optax's constants (identical floats to before).
+    hp_values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, bc1, bc2, bc1_next)
 
     def step(g, m, v):
-        g32 = g.astype(jnp.float32)
-        m = (1 - b1) * g32 + b1 * m
-        v = (1 - b2) * (g32 * g32) + b2 * v
-        if nesterov:
-            m_hat = b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
-        else:
-            m_hat = m / bc1
-        u = m_hat / (jnp.sqrt(v / bc2 + eps_root) + eps)
+        u, m, v = kadam.moment_step(
+            g.astype(jnp.float32), m, v, hp_values, nesterov=nesterov
+        )
         return u.astype(g.dtype), m, v
 
-    hp = _kernel_adam().make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
     return hp, step
 
 
@@ -350,7 +396,7 @@ def fused_leaves(
             new_v[i] = vi.reshape(shape).astype(nus[i].dtype)
             applied[i] = params is not None
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
-    new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree)
+    new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
     return outs, applied, new_state, lambda xs: rewrap(xs)[0]
 
 
@@ -365,6 +411,60 @@ def _is_plain(g: Any, m: Any, v: Any) -> bool:
 def _codecs(module: str) -> Any:
     """Imports ``optax_lowbit.codecs.<module>``, naming it if it is missing."""
     return importlib.import_module(f"optax_lowbit.codecs.{module}")
+
+
+def stable_nu_codec(group_size: int = 128) -> base.Codec:
+    """The second-moment codec of every Adam preset below 8 bits.
+
+    4-bit codes on a geometric map (levels 1.4x apart, zero-free), rounded
+    stochastically, one fp32 scale per ``group_size`` elements
+    (`optax_lowbit.codecs.blockwise.log_map`). A second moment with
+    ``b2 = 0.999`` moves by 0.1% per step; a re-encoded EMA keeps track of
+    it only with unbiased rounding on levels fine enough everywhere below the
+    group maximum: the 2-bit polar and π-Quant codebooks (too coarse, their
+    re-encoded ``v`` settles at 0.7x and 0.02x of the truth after 3000 steps)
+    and the linear 4-bit map (no resolution far below the maximum) do not
+    (`benchmarks/state_drift.py`, the README's drift table). So the polar and
+    π-Quant optimizers keep their codebook for the first moment and take this
+    one for the second (a mixed layout); pass ``nu_codec`` to choose another.
+
+    Args:
+      group_size: elements per scale; the polar presets pass their first
+        moment's group (64) so that the fused kernel takes both moments.
+
+    Returns:
+      A stochastic `optax_lowbit.codecs.blockwise.BlockwiseCodec`.
+
+    Examples:
+      >>> import optax_lowbit as lowbit
+      >>> codec = lowbit.stable_nu_codec(64)
+      >>> codec.name, codec.bits_per_element
+      ('blockwise4-unsigned-b64-log-sr', 4.5)
+    """
+    return _codecs("blockwise").blockwise4(
+        False, block_size=group_size, qmap="log", rounding="stochastic"
+    )
+
+
+def polar_codecs(bits: float, rounding: str) -> tuple[base.Codec, base.Codec]:
+    """``(mu_codec, nu_codec)`` of `scale_by_adam_polar` (the one definition)."""
+    mu_codec = _codecs("polar").polar(bits=bits, signed=True, rounding=rounding)
+    return mu_codec, stable_nu_codec(mu_codec.group_size)
+
+
+def piquant_codecs(encoder: str) -> tuple[base.Codec, base.Codec]:
+    """``(mu_codec, nu_codec)`` of `scale_by_adam_piquant`."""
+    return _codecs("piquant").piquant(encoder=encoder, signed=True), stable_nu_codec()
+
+
+def blockwise_codecs(bits: int) -> tuple[base.Codec, base.Codec]:
+    """``(mu_codec, nu_codec)`` of `scale_by_adam_8bit` (8) / `_4bit` (4)."""
+    blockwise = _codecs("blockwise")
+    if bits == 8:
+        return blockwise.blockwise8(True), blockwise.blockwise8(
+            False, rounding="stochastic"
+        )
+    return blockwise.blockwise4(True), stable_nu_codec()
 
 
 def scale_by_adam_polar(
@@ -382,11 +482,17 @@ def scale_by_adam_polar(
     mu_codec: base.Codec | None = None,
     nu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:
-    """Adam with both moments in 2D polar codes, 2 or 1.5 bits per element.
+    """Adam with the first moment in 2D polar codes, 2 or 1.5 bits per element.
 
-    The first moment uses the signed polar codebook (8 angles x rings), the
-    second moment the unsigned first-quadrant one; groups of 64 elements with
-    one scale each (see `optax_lowbit.codecs.polar`).
+    The first moment uses the signed polar codebook (8 angles x rings, groups
+    of 64 elements with one scale each, see `optax_lowbit.codecs.polar`); the
+    second moment `stable_nu_codec` with the same groups (4-bit log map,
+    stochastic rounding, 4.5 bits all-in). All in, 6.75 bits per element at
+    2 bits (0.84 B/param), 6.25 at 1.5 (0.78 B/param). The unsigned polar
+    codebook for ``v`` (``nu_codec=lowbit.codecs.polar(bits, signed=False,
+    rounding="stochastic")``, 4.5 / 3.5 bits all-in) drifts over long runs:
+    after 3000 steps its re-encoded ``v`` is 0.7x the truth with 8% of the
+    elements below a quarter (`benchmarks/state_drift.py`).
 
     Args:
       b1: decay rate of the first moment, as in `optax.scale_by_adam`.
@@ -395,8 +501,8 @@ def scale_by_adam_polar(
       eps_root: term added to the denominator inside the square root.
       bits: ``2`` or ``1.5`` code bits per element (structural: under
         ``optax.inject_hyperparams`` list it in ``static_args``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural), the polar
-        codecs' rounding rule (see `optax_lowbit.codecs.polar`).
+      rounding: ``"stochastic"`` or ``"nearest"`` (structural), the first
+        moment's rounding rule (see `optax_lowbit.codecs.polar`).
       nesterov: whether to use Nesterov momentum, as in Optax.
       policy: which leaves are quantized; ``None`` is the default policy.
       impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
@@ -415,18 +521,16 @@ def scale_by_adam_polar(
       >>> tx = lowbit.scale_by_adam_polar(bits=2)
       >>> state = tx.init({"w": jnp.zeros((256, 256))})
       >>> round(lowbit.state_bytes(state) / 256**2, 2)  # bytes per parameter
-      0.56
+      0.84
 
     References:
       Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
     """
     _check_bits_static(bits, (1.5, 2), "for 4 bits use scale_by_adam_4bit.")
-    if mu_codec is None or nu_codec is None:
-        polar = _codecs("polar")
-        if mu_codec is None:
-            mu_codec = polar.polar(bits=bits, signed=True, rounding=rounding)
-        if nu_codec is None:
-            nu_codec = polar.polar(bits=bits, signed=False, rounding=rounding)
+    if mu_codec is None:
+        mu_codec = polar_codecs(bits, rounding)[0]
+    if nu_codec is None:  # as `polar_codecs`, on mu_codec's groups
+        nu_codec = stable_nu_codec(mu_codec.group_size)
     return scale_by_adam_quantized(
         mu_codec,
         nu_codec,
@@ -452,10 +556,16 @@ def scale_by_adam_piquant(
     policy: Any = None,
     impl: str = "auto",
     mu_dtype: Any = None,
+    nu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:
-    """Adam with both moments in π-Quant codes (3.83 bits all-in per element).
+    """Adam with the first moment in π-Quant codes (3.83 bits all-in per element).
 
-    Each pair of elements is one of 100 codewords.
+    Each pair of elements of the first moment is one of 100 codewords. The
+    second moment takes `stable_nu_codec` (4.25 bits all-in): re-encoded in
+    π-Quant codes it collapses to 2% of the true ``v`` within 3000 steps
+    (`benchmarks/state_drift.py`), so π-Quant is no longer offered for ``v``
+    by default; ``nu_codec=lowbit.codecs.piquant(signed=False)`` restores the
+    paper's layout.
 
     Args:
       b1: decay rate of the first moment, as in `optax.scale_by_adam`.
@@ -470,6 +580,7 @@ def scale_by_adam_piquant(
         `scale_by_adam_quantized`).
       mu_dtype: dtype of the first moment on unquantized leaves (``None``:
         float32).
+      nu_codec: the second moment's codec (``None``: `stable_nu_codec`).
 
     Returns:
       An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
@@ -487,10 +598,10 @@ def scale_by_adam_piquant(
       reference code github.com/Ethan-TZ/Pi-Quant.
     """
     _checks.one_of("encoder", encoder, ("nearest", "paper"))
-    piquant = _codecs("piquant")
+    mu_codec, default_nu = piquant_codecs(encoder)
     return scale_by_adam_quantized(
-        piquant.piquant(encoder=encoder, signed=True),
-        piquant.piquant(encoder=encoder, signed=False),
+        mu_codec,
+        default_nu if nu_codec is None else nu_codec,
         b1,
         b2,
         eps,
@@ -517,7 +628,9 @@ def scale_by_adam_8bit(
 
     As bitsandbytes' ``AdamW8bit``: the signed dynamic-tree map for the first
     moment, the unsigned one for the second, an fp32 absmax scale per 256
-    elements: 8.125 bits per element all-in.
+    elements: 8.125 bits per element all-in. Where we differ: the second
+    moment is rounded stochastically (unbiased), so that its re-encoded EMA
+    does not stall or drift over long runs (`benchmarks/state_drift.py`).
 
     Args:
       b1: decay rate of the first moment, as in `optax.scale_by_adam`.
@@ -545,10 +658,8 @@ def scale_by_adam_8bit(
       Dettmers et al, `8-bit Optimizers via Block-wise Quantization
       <https://arxiv.org/abs/2110.02861>`_, 2022
     """
-    factory = _codecs("blockwise").blockwise8
     return scale_by_adam_quantized(
-        factory(signed=True),
-        factory(signed=False),
+        *blockwise_codecs(8),
         b1,
         b2,
         eps,
@@ -573,9 +684,12 @@ def scale_by_adam_4bit(
 ) -> optax.GradientTransformation:
     """Adam with both moments in 4 bits (block 128).
 
-    As the 4-bit optimizer of Li et al: the dynamic-exponent map for the first
-    moment, the zero-free linear map for the second, an fp32 scale per 128
-    elements: 4.25 bits per element all-in.
+    As the 4-bit optimizer of Li et al for the first moment (dynamic-exponent
+    map, nearest rounding, an fp32 scale per 128 elements); the second moment
+    takes `stable_nu_codec` (a geometric map rounded stochastically) instead
+    of the paper's zero-free linear map, whose elements far below their
+    block's maximum are over-estimated up to 12x and never recover
+    (`benchmarks/state_drift.py`). 4.25 bits per element all-in.
 
     Args:
       b1: decay rate of the first moment, as in `optax.scale_by_adam`.
@@ -603,10 +717,8 @@ def scale_by_adam_4bit(
       Li et al, `Memory Efficient Optimizers with 4-bit States
       <https://arxiv.org/abs/2309.01507>`_, 2023
     """
-    factory = _codecs("blockwise").blockwise4
     return scale_by_adam_quantized(
-        factory(signed=True),
-        factory(signed=False),
+        *blockwise_codecs(4),
         b1,
         b2,
         eps,

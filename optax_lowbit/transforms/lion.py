@@ -59,6 +59,11 @@ def scale_by_lion_quantized(
 
     computed in float32 from the decoded momentum; then ``m`` is encoded again.
 
+    Faults: the update is Optax's (NaN for a NaN element, ``±1`` for ``±inf``);
+    a non-finite element keeps its old momentum and its group is encoded as
+    if it had not come; a momentum overflowing float32 saturates at
+    ``±base.MAX_STORED`` (`optax_lowbit.codecs.base.saturate_or_keep`).
+
     Args:
       b1: rate combining the momentum and the current update, as in
         `optax.scale_by_lion`.
@@ -123,8 +128,10 @@ def scale_by_lion_quantized(
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             g32 = g.astype(jnp.float32)
             u = sign((1.0 - b1) * g32 + b1 * m)
-            m = (1.0 - b2) * g32 + b2 * m
-            return u.astype(g.dtype), m
+            new_m = (1.0 - b2) * g32 + b2 * m
+            return u.astype(g.dtype), base.saturate_or_keep(
+                new_m, m, base.is_finite(g32)
+            )
 
         count = optax.safe_increment(state.count)
         updates, (mu,) = _quantized.map_leaves(

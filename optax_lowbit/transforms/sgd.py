@@ -63,6 +63,12 @@ def trace_quantized(
 
     computed in float32 from the decoded trace; then ``t`` is encoded again.
 
+    Faults: the update is Optax's (non-finite where ``g`` is; ``±inf`` where the
+    float32 trace overflows, near float32's max); a non-finite element keeps
+    its old trace and its group is encoded as if it had not come; a trace
+    overflowing float32 is stored saturated at ``±base.MAX_STORED``
+    (`optax_lowbit.codecs.base.saturate_or_keep`).
+
     Args:
       decay: decay rate of the trace, as in `optax.trace` (may be traced).
       nesterov: whether to use Nesterov momentum.
@@ -114,9 +120,12 @@ def trace_quantized(
         del params
 
         def step(g: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-            t = g.astype(jnp.float32) + decay * t
-            u = g.astype(jnp.float32) + decay * t if nesterov else t
-            return u.astype(g.dtype), t
+            g32 = g.astype(jnp.float32)
+            new_t = g32 + decay * t
+            u = g32 + decay * new_t if nesterov else new_t
+            return u.astype(g.dtype), base.saturate_or_keep(
+                new_t, t, base.is_finite(g32)
+            )
 
         count = optax.safe_increment(state.count)
         updates, (trace,) = _quantized.map_leaves(

@@ -66,6 +66,31 @@ def _code_mismatch(a, b):
     return float(np.mean(np.asarray(a.codes) != np.asarray(b.codes)))
 
 
+def _assert_faults_match(kernel, reference, g):
+    """Faulty gradients: the kernel's state equals the reference's bit for bit.
+
+    ``kernel`` and ``reference`` map a gradient to ``(out, mu, nu)``; ``g``
+    gets NaN, ±inf, huge (1e30, float32's max) and tiny (1e-30) elements, some
+    sharing a group. Both paths run `kadam.moment_step` (the fault rule), so
+    the state stays finite and the output is non-finite at the same places.
+    """
+    flat = np.asarray(g, np.float32).reshape(-1).copy()
+    where = [0, 1, 7, 33, 64, 65, 300, 301, 302, flat.size - 1]
+    big = float(np.finfo(np.float32).max)
+    flat[where] = [np.nan, np.inf, -np.inf, 1e30, -big, 1e-30, np.nan, big, 3e19, -1e25]
+    bad = jnp.asarray(flat.reshape(g.shape), g.dtype)
+    out, m, v = kernel(bad)
+    out_ref, m_ref, v_ref = reference(bad)
+    chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+    chex.assert_tree_all_finite((m.scales, v.scales))
+    np.testing.assert_array_equal(np.isfinite(out), np.isfinite(out_ref))
+    ok = np.isfinite(np.asarray(out_ref))
+    assert not ok.reshape(-1)[[0, 1, 7, 300]].any()  # the NaN and inf elements
+    np.testing.assert_allclose(
+        np.asarray(out)[ok], np.asarray(out_ref)[ok], rtol=1e-5, atol=1e-6
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("block_groups", "mc", "nc"))
 def _kernel(g, mu, nu, hp, block_groups=256, mc=MU, nc=NU, seeds=None, params=None):
     return kadam.adam_update(
@@ -129,6 +154,11 @@ def test_stochastic_kernel_draws_the_reference_bits(variant, apply):
     # another stream gives other codes (the seeds reach the kernel)
     _, m2, _ = _kernel(g, mu, nu, hp, block_groups=32, **{**kw, "seeds": (7, 6)})
     assert _code_mismatch(m2, m) > 0.05
+    _assert_faults_match(
+        lambda x: _kernel(x, mu, nu, hp, block_groups=32, **kw),
+        lambda x: _reference(x, mu, nu, hp, **kw),
+        g,
+    )
 
 
 @pytest.mark.parametrize("variant", ["blockwise8", "blockwise4"])
@@ -149,6 +179,11 @@ def test_blockwise_kernel_equals_reference(variant, apply):
     out, m, v = _kernel(g, mu, nu, hp, block_groups=8, **kw)
     np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+    _assert_faults_match(
+        lambda x: _kernel(x, mu, nu, hp, block_groups=8, **kw),
+        lambda x: _reference(x, mu, nu, hp, **kw),
+        g,
+    )
 
 
 @pytest.mark.parametrize("variant", ["piquant", "piquant-paper"])
@@ -172,6 +207,11 @@ def test_piquant_kernel_equals_reference(variant, apply):
     out, m, v = _kernel(g, mu, nu, hp, block_groups=8, **kw)
     np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+    _assert_faults_match(
+        lambda x: _kernel(x, mu, nu, hp, block_groups=8, **kw),
+        lambda x: _reference(x, mu, nu, hp, **kw),
+        g,
+    )
     # poisoned state: with b1 = b2 = 0 the new state depends on g alone
     hp0 = kadam.make_hp(0.0, 0.0, 1e-8, 0.0, 1.0, 1.0)
     _, m0, v0 = _kernel(g, _poison(mu), _poison(nu), hp0, block_groups=8, mc=mc, nc=nc)

@@ -1,0 +1,61 @@
+"""The fused kernel on every Adam preset's (mu, nu) codec pair (interpret mode).
+
+The presets' second moments are stochastic blockwise codecs (a log map at 4
+bits, the dynamic map at 8): the kernel must draw the same rounding bits as
+the jnp path and give identical codes and scales.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import optax_lowbit as lowbit
+from optax_lowbit.codecs import base
+from optax_lowbit.kernels import adam as kadam
+from tests.kernels.test_adam_kernel import (
+    _code_mismatch,
+    _kernel,
+    _random_state,
+    _reference,
+)
+
+PRESETS = {
+    "polar2": lambda: lowbit.scale_by_adam_polar(bits=2),
+    "polar1.5": lambda: lowbit.scale_by_adam_polar(bits=1.5),
+    "4bit": lowbit.scale_by_adam_4bit,
+    "8bit": lowbit.scale_by_adam_8bit,
+}
+
+
+def preset_codecs(name):
+    """The (mu, nu) codecs a preset stores its quantized leaves in."""
+    state = PRESETS[name]().init({"w": jax.numpy.zeros((64, 256))})
+    packed = [
+        x
+        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, base.Packed))
+        if isinstance(x, base.Packed)
+    ]
+    return packed[0].codec, packed[1].codec
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("apply", [False, True])
+def test_preset_kernel_equals_reference(name, apply):
+    mc, nc = preset_codecs(name)
+    assert nc.stochastic and kadam.has_kernel(mc) and kadam.has_kernel(nc)
+    shape = (3, 5, 200)  # rows of 1000 elements: a partial group at the end
+    key = jax.random.key(31 + apply + len(name))
+    g, mu, nu = _random_state(key, shape, mc, nc)
+    params = jax.random.normal(jax.random.fold_in(key, 1), shape) if apply else None
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    kw = dict(mc=mc, nc=nc, seeds=(np.uint32(5), np.uint32(6)), params=params)
+    out_ref, m_ref, v_ref = _reference(g, mu, nu, hp, **kw)
+    out, m, v = _kernel(g, mu, nu, hp, block_groups=8, **kw)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+    # another stream for v gives other codes: the seeds reach the kernel
+    _, _, v2 = _kernel(g, mu, nu, hp, block_groups=8, **{**kw, "seeds": (5, 7)})
+    assert _code_mismatch(v2, v) > 0.01
