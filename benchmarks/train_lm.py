@@ -112,12 +112,20 @@ def _adam_codecs(tx_scale: optax.GradientTransformation, lr, wd):
 
 
 def make_optimizer(
-    name: str, lr: Any, *, b1: float, b2: float, wd: float, peak_lr: float = 1e-3
+    name: str,
+    lr: Any,
+    *,
+    b1: float,
+    b2: float,
+    wd: float,
+    peak_lr: float = 1e-3,
+    clip_norm: float | None = 1.0,
 ):
     """Returns the `optax.GradientTransformation` called ``name``.
 
-    Every optimizer is chained after ``clip_by_global_norm(1.0)``. ``peak_lr``
-    is the schedule's peak (Adafactor's weight decay is not scaled by it).
+    Every optimizer is chained after ``clip_by_global_norm(clip_norm)`` (none
+    where ``clip_norm`` is None). ``peak_lr`` is the schedule's peak
+    (Adafactor's weight decay is not scaled by it).
     """
     adam = dict(b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
     rounding = lowbit.transforms.adam.DEFAULT_ROUNDING
@@ -197,7 +205,9 @@ def make_optimizer(
     }
     if name not in factories:
         raise ValueError(f"optimizer must be one of {sorted(factories)}, got {name!r}.")
-    return optax.chain(optax.clip_by_global_norm(1.0), factories[name]())
+    if clip_norm is None:
+        return factories[name]()
+    return optax.chain(optax.clip_by_global_norm(clip_norm), factories[name]())
 
 
 # --------------------------------------------------------------------------
