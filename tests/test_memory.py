@@ -27,7 +27,8 @@ def test_state_bytes_exact_on_known_tree():
     # w: codes 64 x 4 x 32 B + scales 64 x 4 x 4 B, for mu and nu each
     packed = 2 * (64 * 4 * 32 + 64 * 4 * 4)
     plain = 2 * 4 * (100 + 200 * 64 + 64)
-    assert lowbit.state_bytes(state) == packed + plain + 4  # + int32 count
+    # + int32 count and int32 state format
+    assert lowbit.state_bytes(state) == packed + plain + 4 + 4
     shapes = jax.eval_shape(tx.init, params)
     assert lowbit.state_bytes(shapes) == lowbit.state_bytes(state)
     ref = optax.adamw(1e-3).init(params)
@@ -47,7 +48,7 @@ def test_summarize_rows_and_reasons():
     assert rows[("float32", "rank < 2")].elements == 200  # b, in mu and nu
     assert rows[("float32", "embedding")].bytes == 2 * 4 * 200 * 64
     assert rows[("float32", "below min_size (4096)")].leaves == 2
-    assert rows[("other", "counters, hyperparameters")].bytes == 4
+    assert rows[("other", "counters, hyperparameters")].bytes == 8  # count, format
     assert sum(r.bytes for r in rows.values()) == lowbit.state_bytes(state)
     np.testing.assert_allclose(rows[("float32", "rank < 2")].bytes_per_element, 4.0)
 
