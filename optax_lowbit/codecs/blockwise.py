@@ -328,8 +328,9 @@ def stochastic_table(qmap: jax.Array) -> jax.Array:
     The number of its entries ``<= x`` is the index of the map entry just
     at or below ``x`` (0 below the smallest entry).
     """
-    q = jnp.asarray(qmap, jnp.float32)
-    return jnp.concatenate([q[1:], jnp.full((1,), jnp.inf, jnp.float32)])
+    xp = np if isinstance(qmap, np.ndarray) else jnp  # numpy: a kernel's constant
+    q = xp.asarray(qmap, xp.float32)
+    return xp.concatenate([q[1:], xp.full((1,), xp.inf, xp.float32)])
 
 
 def _round_stochastic(
@@ -392,6 +393,8 @@ def encode_groups_with(
         table = stochastic_table(qmap) if table is None else table
         if not base.is_ref(qmap):
             qmap = jnp.asarray(qmap, jnp.float32)
+        if not base.is_ref(table):
+            table = jnp.asarray(table, jnp.float32)
         uniform = base.element_uniforms(noise)
         index = _round_stochastic(qmap, table, normalised, uniform, bits)
     codes = base.pack_codes(index.astype(jnp.uint8), bits)
@@ -546,9 +549,10 @@ class BlockwiseCodec(base.Codec):
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The arrays a kernel takes as inputs: the map and `search_table`."""
         qmap = self.qmap()
-        make = stochastic_table if self.stochastic else search_table
+        if self.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
+            return qmap, stochastic_table(qmap)
         with jax.ensure_compile_time_eval():  # constants, even under a trace
-            table = np.asarray(make(qmap), np.float32)
+            table = np.asarray(search_table(qmap), np.float32)
         return qmap, table
 
     def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> jax.Array:
