@@ -666,6 +666,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return cfg
 
 
+def run_meta(cfg: Any, device: str, n_params: int, seeds: Any, precision: Any) -> dict:
+    """The run's record shared by the LM benchmarks: versions, date, model, schedule."""
+    return dict(
+        device=device,
+        jax=jax.__version__,
+        optax=optax.__version__,
+        flax=flax.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        n_params=int(n_params),
+        seeds=seeds,
+        steps=cfg.steps,
+        batch=cfg.batch,
+        seq_len=cfg.seq_len,
+        tokens_per_seed=cfg.steps * cfg.batch * cfg.seq_len,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        schedule="linear warm-up, cosine decay to 10%",
+        b1=cfg.b1,
+        b2=cfg.b2,
+        weight_decay=cfg.wd,
+        clip_global_norm=1.0,
+        matmul_precision=precision or "default",
+        chunk=cfg.chunk,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the result dict written to ``--out``."""
     cfg = parse_args(argv)
@@ -699,31 +729,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"eval compiled in {time.perf_counter() - t:.1f}s", flush=True)
 
     meta = dict(
-        device=device,
-        jax=jax.__version__,
-        optax=optax.__version__,
-        flax=flax.__version__,
+        **run_meta(cfg, device, n_params, seeds, precision),
         optax_lowbit_commit=os.environ.get("OPTAX_LOWBIT_COMMIT", "working tree"),
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        n_params=int(n_params),
-        seeds=seeds,
-        steps=cfg.steps,
-        batch=cfg.batch,
-        seq_len=cfg.seq_len,
-        tokens_per_seed=cfg.steps * cfg.batch * cfg.seq_len,
-        d_model=cfg.d_model,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        lr=cfg.lr,
-        warmup=cfg.warmup,
-        schedule="linear warm-up, cosine decay to 10%",
-        b1=cfg.b1,
-        b2=cfg.b2,
-        weight_decay=cfg.wd,
-        clip_global_norm=1.0,
-        matmul_precision=precision or "default",
-        chunk=cfg.chunk,
         eval_windows_curve=int(eval_small.shape[0]),
         eval_windows_final=int(eval_full.shape[0]),
         heldout="persuasion (whole novel, never trained on)",

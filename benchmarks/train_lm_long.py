@@ -58,13 +58,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
 import os
 import pathlib
-import platform
 import re
 import subprocess
 import sys
@@ -72,7 +70,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1078,31 +1075,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = dict(
         benchmark="train_lm_long",
         preset=cfg.preset,
-        device=device,
-        jax=jax.__version__,
-        optax=optax.__version__,
-        flax=flax.__version__,
+        **train_lm.run_meta(cfg, device, n_params, seeds, precision),
         optax_lowbit_commit=git_commit(),
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        n_params=int(n_params),
-        seeds=seeds,
-        steps=cfg.steps,
-        batch=cfg.batch,
-        seq_len=cfg.seq_len,
-        tokens_per_seed=cfg.steps * cfg.batch * cfg.seq_len,
-        d_model=cfg.d_model,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        lr=cfg.lr,
-        warmup=cfg.warmup,
-        schedule="linear warm-up, cosine decay to 10%",
-        b1=cfg.b1,
-        b2=cfg.b2,
-        weight_decay=cfg.wd,
-        clip_global_norm=1.0,
-        matmul_precision=precision or "default",
-        chunk=cfg.chunk,
         eval_steps=[0, *eval_steps],
         eval_windows_curve=int(eval_small.shape[0]),
         eval_tokens_curve=int(eval_small.shape[0] * cfg.seq_len),
