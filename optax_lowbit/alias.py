@@ -197,7 +197,7 @@ def adam_polar(
       >>> tx = lowbit.adam_polar(1e-3, bits=1.5)
       >>> state = tx.init({"w": jnp.zeros((128, 128))})
       >>> state[0].mu["w"].codec_name, state[0].nu["w"].codec_name
-      ('polar-1.5b-signed-sr', 'polar-1.5b-unsigned-sr')
+      ('polar-1.5b-signed-sr', 'blockwise4-unsigned-b64-log-sr')
 
     References:
       Kingma and Ba, `Adam: A Method for Stochastic Optimization

@@ -144,7 +144,7 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
       >>> params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
       >>> rows = lowbit.summarize(lowbit.adamw_polar(1e-3).init(params), params)
       >>> [(r.kind, r.bytes) for r in rows[:2]]
-      [('polar-2b-signed-sr', 2304), ('polar-2b-unsigned-sr', 2304)]
+      [('blockwise4-unsigned-b64-log-sr', 4608), ('polar-2b-signed-sr', 2304)]
     """
     opt_state = _unwrap_nnx(opt_state)
     policy = _policy.resolve(policy)
@@ -232,13 +232,13 @@ def summary(opt_state: Any, params: Any = None, *, policy: Any = None) -> str:
       >>> params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
       >>> state = lowbit.adamw_polar(1e-3).init(params)
       >>> print(lowbit.summary(state, params))
-      kind                  leaves  params  bytes  B/param  note
-      polar-2b-signed-sr    1        8,192  2,304    0.281
-      polar-2b-unsigned-sr  1        8,192  2,304    0.281
-      float32               2          256  1,024    4.000  rank < 2
-      other                 1            -      4        -  counters, hyperparameters
-      total                 5        8,320  5,636    0.677  0.08x fp32 Adam (8 B/param)
-    """
+      kind                            leaves  params  bytes  B/param  note
+      blockwise4-unsigned-b64-log-sr  1        8,192  4,608    0.562
+      polar-2b-signed-sr              1        8,192  2,304    0.281
+      float32                         2          256  1,024    4.000  rank < 2
+      other                           2            -      8        -  counters, hyperparameters
+      total                           6        8,320  7,944    0.955  0.12x fp32 Adam (8 B/param)
+    """  # noqa: E501 (the doctest's table is the function's output)
     rows = summarize(opt_state, params, policy=policy)
     table = [("kind", "leaves", "params", "bytes", "B/param", "note")]
     for r in rows:
