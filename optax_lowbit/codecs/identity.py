@@ -19,6 +19,16 @@ from optax_lowbit.codecs import base
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _empty_scales(x: jax.Array) -> jax.Array:
+    """float32 zeros of shape ``(*x.shape[:-1], 0)``, sharded like ``x``.
+
+    A slice of ``x`` (not ``jnp.zeros``), so that under explicit mesh axes the
+    empty scales carry the leading axes' sharding in their type, as the ones
+    `init` makes do: the state's type is the same after every update.
+    """
+    return jnp.zeros_like(x[..., :0], dtype=jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class IdentityCodec(base.Codec):
     """Stores the array itself in ``dtype``; no scales.
@@ -54,7 +64,7 @@ class IdentityCodec(base.Codec):
     def encode_groups(self, xg: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Casts groups to the storage dtype; empty scales."""
         codes = xg.astype(_DTYPES[self.dtype_name])
-        return codes, jnp.zeros((*xg.shape[:-1], 0), jnp.float32)
+        return codes, _empty_scales(xg)
 
     def decode_groups(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """Casts back to float32."""
@@ -65,10 +75,10 @@ class IdentityCodec(base.Codec):
         """Stores ``x`` in the storage dtype, keeping its shape."""
         _checks.float_array("x", x)
         x = jnp.asarray(x)
-        lead, _ = base.lead_and_last(tuple(x.shape))
+        lead, last = base.lead_and_last(tuple(x.shape))
         return base.Packed(
             codes=x.astype(_DTYPES[self.dtype_name]),
-            scales=jnp.zeros((*lead, 0), jnp.float32),
+            scales=_empty_scales(x.reshape((*lead, last))),
             shape=tuple(x.shape),
             codec=self,
         )
