@@ -52,8 +52,10 @@ def _optimizer(name: str):
         "optax.adamw": lambda: optax.adamw(lr),
         "optax.adamw(mu_dtype=bf16)": lambda: optax.adamw(lr, mu_dtype=jnp.bfloat16),
         "adamw_polar(bits=2)": lambda: lowbit.adamw_polar(lr, bits=2),
-        "fused_adamw_polar(bits=2)": lambda: lowbit.fused_adamw_polar(lr, bits=2),
-        "fused_adamw_polar(bits=1.5)": lambda: lowbit.fused_adamw_polar(lr, bits=1.5),
+        "fused_adamw_polar(bits=2)": lambda: lowbit.adamw_polar(lr, bits=2, fused=True),
+        "fused_adamw_polar(bits=1.5)": lambda: lowbit.adamw_polar(
+            lr, bits=1.5, fused=True
+        ),
         "adamw_8bit": lambda: lowbit.adamw_8bit(lr),
         "adamw_4bit": lambda: lowbit.adamw_4bit(lr),
     }

@@ -70,7 +70,7 @@ def main() -> None:
             ),
             f"fused_adamw_polar({bits})/pallas": (
                 "fused",
-                lowbit.fused_adamw_polar(1e-3, bits=bits, impl="pallas"),
+                lowbit.adamw_polar(1e-3, bits=bits, impl="pallas", fused=True),
             ),
         }
         states = {}

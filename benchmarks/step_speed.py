@@ -8,8 +8,8 @@ the same run, state and temporary bytes per parameter
 (``compiled.memory_analysis()``) and compile time. Rows: the Optax baselines;
 for polar 2 and 1.5 bits (stochastic rounding, the default) the jnp chain,
 the Pallas chain (``impl="pallas"``) and the fused update-and-apply step
-(`optax_lowbit.fused_adamw_polar`); the same three for 8-bit, 4-bit and
-π-Quant (`fused_adamw_8bit`, ...). It also checks every kernel variant
+(`optax_lowbit.adamw_polar(..., fused=True)`); the same three for 8-bit, 4-bit and
+π-Quant (`adamw_8bit(..., fused=True)`, ...). It also checks every kernel variant
 against the jnp reference on the device (code and scale mismatch
 fractions, output error), measures the device copy ceiling and sweeps the
 kernel's block size / warps on the big leaf. Writes
@@ -125,7 +125,7 @@ def optimizers(case: str) -> dict:
         )
         rows[f"fused_{name}/pallas"] = (
             "fused",
-            lowbit.fused_adamw_polar(lr, bits=bits, impl="pallas", policy=policy),
+            lowbit.adamw_polar(lr, bits=bits, impl="pallas", policy=policy, fused=True),
             "pallas-triton",
         )
     for name, make in (
@@ -136,7 +136,7 @@ def optimizers(case: str) -> dict:
         rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy, impl="jnp"), "jnp")
         tx = make(lr, policy=policy, impl="pallas")
         rows[f"{name}/pallas"] = ("chain", tx, "pallas-triton")
-        fused = getattr(lowbit, f"fused_{name}")(lr, policy=policy, impl="pallas")
+        fused = make(lr, policy=policy, impl="pallas", fused=True)
         rows[f"fused_{name}/pallas"] = ("fused", fused, "pallas-triton")
     return rows
 

@@ -17,16 +17,20 @@ too when it is a callable).
 
 from __future__ import annotations
 
-import importlib
+import functools
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
 from optax_lowbit import _checks
+from optax_lowbit import _generate as _gen
+from optax_lowbit import fused as _fused
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import adafactor as _adafactor
-from optax_lowbit.transforms import adam as _adam
+from optax_lowbit.transforms import adam_presets as _presets
 from optax_lowbit.transforms import lion as _lion
 from optax_lowbit.transforms import sgd as _sgd
 
@@ -65,354 +69,229 @@ def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, inner.update)
 
 
-def _adamw(scale_by_adam, learning_rate, weight_decay, mask):
-    return optax.chain(
-        scale_by_adam,
-        _decay(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-
-
-def adamw_polar(
+def _adam_chain(
+    preset: _presets.AdamPreset,
+    decay: bool,
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
-    bits: float = 2,
-    rounding: str = _adam.DEFAULT_ROUNDING,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> optax.GradientTransformation:
-    """AdamW with both moments in 2D polar codes (2 or 1.5 bits per element).
+    fused: bool = False,
+    **adam_args: Any,
+) -> optax.GradientTransformation | _fused.FusedOptimizer:
+    """The Adam (``decay=False``) or AdamW chain of ``preset``, or its fused step.
 
-    A drop-in for `optax.adamw`: on leaves the policy quantizes, the moments take
-    about 0.56 B/param at ``bits=2`` (0.44 at 1.5) instead of 8; other leaves
-    keep float32 moments.
-
-    Args:
-      learning_rate: a float or an `optax.Schedule`, as in `optax.adamw`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
-        float32, or ``jnp.bfloat16``).
-      weight_decay: decoupled weight decay (multiplied by the learning rate), a
-        float or a schedule.
-      mask: a tree of bools with the structure of the params (or a prefix), or
-        a callable returning one: where weight decay applies.
-      bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)`` under
-        ``optax.inject_hyperparams``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
-        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
-      nesterov: whether to use Nesterov momentum (NAdamW).
-      policy: which leaves are quantized (`optax_lowbit.policy`); ``None`` is
-        the default policy.
-      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      An `optax.GradientTransformation`, the chain of `scale_by_adam_polar`,
-      `optax.add_decayed_weights` and `optax.scale_by_learning_rate`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import optax, optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 128))}
-      >>> tx = lowbit.adamw_polar(learning_rate=1e-2, bits=2)
-      >>> state = tx.init(params)
-      >>> grads = {"w": jnp.full((64, 128), 0.5)}
-      >>> updates, state = tx.update(grads, state, params)
-      >>> params = optax.apply_updates(params, updates)
-      >>> print(f"{float(params['w'][0, 0]):.4f}")
-      0.9900
-
-    References:
-      Loshchilov et al, `Decoupled Weight Decay Regularization
-      <https://arxiv.org/abs/1711.05101>`_, 2019
+    ``adam_args`` are those of `adam_presets.build` (Adam's hyperparameters,
+    the preset's options, ``nesterov``, ``policy``, ``impl``, ``mu_dtype``
+    and the codec overrides).
     """
-    return _adamw(
-        _adam.scale_by_adam_polar(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            bits=bits,
-            rounding=rounding,
-            nesterov=nesterov,
-            policy=policy,
-            impl=impl,
-            mu_dtype=mu_dtype,
-        ),
+    _checks.is_bool("fused", fused)
+    adam, (mu_codec, nu_codec) = _presets.build(preset, **adam_args)
+    links = [_decay(weight_decay, mask)] if decay else []
+    links.append(optax.scale_by_learning_rate(learning_rate))
+    tx = optax.chain(adam, *links)
+    if not fused:
+        return tx
+    return _fused.fuse_adamw(
+        tx,
+        optax.chain(*links),
+        mu_codec,
+        nu_codec,
+        tuple(adam_args[k] for k in ("b1", "b2", "eps", "eps_root", "nesterov")),
         learning_rate,
         weight_decay,
         mask,
+        adam_args["impl"],
     )
 
 
-def adam_polar(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    *,
-    bits: float = 2,
-    rounding: str = _adam.DEFAULT_ROUNDING,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> optax.GradientTransformation:
-    """Adam (no weight decay) with both moments in 2D polar codes.
+_LEARNING_RATE = _gen.Arg(
+    "learning_rate", "a float or an `optax.Schedule`, as in `optax.adamw`."
+)
+_DECAY_ARGS = (
+    _gen.Arg(
+        "weight_decay",
+        "decoupled weight decay (multiplied by the learning rate), a float or a "
+        "schedule.",
+        1e-4,
+    ),
+    _gen.Arg(
+        "mask",
+        "a tree of bools with the structure of the params (or a prefix), or a "
+        "callable returning one: where weight decay applies.",
+        None,
+    ),
+)
+_FUSED = _gen.Arg(
+    "fused",
+    "``True`` returns a `FusedOptimizer` instead of the chain: the same state, "
+    "its step applying the update to the parameters inside the kernel "
+    "(`optax_lowbit.fused`).",
+    False,
+    keyword_only=True,
+)
 
-    The chain of `scale_by_adam_polar` and `optax.scale_by_learning_rate`, as
-    `optax.adam` is.
 
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: dtype of the first moment on unquantized leaves.
-      bits: ``2`` or ``1.5`` (structural).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
-        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
-      nesterov: whether to use Nesterov momentum (NAdam).
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      An `optax.GradientTransformation`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> tx = lowbit.adam_polar(1e-3, bits=1.5)
-      >>> state = tx.init({"w": jnp.zeros((128, 128))})
-      >>> state[0].mu["w"].codec_name, state[0].nu["w"].codec_name
-      ('polar-1.5b-signed-sr', 'blockwise4-unsigned-b64-log-sr')
-
-    References:
-      Kingma and Ba, `Adam: A Method for Stochastic Optimization
-      <https://arxiv.org/abs/1412.6980>`_, 2014
-    """
-    return optax.chain(
-        _adam.scale_by_adam_polar(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            bits=bits,
-            rounding=rounding,
-            nesterov=nesterov,
-            policy=policy,
-            impl=impl,
-            mu_dtype=mu_dtype,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
+def _alias_args(
+    preset: _presets.AdamPreset, decay: bool, fused: bool
+) -> tuple[_gen.Arg, ...]:
+    """Arguments of ``adam(w)_<name>``: Optax's order, then ours after ``*``."""
+    return (
+        _LEARNING_RATE,
+        *_presets.ADAM_ARGS,
+        _presets.MU_DTYPE,
+        *(_DECAY_ARGS if decay else ()),
+        *preset.options,
+        *((_FUSED,) if fused else ()),
+        *_presets.COMMON_ARGS,
+        *_presets.CODEC_ARGS,
     )
 
 
-def adamw_piquant(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    encoder: str = "nearest",
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> optax.GradientTransformation:
-    """AdamW with both moments in π-Quant codes (3.83 bits all-in per element).
+_ADAMW_DOC = """AdamW with {summary}: a drop-in for `optax.adamw`.
 
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: dtype of the first moment on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies (a bool tree or a callable).
-      encoder: ``"nearest"`` (default) or ``"paper"``.
-      nesterov: whether to use Nesterov momentum.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
+The chain of `scale_by_adam_{name}`, `optax.add_decayed_weights` and
+`optax.scale_by_learning_rate`, as `optax.adamw` is: its state is
+`optax.adamw`'s with the Adam entry a `ScaleByAdamQuantizedState` (what
+`optax_lowbit.convert` relies on). Leaves the policy does not quantize keep
+float32 moments. ``fused=True`` gives the same optimizer as one
+update-and-apply step per quantized leaf (`FusedOptimizer`).
 
-    Returns:
-      An `optax.GradientTransformation`.
+{details}
 
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> state = lowbit.adamw_piquant(1e-3).init({"w": jnp.zeros((64, 64))})
-      >>> len(state)
-      3
+{{args}}
 
-    References:
-      Pi-Quant reference code: github.com/Ethan-TZ/Pi-Quant.
-    """
-    return _adamw(
-        _adam.scale_by_adam_piquant(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            encoder=encoder,
-            nesterov=nesterov,
-            policy=policy,
-            impl=impl,
-            mu_dtype=mu_dtype,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
+Returns:
+  An `optax.GradientTransformation` (``fused=True``: a `FusedOptimizer`).
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> import optax, optax_lowbit as lowbit
+  >>> params = {{"w": jnp.ones((64, 256))}}
+  >>> grads = {{"w": jnp.full((64, 256), 0.5)}}
+  >>> tx = lowbit.adamw_{name}(learning_rate=1e-2)
+  >>> updates, state = tx.update(grads, tx.init(params), params)
+  >>> print(f"{{float(optax.apply_updates(params, updates)['w'][0, 0]):.4f}}")
+  0.9900
+  >>> opt = lowbit.adamw_{name}(learning_rate=1e-2, fused=True)
+  >>> new_params, state = jax.jit(opt.step)(grads, opt.init(params), params)
+  >>> print(f"{{float(new_params['w'][0, 0]):.4f}}")
+  0.9900
+
+References:
+  Loshchilov et al, `Decoupled Weight Decay Regularization
+  <https://arxiv.org/abs/1711.05101>`_, 2019
+
+{references}
+"""
+
+_ADAM_DOC = """Adam with {summary}: a drop-in for `optax.adam`.
+
+The chain of `scale_by_adam_{name}` and `optax.scale_by_learning_rate`, as
+`optax.adam` is (no weight decay: see ``adamw_{name}``).
+
+{details}
+
+{{args}}
+
+Returns:
+  An `optax.GradientTransformation` (``fused=True``: a `FusedOptimizer`).
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import optax_lowbit as lowbit
+  >>> state = lowbit.adam_{name}(1e-3).init({{"w": jnp.zeros((256, 256))}})
+  >>> state[0].mu["w"].codec_name, state[0].nu["w"].codec_name
+  {codec_names}
+
+References:
+  Kingma and Ba, `Adam: A Method for Stochastic Optimization
+  <https://arxiv.org/abs/1412.6980>`_, 2014
+
+{references}
+"""
+
+_DEPRECATED_DOC = """Deprecated: ``adamw_{name}(..., fused=True)``.
+
+AdamW with {summary}, as one fused step per quantized leaf. Kept for one
+release: it warns and returns ``adamw_{name}(*args, **kwargs, fused=True)``.
+
+{{args}}
+
+Returns:
+  A `FusedOptimizer`.
+
+Examples:
+  >>> import warnings
+  >>> import optax_lowbit as lowbit
+  >>> with warnings.catch_warnings(record=True) as caught:
+  ...     warnings.simplefilter("always")
+  ...     opt = lowbit.fused_adamw_{name}(1e-3)
+  >>> type(opt).__name__, caught[0].category.__name__
+  ('FusedOptimizer', 'DeprecationWarning')
+
+References:
+{references}
+"""
+
+
+def _make_alias(
+    preset: _presets.AdamPreset, decay: bool
+) -> Callable[..., optax.GradientTransformation | _fused.FusedOptimizer]:
+    """``adamw_<name>`` (``decay``) or ``adam_<name>``, generated from the preset."""
+    return _gen.function(
+        f"adam{'w' if decay else ''}_{preset.name}",
+        _alias_args(preset, decay, fused=True),
+        functools.partial(_adam_chain, preset, decay),
+        _presets.preset_doc(_ADAMW_DOC if decay else _ADAM_DOC, preset),
+        __name__,
     )
 
 
-def adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> optax.GradientTransformation:
-    """AdamW with both moments in 8 bits, as bitsandbytes' ``AdamW8bit``.
+def _make_deprecated_fused(preset: _presets.AdamPreset) -> Callable[..., Any]:
+    """``fused_adamw_<name>``: the old spelling of ``adamw_<name>(fused=True)``."""
+    name = f"fused_adamw_{preset.name}"
 
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: dtype of the first moment on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies (a bool tree or a callable).
-      nesterov: whether to use Nesterov momentum.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
+    def body(**kwargs: Any) -> _fused.FusedOptimizer:
+        warnings.warn(
+            f"{name}(...) is deprecated: use adamw_{preset.name}(..., fused=True).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return _adam_chain(preset, True, fused=True, **kwargs)
 
-    Returns:
-      An `optax.GradientTransformation`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> state = lowbit.adamw_8bit(1e-3).init({"w": jnp.zeros((64, 64))})
-      >>> type(state[0]).__name__
-      'ScaleByAdamQuantizedState'
-
-    References:
-      Dettmers et al, `8-bit Optimizers via Block-wise Quantization
-      <https://arxiv.org/abs/2110.02861>`_, 2022
-    """
-    return _adamw(
-        _adam.scale_by_adam_8bit(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            nesterov=nesterov,
-            policy=policy,
-            impl=impl,
-            mu_dtype=mu_dtype,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
+    return _gen.function(
+        name,
+        _alias_args(preset, decay=True, fused=False),
+        body,
+        _presets.preset_doc(_DEPRECATED_DOC, preset),
+        __name__,
     )
 
 
-def adamw_4bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> optax.GradientTransformation:
-    """AdamW with both moments in 4 bits, as the 4-bit optimizer of Li et al.
+_POLAR, _PIQUANT = _presets.PRESETS["polar"], _presets.PRESETS["piquant"]
+_8BIT, _4BIT = _presets.PRESETS["8bit"], _presets.PRESETS["4bit"]
 
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: dtype of the first moment on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies (a bool tree or a callable).
-      nesterov: whether to use Nesterov momentum.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"`` (Pallas on GPU/TPU, jnp on CPU), ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      An `optax.GradientTransformation`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> state = lowbit.adamw_4bit(1e-3).init({"w": jnp.zeros((64, 64))})
-      >>> type(state[0]).__name__
-      'ScaleByAdamQuantizedState'
-
-    References:
-      Li et al, `Memory Efficient Optimizers with 4-bit States
-      <https://arxiv.org/abs/2309.01507>`_, 2023
-    """
-    return _adamw(
-        _adam.scale_by_adam_4bit(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            nesterov=nesterov,
-            policy=policy,
-            impl=impl,
-            mu_dtype=mu_dtype,
-        ),
-        learning_rate,
-        weight_decay,
-        mask,
-    )
+adamw_polar = _make_alias(_POLAR, decay=True)
+adamw_piquant = _make_alias(_PIQUANT, decay=True)
+adamw_8bit = _make_alias(_8BIT, decay=True)
+adamw_4bit = _make_alias(_4BIT, decay=True)
+adam_polar = _make_alias(_POLAR, decay=False)
+adam_piquant = _make_alias(_PIQUANT, decay=False)
+adam_8bit = _make_alias(_8BIT, decay=False)
+adam_4bit = _make_alias(_4BIT, decay=False)
+fused_adamw_polar = _make_deprecated_fused(_POLAR)
+fused_adamw_piquant = _make_deprecated_fused(_PIQUANT)
+fused_adamw_8bit = _make_deprecated_fused(_8BIT)
+fused_adamw_4bit = _make_deprecated_fused(_4BIT)
 
 
 def _polar(
     bits: Any, signed: bool, override: base.Codec | None, rounding: Any
 ) -> base.Codec:
     """The polar codec of ``bits`` and ``rounding`` (structural), unless overridden."""
-    _checks.static_arg("bits", bits, "1.5 or 2")
-    _checks.one_of("bits", bits, (1.5, 2), "for 4 or 8 bits use adamw_4bit/_8bit.")
-    _checks.static_arg("rounding", rounding, "'stochastic' or 'nearest'")
-    if override is not None:
-        return override
-    polar = importlib.import_module("optax_lowbit.codecs.polar")
-    return polar.polar(bits=bits, signed=signed, rounding=rounding)
+    codec = _presets.polar_codec(bits, rounding, signed)
+    return codec if override is None else override
 
 
 def adafactor_polar(
@@ -430,7 +309,7 @@ def adafactor_polar(
     weight_decay_mask: Any = None,
     *,
     bits: float = 2,
-    rounding: str = _adam.DEFAULT_ROUNDING,
+    rounding: str = _presets.DEFAULT_ROUNDING,
     policy: Any = None,
     mu_codec: base.Codec | None = None,
     nu_codec: base.Codec | None = None,
@@ -610,7 +489,7 @@ def sgd_polar(
     accumulator_dtype: Any = None,
     *,
     bits: float = 2,
-    rounding: str = _adam.DEFAULT_ROUNDING,
+    rounding: str = _presets.DEFAULT_ROUNDING,
     policy: Any = None,
     mu_codec: base.Codec | None = None,
 ) -> optax.GradientTransformation:

@@ -1,5 +1,7 @@
 """The fused update-and-apply AdamW step: parameters updated inside the kernel.
 
+Every Adam(W) alias gives it with ``fused=True``
+(``lowbit.adamw_polar(3e-4, fused=True)``, `fuse_adamw` builds it).
 `adamw_polar` is an `optax.chain`: the Adam kernel writes the update ``u``,
 then XLA adds the weight decay, scales by the learning rate and adds it to
 the parameters, reading and writing every parameter once more. The fused step
@@ -25,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lowbit import alias
+from optax_lowbit import _generate
+from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam as tadam
@@ -70,103 +73,42 @@ def _mask_leaves(mask: Any, params: Any) -> list[bool]:
     return [bool(x) for x in jax.tree.leaves(full)]
 
 
-def fused_adamw_polar(
+def fuse_adamw(
+    tx: optax.GradientTransformation,
+    tail: optax.GradientTransformation,
+    mu_codec: base.Codec,
+    nu_codec: base.Codec,
+    adam: tuple[Any, Any, Any, Any, bool],
     learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    bits: float = 2,
-    rounding: str = tadam.DEFAULT_ROUNDING,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Any,
+    impl: str,
 ) -> FusedOptimizer:
-    """`adamw_polar` as one fused update-and-apply step per quantized leaf.
-
-    Arguments are those of `optax_lowbit.adamw_polar` (the same defaults,
-    checks and state). Leaves whose moments are polar-coded take the fused
-    Pallas kernel (`optax_lowbit.kernels.adam.adam_update` with ``params``);
-    the other leaves (small ones, the policy's float32 leaves) take the chain.
-    ``impl="jnp"`` (the default on CPU) runs the kernel's jnp definition.
+    """The `FusedOptimizer` of the Adam(W) chain ``tx`` (``adam(w)_*(fused=True)``).
 
     Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: first-moment dtype on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
+      tx: the chain, ``chain(scale_by_adam_quantized(...), *tail's links)``.
+      tail: the chain of the links after Adam (weight decay, if any, and the
+        learning rate): its state is the rest of ``tx``'s, and it steps the
+        leaves the kernel does not apply.
+      mu_codec: the first moment's codec.
+      nu_codec: the second moment's codec.
+      adam: ``(b1, b2, eps, eps_root, nesterov)``.
+      learning_rate: the learning rate or its schedule (read at each step
+        from the last link's count).
+      weight_decay: the decay or its schedule (``0.0`` for Adam).
       mask: where weight decay applies (a tree of bools or a callable).
-      bits: ``2`` or ``1.5``.
-      rounding: ``"stochastic"`` or ``"nearest"``.
-      nesterov: Nesterov momentum.
-      policy: which leaves are quantized (`optax_lowbit.policy`).
       impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
 
     Returns:
-      A `FusedOptimizer`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 128))}
-      >>> opt = lowbit.fused_adamw_polar(learning_rate=1e-2)
-      >>> state = opt.init(params)
-      >>> step = jax.jit(opt.step, donate_argnums=(1, 2))
-      >>> params, state = step({"w": jnp.full((64, 128), 0.5)}, state, params)
-      >>> print(f"{float(params['w'][0, 0]):.4f}")
-      0.9900
-
-    References:
-      Loshchilov et al, `Decoupled Weight Decay Regularization
-      <https://arxiv.org/abs/1711.05101>`_, 2019
-    """
-    tx = alias.adamw_polar(
-        learning_rate,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        weight_decay,
-        mask,
-        bits=bits,
-        rounding=rounding,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-    )
-    return _fused(
-        tx,
-        *tadam.polar_codecs(bits, rounding),
-        learning_rate,
-        (b1, b2, eps, eps_root, nesterov),
-        weight_decay,
-        mask,
-        impl,
-    )
-
-
-def _fused(tx, mu_codec, nu_codec, learning_rate, adam, weight_decay, mask, impl):
-    """The `FusedOptimizer` of an AdamW chain ``tx`` whose moments use the codecs.
-
-    ``adam`` is ``(b1, b2, eps, eps_root, nesterov)``.
+      A `FusedOptimizer` whose state is ``tx``'s.
     """
     b1, b2, eps, eps_root, nesterov = adam
-    # The rest of the chain, for its own state and the leaves the kernel skips.
-    rest = optax.chain(
-        alias._decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)
-    )
     use_pallas = _backend.use_pallas(impl)
 
     def step(grads, state, params):
-        adam_state, decay_state, lr_state = state
+        adam_state, *tail_state = state
+        decay_state, lr_state = tail_state[0], tail_state[-1]
         tadam.check_state_format(adam_state)
         count = optax.safe_increment(adam_state.count)
         hp, leaf_step = tadam.adam_step(b1, b2, eps, eps_root, nesterov, count)
@@ -194,266 +136,29 @@ def _fused(tx, mu_codec, nu_codec, learning_rate, adam, weight_decay, mask, impl
         u_flat = [
             jnp.zeros_like(o) if f else o for o, f in zip(outs, applied, strict=True)
         ]
-        updates, (new_decay, new_lr) = rest.update(
-            unflatten(u_flat), (decay_state, lr_state), params
-        )
+        updates, new_tail = tail.update(unflatten(u_flat), tuple(tail_state), params)
         new_p = [
             out if f else optax.apply_updates(p, u)
             for out, f, p, u in zip(
                 outs, applied, p_flat, jax.tree.leaves(updates), strict=True
             )
         ]
-        return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, new_decay, new_lr)
+        return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, *new_tail)
 
     return FusedOptimizer(tx.init, step, tx)
 
 
-def fused_adamw_piquant(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    encoder: str = "nearest",
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> FusedOptimizer:
-    """`adamw_piquant` (3.83 bits all-in) as one fused step per quantized leaf.
-
-    Arguments, defaults, checks and state are those of
-    `optax_lowbit.adamw_piquant`; see `fused_adamw_polar` for the step.
-
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: first-moment dtype on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies.
-      encoder: ``"nearest"`` or ``"paper"``.
-      nesterov: Nesterov momentum.
-      policy: which leaves are quantized.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      A `FusedOptimizer`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 192))}
-      >>> opt = lowbit.fused_adamw_piquant(learning_rate=1e-2)
-      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
-      >>> print(f"{float(new['w'][0, 0]):.2f}")
-      0.99
-
-    References:
-      Tian et al, `Irrational Complex Rotations Empower Low-bit Optimizers
-      <https://arxiv.org/abs/2501.12896>`_, 2025
-    """
-    tx = alias.adamw_piquant(
-        learning_rate,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        weight_decay,
-        mask,
-        encoder=encoder,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-    )
-    return _fused(
-        tx,
-        *tadam.piquant_codecs(encoder),
-        learning_rate,
-        (b1, b2, eps, eps_root, nesterov),
-        weight_decay,
-        mask,
-        impl,
-    )
+# The deprecated ``fused_adamw_*``, at their old address.
+__getattr__ = _generate.forward(
+    __name__,
+    (
+        "fused_adamw_4bit",
+        "fused_adamw_8bit",
+        "fused_adamw_piquant",
+        "fused_adamw_polar",
+    ),
+    "optax_lowbit.alias",
+)
 
 
-def _fused_blockwise(
-    bits,
-    learning_rate,
-    b1,
-    b2,
-    eps,
-    eps_root,
-    mu_dtype,
-    weight_decay,
-    mask,
-    nesterov,
-    policy,
-    impl,
-):
-    make = alias.adamw_8bit if bits == 8 else alias.adamw_4bit
-    tx = make(
-        learning_rate,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        weight_decay,
-        mask,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-    )
-    return _fused(
-        tx,
-        *tadam.blockwise_codecs(bits),
-        learning_rate,
-        (b1, b2, eps, eps_root, nesterov),
-        weight_decay,
-        mask,
-        impl,
-    )
-
-
-def fused_adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> FusedOptimizer:
-    """`adamw_8bit` (8.125 bits all-in) as one fused step per quantized leaf.
-
-    Arguments, defaults, checks and state are those of
-    `optax_lowbit.adamw_8bit`; see `fused_adamw_polar` for the step.
-
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: first-moment dtype on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies.
-      nesterov: Nesterov momentum.
-      policy: which leaves are quantized.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      A `FusedOptimizer`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 256))}
-      >>> opt = lowbit.fused_adamw_8bit(learning_rate=1e-2)
-      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
-      >>> print(f"{float(new['w'][0, 0]):.2f}")
-      0.99
-
-    References:
-      Dettmers et al, `8-bit Optimizers via Block-wise Quantization
-      <https://arxiv.org/abs/2110.02861>`_, 2022
-    """
-    return _fused_blockwise(
-        8,
-        learning_rate,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        weight_decay,
-        mask,
-        nesterov,
-        policy,
-        impl,
-    )
-
-
-def fused_adamw_4bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-) -> FusedOptimizer:
-    """`adamw_4bit` (4.25 bits all-in) as one fused step per quantized leaf.
-
-    Arguments, defaults, checks and state are those of
-    `optax_lowbit.adamw_4bit`; see `fused_adamw_polar` for the step.
-
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: decay rate of the first moment.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      mu_dtype: first-moment dtype on unquantized leaves.
-      weight_decay: decoupled weight decay, a float or a schedule.
-      mask: where weight decay applies.
-      nesterov: Nesterov momentum.
-      policy: which leaves are quantized.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"``.
-
-    Returns:
-      A `FusedOptimizer`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 256))}
-      >>> opt = lowbit.fused_adamw_4bit(learning_rate=1e-2)
-      >>> new, _ = jax.jit(opt.step)(params, opt.init(params), params)
-      >>> print(f"{float(new['w'][0, 0]):.2f}")
-      0.99
-
-    References:
-      Li et al, `Memory Efficient Optimizers with 4-bit States
-      <https://arxiv.org/abs/2309.01507>`_, 2023
-    """
-    return _fused_blockwise(
-        4,
-        learning_rate,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        weight_decay,
-        mask,
-        nesterov,
-        policy,
-        impl,
-    )
-
-
-__all__ = [
-    "FusedOptimizer",
-    "fused_adamw_4bit",
-    "fused_adamw_8bit",
-    "fused_adamw_piquant",
-    "fused_adamw_polar",
-]
+__all__ = ["FusedOptimizer", "fuse_adamw"]

@@ -1,4 +1,4 @@
-"""Adam over quantized moments: `scale_by_adam_quantized` and its presets.
+"""Adam over quantized moments: `scale_by_adam_quantized`, its state and its step.
 
 Semantics are `optax.scale_by_adam`'s, step for step: decode the moments to
 float32, update them, bias-correct, compute the update from the float32 moments
@@ -27,15 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lowbit import _checks
+from optax_lowbit import _checks, _generate
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import _quantized
 
 _IMPLS = ("auto", "jnp", "pallas")
-
-
-#: The polar presets' rounding rule (see `optax_lowbit.codecs.polar`).
-DEFAULT_ROUNDING = "stochastic"
 
 
 #: Version of the Adam state's format. 2: the presets' second moments moved to
@@ -83,16 +79,6 @@ def check_state_format(state: ScaleByAdamQuantizedState) -> None:
             "checkpoint of format 1 restores with the target of the release that "
             "wrote it."
         )
-
-
-def _check_bits_static(bits: Any, accepted: tuple[Any, ...], hint: str) -> None:
-    if isinstance(bits, (jax.Array, jax.core.Tracer)) or hasattr(bits, "__array__"):
-        raise TypeError(
-            f"bits must be a Python number, one of {accepted}, got an array "
-            f"({bits!r}); bits sets the state's layout. Under "
-            "optax.inject_hyperparams pass static_args=('bits',)."
-        )
-    _checks.one_of("bits", bits, accepted, hint)
 
 
 def _check_impl(impl: Any) -> None:
@@ -408,323 +394,19 @@ def _is_plain(g: Any, m: Any, v: Any) -> bool:
     )
 
 
-def _codecs(module: str) -> Any:
-    """Imports ``optax_lowbit.codecs.<module>``, naming it if it is missing."""
-    return importlib.import_module(f"optax_lowbit.codecs.{module}")
-
-
-def stable_nu_codec(group_size: int = 128) -> base.Codec:
-    """The second-moment codec of every Adam preset below 8 bits.
-
-    4-bit codes on a geometric map (levels 1.4x apart, zero-free), rounded
-    stochastically, one fp32 scale per ``group_size`` elements
-    (`optax_lowbit.codecs.blockwise.log_map`). A second moment with
-    ``b2 = 0.999`` moves by 0.1% per step; a re-encoded EMA keeps track of
-    it only with unbiased rounding on levels fine enough everywhere below the
-    group maximum: the 2-bit polar and π-Quant codebooks (too coarse, their
-    re-encoded ``v`` settles at 0.7x and 0.02x of the truth after 3000 steps)
-    and the linear 4-bit map (no resolution far below the maximum) do not
-    (`benchmarks/state_drift.py`, the README's drift table). So the polar and
-    π-Quant optimizers keep their codebook for the first moment and take this
-    one for the second (a mixed layout); pass ``nu_codec`` to choose another.
-
-    Args:
-      group_size: elements per scale; the polar presets pass their first
-        moment's group (64) so that the fused kernel takes both moments.
-
-    Returns:
-      A stochastic `optax_lowbit.codecs.blockwise.BlockwiseCodec`.
-
-    Examples:
-      >>> import optax_lowbit as lowbit
-      >>> codec = lowbit.stable_nu_codec(64)
-      >>> codec.name, codec.bits_per_element
-      ('blockwise4-unsigned-b64-log-sr', 4.5)
-    """
-    return _codecs("blockwise").blockwise4(
-        False, block_size=group_size, qmap="log", rounding="stochastic"
-    )
-
-
-def polar_codecs(bits: float, rounding: str) -> tuple[base.Codec, base.Codec]:
-    """``(mu_codec, nu_codec)`` of `scale_by_adam_polar` (the one definition)."""
-    mu_codec = _codecs("polar").polar(bits=bits, signed=True, rounding=rounding)
-    return mu_codec, stable_nu_codec(mu_codec.group_size)
-
-
-def piquant_codecs(encoder: str) -> tuple[base.Codec, base.Codec]:
-    """``(mu_codec, nu_codec)`` of `scale_by_adam_piquant`."""
-    return _codecs("piquant").piquant(encoder=encoder, signed=True), stable_nu_codec()
-
-
-def blockwise_codecs(bits: int) -> tuple[base.Codec, base.Codec]:
-    """``(mu_codec, nu_codec)`` of `scale_by_adam_8bit` (8) / `_4bit` (4)."""
-    blockwise = _codecs("blockwise")
-    if bits == 8:
-        return blockwise.blockwise8(True), blockwise.blockwise8(
-            False, rounding="stochastic"
-        )
-    return blockwise.blockwise4(True), stable_nu_codec()
-
-
-def scale_by_adam_polar(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    bits: float = 2,
-    rounding: str = DEFAULT_ROUNDING,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-    mu_dtype: Any = None,
-    mu_codec: base.Codec | None = None,
-    nu_codec: base.Codec | None = None,
-) -> optax.GradientTransformation:
-    """Adam with the first moment in 2D polar codes, 2 or 1.5 bits per element.
-
-    The first moment uses the signed polar codebook (8 angles x rings, groups
-    of 64 elements with one scale each, see `optax_lowbit.codecs.polar`); the
-    second moment `stable_nu_codec` with the same groups (4-bit log map,
-    stochastic rounding, 4.5 bits all-in). All in, 6.75 bits per element at
-    2 bits (0.84 B/param), 6.25 at 1.5 (0.78 B/param). The unsigned polar
-    codebook for ``v`` (``nu_codec=lowbit.codecs.polar(bits, signed=False,
-    rounding="stochastic")``, 4.5 / 3.5 bits all-in) drifts over long runs:
-    after 3000 steps its re-encoded ``v`` is 0.7x the truth with 8% of the
-    elements below a quarter (`benchmarks/state_drift.py`).
-
-    Args:
-      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      bits: ``2`` or ``1.5`` code bits per element (structural: under
-        ``optax.inject_hyperparams`` list it in ``static_args``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural), the first
-        moment's rounding rule (see `optax_lowbit.codecs.polar`).
-      nesterov: whether to use Nesterov momentum, as in Optax.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
-        `scale_by_adam_quantized`).
-      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
-        float32).
-      mu_codec: overrides the first moment's codec.
-      nu_codec: overrides the second moment's codec.
-
-    Returns:
-      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> tx = lowbit.scale_by_adam_polar(bits=2)
-      >>> state = tx.init({"w": jnp.zeros((256, 256))})
-      >>> round(lowbit.state_bytes(state) / 256**2, 2)  # bytes per parameter
-      0.84
-
-    References:
-      Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
-    """
-    _check_bits_static(bits, (1.5, 2), "for 4 bits use scale_by_adam_4bit.")
-    if mu_codec is None:
-        mu_codec = polar_codecs(bits, rounding)[0]
-    if nu_codec is None:  # as `polar_codecs`, on mu_codec's groups
-        nu_codec = stable_nu_codec(mu_codec.group_size)
-    return scale_by_adam_quantized(
-        mu_codec,
-        nu_codec,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-        mu_dtype=mu_dtype,
-    )
-
-
-def scale_by_adam_piquant(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    encoder: str = "nearest",
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-    mu_dtype: Any = None,
-    nu_codec: base.Codec | None = None,
-) -> optax.GradientTransformation:
-    """Adam with the first moment in π-Quant codes (3.83 bits all-in per element).
-
-    Each pair of elements of the first moment is one of 100 codewords. The
-    second moment takes `stable_nu_codec` (4.25 bits all-in): re-encoded in
-    π-Quant codes it collapses to 2% of the true ``v`` within 3000 steps
-    (`benchmarks/state_drift.py`), so π-Quant is no longer offered for ``v``
-    by default; ``nu_codec=lowbit.codecs.piquant(signed=False)`` restores the
-    paper's layout.
-
-    Args:
-      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      encoder: ``"nearest"`` (exact nearest codeword, our default) or
-        ``"paper"`` (the closed-form encoder of the reference code).
-      nesterov: whether to use Nesterov momentum, as in Optax.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
-        `scale_by_adam_quantized`).
-      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
-        float32).
-      nu_codec: the second moment's codec (``None``: `stable_nu_codec`).
-
-    Returns:
-      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> tx = lowbit.scale_by_adam_piquant()
-      >>> state = tx.init({"w": jnp.zeros((256, 256))})
-      >>> type(state).__name__
-      'ScaleByAdamQuantizedState'
-
-    References:
-      Pi-Quant: irrational complex rotations for optimizer-state quantization;
-      reference code github.com/Ethan-TZ/Pi-Quant.
-    """
-    _checks.one_of("encoder", encoder, ("nearest", "paper"))
-    mu_codec, default_nu = piquant_codecs(encoder)
-    return scale_by_adam_quantized(
-        mu_codec,
-        default_nu if nu_codec is None else nu_codec,
-        b1,
-        b2,
-        eps,
-        eps_root,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-        mu_dtype=mu_dtype,
-    )
-
-
-def scale_by_adam_8bit(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    """Adam with both moments in 8 bits (blockwise dynamic map, block 256).
-
-    As bitsandbytes' ``AdamW8bit``: the signed dynamic-tree map for the first
-    moment, the unsigned one for the second, an fp32 absmax scale per 256
-    elements: 8.125 bits per element all-in. Where we differ: the second
-    moment is rounded stochastically (unbiased), so that its re-encoded EMA
-    does not stall or drift over long runs (`benchmarks/state_drift.py`).
-
-    Args:
-      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      nesterov: whether to use Nesterov momentum, as in Optax.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
-        `scale_by_adam_quantized`).
-      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
-        float32).
-
-    Returns:
-      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> state = lowbit.scale_by_adam_8bit().init({"w": jnp.zeros((256, 256))})
-      >>> round(lowbit.state_bytes(state) / 256**2, 3)  # B/param, both moments
-      2.031
-
-    References:
-      Dettmers et al, `8-bit Optimizers via Block-wise Quantization
-      <https://arxiv.org/abs/2110.02861>`_, 2022
-    """
-    return scale_by_adam_quantized(
-        *blockwise_codecs(8),
-        b1,
-        b2,
-        eps,
-        eps_root,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-        mu_dtype=mu_dtype,
-    )
-
-
-def scale_by_adam_4bit(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    nesterov: bool = False,
-    policy: Any = None,
-    impl: str = "auto",
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-    """Adam with both moments in 4 bits (block 128).
-
-    As the 4-bit optimizer of Li et al for the first moment (dynamic-exponent
-    map, nearest rounding, an fp32 scale per 128 elements); the second moment
-    takes `stable_nu_codec` (a geometric map rounded stochastically) instead
-    of the paper's zero-free linear map, whose elements far below their
-    block's maximum are over-estimated up to 12x and never recover
-    (`benchmarks/state_drift.py`). 4.25 bits per element all-in.
-
-    Args:
-      b1: decay rate of the first moment, as in `optax.scale_by_adam`.
-      b2: decay rate of the second moment.
-      eps: term added to the denominator outside the square root.
-      eps_root: term added to the denominator inside the square root.
-      nesterov: whether to use Nesterov momentum, as in Optax.
-      policy: which leaves are quantized; ``None`` is the default policy.
-      impl: ``"auto"``, ``"jnp"`` or ``"pallas"`` (see
-        `scale_by_adam_quantized`).
-      mu_dtype: dtype of the first moment on unquantized leaves (``None``:
-        float32).
-
-    Returns:
-      An `optax.GradientTransformation` with a `ScaleByAdamQuantizedState`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> state = lowbit.scale_by_adam_4bit().init({"w": jnp.zeros((256, 256))})
-      >>> round(lowbit.state_bytes(state) / 256**2, 3)  # B/param, both moments
-      1.063
-
-    References:
-      Li et al, `Memory Efficient Optimizers with 4-bit States
-      <https://arxiv.org/abs/2309.01507>`_, 2023
-    """
-    return scale_by_adam_quantized(
-        *blockwise_codecs(4),
-        b1,
-        b2,
-        eps,
-        eps_root,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
-        mu_dtype=mu_dtype,
-    )
+# The presets, at their old address.
+__getattr__ = _generate.forward(
+    __name__,
+    (
+        "DEFAULT_ROUNDING",
+        "stable_nu_codec",
+        "polar_codecs",
+        "piquant_codecs",
+        "blockwise_codecs",
+        "scale_by_adam_polar",
+        "scale_by_adam_piquant",
+        "scale_by_adam_8bit",
+        "scale_by_adam_4bit",
+    ),
+    "optax_lowbit.transforms.adam_presets",
+)
