@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 
-def _is_concrete_number(value: Any) -> bool:
+def is_concrete_number(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy number (not a bool, array or tracer)."""
     if isinstance(value, jax.core.Tracer):
         return False
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
@@ -65,7 +66,7 @@ def divisible(name: str, value: int, by_name: str, by: int) -> None:
 
 def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> None:
     """Checks 0 <= value < 1 (or <= 1) when ``value`` is a concrete number."""
-    if not _is_concrete_number(value):
+    if not is_concrete_number(value):
         return
     ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
     if not ok:
@@ -75,7 +76,7 @@ def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> No
 
 def non_negative(name: str, value: Any) -> None:
     """Checks value >= 0 when ``value`` is a concrete number."""
-    if _is_concrete_number(value) and not value >= 0:
+    if is_concrete_number(value) and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 
@@ -87,7 +88,7 @@ def increasing_in_open_unit(name: str, values: Sequence[float]) -> None:
             f"{name} must be a non-empty sequence of radii, got {values!r}."
         )
     for v in vals:
-        if not _is_concrete_number(v) or not 0.0 < float(v) <= 1.0:
+        if not is_concrete_number(v) or not 0.0 < float(v) <= 1.0:
             raise ValueError(
                 f"{name} must hold numbers in (0, 1], got {values!r}; "
                 "radii are normalised by the group scale."

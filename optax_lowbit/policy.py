@@ -55,6 +55,42 @@ def _path_str(path: Any) -> str:
         return str(path)
 
 
+_NO_LEAF = object()
+
+
+def _called_as_schedule(path: Any) -> TypeError:
+    """The error of a policy called with one argument, as a schedule is."""
+    return TypeError(
+        f"the policy was called with one argument ({path!r}), as "
+        "optax.inject_hyperparams calls a schedule with the step count: "
+        "inject_hyperparams takes every callable argument for a schedule. The "
+        "policy is structural (it fixes the state's layout): pass "
+        "static_args=('bits', 'policy'), e.g. optax.inject_hyperparams("
+        "lowbit.adamw_polar, static_args=('bits', 'policy'))(1e-3, policy=...)."
+    )
+
+
+def check_decision(path: Any, value: Any) -> bool:
+    """A policy's ``value`` for a leaf as a bool; TypeError naming path and value.
+
+    Python and NumPy bools (and concrete 0-d bool arrays) are accepted; any
+    other value (the string ``"False"`` is truthy) is refused.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if (
+        not isinstance(value, jax.core.Tracer)
+        and getattr(value, "shape", None) == ()
+        and getattr(value, "dtype", None) == np.bool_
+    ):
+        return bool(value)
+    raise TypeError(
+        f"the policy must return a bool (True: quantize the leaf's states, "
+        f"False: keep them in full precision), got {value!r} of type "
+        f"{type(value).__name__} for the leaf {_path_str(path)}."
+    )
+
+
 def _is_float(dtype: Any) -> bool:
     try:
         return bool(jnp.issubdtype(dtype, jnp.floating))
@@ -97,8 +133,10 @@ class DefaultPolicy:
                 return "embedding" if "embed" in word.lower() else f"path has {word!r}"
         return None
 
-    def __call__(self, path: Any, leaf: Any) -> bool:
+    def __call__(self, path: Any, leaf: Any = _NO_LEAF) -> bool:
         """Whether the leaf's moments are quantized."""
+        if leaf is _NO_LEAF:
+            raise _called_as_schedule(path)
         return self.reason(path, leaf) is None
 
 
@@ -108,6 +146,8 @@ class PredicatePolicy:
 
     The leaf it receives is already unwrapped from a ``flax.nnx.Variable``.
     Non-floating-point leaves are never quantized, whatever ``fn`` says.
+    ``fn`` must return a bool (or a NumPy bool): anything else (e.g. the
+    string ``"False"``, which is truthy) raises a TypeError naming the leaf.
     """
 
     fn: Callable[[Any, Any], Any]
@@ -117,10 +157,13 @@ class PredicatePolicy:
         leaf = unwrap(leaf)
         if not _is_float(getattr(leaf, "dtype", None)):
             return "not floating point"
-        return None if bool(self.fn(path, leaf)) else "excluded by policy"
+        decision = check_decision(path, self.fn(path, leaf))
+        return None if decision else "excluded by policy"
 
-    def __call__(self, path: Any, leaf: Any) -> bool:
+    def __call__(self, path: Any, leaf: Any = _NO_LEAF) -> bool:
         """Whether the leaf's moments are quantized."""
+        if leaf is _NO_LEAF:
+            raise _called_as_schedule(path)
         return self.reason(path, leaf) is None
 
 

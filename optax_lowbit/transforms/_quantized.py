@@ -191,11 +191,23 @@ def init_moment(
     def leaf_init(path: Any, leaf: Any) -> Any:
         if _is_variable(leaf):
             return _init_variable(path, leaf, codec, policy, fallback_dtype)
-        if policy(path, leaf):
+        if quantized(policy, path, leaf):
             return _zeros_packed(codec, leaf)
         return _zeros_plain(leaf, fallback_dtype)
 
     return jax.tree_util.tree_map_with_path(leaf_init, params, is_leaf=_is_variable)
+
+
+def quantized(policy: Callable[[Any, Any], Any], path: Any, leaf: Any) -> bool:
+    """Whether a leaf's state is stored by the codec: the policy's decision.
+
+    An empty leaf (a zero in its shape) never is: it has nothing to store,
+    and its state is an empty float array (no bytes, an empty update). The
+    policy must return a bool (TypeError naming the leaf otherwise).
+    """
+    if numel(getattr(_policy.unwrap(leaf), "shape", ())) == 0:
+        return False
+    return _policy.check_decision(path, policy(path, leaf))
 
 
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -216,7 +228,7 @@ def _init_variable(path, var, codec, policy, fallback_dtype) -> Any:
     holds a `Packed`, which ``nnx.update`` would split into a dict.
     """
     value = var.get_value()
-    if not policy(path, value):
+    if not quantized(policy, path, value):
         return jax.tree.map(lambda x: _zeros_plain(x, fallback_dtype), var)
     packed = _zeros_packed(codec, value)
     meta = dict(var.get_metadata())

@@ -44,6 +44,19 @@ def _fallback_dtype(name: str, dtype: Any) -> Any:
     return jnp.dtype(dtype)
 
 
+def _check_decay(decay: Any) -> None:
+    """Checks 0 <= decay < 1 when ``decay`` is a concrete number.
+
+    The message names ``momentum`` too: `optax_lowbit.sgd_polar` passes its
+    ``momentum`` here, and a user of it never wrote ``decay``.
+    """
+    if _checks.is_concrete_number(decay) and not 0.0 <= decay < 1.0:
+        raise ValueError(
+            f"decay must be >= 0 and < 1 (the momentum of sgd_polar: momentum "
+            f"must be in [0, 1)), got {decay!r}."
+        )
+
+
 def trace_quantized(
     decay: Any,
     nesterov: bool = False,
@@ -70,7 +83,8 @@ def trace_quantized(
     (`optax_lowbit.codecs.base.saturate_or_keep`).
 
     Args:
-      decay: decay rate of the trace, as in `optax.trace` (may be traced).
+      decay: decay rate of the trace, as in `optax.trace` (may be traced), in
+        [0, 1) (the ``momentum`` of `optax_lowbit.sgd_polar`).
       nesterov: whether to use Nesterov momentum.
       accumulator_dtype: dtype of the trace on the leaves the policy keeps
         unquantized: ``None`` (float32) or ``jnp.bfloat16``.
@@ -101,7 +115,7 @@ def trace_quantized(
       deep learning <http://proceedings.mlr.press/v28/sutskever13.pdf>`_, 2013
     """
     codec = _quantized.check_codec("codec", codec, signed=True)
-    _checks.non_negative("decay", decay)
+    _check_decay(decay)
     _checks.is_bool("nesterov", nesterov)
     fallback = _fallback_dtype("accumulator_dtype", accumulator_dtype)
     policy = _quantized.resolve_policy(policy)

@@ -1,0 +1,112 @@
+"""Bad input refused clearly, empty leaves accepted (issue 19, items 4, 6, 7, 8)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optax_lowbit as lowbit
+
+EVERYTHING = lowbit.policy.from_predicate(lambda path, x: True)
+
+
+# item 4 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [lowbit.policy.default(), EVERYTHING],
+    ids=["default", "from_predicate"],
+)
+@pytest.mark.parametrize(
+    "make", [lowbit.adamw_polar, lowbit.lion_polar, lowbit.sgd_polar]
+)
+def test_inject_hyperparams_with_a_policy_and_no_static_args(make, policy):
+    tx = optax.inject_hyperparams(make)(1e-3, policy=policy)
+    with pytest.raises(TypeError, match=r"static_args=\('bits', 'policy'\)") as e:
+        tx.init({"w": jnp.zeros((64, 128))})
+    assert "inject_hyperparams" in str(e.value)
+
+
+def test_inject_hyperparams_with_static_args_works():
+    tx = optax.inject_hyperparams(lowbit.adamw_polar, static_args=("bits", "policy"))(
+        1e-3, policy=EVERYTHING
+    )
+    params = {"w": jnp.ones((8, 64))}
+    state = tx.init(params)
+    updates, _ = tx.update(params, state, params)
+    assert updates["w"].shape == (8, 64)
+
+
+# item 6 --------------------------------------------------------------------
+
+
+@given(value=st.sampled_from(["False", "True", "", 0, 1, None, 2.0, [True]]))
+def test_policy_returning_a_non_bool_is_refused(value):
+    tx = lowbit.adamw_polar(1e-3, policy=lambda path, x: value)
+    with pytest.raises(TypeError, match=r"\['dense'\]\['w'\]") as e:
+        tx.init({"dense": {"w": jnp.zeros((64, 128))}})
+    assert repr(value) in str(e.value)
+    assert "bool" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), np.bool_(False)])
+def test_policy_returning_a_bool_is_accepted(value):
+    state = lowbit.sgd_polar(0.1, policy=lambda path, x: value).init(
+        {"w": jnp.zeros((64, 128))}
+    )
+    assert isinstance(state[0].trace["w"], lowbit.codecs.Packed) == bool(value)
+
+
+# item 7 --------------------------------------------------------------------
+
+ALIASES = {
+    "adamw_polar": lambda: lowbit.adamw_polar(1e-3, policy=EVERYTHING),
+    "adamw_polar-1.5": lambda: lowbit.adamw_polar(1e-3, bits=1.5, policy=EVERYTHING),
+    "adamw_piquant": lambda: lowbit.adamw_piquant(1e-3, policy=EVERYTHING),
+    "adamw_8bit": lambda: lowbit.adamw_8bit(1e-3, policy=EVERYTHING),
+    "adamw_4bit": lambda: lowbit.adamw_4bit(1e-3, policy=EVERYTHING),
+    "lion_polar": lambda: lowbit.lion_polar(1e-3, policy=EVERYTHING),
+    "sgd_polar": lambda: lowbit.sgd_polar(1e-3, policy=EVERYTHING),
+    "adafactor_polar": lambda: lowbit.adafactor_polar(
+        1e-3, momentum=0.9, factored=False, policy=EVERYTHING
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+@pytest.mark.parametrize("shape", [(0, 128), (128, 0), (0,), (3, 0, 5)])
+def test_empty_leaves_under_a_quantizing_policy(name, shape):
+    tx = ALIASES[name]()
+    rng = np.random.default_rng()
+    params = {
+        "empty": jnp.zeros(shape),
+        "w": jnp.asarray(rng.standard_normal((8, 128)), jnp.float32),
+    }
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+    for _ in range(2):
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert updates["empty"].shape == shape
+    assert updates["empty"].dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+    assert lowbit.state_bytes(tx.init({"empty": jnp.zeros(shape)})) < 64
+
+
+# item 8 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [1.5, 1.0, -0.1, float("nan")])
+def test_sgd_polar_momentum_out_of_range(momentum):
+    with pytest.raises(ValueError, match=r"momentum.*\[0, 1\)") as e:
+        lowbit.sgd_polar(0.1, momentum=momentum)
+    assert repr(momentum) in str(e.value)
+
+
+@given(momentum=st.floats(0.0, 0.999))
+def test_sgd_polar_momentum_in_range(momentum):
+    lowbit.sgd_polar(0.1, momentum=momentum)
