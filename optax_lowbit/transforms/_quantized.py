@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_lowbit import policy as _policy
 from optax_lowbit.codecs import base
@@ -35,6 +36,7 @@ from optax_lowbit.codecs import base
 __all__ = [
     "check_codec",
     "check_float_params",
+    "check_state",
     "decode_moment",
     "encode_like",
     "init_moment",
@@ -77,6 +79,57 @@ def check_codec(name: str, codec: Any, *, signed: bool = False) -> base.Codec:
             f"got the unsigned codec {codec.name!r}; use its signed=True variant."
         )
     return codec
+
+
+def _describe_state(state: Any) -> str:
+    """What a state of the wrong type looks like, for `check_state`'s message."""
+    name = type(state).__name__
+    module = type(state).__module__ or ""
+    if isinstance(state, dict):
+        keys = ", ".join(repr(k) for k in list(state)[:6])
+        return (
+            f"a plain dict (keys {keys}): a checkpoint restored without its "
+            "structure, e.g. Orbax's restore(path) without a target, which "
+            "gives dicts and lists for NamedTuples and Packed states"
+        )
+    if isinstance(state, (list, tuple)) and not hasattr(state, "_fields"):
+        return (
+            f"a plain {name}: a checkpoint restored without its structure, or "
+            "the state of a whole chain passed to one of its links"
+        )
+    if module.startswith("optax"):
+        hint = ""
+        if isinstance(state, optax.ScaleByAdamState):
+            hint = (
+                "; a running optax.adam/adamw state continues in a low-bit "
+                "Adam through lowbit.convert(opt_state, tx, params)"
+            )
+        return f"optax.{name}, the state of another optimizer{hint}"
+    return f"{module}.{name}" if module else name
+
+
+def check_state(state: Any, expected: type, transform: str) -> None:
+    """Raises TypeError, at the first ``update``, on a state ``init`` did not make.
+
+    ``update`` would otherwise run on the state of another optimizer (e.g.
+    ``optax.adamw(...).init(p)``, whose fp32 moments would silently stay) or
+    fail later, with an unrelated message, on a checkpoint restored without
+    its structure (Orbax's plain dicts).
+
+    Args:
+      state: the state given to ``update``.
+      expected: the state class that the transform's ``init`` makes.
+      transform: the transform's name, for the message.
+    """
+    if isinstance(state, expected):
+        return
+    raise TypeError(
+        f"{transform}.update expects the {expected.__name__} that its init "
+        f"makes, got {_describe_state(state)}. Make the state with tx.init(params) "
+        "of this optimizer, or restore a checkpoint into its structure: pass "
+        "jax.eval_shape(tx.init, params) as the target (e.g. "
+        "ocp.StandardCheckpointer().restore(path, jax.eval_shape(tx.init, params)))."
+    )
 
 
 def check_float_params(params: Any, what: str = "params") -> None:

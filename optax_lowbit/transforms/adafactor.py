@@ -260,6 +260,9 @@ def scale_by_factored_rms_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, ScaleByFactoredRmsQuantizedState]:
         del params
+        _quantized.check_state(
+            state, ScaleByFactoredRmsQuantizedState, "scale_by_factored_rms_quantized"
+        )
         t = jnp.asarray(state.count - step_offset + 1, jnp.float32)
         beta = 1.0 - t ** (-decay_rate)
 
@@ -366,6 +369,7 @@ def ema_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, EmaQuantizedState]:
         del params
+        _quantized.check_state(state, EmaQuantizedState, "ema_quantized")
         count = optax.safe_increment(state.count)
         correction = 1.0 - decay**count if debias else 1.0
 

@@ -124,6 +124,9 @@ def scale_by_lion_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, ScaleByLionQuantizedState]:
         del params
+        _quantized.check_state(
+            state, ScaleByLionQuantizedState, "scale_by_lion_quantized"
+        )
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             g32 = g.astype(jnp.float32)

@@ -132,6 +132,7 @@ def trace_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, TraceQuantizedState]:
         del params
+        _quantized.check_state(state, TraceQuantizedState, "trace_quantized")
 
         def step(g: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
             g32 = g.astype(jnp.float32)
