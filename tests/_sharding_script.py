@@ -10,6 +10,7 @@ Exits non-zero (an AssertionError) on the first failed check; prints
 import contextlib
 import re
 import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -149,88 +150,86 @@ def state_tensor_shapes(state):
     return shapes
 
 
-def main(mode, names):
-    assert jax.device_count() == 8, jax.device_count()
+def make_mesh(mode):
     axis = getattr(jax.sharding.AxisType, mode.capitalize())
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis, axis))
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis, axis))
+
+
+def check_alias(mode, name, mesh, params, grads):
+    """One alias under one mesh mode: state sharded like the params, no
+    all-gather in the compiled step, typeof/sharding kept by an update."""
     explicit = mode == "explicit"
     ctx = (lambda: jax.set_mesh(mesh)) if explicit else contextlib.nullcontext
-    params = make_params(mesh)
-    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0) + 0.01, params)
-    for name in names:
-        tx = ALIASES[name]()
-        # eager init of concrete sharded params: device_put on leading axes
-        state = tx.init(params)
-        n = check_state_sharded_like_params(name, state, params)
-        if explicit:
-            # jitted init (as Optax's sharding test), inside the mesh: the
-            # explicit axes are part of the params' types
-            with ctx():
-                state = jax.jit(tx.init)(params)
-            n = check_state_sharded_like_params(name, state, params)
-
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        jitted = jax.jit(step)
-        with ctx():
-            hlo = jitted.lower(params, state, grads).compile().as_text()
-        gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather", ln)]
-        # no state tensor is all-gathered (a gather's result would have the
-        # state's global shape); report any all-gather at all.
-        shapes = state_tensor_shapes(state)
-        bad = [
-            ln
-            for ln in gathers
-            if any(f"[{','.join(map(str, s))}]" in ln for s in shapes)
-        ]
-        assert not bad, (name, bad[:3])
-        assert not gathers, (name, "all-gather in the step", gathers[:3])
-        with ctx():
-            new_params, new_state = jitted(params, state, grads)
-        before = jax.tree.leaves(state)
-        after = jax.tree.leaves(new_state)
-        assert jax.tree.structure(state) == jax.tree.structure(new_state), name
-        for a, b in zip(before, after, strict=True):
-            if a.ndim == 0 and not explicit:
-                # the eagerly made count is uncommitted on one device; the
-                # step returns it replicated over the mesh
-                continue
-            ta, tb = jax.typeof(a), jax.typeof(b)
-            assert ta == tb, (
-                name,
-                ta,
-                tb,
-                ta.weak_type,
-                tb.weak_type,
-                ta.sharding,
-                tb.sharding,
-            )
-            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (
-                name,
-                a.shape,
-                a.sharding,
-                b.sharding,
-            )
-        check_state_sharded_like_params(name, new_state, params)
-        for k in params:
-            assert new_params[k].sharding.is_equivalent_to(
-                params[k].sharding, params[k].ndim
-            ), (name, k)
-        if explicit and name.endswith("-pallas"):
-            check_kernel_equals_jnp(name, mesh, params, grads)
-        print(
-            f"{mode} {name}: {n} packed arrays sharded on leading axes; "
-            "no all-gather; typeof/sharding kept",
-            flush=True,
-        )
-
+    tx = ALIASES[name]()
+    # eager init of concrete sharded params: device_put on leading axes
+    state = tx.init(params)
+    n = check_state_sharded_like_params(name, state, params)
     if explicit:
-        print("ALL OK")
-        return 0
-    # The policy decides from global shapes: the same leaves are quantized on
-    # 1, 2 and 8 devices (wsq has 1024 elements per device on 8).
+        # jitted init (as Optax's sharding test), inside the mesh: the
+        # explicit axes are part of the params' types
+        with ctx():
+            state = jax.jit(tx.init)(params)
+        n = check_state_sharded_like_params(name, state, params)
+
+    def step(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    jitted = jax.jit(step)
+    with ctx():
+        hlo = jitted.lower(params, state, grads).compile().as_text()
+    gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather", ln)]
+    # no state tensor is all-gathered (a gather's result would have the
+    # state's global shape); report any all-gather at all.
+    shapes = state_tensor_shapes(state)
+    bad = [
+        ln for ln in gathers if any(f"[{','.join(map(str, s))}]" in ln for s in shapes)
+    ]
+    assert not bad, (name, bad[:3])
+    assert not gathers, (name, "all-gather in the step", gathers[:3])
+    with ctx():
+        new_params, new_state = jitted(params, state, grads)
+    before = jax.tree.leaves(state)
+    after = jax.tree.leaves(new_state)
+    assert jax.tree.structure(state) == jax.tree.structure(new_state), name
+    for a, b in zip(before, after, strict=True):
+        if a.ndim == 0 and not explicit:
+            # the eagerly made count is uncommitted on one device; the
+            # step returns it replicated over the mesh
+            continue
+        ta, tb = jax.typeof(a), jax.typeof(b)
+        assert ta == tb, (
+            name,
+            ta,
+            tb,
+            ta.weak_type,
+            tb.weak_type,
+            ta.sharding,
+            tb.sharding,
+        )
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (
+            name,
+            a.shape,
+            a.sharding,
+            b.sharding,
+        )
+    check_state_sharded_like_params(name, new_state, params)
+    for k in params:
+        assert new_params[k].sharding.is_equivalent_to(
+            params[k].sharding, params[k].ndim
+        ), (name, k)
+    if explicit and name.endswith("-pallas"):
+        check_kernel_equals_jnp(name, mesh, params, grads)
+    print(
+        f"{mode} {name}: {n} packed arrays sharded on leading axes; "
+        "no all-gather; typeof/sharding kept",
+        flush=True,
+    )
+
+
+def check_policy():
+    """The policy decides from global shapes: the same leaves are quantized on
+    1, 2 and 8 devices (wsq has 1024 elements per device on 8)."""
     decisions = []
     for shape in ((1, 1), (1, 2), (2, 4)):
         m = jax.make_mesh(
@@ -247,14 +246,57 @@ def main(mode, names):
         mine = [d for d in decisions if d[0] == name]
         assert all(d[2] == mine[0][2] and d[3] == mine[0][3] for d in mine), name
         assert "wsq" in str(mine[0][3]) and jax.tree.leaves(mine[0][3]).count(True) >= 2
-    if explicit:
-        print("ALL OK")
-        return 0
     print("policy: same decisions on 1, 2 and 8 devices", flush=True)
+
+
+def main(mode, names):
+    """One mode: stops at the first failed check (an AssertionError)."""
+    assert jax.device_count() == 8, jax.device_count()
+    mesh = make_mesh(mode)
+    params = make_params(mesh)
+    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0) + 0.01, params)
+    for name in names:
+        check_alias(mode, name, mesh, params, grads)
+    if mode == "auto":
+        check_policy()
     print("ALL OK")
     return 0
 
 
+def run_checks(checks):
+    """Runs every ``(mode, name)`` check in this one process (``name`` "policy":
+    `check_policy`), each on its own: a failure is reported and the next check
+    runs. Prints ``CHECK <mode>:<name> PASS``, or ``FAIL`` and the traceback
+    between ``BEGIN``/``END`` lines; returns 1 if any check failed."""
+    assert jax.device_count() == 8, jax.device_count()
+    inputs = {}
+    failed = 0
+    for mode, name in checks:
+        label = f"{mode}:{name}"
+        print(f"CHECK {label} START", flush=True)
+        try:
+            if name == "policy":
+                check_policy()
+            else:
+                if mode not in inputs:
+                    mesh = make_mesh(mode)
+                    params = make_params(mesh)
+                    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0) + 0.01, params)
+                    inputs[mode] = mesh, params, grads
+                check_alias(mode, name, *inputs[mode])
+        except Exception:  # reported; the next check runs
+            failed += 1
+            print(f"CHECK {label} FAIL BEGIN", flush=True)
+            traceback.print_exc(file=sys.stdout)
+            print(f"CHECK {label} FAIL END", flush=True)
+        else:
+            print(f"CHECK {label} PASS", flush=True)
+    print("ALL OK" if not failed else f"{failed} FAILED", flush=True)
+    return int(bool(failed))
+
+
 if __name__ == "__main__":
     mode, *names = sys.argv[1:] or ["auto"]
+    if mode == "checks":  # MODE:NAME ...: every check, each reported
+        sys.exit(run_checks([tuple(c.split(":", 1)) for c in names]))
     sys.exit(main(mode, names or list(ALIASES)))

@@ -1,9 +1,11 @@
 """Sharded states on 8 fake CPU devices, in their own process.
 
-The device count must be set before jax initialises, so each test runs
+The device count must be set before jax initialises, so the checks run in
 ``tests/_sharding_script.py`` in a subprocess with
-``--xla_force_host_platform_device_count=8`` and asserts on its exit code and
-output. The script checks, per alias, on a 2x4 mesh: quantized states sharded
+``--xla_force_host_platform_device_count=8``. One subprocess (a module-scoped
+fixture) runs every check below and reports each one (``CHECK <mode>:<name>
+PASS`` or ``FAIL`` with its traceback); each test asserts on its checks'
+reports. The script checks, per alias, on a 2x4 mesh: quantized states sharded
 like their parameters on leading axes (``.sharding.spec`` of ``Packed`` codes
 and scales), no all-gather in the compiled step's HLO, identical
 ``jax.typeof`` and sharding of the state before and after an update; and that
@@ -12,6 +14,9 @@ the policy makes the same decisions on 1, 2 and 8 devices.
 Two mesh modes: ``auto`` (Auto axes, GSPMD propagation; eager init of sharded
 params) and ``explicit`` (Explicit axes, sharding in types; ``jax.jit(tx.init)``
 inside ``jax.set_mesh``).
+
+The module's tests share one ``xdist_group`` (``--dist loadgroup`` in
+pyproject.toml), so under pytest-xdist one worker runs the subprocess once.
 """
 
 import os
@@ -38,7 +43,20 @@ POLAR = [n for n in ALL if "polar" in n]
 TABLE_CODECS = ["adamw_piquant", "adamw_8bit", "adamw_4bit"]
 
 
-def _run(mode, names):
+PALLAS = ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"]
+CHECKS = (
+    [("auto", n) for n in ALL]
+    + [("auto", "policy")]
+    + [("explicit", n) for n in POLAR + TABLE_CODECS + PALLAS]
+)
+
+pytestmark = pytest.mark.xdist_group("sharding")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """``{"mode:name": (passed, its output)}`` of every check in `CHECKS`, run
+    in one subprocess."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -46,40 +64,70 @@ def _run(mode, names):
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), mode, *names],
+        [sys.executable, str(SCRIPT), "checks", *(f"{m}:{n}" for m, n in CHECKS)],
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=900,
         cwd=ROOT,
         env=env,
         check=False,
     )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "ALL OK" in proc.stdout, out[-4000:]
-    return proc.stdout
+    found = {}
+    label, lines = None, []
+    for line in proc.stdout.splitlines():
+        parts = line.split(" ")
+        if len(parts) >= 3 and parts[0] == "CHECK":
+            if parts[2] == "START":
+                label, lines = parts[1], []
+                continue
+            if parts[2] in ("PASS", "FAIL") and parts[1] == label:
+                if parts[2] == "PASS" or parts[3:] == ["END"]:
+                    found[label] = (parts[2] == "PASS", "\n".join(lines))
+                if parts[3:] != ["BEGIN"]:
+                    label = None
+                continue
+        if label is not None:
+            lines.append(line)
+    # a crash (or a check the script never reported) fails that check's test
+    # with the process's output
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    for mode, name in CHECKS:
+        found.setdefault(
+            f"{mode}:{name}",
+            (False, f"not reported (exit code {proc.returncode}):\n{tail}"),
+        )
+    if all(ok for ok, _ in found.values()):
+        assert proc.returncode == 0 and "ALL OK" in proc.stdout, tail
+    return found
 
 
-def test_auto_axes_every_alias_and_policy_under_any_mesh():
-    out = _run("auto", ALL)
+def _passed(reports, mode, name):
+    ok, out = reports[f"{mode}:{name}"]
+    assert ok, f"{mode}:{name} failed:\n{out[-4000:]}"
+    return out
+
+
+def test_auto_axes_every_alias_and_policy_under_any_mesh(reports):
     for name in ALL:
-        assert f"auto {name}: " in out
+        assert f"auto {name}: " in _passed(reports, "auto", name)
+    out = _passed(reports, "auto", "policy")
     assert "policy: same decisions on 1, 2 and 8 devices" in out
 
 
-def test_explicit_axes_jitted_init_polar_aliases():
-    out = _run("explicit", POLAR)
+def test_explicit_axes_jitted_init_polar_aliases(reports):
     for name in POLAR:
-        assert f"explicit {name}: " in out
+        assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
 @pytest.mark.parametrize("name", TABLE_CODECS)
-def test_explicit_axes_table_codecs(name):
-    _run("explicit", [name])
+def test_explicit_axes_table_codecs(reports, name):
+    assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
-def test_explicit_axes_kernels_run_per_shard():
+def test_explicit_axes_kernels_run_per_shard(reports):
     """impl="pallas" (interpret mode) inside shard_map: no all-gather, state
     sharded like the params, codes equal the jnp path's (shard offsets)."""
-    out = _run("explicit", ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"])
+    for name in PALLAS:
+        out = _passed(reports, "explicit", name)
+        assert f"explicit {name}: " in out
     assert "adamw_polar-1.5-pallas: sharded kernel and fused step = jnp path" in out
