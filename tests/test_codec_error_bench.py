@@ -11,6 +11,9 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+# One worker runs the module-scoped benchmark run once (``--dist loadgroup``).
+pytestmark = pytest.mark.xdist_group("codec_error_bench")
+
 SIGNED = ("gaussian", "student_t3", "real_m")
 UNSIGNED = ("gaussian_sq", "real_v")
 V_KEYS = (

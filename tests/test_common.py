@@ -70,6 +70,13 @@ LAYOUTS = [
 ]
 
 
+# The checks that run `_setup`'s jitted step: one xdist worker per alias
+# (``--dist loadgroup``), so each alias's step is compiled once.
+SHARED_STEP = [
+    pytest.param(n, marks=pytest.mark.xdist_group(f"common_step_{n}")) for n in NAMES
+]
+
+
 def _is_packed(x):
     return isinstance(x, base.Packed)
 
@@ -127,7 +134,7 @@ def _run(name, params, state, steps):
 # --- the checklist -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_STEP)
 def test_trains_and_does_not_recompile(name):
     tx, _, traces = _setup(name)
     params = _params()
@@ -313,7 +320,7 @@ def test_nnx_optimizer_trains_and_keeps_sharding_metadata(name):
     assert checked >= 2
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_STEP)
 def test_orbax_restore_then_3_steps_bitwise(name, tmp_path):
     tx, _, _ = _setup(name)
     params = _params()

@@ -25,6 +25,11 @@ from benchmarks import data, regression_tasks, train_lm_long
 # --------------------------------------------------------------------------
 
 
+# The tests of the module-scoped fixtures (`docs_dir`, `long_smoke`) share one
+# xdist worker (``--dist loadgroup``): each fixture runs once.
+LONG = pytest.mark.xdist_group("long_benchmarks")
+
+
 def _synthetic_docs(n=95, seed=0):
     rng = np.random.default_rng(seed)
     words = "the kernel module driver python perl returns value of a list".split()
@@ -70,6 +75,7 @@ def docs_dir(tmp_path_factory):
     return root
 
 
+@LONG
 def test_devdata_round_trip(docs_dir):
     train, heldout, info = data.load_docs_devdata(docs_dir)
     assert train.dtype == np.uint8 and heldout.dtype == np.uint8
@@ -124,6 +130,7 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@LONG
 def test_long_writes_json_and_plot(long_smoke):
     result = json.loads(long_smoke.read_text())
     meta = result["meta"]
@@ -149,6 +156,7 @@ def test_long_writes_json_and_plot(long_smoke):
     assert long_smoke.with_suffix(".png").stat().st_size > 0
 
 
+@LONG
 def test_long_learns(long_smoke):
     result = json.loads(long_smoke.read_text())
     for run in result["runs"]:
@@ -157,6 +165,7 @@ def test_long_learns(long_smoke):
         assert np.all(heldout[-1] < heldout[0] - 0.3)  # from ln(256) = 5.55
 
 
+@LONG
 def test_long_shadow_log(long_smoke):
     result = json.loads(long_smoke.read_text())
     fp32, q = result["runs"]
@@ -184,6 +193,7 @@ def test_long_shadow_log(long_smoke):
     assert exact["v_below_quarter"] == 0.0
 
 
+@LONG
 def test_long_merge(long_smoke, tmp_path):
     result = json.loads(long_smoke.read_text())
     a, b = dict(result), dict(result)

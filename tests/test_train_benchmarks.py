@@ -58,6 +58,12 @@ def smoke(data_dir, tmp_path_factory):
     return out
 
 
+# The tests of the module-scoped `smoke` run share one xdist worker
+# (``--dist loadgroup``): the run happens once.
+SMOKE = pytest.mark.xdist_group("train_lm_smoke")
+
+
+@SMOKE
 def test_writes_valid_json_and_plot(smoke):
     result = json.loads(smoke.read_text())
     assert [r["optimizer"] for r in result["records"]] == ["adamw_fp32", "polar2"]
@@ -73,6 +79,7 @@ def test_writes_valid_json_and_plot(smoke):
     assert smoke.with_suffix(".png").stat().st_size > 0
 
 
+@SMOKE
 @pytest.mark.parametrize("name", ["adamw_fp32", "polar2"])
 def test_loss_falls(smoke, name):
     result = json.loads(smoke.read_text())
