@@ -1,9 +1,12 @@
 """Pallas kernels: fused optimizer steps over quantized states.
 
-`adam` fuses decode -> Adam step -> encode (-> apply, for
-`optax_lowbit.fused_adamw_polar`) per block of groups, for the polar codecs
-and the blockwise 8/4-bit baselines; `_backend.pick` is the one place that
-chooses interpreter or lowering.
+`adam` (the public face) fuses decode -> Adam step -> encode (-> apply, for
+`optax_lowbit.fused_adamw_polar`) per block of groups, for the polar codecs,
+π-Quant and the blockwise 8/4-bit baselines. Its parts: `codec_ops` (the
+codec-specific layouts and tables), `loop` (the shared element loop and its
+jnp reference), `launch` (the ``pallas_call``: one leaf, many leaves,
+sharding); `_backend.pick` is the one place that chooses interpreter or
+lowering.
 """
 
 from optax_lowbit.kernels import adam
