@@ -3,8 +3,10 @@
 The ``.ipynb`` files are generated, without outputs: edit the cells here and
 run ``python notebooks/make_notebooks.py`` (it formats the cells with ruff).
 CI executes every notebook with
-``pytest --nbmake notebooks`` (small settings on CPU); on Colab the first
-cell installs the package.
+``pytest --nbmake notebooks`` (small settings on CPU). The first cell of each
+installs the package where it is not importable: from the repository checkout
+the notebook runs in (CI, a clone), else (Colab) with the pip line it
+documents (``OPTAX_LOWBIT_PIP``).
 """
 
 from __future__ import annotations
@@ -18,18 +20,34 @@ import nbformat
 HERE = pathlib.Path(__file__).resolve().parent
 
 INSTALL = """\
-# Colab: install optax_lowbit (skipped where it is already installed, as in CI).
-# REPO is where this project's repository is hosted: edit it for a fork.
+# Installs optax_lowbit where it is not importable yet:
+# * in a checkout of its repository (CI, a local clone), from that checkout: the
+#   first folder above this notebook whose pyproject.toml names optax_lowbit;
+# * elsewhere (Colab), with the pip line below. From your own copy of the
+#   repository, set it to e.g.
+#   optax_lowbit[{EXTRAS}] @ git+https://github.com/<owner>/<repo>
+#   or upload a source archive and give its path: /content/optax_lowbit.zip
 import importlib.util
+import os
+import pathlib
 import subprocess
 import sys
 
-REPO = "https://github.com/optax-lowbit/optax_lowbit"
+COLAB_PIP = os.environ.get("OPTAX_LOWBIT_PIP", "optax_lowbit[{EXTRAS}]")
+
+
+def find_checkout(start):
+    for folder in (start, *start.parents):
+        toml = folder / "pyproject.toml"
+        if toml.is_file() and 'name = "optax_lowbit"' in toml.read_text():
+            return folder
+    return None
+
+
 if importlib.util.find_spec("optax_lowbit") is None:
-    subprocess.check_call(
-        [sys.executable, "-m", "pip", "install", "-q",
-         f"optax_lowbit[{EXTRAS}] @ git+{REPO}"]
-    )"""
+    checkout = find_checkout(pathlib.Path.cwd().resolve())
+    target = COLAB_PIP if checkout is None else f"{checkout}[{EXTRAS}]"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", target])"""
 
 
 def install(extras: str) -> str:
