@@ -35,6 +35,21 @@ def _dec(codec):
     return jax.jit(codec.decode)
 
 
+@functools.cache
+def _enc_seeded(codec):
+    return jax.jit(lambda x, seed: codec.encode(x, seed=seed))
+
+
+@functools.cache
+def _roundtrips(codec, n):
+    """``n`` stochastic round trips of ``x``, seeds 0..n-1 (one compile per codec)."""
+
+    def many(x):
+        return jax.vmap(lambda s: codec.decode(codec.encode(x, seed=s)))(jnp.arange(n))
+
+    return jax.jit(many)
+
+
 def _roundtrip(codec, x):
     return np.asarray(_jitted(codec)(jnp.asarray(x)))
 
@@ -158,13 +173,71 @@ def test_unsigned_rule_is_ceiling_of_nearest_sector(seed, bits):
     np.testing.assert_array_equal(ring[~close], expected[~close])
 
 
-# Round-trip error bounds, measured over 200 seeds of (64, 1024) arrays:
+# Round-trip error, measured over 200 seeds of (64, 1024) arrays:
 #   Gaussian:     2 bits 0.387 (0.384-0.389), 1.5 bits 0.515 (0.512-0.519);
-#   Student-t(3): 2 bits 0.48 (0.45-0.68),    1.5 bits 1.06 (0.91-1.68): the one
-#   ring at 0.40 cannot hold t3's outliers (calibrate fixes much of it), and the
-#   spread is the heavy tail's.
+#   Student-t(3): 2 bits 0.48 (0.45-0.68),    1.5 bits 1.06 (0.91-1.68): the
+#   one ring at 0.40 cannot hold t3's outliers (calibrate fixes much of it).
 #   unsigned, v = g^2, mean |log sqrt(v_hat/v)|: 2 bits 0.62, 1.5 bits 0.80
 #   (real Adam nu: 0.37 / 0.45); min v_hat/v 0.500-0.515.
+#
+# Heavy tails have no typical error: the bound is the worst case, derived.
+# The signed nearest codebook has no zero codeword: a pair far below its
+# group's scale s decodes to the smallest ring, an error of rho_1 * s, and the
+# pair that sets s (radius s / k, k in [1, 1 + 2**-7] the bf16 scale's
+# round-up) lands on a ring up to pi/8 off. The array's error ratio is at most
+# its worst group's (a ratio of sums), and a linear-fractional maximum puts
+# every other pair of the group at one radius and angle (zero included), so
+#   ratio^2 <= max over k, delta_0, m, r, delta of
+#     (e(1/k, delta_0)^2 + m e(r, delta)^2 + (n - 1 - m) rho_1^2) / (1/k^2 + m r^2)
+# with n = G/2 = 32 pairs and e(r, delta) the distance of (r cos delta,
+# r sin delta) to the nearest codeword. With one ring this is
+# sqrt(1 - 2 rho k cos(pi/8) + n rho^2 k^2): 2.336 at 1.5 bits (rho = 0.40),
+# reached by one outlier among zeros; 0.957 at 2 bits. Student-t(3) data
+# come close when one value dominates the whole array (hypothesis found 2.2157
+# at 1.5 bits, above the former guess of 2.0: the bound, not the codec, was
+# wrong; the codec is the exact nearest codeword of the published codebook).
+
+
+def _pair_error2(r, delta, rings):
+    """Squared distance of the pair (r cos delta, r sin delta), delta in [0, pi/8],
+    to its nearest codeword (sector at angle 0, ring nearest to the projection)."""
+    p = r * np.cos(delta)
+    rings = np.asarray(rings, np.float64)
+    near = rings[np.argmin(np.abs(p[..., None] - rings), -1)]
+    return (p - near) ** 2 + (r * np.sin(delta)) ** 2
+
+
+@functools.cache
+def _worst_rel_error(codec):
+    """The largest ``|decode(encode(x)) - x| / |x|`` of the signed nearest codec."""
+    rings, n, best = codec.rings, codec.group_size // 2, 0.0
+    deltas = np.linspace(0.0, np.pi / 8, 91)
+    for k in (1.0, 1.0 + 2.0**-7):
+        top = 1.0 / k
+        e_top = _pair_error2(np.full_like(deltas, top), deltas, rings).max()
+        r = np.broadcast_to(np.linspace(0.0, top, 2001)[:, None], (2001, 91))
+        e = _pair_error2(r, np.broadcast_to(deltas, (2001, 91)), rings)
+        for m in range(n):
+            num = e_top + m * e + (n - 1 - m) * min(rings) ** 2
+            best = max(best, float((num / (top**2 + m * r**2)).max()))
+    return float(np.sqrt(best)) * (1 + 1e-3)  # grid slack
+
+
+def test_worst_case_error_bound_is_derived_and_reached():
+    # the closed form of the one-ring codebook
+    rho, k, c = 0.40, 1 + 2.0**-7, np.cos(np.pi / 8)
+    closed = np.sqrt(1 - 2 * rho * k * c + 32 * (rho * k) ** 2)
+    assert closed == pytest.approx(_worst_rel_error(polar(1.5)), rel=2e-3)
+    assert _worst_rel_error(polar(2)) < 1.0
+    # reached: one pair at angle pi/8 among 31 zero pairs, scale rounded up
+    for bits in (1.5, 2):
+        codec = polar(bits)
+        s = 1.0 + 2.0**-8  # bf16 rounds it up to 1 + 2**-7
+        x = np.zeros((1, 64), np.float32)
+        x[0, 0], x[0, 32] = s * np.cos(np.pi / 8), s * np.sin(np.pi / 8)
+        got = _rel(codec, x)
+        assert got <= _worst_rel_error(codec)
+        assert got > 0.99 * _worst_rel_error(codec), (bits, got)
 
 
 @given(seed=SEEDS)
@@ -174,8 +247,9 @@ def test_signed_error_bounds(seed):
     t = rng.standard_t(3, (64, 1024)).astype(np.float32)
     assert 0.36 < _rel(polar(2), g) < 0.41
     assert 0.49 < _rel(polar(1.5), g) < 0.54
-    assert _rel(polar(2), t) < 1.0  # t(3): set by the few largest values
-    assert _rel(polar(1.5), t) < 2.0
+    # t(3): no typical error (set by the few largest values); the worst case
+    assert _rel(polar(2), t) < _worst_rel_error(polar(2))  # 0.957
+    assert _rel(polar(1.5), t) < _worst_rel_error(polar(1.5))  # 2.336
 
 
 @given(seed=SEEDS, bits=st.sampled_from([2, 1.5]))
@@ -350,7 +424,7 @@ def test_stochastic_is_a_pure_function_of_the_seed(seed):
     codec = _sr(2, True)
     x = jnp.asarray(np.random.default_rng(seed).standard_normal((8, 192)), jnp.float32)
     a = codec.encode(x, seed=seed % 1000)
-    b = jax.jit(lambda x: codec.encode(x, seed=jnp.int32(seed % 1000)))(x)
+    b = _enc_seeded(codec)(x, jnp.int32(seed % 1000))
     c = codec.encode(x, seed=seed % 1000 + 1)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.scales, b.scales)
@@ -372,15 +446,14 @@ def test_signed_stochastic_is_unbiased_inside_the_top_ring(seed):
     codec = _sr(2, True, rings=(0.3, 1.0))
     x = jnp.asarray(np.random.default_rng(seed).standard_normal((2, 64)), jnp.float32)
     n = 400
-    ys = jax.vmap(lambda s: codec.decode(codec.encode(x, seed=s)))(jnp.arange(n))
-    ys = np.asarray(ys)
+    ys = np.asarray(_roundtrips(codec, n)(x))
     err = np.abs(ys.mean(0) - np.asarray(x))
     se = ys.std(0) / np.sqrt(n)
     # slack: a coordinate whose codeword is drawn with probability << 1/n
     # (a pair almost on a sector direction) may never be drawn.
     assert (err < 5 * se + 0.01 * np.abs(np.asarray(x)).max()).all()
     # Nearest rounding is biased on the same data: the published rings shrink.
-    near = np.asarray(polar(2, True).decode(polar(2, True).encode(x)))
+    near = _roundtrip(polar(2, True), x)
     assert np.abs(near - np.asarray(x)).mean() > 3 * err.mean()
 
 
@@ -390,9 +463,7 @@ def test_unsigned_stochastic_positive_and_unbiased_along_the_sector(seed, bits):
     rng = np.random.default_rng(seed)
     v = jnp.asarray(rng.standard_normal((1, 64)) ** 2, jnp.float32)
     n = 300
-    ys = np.asarray(
-        jax.vmap(lambda s: codec.decode(codec.encode(v, seed=s)))(jnp.arange(n))
-    )
+    ys = np.asarray(_roundtrips(codec, n)(v))
     assert (ys > 0).all()
     # Projection p of each pair on its (nearest) sector direction: E[ŷ] = p e.
     u, w = ys[:, 0, :32], ys[:, 0, 32:]
@@ -401,7 +472,7 @@ def test_unsigned_stochastic_positive_and_unbiased_along_the_sector(seed, bits):
     theta = np.arctan2(b, a)
     phi = np.where(theta < np.pi / 4, np.pi / 8, 3 * np.pi / 8)
     p = a * np.cos(phi) + b * np.sin(phi)
-    scale = float(np.asarray(codec.encode(v).scales).astype(np.float32).max())
+    scale = float(np.asarray(_enc(codec)(v).scales).astype(np.float32).max())
     floor = codec.rings[0] * scale  # below the smallest ring: rounded up to it
     expect = np.maximum(p, floor)
     inside = p >= floor
