@@ -42,7 +42,13 @@ import jax
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend, launch, loop
 from optax_lowbit.kernels.codec_ops import has_kernel
-from optax_lowbit.kernels.loop import HP_FIELDS, make_hp, moment_step, stream_seeds
+from optax_lowbit.kernels.loop import (
+    HP_FIELDS,
+    apply_step,
+    make_hp,
+    moment_step,
+    stream_seeds,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_GROUPS",
@@ -53,6 +59,7 @@ __all__ = [
     "adam_update",
     "adam_update_many",
     "adam_update_reference",
+    "apply_step",
     "has_kernel",
     "make_hp",
     "moment_step",

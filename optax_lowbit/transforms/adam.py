@@ -364,10 +364,12 @@ def fused_leaves(
         u, m, v = step(g, m, v)
         if params is not None:
             p = cat([params[i] for i in idx])
-            lr = leaf_hps[idx[0]][kadam.HP_FIELDS.index("learning_rate")]
             k_wd = kadam.HP_FIELDS.index("weight_decay")
-            wd = cat([jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx])
-            u = (p + (-lr) * (u + wd * p)).astype(p.dtype)
+            hp_cat = list(leaf_hps[idx[0]])  # one learning rate, wd per element
+            hp_cat[k_wd] = cat(
+                [jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx]
+            )
+            u = kadam.apply_step(p, u, hp_cat).astype(p.dtype)
         offsets = list(itertools.accumulate(flat[i].size for i in idx))[:-1]
         for i, ui, mi, vi in zip(
             idx,
