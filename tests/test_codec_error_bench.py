@@ -12,7 +12,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 # One worker runs the module-scoped benchmark run once (``--dist loadgroup``).
-pytestmark = pytest.mark.xdist_group("codec_error_bench")
+# The run (every codec compiled, two moment captures) takes ~40 s on a 2-core
+# CPU: slow (CI's second step, OPTAX_LOWBIT_SLOW=1, runs it).
+pytestmark = [pytest.mark.xdist_group("codec_error_bench"), pytest.mark.slow]
 
 SIGNED = ("gaussian", "student_t3", "real_m")
 UNSIGNED = ("gaussian_sq", "real_v")

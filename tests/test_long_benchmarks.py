@@ -28,6 +28,9 @@ from benchmarks import data, regression_tasks, train_lm_long
 # The tests of the module-scoped fixtures (`docs_dir`, `long_smoke`) share one
 # xdist worker (``--dist loadgroup``): each fixture runs once.
 LONG = pytest.mark.xdist_group("long_benchmarks")
+# The benchmark runs (~20 s each on a 2-core CPU, most of it compilation) are
+# slow: CI's second step (OPTAX_LOWBIT_SLOW=1) runs them.
+SLOW = pytest.mark.slow
 
 
 def _synthetic_docs(n=95, seed=0):
@@ -131,6 +134,7 @@ def _finite(x):
 
 
 @LONG
+@SLOW
 def test_long_writes_json_and_plot(long_smoke):
     result = json.loads(long_smoke.read_text())
     meta = result["meta"]
@@ -157,6 +161,7 @@ def test_long_writes_json_and_plot(long_smoke):
 
 
 @LONG
+@SLOW
 def test_long_learns(long_smoke):
     result = json.loads(long_smoke.read_text())
     for run in result["runs"]:
@@ -166,6 +171,7 @@ def test_long_learns(long_smoke):
 
 
 @LONG
+@SLOW
 def test_long_shadow_log(long_smoke):
     result = json.loads(long_smoke.read_text())
     fp32, q = result["runs"]
@@ -194,6 +200,7 @@ def test_long_shadow_log(long_smoke):
 
 
 @LONG
+@SLOW
 def test_long_merge(long_smoke, tmp_path):
     result = json.loads(long_smoke.read_text())
     a, b = dict(result), dict(result)
@@ -223,6 +230,7 @@ def test_eval_schedule_has_quarters():
 # --------------------------------------------------------------------------
 
 
+@SLOW
 def test_regression_quick(tmp_path):
     out = tmp_path / "regression.json"
     args = ["--quick", "--optimizers", "adamw_fp32,adamw_4bit", "--steps", "50"]

@@ -59,11 +59,14 @@ def smoke(data_dir, tmp_path_factory):
 
 
 # The tests of the module-scoped `smoke` run share one xdist worker
-# (``--dist loadgroup``): the run happens once.
+# (``--dist loadgroup``): the run happens once. The benchmarks' smoke runs
+# (20-40 s each on a 2-core CPU, most of it compilation) are slow: CI's second
+# step (OPTAX_LOWBIT_SLOW=1) runs them.
 SMOKE = pytest.mark.xdist_group("train_lm_smoke")
 
 
 @SMOKE
+@pytest.mark.slow
 def test_writes_valid_json_and_plot(smoke):
     result = json.loads(smoke.read_text())
     assert [r["optimizer"] for r in result["records"]] == ["adamw_fp32", "polar2"]
@@ -80,6 +83,7 @@ def test_writes_valid_json_and_plot(smoke):
 
 
 @SMOKE
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw_fp32", "polar2"])
 def test_loss_falls(smoke, name):
     result = json.loads(smoke.read_text())
@@ -118,6 +122,7 @@ def test_resnet_shapes_and_policy():
     assert sorted(quantized) == sorted([(3, 3, 16, 32)] * 2 + [(3, 3, 32, 32)] * 4)
 
 
+@pytest.mark.slow
 def test_vision_smoke_writes_json_and_learns(tmp_path):
     from benchmarks import train_vision
 
@@ -140,6 +145,7 @@ def test_vision_smoke_writes_json_and_learns(tmp_path):
     assert "polar2" in result["goals"]
 
 
+@pytest.mark.slow
 def test_finetune_smollm2_smoke_writes_json_and_learns(tmp_path):
     from benchmarks import finetune_smollm2
 

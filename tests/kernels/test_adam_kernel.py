@@ -317,6 +317,9 @@ def test_pallas_inject_hyperparams_and_fallback_codec():
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# ~30 s on a 2-core CPU (three multi-leaf interpret-mode kernels compiled):
+# slow, CI's second step (OPTAX_LOWBIT_SLOW=1) runs it.
+@pytest.mark.slow
 def test_many_leaves_in_one_launch_equal_one_by_one(monkeypatch):
     """LEAVES_PER_LAUNCH > 1: one kernel with a branch per leaf, the same state
     as the jnp path (and so as one launch per leaf), chain and fused."""
