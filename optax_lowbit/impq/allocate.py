@@ -35,7 +35,7 @@ Examples:
   >>> import numpy as np
   >>> phi = np.array([1.0, 0.1]); c = np.zeros((2, 2))
   >>> e = np.array([[1.0, 0.2, 0.05, 0.0]] * 2)
-  >>> allocate(phi, c, e, avg_bits=3.25).bits.tolist()
+  >>> allocate(phi, c, e, avg_bits=3.5).bits.tolist()
   [4, 2]
 
 References:

@@ -1,13 +1,14 @@
 """Baseline bit allocations, at the same all-in budget as IMPQ.
 
 Every method returns ``(L,)`` bits per block from ``bit_choices`` whose
-size-weighted average all-in bits (``b + 0.25``) is within ``avg_bits``.
+size-weighted average all-in bits (``b + 32 / group_size``, ``b + 0.5`` at
+groups of 64) is within ``avg_bits``.
 The scored methods build an ``(L, K)`` cost table ``s_l(b)`` and solve the
 **additive** allocation ``min sum_l s_l(b_l)`` exactly (`allocate.allocate`
 with ``phi = 1`` and no pair term), so they differ from IMPQ only in what
 they measure:
 
-* `uniform`: every block at the widest ``b`` with ``b + 0.25 <= avg_bits``.
+* `uniform`: every block at the widest ``b`` with ``b + 0.5 <= avg_bits``.
 * isolated sensitivity (`isolated_table`): ``s_l(b)`` = the measured NLL
   increase on calibration text when block ``l`` alone is quantized to ``b``
   bits and all other blocks are full precision (``L * K`` evaluations).

@@ -163,7 +163,7 @@ def tiny_llama(
 
     Args:
       n_layers: number of blocks.
-      d_model: residual width (a multiple of 128 keeps groups in one column).
+      d_model: residual width (a multiple of the group size, 64).
       d_ff: feed-forward width.
       vocab: vocabulary size.
       seed: initialisation seed.

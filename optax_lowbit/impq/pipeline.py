@@ -10,13 +10,13 @@
 5. held-out perplexity of every allocation with the same jitted forward.
 
 `export_rules` writes an allocation as ordered path-regex rules, the form
-qwix and MaxText take: ``[["blocks/3/.*", {"bits": 2, "group_size": 128}],
+qwix and MaxText take: ``[["blocks/3/.*", {"bits": 2, "group_size": 64}],
 ...]``; the first matching rule wins and leaves no rule matches (embeddings,
 norms) stay in full precision.
 
 Examples:
   >>> export_rules([2, 4])[1]
-  ['blocks/1/.*', {'bits': 4, 'group_size': 128}]
+  ['blocks/1/.*', {'bits': 4, 'group_size': 64}]
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def test_milp_equals_brute_force(n):
     for trial in range(4 if n < 8 else 2):
         phi, c, e = _problem(rng, n)
         sizes = rng.integers(1, 5, n).astype(float) if trial % 2 else None
-        budget = float(rng.uniform(2.25, 6.0))
+        budget = float(rng.uniform(2.5, 6.0))
         got = allocate.allocate(phi, c, e, avg_bits=budget, sizes=sizes)
         want = allocate.brute_force(phi, c, e, avg_bits=budget, sizes=sizes)
         assert got.optimal and "Optimal" in got.status
@@ -51,30 +51,26 @@ def test_interaction_term_changes_the_answer():
     phi = np.array([1.0, 1.0, 0.9])
     e = np.array([[1.0, 0.0]] * 3)
     no_c = allocate.allocate(
-        phi, np.zeros((3, 3)), e, avg_bits=3.25 - 1 / 3, bit_choices=(2, 4)
+        phi, np.zeros((3, 3)), e, avg_bits=3.5 - 1 / 3, bit_choices=(2, 4)
     )
     assert no_c.bits.tolist().count(4) == 1 and no_c.bits[2] == 2
     c = np.zeros((3, 3))
     c[2, 0] = c[0, 2] = c[2, 1] = c[1, 2] = 1.0  # block 2 hurts with 0 and 1
-    with_c = allocate.allocate(phi, c, e, avg_bits=3.25 - 1 / 3, bit_choices=(2, 4))
+    with_c = allocate.allocate(phi, c, e, avg_bits=3.5 - 1 / 3, bit_choices=(2, 4))
     assert with_c.bits[2] == 4
 
 
 def test_bad_budget_names_the_range():
     phi, c, e = _problem(np.random.default_rng(0), 3)
     msg = re.escape(
-        "avg_bits=1.8 is below min(bit_choices)+0.25=2.25; "
-        "accepted: 2.25 <= avg_bits <= 8.25"
+        "avg_bits=1.8 is below min(bit_choices)+0.5=2.5; "
+        "accepted: 2.5 <= avg_bits <= 8.5"
     )
     with pytest.raises(ValueError, match=msg):
         allocate.allocate(phi, c, e, avg_bits=1.8)
-    with pytest.raises(
-        ValueError, match=re.escape("accepted: 2.25 <= avg_bits <= 8.25")
-    ):
+    with pytest.raises(ValueError, match=re.escape("accepted: 2.5 <= avg_bits <= 8.5")):
         allocate.allocate(phi, c, e, avg_bits=9.0)
-    with pytest.raises(
-        ValueError, match=re.escape("accepted: 3.25 <= avg_bits <= 4.25")
-    ):
+    with pytest.raises(ValueError, match=re.escape("accepted: 3.5 <= avg_bits <= 4.5")):
         allocate.allocate(phi, c, e[:, 1:3], avg_bits=3.0, bit_choices=(3, 4))
     with pytest.raises(ValueError, match="below"):
         allocate.allocate(phi, c, e, avg_bits=float("nan"))

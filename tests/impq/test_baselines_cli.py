@@ -18,17 +18,17 @@ def tiny():
 
 def test_uniform_and_random_fit_budget():
     assert baselines.uniform(3, 3.0).tolist() == [2, 2, 2]
-    assert baselines.uniform(3, 3.25).tolist() == [3, 3, 3]
-    assert baselines.uniform(2, 8.25).tolist() == [8, 8]
+    assert baselines.uniform(3, 3.5).tolist() == [3, 3, 3]
+    assert baselines.uniform(2, 8.5).tolist() == [8, 8]
     for seed in range(20):
         b = baselines.random_bits(6, 3.0, np.random.default_rng(seed))
-        assert np.mean(b + 0.25) <= 3.0 + 1e-12
+        assert np.mean(b + 0.5) <= 3.0 + 1e-12
         # maximal: no block can be widened one step without breaking the budget
         for i in range(6):
             if b[i] != 8:
                 wider = b.copy()
                 wider[i] = {2: 3, 3: 4, 4: 8}[b[i]]
-                assert np.mean(wider + 0.25) > 3.0
+                assert np.mean(wider + 0.5) > 3.0
     with pytest.raises(ValueError, match="accepted"):
         baselines.uniform(3, 2.0)
 

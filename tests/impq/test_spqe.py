@@ -159,9 +159,9 @@ def test_selector_matches_packed_qmatmul_path(tiny):
     np.testing.assert_allclose(fwd.loss_of_bits(bits, tokens), want, rtol=1e-5)
     full = fwd.loss_of_bits([spqe.FULL] * 4, tokens)
     np.testing.assert_allclose(full, float(m.loss(m.params, tokens)), rtol=1e-6)
-    # Real packed bytes: 16*b + 4 bytes per 128 weights.
+    # Real packed bytes: 8*b + 4 bytes per 64 weights.
     np.testing.assert_array_equal(
-        fwd.nbytes[:, fwd.index(3)], fwd.sizes // 128 * (16 * 3 + 4)
+        fwd.nbytes[:, fwd.index(3)], fwd.sizes // 64 * (8 * 3 + 4)
     )
 
 
