@@ -1,42 +1,82 @@
 """Optimizer step speed on the device: fp32/bf16 Optax AdamW vs low-bit Adam.
 
-Run on a GPU (``python -m benchmarks.step_speed``). For every case and
-optimizer it jits ``params, state = step(params, state, grads)`` with params
-and state donated, times >= 30 steps after warm-up (median, each step
-``block_until_ready``), and records ms, the ratio to ``optax.adamw`` fp32 of
-the same run, state and temporary bytes per parameter
-(``compiled.memory_analysis()``) and compile time. Rows: the Optax baselines;
-for polar 2 and 1.5 bits (stochastic rounding, the default) the jnp chain,
-the Pallas chain (``impl="pallas"``) and the fused update-and-apply step
-(`optax_lowbit.adamw_polar(..., fused=True)`); the same three for 8-bit, 4-bit and
-π-Quant (`adamw_8bit(..., fused=True)`, ...). It also checks every kernel variant
-against the jnp reference on the device (code and scale mismatch
-fractions, output error), measures the device copy ceiling and sweeps the
-kernel's block size / warps on the big leaf. Writes
-``benchmarks/results/step_speed.json`` (or ``$OUT/step_speed.json`` when
-``OUT`` is set) and prints a table.
+Run on a GPU: ``python -m benchmarks.step_speed`` (add ``--quick`` for a
+shorter run, ``--tiny --impl jnp`` for the CPU smoke run of the tests).
+
+For every case (``leaf_256M``: one 16384x16384 leaf; ``gpt2s_148``: the
+GPT-2-small tree, 148 leaves; ``gpt2s_stacked``: the same parameters stacked
+into 16 leaves) and optimizer it jits ``step(grads, state, params) ->
+(params, state)``, compiles it once (``compile_s``, lower + compile), times
+>= 30 steps after warm-up (median ``ms``, each step ``block_until_ready``) and
+records one JSON record per row:
+
+* ``optimizer``: ``optax.adamw`` (jitted plain, nothing donated),
+  ``optax.adamw_donated`` (state and params donated), ``optax.adamw_bf16mu``;
+  the low-bit presets ``polar2``, ``polar1.5``, ``piquant``, ``4bit``,
+  ``8bit``; ``torch.adamw_fused`` (``torch.optim.AdamW(fused=True)``, fp32,
+  CUDA events) when torch is importable and sees a GPU.
+* ``path``: ``xla`` (Optax), ``jnp`` (low-bit chain in pure jnp), ``chain``
+  (the Pallas kernel writes the update, XLA applies it), ``fused`` (the kernel
+  updates the parameters: ``adamw_*(..., fused=True)``), ``torch``.
+* ``baseline_ms``: the faster of ``optax.adamw`` and ``optax.adamw_donated``
+  of the same case and run (issue 18: dividing by a slow baseline flatters
+  us); ``ratio`` = ``ms / baseline_ms``; ``goal``: the issue's target ratio.
+* ``bytes_per_param``: the bytes per parameter the step must move at least
+  (`min_bytes_per_param`), with the state's bytes read from the real state
+  (`optax_lowbit.state_bytes`); ``tbps``: those bytes per second, in TB/s.
+* ``temp_bytes_per_param``: ``compiled.memory_analysis()``'s temporaries.
+* ``ptx_instructions`` / ``ptx_instructions_per_element`` on the kernel rows
+  (``chain``, ``fused``): the static PTX size of the row's Triton kernel
+  (`ptx_counts`; GPU only, ``null`` elsewhere with the reason in the meta).
+
+It also checks every kernel variant against the jnp reference on the device
+(code and scale mismatch fractions, output error), measures the device copy
+ceiling, and sweeps the kernel's block size / warps on the big leaf (the rows
+then use the fastest configuration). Writes ``step_speed_h200.json`` and
+``step_speed_h200.png`` (ratio per optimizer and case) to
+``benchmarks/results/`` or ``$OUT`` when set (``--out`` overrides the JSON
+path) and prints a table. Rows that fail record their error; rows not started
+before ``--deadline-s`` record ``skipped`` (the jnp rows run last).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
+import pathlib
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections import Counter
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import optax_lowbit as lowbit
+from optax_lowbit.codecs import base
 from optax_lowbit.kernels import adam as kadam
 
 N_TIMED = 30
 N_WARM = 3
+#: issue 18's goals: (optimizer, path) -> ratio to the fastest optax.adamw
+GOALS = {
+    ("polar2", "fused"): 0.60,
+    ("polar1.5", "fused"): 0.55,
+    ("4bit", "fused"): 0.60,
+    ("8bit", "fused"): 0.75,
+    ("polar2", "chain"): 0.90,
+}
+BASELINES = ("optax.adamw", "optax.adamw_donated")
+PATHS = ("xla", "jnp", "chain", "fused", "torch")
 
 
 def gpt2_small(stacked: bool = False, d: int = 768, n_layer: int = 12) -> dict:
@@ -68,12 +108,29 @@ def gpt2_small(stacked: bool = False, d: int = 768, n_layer: int = 12) -> dict:
 
 CASES = {
     "leaf_256M": {"w": (16384, 16384)},
-    "gpt2_small_146": gpt2_small(False),
-    "gpt2_small_stacked_14": gpt2_small(True),
-    "gpt2_medium_292": gpt2_small(False, d=1024, n_layer=24),
-    "gpt2_medium_stacked_16": gpt2_small(True, d=1024, n_layer=24),
-    "tiny": {"w": (512, 1024), "b": (1024,), "x": (3, 200)},
+    "gpt2s_148": gpt2_small(False),
+    "gpt2s_stacked": gpt2_small(True),
+    "gpt2m_292": gpt2_small(False, d=1024, n_layer=24),
+    "gpt2m_stacked": gpt2_small(True, d=1024, n_layer=24),
+    # --tiny (CPU smoke run): one quantized leaf; a 3-leaf tree, one quantized
+    "tiny_leaf": {"w": (64, 256)},
+    "tiny_tree": {"w": (64, 256), "b": (256,), "x": (3, 200)},
 }
+#: the case names of earlier versions of this script
+CASE_ALIASES = {
+    "gpt2_small_146": "gpt2s_148",
+    "gpt2_small_stacked_14": "gpt2s_stacked",
+    "gpt2_medium_292": "gpt2m_292",
+    "gpt2_medium_stacked_16": "gpt2m_stacked",
+    "gpt2_small_146_big": "gpt2s_148_big",
+    "gpt2_small_146_small": "gpt2s_148_small",
+    "tiny": "tiny_tree",
+}
+DEFAULT_CASES = "leaf_256M,gpt2s_148,gpt2s_stacked"
+#: the cases whose jnp rows run by default: on the 148-leaf tree each jnp row
+#: compiles for 25-40 s on an H200 (the default run must stay well under 9 min)
+JNP_CASES = ("leaf_256M", "gpt2s_stacked")
+TINY_CASES = "tiny_leaf,tiny_tree"
 
 
 def _split_tree(shapes: dict, big: bool) -> dict:
@@ -90,8 +147,8 @@ def _split_tree(shapes: dict, big: bool) -> dict:
 
 
 # where the 148-leaf tree's time goes: its big (quantized) and small leaves alone
-CASES["gpt2_small_146_big"] = _split_tree(CASES["gpt2_small_146"], True)
-CASES["gpt2_small_146_small"] = _split_tree(CASES["gpt2_small_146"], False)
+CASES["gpt2s_148_big"] = _split_tree(CASES["gpt2s_148"], True)
+CASES["gpt2s_148_small"] = _split_tree(CASES["gpt2s_148"], False)
 
 
 def stacked_policy(path, leaf) -> bool:
@@ -99,58 +156,79 @@ def stacked_policy(path, leaf) -> bool:
     return leaf.size >= 4096 and len(leaf.shape) >= 2 and leaf.shape[-1] > 1
 
 
-def optimizers(case: str) -> dict:
-    """Name -> (kind, optimizer, impl) rows; kind "chain" (Optax) or "fused"."""
-    lr = 1e-3
+#: the low-bit presets: name -> (alias, its keyword arguments)
+LOWBIT = {
+    "polar2": (lowbit.adamw_polar, {"bits": 2}),
+    "polar1.5": (lowbit.adamw_polar, {"bits": 1.5}),
+    "piquant": (lowbit.adamw_piquant, {}),
+    "4bit": (lowbit.adamw_4bit, {}),
+    "8bit": (lowbit.adamw_8bit, {}),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    """One optimizer row of a case: ``opt`` is an Optax transform (``kind``
+    "chain") or a `FusedOptimizer` (``kind`` "fused")."""
+
+    optimizer: str
+    path: str
+    impl: str
+    kind: str
+    opt: Any
+    donate: bool = True
+
+
+def rows_for(
+    case: str, impl: str = "pallas", optimizers=(), paths=PATHS, lr: float = 1e-3
+) -> list[Row]:
+    """The rows of a case: the Optax baselines always (``baseline_ms`` needs
+    both), then the low-bit presets' ``jnp``, ``chain`` and ``fused`` rows
+    (``impl``: the kernel rows' implementation; ``"jnp"`` on CPU smoke runs)."""
     policy = stacked_policy if "stacked" in case else None
-    rows = {
-        "optax.adamw": ("chain", optax.adamw(lr), "xla"),
-        "optax.adamw(mu_dtype=bf16)": (
-            "chain",
-            optax.adamw(lr, mu_dtype=jnp.bfloat16),
-            "xla",
-        ),
-    }
-    for bits in (2, 1.5):
-        name = f"adamw_polar(bits={bits})"
-        rows[f"{name}/jnp"] = (
-            "chain",
-            lowbit.adamw_polar(lr, bits=bits, impl="jnp", policy=policy),
-            "jnp",
-        )
-        rows[f"{name}/pallas"] = (
-            "chain",
-            lowbit.adamw_polar(lr, bits=bits, impl="pallas", policy=policy),
-            "pallas-triton",
-        )
-        rows[f"fused_{name}/pallas"] = (
-            "fused",
-            lowbit.adamw_polar(lr, bits=bits, impl="pallas", policy=policy, fused=True),
-            "pallas-triton",
-        )
-    for name, make in (
-        ("adamw_8bit", lowbit.adamw_8bit),
-        ("adamw_4bit", lowbit.adamw_4bit),
-        ("adamw_piquant", lowbit.adamw_piquant),
-    ):
-        rows[f"{name}/jnp"] = ("chain", make(lr, policy=policy, impl="jnp"), "jnp")
-        tx = make(lr, policy=policy, impl="pallas")
-        rows[f"{name}/pallas"] = ("chain", tx, "pallas-triton")
-        fused = make(lr, policy=policy, impl="pallas", fused=True)
-        rows[f"fused_{name}/pallas"] = ("fused", fused, "pallas-triton")
+    rows = [
+        Row("optax.adamw", "xla", "xla", "chain", optax.adamw(lr), donate=False),
+        Row("optax.adamw_donated", "xla", "xla", "chain", optax.adamw(lr)),
+    ]
+    if "xla" in paths and (not optimizers or "optax.adamw_bf16mu" in optimizers):
+        tx = optax.adamw(lr, mu_dtype=jnp.bfloat16)
+        rows.append(Row("optax.adamw_bf16mu", "xla", "xla", "chain", tx))
+    for name, (make, kw) in LOWBIT.items():
+        if optimizers and name not in optimizers:
+            continue
+        if "jnp" in paths:
+            tx = make(lr, policy=policy, impl="jnp", **kw)
+            rows.append(Row(name, "jnp", "jnp", "chain", tx))
+        if "chain" in paths:
+            tx = make(lr, policy=policy, impl=impl, **kw)
+            rows.append(Row(name, "chain", impl, "chain", tx))
+        if "fused" in paths:
+            opt = make(lr, policy=policy, impl=impl, fused=True, **kw)
+            rows.append(Row(name, "fused", impl, "fused", opt))
     return rows
 
 
 def train_step(kind: str, opt):
-    """``step(params, state, grads) -> (params, state)`` of a chain or fused row."""
+    """``step(grads, state, params) -> (params, state)`` of a chain or fused row."""
     if kind == "fused":
-        return lambda p, s, g: opt.step(g, s, p)
+        return opt.step
 
-    def step(p, s, g):
+    def step(g, s, p):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     return step
+
+
+def min_bytes_per_param(path: str, state_bpp: float) -> float:
+    """Bytes per parameter a step must move at least, ``state_bpp`` the state's
+    bytes per parameter: one pass reads the gradient (4) and the parameter (4),
+    writes the parameter (4), and reads and writes the state (2 x state) — fp32
+    AdamW: 12 + 2 x 8 = 28. The chain path's kernel also writes the update
+    ``u`` (4) that XLA's apply reads back (4): 20 + 2 x state. The ``xla`` and
+    ``jnp`` rows are counted as one fused XLA pass, as for ``optax.adamw``."""
+    one_pass = 4 + 4 + 4 + 2 * state_bpp
+    return one_pass + 8 if path == "chain" else one_pass
 
 
 def make_tree(shapes: dict, key) -> dict:
@@ -164,16 +242,15 @@ def make_tree(shapes: dict, key) -> dict:
     )
 
 
-def tree_bytes(tree) -> int:
-    return sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
-
-
-def time_fn(fn, *args, n=N_TIMED, donate=True):
-    """Median ms of ``args = fn(*args)`` steps (outputs fed back when donated)."""
-    for _ in range(N_WARM):
+def time_fn(fn, *args, n=None, warm=None, feed=True):
+    """Median and min ms of ``args = fn(*args)`` steps: each output replaces
+    the argument in its position (``feed``), as a training loop does."""
+    n = N_TIMED if n is None else n
+    warm = N_WARM if warm is None else warm
+    for _ in range(warm):
         out = fn(*args)
         jax.block_until_ready(out)
-        if donate:
+        if feed:
             args = (*out, *args[len(out) :])
     times = []
     for _ in range(n):
@@ -181,56 +258,133 @@ def time_fn(fn, *args, n=N_TIMED, donate=True):
         out = fn(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) * 1e3)
-        if donate:
+        if feed:
             args = (*out, *args[len(out) :])
     return statistics.median(times), min(times), args
 
 
-def bench_case(case: str, shapes: dict, meta: dict, log, only=()) -> list[dict]:
-    params = make_tree(shapes, jax.random.key(0))
-    grads = make_tree(shapes, jax.random.key(1))
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    n_leaves = len(jax.tree.leaves(params))
-    log(f"case {case}: {n_params / 1e6:.1f}M params, {n_leaves} leaves")
-    rows = []
-    for name, (kind, tx, impl) in optimizers(case).items():
-        if only and not any(o in name for o in only):
-            continue
-        rec = {"case": case, "optimizer": name, "impl": impl, "n_params": n_params}
-        rec["path"] = kind
-        rec.update(meta)
+def bench_row(row: Row, params, grads, n_params: int) -> dict:
+    """Compiles and times one row; every number measured, errors recorded."""
+    rec: dict[str, Any] = {
+        "optimizer": row.optimizer,
+        "path": row.path,
+        "impl": row.impl,
+        "donated": row.donate,
+    }
+    try:
+        p = jax.tree.map(jnp.copy, params)
+        init = row.opt.init
+        state = jax.jit(init)(p)
+        state_bpp = lowbit.state_bytes(state) / n_params
+        jstep = jax.jit(
+            train_step(row.kind, row.opt), donate_argnums=(1, 2) if row.donate else ()
+        )
+        t0 = time.perf_counter()
+        compiled = jstep.lower(grads, state, p).compile()
+        rec["compile_s"] = time.perf_counter() - t0
         try:
-            p = jax.tree.map(jnp.copy, params)
-            state = jax.jit(tx.init)(p)
-
-            jstep = jax.jit(train_step(kind, tx), donate_argnums=(0, 1))
-            t0 = time.perf_counter()
-            compiled = jstep.lower(p, state, grads).compile()
-            rec["compile_s"] = time.perf_counter() - t0
             mem = compiled.memory_analysis()
-            rec["temp_bytes_per_param"] = (
-                mem.temp_size_in_bytes / n_params if mem is not None else None
+        except Exception:  # not every backend implements it
+            mem = None
+        rec["temp_bytes_per_param"] = (
+            mem.temp_size_in_bytes / n_params if mem is not None else None
+        )
+        rec["state_bytes_per_param"] = state_bpp
+        rec["bytes_per_param"] = min_bytes_per_param(row.path, state_bpp)
+
+        def run(s, p, g, compiled=compiled):  # outputs in their arguments' order
+            p, s = compiled(g, s, p)
+            return s, p
+
+        ms, ms_min, (state, p, _) = time_fn(run, state, p, grads)
+        rec["ms"], rec["ms_min"] = ms, ms_min
+        rec["tbps"] = rec["bytes_per_param"] * n_params / (ms * 1e-3) / 1e12
+        rec["finite"] = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
+        del p, state, compiled
+    except Exception as e:  # record, never fake
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        traceback.print_exc(limit=3)
+    return rec
+
+
+def torch_row(shapes: dict, n_timed: int, n_warm: int) -> dict | None:
+    """``torch.optim.AdamW(fused=True)`` fp32 on the same shapes, timed with
+    CUDA events (median of ``n_timed`` after ``n_warm``); ``None`` without
+    torch or CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    rec: dict[str, Any] = {
+        "optimizer": "torch.adamw_fused",
+        "path": "torch",
+        "impl": "torch",
+        "donated": None,
+        "compile_s": None,
+        "temp_bytes_per_param": None,
+    }
+    try:
+        leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        params = []
+        for s in leaves:
+            p = torch.nn.Parameter(
+                0.02 * torch.randn(s, device="cuda", generator=gen, dtype=torch.float32)
             )
-            rec["state_bytes_per_param"] = tree_bytes(state) / n_params
-            ms, ms_min, (p, state, _) = time_fn(compiled, p, state, grads)
-            rec["ms"], rec["ms_min"] = ms, ms_min
-            jax.tree.map(lambda x: x.block_until_ready(), p)
-            rec["finite"] = bool(
-                all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
+            p.grad = 0.02 * torch.randn(
+                s, device="cuda", generator=gen, dtype=torch.float32
             )
-            del p, state, compiled
-        except Exception as e:  # record, never fake
-            rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            log(traceback.format_exc(limit=3))
-        rows.append(rec)
-        log(json.dumps(rec))
-    base = next(
-        (r["ms"] for r in rows if r["optimizer"] == "optax.adamw" and "ms" in r), None
-    )
-    for r in rows:
-        if base and "ms" in r:
-            r["ratio_vs_optax_adamw"] = r["ms"] / base
-    return rows
+            params.append(p)
+        n_params = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, fused=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()  # allocates the state
+        torch.cuda.synchronize()
+        rec["first_step_s"] = time.perf_counter() - t0
+        for _ in range(n_warm):
+            opt.step()
+        times = []
+        for _ in range(n_timed):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        state_b = sum(
+            v.numel() * v.element_size()
+            for st in opt.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
+        rec["state_bytes_per_param"] = state_b / n_params
+        rec["bytes_per_param"] = min_bytes_per_param("torch", state_b / n_params)
+        rec["ms"], rec["ms_min"] = statistics.median(times), min(times)
+        rec["tbps"] = rec["bytes_per_param"] * n_params / (rec["ms"] * 1e-3) / 1e12
+        rec["finite"] = all(bool(torch.isfinite(p).all()) for p in params)
+        del opt, params
+        torch.cuda.empty_cache()
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        traceback.print_exc(limit=3)
+    return rec
+
+
+def add_baselines(records: list[dict]) -> None:
+    """``baseline_ms`` (the faster optax.adamw of the case), ``ratio``, ``goal``."""
+    for case in {r["case"] for r in records}:
+        rows = [r for r in records if r["case"] == case]
+        base = [r for r in rows if r["optimizer"] in BASELINES and "ms" in r]
+        best = min(base, key=lambda r: r["ms"]) if base else None
+        for r in rows:
+            r["baseline_ms"] = best["ms"] if best else None
+            r["baseline_optimizer"] = best["optimizer"] if best else None
+            r["ratio"] = r["ms"] / best["ms"] if best and "ms" in r else None
+            r["goal"] = GOALS.get((r["optimizer"], r["path"]))
 
 
 def _codecs(bits, rounding):
@@ -266,9 +420,18 @@ KERNEL_VARIANTS = {
 }
 
 
-def kernel_checks(meta: dict, log, configs=None, variants=None, checks=None):
+def copy_ceiling(n: int = 1 << 28) -> float:
+    """TB/s of ``x * 1.0001`` on ``n`` float32 elements (read + write, donated)."""
+    x = jax.random.normal(jax.random.key(5), (n,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    ms, _, _ = time_fn(lambda x: (f(x),), x)
+    return 2 * 4 * n / (ms * 1e-3) / 1e12
+
+
+def kernel_checks(log, configs=None, variants=None, checks=None):
     """On-device kernel vs jnp reference (every variant, with and without the
-    fused apply), the copy ceiling, and a block / warps sweep on the 256M leaf."""
+    fused apply) and a block / warps sweep on the 256M leaf; sets the module's
+    defaults to the fastest polar2 configuration for the rows that follow."""
     out = {}
     key = jax.random.key(7)
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -313,13 +476,6 @@ def kernel_checks(meta: dict, log, configs=None, variants=None, checks=None):
             except Exception as e:
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
             log(f"{name}: {out[name]}")
-    # copy ceiling: read + write of 1 GiB
-    x = jax.random.normal(k1, (1 << 28,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    ms, _, _ = time_fn(lambda x: (f(x),), x)
-    out["copy_ceiling_TBps"] = 2 * 4 * (1 << 28) / (ms * 1e-3) / 1e12
-    log(f"copy ceiling {out['copy_ceiling_TBps']:.2f} TB/s")
-    del x
     # kernel alone on the 256M leaf: block / warps sweep (state donated)
     shape = (16384, 16384)
     g = jax.random.normal(k3, shape)
@@ -360,94 +516,588 @@ def kernel_checks(meta: dict, log, configs=None, variants=None, checks=None):
         best = min(ok, key=lambda r: r["ms"])
         kadam.DEFAULT_BLOCK_GROUPS = best["block_groups"]
         kadam.DEFAULT_NUM_WARPS = best["num_warps"]
-    out["kernel_config_used"] = {
-        "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
-        "num_warps": kadam.DEFAULT_NUM_WARPS,
-    }
-    log(f"kernel config used: {out['kernel_config_used']}")
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="leaf_256M,gpt2_small_146,gpt2_small_stacked_14")
-    ap.add_argument("--out", default=None)
+# ---------------------------------------------------------------------------
+# Static PTX size of each kernel (GPU only).
+# ---------------------------------------------------------------------------
+
+#: the leaf the PTX is compiled for (the kernel's code does not depend on the
+#: leaf's size once it holds more than one block: only the grid does)
+PTX_SHAPE = (1024, 4096)
+_ENTRY = re.compile(r"(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$.]+)")
+_LABEL = re.compile(r"^[\w$.]+:")
+_TRITON_TARGET = "__gpu$xla.gpu.triton"
+_TRITON_NAME = re.compile(r"\bname\\*\"?\s*[=:]\s*\\*\"([\w$.\-]+)\\*\"")
+
+
+def ptx_entries(text: str) -> dict[str, list[str]]:
+    """The instruction lines of each ``.entry`` function of a PTX file.
+
+    An instruction is a statement ending in ``;`` inside the function's body
+    that is not a directive (``.reg``, ``.param``, ``.loc``, ... start with a
+    dot), a label (``$L__BB0_2:``) or a comment; predicated instructions
+    (``@%p1 bra ...``) count once."""
+    out: dict[str, list[str]] = {}
+    cur, depth, started = None, 0, False
+    for line in text.splitlines():
+        s = line.split("//", 1)[0].strip()
+        m = _ENTRY.match(s)
+        if m:
+            cur, depth, started = m.group(1), 0, False
+            out[cur] = []
+            continue
+        if cur is None or not s:
+            continue
+        opens, closes = s.count("{"), s.count("}")
+        started = started or opens > 0
+        depth += opens - closes
+        body = s.strip("{} ")
+        if (
+            started
+            and body.endswith(";")
+            and not body.startswith(".")
+            and not _LABEL.match(body)
+        ):
+            out[cur].append(body)
+        if started and depth <= 0:
+            cur = None
+    return out
+
+
+def _opcode(instr: str) -> str:
+    """``@%p1 st.global.v4.b32 [...]`` -> ``st``."""
+    tok = instr.split()
+    if tok and tok[0].startswith("@"):
+        tok = tok[1:]
+    return tok[0].rstrip(";").split(".")[0] if tok else ""
+
+
+def _triton_names(hlo_files: list[pathlib.Path]) -> list[str]:
+    """Names of the Triton custom calls in optimized HLO text files."""
+    names = []
+    for f in hlo_files:
+        for line in f.read_text(errors="replace").splitlines():
+            if _TRITON_TARGET in line:
+                names += _TRITON_NAME.findall(line)
+    return list(dict.fromkeys(names))
+
+
+def ptx_of_module(dump: pathlib.Path, module: str, elements_per_thread: float) -> dict:
+    """The Triton kernel of the jitted ``module`` in an XLA dump folder: its
+    function in the module's PTX (found by the custom call's name in the
+    optimized HLO) and its instruction count."""
+    files = [f for f in dump.rglob("*") if f".{module}." in f.name]
+    ptx_files = [f for f in files if f.suffix == ".ptx"]
+    if not ptx_files:
+        kinds = sorted({"".join(f.suffixes[-2:]) for f in dump.rglob("*")})[:15]
+        return {
+            "ptx_error": f"no .ptx file of {module} in the XLA dump "
+            f"({len(files)} files of it; kinds in the dump: {kinds})"
+        }
+    entries: dict[str, list[str]] = {}
+    for f in ptx_files:
+        entries.update(ptx_entries(f.read_text(errors="replace")))
+    names = _triton_names(
+        [f for f in files if f.name.endswith("after_optimizations.txt")]
+    )
+    if not names:
+        return {
+            "ptx_error": f"no {_TRITON_TARGET} custom call in {module}'s optimized "
+            f"HLO (not the Triton lowering?); PTX entries {sorted(entries)[:12]}"
+        }
+    keys = [re.sub(r"[^\w$]", "_", n) for n in names]
+    found = [e for e in entries if any(e == k or e.startswith(k) for k in keys)]
+    if not found:
+        return {
+            "ptx_error": f"Triton kernels {names} not among the PTX entries "
+            f"{sorted(entries)[:12]}"
+        }
+    instrs = [i for e in found for i in entries[e]]
+    ops = Counter(_opcode(i) for i in instrs)
+    return {
+        "ptx_kernels": found,
+        "ptx_instructions": len(instrs),
+        "ptx_instructions_per_element": len(instrs) / elements_per_thread,
+        "ptx_branches": ops.get("bra", 0),
+        "ptx_top_opcodes": dict(ops.most_common(12)),
+    }
+
+
+def ptx_child(dump: str, impl: str, optimizers=()) -> None:
+    """In the subprocess started with ``--xla_dump_to=dump``: compiles the step
+    of every kernel row on a `PTX_SHAPE` leaf, each jitted function named after
+    its row (``jit_ptx_<optimizer>_<path>`` is its HLO module), and writes the
+    rows with their block geometry to ``dump/ptx_rows.json``."""
+    shapes = {"w": PTX_SHAPE}
+    params = make_tree(shapes, jax.random.key(0))
+    grads = make_tree(shapes, jax.random.key(1))
+    bg, nw = kadam.DEFAULT_BLOCK_GROUPS, kadam.DEFAULT_NUM_WARPS
+    out = []
+    for row in rows_for("ptx", impl, optimizers, paths=("chain", "fused")):
+        if row.path not in ("chain", "fused"):
+            continue
+        name = re.sub(r"\W", "_", f"ptx_{row.optimizer}_{row.path}")
+        rec: dict[str, Any] = {"optimizer": row.optimizer, "path": row.path}
+        try:
+            state = row.opt.init(params)
+            packed = [
+                x
+                for x in jax.tree.leaves(
+                    state, is_leaf=lambda x: isinstance(x, base.Packed)
+                )
+                if isinstance(x, base.Packed)
+            ]
+            gsize = packed[0].codec.group_size
+            rec.update(
+                module=f"jit_{name}",
+                block_groups=bg,
+                num_warps=nw,
+                group_size=gsize,
+                elements_per_program=bg * gsize,
+                elements_per_thread=bg * gsize / (32 * nw),
+            )
+            step = train_step(row.kind, row.opt)
+
+            def fn(g, s, p, step=step):
+                return step(g, s, p)
+
+            fn.__name__ = fn.__qualname__ = name
+            jax.jit(fn).lower(grads, state, params).compile()
+        except Exception as e:
+            rec["ptx_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.append(rec)
+    pathlib.Path(dump, "ptx_rows.json").write_text(json.dumps(out))
+
+
+def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | None]:
+    """Static PTX instruction counts of the kernel of every low-bit preset, on
+    the chain path (kernel writes ``u``) and the fused path (kernel applies).
+
+    A subprocess (``--ptx-child``, so that the flag holds for its backend only)
+    runs with ``XLA_FLAGS=--xla_dump_to=<tmpdir>`` and compiles one step of
+    each row on a `PTX_SHAPE` leaf; here each row's Triton kernel is found in
+    its module's dumped PTX and its instruction lines counted (`ptx_entries`).
+
+    Per element: Triton compiles one program (a block of ``block_groups``
+    groups of the codec's ``group_size`` elements, the launch's block for a
+    leaf of more than one block) into per-thread code run by ``32 * num_warps``
+    threads; the block's elements are spread over the threads and the code
+    over them is unrolled, so the static count of the per-thread code divided
+    by the elements one thread handles, ``block_groups * group_size / (32 *
+    num_warps)``, is the instructions per element (an estimate: every branch's
+    code counts once; ``ptx_branches`` says how many branches there are). The
+    block comes from `optax_lowbit.kernels.adam` (``DEFAULT_BLOCK_GROUPS``,
+    ``DEFAULT_NUM_WARPS``, after the sweep), the group size from the state's
+    first `Packed` moment (the launch's groups are the first moment's).
+
+    Returns the records and ``None``, or no records and why there are none.
+    """
+    if jax.default_backend() != "gpu":
+        return [], f"backend {jax.default_backend()}: no PTX (GPU only)"
+    if impl != "pallas":
+        return [], f"impl {impl}: no kernel"
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={tmp}"
+        env = dict(
+            os.environ,
+            XLA_FLAGS=flags.strip(),
+            XLA_PYTHON_CLIENT_PREALLOCATE="false",  # this process holds the GPU
+        )
+        cmd = [sys.executable, "-m", "benchmarks.step_speed", "--ptx-child", tmp]
+        cmd += ["--impl", impl, "--optimizers", ",".join(optimizers)]
+        cmd += ["--block-groups", str(kadam.DEFAULT_BLOCK_GROUPS)]
+        cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
+        cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            cwd=pathlib.Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        rows_file = pathlib.Path(tmp, "ptx_rows.json")
+        if proc.returncode != 0 or not rows_file.exists():
+            return [], f"PTX subprocess failed: {proc.stderr[-800:]}"
+        out = json.loads(rows_file.read_text())
+        for rec in out:
+            module = rec.pop("module", None)
+            if module and "ptx_error" not in rec:
+                rec.update(
+                    ptx_of_module(pathlib.Path(tmp), module, rec["elements_per_thread"])
+                )
+            log(f"ptx {rec}")
+    return out, None
+
+
+# ---------------------------------------------------------------------------
+# Output: meta, table, plot.
+# ---------------------------------------------------------------------------
+
+
+def run_meta(args: argparse.Namespace) -> dict:
+    """The run's record: device and versions, date, commit, timing settings."""
+    from benchmarks.train_lm_long import git_commit  # env, else git, else unknown
+
+    commit = git_commit()
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "optax_version": optax.__version__,
+        "torch_version": torch_version,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": None if commit.startswith("unknown") else commit,
+        "n_timed": N_TIMED,
+        "n_warm": N_WARM,
+        "impl": args.impl,
+        "lowering": os.environ.get("OPTAX_LOWBIT_GPU_LOWERING", "triton"),
+        "leaves_per_launch": kadam.LEAVES_PER_LAUNCH,
+        "argv": sys.argv[1:],
+        "bytes_per_param_rule": min_bytes_per_param.__doc__.split("\n\n")[0],
+        "baseline_rule": "baseline_ms: the faster of optax.adamw (plain jit) and "
+        "optax.adamw_donated (state and params donated) of the same case and run",
+    }
+
+
+def _fmt(x, spec: str) -> str:
+    """``x`` formatted by ``spec``, or ``-`` (as wide) when it is ``None``."""
+    width = re.match(r"\d*", spec).group()
+    return format(x, spec) if x is not None else "-".rjust(int(width or 0))
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        f"{'case':14s} {'optimizer':20s} {'path':6s} {'ms':>8s} {'ratio':>6s} "
+        f"{'goal':>5s} {'B/param':>7s} {'TB/s':>5s} {'compile_s':>9s} {'ptx/el':>6s}"
+    ]
+    for r in records:
+        head = f"{r['case']:14s} {r['optimizer']:20s} {r['path']:6s}"
+        if "ms" not in r:
+            why = r.get("error") or r.get("skipped") or "?"
+            lines.append(f"{head} {'ERROR' if 'error' in r else 'SKIP'} {why[:70]}")
+            continue
+        lines.append(
+            f"{head} {r['ms']:8.3f} {_fmt(r.get('ratio'), '6.2f')} "
+            f"{_fmt(r.get('goal'), '5.2f')} {r['bytes_per_param']:7.2f} "
+            f"{r['tbps']:5.2f} {_fmt(r.get('compile_s'), '9.2f')} "
+            f"{_fmt(r.get('ptx_instructions_per_element'), '6.1f')}"
+        )
+    return "\n".join(lines)
+
+
+PATH_COLORS = {
+    "xla": "tab:gray",
+    "jnp": "tab:olive",
+    "chain": "tab:blue",
+    "fused": "tab:green",
+    "torch": "tab:orange",
+}
+
+
+def plot(records: list[dict], path: pathlib.Path) -> None:
+    """Ratio to the fastest optax.adamw per optimizer and path (bars), one panel
+    per case, with 1.0 and issue 18's goals (red marks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    per_case = {
+        c: [r for r in records if r["case"] == c and r.get("ratio") is not None]
+        for c in cases
+    }
+    n_rows = max([len(v) for v in per_case.values()] + [1])
+    fig, axes = plt.subplots(
+        1,
+        max(len(cases), 1),
+        figsize=(5.2 * max(len(cases), 1), 0.3 * n_rows + 2.0),
+        squeeze=False,
+    )
+    for ax, case in zip(axes[0], cases, strict=False):
+        rows = per_case[case]
+        y = list(range(len(rows)))
+        ax.barh(
+            y,
+            [r["ratio"] for r in rows],
+            color=[PATH_COLORS.get(r["path"], "tab:purple") for r in rows],
+        )
+        ax.axvline(1.0, color="black", lw=1)
+        for i, r in enumerate(rows):
+            if r.get("goal") is not None:
+                ax.plot([r["goal"]] * 2, [i - 0.45, i + 0.45], color="red", lw=2.5)
+        ax.set_yticks(y, [f"{r['optimizer']} / {r['path']}" for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        base = rows[0]["baseline_ms"] if rows else None
+        ax.set_title(f"{case}: fastest optax.adamw {_fmt(base, '.2f')} ms", fontsize=9)
+        ax.set_xlabel("step time / fastest optax.adamw (lower is faster)")
+        ax.grid(axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=p) for p, c in PATH_COLORS.items()]
+    handles += [
+        Line2D([], [], color="black", lw=1, label="1.0 (fp32 AdamW)"),
+        Line2D([], [], color="red", lw=2.5, label="goal (issue 18)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
+    meta_dev = records[0].get("device", "") if records else ""
+    fig.suptitle(
+        f"Optimizer step time vs fastest optax.adamw ({meta_dev})", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma list (default {DEFAULT_CASES}; --tiny: {TINY_CASES}); "
+        f"old names accepted: {', '.join(CASE_ALIASES)}",
+    )
+    ap.add_argument("--out", default=None, help="JSON path (the PNG goes beside it)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="quick kernel checks and sweep, no jnp rows (~half the default run)",
+    )
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke run: tiny cases, 3 timed steps, no kernel checks",
+    )
+    ap.add_argument(
+        "--impl", default="pallas", help="the chain / fused rows' impl (pallas, jnp)"
+    )
+    ap.add_argument("--optimizers", default="", help="comma list of low-bit presets")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of paths")
+    ap.add_argument("--only", default="", help="comma list of 'optimizer/path' parts")
+    ap.add_argument("--n-timed", type=int, default=None)
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=480.0,
+        help="rows not started this many seconds after the start are skipped",
+    )
+    ap.add_argument(
+        "--jnp-cases",
+        default=None,
+        help="cases with jnp rows: comma list or 'all' (default: "
+        f"{','.join(JNP_CASES)}; --tiny: all)",
+    )
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--quick-kernel", action="store_true")
+    ap.add_argument("--no-ptx", action="store_true")
     ap.add_argument("--variants", default="", help="kernel variants to check/sweep")
-    ap.add_argument("--only", default="", help="comma list of row-name substrings")
     ap.add_argument("--block-groups", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--leaves-per-launch", type=int, default=None)
-    args = ap.parse_args()
-    only = tuple(filter(None, args.only.split(",")))
+    ap.add_argument("--ptx-child", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _out_path(arg: str | None) -> pathlib.Path:
+    if arg:
+        return pathlib.Path(arg)
+    outdir = os.environ.get("OUT")
+    if outdir:
+        return pathlib.Path(outdir) / "step_speed_h200.json"
+    return pathlib.Path(__file__).parent / "results" / "step_speed_h200.json"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark; returns the result written to the JSON file."""
+    global N_TIMED, N_WARM
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.tiny:
+        N_TIMED, N_WARM = 3, 1
+    if args.n_timed:
+        N_TIMED = args.n_timed
     if args.block_groups:
         kadam.DEFAULT_BLOCK_GROUPS = args.block_groups
     if args.num_warps:
         kadam.DEFAULT_NUM_WARPS = args.num_warps
     if args.leaves_per_launch:
         kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
-    meta_extra = {"leaves_per_launch": kadam.LEAVES_PER_LAUNCH}
-    outdir = os.environ.get("OUT")
-    path = args.out or (
-        os.path.join(outdir, "step_speed.json")
-        if outdir
-        else os.path.join(os.path.dirname(__file__), "results", "step_speed.json")
-    )
-    meta = {
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
+    if args.ptx_child:
+        ptx_child(
+            args.ptx_child, args.impl, tuple(filter(None, args.optimizers.split(",")))
+        )
+        return {}
+    cases = [
+        CASE_ALIASES.get(c, c)
+        for c in (args.cases or (TINY_CASES if args.tiny else DEFAULT_CASES)).split(",")
+        if c
+    ]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {sorted(CASES)}")
+    optimizers = tuple(filter(None, args.optimizers.split(",")))
+    paths = tuple(filter(None, args.paths.split(",")))
+    if args.quick:
+        paths = tuple(p for p in paths if p != "jnp")
+    if args.jnp_cases == "all" or (args.jnp_cases is None and args.tiny):
+        jnp_cases = set(cases)
+    elif args.jnp_cases is None:
+        jnp_cases = set(JNP_CASES)
+    else:
+        jnp_cases = {CASE_ALIASES.get(c, c) for c in args.jnp_cases.split(",")}
+    only = tuple(filter(None, args.only.split(",")))
+    path = _out_path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = path.with_suffix(".png")
 
     def log(msg):
         print(msg, flush=True)
 
-    meta.update(meta_extra)
+    meta = run_meta(args)
     log(json.dumps(meta))
-    result = {"meta": meta, "records": []}
-    try:
-        if not args.skip_kernel_checks:
-            variants = tuple(filter(None, args.variants.split(",")))
-            if args.quick_kernel:
+    phase_s = meta["phase_s"] = {"start": time.perf_counter() - t_start}
+    t_phase = time.perf_counter()
+
+    def phase(name):  # seconds since the last phase ended
+        nonlocal t_phase
+        phase_s[name] = phase_s.get(name, 0.0) + time.perf_counter() - t_phase
+        t_phase = time.perf_counter()
+
+    result: dict[str, Any] = {"meta": meta, "records": [], "kernel": {}}
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    meta["copy_ceiling_tbps"] = copy_ceiling(1 << 16 if args.tiny else 1 << 28)
+    log(f"copy ceiling {meta['copy_ceiling_tbps']:.2f} TB/s")
+    phase("copy_ceiling")
+    kernel_run = not (args.skip_kernel_checks or args.tiny)
+    if kernel_run:
+        variants = tuple(filter(None, args.variants.split(",")))
+        try:
+            if args.quick_kernel or args.quick:
+                presets = [v for v in KERNEL_VARIANTS if v.startswith("preset-")]
                 result["kernel"] = kernel_checks(
-                    meta,
                     log,
                     ((16, 4), (8, 4)),
                     variants or ("polar2-sr", "blockwise8", "blockwise4"),
-                    variants or None,
+                    variants or (presets if args.quick else None),
                 )
             else:
-                result["kernel"] = kernel_checks(meta, log)
-    except Exception:
-        log(traceback.format_exc())
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
-    for case in filter(None, args.cases.split(",")):
-        result["records"] += bench_case(case, CASES[case], meta, log, only)
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=1)
-    print(f"\n{meta}")
-    print(
-        f"{'case':24s} {'optimizer':36s} {'ms':>8s} {'ratio':>6s} {'B/p st':>7s} "
-        f"{'B/p tmp':>7s} {'comp_s':>6s}"
+                result["kernel"] = kernel_checks(log)
+        except Exception:
+            log(traceback.format_exc())
+    else:
+        result["kernel"]["skipped"] = "--tiny" if args.tiny else "--skip-kernel-checks"
+    meta["kernel_config_used"] = {
+        "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
+        "num_warps": kadam.DEFAULT_NUM_WARPS,
+    }
+    log(f"kernel config used: {meta['kernel_config_used']}")
+    phase("kernel_checks")
+    ptx, why = [], "--no-ptx"
+    if not args.no_ptx:
+        try:
+            ptx, why = ptx_counts(args.impl, optimizers, log)
+        except Exception as e:
+            ptx, why = [], f"{type(e).__name__}: {str(e)[:300]}"
+    result["kernel"]["ptx"] = ptx
+    ptx_by_row = {
+        (p["optimizer"], p["path"]): {
+            k: v for k, v in p.items() if k not in ("optimizer", "path")
+        }
+        for p in ptx
+    }
+    meta["ptx_note"] = why or (
+        "ptx_instructions: static count of the Triton kernel's PTX instructions "
+        "(XLA dump of one step on a 1024x4096 leaf); per element: divided by "
+        "block_groups * group_size / (32 * num_warps), the elements one thread "
+        "handles; see ptx_error on a row for a kernel that was not found"
     )
-    for r in result["records"]:
-        if "ms" not in r:
-            print(
-                f"{r['case']:24s} {r['optimizer']:36s} ERROR {r.get('error', '')[:60]}"
-            )
-            continue
-        print(
-            f"{r['case']:24s} {r['optimizer']:36s} {r['ms']:8.3f} "
-            f"{r.get('ratio_vs_optax_adamw', float('nan')):6.2f} "
-            f"{r['state_bytes_per_param']:7.3f} {r['temp_bytes_per_param']:7.3f} "
-            f"{r['compile_s']:6.1f}"
-        )
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
+    phase("ptx")
+    save()
+
+    for part in ("main", "jnp"):  # the jnp rows last: the deadline cuts them first
+        for case in cases:
+            rows = [
+                r
+                for r in rows_for(case, args.impl, optimizers, paths)
+                if (r.path == "jnp") == (part == "jnp")
+                and (r.path != "jnp" or case in jnp_cases)
+                and (
+                    not only
+                    or r.optimizer in BASELINES
+                    or any(o in f"{r.optimizer}/{r.path}" for o in only)
+                )
+            ]
+            want_torch = part == "main" and "torch" in paths
+            if not rows and not want_torch:
+                continue
+            shapes = CASES[case]
+            params = make_tree(shapes, jax.random.key(0))
+            grads = make_tree(shapes, jax.random.key(1))
+            n_params = sum(x.size for x in jax.tree.leaves(params))
+            n_leaves = len(jax.tree.leaves(params))
+            log(f"case {case}: {n_params / 1e6:.2f}M params, {n_leaves} leaves")
+            common = {
+                "case": case,
+                "n_params": n_params,
+                "n_leaves": n_leaves,
+                "device": meta["device"],
+                "jax_version": meta["jax_version"],
+                "date": meta["date"],
+                "commit": meta["commit"],
+            }
+            for row in rows:
+                if time.perf_counter() - t_start > args.deadline_s:
+                    rec = {"optimizer": row.optimizer, "path": row.path}
+                    rec["skipped"] = f"deadline ({args.deadline_s:.0f} s) passed"
+                else:
+                    rec = bench_row(row, params, grads, n_params)
+                rec = {**common, **rec}
+                if row.path in ("chain", "fused"):
+                    rec.update(ptx_instructions=None, ptx_instructions_per_element=None)
+                    rec.update(ptx_by_row.get((row.optimizer, row.path), {}))
+                result["records"].append(rec)
+                log(json.dumps(rec))
+                save()
+            del params, grads
+            if want_torch:
+                rec = torch_row(shapes, N_TIMED, N_WARM)
+                if rec is not None:
+                    rec = {**common, **rec}
+                    result["records"].append(rec)
+                    log(json.dumps(rec))
+            phase(f"{case}/{part}")
+    order = {c: i for i, c in enumerate(cases)}
+    result["records"].sort(
+        key=lambda r: (order[r["case"]], PATHS.index(r["path"]), r["optimizer"])
+    )
+    add_baselines(result["records"])
+    meta["wall_s"] = time.perf_counter() - t_start
+    save()
+    plot(result["records"], png)
+    print(f"\n{json.dumps({k: meta[k] for k in ('device', 'jax_version', 'commit')})}")
+    print(f"copy ceiling {meta['copy_ceiling_tbps']:.2f} TB/s")
+    print(table(result["records"]))
+    print(f"wrote {path} and {png} in {meta['wall_s']:.0f} s")
     sys.stdout.flush()
+    return result
 
 
 if __name__ == "__main__":

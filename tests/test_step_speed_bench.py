@@ -1,0 +1,104 @@
+"""Smoke test of benchmarks/step_speed.py: --tiny on CPU, JSON schema, PNG."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+pytestmark = pytest.mark.xdist_group("step_speed_bench")
+
+FIELDS = (
+    "case",
+    "optimizer",
+    "path",
+    "ms",
+    "baseline_ms",
+    "ratio",
+    "bytes_per_param",
+    "tbps",
+    "compile_s",
+    "temp_bytes_per_param",
+    "device",
+    "jax_version",
+    "date",
+    "commit",
+)
+META = (
+    "device",
+    "jax_version",
+    "optax_version",
+    "torch_version",
+    "date",
+    "commit",
+    "copy_ceiling_tbps",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step_speed") / "step_speed_h200.json"
+    # A subprocess: the run sets module globals (timing counts, kernel config).
+    cmd = [sys.executable, "-m", "benchmarks.step_speed", "--tiny", "--impl", "jnp"]
+    proc = subprocess.run(
+        [*cmd, "--optimizers", "polar2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads(out.read_text()), proc.stdout
+
+
+def test_meta_and_png(tiny):
+    out, doc, stdout = tiny
+    assert set(META) <= set(doc["meta"])
+    assert doc["meta"]["copy_ceiling_tbps"] > 0
+    assert doc["meta"]["n_timed"] == 3
+    assert "GPU only" in doc["meta"]["ptx_note"]  # CPU: no PTX, and it says why
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "compile_s" in stdout and "tiny_tree" in stdout
+
+
+def test_records(tiny):
+    _, doc, _ = tiny
+    recs = doc["records"]
+    assert {r["case"] for r in recs} == {"tiny_leaf", "tiny_tree"}
+    for case in ("tiny_leaf", "tiny_tree"):
+        rows = {(r["optimizer"], r["path"]): r for r in recs if r["case"] == case}
+        assert set(rows) == {
+            ("optax.adamw", "xla"),
+            ("optax.adamw_donated", "xla"),
+            ("polar2", "jnp"),
+            ("polar2", "chain"),
+            ("polar2", "fused"),
+        }
+        base = min(rows[o, "xla"]["ms"] for o in ("optax.adamw", "optax.adamw_donated"))
+        assert not rows["optax.adamw", "xla"]["donated"]
+        assert rows["optax.adamw_donated", "xla"]["donated"]
+        for r in rows.values():
+            assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+            assert "error" not in r and r["finite"]
+            assert r["ms"] > 0 and r["compile_s"] > 0 and r["tbps"] > 0
+            assert r["baseline_ms"] == base
+            assert math.isclose(r["ratio"], r["ms"] / r["baseline_ms"])
+            assert r["bytes_per_param"] > 0
+            n = r["n_params"]
+            tbps = r["bytes_per_param"] * n / (r["ms"] * 1e-3) / 1e12
+            assert math.isclose(r["tbps"], tbps)
+        # fp32 AdamW moves 28 B/param; the low-bit state is read from the state
+        assert rows["optax.adamw", "xla"]["bytes_per_param"] == pytest.approx(28, 1e-3)
+        polar = rows["polar2", "fused"]
+        assert 0 < polar["state_bytes_per_param"] < 8
+        assert polar["bytes_per_param"] == pytest.approx(
+            12 + 2 * polar["state_bytes_per_param"]
+        )
+        assert rows["polar2", "chain"]["bytes_per_param"] == pytest.approx(
+            polar["bytes_per_param"] + 8
+        )
+        assert polar["goal"] == 0.60 and rows["polar2", "chain"]["goal"] == 0.90
+        assert polar["ptx_instructions"] is None  # GPU only
