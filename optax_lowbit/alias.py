@@ -13,6 +13,12 @@ mu_dtype, weight_decay, mask``); ours are keyword-only after ``*``.
 Under ``optax.inject_hyperparams`` pass the structural arguments that are
 numbers or callables as static: ``static_args=("bits", "policy")`` (``mask``
 too when it is a callable).
+
+The Adam family (``adam_<name>``, ``adamw_<name>`` and the deprecated
+``fused_adamw_<name>``) is generated from the presets of
+`optax_lowbit.transforms.adam_presets`; Adafactor, Lion and SGD are written
+out. Why one module of ~550 lines: like Optax's ``alias.py`` it is the one
+place a user reads for the ready optimizers, most of it their docstrings.
 """
 
 from __future__ import annotations
