@@ -27,7 +27,10 @@ records one JSON record per row:
 * ``temp_bytes_per_param``: ``compiled.memory_analysis()``'s temporaries.
 * ``ptx_instructions`` / ``ptx_instructions_per_element`` on the kernel rows
   (``chain``, ``fused``): the static PTX size of the row's Triton kernel
-  (`ptx_counts`; GPU only, ``null`` elsewhere with the reason in the meta).
+  (`ptx_counts`: from an ``--xla_dump_to`` dump; GPU only). ``null`` where the
+  dump holds no PTX, with the reason in the meta's ``ptx_note`` and the row's
+  ``ptx_error``: on an H200 with JAX 0.11.2, XLA dumps the HLO, MLIR and thunk
+  files but no PTX (nor LLVM IR with ``--xla_gpu_dump_llvmir``).
 
 It also checks every kernel variant against the jnp reference on the device
 (code and scale mismatch fractions, output error), measures the device copy
@@ -36,7 +39,9 @@ then use the fastest configuration). Writes ``step_speed_h200.json`` and
 ``step_speed_h200.png`` (ratio per optimizer and case) to
 ``benchmarks/results/`` or ``$OUT`` when set (``--out`` overrides the JSON
 path) and prints a table. Rows that fail record their error; rows not started
-before ``--deadline-s`` record ``skipped`` (the jnp rows run last).
+before ``--deadline-s`` record ``skipped`` (the jnp rows run last, by default
+on ``leaf_256M`` and ``gpt2s_stacked`` only: ``--jnp-cases all`` adds the
+148-leaf tree, whose jnp rows compile for 25-40 s each).
 """
 
 from __future__ import annotations
@@ -587,36 +592,43 @@ def _triton_names(hlo_files: list[pathlib.Path]) -> list[str]:
 def ptx_of_module(dump: pathlib.Path, module: str, elements_per_thread: float) -> dict:
     """The Triton kernel of the jitted ``module`` in an XLA dump folder: its
     function in the module's PTX (found by the custom call's name in the
-    optimized HLO) and its instruction count."""
-    files = [f for f in dump.rglob("*") if f".{module}." in f.name]
+    optimized HLO) and its instruction count; else ``ptx_error`` says why."""
+    own = re.compile(rf"\.{re.escape(module)}(\.|$)")
+    files = [
+        f
+        for f in dump.rglob("*")
+        if f.is_file() and any(own.search(x) for x in f.relative_to(dump).parts)
+    ]
+    names = _triton_names([f for f in files if f.name.endswith("optimizations.txt")])
+    rec: dict[str, Any] = {"triton_kernels": names}
+    if not names:
+        rec["ptx_error"] = (
+            f"no {_TRITON_TARGET} custom call in {module}'s optimized HLO "
+            "(not the Triton lowering?)"
+        )
+        return rec
     ptx_files = [f for f in files if f.suffix == ".ptx"]
     if not ptx_files:
-        kinds = sorted({"".join(f.suffixes[-2:]) for f in dump.rglob("*")})[:15]
-        return {
-            "ptx_error": f"no .ptx file of {module} in the XLA dump "
-            f"({len(files)} files of it; kinds in the dump: {kinds})"
-        }
+        kinds = sorted({f.name.rsplit(".", 1)[-1] for f in files})
+        rec["ptx_error"] = (
+            f"the XLA dump of {module} holds no PTX (its {len(files)} files are "
+            f"of kinds {kinds}): this XLA does not dump the PTX it compiles"
+        )
+        return rec
     entries: dict[str, list[str]] = {}
     for f in ptx_files:
         entries.update(ptx_entries(f.read_text(errors="replace")))
-    names = _triton_names(
-        [f for f in files if f.name.endswith("after_optimizations.txt")]
-    )
-    if not names:
-        return {
-            "ptx_error": f"no {_TRITON_TARGET} custom call in {module}'s optimized "
-            f"HLO (not the Triton lowering?); PTX entries {sorted(entries)[:12]}"
-        }
     keys = [re.sub(r"[^\w$]", "_", n) for n in names]
     found = [e for e in entries if any(e == k or e.startswith(k) for k in keys)]
     if not found:
-        return {
-            "ptx_error": f"Triton kernels {names} not among the PTX entries "
-            f"{sorted(entries)[:12]}"
-        }
+        rec["ptx_error"] = (
+            f"Triton kernels {names} not among the PTX entries {sorted(entries)[:12]}"
+        )
+        return rec
     instrs = [i for e in found for i in entries[e]]
     ops = Counter(_opcode(i) for i in instrs)
     return {
+        **rec,
         "ptx_kernels": found,
         "ptx_instructions": len(instrs),
         "ptx_instructions_per_element": len(instrs) / elements_per_thread,
@@ -980,7 +992,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict[str, Any] = {"meta": meta, "records": [], "kernel": {}}
 
-    def save():
+    def save():  # after every row: a run cut short keeps what it measured
+        add_baselines(result["records"])
         path.write_text(json.dumps(result, indent=1))
 
     meta["copy_ceiling_tbps"] = copy_ceiling(1 << 16 if args.tiny else 1 << 28)
@@ -1023,6 +1036,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for p in ptx
     }
+    errors = [p["ptx_error"] for p in ptx if "ptx_error" in p]
+    if not why and errors and not any("ptx_instructions" in p for p in ptx):
+        why = f"no kernel's PTX found; first reason: {errors[0]}"
     meta["ptx_note"] = why or (
         "ptx_instructions: static count of the Triton kernel's PTX instructions "
         "(XLA dump of one step on a 1024x4096 leaf); per element: divided by "
@@ -1088,7 +1104,6 @@ def main(argv: list[str] | None = None) -> dict:
     result["records"].sort(
         key=lambda r: (order[r["case"]], PATHS.index(r["path"]), r["optimizer"])
     )
-    add_baselines(result["records"])
     meta["wall_s"] = time.perf_counter() - t_start
     save()
     plot(result["records"], png)
