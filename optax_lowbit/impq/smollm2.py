@@ -788,6 +788,51 @@ def _block(
     return x + matmul(jax.nn.silu(gate) * up, p["mlp"]["down"])
 
 
+def rope_tables(
+    t: int, config: Config, dtype: Any = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """Cosines and sines of the rotary positions ``0 .. t-1``.
+
+    Args:
+      t: sequence length.
+      config: hyperparameters (head width, RoPE base).
+      dtype: dtype of the tables (that of the residual stream).
+
+    Returns:
+      ``(cos, sin)``, each ``(1, t, 1, head_dim / 2)``, as `block` takes them.
+    """
+    hd = config.head_dim
+    inv_freq = config.rope_base ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq  # (t, hd/2)
+    cos = jnp.cos(angles)[None, :, None, :].astype(dtype)
+    sin = jnp.sin(angles)[None, :, None, :].astype(dtype)
+    return cos, sin
+
+
+def block(
+    x: jax.Array,
+    p: Params,
+    rope: tuple[jax.Array, jax.Array],
+    config: Config,
+    matmul: Matmul | None = None,
+) -> jax.Array:
+    """One transformer block of `forward` on the residual stream ``x``.
+
+    Args:
+      x: ``(batch, t, d_model)`` residual stream.
+      p: the block's params (``params["blocks"][l]``).
+      rope: `rope_tables` of length ``t``.
+      config: hyperparameters.
+      matmul: ``matmul(x, w)`` for every linear layer (default ``x @ w``); a
+        hook sees each layer's input here (`optax_lowbit.impq.capture`).
+
+    Returns:
+      The residual stream after the block.
+    """
+    cos, sin = rope
+    return _block(x, p, cos, sin, config, matmul or _default_matmul)
+
+
 def stack_blocks(params: Params) -> Params:
     """Stacks the per-block dicts along a new leading axis (for a scan)."""
     blocks = params["blocks"]
@@ -845,12 +890,7 @@ def forward(
     tokens = tokens[None] if squeeze else tokens
     embed = params["embed"]
     x = jnp.take(embed, tokens, axis=0)
-    t = tokens.shape[1]
-    hd = config.head_dim
-    inv_freq = config.rope_base ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq  # (t, hd/2)
-    cos = jnp.cos(angles)[None, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[None, :, None, :].astype(x.dtype)
+    cos, sin = rope_tables(tokens.shape[1], config, x.dtype)
     blocks = params["blocks"]
     if isinstance(blocks, list | tuple):
         for p in blocks:
