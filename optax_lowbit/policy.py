@@ -91,6 +91,24 @@ def check_decision(path: Any, value: Any) -> bool:
     )
 
 
+def _is_complex(dtype: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.complexfloating))
+    except TypeError:
+        return False
+
+
+def complex_refused(path: Any, dtype: Any) -> TypeError:
+    """The error of a policy that quantizes a complex leaf."""
+    return TypeError(
+        f"the policy quantizes the complex leaf {_path_str(path)} ({dtype}); "
+        "codecs store real values only. Keep complex leaves in full precision "
+        "(their moments are then complex, as Optax's): have the policy return "
+        "False for them, e.g. lowbit.policy.from_predicate(lambda path, x: not "
+        "jnp.iscomplexobj(x) and ...), as lowbit.policy.default() does."
+    )
+
+
 def _is_float(dtype: Any) -> bool:
     try:
         return bool(jnp.issubdtype(dtype, jnp.floating))
@@ -120,6 +138,8 @@ class DefaultPolicy:
     def reason(self, path: Any, leaf: Any) -> str | None:
         """Why the leaf stays float32, or ``None`` if it is quantized."""
         leaf = unwrap(leaf)
+        if _is_complex(getattr(leaf, "dtype", None)):
+            return "complex"
         if not _is_float(getattr(leaf, "dtype", None)):
             return "not floating point"
         shape = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
@@ -145,7 +165,9 @@ class PredicatePolicy:
     """A user predicate ``fn(path, leaf) -> bool`` used as a policy.
 
     The leaf it receives is already unwrapped from a ``flax.nnx.Variable``.
-    Non-floating-point leaves are never quantized, whatever ``fn`` says.
+    Integer leaves are never quantized, whatever ``fn`` says; a complex leaf
+    for which ``fn`` returns True raises a TypeError naming it (codecs store
+    real values; complex leaves keep full-precision, complex moments).
     ``fn`` must return a bool (or a NumPy bool): anything else (e.g. the
     string ``"False"``, which is truthy) raises a TypeError naming the leaf.
     """
@@ -155,7 +177,12 @@ class PredicatePolicy:
     def reason(self, path: Any, leaf: Any) -> str | None:
         """Why the leaf stays float32, or ``None`` if it is quantized."""
         leaf = unwrap(leaf)
-        if not _is_float(getattr(leaf, "dtype", None)):
+        dtype = getattr(leaf, "dtype", None)
+        if _is_complex(dtype):
+            if check_decision(path, self.fn(path, leaf)):
+                raise complex_refused(path, dtype)
+            return "excluded by policy"
+        if not _is_float(dtype):
             return "not floating point"
         decision = check_decision(path, self.fn(path, leaf))
         return None if decision else "excluded by policy"

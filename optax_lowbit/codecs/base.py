@@ -310,7 +310,13 @@ def is_finite(x: jax.Array) -> jax.Array:
 
 
 def saturate(x: jax.Array) -> jax.Array:
-    """``x`` clipped to ``[-MAX_STORED, MAX_STORED]`` (NaN stays NaN)."""
+    """``x`` clipped to ``[-MAX_STORED, MAX_STORED]`` (NaN stays NaN).
+
+    A complex ``x`` (a complex leaf's full-precision moment) has its real and
+    imaginary parts clipped.
+    """
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(saturate(x.real), saturate(x.imag)).astype(x.dtype)
     return jnp.clip(x, -MAX_STORED, MAX_STORED)
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowbit import _checks
 from optax_lowbit import policy as _policy
 from optax_lowbit.codecs import base
 
@@ -37,11 +38,15 @@ __all__ = [
     "check_codec",
     "check_float_params",
     "check_state",
+    "complex_adam_step",
+    "compute_dtype",
     "decode_moment",
     "encode_like",
     "init_moment",
     "is_packed",
     "map_leaves",
+    "moment_dtype",
+    "plain_dtype",
     "resolve_policy",
 ]
 
@@ -133,20 +138,70 @@ def check_state(state: Any, expected: type, transform: str) -> None:
 
 
 def check_float_params(params: Any, what: str = "params") -> None:
-    """Raises TypeError naming the leaf path and dtype of a non-float leaf."""
+    """Raises TypeError naming the leaf path and dtype of a non-inexact leaf.
+
+    Floating-point and complex leaves are accepted (complex ones keep
+    full-precision, complex moments, as in Optax).
+    """
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(_policy.unwrap(leaf), "dtype", None)
         try:
-            ok = bool(jnp.issubdtype(dtype, jnp.floating))
+            ok = bool(jnp.issubdtype(dtype, jnp.inexact))
         except TypeError:
             ok = False
         if not ok:
             raise TypeError(
                 f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; quantized "
-                "optimizers accept floating-point parameters only (float16, "
-                "bfloat16, float32, float64). Leave integer leaves out of the "
-                "optimizer, e.g. with optax.masked or nnx.Optimizer(wrt=nnx.Param)."
+                "optimizers accept floating-point (float16, bfloat16, float32, "
+                "float64) and complex parameters only. Leave integer leaves out of "
+                "the optimizer, e.g. with optax.masked or nnx.Optimizer(wrt=nnx.Param)."
             )
+
+
+def is_complex(dtype: Any) -> bool:
+    """Whether ``dtype`` is complex."""
+    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype a leaf's step computes in: float32, or complex64 (or wider)."""
+    if is_complex(dtype):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.dtype(jnp.float32)
+
+
+def plain_dtype(leaf_dtype: Any, fallback_dtype: Any) -> Any:
+    """The dtype of an unquantized moment of a leaf of ``leaf_dtype``.
+
+    ``fallback_dtype`` ``None`` is the leaf's own dtype (Optax's ``mu_dtype=None``);
+    a complex leaf's moment is complex (a real ``fallback_dtype`` gives its
+    complex counterpart, at least complex64), as Optax's moments are.
+    """
+    if fallback_dtype is None:
+        return jnp.dtype(leaf_dtype)
+    if is_complex(leaf_dtype) and not is_complex(fallback_dtype):
+        return jnp.promote_types(fallback_dtype, jnp.complex64)
+    return jnp.dtype(fallback_dtype)
+
+
+def moment_dtype(name: str, dtype: Any) -> Any:
+    """Checks a moment-dtype argument (``mu_dtype``, ``accumulator_dtype``).
+
+    Returns:
+      ``None`` for ``None`` (each unquantized moment takes its parameter's dtype,
+      as in Optax), else the dtype; ValueError naming ``name`` unless it is
+      float32 or bfloat16.
+    """
+    if dtype is None:
+        return None
+    try:
+        dtype_name = jnp.dtype(dtype).name
+    except TypeError:
+        dtype_name = repr(dtype)
+    _checks.one_of(
+        name, dtype_name, ("float32", "bfloat16"), "or None for the params' dtype."
+    )
+    return jnp.dtype(dtype)
 
 
 def _leading_sharding(leaf: Any, ndim_out: int) -> Any:
@@ -213,6 +268,7 @@ def _zeros_packed(codec: base.Codec, leaf: Any) -> base.Packed:
 
 
 def _zeros_plain(leaf: Any, dtype: Any) -> jax.Array:
+    dtype = plain_dtype(leaf.dtype, dtype)
     if isinstance(leaf, jax.Array):
         return jnp.zeros_like(leaf, dtype=dtype)  # keeps the leaf's sharding
     return jnp.zeros(tuple(leaf.shape), dtype)
@@ -232,11 +288,13 @@ def init_moment(
         ``flax.nnx.Variable`` nodes; only shapes and dtypes are used).
       codec: the codec of quantized leaves.
       policy: ``policy(path, leaf) -> bool`` (see `optax_lowbit.policy`).
-      fallback_dtype: dtype of the leaves the policy keeps unquantized.
+      fallback_dtype: dtype of the leaves the policy keeps unquantized;
+        ``None`` is each leaf's own dtype (see `plain_dtype`: complex leaves
+        get complex moments).
 
     Returns:
       A tree of the structure of ``params`` whose leaves are `Packed` or
-      ``fallback_dtype`` zeros; a concrete sharded parameter's state is sharded
+      zeros of `plain_dtype`; a concrete sharded parameter's state is sharded
       like it on leading axes.
     """
     check_float_params(params)
@@ -256,11 +314,17 @@ def quantized(policy: Callable[[Any, Any], Any], path: Any, leaf: Any) -> bool:
 
     An empty leaf (a zero in its shape) never is: it has nothing to store,
     and its state is an empty float array (no bytes, an empty update). The
-    policy must return a bool (TypeError naming the leaf otherwise).
+    policy must return a bool (TypeError naming the leaf otherwise), and
+    False for a complex leaf (codecs store real values: TypeError naming it).
     """
-    if numel(getattr(_policy.unwrap(leaf), "shape", ())) == 0:
+    value = _policy.unwrap(leaf)
+    if numel(getattr(value, "shape", ())) == 0:
         return False
-    return _policy.check_decision(path, policy(path, leaf))
+    decision = _policy.check_decision(path, policy(path, leaf))
+    dtype = getattr(value, "dtype", None)
+    if decision and dtype is not None and is_complex(dtype):
+        raise _policy.complex_refused(path, dtype)
+    return decision
 
 
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -306,7 +370,8 @@ def _init_variable(path, var, codec, policy, fallback_dtype) -> Any:
 def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
     if is_packed(x):
         return codec.decode(x)
-    return jnp.asarray(x).astype(jnp.float32)
+    x = jnp.asarray(x)
+    return x.astype(compute_dtype(x.dtype))
 
 
 def _encode_leaf(
@@ -426,7 +491,8 @@ def map_leaves(
     Args:
       step: ``step(g, *moments_f32) -> (u, *new_moments_f32)`` for one leaf;
         ``g`` is the incoming update leaf in its own dtype, the moments are
-        float32 arrays of its shape. It may close over traced
+        float32 arrays of its shape (complex64 for a complex leaf's plain
+        moments: `compute_dtype`). It may close over traced
         hyperparameters.
       updates: the incoming updates (the structure of the parameters).
       moments: the moment trees of the state, each made by `init_moment`.
@@ -460,3 +526,55 @@ def map_leaves(
 def numel(shape: Sequence[int]) -> int:
     """Number of elements of ``shape``."""
     return math.prod(int(s) for s in shape)
+
+
+def complex_adam_step(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    nesterov: bool,
+    count: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Adam step of a complex leaf, as `optax.scale_by_adam` takes it.
+
+    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) |g|^2`` (``v`` is kept
+    in the complex dtype of Optax's state, with a zero imaginary part), the
+    update ``m_hat / (sqrt(v_hat + eps_root) + eps)``. As the real step: a
+    non-finite element of ``g`` keeps its old moments, overflowing moments
+    saturate (`optax_lowbit.codecs.base.saturate_or_keep`).
+
+    Args:
+      g: the complex update leaf.
+      m: its first moment (complex, `compute_dtype`).
+      v: its second moment (complex, real-valued).
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: term added to the denominator outside the square root.
+      eps_root: term added to the denominator inside the square root.
+      nesterov: Nesterov momentum, as in Optax.
+      count: the new step count (``>= 1``).
+
+    Returns:
+      ``(u, m, v)``: ``u`` of ``g``'s dtype, the new moments.
+    """
+    gc = g.astype(compute_dtype(g.dtype))
+    new_m = (1 - b1) * gc + b1 * m
+    new_v = (1 - b2) * (gc.real**2 + gc.imag**2) + b2 * v
+    bc1 = 1 - b1**count
+    if nesterov:
+        bc1_next = 1 - b1 ** optax.safe_increment(count)
+        m_hat = b1 * new_m / bc1_next + (1 - b1) * gc / bc1
+    else:
+        m_hat = new_m / bc1
+    v_hat = new_v / (1 - b2**count)
+    u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+    ok = base.is_finite(gc)
+    return (
+        u.astype(g.dtype),
+        base.saturate_or_keep(new_m, m, ok),
+        base.saturate_or_keep(new_v, v, ok),
+    )

@@ -100,6 +100,13 @@ def _mean(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     return jnp.mean(x * 2.0**-k, axis=axis, keepdims=keepdims) * 2.0**k
 
 
+def _clip_f32(u: jax.Array) -> jax.Array:
+    """``u`` clipped to float32's finite range (real and imaginary parts)."""
+    if jnp.iscomplexobj(u):
+        return jax.lax.complex(_clip_f32(u.real), _clip_f32(u.imag)).astype(u.dtype)
+    return jnp.clip(u, -_F32_MAX, _F32_MAX)
+
+
 def _zeros_without_axis(leaf: Any, axis: int) -> jax.Array:
     """float32 zeros of ``leaf``'s shape without ``axis``.
 
@@ -267,9 +274,12 @@ def scale_by_factored_rms_quantized(
         beta = 1.0 - t ** (-decay_rate)
 
         def step(g, v_row, v_col, v):
-            g32 = g.astype(jnp.float32)
+            g32 = g.astype(_quantized.compute_dtype(g.dtype))
             ok = base.is_finite(g32)
-            g_sq = g32 * g32 + epsilon
+            if jnp.iscomplexobj(g32):  # |g|^2, as optax.scale_by_factored_rms
+                g_sq = g32.real * g32.real + g32.imag * g32.imag + epsilon
+            else:
+                g_sq = g32 * g32 + epsilon
             d = dims(g.shape)
             if d is None:
                 new_v = beta * v + (1.0 - beta) * g_sq
@@ -297,7 +307,7 @@ def scale_by_factored_rms_quantized(
             )
             # a product overflowing from a finite g saturates (Optax's inf
             # would make clip_by_block_rms's inf * 0 a NaN over the leaf)
-            u = jnp.where(ok, jnp.clip(u, -_F32_MAX, _F32_MAX), u)
+            u = jnp.where(ok, _clip_f32(u), u)
             return u.astype(g.dtype), v_row, v_col, v
 
         codecs = (nu_codec, nu_codec, nu_codec)  # v_row, v_col are never Packed
@@ -374,7 +384,7 @@ def ema_quantized(
         correction = 1.0 - decay**count if debias else 1.0
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(jnp.float32)
+            g32 = g.astype(_quantized.compute_dtype(g.dtype))
             new_m = (1.0 - decay) * g32 + decay * m
             u = new_m / correction if debias else new_m
             return u.astype(g.dtype), base.saturate_or_keep(

@@ -69,7 +69,9 @@ def scale_by_lion_quantized(
         `optax.scale_by_lion`.
       b2: decay rate of the momentum.
       mu_dtype: dtype of the momentum on the leaves the policy keeps
-        unquantized: ``None`` (float32) or ``jnp.bfloat16``.
+        unquantized: ``None`` (the parameter's dtype, as in
+        `optax.scale_by_lion`), ``jnp.float32`` or ``jnp.bfloat16``. A complex
+        leaf's momentum is complex.
       mu_codec: codec of the momentum on quantized leaves (must be signed).
       policy: ``policy(path, leaf) -> bool``, which leaves are quantized
         (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
@@ -101,10 +103,7 @@ def scale_by_lion_quantized(
     _checks.in_unit_interval("b2", b2, closed_right=True)
     _checks.one_of("mode", mode, _MODES)
     _checks.non_negative("smooth_beta", smooth_beta)
-    fallback = None if mu_dtype is None else jnp.dtype(mu_dtype)
-    if fallback is not None:
-        _checks.one_of("mu_dtype", fallback.name, ("float32", "bfloat16"))
-    fallback = fallback or jnp.dtype(jnp.float32)
+    fallback = _quantized.moment_dtype("mu_dtype", mu_dtype)
     policy = _quantized.resolve_policy(policy)
 
     def sign(x: jax.Array) -> jax.Array:
@@ -129,7 +128,7 @@ def scale_by_lion_quantized(
         )
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(jnp.float32)
+            g32 = g.astype(_quantized.compute_dtype(g.dtype))
             u = sign((1.0 - b1) * g32 + b1 * m)
             new_m = (1.0 - b2) * g32 + b2 * m
             return u.astype(g.dtype), base.saturate_or_keep(

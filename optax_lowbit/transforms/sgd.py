@@ -37,13 +37,6 @@ class TraceQuantizedState(NamedTuple):
     count: jax.Array
 
 
-def _fallback_dtype(name: str, dtype: Any) -> Any:
-    if dtype is None:
-        return jnp.dtype(jnp.float32)
-    _checks.one_of(name, jnp.dtype(dtype).name, ("float32", "bfloat16"))
-    return jnp.dtype(dtype)
-
-
 def _check_decay(decay: Any) -> None:
     """Checks 0 <= decay < 1 when ``decay`` is a concrete number.
 
@@ -87,7 +80,8 @@ def trace_quantized(
         [0, 1) (the ``momentum`` of `optax_lowbit.sgd_polar`).
       nesterov: whether to use Nesterov momentum.
       accumulator_dtype: dtype of the trace on the leaves the policy keeps
-        unquantized: ``None`` (float32) or ``jnp.bfloat16``.
+        unquantized: ``None`` (the parameter's dtype, as in `optax.trace`),
+        ``jnp.float32`` or ``jnp.bfloat16``. A complex leaf's trace is complex.
       codec: codec of the trace on quantized leaves (must be signed).
       policy: ``policy(path, leaf) -> bool``, which leaves are quantized
         (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
@@ -117,7 +111,7 @@ def trace_quantized(
     codec = _quantized.check_codec("codec", codec, signed=True)
     _check_decay(decay)
     _checks.is_bool("nesterov", nesterov)
-    fallback = _fallback_dtype("accumulator_dtype", accumulator_dtype)
+    fallback = _quantized.moment_dtype("accumulator_dtype", accumulator_dtype)
     policy = _quantized.resolve_policy(policy)
 
     def init_fn(params: optax.Params) -> TraceQuantizedState:
@@ -135,7 +129,7 @@ def trace_quantized(
         _quantized.check_state(state, TraceQuantizedState, "trace_quantized")
 
         def step(g: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(jnp.float32)
+            g32 = g.astype(_quantized.compute_dtype(g.dtype))
             new_t = g32 + decay * t
             u = g32 + decay * new_t if nesterov else new_t
             return u.astype(g.dtype), base.saturate_or_keep(
