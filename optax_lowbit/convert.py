@@ -46,7 +46,8 @@ def _is_adam(x: Any) -> bool:
 def _decode(x: Any) -> jax.Array:
     if isinstance(x, base.Packed):
         return x.decode()  # a Packed carries the codec that made it
-    return jnp.asarray(x).astype(jnp.float32)
+    x = jnp.asarray(x)
+    return x.astype(_quantized.compute_dtype(x.dtype))  # complex stays complex
 
 
 def _encode(value: jax.Array, like: Any) -> Any:

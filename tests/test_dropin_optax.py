@@ -189,3 +189,17 @@ def test_explicit_mu_dtype_and_bad_mu_dtype():
         lowbit.lion_polar(1e-3, mu_dtype=jnp.int8)
     with pytest.raises(ValueError, match="accumulator_dtype must be one of"):
         lowbit.sgd_polar(1e-3, accumulator_dtype=jnp.float16)
+
+
+def test_convert_keeps_complex_moments():
+    rng = np.random.default_rng()
+    params = {"z": _complex(rng, (64, 128)), "b": jnp.ones(8, jnp.bfloat16)}
+    fp = optax.adam(1e-2)
+    state = fp.init(params)
+    _, state = fp.update(jax.tree.map(lambda p: p * 0.5, params), state, params)
+    low = lowbit.convert(state, lowbit.adam_polar(1e-2), params)
+    assert low[0].mu["z"].dtype == jnp.complex64
+    np.testing.assert_array_equal(low[0].mu["z"], state[0].mu["z"])
+    np.testing.assert_array_equal(low[0].nu["z"], state[0].nu["z"])
+    back = lowbit.convert(low, fp, params)
+    np.testing.assert_array_equal(back[0].mu["z"], state[0].mu["z"])
