@@ -25,6 +25,10 @@ from optax_lowbit.alias import (
     fused_adamw_piquant,
     fused_adamw_polar,
     lion_polar,
+    muon_4bit,
+    muon_8bit,
+    muon_piquant,
+    muon_polar,
     sgd_polar,
 )
 from optax_lowbit.convert import convert
@@ -52,6 +56,10 @@ __all__ = [
     "fused_adamw_piquant",
     "fused_adamw_polar",
     "lion_polar",
+    "muon_4bit",
+    "muon_8bit",
+    "muon_piquant",
+    "muon_polar",
     "policy",
     "sgd_polar",
     "state_bytes",

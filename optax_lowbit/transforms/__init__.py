@@ -4,7 +4,7 @@
 (policy, init, decode -> step -> encode per leaf); `adam` is Adam over any
 codec pair, `adam_presets` its codec pairs (the ``scale_by_adam_*`` presets,
 from which `optax_lowbit.alias` also generates the ``adam(w)_*`` aliases);
-`lion`, `sgd` and `adafactor` are the other optimizers.
+`muon`, `lion`, `sgd` and `adafactor` are the other optimizers.
 """
 
 from optax_lowbit.transforms.adafactor import (
@@ -28,6 +28,10 @@ from optax_lowbit.transforms.lion import (
     ScaleByLionQuantizedState,
     scale_by_lion_quantized,
 )
+from optax_lowbit.transforms.muon import (
+    ScaleByMuonQuantizedState,
+    scale_by_muon_quantized,
+)
 from optax_lowbit.transforms.sgd import TraceQuantizedState, trace_quantized
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "ScaleByAdamQuantizedState",
     "ScaleByFactoredRmsQuantizedState",
     "ScaleByLionQuantizedState",
+    "ScaleByMuonQuantizedState",
     "TraceQuantizedState",
     "ema_quantized",
     "scale_by_adam_4bit",
@@ -44,6 +49,7 @@ __all__ = [
     "scale_by_adam_quantized",
     "scale_by_factored_rms_quantized",
     "scale_by_lion_quantized",
+    "scale_by_muon_quantized",
     "stable_nu_codec",
     "trace_quantized",
 ]

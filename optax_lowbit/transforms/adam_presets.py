@@ -422,6 +422,7 @@ def preset_doc(template: str, preset: AdamPreset) -> str:
         references=preset.references,
         bytes=preset.example[0],
         codec_names=preset.example[1],
+        family=preset.example[1][0].split("-")[0],
     )
 
 
