@@ -247,9 +247,7 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
     """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
 
     Args:
-      values: integer array ``(..., K)``, every value in ``[0, 2**bits)``.
-        ``K * w`` must be a multiple of 8 for every plane width ``w`` of
-        ``bits`` (true for ``K`` a multiple of 8).
+      values: the codes, as in `pack_planes`.
       bits: code width, 1 to 8.
 
     Returns:
