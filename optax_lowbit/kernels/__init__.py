@@ -1,7 +1,7 @@
 """Pallas kernels: fused optimizer steps over quantized states.
 
 `adam` (the public face) fuses decode -> Adam step -> encode (-> apply, for
-`optax_lowbit.fused_adamw_polar`) per block of groups, for the polar codecs,
+``adamw_<preset>(..., fused=True)``) per block of groups, for the polar codecs,
 π-Quant and the blockwise 8/4-bit baselines. Its parts: `codec_ops` (the
 codec-specific layouts and tables), `loop` (the shared element loop and its
 jnp reference), `launch` (the ``pallas_call``: one leaf, many leaves,

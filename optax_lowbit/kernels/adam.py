@@ -5,8 +5,9 @@ decodes them with the codec's own jnp group functions, takes Adam's step in
 float32 (`moment_step`, fault rule included), encodes the new moments and
 stores codes, scales (in place) and ``u``; with ``params`` given it applies
 AdamW and writes the parameters in place instead of ``u``. One pass over the
-state: the floor is bytes moved (DESIGN §6). Stochastic rounding draws the
-bits of the jnp path, so the codes equal `adam_update_reference`'s.
+state: the floor is bytes moved (`benchmarks/NOTES_kernels.md`). Stochastic
+rounding draws the bits of the jnp path, so the codes equal
+`adam_update_reference`'s.
 
 This module is the public face; the parts live beside it, each with its jnp
 reference:
