@@ -14,7 +14,10 @@ factor of ``H^{-1}`` (``H^{-1} = U^T U``), quantizing column ``j`` to
 
 Updates are lazy and batched as in the paper: inside a block of
 ``block_size`` (128) columns they are applied column by column, and to the
-columns after the block once, as one ``(out, 128) @ (128, rest)`` product.
+columns after the block once, as one ``(out, 128) @ (128, in)`` product (the
+rows of ``U`` are zero before the block). Blocks run in one ``fori_loop``
+(one compilation per layer shape), the last one padded with uncoupled
+zero columns.
 With ``act_order``, columns are visited by decreasing ``diag H`` and the codes
 put back in input order at the end.
 
@@ -215,22 +218,33 @@ def _gptq(w, h, *, bits, group_size, clip, block_size, damp, act_order):
     U = jnp.linalg.cholesky(h_inv).T  # upper: h_inv = U^T U
     U = jnp.triu(U)
 
+    # Pad to whole blocks: padding columns sit after every real one, with
+    # U = I there (no coupling) and a dummy group (index n_groups) whose grid
+    # is 0, so they quantize to 0 with no error and move nothing.
+    block = min(block_size, n_cols)
+    n_blocks = -(-n_cols // block)
+    pad = n_blocks * block - n_cols
+    pos_all = jnp.arange(n_cols)
     group_of = perm // group_size  # group of the column at each position
-    first = jnp.full((n_groups,), n_cols).at[group_of].min(jnp.arange(n_cols))
-    is_first = first[group_of] == jnp.arange(n_cols)
+    first = jnp.full((n_groups,), n_cols).at[group_of].min(pos_all)
+    is_first = first[group_of] == pos_all
     group_pos = inv.reshape(n_groups, group_size)  # positions of each group
+    if pad:
+        W = jnp.pad(W, ((0, 0), (0, pad)))
+        U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(
+            jnp.arange(n_cols + pad) >= n_cols
+        ).astype(U.dtype)
+        group_of = jnp.concatenate([group_of, jnp.full((pad,), n_groups)])
+        is_first = jnp.concatenate([is_first, jnp.zeros((pad,), bool)])
 
-    scale = jnp.zeros((n_rows, n_groups), jnp.float16)
-    zero = jnp.zeros((n_rows, n_groups), jnp.float16)
-    codes = []
-    loss = jnp.zeros((), jnp.float32)
-    for i1 in range(0, n_cols, block_size):
-        i2 = min(i1 + block_size, n_cols)
+    def block_body(b, carry):
+        W, Q, scale, zero, loss = carry
+        i1 = b * block
+        U_rows = jax.lax.dynamic_slice_in_dim(U, i1, block, axis=0)
+        U1 = jax.lax.dynamic_slice_in_dim(U_rows, i1, block, axis=1)
         W_start = W  # every update from earlier blocks applied
-        U_rows = U[i1:i2]  # (count, n_cols)
-        U1 = U_rows[:, i1:i2]
 
-        def body(i, carry, i1=i1, W_start=W_start, U_rows=U_rows, U1=U1):
+        def body(i, carry):
             W1, Err1, Q1, scale, zero, loss = carry
             j = i1 + i
             g = group_of[j]
@@ -257,22 +271,31 @@ def _gptq(w, h, *, bits, group_size, clip, block_size, damp, act_order):
             loss = loss + jnp.sum(diff * diff) / (2.0 * d * d)
             return W1, Err1, Q1, scale, zero, loss
 
-        count = i2 - i1
-        carry = (
-            W[:, i1:i2],
-            jnp.zeros((n_rows, count), jnp.float32),
-            jnp.zeros((n_rows, count), jnp.uint8),
+        inner = (
+            jax.lax.dynamic_slice_in_dim(W, i1, block, axis=1),
+            jnp.zeros((n_rows, block), jnp.float32),
+            jnp.zeros((n_rows, block), jnp.uint8),
             scale,
             zero,
             loss,
         )
-        _, Err1, Q1, scale, zero, loss = jax.lax.fori_loop(0, count, body, carry)
-        codes.append(Q1)
-        if i2 < n_cols:
-            update = jnp.matmul(Err1, U_rows[:, i2:], precision=_HIGHEST)
-            W = W.at[:, i2:].add(-update)
-    q = jnp.concatenate(codes, axis=1)[:, inv]  # back to input order
-    return q, scale, zero, loss
+        _, Err1, Q1, scale, zero, loss = jax.lax.fori_loop(0, block, body, inner)
+        # The lazy batch update. U is upper triangular: columns before the
+        # block do not move; the block's own columns are done and never read.
+        W = W - jnp.matmul(Err1, U_rows, precision=_HIGHEST)
+        Q = jax.lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
+        return W, Q, scale, zero, loss
+
+    carry = (
+        W,
+        jnp.zeros((n_rows, n_cols + pad), jnp.uint8),
+        jnp.zeros((n_rows, n_groups + 1), jnp.float16),  # + the dummy group
+        jnp.zeros((n_rows, n_groups + 1), jnp.float16),
+        jnp.zeros((), jnp.float32),
+    )
+    _, Q, scale, zero, loss = jax.lax.fori_loop(0, n_blocks, block_body, carry)
+    q = Q[:, :n_cols][:, inv]  # back to input order
+    return q, scale[:, :n_groups], zero[:, :n_groups], loss
 
 
 def quantize_model(
