@@ -34,6 +34,7 @@ from optax_lowbit.alias import (
 from optax_lowbit.convert import convert
 from optax_lowbit.fused import FusedOptimizer
 from optax_lowbit.memory import state_bytes, summarize, summary
+from optax_lowbit.offload import offload
 from optax_lowbit.transforms import *  # noqa: F403 (its __all__, listed once)
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "muon_8bit",
     "muon_piquant",
     "muon_polar",
+    "offload",
     "policy",
     "sgd_polar",
     "state_bytes",
