@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from benchmarks import data, models
-from optax_lowbit.impq import cli, pipeline, smollm2
+from optax_lowbit.impq import cli, pipeline, quantizer, smollm2
 from optax_lowbit.impq import model as impq_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         "n_permutations": args.perms,
         "random_seeds": args.random_seeds,
         "shrinkage": args.shrinkage,
-        "group_size": 128,
+        "group_size": quantizer.GROUP_SIZE,
         "wall_s": time.perf_counter() - t0,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
