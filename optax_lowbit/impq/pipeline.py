@@ -115,7 +115,12 @@ def run(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     widths = (*sorted(set(choices) | set(chain)), spqe.FULL)
-    fwd = spqe.SelectorForward(model, widths, batch_size=batch_size)
+    fwd = spqe.SelectorForward(
+        model,
+        widths,
+        batch_size=batch_size,
+        callback=progress("pre-quantize blocks", model.n_blocks),
+    )
     timings["prequantize_s"] = time.perf_counter() - t0
     n = model.n_blocks
     full_sel = np.full((1, n), fwd.index(spqe.FULL), np.int32)

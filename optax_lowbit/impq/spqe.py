@@ -94,6 +94,7 @@ class SelectorForward:
       group_size: quantizer group size.
       batch_size: coalitions per jitted call (vmapped); a last partial batch
         is padded, so the shape and the trace never change.
+      callback: ``callback(done, n_blocks)`` progress of the pre-quantization.
 
     Attributes:
       sizes: ``(L,)`` quantized weights per block.
@@ -118,6 +119,7 @@ class SelectorForward:
         *,
         group_size: int = quantizer.GROUP_SIZE,
         batch_size: int = 1,
+        callback: Callback | None = None,
     ):
         if not isinstance(model, _model.BlockModel):
             raise TypeError(
@@ -161,6 +163,8 @@ class SelectorForward:
                     stack.append(deq.astype(w.dtype))
                 flags.append(True)
                 leaves.append(jnp.stack(stack))
+            if callback is not None:
+                callback(i + 1, n_blocks)
             self._treedefs.append(treedef)
             self._stacked.append(tuple(flags))
             cands.append(leaves)
