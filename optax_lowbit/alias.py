@@ -636,8 +636,8 @@ def lion_polar(
       learning_rate: a float or an `optax.Schedule`.
       b1: rate combining the momentum and the current gradient.
       b2: decay rate of the momentum.
-      mu_dtype: dtype of the momentum on unquantized leaves (``None``:
-        float32, or ``jnp.bfloat16``).
+      mu_dtype: dtype of the momentum on unquantized leaves (``None``: the
+        parameters' dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).
       weight_decay: decoupled weight decay (multiplied by the learning rate).
       mask: where weight decay applies (a bool tree or a callable).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
@@ -705,7 +705,7 @@ def sgd_polar(
       momentum: decay rate of the trace (not ``None``: see above).
       nesterov: whether to use Nesterov momentum.
       accumulator_dtype: dtype of the trace on unquantized leaves (``None``:
-        float32, or ``jnp.bfloat16``).
+        the parameters' dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).
       bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
       rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
         the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).

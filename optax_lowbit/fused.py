@@ -31,6 +31,7 @@ from optax_lowbit import _generate
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
 from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.transforms import _quantized
 from optax_lowbit.transforms import adam as tadam
 
 
@@ -109,6 +110,9 @@ def fuse_adamw(
     def step(grads, state, params):
         adam_state, *tail_state = state
         decay_state, lr_state = tail_state[0], tail_state[-1]
+        _quantized.check_state(
+            adam_state, tadam.ScaleByAdamQuantizedState, "the fused AdamW step"
+        )
         tadam.check_state_format(adam_state)
         count = optax.safe_increment(adam_state.count)
         hp, leaf_step = tadam.adam_step(b1, b2, eps, eps_root, nesterov, count)

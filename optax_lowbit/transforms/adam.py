@@ -91,11 +91,7 @@ def _check_impl(impl: Any) -> None:
 
 
 def _check_mu_dtype(mu_dtype: Any) -> Any:
-    if mu_dtype is None:
-        return jnp.float32
-    name = jnp.dtype(mu_dtype).name
-    _checks.one_of("mu_dtype", name, ("float32", "bfloat16"))
-    return jnp.dtype(mu_dtype)
+    return _quantized.moment_dtype("mu_dtype", mu_dtype)
 
 
 def scale_by_adam_quantized(
@@ -152,7 +148,8 @@ def scale_by_adam_quantized(
         `optax_lowbit.kernels.adam` for leaves whose codecs have one, jnp for
         the others; on a CPU backend it runs through the Pallas interpreter).
       mu_dtype: dtype of the first moment on the leaves the policy keeps
-        unquantized: ``None`` (float32) or ``jnp.bfloat16``.
+        unquantized: ``None`` (the parameter's dtype, as in
+        `optax.scale_by_adam`), ``jnp.float32`` or ``jnp.bfloat16``.
 
     Returns:
       An `optax.GradientTransformation` whose state is a
@@ -205,6 +202,9 @@ def scale_by_adam_quantized(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, ScaleByAdamQuantizedState]:
         del params
+        _quantized.check_state(
+            state, ScaleByAdamQuantizedState, "scale_by_adam_quantized"
+        )
         check_state_format(state)
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
@@ -242,6 +242,10 @@ def adam_step(
     hp_values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, bc1, bc2, bc1_next)
 
     def step(g, m, v):
+        if jnp.iscomplexobj(g):  # a complex leaf's full-precision moments
+            return _quantized.complex_adam_step(
+                g, m, v, b1, b2, eps, eps_root, nesterov, count
+            )
         u, m, v = kadam.moment_step(
             g.astype(jnp.float32), m, v, hp_values, nesterov=nesterov
         )
@@ -393,6 +397,7 @@ def _is_plain(g: Any, m: Any, v: Any) -> bool:
     return (
         all(isinstance(x, jax.Array) and not _quantized.is_packed(x) for x in (g, m, v))
         and m.shape == g.shape == v.shape
+        and not any(jnp.iscomplexobj(x) for x in (g, m, v))
     )
 
 

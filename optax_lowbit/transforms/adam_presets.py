@@ -276,8 +276,9 @@ ADAM_ARGS = (
 
 MU_DTYPE = gen.Arg(
     "mu_dtype",
-    "dtype of the first moment on the leaves the policy keeps unquantized "
-    "(``None``: float32, or ``jnp.bfloat16``).",
+    "dtype of the first moment on the leaves the policy keeps unquantized: "
+    "``None`` (the parameters' dtype, as Optax), ``jnp.float32`` or "
+    "``jnp.bfloat16``.",
     None,
 )
 
