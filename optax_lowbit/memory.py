@@ -64,7 +64,8 @@ class Row:
       reason: for plain arrays, why they are not quantized (``"rank < 2"``,
         ``"below min_size (4096)"``, ``"embedding"``, ...); ``""`` otherwise.
       leaves: number of state leaves (a `Packed` counts as one).
-      elements: parameter elements those leaves stand for.
+      elements: parameter elements those leaves stand for, each parameter
+        once (its ``mu`` and ``nu`` in one row count once).
       bytes: bytes they hold.
     """
 
@@ -150,12 +151,18 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
     policy = _policy.resolve(policy)
     index = _param_index(params) if params is not None else {}
     rows: dict[tuple[str, str], list[int]] = {}
+    covered: dict[tuple[str, str], set[Any]] = {}
 
-    def add(kind: str, reason: str, elements: int, nbytes: int) -> None:
+    def add(kind: str, reason: str, elements: int, nbytes: int, path: Any = ()) -> None:
         acc = rows.setdefault((kind, reason), [0, 0, 0])
         acc[0] += 1
-        acc[1] += elements
         acc[2] += nbytes
+        # A parameter counts once per row, though its mu and nu both land there:
+        # the state path without attribute names (mu, nu, ...) is the parameter.
+        key = tuple(k for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
+        if key not in covered.setdefault((kind, reason), set()):
+            covered[(kind, reason)].add(key)
+            acc[1] += elements
 
     flat = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, base.Packed)
@@ -163,7 +170,7 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
     for path, leaf in flat:
         if isinstance(leaf, base.Packed):
             nbytes = _leaf_bytes(leaf.codes) + _leaf_bytes(leaf.scales)
-            add(leaf.codec_name, "", math.prod(leaf.shape), nbytes)
+            add(leaf.codec_name, "", math.prod(leaf.shape), nbytes, path)
             continue
         shape = getattr(leaf, "shape", None)
         if shape is None or getattr(leaf, "dtype", None) is None:
@@ -178,7 +185,13 @@ def summarize(opt_state: Any, params: Any = None, *, policy: Any = None) -> list
                 reason = "not a parameter's state"
             else:
                 reason = policy.reason(*hit) or "not quantized by this optimizer"
-        add(np.dtype(leaf.dtype).name, reason, math.prod(shape), _leaf_bytes(leaf))
+        add(
+            np.dtype(leaf.dtype).name,
+            reason,
+            math.prod(shape),
+            _leaf_bytes(leaf),
+            path,
+        )
 
     def order(item):
         (kind, reason), _ = item
@@ -235,7 +248,7 @@ def summary(opt_state: Any, params: Any = None, *, policy: Any = None) -> str:
       kind                            leaves  params  bytes  B/param  note
       blockwise4-unsigned-b64-log-sr  1        8,192  4,608    0.562
       polar-2b-signed-sr              1        8,192  2,304    0.281
-      float32                         2          256  1,024    4.000  rank < 2
+      float32                         2          128  1,024    8.000  rank < 2
       other                           2            -      8        -  counters, hyperparameters
       total                           6        8,320  7,944    0.955  0.12x fp32 Adam (8 B/param)
     """  # noqa: E501 (the doctest's table is the function's output)

@@ -45,12 +45,13 @@ def test_summarize_rows_and_reasons():
     assert rows[("test-int8-absmax", "")].elements == 6400
     assert rows[("test-int8-absmax", "")].bytes == 64 * 4 * 36
     assert rows[("test-int8-sqrt", "")].leaves == 1
-    assert rows[("float32", "rank < 2")].elements == 200  # b, in mu and nu
+    # b (100 elements) counts once though its mu and nu are both in the row
+    assert rows[("float32", "rank < 2")].elements == 100
     assert rows[("float32", "embedding")].bytes == 2 * 4 * 200 * 64
     assert rows[("float32", "below min_size (4096)")].leaves == 2
     assert rows[("other", "counters, hyperparameters")].bytes == 8  # count, format
     assert sum(r.bytes for r in rows.values()) == lowbit.state_bytes(state)
-    np.testing.assert_allclose(rows[("float32", "rank < 2")].bytes_per_element, 4.0)
+    np.testing.assert_allclose(rows[("float32", "rank < 2")].bytes_per_element, 8.0)
 
 
 def test_summary_text():
