@@ -106,8 +106,10 @@ def test_error_shrinks_with_bits_and_constant_groups_exact():
 
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(
-    n_in=st.integers(1, 40).map(lambda k: 8 * k),
-    n_out=st.integers(2, 5),
+    # Few distinct shapes (each compiles): below one group, exactly one, a
+    # ragged second group, several with a tail, SmolLM2's 576 (9 groups).
+    n_in=st.sampled_from([8, 64, 72, 200, 576]),
+    n_out=st.sampled_from([2, 5]),
     row=st.integers(0, 4),
     seed=st.integers(0, 2**16),
 )
