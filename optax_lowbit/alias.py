@@ -15,10 +15,11 @@ numbers or callables as static: ``static_args=("bits", "policy")`` (``mask``
 too when it is a callable).
 
 The Adam family (``adam_<name>``, ``adamw_<name>`` and the deprecated
-``fused_adamw_<name>``) is generated from the presets of
-`optax_lowbit.transforms.adam_presets`; Adafactor, Lion and SGD are written
-out. Why one module of ~550 lines: like Optax's ``alias.py`` it is the one
-place a user reads for the ready optimizers, most of it their docstrings.
+``fused_adamw_<name>``) and the Muon family (``muon_<name>``) are generated
+from the presets of `optax_lowbit.transforms.adam_presets`; Adafactor, Lion
+and SGD are written out. Why one module of ~750 lines: like Optax's
+``alias.py`` it is the one place a user reads for the ready optimizers, most
+of it their argument records and docstrings.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The codec contract: `Packed` pytrees, the `Codec` base class, layout helpers.
 
+Why over 500 lines: the contract every codec and kernel builds on (Packed, Codec,
+bit packing, scales, hashing for stochastic rounding, the fault rule), each
+written once here so that no codec repeats it.
+
 A codec turns a float array into a `Packed` pytree and back:
 
 * Groups run along the **last axis**, padded with zeros to a multiple of

@@ -1,5 +1,8 @@
 """Baseline codecs: blockwise 8-bit dynamic map and 4-bit maps, as published.
 
+Why over 500 lines: one codec family (the maps, nearest and stochastic rounding,
+the kernel entry points) and the docstring table of the measured candidates.
+
 These are the formats of the two low-bit optimizers that every comparison in
 this package is made against, rebuilt in the same framework so that they run
 side by side with ours:

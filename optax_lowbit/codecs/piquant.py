@@ -1,5 +1,8 @@
 """π-Quant: a pair of elements coded as one "irrational rotation" (100 codes).
 
+Why over 500 lines: one codec family (codebook, exact nearest search by cell
+candidates, the paper's encoder, base-100 packing, kernel entry points).
+
 Tian, Zhao and Wen (2025) write a normalised pair ``z = (x, y)`` as the sum of
 two unit vectors, ``z = e^{iα} + e^{iβ}``, and tie the two angles to one
 rotation ``t``: ``α = t``, ``β = κ t`` with ``κ`` irrational, so that one

@@ -1,5 +1,9 @@
 r"""2D polar codecs: pairs of elements coded as one point (r, θ) of a codebook.
 
+Why over 500 lines: one codec family, its format defined once for the jnp path
+and the kernels (deterministic and stochastic rules, measured codebooks), with
+the measurements that chose them in the docstrings.
+
 Optimizer states look quasi-Gaussian and roughly circularly symmetric when two
 elements are viewed as one 2D point, so a pair is coded against a small polar
 codebook (sectors x rings) instead of each element alone.

@@ -1,5 +1,8 @@
 """Per-block bit allocation: IMPQ's quadratic objective as an exact MILP.
 
+Why over 500 lines: the objective, its monotone form, the MILP and its brute-force
+test oracle are one concept (the allocation), half of it docstrings.
+
 Choose ``b_l`` in ``bit_choices`` (default 2, 3, 4, 8) for every block to
 minimise::
 

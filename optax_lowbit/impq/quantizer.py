@@ -1,5 +1,9 @@
 """Group-wise asymmetric weight quantization with MSE clipping, packed in uint8.
 
+Why over 500 lines: the one group quantizer (grid, clip search, encode, decode,
+packing) that RTN and GPTQ share, with its schemes; splitting it would write the
+group layout twice.
+
 A 2-D linear kernel ``w`` of shape ``(in, out)`` (applied as ``x @ w``) is cut
 into groups of ``group_size`` (default 64) consecutive **inputs of one output
 row** of ``w.T``: groups never straddle rows (SmolLM2's rows have 576 = 9 * 64

