@@ -89,6 +89,7 @@ def offload(
         _checks.is_callable("where", where)
     selected = _default_where if where is None else where
     host, device = jax.memory.Space.Host, jax.memory.Space.Device
+    inner = optax.with_extra_args_support(tx)
 
     def init_fn(params: optax.Params) -> optax.OptState:
         return _move(tx.init(params), host, selected)
@@ -100,7 +101,6 @@ def offload(
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
         on_device = _move(state, device, selected)
-        inner = optax.with_extra_args_support(tx)
         updates, new_state = inner.update(updates, on_device, params, **extra_args)
         return updates, _move(new_state, host, selected)
 

@@ -90,10 +90,6 @@ def _check_impl(impl: Any) -> None:
     )
 
 
-def _check_mu_dtype(mu_dtype: Any) -> Any:
-    return _quantized.moment_dtype("mu_dtype", mu_dtype)
-
-
 def scale_by_adam_quantized(
     mu_codec: base.Codec,
     nu_codec: base.Codec,
@@ -184,7 +180,7 @@ def scale_by_adam_quantized(
     _checks.non_negative("eps_root", eps_root)
     _checks.is_bool("nesterov", nesterov)
     _check_impl(impl)
-    fallback_mu_dtype = _check_mu_dtype(mu_dtype)
+    fallback_mu_dtype = _quantized.moment_dtype("mu_dtype", mu_dtype)
     policy = _quantized.resolve_policy(policy)
 
     def init_fn(params: optax.Params) -> ScaleByAdamQuantizedState:
