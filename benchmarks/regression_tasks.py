@@ -54,7 +54,7 @@ import optax
 from flax import nnx
 
 import optax_lowbit as lowbit
-from benchmarks import models, train_lm_long
+from benchmarks import models, train_lm, train_lm_long
 
 RESULTS = train_lm_long.RESULTS
 TASKS = ("mlp", "lsq_snr1", "lsq_snr0.1")
@@ -222,9 +222,7 @@ def records_of(results: dict[str, list[dict]], seeds: list[int]) -> list[dict]:
                 task=task,
                 optimizer=r["optimizer"],
                 metric="final_loss_mean_last_steps",
-                mean=float(x.mean()),
-                std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
-                per_seed=x.tolist(),
+                **train_lm.seed_stats(x),
                 seeds=seeds,
                 finite=r["finite"],
                 state_bytes_per_param=r["state_bytes_per_param"],

@@ -409,9 +409,7 @@ def records_of(runs: list[dict[str, Any]], seeds: list[int], device: str):
             dict(
                 optimizer=r["optimizer"],
                 metric="heldout_loss_nats_per_byte",
-                mean=float(x.mean()),
-                std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
-                per_seed=x.tolist(),
+                **seed_stats(x),
                 seeds=seeds,
                 finite=r["finite"],
                 state_bytes_per_param=r["state_bytes_per_param"],
@@ -664,6 +662,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if cfg.steps % cfg.chunk or cfg.eval_every % cfg.chunk:
         p.error("--steps and --eval-every must be multiples of --chunk.")
     return cfg
+
+
+def seed_stats(values: Any) -> dict:
+    """``mean``, ``std`` (ddof 1; 0 for one seed) and ``per_seed`` of a metric."""
+    x = np.asarray(values, dtype=np.float64)
+    return dict(
+        mean=float(x.mean()),
+        std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        per_seed=x.tolist(),
+    )
 
 
 def run_meta(cfg: Any, device: str, n_params: int, seeds: Any, precision: Any) -> dict:
