@@ -128,6 +128,7 @@ def make_optimizer(
     (Adafactor's weight decay is not scaled by it).
     """
     adam = dict(b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
+    muon = dict(weight_decay=wd, consistent_rms=0.2, adam_b1=b1, adam_b2=b2)
     rounding = lowbit.transforms.adam.DEFAULT_ROUNDING
 
     def polar_codec(signed: bool, rings: Any = None) -> Any:  # 2-bit preset codec
@@ -202,6 +203,13 @@ def make_optimizer(
             weight_decay_mask=_decay_mask,
             bits=2,
         ),
+        # Muon (optax.contrib.muon) with fp32 momentum vs polar 2-bit momentum
+        # (issue 21). consistent_rms=0.2 scales each orthogonalized update to
+        # AdamW's typical rms, so the same learning rate and schedule apply;
+        # decoupled weight decay on the Muon (matrix) leaves, the AdamW
+        # fallback (non-matrix leaves) with the same betas.
+        "muon_fp32": lambda: optax.contrib.muon(lr, **muon),
+        "muon_polar2": lambda: lowbit.muon_polar(lr, bits=2, **muon),
     }
     if name not in factories:
         raise ValueError(f"optimizer must be one of {sorted(factories)}, got {name!r}.")

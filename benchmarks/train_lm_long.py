@@ -92,6 +92,10 @@ LONG_OPTIMIZERS = (
     "adamw_4bit",
     "adamw_8bit",
 )
+#: Muon (issue 21): its matrix leaves keep one momentum and no second
+#: moment, so the shadow-Adam diagnostics do not apply (run with ``--optimizers
+#: muon_fp32,muon_polar2,adamw_fp32``).
+NO_SHADOW = ("muon_fp32", "muon_polar2")
 # Names of this benchmark that `train_lm.make_optimizer` spells otherwise.
 _TRAIN_LM_NAMES = {"piquant": "piquant_nearest"}  # lowbit.adamw_piquant defaults
 
@@ -567,7 +571,7 @@ def run_optimizer(name: str, ctx: Context) -> dict[str, Any]:
     one = jax.tree.map(lambda x: x[0], ctx.params0)
     n_params = sum(x.size for x in jax.tree.leaves(one))
     state_bpp = lowbit.state_bytes(jax.eval_shape(tx.init, one)) / n_params
-    leaves = ctx.shadow_leaves
+    leaves = [] if name in NO_SHADOW else ctx.shadow_leaves
     train_tok = ctx.train_tok
 
     def loss_of(params: Any, tokens: jax.Array) -> jax.Array:
