@@ -10,12 +10,15 @@ Modules (import modules, not names):
     layer and sequentially over a Llama-port model's blocks.
   capture: the inputs of each linear layer through the ``matmul`` hook.
   model: `BlockModel`, a model seen as L blocks (SmolLM2, a tiny Llama, NNX).
-  spqe: Shapley values of blocks by permutation sampling, with blocks leaving
-    by progressive quantization; one jitted forward for every coalition.
-  interaction: the covariance of marginal contributions, shrunk.
-  allocate: the exact MILP allocation of bits per block under a budget.
-  baselines: uniform, isolated sensitivity, Fisher trace, LIM, random.
-  pipeline: estimation, allocation, evaluation and path-regex rule export.
+  spqe: `SelectorForward` (one jitted forward, NLL or KL to the reference,
+    for every coalition) and Shapley values by permutation sampling.
+  game: the game at a budget's operating point: weighted Banzhaf values and
+    pairwise interactions of a quadratic surrogate of -KL.
+  allocate: the exact MILP allocation of bits per block under a code-bit
+    budget.
+  baselines: uniform mix, isolated (two ways), Fisher trace, LIM, random,
+    greedy KL descent.
+  pipeline: games, allocation, baselines, evaluation, path-regex rules.
   data: the Austen text (calibration and held-out splits), fetched from Debian.
   cli: ``python -m optax_lowbit.impq``; every argument checked first.
 """
@@ -25,8 +28,8 @@ from optax_lowbit.impq import (
     baselines,
     capture,
     data,
+    game,
     gptq,
-    interaction,
     model,
     pipeline,
     quantizer,
@@ -39,8 +42,8 @@ __all__ = [
     "baselines",
     "capture",
     "data",
+    "game",
     "gptq",
-    "interaction",
     "model",
     "pipeline",
     "quantizer",

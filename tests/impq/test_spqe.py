@@ -1,4 +1,4 @@
-"""Tests of optax_lowbit.impq.spqe and interaction on known games and a tiny LM."""
+"""Tests of optax_lowbit.impq.spqe on known games and a tiny LM."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from optax_lowbit.impq import interaction, model, quantizer, smollm2, spqe
+from optax_lowbit.impq import model, quantizer, smollm2, spqe
 
 
 def _game(n, seed, triples=0):
@@ -165,6 +165,44 @@ def test_selector_matches_packed_qmatmul_path(tiny):
     )
 
 
+def test_kl_to_the_reference(tiny):
+    m, fwd, tokens = tiny
+    ref = fwd.reference(tokens)
+    bits = [2, 4, 3, 2]
+    kls = fwd.kls(np.stack([fwd.selector(b) for b in ([spqe.FULL] * 4, bits)]), ref)
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # full precision: no divergence
+    # the definition, written out: KL(p || q) per position, averaged
+    sel = fwd.selector(bits)
+    q = fwd._params(fwd._cands, fwd._rest, jax.numpy.asarray(sel))
+    logp = jax.nn.log_softmax(m.logits(m.params, jax.numpy.asarray(tokens)), -1)
+    logq = jax.nn.log_softmax(m.logits(q, jax.numpy.asarray(tokens)), -1)
+    want = float(np.mean(np.sum(np.exp(logp) * (logp - logq), -1)))
+    assert kls[1] == pytest.approx(want, rel=1e-4)
+    assert kls[1] > 0
+    no_logits = model.BlockModel("x", m.params, m.loss)
+    with pytest.raises(ValueError, match="no `logits`"):
+        spqe.SelectorForward(no_logits, (2, spqe.FULL)).reference(tokens)
+
+
+def test_prequantized_candidates_replace_rtn(tiny):
+    m, fwd, tokens = tiny
+    # candidates quantized elsewhere (here: plain min/max RTN at 3 bits)
+    given = dict(m.params)
+    given["blocks"] = [
+        quantizer.quantize_tree(b, 3, clip=None) for b in m.params["blocks"]
+    ]
+    other = spqe.SelectorForward(m, (2, 3, spqe.FULL), prequantized={3: given})
+    assert np.all(other.sse[:, 1] >= fwd.sse[:, fwd.index(3)] - 1e-6)
+    np.testing.assert_allclose(other.sse[:, 0], fwd.sse[:, fwd.index(2)], rtol=1e-6)
+    q = dict(m.params)
+    q["blocks"] = given["blocks"]
+    cfg = m.loss.keywords["config"]
+    want = float(
+        smollm2.nll(q, jax.numpy.asarray(tokens), cfg, matmul=quantizer.qmatmul)
+    )
+    np.testing.assert_allclose(other.loss_of_bits([3] * 4, tokens), want, rtol=1e-5)
+
+
 def test_bad_models_and_widths():
     with pytest.raises(TypeError, match="BlockModel"):
         spqe.SelectorForward({"blocks": []}, (2, 4))
@@ -204,24 +242,3 @@ def test_nnx_tinygpt_model():
     assert fwd.loss_of_bits([2, 2], tokens) != fwd.loss_of_bits([8, 8], tokens)
     with pytest.raises(ValueError, match="no `blocks`"):
         model.from_nnx(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), loss_fn)
-
-
-def test_interaction_matrix():
-    rng = np.random.default_rng(0)
-    d = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
-    raw = np.cov(d, rowvar=False)
-    c = interaction.interaction_matrix(d, shrinkage=0.5)
-    np.testing.assert_allclose(np.diag(c), np.diag(raw))
-    off = ~np.eye(6, dtype=bool)
-    np.testing.assert_allclose(c[off], 0.5 * raw[off])
-    np.testing.assert_allclose(interaction.interaction_matrix(d, shrinkage=0.0), raw)
-    lw, shrink = interaction.ledoit_wolf(d)
-    assert 0 <= shrink <= 1
-    sk = pytest.importorskip("sklearn.covariance")
-    want, want_shrink = sk.ledoit_wolf(d)
-    np.testing.assert_allclose(lw, want, rtol=1e-10, atol=1e-12)
-    assert shrink == pytest.approx(want_shrink)
-    with pytest.raises(ValueError, match="shrinkage"):
-        interaction.interaction_matrix(d, shrinkage=1.5)
-    with pytest.raises(ValueError, match="shrinkage"):
-        interaction.interaction_matrix(d, shrinkage="oas")
