@@ -50,6 +50,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_lowbit import _checks
 
@@ -185,7 +186,7 @@ def is_ref(x: Any) -> bool:
     )
 
 
-def take(table: Any, index: jax.Array) -> jax.Array:
+def take(table: Any, index: jax.Array, *, in_range: bool = False) -> jax.Array:
     """``table[index]`` for a small 1-D lookup table, sharded like ``index``.
 
     Under explicit mesh axes a gather needs its output sharding spelled out;
@@ -196,11 +197,16 @@ def take(table: Any, index: jax.Array) -> jax.Array:
     Args:
       table: 1-D lookup table (a codebook or quantization map).
       index: integer codes of any shape.
+      in_range: the caller guarantees ``0 <= index < len(table)``: a kernel
+        then skips the clip (two instructions per element per lookup); the
+        jnp gather clips either way, so the values are the same.
 
     Returns:
       ``table[index]``, of ``index``'s shape and sharding.
     """
     if is_ref(table):  # inside a kernel: a gathered load from the table's ref
+        if in_range:
+            return table[index]
         return table[jnp.clip(index, 0, table.shape[0] - 1)]
     sharding = jax.typeof(index).sharding
     return table.at[index].get(mode="clip", out_sharding=sharding)
@@ -211,7 +217,51 @@ def plane_bytes(num_values: int, bits: int) -> list[int]:
     return [num_values * w // 8 for w in reversed(_widths(bits))]
 
 
-def pack_planes(values: jax.Array, bits: int) -> list[jax.Array]:
+def halves(group_size: int) -> list[np.ndarray]:
+    """The columns of a group's two halves: how a kernel holds a group.
+
+    Polar pairs element ``j`` with ``j + G/2``, and the blockwise codecs put
+    element ``j`` and ``j + G/2`` in one byte (4 bits) and draw their two
+    uniforms from one word: with the two halves held as separate parts, a
+    kernel decodes and encodes without splitting or joining tensors
+    (`parts_of`).
+
+    Args:
+      group_size: elements per group, even.
+
+    Returns:
+      Two int arrays: ``0 .. G/2 - 1`` and ``G/2 .. G - 1``.
+    """
+    half = group_size // 2
+    return [np.arange(half), np.arange(half, 2 * half)]
+
+
+def parts_of(x: Any, n: int) -> list[jax.Array]:
+    """``x`` as ``n`` equal contiguous parts of its last axis.
+
+    ``x`` is an array or a list of equal contiguous parts (a group held in
+    halves, `halves`); parts are split (`split_last`) or joined
+    (`concat_last`) only where their count is not already ``n``.
+
+    Args:
+      x: an array, or a list of arrays whose concatenation is the value.
+      n: the number of parts wanted.
+
+    Returns:
+      A list of ``n`` arrays.
+    """
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(parts) == n:
+        return parts
+    if n % len(parts) == 0:
+        return [q for part in parts for q in split_last(part, n // len(parts))]
+    if len(parts) % n:
+        raise ValueError(f"{len(parts)} parts cannot be regrouped into {n}.")
+    k = len(parts) // n
+    return [concat_last(parts[i * k : (i + 1) * k]) for i in range(n)]
+
+
+def pack_planes(values: Any, bits: int) -> list[jax.Array]:
     """Packs integer codes ``< 2**bits`` along the last axis into planes.
 
     `pack_codes` is these planes concatenated. A kernel stores the planes
@@ -219,27 +269,30 @@ def pack_planes(values: jax.Array, bits: int) -> list[jax.Array]:
     since a 12-byte row of 3-bit codes is not a shape Triton can hold.
 
     Args:
-      values: integer array ``(..., K)``, every value in ``[0, 2**bits)``.
-        ``K * w`` must be a multiple of 8 for every plane width ``w`` of
-        ``bits`` (true for ``K`` a multiple of 8).
+      values: integer array ``(..., K)``, every value in ``[0, 2**bits)``,
+        or a list of its equal contiguous parts (`parts_of`: a kernel's
+        halves pack into 4-bit bytes with no split). ``K * w`` must be a
+        multiple of 8 for every plane width ``w`` of ``bits`` (true for
+        ``K`` a multiple of 8).
       bits: code width, 1 to 8.
 
     Returns:
       A list of ``uint8`` arrays ``(..., K * w / 8)``, narrowest plane first.
     """
-    values = values.astype(jnp.uint8)
-    k = values.shape[-1]
+    given = values if isinstance(values, (list, tuple)) else [values]
+    parts = [v.astype(jnp.uint8) for v in given]
+    k = sum(v.shape[-1] for v in parts)
     planes, shift = [], 0
     # Planes are filled narrowest first: for 3 bits, bit 0 goes to the 1-bit
     # plane and bits 1-2 to the 2-bit plane; each plane is packed on its own.
     for w in reversed(_widths(bits)):
-        part = (values >> shift) & ((1 << w) - 1)
+        field = [(v >> shift) & ((1 << w) - 1) for v in parts]
         shift += w
         per_byte = 8 // w
         if k % per_byte:
             raise ValueError(f"{k} codes of width {w} do not fill whole bytes.")
         # value j of the plane sits in byte j % nbytes at bit (j // nbytes) * w
-        pieces = split_last(part, per_byte)
+        pieces = parts_of(field, per_byte)
         byte = pieces[0]
         for s in range(1, per_byte):
             byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
@@ -247,7 +300,7 @@ def pack_planes(values: jax.Array, bits: int) -> list[jax.Array]:
     return planes
 
 
-def pack_codes(values: jax.Array, bits: int) -> jax.Array:
+def pack_codes(values: Any, bits: int) -> jax.Array:
     """Packs integer codes ``< 2**bits`` along the last axis, planar layout.
 
     Args:
@@ -262,8 +315,12 @@ def pack_codes(values: jax.Array, bits: int) -> jax.Array:
     return jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
 
 
-def unpack_planes(planes: Sequence[jax.Array], bits: int) -> jax.Array:
-    """Inverse of `pack_planes`: the planes -> ``(..., K)`` uint8 codes."""
+def unpack_planes(planes: Sequence[jax.Array], bits: int, parts: int = 0) -> Any:
+    """Inverse of `pack_planes`: the planes -> ``(..., K)`` uint8 codes.
+
+    ``parts > 0`` returns the codes as that many equal contiguous parts
+    (`parts_of`; a kernel's halves of a 4-bit plane are its two nibbles).
+    """
     widths = list(reversed(_widths(bits)))
     if len(planes) != len(widths):
         raise ValueError(
@@ -272,11 +329,11 @@ def unpack_planes(planes: Sequence[jax.Array], bits: int) -> jax.Array:
     out, shift = None, 0
     for w, byte in zip(widths, planes, strict=True):
         byte = byte.astype(jnp.uint8)
-        part = concat_last([(byte >> (s * w)) & ((1 << w) - 1) for s in range(8 // w)])
-        part = part.astype(jnp.uint8) << shift
-        out = part if out is None else out | part
+        pieces = [(byte >> (s * w)) & ((1 << w) - 1) for s in range(8 // w)]
+        field = [p.astype(jnp.uint8) << shift for p in parts_of(pieces, max(parts, 1))]
+        out = field if out is None else [a | b for a, b in zip(out, field, strict=True)]
         shift += w
-    return out
+    return out if parts else out[0]
 
 
 def split_planes(packed: jax.Array, bits: int, num_values: int) -> list[jax.Array]:

@@ -316,12 +316,18 @@ def _count_bounds_at_or_below(table: Any, x: jax.Array, bits: int) -> jax.Array:
     """
     # The first step reads one bound for every element: a scalar compare (a
     # gather at a constant index would be constant-folded by XLA, element by
-    # element: 48 s of compile for a 135M-parameter model).
+    # element: 48 s of compile for a 135M-parameter model). The second step's
+    # bound is one of two: a select of two scalar reads, not a gather.
     top = 1 << (bits - 1)
-    index = jnp.where(table[top - 1] <= x, top, 0).astype(jnp.int32)  # like x
+    upper = table[top - 1] <= x
+    index = jnp.where(upper, top, 0).astype(jnp.int32)  # like x
     for step in (1 << k for k in reversed(range(bits - 1))):
         candidate = index + step
-        index = jnp.where(base.take(table, candidate - 1) <= x, candidate, index)
+        if step == top // 2:
+            bound = jnp.where(upper, table[top + step - 1], table[step - 1])
+        else:  # the search never reads past the table: no clip
+            bound = base.take(table, candidate - 1, in_range=True)
+        index = jnp.where(bound <= x, candidate, index)
     return index
 
 
@@ -348,7 +354,8 @@ def _round_stochastic(
     below = _count_bounds_at_or_below(table, x, bits)  # entry <= x, or 0
     n = 1 << bits
     above = jnp.minimum(below + 1, n - 1)
-    lo, hi = base.take(qmap, below), base.take(qmap, above)
+    lo = base.take(qmap, below, in_range=True)
+    hi = base.take(qmap, above, in_range=True)
     gap = jnp.where(hi > lo, hi - lo, 1.0)
     up = (uniform * gap < x - lo) & (hi > lo)
     return jnp.where(up, above, below)
@@ -366,7 +373,10 @@ def encode_groups_with(
 
     Args:
       xg: ``(..., block_size)`` float blocks; ``block_size * bits`` must be a
-        multiple of 8.
+        multiple of 8. Or their two halves (`base.halves`, a kernel's parts):
+        4-bit codes of element ``j`` and ``j + block_size / 2`` share a byte
+        and both uniforms of a pair come from one word, so halves need no
+        split.
       qmap: ``(2**bits,)`` float32 sorted map with values in [-1, 1]
         (``codec.qmap()``); an argument, not a constant, so that a Pallas
         kernel can pass it in.
@@ -383,30 +393,41 @@ def encode_groups_with(
       indices and ``(..., 1)`` float32 block absmax.
     """
     bits = _bits_of(qmap)
-    xg = jnp.asarray(xg, jnp.float32)
+    given = xg if isinstance(xg, (list, tuple)) else [xg]
+    parts = [jnp.asarray(x, jnp.float32) for x in given]
     if not signed:
-        xg = jnp.maximum(xg, 0.0)
-    absmax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+        parts = [jnp.maximum(x, 0.0) for x in parts]
+    absmax = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(x), axis=-1, keepdims=True) for x in parts]
+    )
     scales, divisor = base.safe_scale(absmax, jnp.float32)
-    normalised = xg / divisor
+    normalised = [x / divisor for x in parts]
     if noise is None:
         table = search_table(qmap) if table is None else table
-        index = _count_bounds_at_or_below(table, normalised, bits)
+        index = [_count_bounds_at_or_below(table, x, bits) for x in normalised]
     else:
         table = stochastic_table(qmap) if table is None else table
         if not base.is_ref(qmap):
             qmap = jnp.asarray(qmap, jnp.float32)
         if not base.is_ref(table):
             table = jnp.asarray(table, jnp.float32)
-        uniform = base.element_uniforms(noise)
-        index = _round_stochastic(qmap, table, normalised, uniform, bits)
-    codes = base.pack_codes(index.astype(jnp.uint8), bits)
+        uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
+        index = [
+            _round_stochastic(qmap, table, x, u, bits)
+            for x, u in zip(normalised, uniform, strict=True)
+        ]
+    codes = base.pack_codes([i.astype(jnp.uint8) for i in index], bits)
     return codes, scales
 
 
 def decode_groups_with(
-    codes: jax.Array, scales: jax.Array, qmap: jax.Array, *, floor: float = 0.0
-) -> jax.Array:
+    codes: jax.Array,
+    scales: jax.Array,
+    qmap: jax.Array,
+    *,
+    floor: float = 0.0,
+    halves: bool = False,
+) -> Any:
     """Inverse of `encode_groups_with`: map entries times block scales.
 
     Args:
@@ -416,22 +437,29 @@ def decode_groups_with(
       floor: smallest map value decoded (unsigned codecs pass the smallest
         positive entry, so a second moment never decodes to 0 in a block
         whose scale is > 0: an Adam update divides by its square root).
+      halves: return the block's two halves (a kernel's parts,
+        `base.halves`) instead of the whole block.
 
     Returns:
-      ``(..., block_size)`` float32, ``block_size = bytes * 8 // bits``.
+      ``(..., block_size)`` float32, ``block_size = bytes * 8 // bits``, or
+      its two halves.
     """
     bits = _bits_of(qmap)
-    block_size = codes.shape[-1] * 8 // bits
-    index = base.unpack_codes(codes, bits, block_size).astype(jnp.int32)
-    values = base.take(qmap if base.is_ref(qmap) else jnp.asarray(qmap), index)
+    index = base.unpack_planes([codes], bits, parts=2 if halves else 1)
+    qmap = qmap if base.is_ref(qmap) else jnp.asarray(qmap)
     scales = jnp.asarray(scales, jnp.float32)
-    if not floor:
-        return values * scales
-    values = jnp.maximum(values, jnp.float32(floor))
-    # never 0 where the block is nonzero, even where the product is subnormal
-    # (flushed to 0 on CPU): the smallest normal float instead
-    tiny = jnp.where(scales > 0, jnp.finfo(jnp.float32).tiny, 0.0)
-    return jnp.maximum(values * scales, tiny)
+    tiny = jnp.where(scales > 0, jnp.finfo(jnp.float32).tiny, 0.0) if floor else None
+    out = []
+    for i in index:  # codes < 2**bits: always inside the map
+        values = base.take(qmap, i.astype(jnp.int32), in_range=True)
+        if not floor:
+            out.append(values * scales)
+            continue
+        values = jnp.maximum(values, jnp.float32(floor))
+        # never 0 where the block is nonzero, even where the product is
+        # subnormal (flushed to 0 on CPU): the smallest normal float instead
+        out.append(jnp.maximum(values * scales, tiny))
+    return out if halves else out[0]
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -558,16 +586,29 @@ class BlockwiseCodec(base.Codec):
             table = np.asarray(search_table(qmap), np.float32)
         return qmap, table
 
-    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> jax.Array:
-        """`decode_groups_with` on the code plane, the map read from ``tables``."""
+    def kernel_columns(self) -> list[np.ndarray] | None:
+        """The kernel's parts of a block: its two halves (`base.halves`) at 4 bits.
+
+        The two halves of a block are the two nibbles of its bytes. At 8 bits
+        (one byte per element) the block is held whole: its halves would be
+        joined into one plane again.
+        """
+        return base.halves(self.block_size) if self.bits == 4 else None
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> Any:
+        """`decode_groups_with` of the code plane (to the halves at 4 bits)."""
         return decode_groups_with(
-            planes[0], scales, tables[0], floor=self.decode_floor()
+            planes[0],
+            scales,
+            tables[0],
+            floor=self.decode_floor(),
+            halves=self.kernel_columns() is not None,
         )
 
     def kernel_encode(
-        self, x: jax.Array, tables: Any, noise: jax.Array | None
+        self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
-        """`encode_groups_with` against the tables (``noise``: stochastic bits)."""
+        """`encode_groups_with` of the block or its halves (``noise``: SR bits)."""
         codes, scales = encode_groups_with(
             x,
             tables[0],

@@ -220,6 +220,28 @@ def _sector_cos_sin(signed: bool) -> tuple[list[float], list[float]]:
     return [clean(math.cos(a)) for a in angles], [clean(math.sin(a)) for a in angles]
 
 
+def sector_cos_sin(sector: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+    """float32 cos and sin of each int32 ``sector``'s angle (`sector_angles`).
+
+    The values of `_sector_cos_sin` exactly (0 as +0). Signed sectors are the
+    eight angles ``k·π/4``, built from the octant's structure instead of two
+    8-way select chains: an odd sector has ``|cos| = |sin| = sqrt(1/2)``, an
+    even one a 1 and a 0; cos is negative in sectors 3-5, sin in 5-7.
+    """
+    cos_t, sin_t = _sector_cos_sin(signed)
+    if not signed:
+        return _select(sector, cos_t), _select(sector, sin_t)
+    mag = jnp.where((sector & 1) == 1, jnp.float32(cos_t[1]), jnp.float32(1.0))
+    quarter = sector & 3  # 0: on the cos axis, 2: on the sin axis
+
+    def signed_value(negative, zero):
+        return jnp.where(zero, jnp.float32(0.0), jnp.where(negative, -mag, mag))
+
+    cos_s = signed_value((sector >= 3) & (sector <= 5), quarter == 2)
+    sin_s = signed_value(sector >= 5, quarter == 0)
+    return cos_s, sin_s
+
+
 def _select(index: jax.Array, values: Sequence[Any]) -> jax.Array:
     """``values[index]`` as a chain of selects (no gather; values are few)."""
     out = jnp.zeros(index.shape, jnp.float32) + values[0]
@@ -387,7 +409,8 @@ def assign_stochastic(
     ring = jnp.where(up, jnp.minimum(below, n_rings - 1), jnp.maximum(below - 1, 0))
     if signed:
         flip = (~up) & (below == 0)  # -ρ_1: the opposite sector
-        sector = (sector + jnp.where(flip, SIGNED_SECTORS // 2, 0)) % SIGNED_SECTORS
+        half_turn = jnp.where(flip, SIGNED_SECTORS // 2, 0)
+        sector = (sector + half_turn) & (SIGNED_SECTORS - 1)  # >= 0: mod 8
     return ring, sector
 
 
@@ -415,7 +438,9 @@ def encode_groups_with(
     call it on any block of groups.
 
     Args:
-      xg: float ``(..., G)`` groups, ``G`` a multiple of 16.
+      xg: float ``(..., G)`` groups, ``G`` a multiple of 16, or their two
+        halves ``[(..., G/2), (..., G/2)]`` (`base.halves`: a kernel's parts;
+        the pairs' two coordinates, so nothing is split).
       rings: float32 ``(R,)`` ring radii (`PolarCodec.codebook`).
       signed: signed (8 sectors) or unsigned (2 sectors in the first quadrant;
         negatives are treated as 0).
@@ -432,11 +457,12 @@ def encode_groups_with(
       ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes (or
       their planes) and ``(..., 1)`` scales in ``scale_dtype``.
     """
-    xg = jnp.asarray(xg, jnp.float32)
+    parts = list(xg) if isinstance(xg, (list, tuple)) else [xg]
+    parts = [jnp.asarray(x, jnp.float32) for x in parts]
+    if not signed:  # whole groups: clipped before the split, as in format 2
+        parts = [jnp.maximum(x, 0.0) for x in parts]
+    a, b = base.parts_of(parts, 2)
     rings = ring_values(rings)
-    if not signed:
-        xg = jnp.maximum(xg, 0.0)
-    a, b = base.split_last(xg, 2)
     if noise is not None and signed:  # every pair's α + β must reach <= 1
         extent = signed_span(*fold_octant(a, b)[:2])
     else:
@@ -458,8 +484,13 @@ def encode_groups_with(
 
 
 def decode_groups_with(
-    codes: Any, scales: jax.Array, rings: jax.Array, *, signed: bool
-) -> jax.Array:
+    codes: Any,
+    scales: jax.Array,
+    rings: jax.Array,
+    *,
+    signed: bool,
+    halves: bool = False,
+) -> Any:
     """Decodes ``(..., bytes)`` codes and ``(..., 1)`` scales to ``(..., G)``.
 
     Args:
@@ -468,10 +499,12 @@ def decode_groups_with(
       scales: ``(..., 1)`` group scales.
       rings: float32 ``(R,)`` ring radii, the same as at encoding.
       signed: which codebook.
+      halves: return the group's two halves (the pairs' coordinates, a
+        kernel's parts) instead of their concatenation.
 
     Returns:
-      float32 ``(..., G)``; zeros where the scale is 0; for unsigned codecs
-      every value is > 0 where the scale is > 0.
+      float32 ``(..., G)`` (or its two halves); zeros where the scale is 0;
+      for unsigned codecs every value is > 0 where the scale is > 0.
     """
     rings = ring_values(rings)
     n_rings = len(rings)
@@ -482,16 +515,22 @@ def decode_groups_with(
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
     code = code.astype(jnp.int32)
-    sector, ring = code % n_sectors, code // n_sectors
+    shift = n_sectors.bit_length() - 1  # codes are >= 0: a mask and a shift
+    sector, ring = code & (n_sectors - 1), code >> shift
     rho = _select(ring, rings)
-    cos_t, sin_t = _sector_cos_sin(signed)
     scale = scales.astype(jnp.float32)
     radius = rho * scale  # one order of products, the same under jit and eager
-    a = radius * _select(sector, cos_t)
-    b = radius * _select(sector, sin_t)
-    out = base.concat_last([a, b])
+    cos_s, sin_s = sector_cos_sin(sector, signed)
+    a = radius * cos_s
+    b = radius * sin_s
+    # Whole groups keep the jnp graph of format 2 (an equal but reordered
+    # graph can change XLA's fusion, and so the low bits of the update).
+    out = [a, b] if halves else base.concat_last([a, b])
     if not signed:  # never decode to 0 (nor flush to 0) where the scale is > 0
-        out = jnp.maximum(out, jnp.where(scale > 0, _TINY, 0.0))
+        floor = jnp.where(scale > 0, _TINY, 0.0)
+        out = (
+            [jnp.maximum(x, floor) for x in out] if halves else jnp.maximum(out, floor)
+        )
     return out
 
 
@@ -595,15 +634,23 @@ class PolarCodec(base.Codec):
         """The arrays a kernel takes as inputs: the rings."""
         return (np.asarray(self.rings, np.float32),)
 
-    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> jax.Array:
-        """`decode_groups_with` on code planes, the rings read from ``tables``."""
+    def kernel_columns(self) -> list[np.ndarray]:
+        """The kernel's parts of a group: its two halves (`base.halves`)."""
+        return base.halves(self.group_size)
+
+    def kernel_decode(
+        self, planes: list[Any], scales: Any, tables: Any
+    ) -> list[jax.Array]:
+        """`decode_groups_with` on code planes to the group's halves."""
         rings = [tables[0][k] for k in range(len(self.rings))]
-        return decode_groups_with(planes, scales, rings, signed=self.signed)
+        return decode_groups_with(
+            planes, scales, rings, signed=self.signed, halves=True
+        )
 
     def kernel_encode(
-        self, x: jax.Array, tables: Any, noise: jax.Array | None
+        self, x: list[jax.Array], tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
-        """`encode_groups_with` to code planes (``noise``: stochastic bits)."""
+        """`encode_groups_with` of the halves to code planes (``noise``: SR bits)."""
         rings = [tables[0][k] for k in range(len(self.rings))]
         return encode_groups_with(
             x,

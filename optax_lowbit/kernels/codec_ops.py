@@ -31,8 +31,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from optax_lowbit.codecs import base
 
-#: Group (or group part) sizes the kernel blocks: powers of two, 16 to 256.
+#: Group sizes the kernel blocks: powers of two, 16 to 256 (π-Quant's 96 too).
 KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256)
+#: Sizes of the parts a kernel holds a group as (`columns`): powers of two.
+KERNEL_PART_SIZES = (8, 16, 32, 64, 128)
 
 
 def _power_of_two(n: int) -> bool:
@@ -47,9 +49,13 @@ def planes(codec: base.Codec) -> list[int]:
 def columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
     """``(start, stride, size)`` of each part a kernel splits a group into.
 
-    A group whose size is not a power of two (π-Quant's 96) is held as parts
-    of power-of-two sizes (`PiQuantCodec.kernel_columns`: each an arithmetic
-    progression of columns, rebuilt in the kernel from an iota: it cannot
+    Polar and blockwise groups are held as their two halves
+    (`base.halves`: a pair's coordinates, the two nibbles of a 4-bit byte,
+    the two uniforms of a random word), so decoding and encoding need no
+    tensor splits or joins (Triton layout conversions); π-Quant's 96 is six
+    parts of 16 (`PiQuantCodec.kernel_columns`); 8-bit blocks stay whole
+    (``None``). Each part is an arithmetic
+    progression of columns, rebuilt in the kernel from an iota (it cannot
     capture arrays), read and written by gathered loads at
     ``row * group_size + column``.
 
@@ -59,10 +65,11 @@ def columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
     Returns:
       The parts, or ``None`` where the group is held whole.
     """
-    if not hasattr(codec, "kernel_columns"):
+    parts = codec.kernel_columns() if hasattr(codec, "kernel_columns") else None
+    if parts is None:
         return None
     out = []
-    for part in codec.kernel_columns():
+    for part in parts:
         part = np.asarray(part)
         stride = int(part[1] - part[0]) if part.size > 1 else 1
         if not np.array_equal(part, part[0] + stride * np.arange(part.size)):
@@ -78,9 +85,9 @@ def has_kernel(codec: base.Codec) -> bool:
     ``kernel_encode``: polar at 2 and 1.5 bits, either rounding; blockwise 8
     and 4 bits; π-Quant) whose code planes per group are powers of two bytes
     (polar 2 bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise: 256 and 64;
-    π-Quant: 16 + 16 + 8) and whose group (or each of its parts: π-Quant's
-    96-element superblock is six parts of 16) is a power of two from 16 to
-    256 elements.
+    π-Quant: 16 + 16 + 8) and whose group is a power of two from 16 to 256
+    elements (π-Quant: 96), held as parts (`columns`: halves, or π-Quant's
+    six parts of 16) of a power of two from 8 to 128 elements.
 
     Args:
       codec: a codec.
@@ -94,10 +101,13 @@ def has_kernel(codec: base.Codec) -> bool:
     ):
         return False
     cols = columns(codec)
-    sizes = [codec.group_size] if cols is None else [c[2] for c in cols]
-    return all(n in KERNEL_GROUP_SIZES for n in sizes) and all(
-        _power_of_two(n) for n in planes(codec)
-    )
+    if cols is None:
+        sizes_ok = codec.group_size in KERNEL_GROUP_SIZES
+    else:
+        sizes_ok = codec.group_size <= max(KERNEL_GROUP_SIZES) and all(
+            c[2] in KERNEL_PART_SIZES for c in cols
+        )
+    return sizes_ok and all(_power_of_two(n) for n in planes(codec))
 
 
 def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> None:
