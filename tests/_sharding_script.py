@@ -249,6 +249,63 @@ def check_policy():
     print("policy: same decisions on 1, 2 and 8 devices", flush=True)
 
 
+def check_pallas_sharded_float_leaves():
+    """impl="pallas" under explicit axes: float-state leaves sharded on their
+    leading axis (a bias, an embedding the policy keeps in float32) are
+    stepped in place, chain and fused: no all-gather in the compiled step
+    (they were once concatenated into one flat buffer, which all-gathered
+    their gradients, moments and parameters), values as the jnp path's."""
+    mesh = make_mesh("explicit")
+    leaves = {
+        "w": ((64, 64), P("model")),  # quantized: the kernel
+        "bias": ((512,), P(("data", "model"))),  # float32 state
+        "embed": ((64, 32), P("data")),  # float32 state (policy: embedding)
+    }
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = {
+        name: jax.device_put(
+            jax.random.normal(key, shape) * 0.1, NamedSharding(mesh, spec)
+        )
+        for key, (name, (shape, spec)) in zip(keys, leaves.items(), strict=True)
+    }
+    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0) + 0.01, params)
+    kinds = {
+        "chain": lowbit.adamw_polar(1e-3, impl="pallas"),
+        "fused": lowbit.adamw_polar(1e-3, impl="pallas", fused=True),
+        "jnp": lowbit.adamw_polar(1e-3, impl="jnp"),
+    }
+    out = {}
+    with jax.set_mesh(mesh):
+        for kind, opt in kinds.items():
+            state = jax.jit(opt.init)(params)
+            assert is_packed(state[0].mu["w"])
+            assert not is_packed(state[0].mu["bias"]), "bias must stay float"
+            assert not is_packed(state[0].mu["embed"]), "embedding must stay float"
+            if kind == "fused":
+                step = opt.step
+            else:
+
+                def step(g, s, p, tx=opt):
+                    u, s = tx.update(g, s, p)
+                    return optax.apply_updates(p, u), s
+
+            jitted = jax.jit(step)
+            hlo = jitted.lower(grads, state, params).compile().as_text()
+            gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather", ln)]
+            assert not gathers, (kind, "all-gather in the step", gathers[:3])
+            out[kind] = jitted(grads, state, params)
+    for kind in ("chain", "fused"):
+        for name in ("bias", "embed"):
+            p, s = out[kind]
+            ref_p, ref_s = out["jnp"]
+            assert p[name].sharding.is_equivalent_to(params[name].sharding, 1)
+            for a, b in ((p, ref_p), (s[0].mu, ref_s[0].mu), (s[0].nu, ref_s[0].nu)):
+                np.testing.assert_allclose(
+                    np.asarray(a[name]), np.asarray(b[name]), rtol=1e-5, atol=1e-9
+                )
+    print("pallas: sharded float leaves stepped in place, no all-gather", flush=True)
+
+
 def main(mode, names):
     """One mode: stops at the first failed check (an AssertionError)."""
     assert jax.device_count() == 8, jax.device_count()
@@ -266,7 +323,8 @@ def main(mode, names):
 def run_checks(checks):
     """Runs every ``(mode, name)`` check in this one process (``name`` "policy":
     `check_policy`), each on its own: a failure is reported and the next check
-    runs. Prints ``CHECK <mode>:<name> PASS``, or ``FAIL`` and the traceback
+    runs; ``name`` "pallas-float-leaves": `check_pallas_sharded_float_leaves`.
+    Prints ``CHECK <mode>:<name> PASS``, or ``FAIL`` and the traceback
     between ``BEGIN``/``END`` lines; returns 1 if any check failed."""
     assert jax.device_count() == 8, jax.device_count()
     inputs = {}
@@ -277,6 +335,8 @@ def run_checks(checks):
         try:
             if name == "policy":
                 check_policy()
+            elif name == "pallas-float-leaves":
+                check_pallas_sharded_float_leaves()
             else:
                 if mode not in inputs:
                     mesh = make_mesh(mode)

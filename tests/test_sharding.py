@@ -48,6 +48,7 @@ CHECKS = (
     [("auto", n) for n in ALL]
     + [("auto", "policy")]
     + [("explicit", n) for n in POLAR + TABLE_CODECS + PALLAS]
+    + [("explicit", "pallas-float-leaves")]
 )
 
 pytestmark = pytest.mark.xdist_group("sharding")
@@ -131,3 +132,10 @@ def test_explicit_axes_kernels_run_per_shard(reports):
         out = _passed(reports, "explicit", name)
         assert f"explicit {name}: " in out
     assert "adamw_polar-1.5-pallas: sharded kernel and fused step = jnp path" in out
+
+
+def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(reports):
+    """impl="pallas": float-state leaves sharded on their leading axis (bias,
+    embedding) are stepped in place, chain and fused, as the jnp path."""
+    out = _passed(reports, "explicit", "pallas-float-leaves")
+    assert "pallas: sharded float leaves stepped in place, no all-gather" in out

@@ -17,6 +17,7 @@ list the structural ones that are numbers or callables in ``static_args``::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 from collections.abc import Callable, Sequence
@@ -323,7 +324,8 @@ def fused_leaves(
             applied[i] = params is not None
         elif _is_plain(g, m, v):
             p_dtype = None if params is None else params[i].dtype
-            plain.setdefault((g.dtype, m.dtype, v.dtype, p_dtype), []).append(i)
+            alone = i if _is_sharded(g) else None  # never concatenated
+            plain.setdefault((g.dtype, m.dtype, v.dtype, p_dtype, alone), []).append(i)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
@@ -355,9 +357,16 @@ def fused_leaves(
     # stepped as one flat buffer per dtype combination: XLA then runs a few
     # fused loops instead of several kernels per leaf (on a GPT-2 tree the
     # 98 small leaves took 1.1 ms leaf by leaf). Elementwise, so the values
-    # are those of the leaf-by-leaf step.
+    # are those of the leaf-by-leaf step. A leaf sharded under explicit mesh
+    # axes is stepped alone, in its own shape: concatenating it would
+    # all-gather its gradient, moments and parameter on every device.
     for idx in plain.values():
-        cat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])  # noqa: E731
+        if len(idx) == 1:  # one leaf (or a sharded one): in its own shape
+            cat, split = (lambda xs: xs[0]), (lambda x: [x])
+        else:
+            offsets = list(itertools.accumulate(flat[i].size for i in idx))[:-1]
+            cat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])  # noqa: E731
+            split = functools.partial(jnp.split, indices_or_sections=offsets)
         g = cat([flat[i] for i in idx])
         m = cat([mus[i].astype(jnp.float32) for i in idx])  # as map_leaves
         v = cat([nus[i].astype(jnp.float32) for i in idx])
@@ -366,18 +375,12 @@ def fused_leaves(
             p = cat([params[i] for i in idx])
             k_wd = kadam.HP_FIELDS.index("weight_decay")
             hp_cat = list(leaf_hps[idx[0]])  # one learning rate, wd per element
-            hp_cat[k_wd] = cat(
-                [jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx]
-            )
+            if len(idx) > 1:
+                hp_cat[k_wd] = cat(
+                    [jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx]
+                )
             u = kadam.apply_step(p, u, hp_cat).astype(p.dtype)
-        offsets = list(itertools.accumulate(flat[i].size for i in idx))[:-1]
-        for i, ui, mi, vi in zip(
-            idx,
-            jnp.split(u, offsets),
-            jnp.split(m, offsets),
-            jnp.split(v, offsets),
-            strict=True,
-        ):
+        for i, ui, mi, vi in zip(idx, split(u), split(m), split(v), strict=True):
             shape = flat[i].shape
             outs[i] = ui.reshape(shape)
             new_m[i] = mi.reshape(shape).astype(mus[i].dtype)
@@ -386,6 +389,15 @@ def fused_leaves(
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
     new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
     return outs, applied, new_state, lambda xs: rewrap(xs)[0]
+
+
+def _is_sharded(x: Any) -> bool:
+    """Whether ``x``'s type splits it over a mesh (explicit mesh axes)."""
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return False
+    return any(s is not None for s in sharding.spec)
 
 
 def _is_plain(g: Any, m: Any, v: Any) -> bool:
