@@ -9,7 +9,9 @@ reports. The script checks, per alias, on a 2x4 mesh: quantized states sharded
 like their parameters on leading axes (``.sharding.spec`` of ``Packed`` codes
 and scales), no all-gather in the compiled step's HLO, identical
 ``jax.typeof`` and sharding of the state before and after an update; and that
-the policy makes the same decisions on 1, 2 and 8 devices.
+the policy makes the same decisions on 1, 2 and 8 devices; and
+`benchmarks.sharded_training`'s quick checks for one low-bit optimizer
+(FSDP training of a small GPT, ``check_sharded_training``).
 
 Two mesh modes: ``auto`` (Auto axes, GSPMD propagation; eager init of sharded
 params) and ``explicit`` (Explicit axes, sharding in types; ``jax.jit(tx.init)``
@@ -48,7 +50,7 @@ CHECKS = (
     [("auto", n) for n in ALL]
     + [("auto", "policy")]
     + [("explicit", n) for n in POLAR + TABLE_CODECS + PALLAS]
-    + [("explicit", "pallas-float-leaves")]
+    + [("explicit", "pallas-float-leaves"), ("explicit", "training")]
 )
 
 pytestmark = pytest.mark.xdist_group("sharding")
@@ -139,3 +141,11 @@ def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(reports):
     embedding) are stepped in place, chain and fused, as the jnp path."""
     out = _passed(reports, "explicit", "pallas-float-leaves")
     assert "pallas: sharded float leaves stepped in place, no all-gather" in out
+
+
+def test_sharded_training_quick_checks(reports):
+    """benchmarks/sharded_training.py --quick for adamw_8bit: FSDP on 8 devices,
+    state bytes total/8, no state all-gather, same state/loss as on 1 device,
+    Orbax checkpoint restored on 1 device and on a 2x4 mesh bit-exactly."""
+    out = _passed(reports, "explicit", "training")
+    assert "training: FSDP adamw_8bit on 8 devices" in out
