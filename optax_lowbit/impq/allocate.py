@@ -312,7 +312,13 @@ def _milp(phi, c, e, choices, w, cap, time_limit):
                 )
     a_mat = scipy.sparse.csr_array((vals, (rows, cols)), shape=(r, nx + ny))
     integrality = np.concatenate([np.ones(nx), np.zeros(ny)])
-    options = {} if time_limit is None else {"time_limit": float(time_limit)}
+    # HiGHS stops within a relative gap of 1e-4 and an absolute one of 1e-6:
+    # small blocks' terms would be left to chance (budget unspent). Costs are
+    # scaled to a largest entry of 1 and the relative gap closed.
+    cost /= max(float(np.abs(cost).max()), 1e-300)
+    options = {"mip_rel_gap": 1e-9}
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
     res = scipy.optimize.milp(
         cost,
         constraints=scipy.optimize.LinearConstraint(a_mat, lo, hi),

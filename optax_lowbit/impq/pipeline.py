@@ -272,9 +272,11 @@ def run(
                         fwd, ref, pt.lo, pt.hi, callback=progress("isolated hi", 0)
                     )
                 sub = tuple(b for b in choices if pt.lo <= b <= pt.hi)
-                table = gains[pt.lo, pt.hi][:, None] * allocate.relative_errors(
-                    fwd.sse, fwd.widths, sub
-                )
+                # a measured gain below 0 is noise (more bits, worse KL): held
+                # at a tiny positive floor so that the budget is still spent
+                g = gains[pt.lo, pt.hi]
+                g = np.maximum(g, 1e-4 * max(float(np.abs(g).max()), 1e-30))
+                table = g[:, None] * allocate.relative_errors(fwd.sse, fwd.widths, sub)
                 add(
                     "isolated_hi",
                     budget,

@@ -160,3 +160,11 @@ def test_milp_with_interactions_equals_brute_force(seed, n, choices):
     assert got.optimal
     assert got.objective == pytest.approx(want.objective, abs=1e-7)
     assert got.avg_bits <= budget + 1e-9
+
+
+def test_tiny_terms_are_still_optimised():
+    # HiGHS's default 1e-4 gap would leave the budget of near-free blocks unspent
+    phi = 1e-3 * np.array([1.0, 3e-5, 2e-5, 1e-5, 4e-5, 5e-5])
+    e = np.tile([1.0, 0.0], (6, 1))
+    got = allocate.allocate(phi, np.zeros((6, 6)), e, avg_bits=2.5, bit_choices=(2, 3))
+    assert got.bits.tolist() == [3, 2, 2, 2, 3, 3]
