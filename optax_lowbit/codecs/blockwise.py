@@ -368,7 +368,8 @@ def encode_groups_with(
     signed: bool,
     table: Any = None,
     noise: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    planes: bool = False,
+) -> tuple[Any, jax.Array]:
     """Blockwise absmax encoding against an explicit map.
 
     Args:
@@ -387,6 +388,8 @@ def encode_groups_with(
       noise: ``None`` for round-to-nearest, or uint32 ``(..., block_size /
         2)`` random words (`base.group_noise`) for unbiased stochastic
         rounding between the two map entries around each value.
+      planes: return the codes as the kernel's planes (`kernel_planes`)
+        instead of one array.
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -416,8 +419,29 @@ def encode_groups_with(
             _round_stochastic(qmap, table, x, u, bits)
             for x, u in zip(normalised, uniform, strict=True)
         ]
-    codes = base.pack_codes([i.astype(jnp.uint8) for i in index], bits)
-    return codes, scales
+    index = [i.astype(jnp.uint8) for i in index]
+    if planes:
+        return kernel_planes(index, bits), scales
+    return base.pack_codes(index, bits), scales
+
+
+def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
+    """The code planes a kernel stores (`BlockwiseCodec.code_planes`).
+
+    At 4 bits the packed plane (the halves are its two nibbles); at 8 bits,
+    one byte per code, the codes of the block's two halves: the same bytes in
+    memory as the one plane, stored without joining the halves.
+
+    Args:
+      index: uint8 map indices, the block or its parts (`base.parts_of`).
+      bits: 4 or 8.
+
+    Returns:
+      A list of uint8 planes.
+    """
+    if bits == 8:
+        return base.parts_of(index, 2)
+    return base.pack_planes(index, bits)
 
 
 def decode_groups_with(
@@ -431,7 +455,8 @@ def decode_groups_with(
     """Inverse of `encode_groups_with`: map entries times block scales.
 
     Args:
-      codes: ``(..., bytes_per_block)`` uint8.
+      codes: ``(..., bytes_per_block)`` uint8, or the kernel's planes
+        (`kernel_planes`).
       scales: ``(..., 1)`` float block scales.
       qmap: the map that encoded them.
       floor: smallest map value decoded (unsigned codecs pass the smallest
@@ -445,7 +470,12 @@ def decode_groups_with(
       its two halves.
     """
     bits = _bits_of(qmap)
-    index = base.unpack_planes([codes], bits, parts=2 if halves else 1)
+    parts = 2 if halves else 1
+    if isinstance(codes, (list, tuple)) and bits == 8:  # each half's bytes
+        index = base.parts_of(codes, parts)
+    else:
+        plane = codes if isinstance(codes, (list, tuple)) else [codes]
+        index = base.unpack_planes(plane, bits, parts=parts)
     qmap = qmap if base.is_ref(qmap) else jnp.asarray(qmap)
     scales = jnp.asarray(scales, jnp.float32)
     tiny = jnp.where(scales > 0, jnp.finfo(jnp.float32).tiny, 0.0) if floor else None
@@ -574,7 +604,13 @@ class BlockwiseCodec(base.Codec):
         return decode_groups_with(codes, scales, self.qmap(), floor=self.decode_floor())
 
     def code_planes(self) -> list[int]:
-        """Bytes of each code plane of one block (one plane at 8 and 4 bits)."""
+        """Bytes of each code plane a kernel stores per block (`kernel_planes`).
+
+        4 bits: one plane. 8 bits: the two halves' bytes (the one plane of
+        the format, in two pieces).
+        """
+        if self.bits == 8:
+            return [self.block_size // 2] * 2
         return base.plane_bytes(self.block_size, self.bits)
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
@@ -586,37 +622,35 @@ class BlockwiseCodec(base.Codec):
             table = np.asarray(search_table(qmap), np.float32)
         return qmap, table
 
-    def kernel_columns(self) -> list[np.ndarray] | None:
-        """The kernel's parts of a block: its two halves (`base.halves`) at 4 bits.
+    def kernel_columns(self) -> list[np.ndarray]:
+        """The kernel's parts of a block: its two halves (`base.halves`).
 
-        The two halves of a block are the two nibbles of its bytes. At 8 bits
-        (one byte per element) the block is held whole: its halves would be
-        joined into one plane again.
+        At 4 bits they are the two nibbles of the block's bytes, at 8 bits its
+        two half-planes (`kernel_planes`); both draw their uniforms from one
+        word per pair.
         """
-        return base.halves(self.block_size) if self.bits == 4 else None
+        return base.halves(self.block_size)
 
-    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> Any:
-        """`decode_groups_with` of the code plane (to the halves at 4 bits)."""
+    def kernel_decode(
+        self, planes: list[Any], scales: Any, tables: Any
+    ) -> list[jax.Array]:
+        """`decode_groups_with` of the kernel's planes to the block's halves."""
         return decode_groups_with(
-            planes[0],
-            scales,
-            tables[0],
-            floor=self.decode_floor(),
-            halves=self.kernel_columns() is not None,
+            planes, scales, tables[0], floor=self.decode_floor(), halves=True
         )
 
     def kernel_encode(
         self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
-        """`encode_groups_with` of the block or its halves (``noise``: SR bits)."""
-        codes, scales = encode_groups_with(
+        """`encode_groups_with` of the halves to the kernel's planes (``noise``: SR)."""
+        return encode_groups_with(
             x,
             tables[0],
             signed=self.signed,
             table=tables[1],
             noise=noise if self.stochastic else None,
+            planes=True,
         )
-        return [codes], scales
 
 
 def blockwise8(

@@ -53,8 +53,7 @@ def columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
     (`base.halves`: a pair's coordinates, the two nibbles of a 4-bit byte,
     the two uniforms of a random word), so decoding and encoding need no
     tensor splits or joins (Triton layout conversions); π-Quant's 96 is six
-    parts of 16 (`PiQuantCodec.kernel_columns`); 8-bit blocks stay whole
-    (``None``). Each part is an arithmetic
+    parts of 16 (`PiQuantCodec.kernel_columns`). Each part is an arithmetic
     progression of columns, rebuilt in the kernel from an iota (it cannot
     capture arrays), read and written by gathered loads at
     ``row * group_size + column``.
@@ -84,10 +83,11 @@ def has_kernel(codec: base.Codec) -> bool:
     Codecs with kernel group functions (``kernel_tables``, ``kernel_decode``,
     ``kernel_encode``: polar at 2 and 1.5 bits, either rounding; blockwise 8
     and 4 bits; π-Quant) whose code planes per group are powers of two bytes
-    (polar 2 bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise: 256 and 64;
-    π-Quant: 16 + 16 + 8) and whose group is a power of two from 16 to 256
-    elements (π-Quant: 96), held as parts (`columns`: halves, or π-Quant's
-    six parts of 16) of a power of two from 8 to 128 elements.
+    (polar 2 bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise 8 bits:
+    its two halves' bytes, 128 + 128; 4 bits: 64; π-Quant: 16 + 16 + 8) and
+    whose group is a power of two from 16 to 256 elements (π-Quant: 96),
+    held as parts (`columns`: halves, or π-Quant's six parts of 16) of a
+    power of two from 8 to 128 elements.
 
     Args:
       codec: a codec.
@@ -191,7 +191,8 @@ class Codes:
     """How the kernel reads and writes one moment's codes.
 
     A group whose codes are one power-of-two plane is a row of a blocked
-    ``(rows, bytes)`` array. Otherwise (1.5 bits: 12 bytes) the codes stay one
+    ``(rows, bytes)`` array. Otherwise (1.5 bits: 12 bytes; 8 bits: two
+    half-planes, `blockwise.kernel_planes`) the codes stay one
     flat buffer and each plane is gathered and scattered at computed offsets
     ``row * bytes + offset + j`` (every block shape a power of two).
 

@@ -1,6 +1,6 @@
 """The kernels' group layout: halves in, halves out, the same bits as whole groups.
 
-The kernels hold polar and 4-bit blockwise groups as their two halves
+The kernels hold polar and blockwise groups as their two halves
 (`base.halves`) and call the codecs' kernel entry points on them; these must
 give exactly the codes, scales and decoded values of the jnp group functions
 on whole groups.
@@ -32,6 +32,7 @@ CODECS = {
     "blockwise4": lambda: lowbit.codecs.blockwise4(True),
     "stable_nu": lambda: adam_presets.stable_nu_codec(64),
     "blockwise8-sr": lambda: lowbit.codecs.blockwise8(False, rounding="stochastic"),
+    "blockwise8": lambda: lowbit.codecs.blockwise8(True),
 }
 
 
@@ -106,6 +107,7 @@ def test_kernel_group_sizes():
         (0, 1, 8),
         (8, 1, 8),
     )
-    assert codec_ops.columns(lowbit.codecs.blockwise8()) is None
+    assert codec_ops.columns(lowbit.codecs.blockwise8()) == ((0, 1, 128), (128, 1, 128))
+    assert codec_ops.planes(lowbit.codecs.blockwise8()) == [128, 128]
     assert not codec_ops.has_kernel(lowbit.codecs.blockwise4(block_size=512))
     assert not codec_ops.has_kernel(lowbit.codecs.polar(2, group_size=48))
