@@ -210,6 +210,11 @@ def make_optimizer(
         # fallback (non-matrix leaves) with the same betas.
         "muon_fp32": lambda: optax.contrib.muon(lr, **muon),
         "muon_polar2": lambda: lowbit.muon_polar(lr, bits=2, **muon),
+        "muon_polar2_sr": lambda: lowbit.muon_polar(
+            lr, bits=2, rounding="stochastic", **muon
+        ),
+        "muon_4bit": lambda: lowbit.muon_4bit(lr, **muon),
+        "muon_8bit": lambda: lowbit.muon_8bit(lr, **muon),
     }
     if name not in factories:
         raise ValueError(f"optimizer must be one of {sorted(factories)}, got {name!r}.")

@@ -95,7 +95,7 @@ LONG_OPTIMIZERS = (
 #: Muon (issue 21): its matrix leaves keep one momentum and no second
 #: moment, so the shadow-Adam diagnostics do not apply (run with ``--optimizers
 #: muon_fp32,muon_polar2,adamw_fp32``).
-NO_SHADOW = ("muon_fp32", "muon_polar2")
+NO_SHADOW = ("muon_fp32", "muon_polar2", "muon_polar2_sr", "muon_4bit", "muon_8bit")
 # Names of this benchmark that `train_lm.make_optimizer` spells otherwise.
 _TRAIN_LM_NAMES = {"piquant": "piquant_nearest"}  # lowbit.adamw_piquant defaults
 
