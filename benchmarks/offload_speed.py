@@ -104,8 +104,13 @@ def donation_probe() -> dict:
         text=True,
         timeout=300,
     )
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return {"returncode": proc.returncode, "last_line": tail[0][:300]}
+    lines = (proc.stdout + proc.stderr).strip().splitlines() or [""]
+    errors = [ln for ln in lines if "Error" in ln or "RAW:" in ln]
+    return {
+        "returncode": proc.returncode,
+        "last_line": lines[-1][:300],
+        "error": errors[-1][:500] if errors else None,
+    }
 
 
 def compute_chain(x: jax.Array, n: int) -> jax.Array:

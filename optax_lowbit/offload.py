@@ -9,6 +9,10 @@ new state back, all inside the caller's ``jax.jit`` (XLA schedules the
 copies; on GPU they may overlap with compute). Low-bit states make the copies
 small: a 2-bit polar moment pair moves 0.84 B/param each way, fp32 Adam's 8.
 
+Donate the params, not an offloaded state: a jitted step with the state in
+``donate_argnums`` fails (the runtime cannot alias a pinned-host input buffer
+to the step's output; on the CPU backend the process aborts).
+
 The state keeps its structure, shapes and dtypes (only the memory kind of the
 offloaded leaves differs), so checkpoints, `optax_lowbit.summary` and
 `optax_lowbit.convert` work as with the wrapped optimizer, and the updates
