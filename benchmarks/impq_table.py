@@ -32,7 +32,8 @@ copying the packed weights (``python -m benchmarks.pack_smollm2``) to
     python -m optax_lowbit.impq.quant_eval --save-tokens data_cache/qe_tokens.npz
     # on the GPU, one seed per command (each ~8-10 min), then the summary:
     python -m benchmarks.impq_table --model smollm2 --source /tmp/smol \
-        --tokens data_cache/qe_tokens.npz --quantizer gptq --seeds 0 --batch 4
+        --tokens data_cache/qe_tokens.npz --quantizer gptq --batch 4 \
+        --candidates /tmp/gptq_cands.pkl --seeds 0
     python -m benchmarks.impq_table ... --seeds 1 --resume
     python -m benchmarks.impq_table ... --seeds 2 --resume
 
@@ -42,10 +43,21 @@ isolated evaluations of 16k calibration tokens at ~50 ms each, ~70 held-out
 evaluations of 32k tokens, GPTQ at 3 widths (~1-2 min): 7-10 min per seed,
 25-30 min for the table. ``--samples 500`` halves the games.
 
-CPU smoke (the tiny random Llama, byte tokens, 60 coalitions per budget: a
-check that the table runs, not evidence; ~5 min on 2 cores)::
+Our own fp32 GPT as second model (RTN-MSE; trained by ``benchmarks.train_lm``,
+``--save-params``), on the GPU::
+
+    python -m benchmarks.impq_table --model train_lm --params gpt.npz --seeds 0
+
+CPU smoke (60 coalitions per budget, 1k calibration tokens: a check that the
+table runs, not evidence; ~2 min each on 2 shared cores), written to
+``impq_v2_<model>_cpu_smoke.json``: the random tiny Llama, and a 0.88M-param
+TinyGPT trained for 300 steps (~2.5 min)::
 
     python -m benchmarks.impq_table --quick
+    python -m benchmarks.train_lm --optimizers adamw_fp32 --seeds 0 \
+        --steps 300 --d-model 128 --n-heads 4 --n-layers 4 --batch 16 \
+        --seq-len 128 --save-params /tmp/gpt.npz --out /tmp/train.json
+    python -m benchmarks.impq_table --quick --model train_lm --params /tmp/gpt.npz
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import platform
 import sys
 import time
@@ -125,6 +138,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=cli.existing_file, help=".npz: calib, heldout")
     p.add_argument("--out", type=cli.output_file)
     p.add_argument("--resume", action="store_true", help="keep the seeds in --out")
+    p.add_argument(
+        "--candidates",
+        type=pathlib.Path,
+        help="a .pkl of the quantized candidates: read if it exists, else "
+        "written (GPTQ once for all the per-seed commands)",
+    )
     return p
 
 
@@ -354,7 +373,12 @@ def main(argv=None) -> int:
     if args.resume and args.out.exists():
         runs = json.loads(args.out.read_text())["runs"]
     done = {r["seed"] for r in runs}
-    cands = candidates(m, args, calib_ids)
+    if args.candidates is not None and args.candidates.exists():
+        cands = pickle.loads(args.candidates.read_bytes())
+    else:
+        cands = jax.device_get(candidates(m, args, calib_ids))
+        if args.candidates is not None:
+            args.candidates.write_bytes(pickle.dumps(cands))
     calib_shape: tuple[int, ...] = ()
     for seed in args.seeds:
         if seed in done:

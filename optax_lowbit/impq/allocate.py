@@ -223,6 +223,7 @@ def allocate(
     avg_bits: float,
     bit_choices: Sequence[int] = quantizer.BIT_CHOICES,
     sizes: np.ndarray | None = None,
+    min_avg_bits: float | None = None,
     solver: str = "milp",
     time_limit: float | None = 120.0,
 ) -> Allocation:
@@ -235,6 +236,10 @@ def allocate(
       avg_bits: average code bits per weight.
       bit_choices: allowed widths.
       sizes: ``(L,)`` weights per block for the budget (default equal).
+      min_avg_bits: optional least average code bits to spend (``<=
+        avg_bits``): an estimated ``J`` may call some bits harmful where
+        they are noise, and a user asking for ``avg_bits`` means to spend
+        them (the pipeline passes what the uniform mix spends).
       solver: ``"milp"`` (HiGHS) or ``"brute_force"`` (all ``K**L``
         allocations, at most 5e6).
       time_limit: MILP time limit in seconds (``None``: none).
@@ -252,10 +257,18 @@ def allocate(
     choices, phi, c, e, w = _validate(phi, interactions, errors, bit_choices, sizes)
     avg_bits = check_budget(avg_bits, choices)
     cap = avg_bits * w.sum() * (1 + 1e-9)
+    floor = -np.inf
+    if min_avg_bits is not None:
+        if not choices[0] <= min_avg_bits <= avg_bits + 1e-12:
+            raise ValueError(
+                f"min_avg_bits={min_avg_bits!r} must lie in [min(bit_choices), "
+                f"avg_bits] = [{choices[0]}, {avg_bits:g}]."
+            )
+        floor = min_avg_bits * w.sum() * (1 - 1e-9)
     if solver == "brute_force":
-        bits, status, optimal = _brute_force(phi, c, e, choices, w, cap)
+        bits, status, optimal = _brute_force(phi, c, e, choices, w, (floor, cap))
     else:
-        bits, status, optimal = _milp(phi, c, e, choices, w, cap, time_limit)
+        bits, status, optimal = _milp(phi, c, e, choices, w, (floor, cap), time_limit)
     return Allocation(
         bits=bits,
         objective=objective(bits, phi, c, e, choices),
@@ -265,7 +278,7 @@ def allocate(
     )
 
 
-def _milp(phi, c, e, choices, w, cap, time_limit):
+def _milp(phi, c, e, choices, w, bounds, time_limit):
     n, k = e.shape
     pair_w = c + c.T
     pairs = [(i, j) for i, j in itertools.combinations(range(n), 2) if pair_w[i, j]]
@@ -289,8 +302,7 @@ def _milp(phi, c, e, choices, w, cap, time_limit):
         add([(lyr * k + a, 1.0) for a in range(k)], 1.0, 1.0)
     add(
         [(lyr * k + a, w[lyr] * choices[a]) for lyr in range(n) for a in range(k)],
-        -np.inf,
-        cap,
+        *bounds,
     )
     for p, (l1, l2) in enumerate(pairs):
         base = nx + p * k * k
@@ -333,7 +345,7 @@ def _milp(phi, c, e, choices, w, cap, time_limit):
     return bits, str(res.message), res.status == 0
 
 
-def _brute_force(phi, c, e, choices, w, cap):
+def _brute_force(phi, c, e, choices, w, bounds):
     n, k = e.shape
     if k**n > 5_000_000:
         raise ValueError(f"brute force over {k}**{n} allocations is too large.")
@@ -342,5 +354,8 @@ def _brute_force(phi, c, e, choices, w, cap):
     off = c - np.diag(np.diag(c))
     lin = _linear(phi, e)[np.arange(n), grid].sum(1)
     vals = lin + np.einsum("il,lm,im->i", ev, off, ev)
-    vals = np.where(np.asarray(choices)[grid] @ w <= cap, vals, np.inf)
+    spent = np.asarray(choices)[grid] @ w
+    vals = np.where((spent >= bounds[0]) & (spent <= bounds[1]), vals, np.inf)
+    if not np.isfinite(vals).any():
+        raise RuntimeError("no allocation spends between min_avg_bits and avg_bits.")
     return np.asarray(choices)[grid[int(np.argmin(vals))]], "brute force", True

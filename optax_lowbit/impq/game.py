@@ -71,6 +71,9 @@ from optax_lowbit.impq import allocate
 
 Callback = Callable[[int, int], None]
 
+#: ridge penalties on the pair terms tried by `play` (chosen on held-out R^2).
+RIDGES = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+
 
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
@@ -179,23 +182,37 @@ class Surrogate:
         )
 
 
-def fit_quadratic(x: np.ndarray, values: np.ndarray) -> Surrogate:
+def fit_quadratic(x: np.ndarray, values: np.ndarray, ridge: float = 0.0) -> Surrogate:
     """The least-squares quadratic surrogate of sampled coalition values.
+
+    Minimises ``sum_m (v_m - surrogate(x_m))**2 + ridge * M * sum_{l<k}
+    b_lk**2``: the pair terms (``L (L - 1) / 2`` of them, 435 for 30 blocks)
+    may be shrunk towards the additive game; intercept and linear terms are
+    not.
 
     Args:
       x: ``(M, L)`` 0/1 coalitions, drawn from the measure the fit should be
         faithful under (`sample_coalitions`).
       values: ``(M,)`` their values.
+      ridge: the pair terms' penalty (>= 0).
 
     Returns:
       The `Surrogate` (minimum-norm least squares when features are
       collinear, e.g. fewer samples than ``1 + L + L (L - 1) / 2``).
     """
+    if not ridge >= 0.0:
+        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}.")
     x = np.asarray(x)
-    n = x.shape[1]
-    coef = np.linalg.lstsq(
-        quadratic_features(x), np.asarray(values, np.float64), rcond=None
-    )[0]
+    m, n = x.shape
+    feats = quadratic_features(x)
+    target = np.asarray(values, np.float64)
+    if ridge:
+        n_pairs = feats.shape[1] - 1 - n
+        penalty = np.zeros((n_pairs, feats.shape[1]))
+        penalty[:, 1 + n :] = np.sqrt(ridge * m) * np.eye(n_pairs)
+        feats = np.concatenate([feats, penalty])
+        target = np.concatenate([target, np.zeros(n_pairs)])
+    coef = np.linalg.lstsq(feats, target, rcond=None)[0]
     pairs = np.zeros((n, n))
     pairs[np.triu_indices(n, 1)] = coef[1 + n :]
     return Surrogate(float(coef[0]), coef[1 : 1 + n], pairs + pairs.T)
@@ -242,6 +259,12 @@ def banzhaf_terms(surrogate: Surrogate, p: float) -> tuple[np.ndarray, np.ndarra
     return banzhaf(surrogate, p), np.zeros((n, n))
 
 
+def _r2(surrogate: Surrogate, x: np.ndarray, values: np.ndarray) -> float:
+    """The coefficient of determination of ``surrogate`` on ``(x, values)``."""
+    spread = max(float(np.sum((values - values.mean()) ** 2)), 1e-300)
+    return 1.0 - float(np.sum((values - surrogate(x)) ** 2)) / spread
+
+
 @dataclasses.dataclass(frozen=True)
 class GameResult:
     """A played game.
@@ -253,8 +276,11 @@ class GameResult:
       surrogate: the quadratic surrogate fitted on all samples.
       phi: ``(L,)`` weighted Banzhaf values of the surrogate.
       msr_phi: ``(L,)`` model-free weighted Banzhaf estimates.
+      ridge: the pair penalty chosen (`RIDGES`, best held-out R^2).
       heldout_r2: R^2 on the last ``holdout`` share of the samples of a
-        surrogate fitted on the others (NaN without a held-out share).
+        surrogate fitted on the others with ``ridge`` (NaN without a
+        held-out share; the share also chose the ridge, so it flatters a
+        little).
       n_evals: distinct coalitions evaluated.
       wall_s: seconds spent.
     """
@@ -265,6 +291,7 @@ class GameResult:
     surrogate: Surrogate
     phi: np.ndarray
     msr_phi: np.ndarray
+    ridge: float
     heldout_r2: float
     n_evals: int
     wall_s: float
@@ -278,6 +305,7 @@ def play(
     n_samples: int = 1000,
     seed: int = 0,
     holdout: float = 0.2,
+    ridges: Sequence[float] = RIDGES,
     chunk_size: int = 64,
     callback: Callback | None = None,
 ) -> GameResult:
@@ -290,8 +318,9 @@ def play(
       n_samples: coalitions to sample (the issue: >= 1000 per bracket; the
         surrogate has ``1 + L + L (L - 1) / 2`` coefficients).
       seed: sampler seed.
-      holdout: share of samples held out to report the surrogate's R^2
-        (then refitted on all); 0 for none.
+      holdout: share of samples held out to choose the ridge and report the
+        surrogate's R^2 (then refitted on all); 0 for none (ridge 0).
+      ridges: pair penalties to choose from (`fit_quadratic`).
       chunk_size: coalitions per ``value_fn`` call.
       callback: ``callback(done, total)`` over distinct coalitions.
 
@@ -311,14 +340,16 @@ def play(
             callback(lo + len(chunk), len(unique))
     values = vals[inverse.reshape(-1)]
     n_fit = round(len(x) * (1 - holdout))
-    r2 = float("nan")
+    ridge, r2 = 0.0, float("nan")
     if holdout and 0 < n_fit < len(x):
-        pred = fit_quadratic(x[:n_fit], values[:n_fit])(x[n_fit:])
-        rest = values[n_fit:]
-        r2 = 1.0 - float(np.sum((rest - pred) ** 2)) / max(
-            float(np.sum((rest - rest.mean()) ** 2)), 1e-300
-        )
-    surrogate = fit_quadratic(x, values)
+        train, test = slice(0, n_fit), slice(n_fit, None)
+        scores = [
+            _r2(fit_quadratic(x[train], values[train], a), x[test], values[test])
+            for a in ridges
+        ]
+        best = int(np.argmax(scores))
+        ridge, r2 = float(ridges[best]), scores[best]
+    surrogate = fit_quadratic(x, values, ridge)
     return GameResult(
         point=point,
         coalitions=x,
@@ -326,6 +357,7 @@ def play(
         surrogate=surrogate,
         phi=banzhaf(surrogate, point.p),
         msr_phi=msr_values(x, values),
+        ridge=ridge,
         heldout_r2=r2,
         n_evals=len(unique),
         wall_s=time.perf_counter() - start,

@@ -106,6 +106,7 @@ def _game_record(budget: float, res: game.GameResult) -> dict[str, Any]:
         "n_samples": len(res.values),
         "n_evals": res.n_evals,
         "heldout_r2": res.heldout_r2,
+        "ridge": res.ridge,
         "phi": res.phi.tolist(),
         "msr_phi": res.msr_phi.tolist(),
         "intercept": res.surrogate.intercept,
@@ -224,6 +225,10 @@ def run(
         report["games"].append(_game_record(budget, res))
         sub = tuple(b for b in choices if pt.lo <= b <= pt.hi)
         e = allocate.relative_errors(fwd.sse, fwd.widths, sub)
+        # spend at least what the uniform mix spends (a noisy surrogate may
+        # call a block's extra bits harmful; the user asked for the budget)
+        mix = baselines.uniform(n, budget, choices, sizes=fwd.sizes)
+        spend = float(fwd.sizes @ mix / fwd.sizes.sum())
         terms = {
             "impq": game.allocation_terms(res.surrogate),
             "impq_noint": game.banzhaf_terms(res.surrogate, pt.p),
@@ -238,6 +243,7 @@ def run(
                     avg_bits=budget,
                     bit_choices=sub,
                     sizes=fwd.sizes,
+                    min_avg_bits=spend,
                     time_limit=time_limit,
                 )
                 add(m, budget, alloc)

@@ -81,6 +81,8 @@ def test_bad_budget_names_the_range():
         allocate.check_budget("3", (2, 3))
     with pytest.raises(ValueError, match="solver must be one of"):
         allocate.allocate(phi, c, e, avg_bits=3.0, solver="greedy")
+    with pytest.raises(ValueError, match=re.escape("must lie in [min(bit_choices)")):
+        allocate.allocate(phi, c, e, avg_bits=3.0, min_avg_bits=3.5)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
@@ -160,6 +162,18 @@ def test_milp_with_interactions_equals_brute_force(seed, n, choices):
     assert got.optimal
     assert got.objective == pytest.approx(want.objective, abs=1e-7)
     assert got.avg_bits <= budget + 1e-9
+    # with a floor on the bits spent
+    least = float(choices[0] + (budget - choices[0]) * rng.uniform(0, 1))
+    kw = dict(avg_bits=budget, bit_choices=choices, sizes=sizes, min_avg_bits=least)
+    try:
+        want = brute_force(phi, c, e, **kw)
+    except RuntimeError:  # no allocation spends within [least, budget]
+        with pytest.raises(RuntimeError):
+            allocate.allocate(phi, c, e, **kw)
+        return
+    got = allocate.allocate(phi, c, e, **kw)
+    assert got.objective == pytest.approx(want.objective, abs=1e-7)
+    assert least - 1e-9 <= got.avg_bits <= budget + 1e-9
 
 
 def test_tiny_terms_are_still_optimised():

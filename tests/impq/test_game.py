@@ -159,7 +159,7 @@ def test_play_fits_a_planted_game_and_caches_coalitions():
     pt = game.operating_point(2.25, (2, 3))
     res = game.play(value, n, pt, n_samples=300, seed=1, chunk_size=50)
     assert res.coalitions.shape == (300, n) and res.n_evals == sum(calls) <= 300
-    assert res.heldout_r2 == pytest.approx(1.0)
+    assert res.heldout_r2 == pytest.approx(1.0) and res.ridge == 0.0
     np.testing.assert_allclose(res.surrogate.pairs, b, atol=1e-8)
     np.testing.assert_allclose(res.phi, a + 0.25 * b.sum(1), atol=1e-8)
     again = game.play(value, n, pt, n_samples=300, seed=1, chunk_size=50)
@@ -172,3 +172,30 @@ def test_rank_agreement():
     assert game.rank_agreement([base, 2 * base + 1, base**3]) == pytest.approx(1.0)
     assert game.rank_agreement([base, -base]) == pytest.approx(-1.0)
     assert np.isnan(game.rank_agreement([base]))
+
+
+def test_ridge_shrinks_only_the_pair_terms():
+    rng = np.random.default_rng(4)
+    n = 5
+    _, _, _, v = _planted(rng, n)
+    x = game.sample_coalitions(n, 300, 0.5, rng)
+    norms = [
+        np.abs(game.fit_quadratic(x, v(x), r).pairs).sum() for r in (0.0, 0.1, 10.0)
+    ]
+    assert norms[0] > norms[1] > norms[2] and norms[2] < 0.1 * norms[0]
+    # a huge penalty leaves the best additive game: its linear terms are free
+    additive = game.fit_quadratic(x, v(x), 1e9)
+    feats = np.concatenate([np.ones((len(x), 1)), x], 1)
+    coef = np.linalg.lstsq(feats, v(x), rcond=None)[0]
+    np.testing.assert_allclose(additive.linear, coef[1:], atol=1e-5)
+    with pytest.raises(ValueError, match="ridge must be a number >= 0"):
+        game.fit_quadratic(x, v(x), -1.0)
+    # too few samples for 16 coefficients: the held-out share picks a ridge
+    res = game.play(
+        lambda c: v(c) + rng.normal(size=len(c)),
+        n,
+        game.OperatingPoint(2, 3, 0.5),
+        n_samples=12,
+        seed=2,
+    )
+    assert res.ridge in game.RIDGES
