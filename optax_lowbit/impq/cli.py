@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(
         prog="python -m optax_lowbit.impq",
-        description="IMPQ: Shapley-based mixed-precision bits per block.",
+        description="IMPQ: bits per block from a game at the budget's operating point.",
     )
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     p.add_argument(
