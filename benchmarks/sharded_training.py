@@ -996,7 +996,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if jax.process_count() > 1:
         p.error(
             f"runs in one process over its local devices, got "
-            f"{jax.process_count()} processes (multi-host: docs/sharded_training.md)."
+            f"{jax.process_count()} processes (multi-host: README, Sharded training)."
         )
     cfg.optimizers = _csv_choice(p, "--optimizers", cfg.optimizers, OPTIMIZERS)
     if cfg.data not in DATA_SOURCES:
