@@ -122,8 +122,22 @@ def uniform(
     return additive(table, avg_bits, (lo, hi), sizes).bits
 
 
-def _one_block_selectors(n: int, base: int, codes: Sequence[int]) -> np.ndarray:
-    """Rows: all blocks at ``base``; then block ``l`` at each code, l-major."""
+def one_block_selectors(n: int, base: int, codes: Sequence[int]) -> np.ndarray:
+    """Selectors moving one block at a time away from a common width.
+
+    Args:
+      n: L.
+      base: the selector code of every other block.
+      codes: the codes each block takes in turn.
+
+    Returns:
+      ``(1 + n * len(codes), n)``: all at ``base``, then block ``l`` at each
+      of ``codes`` (``l``-major).
+
+    Examples:
+      >>> one_block_selectors(2, 0, [1]).tolist()
+      [[0, 0], [1, 0], [0, 1]]
+    """
     sels = [np.full(n, base, np.int32)]
     for lyr, code in itertools.product(range(n), codes):
         s = np.full(n, base, np.int32)
@@ -153,7 +167,7 @@ def isolated_table(
     choices = allocate.check_bit_choices(bit_choices)
     n = forward.model.n_blocks
     codes = [forward.index(b) for b in choices]
-    sels = _one_block_selectors(n, forward.index(spqe.FULL), codes)
+    sels = one_block_selectors(n, forward.index(spqe.FULL), codes)
     kls = forward.kls(sels, reference, callback=callback)
     return kls[1:].reshape(n, len(choices))
 
@@ -178,7 +192,7 @@ def isolated_gains(
       ``(L,)`` ``KL(all at lo) - KL(block l at hi, others at lo)``.
     """
     n = forward.model.n_blocks
-    sels = _one_block_selectors(n, forward.index(lo), [forward.index(hi)])
+    sels = one_block_selectors(n, forward.index(lo), [forward.index(hi)])
     kls = forward.kls(sels, reference, callback=callback)
     return kls[0] - kls[1:]
 

@@ -265,6 +265,40 @@ def _r2(surrogate: Surrogate, x: np.ndarray, values: np.ndarray) -> float:
     return 1.0 - float(np.sum((values - surrogate(x)) ** 2)) / spread
 
 
+def middle_errors(
+    kl_at_mid: float, kl_one_lo: np.ndarray, kl_one_hi: np.ndarray
+) -> np.ndarray:
+    """Where a width between ``lo`` and ``hi`` sits, measured at the budget.
+
+    A budget on a width ``w`` plays ``w``'s neighbours against each other;
+    ``w`` itself enters the MILP through ``e_l(w)``, the share of block
+    ``l``'s ``lo -> hi`` gain still missing at ``w``. Measured with every
+    block at ``w`` (the operating point of that budget) by moving block ``l``
+    alone down to ``lo`` or up to ``hi``::
+
+        e_l(w) = (KL(all w) - KL(l at hi)) / (KL(l at lo) - KL(l at hi))
+
+    clipped to ``[0, 1]`` (0.5 where both moves change nothing), instead of
+    the squared weight error, which misjudges how the KL grows at low width.
+
+    Args:
+      kl_at_mid: ``KL(all blocks at w)``.
+      kl_one_lo: ``(L,)`` ``KL(block l at lo, the others at w)``.
+      kl_one_hi: ``(L,)`` ``KL(block l at hi, the others at w)``.
+
+    Returns:
+      ``(L,)`` ``e_l(w)`` in ``[0, 1]``.
+
+    Examples:
+      >>> middle_errors(1.0, np.array([3.0, 1.0]), np.array([0.5, 1.0])).tolist()
+      [0.2, 0.5]
+    """
+    span = np.asarray(kl_one_lo, np.float64) - np.asarray(kl_one_hi, np.float64)
+    top = kl_at_mid - np.asarray(kl_one_hi, np.float64)
+    ok = span > 0
+    return np.where(ok, np.clip(top / np.where(ok, span, 1.0), 0.0, 1.0), 0.5)
+
+
 @dataclasses.dataclass(frozen=True)
 class GameResult:
     """A played game.

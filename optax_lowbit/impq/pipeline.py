@@ -225,6 +225,11 @@ def run(
         report["games"].append(_game_record(budget, res))
         sub = tuple(b for b in choices if pt.lo <= b <= pt.hi)
         e = allocate.relative_errors(fwd.sse, fwd.widths, sub)
+        if len(sub) == 3:  # a budget on a width: place it by measured KL
+            sels = baselines.one_block_selectors(n, fwd.index(sub[1]), codes)
+            kl = fwd.kls(sels, ref)
+            e[:, 1] = game.middle_errors(kl[0], kl[1::2], kl[2::2])
+            report["games"][-1]["middle_errors"] = e[:, 1].tolist()
         # spend at least what the uniform mix spends (a noisy surrogate may
         # call a block's extra bits harmful; the user asked for the budget)
         mix = baselines.uniform(n, budget, choices, sizes=fwd.sizes)

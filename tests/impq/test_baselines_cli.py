@@ -157,6 +157,10 @@ def test_pipeline_records_and_rules(tiny):
     games = report["games"]
     assert [(g["lo"], g["hi"], g["p"]) for g in games] == [(2, 3, 0.5), (2, 4, 0.5)]
     assert all(len(g["pairs"]) == 3 and g["n_samples"] == 40 for g in games)
+    # 3.0 bits plays 2 against 4 and places 3 bits by the KL measured there
+    mid = np.asarray(games[1]["middle_errors"])
+    assert "middle_errors" not in games[0] and mid.shape == (3,)
+    assert np.all((mid >= 0) & (mid <= 1))
     with pytest.raises(ValueError, match="methods must be"):
         pipeline.run(m, tokens, tokens, budgets=[3.0], methods=["gptq"])
 

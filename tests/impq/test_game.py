@@ -199,3 +199,19 @@ def test_ridge_shrinks_only_the_pair_terms():
         seed=2,
     )
     assert res.ridge in game.RIDGES
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1))
+def test_middle_errors_place_the_middle_width_between_its_neighbours(seed):
+    rng = np.random.default_rng(seed)
+    n = 6
+    hi = rng.uniform(0.0, 1.0, n)  # KL with block l raised to hi
+    lo = hi + rng.uniform(0.1, 2.0, n)  # and lowered to lo: always worse
+    share = rng.uniform(0, 1, n)
+    # KL(all at mid) shared by every row; each block's own share of its span
+    mid = float(hi[0] + share[0] * (lo[0] - hi[0]))
+    e = game.middle_errors(mid, lo, hi)
+    assert e[0] == pytest.approx(share[0]) and np.all((e >= 0) & (e <= 1))
+    # a block whose moves change nothing sits halfway
+    assert game.middle_errors(1.0, np.ones(2), np.ones(2)).tolist() == [0.5, 0.5]
