@@ -109,9 +109,22 @@ def _params(name: str) -> dict:
 
 @functools.cache
 def _jitted(name: str, twin: bool = False):
-    """``(init, jitted update)`` of an alias (or of its Optax twin), built once."""
+    """``(jitted init, jitted update)`` of an alias (or of its Optax twin), built
+    once: eager ``init`` (the policy, zero codes, seeds) took half of each
+    example's time, for the same zero state."""
     tx = ALIASES[name][1 if twin else 0]()
-    return tx.init, jax.jit(tx.update)
+    return jax.jit(tx.init), jax.jit(tx.update)
+
+
+@functools.cache
+def _encode_at_step(codec, leaf: int, ordinal: int):
+    """``codec.encode(x, seed=leaf_seed(count, leaf, ordinal))``, compiled once
+    per codec and moment (the seed's hash, eager, cost a third of an example)."""
+
+    def encode(x, count):
+        return codec.encode(x, seed=_quantized.leaf_seed(count, leaf, ordinal))
+
+    return jax.jit(encode)
 
 
 def _grads(rng: np.random.Generator, params: dict, lo: float, hi: float) -> dict:
@@ -232,12 +245,16 @@ def _check_non_finite_elements(name: str, seed: int, n_bad: int) -> None:
             )
             stepped = new_fn(jnp.where(jnp.isfinite(g), g, 0.0), before, count)
             kept = jnp.where(jnp.isfinite(g), stepped, before)
-        seed = _quantized.leaf_seed(count, leaf, ordinal)
-        rebuilt = old.codec.encode(kept, seed=seed)
+        rebuilt = _encode_at_step(old.codec, leaf, ordinal)(kept, count)
+        # Rebuilt in float32 outside the step's compiled fusion, a group's
+        # largest moment may differ by a float32 ulp, which can move its
+        # rounded-up scale by one ulp of the scale's dtype (bf16: 2**-7
+        # relative; the fuzz profile finds such groups): at most one ulp.
+        eps = max(float(jnp.finfo(got.scales.dtype).eps), 1e-6)
         np.testing.assert_allclose(
             np.asarray(got.scales, np.float32),
             np.asarray(rebuilt.scales, np.float32),
-            rtol=1e-6,
+            rtol=eps,
         )
         assert np.mean(np.asarray(got.codes) != np.asarray(rebuilt.codes)) < 0.01
 

@@ -1,5 +1,7 @@
 """The codec contract's building blocks (optax_lowbit/codecs/base.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,15 @@ from optax_lowbit.codecs import base
 # --- planar bit packing -------------------------------------------------------
 
 
+@functools.cache
+def _pack_unpack(bits, k):
+    """``(pack, unpack)`` jitted for one width and group length: eager, each
+    example dispatched (and compiled per shape) op by op."""
+    pack = jax.jit(lambda v: base.pack_codes(v, bits))
+    unpack = jax.jit(lambda b: base.unpack_codes(b, bits, k))
+    return pack, unpack
+
+
 @given(
     bits=st.integers(1, 8),
     k=st.sampled_from([8, 16, 64]),
@@ -21,11 +32,12 @@ from optax_lowbit.codecs import base
 def test_pack_unpack_round_trip(bits, k, lead, seed):
     rng = np.random.default_rng(seed)
     values = rng.integers(0, 2**bits, (*lead, k), dtype=np.uint8)
-    packed = base.pack_codes(jnp.asarray(values), bits)
+    pack, unpack = _pack_unpack(bits, k)
+    packed = pack(jnp.asarray(values))
     assert packed.dtype == jnp.uint8
     assert packed.shape == (*lead, base.packed_bytes(k, bits))
     assert base.packed_bytes(k, bits) == k * bits // 8  # no wasted byte
-    out = base.unpack_codes(packed, bits, k)
+    out = unpack(packed)
     assert out.dtype == jnp.uint8
     np.testing.assert_array_equal(out, values)
 

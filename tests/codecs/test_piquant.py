@@ -179,13 +179,22 @@ def test_any_bytes_decode_to_defined_codes():
     assert set(c[:16]) == {75} and set(c[16:32]) == {85} and set(c[32:]) == {99}
 
 
+@functools.cache
+def _unpack_and_decode(signed):
+    """``(unpack_words, decode_groups_with)`` jitted once (eager, each example
+    was dispatched op by op)."""
+    decode = functools.partial(decode_groups_with, signed=signed)
+    return jax.jit(unpack_words), jax.jit(decode)
+
+
 @given(st.integers(0, 2**31 - 1), st.booleans())
 def test_random_bytes_decode_finite(seed, signed):
+    unpack, decode = _unpack_and_decode(signed)
     rng = np.random.default_rng(seed)
     codes = jnp.asarray(rng.integers(0, 256, (7, 40)), jnp.uint8)
-    assert int(unpack_words(codes).max()) <= 99
+    assert int(unpack(codes).max()) <= 99
     scales = jnp.asarray(rng.uniform(0, 3, (7, 3)), jnp.bfloat16)
-    out = decode_groups_with(codes, scales, codebook(signed), signed=signed)
+    out = decode(codes, scales, codebook(signed))
     assert out.shape == (7, 96) and bool(jnp.all(jnp.isfinite(out)))
 
 
