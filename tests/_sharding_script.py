@@ -334,6 +334,102 @@ def check_sharded_training():
     )
 
 
+# --- every codec's state keeps its exact type through ``update`` (issue 19,
+# item 3; was tests/test_dropin_sharding.py's own subprocess) -----------------
+# Under explicit mesh axes an array's sharding is part of its type: a state
+# leaf whose type changes in ``update`` makes a jitted step compile twice and
+# ``lax.scan`` over steps fail ("carry input and carry output must have equal
+# types").
+TYPE_CODECS = {
+    "identity": "codecs.identity()",
+    "identity-bf16": "codecs.identity(jnp.bfloat16)",
+    "polar-2-signed": "codecs.polar(2, True)",
+    "polar-1.5-signed-sr": "codecs.polar(1.5, True, rounding='stochastic')",
+    "polar-2-signed-sr": "codecs.polar(2, True, rounding='stochastic')",
+    "polar-2-unsigned": "codecs.polar(2, False)",
+    "polar-1.5-unsigned-sr": "codecs.polar(1.5, False, rounding='stochastic')",
+    "piquant-signed": "codecs.piquant('nearest', True)",
+    "piquant-paper": "codecs.piquant('paper', True)",
+    "piquant-unsigned": "codecs.piquant(signed=False)",
+    "blockwise8-signed": "codecs.blockwise8(True)",
+    "blockwise8-unsigned-sr": "codecs.blockwise8(False, rounding='stochastic')",
+    "blockwise4-signed": "codecs.blockwise4(True)",
+    "blockwise4-unsigned": "codecs.blockwise4(False)",
+    "blockwise4-log-sr": "codecs.blockwise4(False, qmap='log', rounding='stochastic')",
+}
+_TYPE_INPUTS = {}
+
+
+def _type_inputs():
+    """A 1-D explicit mesh of 8 and two leaves sharded on leading axes: the
+    issue's ``(2, 8, 4)`` leaf on ``P(None, 'x')`` and a padded last group."""
+    if not _TYPE_INPUTS:
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+        specs = {"a": ((2, 8, 4), P(None, "x")), "b": ((16, 130), P("x"))}
+        with jax.set_mesh(mesh):
+            key = jax.random.key(0)
+            params = {
+                k: jax.device_put(jax.random.normal(key, shape), spec)
+                for k, (shape, spec) in specs.items()
+            }
+            grads = jax.tree.map(lambda p: jnp.sin(7.0 * p) + 0.01, params)
+        _TYPE_INPUTS.update(mesh=mesh, params=params, grads=grads)
+    return _TYPE_INPUTS["mesh"], _TYPE_INPUTS["params"], _TYPE_INPUTS["grads"]
+
+
+def check_codec_keeps_state_type(name):
+    """One codec: `scale_by_adam_quantized` storing its moments in it (and
+    `trace_quantized` for a signed codec), every leaf quantized; shape, dtype
+    and sharding of every state leaf equal after ``init`` and after two jitted
+    updates; codes and scales sharded on the param's leading axis; a
+    ``lax.scan`` over steps compiles."""
+    from optax_lowbit import codecs  # noqa: F401 (TYPE_CODECS's strings use it)
+
+    mesh, params, grads = _type_inputs()
+    everything = lowbit.policy.from_predicate(lambda path, x: True)
+    codec = eval(TYPE_CODECS[name])
+    txs = {
+        "adam": lowbit.scale_by_adam_quantized(
+            codec if codec.signed else lowbit.codecs.identity(),
+            codec,
+            policy=everything,
+            impl="jnp",
+        )
+    }
+    if codec.signed:
+        txs["trace"] = lowbit.trace_quantized(0.9, codec=codec, policy=everything)
+    for tx_name, tx in txs.items():
+        with jax.set_mesh(mesh):
+            state = jax.jit(tx.init)(params)
+            step = jax.jit(lambda g, s, tx=tx: tx.update(g, s)[1])
+            new = step(grads, step(grads, state))
+            before = jax.tree.leaves(state)
+            after = jax.tree.leaves(new)
+            assert len(before) == len(after), (name, tx_name)
+            for a, b in zip(before, after, strict=True):
+                assert jax.typeof(a) == jax.typeof(b), (
+                    name,
+                    tx_name,
+                    str(jax.typeof(a)),
+                    str(jax.typeof(b)),
+                )
+            # sharded like the parameter on its leading axes
+            packed = jax.tree.leaves(state, is_leaf=is_packed)
+            for leaf in packed:
+                if not is_packed(leaf):
+                    continue
+                for arr in (leaf.codes, leaf.scales):
+                    assert jax.typeof(arr).sharding.spec[0] in ("x", None)
+
+            def body(s, _, tx=tx):
+                return tx.update(grads, s)[1], None
+
+            scan = jax.jit(lambda s, body=body: jax.lax.scan(body, s, None, 3))
+            scanned, _ = scan(state)
+            assert jax.tree.structure(scanned) == jax.tree.structure(state)
+        print(f"{name} {tx_name}: type kept", flush=True)
+
+
 def main(mode, names):
     """One mode: stops at the first failed check (an AssertionError)."""
     assert jax.device_count() == 8, jax.device_count()
@@ -352,9 +448,10 @@ def run_checks(checks):
     """Runs every ``(mode, name)`` check in this one process (``name`` "policy":
     `check_policy`), each on its own: a failure is reported and the next check
     runs; ``name`` "training": `check_sharded_training`, "pallas-float-leaves":
-    `check_pallas_sharded_float_leaves`. Prints ``CHECK <mode>:<name> PASS``,
-    or ``FAIL`` and the traceback
-    between ``BEGIN``/``END`` lines; returns 1 if any check failed."""
+    `check_pallas_sharded_float_leaves`; ``mode`` "types":
+    `check_codec_keeps_state_type` for codec ``name``. Prints ``CHECK
+    <mode>:<name> PASS``, or ``FAIL`` and the traceback between
+    ``BEGIN``/``END`` lines; returns 1 if any check failed."""
     assert jax.device_count() == 8, jax.device_count()
     inputs = {}
     failed = 0
@@ -368,6 +465,8 @@ def run_checks(checks):
                 check_sharded_training()
             elif name == "pallas-float-leaves":
                 check_pallas_sharded_float_leaves()
+            elif mode == "types":
+                check_codec_keeps_state_type(name)
             else:
                 if mode not in inputs:
                     mesh = make_mesh(mode)

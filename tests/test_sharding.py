@@ -11,7 +11,12 @@ and scales), no all-gather in the compiled step's HLO, identical
 ``jax.typeof`` and sharding of the state before and after an update; and that
 the policy makes the same decisions on 1, 2 and 8 devices; and
 `benchmarks.sharded_training`'s quick checks for one low-bit optimizer
-(FSDP training of a small GPT, ``check_sharded_training``).
+(FSDP training of a small GPT, ``check_sharded_training``); and, per codec
+(issue 19 item 3, ``check_codec_keeps_state_type``; once its own subprocess,
+tests/test_dropin_sharding.py), that a transform storing its moments in that
+codec keeps every state leaf's exact type (shape, dtype, sharding) through
+jitted updates under an explicit 1-D mesh, and that a ``lax.scan`` over steps
+compiles.
 
 Two mesh modes: ``auto`` (Auto axes, GSPMD propagation; eager init of sharded
 params) and ``explicit`` (Explicit axes, sharding in types; ``jax.jit(tx.init)``
@@ -43,6 +48,24 @@ ALL = [
 ]
 POLAR = [n for n in ALL if "polar" in n]
 TABLE_CODECS = ["adamw_piquant", "adamw_8bit", "adamw_4bit"]
+# every codec, by its name in the script's TYPE_CODECS
+TYPE_CODECS = [
+    "identity",
+    "identity-bf16",
+    "polar-2-signed",
+    "polar-1.5-signed-sr",
+    "polar-2-signed-sr",
+    "polar-2-unsigned",
+    "polar-1.5-unsigned-sr",
+    "piquant-signed",
+    "piquant-paper",
+    "piquant-unsigned",
+    "blockwise8-signed",
+    "blockwise8-unsigned-sr",
+    "blockwise4-signed",
+    "blockwise4-unsigned",
+    "blockwise4-log-sr",
+]
 
 
 PALLAS = ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"]
@@ -51,6 +74,7 @@ CHECKS = (
     + [("auto", "policy")]
     + [("explicit", n) for n in POLAR + TABLE_CODECS + PALLAS]
     + [("explicit", "pallas-float-leaves"), ("explicit", "training")]
+    + [("types", n) for n in TYPE_CODECS]
 )
 
 pytestmark = pytest.mark.xdist_group("sharding")
@@ -149,3 +173,17 @@ def test_sharded_training_quick_checks(reports):
     Orbax checkpoint restored on 1 device and on a 2x4 mesh bit-exactly."""
     out = _passed(reports, "explicit", "training")
     assert "training: FSDP adamw_8bit on 8 devices" in out
+
+
+def test_every_codec_keeps_its_state_type_under_an_explicit_mesh(reports):
+    """Issue 19 item 3: for every codec, Adam's moments (and a signed codec's
+    trace) keep shape, dtype and sharding through ``update`` on leaves sharded
+    on leading axes (the issue's ``(2, 8, 4)`` leaf on ``P(None, 'x')``), and a
+    ``lax.scan`` over steps compiles."""
+    failed = [n for n in TYPE_CODECS if not reports[f"types:{n}"][0]]
+    assert not failed, "\n\n".join(
+        f"types:{n} failed:\n{reports[f'types:{n}'][1][-3000:]}" for n in failed
+    )
+    for name in TYPE_CODECS:
+        out = _passed(reports, "types", name)
+        assert f"{name} adam: type kept" in out, name
