@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     meta = step_speed.run_meta(argparse.Namespace(impl="auto"))
     meta.update(argv=argv, note=__doc__.split("\n\n")[1].replace("\n", " "))
-    meta["donation_probe"] = donation_probe()
+    meta["donation_probe"] = (
+        {"skipped": "--tiny (a child process: seconds)"}
+        if args.tiny
+        else donation_probe()
+    )
     print("donating an offloaded state:", meta["donation_probe"], flush=True)
     records = []
     for case in cases:
