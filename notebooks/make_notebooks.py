@@ -350,10 +350,11 @@ exact integer program. Our version plays the game at the budget's operating poin
 each block is at the higher of the two widths around the budget with the probability
 the budget allows, a coalition's value is minus the KL divergence of the quantized
 model's predictions from the full-precision ones, and a quadratic surrogate fitted on
-sampled coalitions gives each block's value and the pairwise interactions. Here: a small Llama trained for seconds on the
-CPU on real text (the source code of Optax, which is installed with this package),
-then IMPQ and its baselines at three budgets. For SmolLM2-135M on a GPU, see the
-README's IMPQ section and `python -m optax_lowbit.impq --model smollm2`.""",
+sampled coalitions gives each block's value and the pairwise interactions. Here: a
+small Llama trained for seconds on the CPU on real text (the source code of Optax,
+which is installed with this package), then IMPQ and its baselines at three budgets.
+For SmolLM2-135M on a GPU, see the README's IMPQ section and
+`python -m optax_lowbit.impq --model smollm2`.""",
     ),
     ("code", install("notebooks")),
     (
