@@ -1,6 +1,7 @@
 """The shared checklist, run over every alias (STYLE.md "Tests").
 
-Each check is one test function parametrized over `ALIASES`. The jitted train
+Each check is one test function parametrized over `ALIASES` (the wrapped-step
+compositions over `LAYOUTS`, one alias per transform). The jitted train
 step of an alias is built once (`_setup`) and shared by the checks that use it,
 so this file stays within a few minutes on a CPU.
 
@@ -59,8 +60,14 @@ STATIC_ARGS = {
 }
 NAMES = list(ALIASES)
 # One alias per transform and state layout (Adam with polar, with π-Quant; Adafactor;
-# Lion; SGD): the slowest composition checks run on these to keep CI in its budget;
-# the other aliases share their transform with one of them.
+# Lion; SGD): the composition checks that compile a wrapped step of their own
+# (lax.cond, MultiSteps, apply_if_finite, a clip chain, nnx) run on these to keep CI
+# in its budget; the other aliases share their transform with one of them and
+# differ only by codec. What those wrappers need of a codec (a state whose every
+# leaf keeps its exact type through a jitted update) is checked for every codec by
+# tests/test_sharding.py (``types:<codec>``: jit, then a lax.scan carrying the
+# state) and for every alias by test_trains_and_does_not_recompile (40 steps, one
+# trace, state shapes and dtypes = init's).
 LAYOUTS = [
     "adamw_polar-2",
     "adamw_piquant",
@@ -147,7 +154,7 @@ def test_trains_and_does_not_recompile(name):
     chex.assert_trees_all_equal_shapes_and_dtypes(state, tx.init(params))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_update_inside_lax_cond(name):
     tx = ALIASES[name]()
     params = _params()
@@ -211,7 +218,7 @@ def test_inject_hyperparams_without_static_args(name):
             tx.init(params)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_multisteps(name):
     tx = optax.MultiSteps(ALIASES[name](), every_k_schedule=2)
     params = _params()
@@ -228,7 +235,7 @@ def test_multisteps(name):
     assert int(state.gradient_step) == 2
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_apply_if_finite_keeps_state_bitwise(name):
     tx = optax.apply_if_finite(ALIASES[name](), max_consecutive_errors=3)
     params = _params()
