@@ -139,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=cli.output_file)
     p.add_argument("--resume", action="store_true", help="keep the seeds in --out")
     p.add_argument(
+        "--merge",
+        nargs="+",
+        type=cli.existing_file,
+        help="join these reports (other budgets or seeds) into --out; no run",
+    )
+    p.add_argument(
         "--candidates",
         type=pathlib.Path,
         help="a .pkl of the quantized candidates: read if it exists, else "
@@ -250,11 +256,15 @@ def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
     rows = []
     verdicts = []
     for budget in budgets:
+        # the seeds that ran this budget (merged files may differ in budgets)
+        b_runs = [
+            r for r in runs if any(x["budget_bits"] == budget for x in r["records"])
+        ]
         stats = {}
         for m in methods:
             stat = {
                 k: train_lm.seed_stats(
-                    [_per_seed(r["records"], m, budget, k) for r in runs]
+                    [_per_seed(r["records"], m, budget, k) for r in b_runs]
                 )
                 for k in ("ppl", "code_bits", "all_in_bits", "calib_kl")
             }
@@ -284,7 +294,8 @@ def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
             verdict["interaction_gain"] = (
                 1 - stats["impq"]["ppl"]["mean"] / stats["impq_noint"]["ppl"]["mean"]
             )
-        games = [g for r in runs for g in r["games"] if g["budget_bits"] == budget]
+        verdict["seeds"] = [r["seed"] for r in b_runs]
+        games = [g for r in b_runs for g in r["games"] if g["budget_bits"] == budget]
         if games:
             phis = [np.asarray(g["phi"]) for g in games]
             verdict["phi_spearman"] = game.rank_agreement(phis)
@@ -293,6 +304,61 @@ def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
             )
         verdicts.append(verdict)
     return {"reference_ppl": ref, "rows": rows, "verdicts": verdicts}
+
+
+def merge(reports: list[dict]) -> dict[str, Any]:
+    """One report from several runs of the table (other budgets or seeds).
+
+    A seed's records and games from every report are joined (a device call
+    may run some budgets, the next call the others); the summary is
+    recomputed, each budget over the seeds that ran it.
+
+    Args:
+      reports: the JSON reports of ``impq_table`` runs of one model.
+
+    Returns:
+      The merged report (``meta`` from the first, budgets and methods joined,
+      ``merged_from`` the parts' metas).
+
+    Raises:
+      ValueError: if the reports are of different models, or two of them hold
+        the same (seed, method, budget).
+    """
+    if not reports:
+        raise ValueError("merge needs at least one report, got none.")
+    models_ = {r["model"] for r in reports}
+    if len(models_) != 1:
+        raise ValueError(f"reports of different models cannot merge: {models_}.")
+    by_seed: dict[int, dict] = {}
+    for rep in reports:
+        for run in rep["runs"]:
+            have = by_seed.setdefault(
+                run["seed"], {**run, "records": [], "games": [], "wall_s": 0.0}
+            )
+            seen = {(x["method"], x["budget_bits"]) for x in have["records"]}
+            new = {(x["method"], x["budget_bits"]) for x in run["records"]}
+            if seen & new:
+                raise ValueError(
+                    f"seed {run['seed']}: {sorted(seen & new)} are in two reports."
+                )
+            have["records"] += run["records"]
+            have["games"] += run["games"]
+            have["wall_s"] += run.get("wall_s", 0.0)
+    runs = [by_seed[s] for s in sorted(by_seed)]
+    budgets = sorted({b for rep in reports for b in rep["meta"]["budgets"]})
+    methods = list(dict.fromkeys(m for rep in reports for m in rep["meta"]["methods"]))
+    meta = {
+        **reports[0]["meta"],
+        "budgets": budgets,
+        "methods": methods,
+        "merged_from": [rep["meta"] for rep in reports],
+    }
+    return {
+        "model": reports[0]["model"],
+        "meta": meta,
+        "summary": summarize(runs, budgets, methods),
+        "runs": runs,
+    }
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
@@ -365,6 +431,10 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     _settle(p, args)
+    if args.merge:
+        report = merge([json.loads(f.read_text()) for f in args.merge])
+        args.out.write_text(json.dumps(report, indent=1))
+        return _show(report, args.out)
     t0 = time.perf_counter()
     calib_ids, held_ids = _streams(args)
     held = pipeline.windows(held_ids, args.eval_tokens, args.seq_len)
@@ -412,8 +482,12 @@ def main(argv=None) -> int:
         }
         args.out.write_text(json.dumps(report, indent=1))
         print(f"seed {seed}: {run['wall_s']:.0f} s; wrote {args.out}", file=sys.stderr)
-    report = json.loads(args.out.read_text())
-    plot(report, args.out.with_suffix(".png"))
+    return _show(json.loads(args.out.read_text()), args.out)
+
+
+def _show(report: dict, out: pathlib.Path) -> int:
+    """Plots the report beside ``out`` and prints its summary; exit status 0."""
+    plot(report, out.with_suffix(".png"))
     summary = report["summary"]
     print(f"reference ppl {summary['reference_ppl']['mean']:.3f}", file=sys.stderr)
     for r in summary["rows"]:

@@ -53,3 +53,40 @@ def test_summary_means_verdicts_and_rank_agreement():
     assert v["impq_gain_in_sd"] == pytest.approx(4 / np.hypot(np.sqrt(2), np.sqrt(2)))
     assert v["interaction_gain"] == pytest.approx(1 - 21 / 26)
     assert v["phi_spearman"] == pytest.approx(1.0)
+
+
+def _report(runs, budgets, methods):
+    meta = {"budgets": budgets, "methods": methods, "samples": 10}
+    return {"model": "m", "meta": meta, "runs": runs}
+
+
+def test_merge_joins_budgets_of_a_seed_and_summarizes_each_over_its_seeds():
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=5)
+    ppl = {"impq": float(rng.uniform(10, 20)), "greedy": float(rng.uniform(20, 30))}
+    a = _run(0, ppl, phi)
+    b = _run(0, ppl, phi)
+    for x in b["records"] + b["games"]:
+        x["budget_bits"] = 3.0
+    c = _run(1, {k: v + 1 for k, v in ppl.items()}, phi)
+    methods = ["impq", "greedy"]
+    out = impq_table.merge(
+        [
+            _report([a, c], [2.5], methods),
+            _report([b], [3.0], methods),
+        ]
+    )
+    assert out["meta"]["budgets"] == [2.5, 3.0]
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    assert len(out["runs"][0]["records"]) == 4
+    v25, v30 = out["summary"]["verdicts"]
+    assert v25["seeds"] == [0, 1] and v30["seeds"] == [0]
+    rows = {(r["method"], r["budget_bits"]): r for r in out["summary"]["rows"]}
+    assert rows["impq", 2.5]["ppl"]["mean"] == pytest.approx(ppl["impq"] + 0.5)
+    assert rows["impq", 3.0]["ppl"]["mean"] == pytest.approx(ppl["impq"])
+    with pytest.raises(ValueError, match="in two reports"):
+        impq_table.merge([_report([a], [2.5], methods), _report([a], [2.5], methods)])
+    with pytest.raises(ValueError, match="different models"):
+        impq_table.merge(
+            [_report([a], [2.5], methods), {**_report([b], [3], methods), "model": "x"}]
+        )
