@@ -682,6 +682,7 @@ def run_optimizer(name: str, ctx: Context) -> dict[str, Any]:
             train=train_curve,  # [chunk][seed], mean over the chunk
         ),
         shadow=dict(leaves=codecs, log=shadow_log) if leaves else None,
+        params=params,  # popped by `main` (--save-params), never in the JSON
     )
 
 
@@ -1002,6 +1003,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shadow-elements", type=int, default=None, help="per leaf; default 65536"
     )
     p.add_argument("--merge", nargs="+", default=None, help="result JSONs to merge")
+    p.add_argument(
+        "--save-params",
+        default=None,
+        help="write the first optimizer's first-seed model here (.npz, "
+        "models.load_tinygpt reads it: IMPQ's fp32-trained second model)",
+    )
     p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
     cfg = p.parse_args(argv)
     preset = "smoke" if cfg.smoke else cfg.preset
@@ -1168,6 +1175,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         run = run_optimizer(name, ctx)
         longest = max(longest, time.perf_counter() - t)
+        final_params = run.pop("params")
+        if cfg.save_params and not runs:  # the first optimizer's first seed
+            models.save_tinygpt(
+                cfg.save_params,
+                jax.tree.map(lambda x: np.asarray(x[0]), final_params),
+                vocab=256,
+                d_model=cfg.d_model,
+                n_layers=cfg.n_layers,
+                n_heads=cfg.n_heads,
+                seq_len=cfg.seq_len,
+            )
+            print(f"saved {name} seed {seeds[0]} to {cfg.save_params}", flush=True)
         runs.append(run)
         print(
             f"{name}: held-out {np.mean(run['final_heldout']):.4f} "

@@ -15,10 +15,12 @@ it compilation).
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from benchmarks import data, regression_tasks, train_lm_long
+from benchmarks import data, models, regression_tasks, train_lm_long
 
 # --------------------------------------------------------------------------
 # Documentation corpus helpers (synthetic documents).
@@ -125,8 +127,26 @@ TINY = [
 @pytest.fixture(scope="module")
 def long_smoke(docs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("results") / "long.json"
-    train_lm_long.main([*TINY, "--data-dir", str(docs_dir), "--out", str(out)])
+    params = out.with_name("gpt.npz")
+    argv = [*TINY, "--data-dir", str(docs_dir), "--out", str(out)]
+    train_lm_long.main([*argv, "--save-params", str(params)])
     return out
+
+
+@LONG
+@SLOW
+def test_long_saves_the_fp32_model_for_impq(long_smoke):
+    """``--save-params``: the first optimizer's model, loadable, not random."""
+    gpt = models.load_tinygpt(str(long_smoke.with_name("gpt.npz")))
+    fresh = models.TinyGPT(
+        vocab=256, d_model=32, n_layers=1, n_heads=2, seq_len=32, rngs=nnx.Rngs(0)
+    )
+    trained, init = nnx.state(gpt, nnx.Param), nnx.state(fresh, nnx.Param)
+    assert jax.tree.structure(trained) == jax.tree.structure(init)
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), trained, init)
+    assert any(jax.tree.leaves(moved))  # trained, not a fresh init
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 33))
+    assert np.isfinite(float(models.loss_fn(gpt, jax.numpy.asarray(tokens))))
 
 
 def _finite(x):
