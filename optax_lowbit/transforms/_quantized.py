@@ -17,7 +17,11 @@ policy keeps it in full precision, float32 by default). A transform:
 3. in ``update``: ``map_leaves(step, updates, (mu, nu), (mu_codec, nu_codec))``
    where ``step(g, m, v) -> (u, m_new, v_new)`` works on one leaf in float32:
    each moment is decoded, stepped and re-encoded leaf by leaf, so a leaf's
-   decoded float32 moments are temporaries of that leaf only.
+   decoded float32 moments are temporaries of that leaf only;
+4. ``transformation(init_fn, update_fn, state_type, name)`` makes the
+   `optax.GradientTransformation`, its ``update`` checking the state first.
+   A transform of one moment and a step count (Lion, SGD's trace, the EMA) is
+   all of this in one call: ``one_moment(...)`` with its rule of one leaf.
 
 `decode_moment` and `encode_like` do the two halves on whole trees, for code
 that needs all decoded moments at once (e.g. a global norm).
@@ -50,8 +54,10 @@ __all__ = [
     "is_packed",
     "map_leaves",
     "moment_dtype",
+    "one_moment",
     "plain_dtype",
     "resolve_policy",
+    "transformation",
 ]
 
 
@@ -525,6 +531,90 @@ def map_leaves(
             stream = leaf_seed(seed, first_leaf + i, j)
             new_moments[j].append(_encode_leaf(new, old, c, stream))
     return rewrap(new_updates, new_moments)
+
+
+def transformation(
+    init_fn: Callable[[Any], Any],
+    update_fn: Callable[[Any, Any], tuple[Any, Any]],
+    state_type: type,
+    name: str,
+) -> optax.GradientTransformation:
+    """An `optax.GradientTransformation` whose ``update`` checks its state first.
+
+    The transforms here do not read ``params``; ``update(updates, state,
+    params=None)`` raises `check_state`'s TypeError on a state that ``init``
+    did not make, then calls ``update_fn(updates, state)``.
+
+    Args:
+      init_fn: ``init_fn(params) -> state``.
+      update_fn: ``update_fn(updates, state) -> (updates, state)``.
+      state_type: the class of the state ``init_fn`` makes.
+      name: the transform's name, for the message.
+
+    Returns:
+      The transformation.
+    """
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        check_state(state, state_type, name)
+        return update_fn(updates, state)
+
+    return optax.GradientTransformation(init_fn, update)
+
+
+def one_moment(
+    name: str,
+    state_type: type,
+    field: str,
+    codec: base.Codec,
+    policy: Callable[[Any, Any], bool],
+    fallback_dtype: Any,
+    step: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+) -> optax.GradientTransformation:
+    """A transform over one quantized moment and a step count (Lion, trace, EMA).
+
+    Its state is ``state_type(count=..., <field>=...)``; ``update`` increments
+    the count and, leaf by leaf, decodes the moment, calls ``step(g32, m,
+    count) -> (u, new_m)`` in the compute dtype (`compute_dtype`), casts ``u``
+    to the update's dtype, applies the fault rule (a non-finite element keeps
+    its old moment, an overflowing one saturates:
+    `optax_lowbit.codecs.base.saturate_or_keep`) and encodes the moment with
+    the stream of the new count.
+
+    Args:
+      name: the transform's name, for messages.
+      state_type: a NamedTuple with fields ``count`` and ``field``.
+      field: the name of the moment's field.
+      codec: the moment's codec on quantized leaves.
+      policy: the resolved policy (`resolve_policy`).
+      fallback_dtype: the moment's dtype on unquantized leaves (`init_moment`).
+      step: the rule of one leaf.
+
+    Returns:
+      The transformation.
+    """
+
+    def init_fn(params: Any) -> Any:
+        moment = init_moment(params, codec, policy, fallback_dtype=fallback_dtype)
+        return state_type(count=jnp.zeros([], jnp.int32), **{field: moment})
+
+    def update_fn(updates: Any, state: Any) -> tuple[Any, Any]:
+        count = optax.safe_increment(state.count)
+
+        def leaf_step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            g32 = g.astype(compute_dtype(g.dtype))
+            u, new_m = step(g32, m, count)
+            return u.astype(g.dtype), base.saturate_or_keep(
+                new_m, m, base.is_finite(g32)
+            )
+
+        updates, (moment,) = map_leaves(
+            leaf_step, updates, (getattr(state, field),), (codec,), seed=count
+        )
+        return updates, state_type(count=count, **{field: moment})
+
+    return transformation(init_fn, update_fn, state_type, name)
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -262,14 +262,8 @@ def scale_by_factored_rms_quantized(
         )
 
     def update_fn(
-        updates: optax.Updates,
-        state: ScaleByFactoredRmsQuantizedState,
-        params: optax.Params | None = None,
+        updates: optax.Updates, state: ScaleByFactoredRmsQuantizedState
     ) -> tuple[optax.Updates, ScaleByFactoredRmsQuantizedState]:
-        del params
-        _quantized.check_state(
-            state, ScaleByFactoredRmsQuantizedState, "scale_by_factored_rms_quantized"
-        )
         t = jnp.asarray(state.count - step_offset + 1, jnp.float32)
         beta = 1.0 - t ** (-decay_rate)
 
@@ -317,7 +311,12 @@ def scale_by_factored_rms_quantized(
         )
         return updates, ScaleByFactoredRmsQuantizedState(count, v_row, v_col, v)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.transformation(
+        init_fn,
+        update_fn,
+        ScaleByFactoredRmsQuantizedState,
+        "scale_by_factored_rms_quantized",
+    )
 
 
 def ema_quantized(
@@ -369,31 +368,10 @@ def ema_quantized(
     _checks.one_of("accumulator_dtype", fallback.name, ("float32", "bfloat16"))
     policy = _quantized.resolve_policy(policy)
 
-    def init_fn(params: optax.Params) -> EmaQuantizedState:
-        ema = _quantized.init_moment(params, codec, policy, fallback_dtype=fallback)
-        return EmaQuantizedState(jnp.zeros([], jnp.int32), ema)
+    def step(g32: jax.Array, m: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
+        new_m = (1.0 - decay) * g32 + decay * m
+        return (new_m / (1.0 - decay**count) if debias else new_m), new_m
 
-    def update_fn(
-        updates: optax.Updates,
-        state: EmaQuantizedState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, EmaQuantizedState]:
-        del params
-        _quantized.check_state(state, EmaQuantizedState, "ema_quantized")
-        count = optax.safe_increment(state.count)
-        correction = 1.0 - decay**count if debias else 1.0
-
-        def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(_quantized.compute_dtype(g.dtype))
-            new_m = (1.0 - decay) * g32 + decay * m
-            u = new_m / correction if debias else new_m
-            return u.astype(g.dtype), base.saturate_or_keep(
-                new_m, m, base.is_finite(g32)
-            )
-
-        updates, (ema,) = _quantized.map_leaves(
-            step, updates, (state.ema,), (codec,), seed=count
-        )
-        return updates, EmaQuantizedState(count, ema)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.one_moment(
+        "ema_quantized", EmaQuantizedState, "ema", codec, policy, fallback, step
+    )

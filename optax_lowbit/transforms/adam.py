@@ -194,14 +194,8 @@ def scale_by_adam_quantized(
         )
 
     def update_fn(
-        updates: optax.Updates,
-        state: ScaleByAdamQuantizedState,
-        params: optax.Params | None = None,
+        updates: optax.Updates, state: ScaleByAdamQuantizedState
     ) -> tuple[optax.Updates, ScaleByAdamQuantizedState]:
-        del params
-        _quantized.check_state(
-            state, ScaleByAdamQuantizedState, "scale_by_adam_quantized"
-        )
         check_state_format(state)
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
@@ -216,7 +210,9 @@ def scale_by_adam_quantized(
         )
         return updates, ScaleByAdamQuantizedState(count, mu, nu, state.format)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.transformation(
+        init_fn, update_fn, ScaleByAdamQuantizedState, "scale_by_adam_quantized"
+    )
 
 
 def adam_step(

@@ -113,32 +113,16 @@ def scale_by_lion_quantized(
             return jnp.tanh(smooth_beta * x)
         return jnp.where(jnp.abs(x) < 1.0, x, jnp.sign(x))
 
-    def init_fn(params: optax.Params) -> ScaleByLionQuantizedState:
-        mu = _quantized.init_moment(params, mu_codec, policy, fallback_dtype=fallback)
-        return ScaleByLionQuantizedState(jnp.zeros([], jnp.int32), mu)
+    def step(g32: jax.Array, m: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
+        del count
+        return sign((1.0 - b1) * g32 + b1 * m), (1.0 - b2) * g32 + b2 * m
 
-    def update_fn(
-        updates: optax.Updates,
-        state: ScaleByLionQuantizedState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, ScaleByLionQuantizedState]:
-        del params
-        _quantized.check_state(
-            state, ScaleByLionQuantizedState, "scale_by_lion_quantized"
-        )
-
-        def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(_quantized.compute_dtype(g.dtype))
-            u = sign((1.0 - b1) * g32 + b1 * m)
-            new_m = (1.0 - b2) * g32 + b2 * m
-            return u.astype(g.dtype), base.saturate_or_keep(
-                new_m, m, base.is_finite(g32)
-            )
-
-        count = optax.safe_increment(state.count)
-        updates, (mu,) = _quantized.map_leaves(
-            step, updates, (state.mu,), (mu_codec,), seed=count
-        )
-        return updates, ScaleByLionQuantizedState(count, mu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.one_moment(
+        "scale_by_lion_quantized",
+        ScaleByLionQuantizedState,
+        "mu",
+        mu_codec,
+        policy,
+        fallback,
+        step,
+    )

@@ -197,12 +197,8 @@ def scale_by_muon_quantized(
         return ScaleByMuonQuantizedState(jnp.zeros([], jnp.int32), mu, coeffs)
 
     def update_fn(
-        updates: optax.Updates,
-        state: ScaleByMuonQuantizedState,
-        params: optax.Params | None = None,
+        updates: optax.Updates, state: ScaleByMuonQuantizedState
     ) -> tuple[optax.Updates, ScaleByMuonQuantizedState]:
-        del params
-        _quantized.check_state(state, ScaleByMuonQuantizedState, "scale_by_muon")
         count = optax.safe_increment(state.count)
         bc = 1 - beta**count
         bc_next = 1 - beta ** optax.safe_increment(count)
@@ -242,4 +238,6 @@ def scale_by_muon_quantized(
         new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
         return new_updates, ScaleByMuonQuantizedState(count, mu, state.ns_coeffs)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.transformation(
+        init_fn, update_fn, ScaleByMuonQuantizedState, "scale_by_muon"
+    )

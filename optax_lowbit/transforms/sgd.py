@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_lowbit import _checks
@@ -114,32 +113,11 @@ def trace_quantized(
     fallback = _quantized.moment_dtype("accumulator_dtype", accumulator_dtype)
     policy = _quantized.resolve_policy(policy)
 
-    def init_fn(params: optax.Params) -> TraceQuantizedState:
-        return TraceQuantizedState(
-            _quantized.init_moment(params, codec, policy, fallback_dtype=fallback),
-            jnp.zeros([], jnp.int32),
-        )
+    def step(g32: jax.Array, t: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
+        del count
+        new_t = g32 + decay * t
+        return (g32 + decay * new_t if nesterov else new_t), new_t
 
-    def update_fn(
-        updates: optax.Updates,
-        state: TraceQuantizedState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, TraceQuantizedState]:
-        del params
-        _quantized.check_state(state, TraceQuantizedState, "trace_quantized")
-
-        def step(g: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(_quantized.compute_dtype(g.dtype))
-            new_t = g32 + decay * t
-            u = g32 + decay * new_t if nesterov else new_t
-            return u.astype(g.dtype), base.saturate_or_keep(
-                new_t, t, base.is_finite(g32)
-            )
-
-        count = optax.safe_increment(state.count)
-        updates, (trace,) = _quantized.map_leaves(
-            step, updates, (state.trace,), (codec,), seed=count
-        )
-        return updates, TraceQuantizedState(trace, count)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _quantized.one_moment(
+        "trace_quantized", TraceQuantizedState, "trace", codec, policy, fallback, step
+    )
