@@ -1,5 +1,10 @@
 """SPQE: Shapley values of blocks under progressive quantization, by sampling.
 
+Why over 500 lines: the estimator and `SelectorForward`, the batched
+evaluator of coalitions whose selector layout (one width index per block) its
+coalition cache is keyed by; the other allocators (`baselines`, `game`,
+`allocate`) reach the same evaluator here, so the two stay together.
+
 The players are the L transformer blocks. A **coalition** ``S`` is scored on
 calibration tokens with every block in ``S`` at a high width and every other
 block at a low width::
