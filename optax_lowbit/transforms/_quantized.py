@@ -2,7 +2,8 @@
 
 Why over 500 lines: the one home of the per-leaf machinery every transform
 shares (policy at init, state checks, complex and empty leaves, flatten with
-moments, decode -> step -> encode); each part is used by all the others.
+moments, decode -> step -> encode) and of the generic transform built of it
+(`one_moment`); each part is used by all the others.
 
 A *moment tree* has the structure of the parameters; each of its leaves is
 either a `Packed` (the policy quantizes that leaf) or a plain float array (the
