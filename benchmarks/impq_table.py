@@ -260,8 +260,14 @@ def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
         b_runs = [
             r for r in runs if any(x["budget_bits"] == budget for x in r["records"])
         ]
+        ran = {
+            x["method"]
+            for r in b_runs
+            for x in r["records"]
+            if x["budget_bits"] == budget
+        }
         stats = {}
-        for m in methods:
+        for m in (m for m in methods if m in ran):  # a part may run fewer
             stat = {
                 k: train_lm.seed_stats(
                     [_per_seed(r["records"], m, budget, k) for r in b_runs]
@@ -270,7 +276,7 @@ def summarize(runs: list[dict], budgets, methods) -> dict[str, Any]:
             }
             stats[m] = stat
             rows.append({"method": m, "budget_bits": budget, **stat})
-        base = [m for m in methods if m in BASELINES]
+        base = [m for m in stats if m in BASELINES]
         verdict: dict[str, Any] = {"budget_bits": budget}
         if base:
             best = min(base, key=lambda m: stats[m]["ppl"]["mean"])

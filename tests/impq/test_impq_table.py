@@ -66,6 +66,7 @@ def test_merge_joins_budgets_of_a_seed_and_summarizes_each_over_its_seeds():
     ppl = {"impq": float(rng.uniform(10, 20)), "greedy": float(rng.uniform(20, 30))}
     a = _run(0, ppl, phi)
     b = _run(0, ppl, phi)
+    b["records"] = [x for x in b["records"] if x["method"] == "greedy"]
     for x in b["records"] + b["games"]:
         x["budget_bits"] = 3.0
     c = _run(1, {k: v + 1 for k, v in ppl.items()}, phi)
@@ -78,12 +79,14 @@ def test_merge_joins_budgets_of_a_seed_and_summarizes_each_over_its_seeds():
     )
     assert out["meta"]["budgets"] == [2.5, 3.0]
     assert [r["seed"] for r in out["runs"]] == [0, 1]
-    assert len(out["runs"][0]["records"]) == 4
+    assert len(out["runs"][0]["records"]) == 3
     v25, v30 = out["summary"]["verdicts"]
     assert v25["seeds"] == [0, 1] and v30["seeds"] == [0]
     rows = {(r["method"], r["budget_bits"]): r for r in out["summary"]["rows"]}
     assert rows["impq", 2.5]["ppl"]["mean"] == pytest.approx(ppl["impq"] + 0.5)
-    assert rows["impq", 3.0]["ppl"]["mean"] == pytest.approx(ppl["impq"])
+    assert rows["greedy", 3.0]["ppl"]["mean"] == pytest.approx(ppl["greedy"])
+    assert ("impq", 3.0) not in rows  # the 3.0 part ran greedy only: no NaN row
+    assert "impq_gain" not in v30 and v30["best_baseline"] == "greedy"
     with pytest.raises(ValueError, match="in two reports"):
         impq_table.merge([_report([a], [2.5], methods), _report([a], [2.5], methods)])
     with pytest.raises(ValueError, match="different models"):
