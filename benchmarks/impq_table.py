@@ -43,10 +43,18 @@ isolated evaluations of 16k calibration tokens at ~50 ms each, ~70 held-out
 evaluations of 32k tokens, GPTQ at 3 widths (~1-2 min): 7-10 min per seed,
 25-30 min for the table. ``--samples 500`` halves the games.
 
-Our own fp32 GPT as second model (RTN-MSE; trained by ``benchmarks.train_lm``,
-``--save-params``), on the GPU::
+Our own fp32 GPT as second model (RTN-MSE): the ~85M byte-level GPT that
+``benchmarks.train_lm_long --preset medium`` trains in fp32 on the
+documentation corpus (``--save-params``), calibrated and evaluated on that
+corpus (``--data-dir`` holds its ``docs.npz``), on the GPU in one call::
 
-    python -m benchmarks.impq_table --model train_lm --params gpt.npz --seeds 0
+    python -m benchmarks.train_lm_long --preset medium --data-dir .devdata \
+        --optimizers adamw_fp32 --save-params /tmp/gpt_docs.npz --out /tmp/lm.json
+    python -m benchmarks.impq_table --model train_lm --params /tmp/gpt_docs.npz \
+        --data-dir .devdata --seeds 0 --budgets 2.5,3.0
+
+(without ``--data-dir``, a ``train_lm`` model is calibrated and evaluated on
+the Austen text, as the CPU smoke model below, which was trained on it).
 
 CPU smoke (60 coalitions per budget, 1k calibration tokens: a check that the
 table runs, not evidence; ~2 min each on 2 shared cores), written to
@@ -77,6 +85,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks import data as bench_data
 from benchmarks import models, train_lm
 from optax_lowbit.impq import (
     allocate,
@@ -136,6 +145,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-tokens", type=cli.positive_int, default=65536)
     p.add_argument("--batch", type=cli.positive_int, help="coalitions per jit call")
     p.add_argument("--tokens", type=cli.existing_file, help=".npz: calib, heldout")
+    p.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        help="train_lm: calibrate and evaluate on the documentation corpus "
+        "(docs.npz of benchmarks.data.write_docs_devdata) instead of Austen",
+    )
     p.add_argument("--out", type=cli.output_file)
     p.add_argument("--resume", action="store_true", help="keep the seeds in --out")
     p.add_argument(
@@ -173,6 +188,18 @@ def _settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("argument --quantizer: gptq needs a Llama-port model (smollm2, tiny)")
     if args.model == "train_lm" and not args.params:
         p.error("argument --params: --model train_lm needs train_lm --save-params")
+    if args.data_dir is not None and args.model != "train_lm":
+        p.error(
+            f"argument --data-dir: the documentation corpus is for --model "
+            f"train_lm (byte-level), not --model {args.model}"
+        )
+    if args.data_dir is not None:
+        docs = args.data_dir / bench_data.DOCS_DEVDATA_FILE
+        if not docs.is_file():
+            p.error(
+                f"argument --data-dir: {docs} does not exist; write it with "
+                f"python -m benchmarks.data docs --out {args.data_dir}"
+            )
     try:
         choices = allocate.check_bit_choices(args.bits)
         for b in args.budgets:
@@ -192,6 +219,9 @@ def _streams(args) -> tuple[np.ndarray, np.ndarray]:
     if args.tokens is not None:
         with np.load(args.tokens) as z:
             return np.asarray(z["calib"]), np.asarray(z["heldout"])
+    if args.data_dir is not None:  # the corpus the medium GPT was trained on
+        train, held, _ = bench_data.load_docs_devdata(args.data_dir)
+        return train.astype(np.int32), held.astype(np.int32)
     train, held = data.austen_text("train"), data.austen_text("heldout")
     if args.model == "smollm2":
         tok = smollm2.load_tokenizer(args.source)
@@ -422,7 +452,11 @@ def _meta(args, m, calib_shape, held, wall_s) -> dict[str, Any]:
         "random_draws": args.random_draws,
         "calib": "training split, windows at seeded random offsets",
         "calib_shape": list(calib_shape),
-        "eval": "held-out Persuasion, first tokens",
+        "eval": (
+            "held-out documentation corpus, first bytes"
+            if args.data_dir is not None
+            else "held-out Persuasion, first tokens"
+        ),
         "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),

@@ -93,3 +93,23 @@ def test_merge_joins_budgets_of_a_seed_and_summarizes_each_over_its_seeds():
         impq_table.merge(
             [_report([a], [2.5], methods), {**_report([b], [3], methods), "model": "x"}]
         )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "tiny", "--data-dir", "."], "is for --model train_lm"),
+        (
+            ["--model", "train_lm", "--params", "p.npz", "--data-dir", "/nonexistent"],
+            "docs.npz does not exist",
+        ),
+    ],
+)
+def test_data_dir_is_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        impq_table.main(argv)
+    assert err.value.code == 2
+    assert "--data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        impq_table.main(argv)
+    assert message in capsys.readouterr().err
