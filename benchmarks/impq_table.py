@@ -23,7 +23,8 @@ full-precision reference), ``train_lm`` (our GPT trained in fp32 by
 ``python -m benchmarks.train_lm --save-params``: a true full-precision
 reference; no LIM, RTN only) and ``tiny`` (a random-init 4-block Llama).
 Quantizer: ``gptq`` (GPTQ on the MSE-clipped g64 grid, one sequential run
-per width; Llama-port models) or ``rtn_mse``; every method shares it.
+per width; Llama-port models), ``gptq_act`` (the same with act-order) or
+``rtn_mse``; every method shares it.
 
 GPU run (one H200), after tokenizing here (the device has no network) and
 copying the packed weights (``python -m benchmarks.pack_smollm2``) to
@@ -133,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
         type=cli._list(str, f"methods from {','.join(pipeline.METHODS)}"),
         default=list(pipeline.METHODS),
     )
-    p.add_argument("--quantizer", choices=("gptq", "rtn_mse"))
+    p.add_argument("--quantizer", choices=("gptq", "gptq_act", "rtn_mse"))
     p.add_argument(
         "--seeds", type=cli._list(int, "seeds like 0,1,2"), default=[0, 1, 2]
     )
@@ -184,8 +185,11 @@ def _settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             setattr(args, key, value)
     if args.quantizer is None:
         args.quantizer = "rtn_mse" if args.quick or args.model == "train_lm" else "gptq"
-    if args.quantizer == "gptq" and args.model == "train_lm":
-        p.error("argument --quantizer: gptq needs a Llama-port model (smollm2, tiny)")
+    if args.quantizer.startswith("gptq") and args.model == "train_lm":
+        p.error(
+            f"argument --quantizer: {args.quantizer} needs a Llama-port model "
+            "(smollm2, tiny)"
+        )
     if args.model == "train_lm" and not args.params:
         p.error("argument --params: --model train_lm needs train_lm --save-params")
     if args.data_dir is not None and args.model != "train_lm":
@@ -266,8 +270,9 @@ def candidates(m, args, calib_ids) -> dict[int, Any]:
                 config,
                 calib,
                 b,
+                act_order=args.quantizer == "gptq_act",
                 batch_size=8,
-                callback=cli._Bar(f"GPTQ {b}-bit blocks"),
+                callback=cli._Bar(f"{args.quantizer} {b}-bit blocks"),
             )
     return out
 

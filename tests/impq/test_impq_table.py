@@ -113,3 +113,23 @@ def test_data_dir_is_checked_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         impq_table.main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, act_order", [("gptq", False), ("gptq_act", True)])
+def test_gptq_candidates_pass_act_order(name, act_order, monkeypatch):
+    """``--quantizer gptq_act`` runs GPTQ with act-order at every width."""
+    seen = []
+
+    def fake(params, config, calib, bits, **kw):
+        seen.append((bits, kw["act_order"], calib.shape))
+        return {"bits": bits}
+
+    monkeypatch.setattr(impq_table.gptq, "quantize_model", fake)
+    p = impq_table.parser()
+    args = p.parse_args(["--quick", "--quantizer", name, "--bits", "2,4"])
+    impq_table._settle(p, args)
+    m = impq_table.impq_model.tiny_llama()
+    ids = np.random.default_rng(0).integers(0, 100, 10_000)
+    out = impq_table.candidates(m, args, ids)
+    assert out == {2: {"bits": 2}, 4: {"bits": 4}}
+    assert [s[:2] for s in seen] == [(2, act_order), (4, act_order)]
