@@ -624,6 +624,28 @@ def setup(cfg: argparse.Namespace) -> tuple[str | None, str, list[int], list[str
     return precision, device, seeds, names
 
 
+def save_first_model(cfg: argparse.Namespace, params: Any, what: str) -> None:
+    """``--save-params``: the first seed of seed-stacked ``params`` to ``.npz``.
+
+    `models.load_tinygpt` reads it back (IMPQ's fp32-trained second model).
+
+    Args:
+      cfg: the parsed options (``save_params`` and the model's sizes).
+      params: the run's final parameters, stacked over seeds.
+      what: which run, for the log line.
+    """
+    models.save_tinygpt(
+        cfg.save_params,
+        jax.tree.map(lambda x: np.asarray(x[0]), params),
+        vocab=256,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        seq_len=cfg.seq_len,
+    )
+    print(f"saved {what} to {cfg.save_params}", flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--smoke`` shrinks everything for CPU tests."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -793,16 +815,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         longest = max(longest, time.perf_counter() - t)
         final_params = run.pop("params")
         if cfg.save_params and not runs:  # the first optimizer's first seed
-            models.save_tinygpt(
-                cfg.save_params,
-                jax.tree.map(lambda x: np.asarray(x[0]), final_params),
-                vocab=256,
-                d_model=cfg.d_model,
-                n_layers=cfg.n_layers,
-                n_heads=cfg.n_heads,
-                seq_len=cfg.seq_len,
-            )
-            print(f"saved {name} seed {seeds[0]} to {cfg.save_params}", flush=True)
+            save_first_model(cfg, final_params, f"{name} seed {seeds[0]}")
         runs.append(run)
         print(
             f"{name}: held-out {np.mean(run['final_heldout']):.4f} "

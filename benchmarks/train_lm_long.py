@@ -1177,16 +1177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         longest = max(longest, time.perf_counter() - t)
         final_params = run.pop("params")
         if cfg.save_params and not runs:  # the first optimizer's first seed
-            models.save_tinygpt(
-                cfg.save_params,
-                jax.tree.map(lambda x: np.asarray(x[0]), final_params),
-                vocab=256,
-                d_model=cfg.d_model,
-                n_layers=cfg.n_layers,
-                n_heads=cfg.n_heads,
-                seq_len=cfg.seq_len,
-            )
-            print(f"saved {name} seed {seeds[0]} to {cfg.save_params}", flush=True)
+            train_lm.save_first_model(cfg, final_params, f"{name} seed {seeds[0]}")
         runs.append(run)
         print(
             f"{name}: held-out {np.mean(run['final_heldout']):.4f} "
