@@ -5,10 +5,40 @@ Profiles (pick with ``OPTAX_LOWBIT_HYPOTHESIS=fuzz``):
   fuzz           >= 1000 examples per property, for long runs.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import jax
-from hypothesis import HealthCheck, settings
+# One persistent XLA compilation cache per test run, shared by the xdist
+# workers and every subprocess a test starts (the 8-device sharding checks,
+# benchmark smoke runs): a function compiled to the same HLO (the same codec
+# encode in both workers, an alias's update rebuilt by the next test or
+# hypothesis example) is compiled once per run instead of once per process or
+# per fresh jit. The cache only reuses the executable XLA built for that very
+# HLO and options, so every check runs the same code on the same inputs. The
+# directory is made by the first process that loads this file (the xdist
+# controller), handed on through the environment, and removed when that
+# process exits; nothing is kept between runs. OPTAX_LOWBIT_COMPILE_CACHE=0
+# turns it off.
+_CACHE_DIR = "OPTAX_LOWBIT_TEST_COMPILE_CACHE_DIR"
+if os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0":
+    if not os.path.isdir(os.environ.get(_CACHE_DIR, "")):
+        os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="optax_lowbit_xla_cache_")
+        atexit.register(shutil.rmtree, os.environ[_CACHE_DIR], ignore_errors=True)
+    # read by jax at import, here and in every subprocess
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_DIR]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+if os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0":
+    # in case jax was imported before this file (a plugin)
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
