@@ -3,7 +3,9 @@
 The device count must be set before jax initialises, so the checks run in
 ``tests/_sharding_script.py`` in a subprocess with
 ``--xla_force_host_platform_device_count=8``. One subprocess (a module-scoped
-fixture) runs every check below and reports each one (``CHECK <mode>:<name>
+fixture) runs every check below, but for the Pallas and training checks
+(`SLOW_CHECKS`: their tests are marked slow and use a second subprocess, run
+by CI's second step), and reports each one (``CHECK <mode>:<name>
 PASS`` or ``FAIL`` with its traceback); each test asserts on its checks'
 reports. The script checks, per alias, on a 2x4 mesh: quantized states sharded
 like their parameters on leading axes (``.sharding.spec`` of ``Packed`` codes
@@ -23,7 +25,7 @@ params) and ``explicit`` (Explicit axes, sharding in types; ``jax.jit(tx.init)``
 inside ``jax.set_mesh``).
 
 The module's tests share one ``xdist_group`` (``--dist loadgroup`` in
-pyproject.toml), so under pytest-xdist one worker runs the subprocess once.
+pyproject.toml), so under pytest-xdist one worker runs each subprocess once.
 """
 
 import os
@@ -72,10 +74,17 @@ PALLAS = ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"]
 CHECKS = (
     [("auto", n) for n in ALL]
     + [("auto", "policy")]
-    + [("explicit", n) for n in POLAR + TABLE_CODECS + PALLAS]
-    + [("explicit", "pallas-float-leaves"), ("explicit", "training")]
+    + [("explicit", n) for n in POLAR + TABLE_CODECS]
     + [("types", n) for n in TYPE_CODECS]
 )
+# The Pallas kernels per shard (interpret mode) and the FSDP training run:
+# ~60 s of the subprocess's ~190 s alone on a CPU. Their tests are marked slow,
+# so CI's second step (OPTAX_LOWBIT_SLOW=1) runs these checks in a subprocess
+# of their own (`slow_reports`).
+SLOW_CHECKS = [("explicit", n) for n in PALLAS] + [
+    ("explicit", "pallas-float-leaves"),
+    ("explicit", "training"),
+]
 
 pytestmark = pytest.mark.xdist_group("sharding")
 
@@ -84,6 +93,16 @@ pytestmark = pytest.mark.xdist_group("sharding")
 def reports():
     """``{"mode:name": (passed, its output)}`` of every check in `CHECKS`, run
     in one subprocess."""
+    return _run_checks(CHECKS)
+
+
+@pytest.fixture(scope="module")
+def slow_reports():
+    """As `reports`, for `SLOW_CHECKS` (only the slow tests use it)."""
+    return _run_checks(SLOW_CHECKS)
+
+
+def _run_checks(checks):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -91,7 +110,7 @@ def reports():
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "checks", *(f"{m}:{n}" for m, n in CHECKS)],
+        [sys.executable, str(SCRIPT), "checks", *(f"{m}:{n}" for m, n in checks)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -118,7 +137,7 @@ def reports():
     # a crash (or a check the script never reported) fails that check's test
     # with the process's output
     tail = (proc.stdout + proc.stderr)[-4000:]
-    for mode, name in CHECKS:
+    for mode, name in checks:
         found.setdefault(
             f"{mode}:{name}",
             (False, f"not reported (exit code {proc.returncode}):\n{tail}"),
@@ -151,27 +170,30 @@ def test_explicit_axes_table_codecs(reports, name):
     assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
-def test_explicit_axes_kernels_run_per_shard(reports):
+@pytest.mark.slow
+def test_explicit_axes_kernels_run_per_shard(slow_reports):
     """impl="pallas" (interpret mode) inside shard_map: no all-gather, state
     sharded like the params, codes equal the jnp path's (shard offsets)."""
     for name in PALLAS:
-        out = _passed(reports, "explicit", name)
+        out = _passed(slow_reports, "explicit", name)
         assert f"explicit {name}: " in out
     assert "adamw_polar-1.5-pallas: sharded kernel and fused step = jnp path" in out
 
 
-def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(reports):
+@pytest.mark.slow
+def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(slow_reports):
     """impl="pallas": float-state leaves sharded on their leading axis (bias,
     embedding) are stepped in place, chain and fused, as the jnp path."""
-    out = _passed(reports, "explicit", "pallas-float-leaves")
+    out = _passed(slow_reports, "explicit", "pallas-float-leaves")
     assert "pallas: sharded float leaves stepped in place, no all-gather" in out
 
 
-def test_sharded_training_quick_checks(reports):
+@pytest.mark.slow
+def test_sharded_training_quick_checks(slow_reports):
     """benchmarks/sharded_training.py --quick for adamw_8bit: FSDP on 8 devices,
     state bytes total/8, no state all-gather, same state/loss as on 1 device,
     Orbax checkpoint restored on 1 device and on a 2x4 mesh bit-exactly."""
-    out = _passed(reports, "explicit", "training")
+    out = _passed(slow_reports, "explicit", "training")
     assert "training: FSDP adamw_8bit on 8 devices" in out
 
 
