@@ -94,7 +94,6 @@ from optax_lowbit.impq import (
     cli,
     data,
     game,
-    gptq,
     pipeline,
     quant_eval,
     quantizer,
@@ -135,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
         type=cli._list(str, f"methods from {','.join(pipeline.METHODS)}"),
         default=list(pipeline.METHODS),
     )
-    p.add_argument("--quantizer", choices=("gptq", "gptq_act", "rtn_mse"))
+    p.add_argument("--quantizer", choices=pipeline.QUANTIZERS)
     p.add_argument(
         "--seeds", type=cli._list(int, "seeds like 0,1,2"), default=[0, 1, 2]
     )
@@ -258,27 +257,12 @@ def _model(args) -> impq_model.BlockModel:
 
 def candidates(m, args, calib_ids) -> dict[int, Any]:
     """Every width's quantized blocks, once for all seeds and methods."""
-    blocks = m.params["blocks"]
-    if args.quantizer == "rtn_mse":
-        return {
-            b: {"blocks": [quantizer.quantize_tree(x, b) for x in blocks]}
-            for b in args.bits
-        }
-    config = m.loss.keywords["config"]
-    calib = quant_eval.calibration_windows(calib_ids, args.gptq_tokens, 2048, 1234)
-    out = {}
-    for b in args.bits:
-        with jax.default_matmul_precision("highest"):
-            out[b] = gptq.quantize_model(
-                m.params,
-                config,
-                calib,
-                b,
-                act_order=args.quantizer == "gptq_act",
-                batch_size=8,
-                callback=cli._Bar(f"{args.quantizer} {b}-bit blocks"),
-            )
-    return out
+    calib = None  # rtn_mse reads no tokens
+    if args.quantizer.startswith("gptq"):
+        calib = quant_eval.calibration_windows(calib_ids, args.gptq_tokens, 2048, 1234)
+    return pipeline.prequantize(
+        m, calib, args.bits, args.quantizer, lambda desc, total: cli._Bar(desc)
+    )
 
 
 def _per_seed(records: list[dict], method: str, budget: float, key: str) -> float:

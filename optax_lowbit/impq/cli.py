@@ -18,6 +18,9 @@ full-precision reference) or ``tiny`` (a random 4-block Llama on bytes, for
 a quick check). Text: ``--calib-text``/``--eval-text`` files, by default the
 training split of Jane Austen's novels (calibration) and the held-out
 *Persuasion* (`optax_lowbit.impq.data`, fetched from Debian and cached).
+Quantizer (``--quantizer``, shared by every method): GPTQ with act-order on
+the MSE-clipped g64 grid (``gptq_act``, the default; the calibration tokens
+give its Hessians), plain ``gptq``, or ``rtn_mse`` (round to nearest).
 
 Every argument is checked before any text or model is loaded; a bad one
 stops the run at once with a message naming the flag and what it accepts.
@@ -138,6 +141,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch", type=positive_int, default=1, help="coalitions per jit call"
     )
+    p.add_argument(
+        "--quantizer",
+        choices=pipeline.QUANTIZERS,
+        default="gptq_act",
+        help="the block quantizer every method shares: GPTQ with act-order "
+        "(default), GPTQ, or MSE-clipped round to nearest",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-text", type=existing_file)
     p.add_argument("--eval-text", type=existing_file)
@@ -257,10 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = _model.smollm2_model(args.source)
     else:
         m = _model.tiny_llama()
+    progress = lambda desc, total: _Bar(desc)  # noqa: E731
     report = pipeline.run(
         m,
         calib,
         held,
+        prequantized=pipeline.prequantize(
+            m, calib, args.bits, args.quantizer, progress
+        ),
         budgets=args.budget,
         methods=args.methods,
         bit_choices=args.bits,
@@ -268,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_random=args.random_seeds,
         batch_size=args.batch,
         seed=args.seed,
-        progress=lambda desc, total: _Bar(desc),
+        progress=progress,
     )
     report["settings"] = {
         k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()

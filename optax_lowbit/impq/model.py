@@ -51,6 +51,8 @@ class BlockModel:
         positions ``loss`` scores); the KL games need it.
       include: ``include(path, leaf)`` picks the leaves of a block that are
         quantized (paths relative to the block, e.g. ``"attn/q"``).
+      llama_config: the `smollm2.Config` of a Llama-port model (`llama_model`),
+        which GPTQ needs to run the blocks; ``None`` for other models.
     """
 
     name: str
@@ -59,6 +61,7 @@ class BlockModel:
     hidden: Hidden | None = None
     logits: Logits | None = None
     include: Callable[[str, Any], bool] = quantizer.is_linear_weight
+    llama_config: smollm2.Config | None = None
 
     def __post_init__(self):
         check_params(self.params, self.include)
@@ -134,6 +137,7 @@ def llama_model(name: str, params: Params, config: smollm2.Config) -> BlockModel
         loss=functools.partial(_llama_loss, config=config),
         hidden=functools.partial(_llama_hidden, config=config),
         logits=functools.partial(_llama_logits, config=config),
+        llama_config=config,
     )
 
 

@@ -35,9 +35,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from optax_lowbit.impq import allocate, baselines, game, quantizer, spqe
+from optax_lowbit.impq import allocate, baselines, game, gptq, quantizer, spqe
 from optax_lowbit.impq import model as _model
 
 METHODS = (
@@ -55,6 +56,8 @@ METHODS = (
 IMPQ_METHODS = ("impq", "impq_noint")
 #: the default widths: the table's budgets (2.25 to 3.5 code bits) lie in them.
 BIT_CHOICES = (2, 3, 4)
+#: the block quantizers every method can share (`prequantize`).
+QUANTIZERS = ("gptq_act", "gptq", "rtn_mse")
 
 Progress = Callable[[str, int], Callable[[int, int], None]]
 
@@ -84,6 +87,74 @@ def export_rules(
 def _no_progress(desc: str, total: int) -> Callable[[int, int], None]:
     del desc, total
     return lambda done, total: None
+
+
+def check_quantizer(name: str, model: _model.BlockModel | None = None) -> str:
+    """Raises unless ``name`` is one of `QUANTIZERS` (usable on ``model``).
+
+    Args:
+      name: the quantizer's name.
+      model: if given, GPTQ's need of a Llama-port model is checked too.
+
+    Returns:
+      ``name``.
+    """
+    if name not in QUANTIZERS:
+        raise ValueError(f"quantizer={name!r} is not one of {QUANTIZERS}.")
+    if name.startswith("gptq") and model is not None and model.llama_config is None:
+        raise ValueError(
+            f"quantizer={name!r} runs the blocks of a Llama-port model "
+            f"(`model.llama_model`); {model.name!r} is not one: use 'rtn_mse'."
+        )
+    return name
+
+
+def prequantize(
+    model: _model.BlockModel,
+    tokens: np.ndarray,
+    bit_choices: Sequence[int],
+    name: str = "gptq_act",
+    progress: Progress = _no_progress,
+) -> dict[int, Any]:
+    """Every block at every width with one quantizer, for `run`'s ``prequantized``.
+
+    Args:
+      model: the model.
+      tokens: ``(n_seq, t)`` calibration tokens (GPTQ's Hessians; unused by
+        ``rtn_mse``).
+      bit_choices: the widths.
+      name: ``"gptq_act"`` (GPTQ with act-order, `gptq.quantize_model`),
+        ``"gptq"`` (without) or ``"rtn_mse"`` (MSE-clipped round to nearest,
+        `quantizer.quantize_tree`).
+      progress: ``progress(desc, total) -> callback(done, total)``.
+
+    Returns:
+      ``{width: {"blocks": [...]}}``: the quantized blocks of each width.
+
+    Raises:
+      ValueError: an unknown quantizer, or GPTQ on a model that is not a
+        Llama port.
+    """
+    check_quantizer(name, model)
+    blocks = model.params["blocks"]
+    if name == "rtn_mse":
+        return {
+            b: {"blocks": [quantizer.quantize_tree(x, b) for x in blocks]}
+            for b in bit_choices
+        }
+    out = {}
+    for b in bit_choices:
+        with jax.default_matmul_precision("highest"):
+            out[b] = gptq.quantize_model(
+                model.params,
+                model.llama_config,
+                tokens,
+                b,
+                act_order=name == "gptq_act",
+                batch_size=8,
+                callback=progress(f"{name} {b}-bit blocks", model.n_blocks),
+            )
+    return out
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:

@@ -187,10 +187,14 @@ def test_cli_writes_json(tmp_path):
             str(text),
             "--out",
             str(out),
+            "--quantizer",  # GPTQ (the default) is tested in test_gptq.py
+            "rtn_mse",
         ]
     )
     assert rc == 0
     report = json.loads(out.read_text())
+    assert report["settings"]["quantizer"] == "rtn_mse"
+    assert cli.parser().parse_args([]).quantizer == "gptq_act"
     assert {r["method"] for r in report["records"]} == {"impq", "uniform"}
     assert len(report["games"][0]["phi"]) == 4
     assert report["records"][0]["rules"][0][0] == "blocks/0/.*"

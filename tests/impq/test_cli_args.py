@@ -50,6 +50,7 @@ BAD = [
     (["--methods", "impq,gptq"], "--methods", "not accepted"),
     (["--calib-text", "/no/such.txt"], "--calib-text", "no such file"),
     (["--model", "big"], "--model", "invalid choice"),
+    (["--quantizer", "awq"], "--quantizer", "invalid choice"),
 ]
 
 

@@ -124,7 +124,7 @@ def test_gptq_candidates_pass_act_order(name, act_order, monkeypatch):
         seen.append((bits, kw["act_order"], calib.shape))
         return {"bits": bits}
 
-    monkeypatch.setattr(impq_table.gptq, "quantize_model", fake)
+    monkeypatch.setattr(impq_table.pipeline.gptq, "quantize_model", fake)
     p = impq_table.parser()
     args = p.parse_args(["--quick", "--quantizer", name, "--bits", "2,4"])
     impq_table._settle(p, args)
