@@ -914,8 +914,18 @@ def merge(paths: list[str]) -> dict[str, Any]:
     result = json.loads(pathlib.Path(paths[0]).read_text())
     meta, runs = result["meta"], result["runs"]
     steps = meta["steps"]
+
+    def part(m: dict, rs: list[dict]) -> dict[str, Any]:  # provenance of a file
+        keys = ("optax_lowbit_commit", "date", "device", "jax")
+        return {
+            **{k: m.get(k) for k in keys},
+            "optimizers": [r["optimizer"] for r in rs],
+        }
+
+    parts = meta.get("parts") or [part(meta, runs)]
     for path in paths[1:]:
         other = json.loads(pathlib.Path(path).read_text())
+        parts.append(part(other["meta"], other["runs"]))
         complete = {r["optimizer"] for r in other["runs"] if r["steps_done"] == steps}
         runs[:] = [
             r
@@ -928,6 +938,7 @@ def merge(paths: list[str]) -> dict[str, Any]:
         meta["total_s"] = (meta.get("total_s") or 0) + (
             other["meta"].get("total_s") or 0
         )
+    meta["parts"] = parts  # each file's commit and optimizers, in merge order
     have = {r["optimizer"] for r in runs}
     meta["skipped"] = [n for n in meta.get("skipped", []) if n not in have]
     meta["skip_reasons"] = {

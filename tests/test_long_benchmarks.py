@@ -225,12 +225,16 @@ def test_long_merge(long_smoke, tmp_path):
     result = json.loads(long_smoke.read_text())
     a, b = dict(result), dict(result)
     a["runs"], b["runs"] = result["runs"][:1], result["runs"][1:]
+    b["meta"] = dict(b["meta"], optax_lowbit_commit="other")
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for part, path in zip((a, b), paths, strict=True):
         path.write_text(json.dumps(part))
     out = tmp_path / "merged.json"
     merged = train_lm_long.main(["--merge", *map(str, paths), "--out", str(out)])
     assert [r["optimizer"] for r in merged["records"]] == ["adamw_fp32", "adamw_4bit"]
+    parts = json.loads(out.read_text())["meta"]["parts"]
+    assert [p["optimizers"] for p in parts] == [["adamw_fp32"], ["adamw_4bit"]]
+    assert parts[1]["optax_lowbit_commit"] == "other"
     assert merged["metrics"]["adamw_4bit"]["heldout_gap"] == pytest.approx(
         result["metrics"]["adamw_4bit"]["heldout_gap"]
     )
