@@ -3,9 +3,9 @@
 The device count must be set before jax initialises, so the checks run in
 ``tests/_sharding_script.py`` in a subprocess with
 ``--xla_force_host_platform_device_count=8``. One subprocess (a module-scoped
-fixture) runs every check below, but for the Pallas and training checks
-(`SLOW_CHECKS`: their tests are marked slow and use a second subprocess, run
-by CI's second step), and reports each one (``CHECK <mode>:<name>
+fixture per group below) runs the checks of its group, but for the Pallas and
+training checks (`SLOW_CHECKS`: their tests are marked slow and use a third
+subprocess, run by CI's second step), and reports each one (``CHECK <mode>:<name>
 PASS`` or ``FAIL`` with its traceback); each test asserts on its checks'
 reports. The script checks, per alias, on a 2x4 mesh: quantized states sharded
 like their parameters on leading axes (``.sharding.spec`` of ``Packed`` codes
@@ -24,8 +24,12 @@ Two mesh modes: ``auto`` (Auto axes, GSPMD propagation; eager init of sharded
 params) and ``explicit`` (Explicit axes, sharding in types; ``jax.jit(tx.init)``
 inside ``jax.set_mesh``).
 
-The module's tests share one ``xdist_group`` (``--dist loadgroup`` in
-pyproject.toml), so under pytest-xdist one worker runs each subprocess once.
+The checks run in two subprocesses of about equal length (~60 s each alone
+on a CPU; one of ~120 s held one xdist worker for 150-250 s under load):
+`MESH_CHECKS` (every alias under auto and explicit axes, the policy) and
+`TYPE_CHECKS` (every codec's state type). Each has its own ``xdist_group``
+(``--dist loadgroup`` in pyproject.toml), so under pytest-xdist one worker
+runs each subprocess once and the two run side by side on two workers.
 """
 
 import os
@@ -71,12 +75,13 @@ TYPE_CODECS = [
 
 
 PALLAS = ["adamw_polar-2-pallas", "adamw_polar-1.5-pallas"]
-CHECKS = (
+MESH_CHECKS = (
     [("auto", n) for n in ALL]
     + [("auto", "policy")]
     + [("explicit", n) for n in POLAR + TABLE_CODECS]
-    + [("types", n) for n in TYPE_CODECS]
 )
+TYPE_CHECKS = [("types", n) for n in TYPE_CODECS]
+CHECKS = MESH_CHECKS + TYPE_CHECKS
 # The Pallas kernels per shard (interpret mode) and the FSDP training run:
 # ~60 s of the subprocess's ~190 s alone on a CPU. Their tests are marked slow,
 # so CI's second step (OPTAX_LOWBIT_SLOW=1) runs these checks in a subprocess
@@ -86,14 +91,22 @@ SLOW_CHECKS = [("explicit", n) for n in PALLAS] + [
     ("explicit", "training"),
 ]
 
-pytestmark = pytest.mark.xdist_group("sharding")
+MESH = pytest.mark.xdist_group("sharding_mesh")
+TYPES = pytest.mark.xdist_group("sharding_types")
+SLOW = pytest.mark.xdist_group("sharding_slow")
 
 
 @pytest.fixture(scope="module")
 def reports():
-    """``{"mode:name": (passed, its output)}`` of every check in `CHECKS`, run
-    in one subprocess."""
-    return _run_checks(CHECKS)
+    """``{"mode:name": (passed, its output)}`` of every check in `MESH_CHECKS`,
+    run in one subprocess."""
+    return _run_checks(MESH_CHECKS)
+
+
+@pytest.fixture(scope="module")
+def type_reports():
+    """As `reports`, for `TYPE_CHECKS` (in a subprocess of their own)."""
+    return _run_checks(TYPE_CHECKS)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +166,7 @@ def _passed(reports, mode, name):
     return out
 
 
+@MESH
 def test_auto_axes_every_alias_and_policy_under_any_mesh(reports):
     for name in ALL:
         assert f"auto {name}: " in _passed(reports, "auto", name)
@@ -160,16 +174,19 @@ def test_auto_axes_every_alias_and_policy_under_any_mesh(reports):
     assert "policy: same decisions on 1, 2 and 8 devices" in out
 
 
+@MESH
 def test_explicit_axes_jitted_init_polar_aliases(reports):
     for name in POLAR:
         assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
+@MESH
 @pytest.mark.parametrize("name", TABLE_CODECS)
 def test_explicit_axes_table_codecs(reports, name):
     assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
+@SLOW
 @pytest.mark.slow
 def test_explicit_axes_kernels_run_per_shard(slow_reports):
     """impl="pallas" (interpret mode) inside shard_map: no all-gather, state
@@ -180,6 +197,7 @@ def test_explicit_axes_kernels_run_per_shard(slow_reports):
     assert "adamw_polar-1.5-pallas: sharded kernel and fused step = jnp path" in out
 
 
+@SLOW
 @pytest.mark.slow
 def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(slow_reports):
     """impl="pallas": float-state leaves sharded on their leading axis (bias,
@@ -188,6 +206,7 @@ def test_explicit_axes_kernels_sharded_float_leaves_not_gathered(slow_reports):
     assert "pallas: sharded float leaves stepped in place, no all-gather" in out
 
 
+@SLOW
 @pytest.mark.slow
 def test_sharded_training_quick_checks(slow_reports):
     """benchmarks/sharded_training.py --quick for adamw_8bit: FSDP on 8 devices,
@@ -197,15 +216,14 @@ def test_sharded_training_quick_checks(slow_reports):
     assert "training: FSDP adamw_8bit on 8 devices" in out
 
 
-def test_every_codec_keeps_its_state_type_under_an_explicit_mesh(reports):
+@TYPES
+@pytest.mark.parametrize("name", TYPE_CODECS)
+def test_every_codec_keeps_its_state_type_under_an_explicit_mesh(type_reports, name):
     """Issue 19 item 3: for every codec, Adam's moments (and a signed codec's
     trace) keep shape, dtype and sharding through ``update`` on leaves sharded
     on leading axes (the issue's ``(2, 8, 4)`` leaf on ``P(None, 'x')``), and a
-    ``lax.scan`` over steps compiles."""
-    failed = [n for n in TYPE_CODECS if not reports[f"types:{n}"][0]]
-    assert not failed, "\n\n".join(
-        f"types:{n} failed:\n{reports[f'types:{n}'][1][-3000:]}" for n in failed
-    )
-    for name in TYPE_CODECS:
-        out = _passed(reports, "types", name)
-        assert f"{name} adam: type kept" in out, name
+    ``lax.scan`` over steps compiles. One test per codec (15 tests in the
+    group: ``--dist loadgroup`` starts the groups with the most tests first,
+    so this subprocess starts at the beginning of the run, not at its end)."""
+    out = _passed(type_reports, "types", name)
+    assert f"{name} adam: type kept" in out, name
