@@ -9,6 +9,10 @@ import pytest
 
 from optax_lowbit.impq import baselines, cli, model, pipeline, spqe
 
+# The tests of the module-scoped `tiny` model share one xdist worker
+# (``--dist loadgroup``): built once per run (~11-15 s), not once per worker.
+TINY = pytest.mark.xdist_group("baselines_tiny")
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -102,6 +106,7 @@ def test_greedy_descent_on_a_toy_cost(seed, n):
     assert sum(calls) <= 1 + n * (2 * n)
 
 
+@TINY
 def test_isolated_two_ways_match_direct_evaluation(tiny):
     _, fwd, _, ref = tiny
     table = baselines.isolated_table(fwd, ref)
@@ -116,6 +121,7 @@ def test_isolated_two_ways_match_direct_evaluation(tiny):
     assert alloc.avg_bits <= 3.0 + 1e-9
 
 
+@TINY
 def test_fisher_and_lim(tiny):
     m, fwd, tokens, _ = tiny
     tr = baselines.fisher_traces(m, tokens)
@@ -132,6 +138,7 @@ def test_fisher_and_lim(tiny):
         baselines.lim_scores(no_hidden, tokens)
 
 
+@TINY
 def test_pipeline_records_and_rules(tiny):
     m, _, tokens, _ = tiny
     report = pipeline.run(
