@@ -30,6 +30,11 @@ on a CPU; one of ~120 s held one xdist worker for 150-250 s under load):
 `TYPE_CHECKS` (every codec's state type). Each has its own ``xdist_group``
 (``--dist loadgroup`` in pyproject.toml), so under pytest-xdist one worker
 runs each subprocess once and the two run side by side on two workers.
+
+Every test here is marked slow: the three subprocesses are ~85 s of XLA
+compiles each for 8 devices and no property test, so they run in CI's second
+step (``OPTAX_LOWBIT_SLOW=1 pytest -m slow``) with the other long checks, and
+neither the first step nor the fuzz profile pays for them (issues 17, 19).
 """
 
 import os
@@ -167,6 +172,7 @@ def _passed(reports, mode, name):
 
 
 @MESH
+@pytest.mark.slow
 def test_auto_axes_every_alias_and_policy_under_any_mesh(reports):
     for name in ALL:
         assert f"auto {name}: " in _passed(reports, "auto", name)
@@ -175,12 +181,14 @@ def test_auto_axes_every_alias_and_policy_under_any_mesh(reports):
 
 
 @MESH
+@pytest.mark.slow
 def test_explicit_axes_jitted_init_polar_aliases(reports):
     for name in POLAR:
         assert f"explicit {name}: " in _passed(reports, "explicit", name)
 
 
 @MESH
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TABLE_CODECS)
 def test_explicit_axes_table_codecs(reports, name):
     assert f"explicit {name}: " in _passed(reports, "explicit", name)
@@ -217,6 +225,7 @@ def test_sharded_training_quick_checks(slow_reports):
 
 
 @TYPES
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TYPE_CODECS)
 def test_every_codec_keeps_its_state_type_under_an_explicit_mesh(type_reports, name):
     """Issue 19 item 3: for every codec, Adam's moments (and a signed codec's
