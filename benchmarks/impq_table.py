@@ -188,7 +188,7 @@ def _settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         # 5.07x/1.52x/1.09x the reference instead of 15.4x/1.75x/1.14x
         rtn = args.quick or args.model == "train_lm"
         args.quantizer = "rtn_mse" if rtn else "gptq_act"
-    if args.quantizer.startswith("gptq") and args.model == "train_lm":
+    if pipeline.uses_gptq(args.quantizer) and args.model == "train_lm":
         p.error(
             f"argument --quantizer: {args.quantizer} needs a Llama-port model "
             "(smollm2, tiny)"
@@ -258,7 +258,7 @@ def _model(args) -> impq_model.BlockModel:
 def candidates(m, args, calib_ids) -> dict[int, Any]:
     """Every width's quantized blocks, once for all seeds and methods."""
     calib = None  # rtn_mse reads no tokens
-    if args.quantizer.startswith("gptq"):
+    if pipeline.uses_gptq(args.quantizer):
         calib = quant_eval.calibration_windows(calib_ids, args.gptq_tokens, 2048, 1234)
     return pipeline.prequantize(
         m, calib, args.bits, args.quantizer, lambda desc, total: cli._Bar(desc)

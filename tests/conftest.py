@@ -22,7 +22,8 @@ import tempfile
 # process exits; nothing is kept between runs. OPTAX_LOWBIT_COMPILE_CACHE=0
 # turns it off.
 _CACHE_DIR = "OPTAX_LOWBIT_TEST_COMPILE_CACHE_DIR"
-if os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0":
+_CACHE_ON = os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0"
+if _CACHE_ON:
     if not os.path.isdir(os.environ.get(_CACHE_DIR, "")):
         os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="optax_lowbit_xla_cache_")
         atexit.register(shutil.rmtree, os.environ[_CACHE_DIR], ignore_errors=True)
@@ -34,7 +35,7 @@ if os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0":
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-if os.environ.get("OPTAX_LOWBIT_COMPILE_CACHE", "1") != "0":
+if _CACHE_ON:
     # in case jax was imported before this file (a plugin)
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = _model.smollm2_model(args.source)
     else:
         m = _model.tiny_llama()
-    progress = lambda desc, total: _Bar(desc)  # noqa: E731
+
+    def progress(desc: str, total: int) -> _Bar:
+        return _Bar(desc)
+
     report = pipeline.run(
         m,
         calib,

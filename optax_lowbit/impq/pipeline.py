@@ -89,6 +89,11 @@ def _no_progress(desc: str, total: int) -> Callable[[int, int], None]:
     return lambda done, total: None
 
 
+def uses_gptq(name: str) -> bool:
+    """Whether quantizer ``name`` is GPTQ (calibration tokens, a Llama port)."""
+    return name in ("gptq_act", "gptq")
+
+
 def check_quantizer(name: str, model: _model.BlockModel | None = None) -> str:
     """Raises unless ``name`` is one of `QUANTIZERS` (usable on ``model``).
 
@@ -101,7 +106,7 @@ def check_quantizer(name: str, model: _model.BlockModel | None = None) -> str:
     """
     if name not in QUANTIZERS:
         raise ValueError(f"quantizer={name!r} is not one of {QUANTIZERS}.")
-    if name.startswith("gptq") and model is not None and model.llama_config is None:
+    if uses_gptq(name) and model is not None and model.llama_config is None:
         raise ValueError(
             f"quantizer={name!r} runs the blocks of a Llama-port model "
             f"(`model.llama_model`); {model.name!r} is not one: use 'rtn_mse'."
