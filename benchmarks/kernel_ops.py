@@ -26,6 +26,15 @@ counted in ``total``); ``divf`` and ``math`` (``tt.extern_elementwise``:
 libdevice calls such as sqrt) are listed too, as they are the expensive
 ones. This relies on JAX's private Pallas Triton lowering
 (``jax._src.pallas.triton``): a JAX upgrade may move it.
+
+Grouped launches (v6, `group_case`, ``--group-leaves``): the same lowering
+of one `adam_update_many` over one leaf of `GROUP_SHAPE`, over 12 such
+leaves (one launch), and over GPT-2 small's 50 quantized leaves (6 shapes)
+one launch per leaf and grouped; each row gives the kernels lowered, the
+seconds to trace and lower, the operations of the Triton modules (what
+Triton compiles: a proxy for its compile time) and the TTIR operations per
+element on one program's path (only its leaf's branch of the load and store
+switches).
 """
 
 from __future__ import annotations
@@ -40,14 +49,15 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
-from optax_lowbit.kernels import _backend
+from optax_lowbit.kernels import _backend, launch
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
 
@@ -88,15 +98,29 @@ def _elements(type_text: str) -> int:
     return math.prod(int(d) for d in m.group(1).rstrip("x").split("x"))
 
 
-def _walk(op: Any) -> Iterator[Any]:
-    for region in op.regions:
+def _walk(op: Any, first_branch: bool = False) -> Iterator[Any]:
+    regions = op.regions
+    if first_branch and op.name == "scf.if":
+        regions = regions[:1]  # the ``then`` branch: leaf 0 of a switch
+    for region in regions:
         for block in region.blocks:
             for inner in block.operations:
                 yield inner.operation
-                yield from _walk(inner.operation)
+                yield from _walk(inner.operation, first_branch)
 
 
-def ir_counts(module_op: Any) -> collections.Counter:
+def _simplified(module_op: Any) -> Any:
+    """A copy of a Triton module after MLIR's ``canonicalize`` and ``cse``."""
+    from jax._src.lib.mlir import ir, passmanager
+
+    op = ir.Module.parse(module_op.get_asm(), context=module_op.context).operation
+    passmanager.PassManager.parse(
+        "builtin.module(canonicalize,cse)", context=op.context
+    ).run(op)
+    return op
+
+
+def ir_counts(module_op: Any, *, first_branch: bool = False) -> collections.Counter:
     """Operations of a Triton module, each weighted by its result's elements.
 
     The module is re-parsed in its context and simplified by MLIR's
@@ -106,23 +130,35 @@ def ir_counts(module_op: Any) -> collections.Counter:
 
     Args:
       module_op: the ``builtin.module`` operation Pallas built.
+      first_branch: count only the ``then`` region of each ``scf.if``: the
+        path one program of a grouped launch runs (its leaf's loads and
+        stores are one branch of a ``lax.switch`` chain), not every branch.
 
     Returns:
       ``Counter`` of op name -> weighted count.
     """
-    from jax._src.lib.mlir import ir, passmanager
-
-    op = ir.Module.parse(module_op.get_asm(), context=module_op.context).operation
-    passmanager.PassManager.parse(
-        "builtin.module(canonicalize,cse)", context=op.context
-    ).run(op)
     out: collections.Counter = collections.Counter()
-    for o in _walk(op):
+    for o in _walk(_simplified(module_op), first_branch):
         types = [str(r.type) for r in o.results]
         if o.name == "tt.store":
             types = [str(o.operands[1].type)]
         out[o.name] += max([_elements(t) for t in types], default=1)
     return out
+
+
+def module_size(module_op: Any) -> int:
+    """Operations in a Triton module after ``canonicalize`` and ``cse``.
+
+    Unweighted and over every branch: what Triton compiles, so a proxy for
+    its compile time (a v3c launch of 12 leaves held 12 copies of the body).
+
+    Args:
+      module_op: the ``builtin.module`` operation Pallas built.
+
+    Returns:
+      The number of operations.
+    """
+    return sum(1 for _ in _walk(_simplified(module_op)))
 
 
 def per_element(counts: collections.Counter, elements: int) -> dict[str, float]:
@@ -142,16 +178,35 @@ def per_element(counts: collections.Counter, elements: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _capture_triton() -> Iterator[list[tuple[Any, int]]]:
-    """Forces the Triton lowering and records ``(module, grid size)`` per kernel."""
+def _capture_triton() -> Iterator[list[dict[str, Any]]]:
+    """Forces the Triton lowering and records each kernel it lowers.
+
+    Yields:
+      A list that gets, per kernel, ``{"counts": ir_counts, "path_counts":
+      ir_counts(first_branch=True), "module_ops": module_size, "programs":
+      grid size, "lower_s": seconds of Pallas' jaxpr-to-TTIR lowering,
+      "spy_s": seconds of the counting}``.
+    """
     from jax._src.pallas.triton import pallas_call_registration as reg
 
-    seen: list[tuple[Any, int]] = []
+    seen: list[dict[str, Any]] = []
     lower = reg.lowering.lower_jaxpr_to_triton_module
 
     def spy(*args, **kwargs):
+        start = time.perf_counter()
         result = lower(*args, **kwargs)
-        seen.append((ir_counts(result.module.operation), math.prod(result.grid)))
+        lower_s = time.perf_counter() - start
+        module = result.module.operation
+        seen.append(
+            {
+                "counts": ir_counts(module),
+                "path_counts": ir_counts(module, first_branch=True),
+                "module_ops": module_size(module),
+                "programs": math.prod(result.grid),
+                "lower_s": lower_s,
+            }
+        )
+        seen[-1]["spy_s"] = time.perf_counter() - start - lower_s  # counting
         return result
 
     triton = _backend.Backend(interpret=False, lowering="triton")
@@ -197,7 +252,7 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
         raise RuntimeError(
             f"{name}/{path}: expected one Triton kernel, got {len(seen)}."
         )
-    counts, programs = seen[0]
+    counts, programs = seen[0]["counts"], seen[0]["programs"]
     elements = math.prod(shape) // programs
     return {
         "case": name,
@@ -209,6 +264,96 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
             k: round(v / elements, 3) for k, v in counts.most_common() if k not in FREE
         },
     }
+
+
+#: The leaf of the grouped-launch records: GPT-2 small's attention input
+#: (12 such leaves in the tree).
+GROUP_SHAPE = (768, 2304)
+#: The quantized leaves of GPT-2 small (step_speed's ``gpt2s_148`` under the
+#: default policy): 50 leaves of 6 shapes.
+GPT2S_QUANTIZED = [(50257, 768), (1024, 768)] + [
+    (768, 2304),
+    (768, 768),
+    (768, 3072),
+    (3072, 768),
+] * 12
+
+
+def group_case(
+    name: str,
+    path: str,
+    shapes: Sequence[tuple[int, ...]],
+    leaves_per_launch: int | None = None,
+) -> dict:
+    """Lowers one `adam_update_many` over ``shapes`` for CUDA (Triton forced).
+
+    Leaves of one shape share a launch (v6: the kernel body traced once,
+    only the loads and stores switch on the leaf); ``leaves_per_launch=1``
+    lowers one launch per leaf instead.
+
+    Args:
+      name: a key of `CASES`.
+      path: ``"chain"`` or ``"fused"``.
+      shapes: the leaves' shapes.
+      leaves_per_launch: as `adam_update_many`'s.
+
+    Returns:
+      ``{"case", "path", "leaves", "leaves_per_launch", "kernels",
+      "lower_s", "ttir_lower_s", "module_ops", "path_total"}``: kernels
+      lowered, seconds of the whole trace and lowering (the counting
+      excluded) and of Pallas' TTIR lowering alone, operations of every
+      kernel's module (`module_size`), and the TTIR operations per element
+      on one program's path of the first kernel (`ir_counts` with
+      ``first_branch``).
+    """
+    mu_codec, nu_codec = CASES[name]()
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    n = len(shapes)
+
+    def step(gs, ps):
+        hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
+        return kadam.adam_update_many(
+            gs,
+            [mu_codec.zeros(s) for s in shapes],
+            [nu_codec.zeros(s) for s in shapes],
+            [hp] * n,
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            seeds=[(1, 2 + k) for k in range(n)],
+            params=ps if path == "fused" else None,
+            leaves_per_launch=leaves_per_launch,
+        )
+
+    start = time.perf_counter()
+    with _capture_triton() as seen:
+        jax.jit(step).trace(specs, specs).lower(lowering_platforms=("cuda",))
+    lower_s = time.perf_counter() - start - sum(x["spy_s"] for x in seen)
+    first = seen[0]  # the first leaf's kernel: a program runs one block
+    gsize = mu_codec.group_size
+    rows = launch.leaf_statics(shapes[0], gsize)["n_rows"]
+    elements = launch.pick_block(rows, kadam.DEFAULT_BLOCK_GROUPS) * gsize
+    return {
+        "case": name,
+        "path": path,
+        "leaves": n,
+        "leaves_per_launch": leaves_per_launch,
+        "kernels": len(seen),
+        "lower_s": round(lower_s, 2),
+        "ttir_lower_s": round(sum(x["lower_s"] for x in seen), 2),
+        "module_ops": sum(x["module_ops"] for x in seen),
+        "path_total": per_element(first["path_counts"], elements)["total"],
+    }
+
+
+def _group_table(records: list[dict]) -> str:
+    cols = ("leaves", "leaves_per_launch", "kernels", "lower_s", "ttir_lower_s")
+    cols += ("module_ops", "path_total")
+    head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>18}" for c in cols)
+    rows = [
+        f"{r['case']:<10}{r['path']:<7}" + "".join(f"{r[c]!s:>18}" for c in cols)
+        for r in records
+    ]
+    return "\n".join([head, *rows])
 
 
 def _table(records: list[dict]) -> str:
@@ -240,6 +385,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=str(pathlib.Path(__file__).parent / "results" / "kernel_ops_cpu.json"),
         help="where to write the records ('' for nowhere)",
     )
+    ap.add_argument(
+        "--group-leaves",
+        type=int,
+        default=12,
+        help="also lower grouped launches (v6) of this many leaves of "
+        f"{GROUP_SHAPE} and of GPT-2 small's 50 quantized leaves, per case, "
+        "fused (0: skip)",
+    )
     args = ap.parse_args(argv)
     for name in args.cases.split(","):
         if name not in CASES:
@@ -250,6 +403,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for path in args.paths.split(",")
     ]
     print(_table(records))
+    groups = []
+    if args.group_leaves:
+        for name in args.cases.split(","):
+            groups += [
+                group_case(name, "fused", [GROUP_SHAPE]),
+                group_case(name, "fused", [GROUP_SHAPE] * args.group_leaves),
+                group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=1),
+                group_case(name, "fused", GPT2S_QUANTIZED),
+            ]
+        print(_group_table(groups))
     if args.json:
         meta = {
             "what": "TTIR ops per element (canonicalize+cse), Triton lowering",
@@ -261,7 +424,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         out = pathlib.Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        doc = {"meta": meta, "records": records, "groups": groups}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return records
 

@@ -721,7 +721,8 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
         cmd += ["--impl", impl, "--optimizers", ",".join(optimizers)]
         cmd += ["--block-groups", str(kadam.DEFAULT_BLOCK_GROUPS)]
         cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
-        cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
+        if kadam.LEAVES_PER_LAUNCH:  # None: every leaf of a shape in one launch
+            cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
         proc = subprocess.run(
             cmd,
             env=env,
@@ -920,7 +921,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default="", help="kernel variants to check/sweep")
     ap.add_argument("--block-groups", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
-    ap.add_argument("--leaves-per-launch", type=int, default=None)
+    ap.add_argument(
+        "--leaves-per-launch",
+        type=int,
+        default=None,
+        help="most leaves of one shape per kernel launch (1: one launch per "
+        "leaf, the pre-v6 path; default: no limit, NOTES_kernels.md v6)",
+    )
     ap.add_argument("--ptx-child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 

@@ -73,9 +73,11 @@ __all__ = [
 #: 2.23-2.44 (benchmarks/NOTES_kernels.md, v3).
 DEFAULT_BLOCK_GROUPS = 16
 DEFAULT_NUM_WARPS = 4
-#: Quantized leaves per kernel launch in the transforms (`adam_update_many`);
-#: 1 launches one kernel per leaf (see benchmarks/NOTES_kernels.md, v3c).
-LEAVES_PER_LAUNCH = 1
+#: The most leaves of one signature (group grid and dtypes) that
+#: `adam_update_many` runs in one kernel launch; 1 launches one kernel per
+#: leaf (the pre-v6 path), ``None`` no limit. The kernel body is traced once
+#: per launch whatever the count (benchmarks/NOTES_kernels.md, v6).
+LEAVES_PER_LAUNCH: int | None = None
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
@@ -177,14 +179,18 @@ def adam_update_many(
     block_groups: int | None = None,
     num_warps: int | None = None,
     lowering: str | None = None,
+    leaves_per_launch: int | None = None,
 ) -> list[tuple[jax.Array, base.Packed, base.Packed]]:
-    """`adam_update` of many leaves in one kernel launch.
+    """`adam_update` of many leaves, one kernel launch per leaf signature.
 
-    The grid covers every leaf's blocks; a program runs the leaf its index
-    falls in (one ``pl.when`` branch per leaf), so a tree of many small
-    leaves costs one launch instead of one per leaf. The results equal
-    `adam_update` leaf by leaf. Leaves sharded under explicit mesh axes are
-    not batched: they take `adam_update` (per shard) one by one.
+    Leaves that share a signature (`launch.signature`: the group grid of
+    their shape, the gradient's and the parameters' dtypes; GPT-2 small's 50
+    quantized leaves have 6) run in one launch: the grid covers every such
+    leaf's blocks and the kernel body is traced once, only its loads and
+    stores choosing the leaf's buffers (`loop.adam_kernel`); leaf ``k``'s
+    hyperparameters and seeds are its own. The results equal `adam_update`
+    leaf by leaf. Leaves sharded under explicit mesh axes are not batched:
+    they take `adam_update` (per shard) one by one.
 
     Args:
       gs: gradient leaves.
@@ -199,9 +205,15 @@ def adam_update_many(
       block_groups: groups per block.
       num_warps: Triton warps.
       lowering: force a GPU lowering.
+      leaves_per_launch: the most leaves of one launch; ``None``:
+        `LEAVES_PER_LAUNCH` (1: one launch per leaf).
 
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.
     """
     config = _config(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering)
-    return launch.many_leaves(gs, mus, nus, hps, seeds, params, config)
+    if leaves_per_launch is None:
+        leaves_per_launch = LEAVES_PER_LAUNCH
+    return launch.many_leaves(
+        gs, mus, nus, hps, seeds, params, config, leaves_per_launch
+    )

@@ -2,8 +2,9 @@
 
 `one_leaf` runs `loop.adam_kernel` over one leaf (under ``jax.shard_map``,
 one launch per device, where the leaf is sharded on leading axes under
-explicit mesh axes); `many_leaves` runs it over many unsharded leaves in one
-launch (a grid over every leaf's blocks). Both end in `launch`, the one
+explicit mesh axes); `many_leaves` runs it over many unsharded leaves, one
+launch per `signature` (leaves of one group grid and dtypes: a grid over
+every leaf's blocks, the kernel body traced once). Both end in `launch`, the one
 ``pallas_call``: it flattens leading axes to rows of one group each, picks
 the block (`pick_block`; where the block does not divide the rows, the last
 block's loads and stores are masked, no padded copies), passes what the kernel
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -126,13 +126,18 @@ def one_leaf(
     Returns:
       ``(out, new_mu, new_nu)``.
     """
+    _check(g, params, config)
+    final = loop.stream_seeds(config.mu_codec, config.nu_codec, seeds)
+    return _one_leaf(g, mu, nu, hp, final, params, config=config)
+
+
+def _check(g: jax.Array, params: jax.Array | None, config: LaunchConfig) -> None:
+    """Clear errors before tracing: the codecs, the parameters' shape."""
     codec_ops.check_codecs(config.mu_codec, config.nu_codec)
     if params is not None and tuple(params.shape) != tuple(g.shape):
         raise ValueError(
             f"params has shape {tuple(params.shape)}, the gradient {tuple(g.shape)}."
         )
-    final = loop.stream_seeds(config.mu_codec, config.nu_codec, seeds)
-    return _one_leaf(g, mu, nu, hp, final, params, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -201,6 +206,47 @@ def _repack(out, mc, ms, vc, vs, mu, nu):
     return out, new_mu, new_nu
 
 
+def leaf_statics(
+    shape: tuple[int, ...], group_size: int, lead_global: Any = None
+) -> dict[str, Any]:
+    """The static keywords of `loop.adam_kernel` that a leaf's shape fixes.
+
+    Args:
+      shape: the leaf's shape (a shard's, on a shard).
+      group_size: the codecs' group size.
+      lead_global: the whole leaf's group grid on a shard, else ``None``.
+
+    Returns:
+      ``{"last", "groups_per_row", "n_rows", "lead_local", "lead_global"}``.
+    """
+    lead, last = base.lead_and_last(tuple(shape))
+    lead_local = (*lead, base.num_groups(tuple(shape), group_size))
+    return dict(
+        last=last,
+        groups_per_row=lead_local[-1],
+        n_rows=math.prod(lead_local),
+        lead_local=lead_local,
+        lead_global=None if lead_global is None else tuple(lead_global),
+    )
+
+
+def signature(g: Any, params: Any, group_size: int) -> tuple[Any, ...]:
+    """What leaves must share to run in one launch: statics and dtypes.
+
+    Args:
+      g: the gradient leaf (or its shape and dtype).
+      params: the parameter leaf of the fused apply, or ``None``.
+      group_size: the codecs' group size.
+
+    Returns:
+      A hashable key: `leaf_statics` of an unsharded leaf, ``g``'s dtype
+      and ``params``' (``None`` without the apply).
+    """
+    statics = leaf_statics(tuple(g.shape), group_size)
+    p_dtype = None if params is None else jnp.dtype(params.dtype)
+    return (tuple(statics.items()), jnp.dtype(g.dtype), p_dtype)
+
+
 def many_leaves(
     gs: Sequence[jax.Array],
     mus: Sequence[base.Packed],
@@ -209,11 +255,14 @@ def many_leaves(
     seeds: Sequence[Any] | None,
     params: Sequence[jax.Array] | None,
     config: LaunchConfig,
+    leaves_per_launch: int | None = None,
 ) -> list[tuple[jax.Array, base.Packed, base.Packed]]:
-    """`one_leaf` of many leaves in one kernel launch.
+    """`one_leaf` of many leaves: one kernel launch per leaf signature.
 
-    Leaves sharded under explicit mesh axes (and a single leaf) take
-    `one_leaf` one by one.
+    Unsharded leaves that share a `signature` (their group grid, the
+    gradient's and the parameters' dtypes) run in one launch, at most
+    ``leaves_per_launch`` at a time, in order; a leaf alone in its signature
+    and leaves sharded under explicit mesh axes take `one_leaf`.
 
     Args:
       gs: gradient leaves.
@@ -223,6 +272,8 @@ def many_leaves(
       seeds: one ``(mu_seed, nu_seed)`` per leaf, or ``None``.
       params: parameter leaves for the fused apply, or ``None``.
       config: the launch configuration.
+      leaves_per_launch: the most leaves of one launch (``None``: no limit;
+        1: one launch per leaf).
 
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.
@@ -230,29 +281,54 @@ def many_leaves(
     n = len(gs)
     seeds = [None] * n if seeds is None else list(seeds)
     params = [None] * n if params is None else list(params)
-    if n == 1 or any(lead_sharding(g) is not None for g in gs):
-        return [
-            one_leaf(*leaf, config)
-            for leaf in zip(gs, mus, nus, hps, seeds, params, strict=True)
-        ]
-    codec_ops.check_codecs(config.mu_codec, config.nu_codec)
-    final = jnp.stack(
-        [loop.stream_seeds(config.mu_codec, config.nu_codec, sd)[:2] for sd in seeds]
-    )
-    return _many_leaves(
-        tuple(gs),
-        tuple(mus),
-        tuple(nus),
-        jnp.stack([jnp.asarray(h, jnp.float32) for h in hps]),
-        final,
-        None if params[0] is None else tuple(params),
-        config=config,
-    )
+    per_launch = max(1, leaves_per_launch or n)
+    gsize = config.mu_codec.group_size
+    results: list[Any] = [None] * n
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, g in enumerate(gs):
+        if lead_sharding(g) is not None or per_launch == 1:
+            results[k] = one_leaf(
+                gs[k], mus[k], nus[k], hps[k], seeds[k], params[k], config
+            )
+        else:
+            groups.setdefault(signature(g, params[k], gsize), []).append(k)
+    chunks = [
+        idx[c : c + per_launch]
+        for idx in groups.values()
+        for c in range(0, len(idx), per_launch)
+    ]
+    for idx in chunks:
+        if len(idx) == 1:
+            k = idx[0]
+            results[k] = one_leaf(
+                gs[k], mus[k], nus[k], hps[k], seeds[k], params[k], config
+            )
+            continue
+        for k in idx:
+            _check(gs[k], params[k], config)
+        final = jnp.stack(
+            [
+                loop.stream_seeds(config.mu_codec, config.nu_codec, seeds[k])[:2]
+                for k in idx
+            ]
+        )
+        outs = _many_leaves(
+            tuple(gs[k] for k in idx),
+            tuple(mus[k] for k in idx),
+            tuple(nus[k] for k in idx),
+            jnp.stack([jnp.asarray(hps[k], jnp.float32) for k in idx]),
+            final,
+            None if params[idx[0]] is None else tuple(params[k] for k in idx),
+            config=config,
+        )
+        for k, out in zip(idx, outs, strict=True):
+            results[k] = out
+    return results
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _many_leaves(gs, mus, nus, hps, seeds, params, *, config):
-    """The jitted body of `many_leaves` (unsharded leaves)."""
+    """The jitted body of `many_leaves`: one launch of one signature."""
     leaves = [
         (
             g,
@@ -279,7 +355,11 @@ def launch(
     offs: jax.Array,
     config: LaunchConfig,
 ) -> list[tuple[jax.Array, ...]]:
-    """One ``pallas_call`` over ``leaves`` (a grid of every leaf's blocks).
+    """One ``pallas_call`` over ``leaves`` of one `signature`.
+
+    The grid runs every leaf's blocks, leaf after leaf (``nb`` each); leaf
+    ``k``'s block specs map program ``i`` to block ``i % nb`` (a program
+    touches only its own leaf's refs: `loop.adam_kernel`).
 
     Args:
       leaves: each ``(g, mu_codes, mu_scales, nu_codes, nu_scales, params,
@@ -292,44 +372,53 @@ def launch(
 
     Returns:
       One ``(out, mu_codes, mu_scales, nu_codes, nu_scales)`` per leaf.
+
+    Raises:
+      ValueError: leaves of different signatures.
     """
     mu_codec, nu_codec = config.mu_codec, config.nu_codec
     backend = _backend.pick(config.lowering)
     gsize = mu_codec.group_size
     apply = leaves[0][5] is not None
+    keys = {signature(x[0], x[5], gsize) for x in leaves}
+    if len(keys) > 1 or len({x[6] for x in leaves}) > 1:
+        raise ValueError(
+            f"one launch takes leaves of one signature, got {len(keys)}: "
+            f"{sorted(str(k) for k in keys)}."
+        )
     m_io, v_io = codec_ops.Codes(mu_codec), codec_ops.Codes(nu_codec)
     ms_io, vs_io = codec_ops.Scales(mu_codec), codec_ops.Scales(nu_codec)
     vals = codec_ops.Values(mu_codec)
-    ns = [math.prod(base.to_groups(x[0], gsize).shape[:-1]) for x in leaves]
-    block = pick_block(max(ns), config.block_groups)
-    nblocks = [pl.cdiv(n, block) for n in ns]
-    starts = [0, *itertools.accumulate(nblocks)]
+    statics = leaf_statics(leaves[0][0].shape, gsize, leaves[0][6])
+    n = statics["n_rows"]
+    block = pick_block(n, config.block_groups)
+    nb = pl.cdiv(n, block)
     multi = len(leaves) > 1
 
-    def row_spec(width, start, nb):
-        if not multi:
-            return pl.BlockSpec((block, width), lambda i: (i, 0))
-        return pl.BlockSpec(
-            (block, width), lambda i: (jnp.clip(i - start, 0, nb - 1), 0)
-        )
+    def index_map(i):
+        return (jax.lax.rem(i, jnp.int32(nb)) if multi else i, 0)
 
-    def code_spec(io, start, nb):
-        if not io.blocked:
-            return io.spec(block)
-        return row_spec(io.nbytes, start, nb)
+    def row_spec(width):
+        return pl.BlockSpec((block, width), index_map)
+
+    def code_spec(io):
+        return row_spec(io.nbytes) if io.blocked else io.spec(block)
 
     def full_spec(length):
         return pl.BlockSpec((length,), lambda i: (0,))
 
+    specs = [
+        code_spec(m_io),
+        ms_io.spec(row_spec(1)),
+        code_spec(v_io),
+        vs_io.spec(row_spec(1)),
+    ]
+    value_spec = vals.spec(row_spec(gsize))
     tables = codec_ops.tables(mu_codec) + codec_ops.tables(nu_codec)
-    ins, in_specs, out_shapes, out_specs, statics = [], [], [], [], []
-    aliases, nbytes = {}, 0
+    ins, out_shapes, aliases, nbytes = [], [], {}, 0
     first = 3 + len(tables)  # after hp, seeds, offsets and the tables
     n_in = 5 + int(apply)
-    for k, (g, mc, ms, vc, vs, p, lead_global) in enumerate(leaves):
-        n, start, nb = ns[k], starts[k], nblocks[k]
-        shape = tuple(g.shape)
-        lead_groups = base.to_groups(g, gsize).shape[:-1]
+    for k, (g, mc, ms, vc, vs, p, _) in enumerate(leaves):
         rows_g = vals.operand(base.to_groups(g, gsize).reshape(n, gsize))
         state = [
             m_io.operand(mc),
@@ -337,16 +426,12 @@ def launch(
             v_io.operand(vc),
             vs_io.operand(vs, n),
         ]
-        specs = [
-            code_spec(m_io, start, nb),
-            ms_io.spec(row_spec(1, start, nb)),
-            code_spec(v_io, start, nb),
-            vs_io.spec(row_spec(1, start, nb)),
-        ]
         out_dtype = g.dtype if p is None else p.dtype
         leaf_in = [rows_g]
         if apply:
-            leaf_in.append(vals.operand(base.to_groups(p, gsize).reshape(n, gsize)))
+            # in its own dtype: the new parameters are written in place of it
+            p_rows = base.to_groups(p, gsize).astype(p.dtype).reshape(n, gsize)
+            leaf_in.append(vals.operand(p_rows))
         leaf_in += state
         base_in = first + k * n_in
         base_out = 5 * k
@@ -355,49 +440,32 @@ def launch(
         if apply:
             aliases[base_in + 1] = base_out  # and the parameters
         ins += leaf_in
-        in_specs += [vals.spec(row_spec(gsize, start, nb))] * (1 + int(apply)) + specs
         out_shapes += [
             jax.ShapeDtypeStruct(rows_g.shape, out_dtype),
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
         ]
-        out_specs += [vals.spec(row_spec(gsize, start, nb)), *specs]
-        statics.append(
-            dict(
-                last=base.lead_and_last(shape)[1],
-                groups_per_row=lead_groups[-1],
-                block=block,
-                n_rows=n,
-                lead_local=tuple(lead_groups),
-                lead_global=None if lead_global is None else tuple(lead_global),
-            )
-        )
         nbytes += sum(int(x.size) * x.dtype.itemsize for x in leaf_in)
         nbytes += n * gsize * jnp.dtype(out_dtype).itemsize
     n_hp = 1 << max(0, math.ceil(math.log2(hps.size)))
     n_seed = max(loop.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
     hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
     seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
-    kernel = functools.partial(
-        loop.adam_kernel,
-        leaves=tuple(statics),
-        starts=tuple(starts),
-        common=dict(
-            mu_codec=mu_codec, nu_codec=nu_codec, nesterov=config.nesterov, apply=apply
-        ),
-    )
-    total = sum(ns) * gsize
+    statics.update(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=config.nesterov)
+    statics.update(n_leaves=len(leaves), nblocks=nb, block=block, apply=apply)
+    kernel = functools.partial(loop.adam_kernel, **statics)
+    total = len(leaves) * n * gsize
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shapes),
-        grid=(starts[-1],),
+        grid=(len(leaves) * nb,),
         in_specs=[
             full_spec(n_hp),
             full_spec(n_seed),
             full_spec(loop.OFFS_LEN),
             *(full_spec(t.shape[0]) for t in tables),
-            *in_specs,
+            *([value_spec] * (1 + int(apply)) + specs) * len(leaves),
         ],
-        out_specs=tuple(out_specs),
+        out_specs=tuple([value_spec, *specs] * len(leaves)),
         input_output_aliases=aliases,
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=config.num_warps),

@@ -1,12 +1,15 @@
 """The shared element loop: Adam's step on one block, and its jnp reference.
 
-Per block of groups `leaf_body` loads the gradient, the packed first and
-second moments (codes and scales); decodes them with the codec's own jnp
-group functions (``codec.kernel_decode``); updates the moments in float32 and
-computes Adam's update with `moment_step` (the one definition of the step,
-fault rule included, also run by the jnp path); with ``apply``, applies AdamW
-(`apply_step`); encodes the new moments (``codec.kernel_encode``) and stores
-codes, scales and the output. `adam_kernel` runs it for one or many leaves.
+Per block of groups `load_block` loads the gradient (and, with ``apply``,
+the parameters) and the packed first and second moments (codes and scales);
+`compute_block` decodes them with the codec's own jnp group functions
+(``codec.kernel_decode``), updates the moments in float32 and computes Adam's
+update with `moment_step` (the one definition of the step, fault rule
+included, also run by the jnp path), with ``apply`` applies AdamW
+(`apply_step`), and encodes the new moments (``codec.kernel_encode``);
+`store_block` stores codes, scales and the output. `adam_kernel` runs them
+over a group of leaves of one static signature: the loads and stores pick
+the leaf's refs, the arithmetic between them is traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
 hash of each pair's row-major position in the leaf's pair grid
@@ -162,7 +165,7 @@ def apply_step(p, u, hp):
 
 
 def reference_step(g, m, v, hp, params, *, nesterov: bool):
-    """The jnp reference of `leaf_body` between decode and encode, on a leaf.
+    """The jnp reference of `compute_block` between decode and encode, on a leaf.
 
     Args:
       g: the gradient leaf, any float dtype.
@@ -210,46 +213,89 @@ def global_row(row, offs_ref, lead_local, lead_global):
     return out
 
 
-def leaf_body(
-    hp_ref,
-    seed_ref,
+class _Io:
+    """How a block reads and writes each operand of one leaf (`codec_ops`)."""
+
+    def __init__(self, mu_codec: base.Codec, nu_codec: base.Codec):
+        self.m, self.v = codec_ops.Codes(mu_codec), codec_ops.Codes(nu_codec)
+        self.ms, self.vs = codec_ops.Scales(mu_codec), codec_ops.Scales(nu_codec)
+        self.vals = codec_ops.Values(mu_codec)
+
+
+def load_block(in_refs, row, valid, *, mu_codec, nu_codec, apply):
+    """One block of one leaf's inputs, as loaded (no arithmetic).
+
+    Args:
+      in_refs: the leaf's ``g, [p], mu codes, mu scales, nu codes, nu
+        scales`` refs.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      mu_codec: codec of the first moment.
+      nu_codec: codec of the second moment.
+      apply: whether ``p`` is among the refs (the fused apply).
+
+    Returns:
+      ``(g, p, mu_planes, mu_scales, nu_planes, nu_scales)``: ``g`` and ``p``
+      (``None`` without ``apply``) as lists of value parts in their dtypes,
+      the code planes and scales in `codec_ops`' layouts.
+    """
+    io = _Io(mu_codec, nu_codec)
+    g_ref, refs = in_refs[0], in_refs[1:]
+    p = io.vals.load(refs[0], row, valid) if apply else None
+    mc_ref, ms_ref, vc_ref, vs_ref = refs[int(apply) :]
+    return (
+        io.vals.load(g_ref, row, valid),
+        p,
+        io.m.load(mc_ref, row, valid),
+        io.ms.load(ms_ref, row, valid),
+        io.v.load(vc_ref, row, valid),
+        io.vs.load(vs_ref, row, valid),
+    )
+
+
+def compute_block(
+    loaded,
+    row,
+    hp,
+    seeds,
     offs_ref,
     m_tables,
     v_tables,
-    leaf_refs,
-    block_index,
     *,
-    hp_base,
-    seed_base,
     mu_codec,
     nu_codec,
     nesterov,
-    apply,
     last,
     groups_per_row,
-    block,
-    n_rows,
     lead_local,
     lead_global,
 ):
-    """One block of one leaf: load, decode, Adam step (apply), encode, store.
+    """Decode, Adam step (and apply), encode: one block, from `load_block`'s arrays.
 
-    ``leaf_refs`` are the leaf's ``g, [p], mu codes, mu scales, nu codes, nu
-    scales`` inputs then its ``out, mu codes, mu scales, nu codes, nu scales``
-    outputs; ``block_index`` is the block's index within the leaf; its
-    hyperparameters and seeds start at ``hp_base`` / ``seed_base``.
+    Args:
+      loaded: `load_block`'s ``(g, p, mu_planes, mu_scales, nu_planes,
+        nu_scales)``.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      hp: the leaf's `make_hp` slots (traced scalars).
+      seeds: the leaf's two final stream seeds (traced uint32 scalars).
+      offs_ref: the shard's offsets (`OFFS_LEN` slots).
+      m_tables: the first moment's codec tables (refs).
+      v_tables: the second moment's codec tables.
+      mu_codec: codec of the first moment.
+      nu_codec: codec of the second moment.
+      nesterov: Nesterov momentum.
+      last: the leaf's last axis.
+      groups_per_row: groups along the leaf's last axis.
+      lead_local: the leaf's (or shard's) group grid.
+      lead_global: the whole leaf's group grid on a shard, else ``None``.
+
+    Returns:
+      ``(out, mu_planes, mu_scales, nu_planes, nu_scales)`` for `store_block`:
+      ``out`` (``u``, or the new parameters) as a list of float32 value
+      parts.
     """
-    g_ref, refs = leaf_refs[0], leaf_refs[1:]
-    p_ref = refs[0] if apply else None
-    refs = refs[int(apply) :]
-    mc_ref, ms_ref, vc_ref, vs_ref, out_ref, mc_out, ms_out, vc_out, vs_out = refs
-    hp = [hp_ref[hp_base + k] for k in range(len(HP_FIELDS))]  # traced scalars
-    m_io, v_io = codec_ops.Codes(mu_codec), codec_ops.Codes(nu_codec)
-    ms_io, vs_io = codec_ops.Scales(mu_codec), codec_ops.Scales(nu_codec)
+    g_in, p_in, mc, ms, vc, vs = loaded
     vals = codec_ops.Values(mu_codec)
-    row = block_index * block + jnp.arange(block, dtype=jnp.int32)
-    # the last block may run past the rows: masked loads and stores there
-    valid = None if n_rows % block == 0 else row < n_rows
 
     def parts(x):  # a codec with parts decodes to (and encodes from) a list
         return [x] if vals.columns is None else list(x)
@@ -257,17 +303,9 @@ def leaf_body(
     def whole(xs):
         return xs[0] if vals.columns is None else xs
 
-    g = [x.astype(jnp.float32) for x in vals.load(g_ref, row, valid)]
-    m = parts(
-        mu_codec.kernel_decode(
-            m_io.load(mc_ref, row, valid), ms_io.load(ms_ref, row, valid), m_tables
-        )
-    )
-    v = parts(
-        nu_codec.kernel_decode(
-            v_io.load(vc_ref, row, valid), vs_io.load(vs_ref, row, valid), v_tables
-        )
-    )
+    g = [x.astype(jnp.float32) for x in g_in]
+    m = parts(mu_codec.kernel_decode(mc, ms, m_tables))
+    v = parts(nu_codec.kernel_decode(vc, vs, v_tables))
     if last % vals.size:  # the padded tail of each row holds zeros (as in jnp)
         inside = [c < last for c in vals.col(row, groups_per_row)]
         m = [jnp.where(i, x, 0.0) for i, x in zip(inside, m, strict=True)]
@@ -276,72 +314,141 @@ def leaf_body(
         moment_step(*gmv, hp, nesterov=nesterov) for gmv in zip(g, m, v, strict=True)
     ]
     u, m, v = ([s[j] for s in steps] for j in range(3))
-    if apply:
-        p = [x.astype(jnp.float32) for x in vals.load(p_ref, row, valid)]
+    if p_in is not None:
+        p = [x.astype(jnp.float32) for x in p_in]
         u = [apply_step(pk, uk, hp) for pk, uk in zip(p, u, strict=True)]
-    vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in u], valid)
     pair = None
     if mu_codec.stochastic or nu_codec.stochastic:
         grow = global_row(row, offs_ref, lead_local, lead_global)
         half = vals.size // 2
         pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
-    for x, codec, tables, io, s_io, c_out, s_out, k in (
-        (m, mu_codec, m_tables, m_io, ms_io, mc_out, ms_out, 0),
-        (v, nu_codec, v_tables, v_io, vs_io, vc_out, vs_out, 1),
+    encoded = []
+    for x, codec, tables, seed in (
+        (m, mu_codec, m_tables, seeds[0]),
+        (v, nu_codec, v_tables, seeds[1]),
     ):
-        seed = seed_ref[seed_base + k]
         noise = base.dither_bits(pair, seed) if codec.stochastic else None
-        planes, scales = codec.kernel_encode(whole(x), tables, noise)
-        io.store(c_out, row, planes, valid)
-        s_io.store(s_out, row, scales, valid)
+        encoded += codec.kernel_encode(whole(x), tables, noise)
+    return (u, *encoded)
+
+
+def store_block(out_refs, row, valid, result, *, mu_codec, nu_codec):
+    """Stores `compute_block`'s ``result`` in one leaf's output refs.
+
+    The output is cast to its ref's dtype (``g``'s, or the parameters').
+
+    Args:
+      out_refs: the leaf's ``out, mu codes, mu scales, nu codes, nu scales``
+        refs.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      result: `compute_block`'s output.
+      mu_codec: codec of the first moment.
+      nu_codec: codec of the second moment.
+    """
+    io = _Io(mu_codec, nu_codec)
+    out_ref, mc_out, ms_out, vc_out, vs_out = out_refs
+    out, mc, ms, vc, vs = result
+    io.vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in out], valid)
+    io.m.store(mc_out, row, mc, valid)
+    io.ms.store(ms_out, row, ms, valid)
+    io.v.store(vc_out, row, vc, valid)
+    io.vs.store(vs_out, row, vs, valid)
 
 
 def _split_refs(refs, mu_codec, nu_codec, n_leaves, apply):
-    """``(m_tables, v_tables, per-leaf refs)`` from a kernel's ref list."""
+    """``(m_tables, v_tables, per-leaf (inputs, outputs))`` from a kernel's refs."""
     n_mt, n_vt = len(mu_codec.kernel_tables()), len(nu_codec.kernel_tables())
     m_tables, refs = refs[:n_mt], refs[n_mt:]
     v_tables, refs = refs[:n_vt], refs[n_vt:]
     n_in = 5 + int(apply)
     ins, outs = refs[: n_in * n_leaves], refs[n_in * n_leaves :]
     leaves = [
-        (*ins[k * n_in : (k + 1) * n_in], *outs[k * 5 : (k + 1) * 5])
+        (ins[k * n_in : (k + 1) * n_in], outs[k * 5 : (k + 1) * 5])
         for k in range(n_leaves)
     ]
     return m_tables, v_tables, leaves
 
 
-def adam_kernel(hp_ref, seed_ref, offs_ref, *refs, leaves, starts, common):
-    """The kernel over one or many leaves (a ``pl.when`` branch per leaf).
+def _select(index, branches):
+    """``branches[index]()``: a direct call for one branch, else ``lax.switch``.
+
+    On the Triton lowering a switch is a chain of uniform scalar ``scf.if``
+    (a program runs only its own branch's loads or stores).
+    """
+    if len(branches) == 1:
+        return branches[0]()
+    return jax.lax.switch(index, branches)
+
+
+def adam_kernel(
+    hp_ref,
+    seed_ref,
+    offs_ref,
+    *refs,
+    n_leaves,
+    nblocks,
+    block,
+    n_rows,
+    mu_codec,
+    nu_codec,
+    nesterov,
+    apply,
+    **statics,
+):
+    """The kernel over a group of leaves that share one static signature.
+
+    The grid runs ``nblocks`` blocks of leaf 0, then of leaf 1, ...: program
+    ``i`` takes block ``i % nblocks`` of leaf ``i // nblocks``. The body is
+    traced once: only the loads (`load_block`) and the stores (`store_block`)
+    choose the leaf's refs, by a ``lax.switch`` over the leaves (no switch
+    for one leaf); decode, step and encode (`compute_block`) are shared, and
+    the leaf's hyperparameters and seeds are read at its (traced) offsets.
 
     Args:
       hp_ref: every leaf's `make_hp` vector, flat (`HP_LEN` slots each).
       seed_ref: every leaf's two final stream seeds, flat.
       offs_ref: the shard's offsets (`OFFS_LEN` slots).
       *refs: the codecs' tables, each leaf's inputs, then each leaf's outputs.
-      leaves: each leaf's static keywords of `leaf_body`.
-      starts: each leaf's first block in the grid, then the grid's size.
-      common: the static keywords of `leaf_body` all leaves share.
+      n_leaves: leaves in the group.
+      nblocks: blocks per leaf.
+      block: groups per block.
+      n_rows: groups per leaf.
+      mu_codec: codec of the first moment.
+      nu_codec: codec of the second moment.
+      nesterov: Nesterov momentum.
+      apply: the fused apply (``p`` among each leaf's inputs).
+      **statics: `compute_block`'s other static keywords (the leaves' shared
+        ``last``, ``groups_per_row``, ``lead_local``, ``lead_global``).
     """
+    codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec)
     m_tables, v_tables, leaf_refs = _split_refs(
-        refs, common["mu_codec"], common["nu_codec"], len(leaves), common["apply"]
+        refs, mu_codec, nu_codec, n_leaves, apply
     )
     i = pl.program_id(0)
-    for k, (statics, leaf) in enumerate(zip(leaves, leaf_refs, strict=True)):
-        body = functools.partial(
-            leaf_body,
-            hp_ref,
-            seed_ref,
-            offs_ref,
-            m_tables,
-            v_tables,
-            leaf,
-            hp_base=k * HP_LEN,
-            seed_base=2 * k,
-            **statics,
-            **common,
-        )
-        if len(leaves) == 1:
-            body(i)
-        else:
-            start, stop = starts[k], starts[k + 1]
-            pl.when((i >= start) & (i < stop))(lambda body=body, s=start: body(i - s))
+    if n_leaves == 1:
+        leaf, block_index = 0, i
+    else:
+        leaf = jax.lax.div(i, jnp.int32(nblocks))
+        block_index = jax.lax.rem(i, jnp.int32(nblocks))  # as the block specs
+    row = block_index * block + jnp.arange(block, dtype=jnp.int32)
+    # the last block may run past the rows: masked loads and stores there
+    valid = None if n_rows % block == 0 else row < n_rows
+    loaded = _select(
+        leaf,
+        [
+            functools.partial(load_block, ins, row, valid, apply=apply, **codecs)
+            for ins, _ in leaf_refs
+        ],
+    )
+    hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(HP_FIELDS))]
+    seeds = [seed_ref[leaf * 2 + k] for k in range(2)]
+    kw = dict(nesterov=nesterov, **codecs, **statics)
+    result = compute_block(loaded, row, hp, seeds, offs_ref, m_tables, v_tables, **kw)
+    _select(
+        leaf,
+        [
+            functools.partial(store_block, outs, row, valid, result, **codecs)
+            for _, outs in leaf_refs
+        ],
+    )

@@ -273,12 +273,13 @@ def fused_leaves(
 
     Leaves whose moments are both `Packed` by codecs with a kernel
     (`optax_lowbit.kernels.adam.has_kernel`) take one fused step
-    (`adam_update`, or its jnp definition `adam_update_reference` when
-    ``use_pallas`` is false); leaves with plain float moments take ``step`` on
-    one flat buffer per dtype combination (and, with ``params``, the AdamW
-    apply); the others take ``step`` through `_quantized.map_leaves`. Kernel
-    and jnp leaves draw leaf ``i``'s stochastic rounding from the streams
-    ``leaf_seed(count, i, 0 | 1)``.
+    (`adam_update_many`: one kernel launch per leaf signature, leaves of one
+    group grid and dtypes together; or its jnp definition
+    `adam_update_reference` leaf by leaf when ``use_pallas`` is false);
+    leaves with plain float moments take ``step`` on one flat buffer per dtype
+    combination (and, with ``params``, the AdamW apply); the others take
+    ``step`` through `_quantized.map_leaves`. Kernel and jnp leaves draw leaf
+    ``i``'s stochastic rounding from the streams ``leaf_seed(count, i, 0 | 1)``.
 
     Args:
       updates: the incoming updates.
@@ -312,7 +313,7 @@ def fused_leaves(
     n = len(flat)
     outs, applied = [None] * n, [False] * n
     new_m, new_v = [None] * n, [None] * n
-    kernel_leaves = []  # stepped below, several per launch (LEAVES_PER_LAUNCH)
+    kernel_leaves = []  # stepped below, one launch per leaf signature
     plain = {}  # float moments of plain leaves, batched by dtypes (see below)
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
@@ -327,28 +328,26 @@ def fused_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
             )
             outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
-    per_launch = max(1, kadam.LEAVES_PER_LAUNCH) if use_pallas else 1
-    for c in range(0, len(kernel_leaves), per_launch):
-        idx = kernel_leaves[c : c + per_launch]
-        seeds = [
-            (_quantized.leaf_seed(count, i, 0), _quantized.leaf_seed(count, i, 1))
-            for i in idx
+    # All kernel leaves in one call: the kernel runs the leaves that share a
+    # signature (group grid and dtypes) in one launch (adam_update_many).
+    idx = kernel_leaves
+    seeds = [
+        (_quantized.leaf_seed(count, i, 0), _quantized.leaf_seed(count, i, 1))
+        for i in idx
+    ]
+    pars = [None] * len(idx) if params is None else [params[i] for i in idx]
+    hps = [hp if leaf_hps is None else leaf_hps[i] for i in idx]
+    args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
+    codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov)
+    if use_pallas:
+        results = kadam.adam_update_many(*args, hps, seeds=seeds, params=pars, **codecs)
+    else:
+        results = [
+            kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **codecs)
+            for g, m, v, h, sd, p in zip(*args, hps, seeds, pars, strict=True)
         ]
-        pars = [None] * len(idx) if params is None else [params[i] for i in idx]
-        hps = [hp if leaf_hps is None else leaf_hps[i] for i in idx]
-        args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
-        codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov)
-        if use_pallas:
-            results = kadam.adam_update_many(
-                *args, hps, seeds=seeds, params=pars, **codecs
-            )
-        else:
-            results = [
-                kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **codecs)
-                for g, m, v, h, sd, p in zip(*args, hps, seeds, pars, strict=True)
-            ]
-        for i, (out, m, v) in zip(idx, results, strict=True):
-            outs[i], new_m[i], new_v[i] = out, m, v
+    for i, (out, m, v) in zip(idx, results, strict=True):
+        outs[i], new_m[i], new_v[i] = out, m, v
     # Leaves with float moments (small ones, the policy's float32 leaves) are
     # stepped as one flat buffer per dtype combination: XLA then runs a few
     # fused loops instead of several kernels per leaf (on a GPT-2 tree the

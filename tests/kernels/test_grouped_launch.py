@@ -1,0 +1,151 @@
+"""Leaves grouped per launch (issue 18, item 2): one kernel per leaf signature.
+
+`adam_update_many` runs the leaves that share a signature (group grid and
+dtypes) in one ``pallas_call`` whose body is traced once (the loads and stores
+switch on the leaf). In interpret mode its outputs must equal one launch per
+leaf bit for bit (``u`` or the new parameters included), and the state the
+jnp reference's; each leaf keeps its own hyperparameters and stochastic
+rounding stream.
+"""
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_lowbit as lowbit
+from optax_lowbit.kernels import adam as kadam
+from tests.kernels.test_adam_kernel import VARIANTS, _random_state, _reference
+
+#: (variant, apply): every codec with a kernel, the chain path (``u`` out)
+#: and the fused apply (parameters in place) both covered.
+CASES = [
+    ("sr2", False),
+    ("sr2", True),
+    ("sr1.5", True),
+    ("blockwise8", False),
+    ("blockwise4", True),
+    ("piquant", False),
+    ("piquant-paper", True),
+]
+
+
+def _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=None):
+    """`adam_update_many`, blocks of 8 groups (partial last blocks)."""
+    kw = dict(mu_codec=mc, nu_codec=nc, seeds=seeds, params=params)
+    kw.update(block_groups=8, leaves_per_launch=per_launch)
+    return kadam.adam_update_many(gs, mus, nus, hps, **kw)
+
+
+_many = jax.jit(_update_many, static_argnames=("mc", "nc", "per_launch"))
+
+
+def _leaf(key, k, shape, dtype, mc, nc):
+    """Leaf ``k``: ``(g, mu, nu, hp, seeds, params)``, its own hp and seeds."""
+    k1, k2 = jax.random.split(jax.random.fold_in(key, k))
+    g, mu, nu = _random_state(k1, shape, mc, nc)
+    hp = kadam.make_hp(
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        0.2 + 0.05 * k,
+        0.003 * (k + 1),
+        learning_rate=1e-2 * (k + 1),
+        weight_decay=0.1 * k,
+    )
+    seeds = (jnp.uint32(5 + 2 * k), jnp.uint32(6 + 3 * k))
+    return g.astype(dtype), mu, nu, hp, seeds, jax.random.normal(k2, shape, dtype)
+
+
+def _leaves(key, shapes, mc, nc, apply, dtypes=None):
+    """Fresh random leaves: ``(gs, mus, nus, hps, seeds, params or None)``."""
+    dtypes = dtypes or [jnp.float32] * len(shapes)
+    leaves = [
+        _leaf(key, k, shape, dtype, mc, nc)
+        for k, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))
+    ]
+    *lists, params = map(list, zip(*leaves, strict=True))
+    return (*lists, params if apply else None)
+
+
+def _shape(mc):
+    """Rows whose last group is partial, group counts blocks of 8 leave short.
+
+    (5, 200): 4 groups of 64 per row (the last of 8 elements), 20 groups, 3
+    blocks; π-Quant (3, 500): 6 superblocks of 96 per row, 18, 3 blocks.
+    """
+    return (3, 500) if mc.group_size == 96 else (5, 200)
+
+
+@pytest.mark.parametrize(("variant", "apply"), CASES)
+def test_grouped_launch_equals_per_leaf(variant, apply):
+    """Three leaves of one shape in one launch: every output of the per-leaf
+    launch bit for bit, the state the reference's, each leaf's own seeds."""
+    mc, nc = VARIANTS[variant]
+    key = jax.random.key(hash((variant, apply)) % 2**31)
+    gs, mus, nus, hps, seeds, params = _leaves(key, [_shape(mc)] * 3, mc, nc, apply)
+    grouped = _many(gs, mus, nus, hps, seeds, params, mc, nc)
+    per_leaf = _many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
+    chex.assert_trees_all_equal(grouped, per_leaf)
+    for k, (out, m, v) in enumerate(grouped):
+        p = None if params is None else params[k]
+        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=p)
+        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
+        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+
+
+def _count_launches(jaxpr) -> int:
+    """``pallas_call`` equations in a jaxpr and every jaxpr nested in it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "pallas_call"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count_launches(sub)
+    return n
+
+
+def _launches(fn, *args) -> int:
+    return _count_launches(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_launches_one_per_signature():
+    """Leaves group by group grid and dtypes (traced only: no compile)."""
+    mc, nc = VARIANTS["sr2"]
+    shapes = [(5, 200), (64, 128), (5, 200), (64, 128), (5, 200), (128, 64)]
+    dtypes = [jnp.float32] * 5 + [jnp.bfloat16]
+    gs, mus, nus, hps, seeds, _ = _leaves(jax.random.key(0), shapes, mc, nc, False)
+    gs[4] = gs[4].astype(jnp.bfloat16)  # another dtype: its own launch
+
+    def run(per_launch):
+        return lambda gs: _update_many(
+            gs, mus, nus, hps, seeds, None, mc, nc, per_launch=per_launch
+        )
+
+    # (5, 200) x2, (64, 128) x2, (5, 200) bf16, (128, 64)
+    assert _launches(run(None), gs) == 4
+    assert _launches(run(1), gs) == 6
+    assert _launches(run(2), gs) == 4
+    _, _, _, _, _, params = _leaves(jax.random.key(1), shapes, mc, nc, True, dtypes)
+    fused = lambda gs, ps: _update_many(gs, mus, nus, hps, seeds, ps, mc, nc)  # noqa: E731
+    # the last leaf's parameters in bf16 (updated in place in their dtype)
+    assert _launches(fused, gs, params) == 4
+
+
+def test_transform_launches_one_per_shape():
+    """A tree of 7 quantized leaves of 3 shapes steps in 3 kernel launches."""
+    params = {
+        f"h{i}": {"w": jnp.zeros((64, 128)), "o": jnp.zeros((128, 64))}
+        for i in range(3)
+    }
+    params["emb"] = jnp.zeros((5, 200))
+    params["b"] = jnp.zeros((7,))  # plain float moments: no kernel
+    grads = jax.tree.map(jnp.ones_like, params)
+    policy = lambda path, leaf: leaf.size >= 64  # noqa: E731
+    tx = lowbit.adamw_polar(1e-2, impl="pallas", policy=policy)
+    assert _launches(tx.update, grads, tx.init(params), params) == 3
+    opt = lowbit.adamw_polar(1e-2, impl="pallas", policy=policy, fused=True)
+    assert _launches(opt.step, grads, opt.init(params), params) == 3
