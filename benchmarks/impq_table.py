@@ -462,8 +462,7 @@ def _meta(args, m, calib_shape, held, wall_s) -> dict[str, Any]:
 def main(argv=None) -> int:
     """Runs the table; returns the exit status."""
     p = parser()
-    args = p.parse_args(argv)
-    _settle(p, args)
+    args = cli.parse_checked(p, _settle, argv)
     if args.merge:
         report = merge([json.loads(f.read_text()) for f in args.merge])
         args.out.write_text(json.dumps(report, indent=1))

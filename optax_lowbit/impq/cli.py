@@ -232,11 +232,31 @@ def _windows(p, flag, ids, n_tokens, seq_len):
         p.error(f"argument {flag}: the text is too short ({err})")
 
 
+def parse_checked(
+    p: argparse.ArgumentParser,
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+    argv: Sequence[str] | None,
+) -> argparse.Namespace:
+    """``p``'s arguments from ``argv``, validated by ``check`` before any work.
+
+    Args:
+      p: the parser.
+      check: ``check(p, args)``, the cross-argument checks; it calls
+        ``p.error`` (exit status 2, the flag named) on a bad value.
+      argv: the command line (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The parsed, checked arguments.
+    """
+    args = p.parse_args(argv)
+    check(p, args)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
+    args = parse_checked(p, check_args, argv)
     t0 = time.perf_counter()
     calib_text, eval_text = _texts(args)
     if args.model == "smollm2":

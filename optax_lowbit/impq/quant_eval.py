@@ -259,8 +259,7 @@ def _report(args, ref_nll, records, calib, held, t0) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the comparison; returns the exit status."""
     p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
+    args = cli.parse_checked(p, check_args, argv)
     t0 = time.perf_counter()
     calib_ids, held_ids = _streams(args)
     if args.save_tokens is not None:
