@@ -433,6 +433,60 @@ def copy_ceiling(n: int = 1 << 28) -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e12
 
 
+def grouped_check(mc, nc, apply: bool, key, n_leaves: int = 3) -> dict:
+    """`adam_update_many` over ``n_leaves`` leaves of one shape (one launch:
+    the ``lax.switch`` path of v6) against the jnp reference leaf by leaf:
+    the largest fraction of differing codes or scales over the leaves, and the
+    largest relative error of the output."""
+    shape = (300, 1000)  # a partial last group per row, a masked last block
+    ks = jax.random.split(key, 4 * n_leaves)
+    gs = [jax.random.normal(ks[4 * i], shape) for i in range(n_leaves)]
+    ms = [
+        mc.encode(0.1 * jax.random.normal(ks[4 * i + 1], shape))
+        for i in range(n_leaves)
+    ]
+    vs = [
+        nc.encode(0.01 * jnp.square(jax.random.normal(ks[4 * i + 2], shape)) + 1e-6)
+        for i in range(n_leaves)
+    ]
+    ps = (
+        [jax.random.normal(ks[4 * i + 3], shape) for i in range(n_leaves)]
+        if apply
+        else None
+    )
+    hps = [
+        kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1 * (i + 1), 0.001, None, 1e-3, 0.1)
+        for i in range(n_leaves)
+    ]
+    seeds = [(jnp.uint32(20 + 2 * i), jnp.uint32(21 + 2 * i)) for i in range(n_leaves)]
+    kw = dict(mu_codec=mc, nu_codec=nc)
+    res = jax.jit(
+        lambda gs, ms, vs, ps: kadam.adam_update_many(
+            gs, ms, vs, hps, seeds=seeds, params=ps, **kw
+        )
+    )(gs, ms, vs, ps)
+    worst = dict(out_rel_err=0.0, code_mismatch=0.0, scale_mismatch=0.0)
+    for i, (out, m, v) in enumerate(res):
+        ref = jax.jit(
+            lambda g, m, v, p, i=i: kadam.adam_update_reference(
+                g, m, v, hps[i], seeds=seeds[i], params=p, **kw
+            )
+        )(gs[i], ms[i], vs[i], None if ps is None else ps[i])
+        du = float(jnp.linalg.norm(out - ref[0]) / jnp.linalg.norm(ref[0]))
+        codes = max(
+            float(jnp.mean(a.codes != b.codes)) for a, b in ((m, ref[1]), (v, ref[2]))
+        )
+        scales = max(
+            float(jnp.mean(a.scales != b.scales)) for a, b in ((m, ref[1]), (v, ref[2]))
+        )
+        worst = dict(
+            out_rel_err=max(worst["out_rel_err"], du),
+            code_mismatch=max(worst["code_mismatch"], codes),
+            scale_mismatch=max(worst["scale_mismatch"], scales),
+        )
+    return worst
+
+
 def kernel_checks(log, configs=None, variants=None, checks=None):
     """On-device kernel vs jnp reference (every variant, with and without the
     fused apply) and a block / warps sweep on the 256M leaf; sets the module's
@@ -478,6 +532,13 @@ def kernel_checks(log, configs=None, variants=None, checks=None):
                         jnp.mean(res[2].scales != ref[2].scales)
                     ),
                 }
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+            log(f"{name}: {out[name]}")
+        for apply in (False, True):  # one launch over leaves of one shape (v6)
+            name = f"check_grouped_{vname}" + ("_apply" if apply else "")
+            try:
+                out[name] = grouped_check(mc, nc, apply, k1)
             except Exception as e:
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
             log(f"{name}: {out[name]}")
