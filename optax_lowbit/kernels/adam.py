@@ -9,18 +9,23 @@ state: the floor is bytes moved (`benchmarks/NOTES_kernels.md`). Stochastic
 rounding draws the bits of the jnp path, so the codes equal
 `adam_update_reference`'s.
 
-This module is the public face; the parts live beside it, each with its jnp
-reference:
+This module is the public face of the kernels. The kernel is one loop
+parameterised by an update rule over a list of moments: `loop.AdamRule` (two
+moments to ``u``: `adam_update`, `adam_update_many`) or `loop.MomentumRule`
+(Muon's momentum to ``m_hat``, `loop.momentum_step`, hyperparameters from
+`loop.momentum_hp`); `rule_update` and `rule_update_many` run any rule under
+a `launch_config`. The parts live beside it, each with its jnp reference:
 
 * `optax_lowbit.kernels.codec_ops`: the codec-specific part: which codecs
   have a kernel (`has_kernel`), their tables, and how a block reads and
   writes codes, scales and values. Its reference is the codec's own group
   math in `optax_lowbit.codecs` (``kernel_decode`` / ``kernel_encode``).
 * `optax_lowbit.kernels.loop`: the shared element loop: the kernel's inputs
-  (`HP_FIELDS`, `make_hp`, `stream_seeds`), Adam's step (`moment_step`),
-  the block body and the kernel, and `loop.reference_step`, the same step in
-  jnp over a whole leaf (between the codecs' decode and encode it is what
-  ``impl="jnp"`` and `adam_update_reference` run).
+  (`HP_FIELDS`, `make_hp`, `stream_seeds`), the rules and their steps
+  (Adam's `moment_step`, `loop.momentum_step`), the block body and the
+  kernel, and `loop.reference_step`, the same step in jnp over a whole leaf
+  (between the codecs' decode and encode it is what ``impl="jnp"`` and
+  `adam_update_reference` run).
 * `optax_lowbit.kernels.launch`: the ``pallas_call``: one leaf, many leaves
   in one launch, leaves sharded on leading axes (``shard_map``), the block
   choice.
@@ -29,7 +34,7 @@ reference:
 The entry points are here, not in `launch`, because they resolve the tunables
 below when called: `DEFAULT_BLOCK_GROUPS`, `DEFAULT_NUM_WARPS` and
 `LEAVES_PER_LAUNCH` are attributes of this module that the step-speed
-benchmark sets at run time.
+benchmark sets at run time (for every rule).
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ __all__ = [
     "adam_update_reference",
     "apply_step",
     "has_kernel",
+    "launch_config",
     "make_hp",
     "moment_step",
+    "rule_update",
+    "rule_update_many",
     "stream_seeds",
 ]
 
@@ -82,22 +90,111 @@ LEAVES_PER_LAUNCH: int | None = None
 IMPLS = ("pallas", "jnp", "auto")
 
 
-def _config(
-    mu_codec: base.Codec,
-    nu_codec: base.Codec,
-    nesterov: bool,
-    block_groups: int | None,
-    num_warps: int | None,
-    lowering: str | None,
+def launch_config(
+    rule: loop.Rule,
+    codecs: Sequence[base.Codec],
+    block_groups: int | None = None,
+    num_warps: int | None = None,
+    lowering: str | None = None,
 ) -> launch.LaunchConfig:
-    """The launch configuration, ``None`` resolved to this module's defaults."""
+    """What a kernel of ``rule`` over ``codecs`` is launched with.
+
+    Args:
+      rule: the update rule (`loop.AdamRule`, `loop.MomentumRule`).
+      codecs: each moment's codec (`has_kernel` must hold for the kernel).
+      block_groups: groups per kernel block (a power of two); ``None``:
+        `DEFAULT_BLOCK_GROUPS`, read now.
+      num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
+      lowering: force a GPU lowering (see `_backend.pick`).
+
+    Returns:
+      A `launch.LaunchConfig` (static: the jitted launches' cache key).
+    """
     return launch.LaunchConfig(
-        mu_codec=mu_codec,
-        nu_codec=nu_codec,
-        nesterov=nesterov,
+        rule=rule,
+        codecs=tuple(codecs),
         block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
         num_warps=num_warps or DEFAULT_NUM_WARPS,
         lowering=lowering,
+    )
+
+
+def rule_update(
+    config: launch.LaunchConfig,
+    g: jax.Array,
+    moments: Sequence[base.Packed],
+    hp: jax.Array,
+    seeds: Any = None,
+    params: jax.Array | None = None,
+    impl: str = "pallas",
+) -> tuple[jax.Array, tuple[base.Packed, ...]]:
+    """One fused step of ``config.rule`` on one leaf: ``(out, new_moments)``.
+
+    What `adam_update` runs, for any rule (Muon's momentum:
+    ``launch_config(loop.MomentumRule(nesterov), (mu_codec,))`` and
+    `loop.momentum_hp`; pass a float32 ``g`` for a float32 ``m_hat``).
+
+    Args:
+      config: `launch_config` of the rule and the moments' codecs.
+      g: the gradient (update) leaf, any float dtype and shape.
+      moments: each moment, `Packed` by its codec for ``g.shape``.
+      hp: float32 ``(16,)``, the rule's hyperparameters (may be traced).
+      seeds: one per moment, the ``seed`` argument `Codec.encode` would get
+        for a stochastic codec (may be traced); ``None``: stream 0.
+      params: the parameter leaf for the fused update-and-apply step (see
+        `adam_update`), or ``None``.
+      impl: ``"pallas"`` runs the kernel (the Pallas interpreter on CPU);
+        ``"jnp"`` the same step in pure jnp (decode, `loop.reference_step`,
+        encode; any codec; the launch options are then unused); ``"auto"``
+        the kernel on GPU/TPU, jnp on CPU.
+
+    Returns:
+      The rule's output in ``g``'s dtype and shape (or the new ``params``),
+      and the new moments (same layout).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if _backend.use_pallas(impl):
+        return launch.one_leaf(g, moments, hp, seeds, params, config)
+    codecs = config.codecs
+    seeds = (None,) * len(codecs) if seeds is None else tuple(seeds)
+    decoded = [c.decode(m) for c, m in zip(codecs, moments, strict=True)]
+    out, new = loop.reference_step(config.rule, g, decoded, hp, params)
+    encoded = (c.encode(x, seed=s) for c, x, s in zip(codecs, new, seeds, strict=True))
+    return out, tuple(encoded)
+
+
+def rule_update_many(
+    config: launch.LaunchConfig,
+    gs: Sequence[jax.Array],
+    moments: Sequence[Sequence[base.Packed]],
+    hps: Sequence[jax.Array],
+    seeds: Sequence[Any] | None = None,
+    params: Sequence[jax.Array] | None = None,
+    leaves_per_launch: int | None = None,
+) -> list[tuple[jax.Array, tuple[base.Packed, ...]]]:
+    """`rule_update` of many leaves, one kernel launch per leaf signature.
+
+    See `adam_update_many`; ``moments`` and ``seeds`` hold, per leaf, one
+    entry per moment of ``config.rule``.
+
+    Args:
+      config: `launch_config` of the rule and the moments' codecs.
+      gs: gradient leaves.
+      moments: per leaf, its moments.
+      hps: one hyperparameter vector per leaf.
+      seeds: per leaf, one seed per moment, or ``None``.
+      params: parameter leaves for the fused apply (or ``None``).
+      leaves_per_launch: the most leaves of one launch; ``None``:
+        `LEAVES_PER_LAUNCH` (1: one launch per leaf).
+
+    Returns:
+      One ``(out, new_moments)`` per leaf.
+    """
+    if leaves_per_launch is None:
+        leaves_per_launch = LEAVES_PER_LAUNCH
+    return launch.many_leaves(
+        gs, moments, hps, seeds, params, config, leaves_per_launch
     )
 
 
@@ -146,15 +243,12 @@ def adam_update(
       ``u`` in ``g``'s dtype and shape (or the new ``params``), and the new
       moments (same layout).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    if not _backend.use_pallas(impl):
-        seeds = (None, None) if seeds is None else tuple(seeds)
-        m, v = mu_codec.decode(mu), nu_codec.decode(nu)
-        out, m, v = loop.reference_step(g, m, v, hp, params, nesterov=nesterov)
-        return out, mu_codec.encode(m, seed=seeds[0]), nu_codec.encode(v, seed=seeds[1])
-    config = _config(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering)
-    return launch.one_leaf(g, mu, nu, hp, seeds, params, config)
+    codecs = (mu_codec, nu_codec)
+    config = launch_config(
+        loop.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
+    )
+    out, (mu, nu) = rule_update(config, g, (mu, nu), hp, seeds, params, impl)
+    return out, mu, nu
 
 
 adam_update_reference = functools.partial(adam_update, impl="jnp")
@@ -187,7 +281,7 @@ def adam_update_many(
     their shape, the gradient's and the parameters' dtypes; GPT-2 small's 50
     quantized leaves have 6) run in one launch: the grid covers every such
     leaf's blocks and the kernel body is traced once, only its loads and
-    stores choosing the leaf's buffers (`loop.adam_kernel`); leaf ``k``'s
+    stores choosing the leaf's buffers (`loop.kernel`); leaf ``k``'s
     hyperparameters and seeds are its own. The results equal `adam_update`
     leaf by leaf. Leaves sharded under explicit mesh axes are not batched:
     they take `adam_update` (per shard) one by one.
@@ -211,9 +305,12 @@ def adam_update_many(
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.
     """
-    config = _config(mu_codec, nu_codec, nesterov, block_groups, num_warps, lowering)
-    if leaves_per_launch is None:
-        leaves_per_launch = LEAVES_PER_LAUNCH
-    return launch.many_leaves(
-        gs, mus, nus, hps, seeds, params, config, leaves_per_launch
+    codecs = (mu_codec, nu_codec)
+    config = launch_config(
+        loop.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
     )
+    moments = list(zip(mus, nus, strict=True))
+    results = rule_update_many(
+        config, gs, moments, hps, seeds, params, leaves_per_launch
+    )
+    return [(out, mu, nu) for out, (mu, nu) in results]

@@ -1,6 +1,7 @@
 """The codec-specific part of the fused kernels: layouts, tables, eligibility.
 
-Everything the kernels need to know about one codec, and nothing about Adam:
+Everything the kernels need to know about one codec, and nothing about the
+update rule (Adam, momentum):
 
 * `has_kernel` / `check_codecs`: which codecs (and codec pairs) the fused
   kernel takes;
@@ -93,7 +94,8 @@ def has_kernel(codec: base.Codec) -> bool:
       codec: a codec.
 
     Returns:
-      ``True`` where `optax_lowbit.kernels.adam.adam_update` accepts it.
+      ``True`` where the kernels (`optax_lowbit.kernels.adam.adam_update`,
+      `optax_lowbit.kernels.adam.rule_update`, any rule) accept it.
     """
     if not all(
         hasattr(codec, name)
@@ -110,23 +112,25 @@ def has_kernel(codec: base.Codec) -> bool:
     return sizes_ok and all(_power_of_two(n) for n in planes(codec))
 
 
-def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> None:
+def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> None:
     """Clear errors, before tracing, for codecs the kernel cannot take.
 
     Args:
-      mu_codec: the first moment's codec.
-      nu_codec: the second moment's codec.
+      mu_codec: the first moment's codec (Adam's ``m``, or the momentum).
+      nu_codec: the second moment's codec; ``None`` for a rule of one moment.
 
     Raises:
       ValueError: a codec without a kernel, or a pair whose groups differ.
     """
     for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
-        if not has_kernel(codec):
+        if codec is not None and not has_kernel(codec):
             raise ValueError(
                 f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
                 "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
                 "group size from 16 to 256 (see has_kernel)."
             )
+    if nu_codec is None:
+        return
     if mu_codec.group_size != nu_codec.group_size or columns(mu_codec) != columns(
         nu_codec
     ):

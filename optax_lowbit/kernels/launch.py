@@ -1,19 +1,22 @@
-"""Launching the fused Adam kernel: one leaf, many leaves, sharded leaves.
+"""Launching the fused kernels: one leaf, many leaves, sharded leaves.
 
-`one_leaf` runs `loop.adam_kernel` over one leaf (under ``jax.shard_map``,
-one launch per device, where the leaf is sharded on leading axes under
-explicit mesh axes); `many_leaves` runs it over many unsharded leaves, one
-launch per `signature` (leaves of one group grid and dtypes: a grid over
-every leaf's blocks, the kernel body traced once). Both end in `launch`, the one
-``pallas_call``: it flattens leading axes to rows of one group each, picks
-the block (`pick_block`; where the block does not divide the rows, the last
-block's loads and stores are masked, no padded copies), passes what the kernel
-cannot capture as inputs (hyperparameters, codec tables, stream seeds, shard
-offsets), and updates the state in place (aliased inputs).
+Every launch runs `loop.kernel` with one update rule (`loop.AdamRule`,
+`loop.MomentumRule`) over the moments it keeps: nothing here depends on the
+rule but the number of moments. `one_leaf` runs the kernel over one leaf
+(under ``jax.shard_map``, one launch per device, where the leaf is sharded
+on leading axes under explicit mesh axes); `many_leaves` runs it over many
+unsharded leaves, one launch per `signature` (leaves of one group grid and
+dtypes: a grid over every leaf's blocks, the kernel body traced once). Both
+end in `launch`, the one ``pallas_call``: it flattens leading axes to rows
+of one group each, picks the block (`pick_block`; where the block does not
+divide the rows, the last block's loads and stores are masked, no padded
+copies), passes what the kernel cannot capture as inputs (hyperparameters,
+codec tables, stream seeds, shard offsets), and updates the state in place
+(aliased inputs).
 
-The jnp reference of a launch is the step of `adam.adam_update_reference`
-leaf by leaf (decode, `loop.reference_step`, encode): the launch adds no
-arithmetic of its own.
+The jnp reference of a launch is the rule's step leaf by leaf (decode,
+`loop.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
+launch adds no arithmetic of its own.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from jax.sharding import PartitionSpec as P
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend, codec_ops, loop
 
-#: One leaf's arrays for `launch`: ``(g, mu_codes, mu_scales, nu_codes,
-#: nu_scales, params, lead_global)``.
+#: One leaf's arrays for `launch`: ``(g, state, params, lead_global)``, with
+#: ``state`` each moment's codes and scales, ``(codes_0, scales_0, ...)``.
 Leaf = tuple[Any, ...]
 
 
@@ -42,17 +45,16 @@ class LaunchConfig:
     """What a kernel launch is compiled for (the jitted wrappers' static input).
 
     Attributes:
-      mu_codec: codec of the first moment (`codec_ops.has_kernel`).
-      nu_codec: codec of the second moment.
-      nesterov: Nesterov momentum, as `optax.scale_by_adam`.
+      rule: the update rule (`loop.AdamRule`, `loop.MomentumRule`).
+      codecs: each moment's codec (`codec_ops.has_kernel`), as many as the
+        rule keeps.
       block_groups: groups per block (a power of two).
       num_warps: Triton warps per block.
       lowering: a forced GPU lowering (see `_backend.pick`), or ``None``.
     """
 
-    mu_codec: base.Codec
-    nu_codec: base.Codec
-    nesterov: bool
+    rule: loop.Rule
+    codecs: tuple[base.Codec, ...]
     block_groups: int
     num_warps: int
     lowering: str | None = None
@@ -105,58 +107,71 @@ def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
 
 def one_leaf(
     g: jax.Array,
-    mu: base.Packed,
-    nu: base.Packed,
+    moments: Sequence[base.Packed],
     hp: jax.Array,
     seeds: Any,
     params: jax.Array | None,
     config: LaunchConfig,
-) -> tuple[jax.Array, base.Packed, base.Packed]:
-    """One fused Adam step of one leaf (checks, then the jitted launch).
+) -> tuple[jax.Array, tuple[base.Packed, ...]]:
+    """One fused step of one leaf (checks, then the jitted launch).
 
     Args:
       g: the gradient leaf.
-      mu: first moment, `Packed` by ``config.mu_codec``.
-      nu: second moment, `Packed` by ``config.nu_codec``.
-      hp: `loop.make_hp`'s vector.
-      seeds: ``(mu_seed, nu_seed)`` as `Codec.encode` takes them, or ``None``.
-      params: the parameter leaf to apply the step to (``None``: return ``u``).
+      moments: each moment, `Packed` by its codec in ``config.codecs``.
+      hp: the rule's hyperparameter vector (`loop.make_hp`).
+      seeds: one ``seed`` per moment as `Codec.encode` takes it, or ``None``.
+      params: the parameter leaf to apply the step to (``None``: return the
+        rule's output).
       config: the launch configuration.
 
     Returns:
-      ``(out, new_mu, new_nu)``.
+      ``(out, new_moments)``.
     """
     _check(g, params, config)
-    final = loop.stream_seeds(config.mu_codec, config.nu_codec, seeds)
-    return _one_leaf(g, mu, nu, hp, final, params, config=config)
+    final = loop.stream_seeds(seeds, len(config.codecs))
+    return _one_leaf(g, tuple(moments), hp, final, params, config=config)
 
 
 def _check(g: jax.Array, params: jax.Array | None, config: LaunchConfig) -> None:
     """Clear errors before tracing: the codecs, the parameters' shape."""
-    codec_ops.check_codecs(config.mu_codec, config.nu_codec)
+    if len(config.codecs) != config.rule.n_moments:
+        raise ValueError(
+            f"{type(config.rule).__name__} keeps {config.rule.n_moments} "
+            f"moments, got {len(config.codecs)} codecs."
+        )
+    codec_ops.check_codecs(*config.codecs)
+    if params is not None and not config.rule.applies:
+        raise ValueError(f"{type(config.rule).__name__} has no fused apply.")
     if params is not None and tuple(params.shape) != tuple(g.shape):
         raise ValueError(
             f"params has shape {tuple(params.shape)}, the gradient {tuple(g.shape)}."
         )
 
 
+def _state(moments: Sequence[base.Packed]) -> tuple[jax.Array, ...]:
+    """``(codes_0, scales_0, codes_1, ...)``: a leaf's state as launched."""
+    return tuple(x for m in moments for x in (m.codes, m.scales))
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
-def _one_leaf(g, mu, nu, hp, seeds, params, *, config):
+def _one_leaf(g, moments, hp, seeds, params, *, config):
     """The jitted body of `one_leaf`; ``seeds`` are the final stream seeds."""
     apply = params is not None
     sharded = lead_sharding(g)
     if sharded is None:
         offs = jnp.zeros((loop.OFFS_LEN,), jnp.int32)
-        leaf = (g, mu.codes, mu.scales, nu.codes, nu.scales, params, None)
+        leaf = (g, _state(moments), params, None)
         out, *state = _launch_one(leaf, hp, seeds, offs, config)
     else:
         mesh, spec = sharded
         lead = spec[:-1]
         g_spec = P(*spec)
-        c_spec, s_spec = P(*lead, None, None), P(*lead, None)
-        lead_global = (*g.shape[:-1], mu.codes.shape[-2])
+        state_specs = (P(*lead, None, None), P(*lead, None)) * len(moments)
+        lead_global = (*g.shape[:-1], moments[0].codes.shape[-2])
+        n_state = 2 * len(moments)
 
-        def body(g, mc, ms, vc, vs, hp, seeds, *p):
+        def body(g, *rest):
+            state, (hp, seeds, *p) = rest[:n_state], rest[n_state:]
             offs = [
                 jnp.zeros((), jnp.int32)
                 if axes is None
@@ -164,27 +179,17 @@ def _one_leaf(g, mu, nu, hp, seeds, params, *, config):
                 for axes, size in zip(lead, g.shape[:-1], strict=True)
             ]
             offs += [jnp.zeros((), jnp.int32)] * (loop.OFFS_LEN - len(offs))
-            leaf = (g, mc, ms, vc, vs, p[0] if p else None, lead_global)
+            leaf = (g, state, p[0] if p else None, lead_global)
             return _launch_one(leaf, hp, seeds, jnp.stack(offs), config)
 
         out, *state = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(g_spec, c_spec, s_spec, c_spec, s_spec, P(), P())
-            + ((g_spec,) if apply else ()),
-            out_specs=(g_spec, c_spec, s_spec, c_spec, s_spec),
+            in_specs=(g_spec, *state_specs, P(), P()) + ((g_spec,) if apply else ()),
+            out_specs=(g_spec, *state_specs),
             check_vma=False,  # pallas_call outputs carry no varying-axes type
-        )(
-            g,
-            mu.codes,
-            mu.scales,
-            nu.codes,
-            nu.scales,
-            hp,
-            seeds,
-            *((params,) if apply else ()),
-        )
-    return _repack(out, *state, mu, nu)
+        )(g, *_state(moments), hp, seeds, *((params,) if apply else ()))
+    return _repack(out, state, moments)
 
 
 def _launch_one(leaf: Leaf, hp, seeds, offs, config: LaunchConfig):
@@ -192,24 +197,27 @@ def _launch_one(leaf: Leaf, hp, seeds, offs, config: LaunchConfig):
 
     ``leaf``'s ``lead_global`` is the whole leaf's group grid on a shard (the
     stochastic-rounding positions), ``None`` unsharded. Returns ``(out,
-    mu_codes, mu_scales, nu_codes, nu_scales)`` shaped like the inputs.
+    codes_0, scales_0, ...)`` shaped like the inputs.
     """
-    hps, seeds = hp.reshape(1, -1), seeds.reshape(1, -1)[:, :2]
+    n = len(config.codecs)
+    hps, seeds = hp.reshape(1, -1), seeds.reshape(1, -1)[:, :n]
     (result,) = launch([leaf], hps, seeds, offs, config)
     return result
 
 
-def _repack(out, mc, ms, vc, vs, mu, nu):
-    """``(out, new_mu, new_nu)`` from a launch's arrays and the old moments."""
-    new_mu = base.Packed(codes=mc, scales=ms, shape=mu.shape, codec=mu.codec)
-    new_nu = base.Packed(codes=vc, scales=vs, shape=nu.shape, codec=nu.codec)
-    return out, new_mu, new_nu
+def _repack(out, state, moments):
+    """``(out, new_moments)`` from a launch's arrays and the old moments."""
+    new = tuple(
+        base.Packed(codes=c, scales=s, shape=m.shape, codec=m.codec)
+        for c, s, m in zip(state[::2], state[1::2], moments, strict=True)
+    )
+    return out, new
 
 
 def leaf_statics(
     shape: tuple[int, ...], group_size: int, lead_global: Any = None
 ) -> dict[str, Any]:
-    """The static keywords of `loop.adam_kernel` that a leaf's shape fixes.
+    """The static keywords of `loop.kernel` that a leaf's shape fixes.
 
     Args:
       shape: the leaf's shape (a shard's, on a shard).
@@ -249,14 +257,13 @@ def signature(g: Any, params: Any, group_size: int) -> tuple[Any, ...]:
 
 def many_leaves(
     gs: Sequence[jax.Array],
-    mus: Sequence[base.Packed],
-    nus: Sequence[base.Packed],
+    moments: Sequence[Sequence[base.Packed]],
     hps: Sequence[jax.Array],
     seeds: Sequence[Any] | None,
     params: Sequence[jax.Array] | None,
     config: LaunchConfig,
     leaves_per_launch: int | None = None,
-) -> list[tuple[jax.Array, base.Packed, base.Packed]]:
+) -> list[tuple[jax.Array, tuple[base.Packed, ...]]]:
     """`one_leaf` of many leaves: one kernel launch per leaf signature.
 
     Unsharded leaves that share a `signature` (their group grid, the
@@ -266,30 +273,27 @@ def many_leaves(
 
     Args:
       gs: gradient leaves.
-      mus: their first moments.
-      nus: their second moments.
-      hps: one `loop.make_hp` vector per leaf.
-      seeds: one ``(mu_seed, nu_seed)`` per leaf, or ``None``.
+      moments: per leaf, its moments (one `Packed` per codec of ``config``).
+      hps: one hyperparameter vector per leaf.
+      seeds: per leaf, one ``seed`` per moment, or ``None``.
       params: parameter leaves for the fused apply, or ``None``.
       config: the launch configuration.
       leaves_per_launch: the most leaves of one launch (``None``: no limit;
         1: one launch per leaf).
 
     Returns:
-      One ``(out, new_mu, new_nu)`` per leaf.
+      One ``(out, new_moments)`` per leaf.
     """
     n = len(gs)
     seeds = [None] * n if seeds is None else list(seeds)
     params = [None] * n if params is None else list(params)
     per_launch = max(1, leaves_per_launch or n)
-    gsize = config.mu_codec.group_size
+    gsize = config.codecs[0].group_size
     results: list[Any] = [None] * n
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, g in enumerate(gs):
         if lead_sharding(g) is not None or per_launch == 1:
-            results[k] = one_leaf(
-                gs[k], mus[k], nus[k], hps[k], seeds[k], params[k], config
-            )
+            results[k] = one_leaf(g, moments[k], hps[k], seeds[k], params[k], config)
         else:
             groups.setdefault(signature(g, params[k], gsize), []).append(k)
     chunks = [
@@ -297,25 +301,22 @@ def many_leaves(
         for idx in groups.values()
         for c in range(0, len(idx), per_launch)
     ]
+    n_moments = len(config.codecs)
     for idx in chunks:
         if len(idx) == 1:
             k = idx[0]
             results[k] = one_leaf(
-                gs[k], mus[k], nus[k], hps[k], seeds[k], params[k], config
+                gs[k], moments[k], hps[k], seeds[k], params[k], config
             )
             continue
         for k in idx:
             _check(gs[k], params[k], config)
         final = jnp.stack(
-            [
-                loop.stream_seeds(config.mu_codec, config.nu_codec, seeds[k])[:2]
-                for k in idx
-            ]
+            [loop.stream_seeds(seeds[k], n_moments)[:n_moments] for k in idx]
         )
         outs = _many_leaves(
             tuple(gs[k] for k in idx),
-            tuple(mus[k] for k in idx),
-            tuple(nus[k] for k in idx),
+            tuple(tuple(moments[k]) for k in idx),
             jnp.stack([jnp.asarray(hps[k], jnp.float32) for k in idx]),
             final,
             None if params[idx[0]] is None else tuple(params[k] for k in idx),
@@ -327,24 +328,17 @@ def many_leaves(
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _many_leaves(gs, mus, nus, hps, seeds, params, *, config):
+def _many_leaves(gs, moments, hps, seeds, params, *, config):
     """The jitted body of `many_leaves`: one launch of one signature."""
     leaves = [
-        (
-            g,
-            m.codes,
-            m.scales,
-            v.codes,
-            v.scales,
-            None if params is None else params[k],
-            None,
-        )
-        for k, (g, m, v) in enumerate(zip(gs, mus, nus, strict=True))
+        (g, _state(ms), None if params is None else params[k], None)
+        for k, (g, ms) in enumerate(zip(gs, moments, strict=True))
     ]
     offs = jnp.zeros((loop.OFFS_LEN,), jnp.int32)
     results = launch(leaves, hps, seeds, offs, config)
     return [
-        _repack(*arrays, m, v) for arrays, m, v in zip(results, mus, nus, strict=True)
+        _repack(out, state, ms)
+        for (out, *state), ms in zip(results, moments, strict=True)
     ]
 
 
@@ -359,37 +353,37 @@ def launch(
 
     The grid runs every leaf's blocks, leaf after leaf (``nb`` each); leaf
     ``k``'s block specs map program ``i`` to block ``i % nb`` (a program
-    touches only its own leaf's refs: `loop.adam_kernel`).
+    touches only its own leaf's refs: `loop.kernel`).
 
     Args:
-      leaves: each ``(g, mu_codes, mu_scales, nu_codes, nu_scales, params,
-        lead_global)``; ``params`` is ``None`` unless applying (the same for
-        every leaf), ``lead_global`` the whole leaf's group grid on a shard.
-      hps: float32 ``(L, 16)``, one `loop.make_hp` vector per leaf.
-      seeds: uint32 ``(L, 2)`` final stream seeds.
+      leaves: each ``(g, state, params, lead_global)``: ``state`` each
+        moment's ``codes, scales``; ``params`` is ``None`` unless applying
+        (the same for every leaf), ``lead_global`` the whole leaf's group
+        grid on a shard.
+      hps: float32 ``(L, 16)``, one hyperparameter vector per leaf.
+      seeds: uint32 ``(L, n)`` final stream seeds, one per moment.
       offs: int32 ``(loop.OFFS_LEN,)`` the shard's offsets (zeros unsharded).
       config: the launch configuration.
 
     Returns:
-      One ``(out, mu_codes, mu_scales, nu_codes, nu_scales)`` per leaf.
+      One ``(out, codes_0, scales_0, ...)`` per leaf.
 
     Raises:
       ValueError: leaves of different signatures.
     """
-    mu_codec, nu_codec = config.mu_codec, config.nu_codec
+    rule, codecs = config.rule, config.codecs
     backend = _backend.pick(config.lowering)
-    gsize = mu_codec.group_size
-    apply = leaves[0][5] is not None
-    keys = {signature(x[0], x[5], gsize) for x in leaves}
-    if len(keys) > 1 or len({x[6] for x in leaves}) > 1:
+    gsize = codecs[0].group_size
+    apply = leaves[0][2] is not None
+    keys = {signature(x[0], x[2], gsize) for x in leaves}
+    if len(keys) > 1 or len({x[3] for x in leaves}) > 1:
         raise ValueError(
             f"one launch takes leaves of one signature, got {len(keys)}: "
             f"{sorted(str(k) for k in keys)}."
         )
-    m_io, v_io = codec_ops.Codes(mu_codec), codec_ops.Codes(nu_codec)
-    ms_io, vs_io = codec_ops.Scales(mu_codec), codec_ops.Scales(nu_codec)
-    vals = codec_ops.Values(mu_codec)
-    statics = leaf_statics(leaves[0][0].shape, gsize, leaves[0][6])
+    ios = [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
+    vals = codec_ops.Values(codecs[0])
+    statics = leaf_statics(leaves[0][0].shape, gsize, leaves[0][3])
     n = statics["n_rows"]
     block = pick_block(n, config.block_groups)
     nb = pl.cdiv(n, block)
@@ -407,24 +401,21 @@ def launch(
     def full_spec(length):
         return pl.BlockSpec((length,), lambda i: (0,))
 
-    specs = [
-        code_spec(m_io),
-        ms_io.spec(row_spec(1)),
-        code_spec(v_io),
-        vs_io.spec(row_spec(1)),
-    ]
+    specs = [s for c_io, s_io in ios for s in (code_spec(c_io), s_io.spec(row_spec(1)))]
     value_spec = vals.spec(row_spec(gsize))
-    tables = codec_ops.tables(mu_codec) + codec_ops.tables(nu_codec)
+    tables = [t for c in codecs for t in codec_ops.tables(c)]
     ins, out_shapes, aliases, nbytes = [], [], {}, 0
     first = 3 + len(tables)  # after hp, seeds, offsets and the tables
-    n_in = 5 + int(apply)
-    for k, (g, mc, ms, vc, vs, p, _) in enumerate(leaves):
+    n_state = 2 * len(codecs)
+    n_in = 1 + n_state + int(apply)
+    for k, (g, state_in, p, _) in enumerate(leaves):
         rows_g = vals.operand(base.to_groups(g, gsize).reshape(n, gsize))
         state = [
-            m_io.operand(mc),
-            ms_io.operand(ms, n),
-            v_io.operand(vc),
-            vs_io.operand(vs, n),
+            x
+            for (c_io, s_io), c, s in zip(
+                ios, state_in[::2], state_in[1::2], strict=True
+            )
+            for x in (c_io.operand(c), s_io.operand(s, n))
         ]
         out_dtype = g.dtype if p is None else p.dtype
         leaf_in = [rows_g]
@@ -434,8 +425,8 @@ def launch(
             leaf_in.append(vals.operand(p_rows))
         leaf_in += state
         base_in = first + k * n_in
-        base_out = 5 * k
-        for j in range(4):  # the state is updated in place
+        base_out = (1 + n_state) * k
+        for j in range(n_state):  # the state is updated in place
             aliases[base_in + 1 + int(apply) + j] = base_out + 1 + j
         if apply:
             aliases[base_in + 1] = base_out  # and the parameters
@@ -450,9 +441,9 @@ def launch(
     n_seed = max(loop.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
     hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
     seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
-    statics.update(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=config.nesterov)
+    statics.update(rule=rule, codecs=tuple(codecs))
     statics.update(n_leaves=len(leaves), nblocks=nb, block=block, apply=apply)
-    kernel = functools.partial(loop.adam_kernel, **statics)
+    kernel = functools.partial(loop.kernel, **statics)
     total = len(leaves) * n * gsize
     outs = pl.pallas_call(
         kernel,
@@ -470,22 +461,18 @@ def launch(
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=config.num_warps),
         cost_estimate=pl.CostEstimate(
-            flops=60 * total, transcendentals=2 * total, bytes_accessed=2 * nbytes
+            flops=rule.flops * total,
+            transcendentals=rule.transcendentals * total,
+            bytes_accessed=2 * nbytes,
         ),
-        name=f"adam_{mu_codec.name}" + (f"_x{len(leaves)}" if multi else ""),
+        name=f"{rule.name}_{codecs[0].name}" + (f"_x{len(leaves)}" if multi else ""),
     )(hp_flat, seed_flat, offs, *tables, *ins)
     results = []
-    for k, (g, mc, ms, vc, vs, _, _) in enumerate(leaves):
-        out, mc2, ms2, vc2, vs2 = outs[5 * k : 5 * k + 5]
+    width = 1 + n_state
+    for k, (g, state_in, _, _) in enumerate(leaves):
+        out, *state = outs[width * k : width * (k + 1)]
         lead_groups = base.to_groups(g, gsize).shape[:-1]
         out = base.from_groups(out.reshape((*lead_groups, gsize)), tuple(g.shape))
-        results.append(
-            (
-                out,
-                mc2.reshape(mc.shape),
-                ms2.reshape(ms.shape),
-                vc2.reshape(vc.shape),
-                vs2.reshape(vs.shape),
-            )
-        )
+        state = [x.reshape(old.shape) for x, old in zip(state, state_in, strict=True)]
+        results.append((out, *state))
     return results

@@ -1,15 +1,19 @@
-"""The shared element loop: Adam's step on one block, and its jnp reference.
+"""The shared element loop: an update rule's step on one block, and its jnp reference.
 
-Per block of groups `load_block` loads the gradient (and, with ``apply``,
-the parameters) and the packed first and second moments (codes and scales);
-`compute_block` decodes them with the codec's own jnp group functions
-(``codec.kernel_decode``), updates the moments in float32 and computes Adam's
-update with `moment_step` (the one definition of the step, fault rule
-included, also run by the jnp path), with ``apply`` applies AdamW
-(`apply_step`), and encodes the new moments (``codec.kernel_encode``);
-`store_block` stores codes, scales and the output. `adam_kernel` runs them
-over a group of leaves of one static signature: the loads and stores pick
-the leaf's refs, the arithmetic between them is traced once.
+A kernel steps one *update rule* (`Rule`) over the moments it keeps, each
+in its own codec: `AdamRule` (two moments, ``m`` and ``v``, to Adam's
+update ``u``) and `MomentumRule` (one, Muon's momentum ``m``, to its
+bias-corrected ``m_hat``). Per block of groups `load_block` loads the
+gradient (and, with ``apply``, the parameters) and each packed moment (codes
+and scales); `compute_block` decodes them with the codec's own jnp group
+functions (``codec.kernel_decode``), takes the rule's step in float32 (its
+``step``: `moment_step` for Adam, `momentum_step` for momentum, the one
+definition of each step, fault rule included, also run by the jnp paths),
+with ``apply`` applies AdamW (`apply_step`), and encodes the new moments
+(``codec.kernel_encode``); `store_block` stores codes, scales and the
+output. `kernel` runs them over a group of leaves of one static signature:
+the loads and stores pick the leaf's refs, the arithmetic between them is
+traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
 hash of each pair's row-major position in the leaf's pair grid
@@ -24,9 +28,10 @@ layouts are in `codec_ops`, the ``pallas_call`` in `launch`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +54,8 @@ HP_FIELDS = (
     "learning_rate",
     "weight_decay",
 )
+#: Slots of `MomentumRule`'s ``hp`` (`momentum_hp`).
+MOMENTUM_HP_FIELDS = ("one_minus_beta", "inv_bc", "g_scale", "m_ratio")
 #: Lengths of the kernel's small inputs: hyperparameters, stream seeds, and
 #: the leading axes of a leaf's group grid a shard may offset.
 HP_LEN = 16
@@ -92,21 +99,90 @@ def make_hp(
     return jnp.stack(vals)
 
 
-def stream_seeds(
-    mu_codec: base.Codec, nu_codec: base.Codec, seeds: Any = None
-) -> jax.Array:
+def momentum_hp(beta, bc, bc_next=None) -> jax.Array:
+    """The hyperparameter vector of `MomentumRule` (`MOMENTUM_HP_FIELDS`).
+
+    ``1 - beta`` is formed here (in Python for a number), and the bias
+    corrections' coefficients once per step, in float32: the jnp path
+    (`momentum_step` on this vector) and the kernel then use the same
+    numbers. ``g_scale = (1 - beta) / bc`` and ``m_ratio = beta bc / ((1 -
+    beta) bc_next)`` make Nesterov's ``m_hat = g_scale (g + m_ratio new_m)``
+    (finite for ``beta`` in ``[0, 1)``).
+
+    Args:
+      beta: the momentum's decay rate.
+      bc: the bias correction ``1 - beta**t`` at the new count ``t``.
+      bc_next: ``1 - beta**(t + 1)`` (read by Nesterov); ``None``: ``bc``.
+
+    Returns:
+      float32 ``(16,)``.
+    """
+    omb = jnp.asarray(1 - beta, jnp.float32)
+    beta32 = jnp.asarray(beta, jnp.float32)
+    bc = jnp.asarray(bc, jnp.float32)
+    bc_next = bc if bc_next is None else jnp.asarray(bc_next, jnp.float32)
+    vals = [omb, 1 / bc, omb / bc, beta32 * bc / (omb * bc_next)]
+    vals = [v.reshape(()) for v in vals]
+    vals += [jnp.zeros((), jnp.float32)] * (HP_LEN - len(vals))
+    return jnp.stack(vals)
+
+
+def stream_seeds(seeds: Any = None, n: int = 2) -> jax.Array:
     """The kernel's uint32 ``(8,)`` seed input: each moment's final stream.
 
-    ``seeds`` is ``(mu_seed, nu_seed)``, the ``seed`` arguments that
-    `Codec.encode` would get (``None``: stream 0), mixed here exactly as
-    `Codec.encode` mixes them.
+    Args:
+      seeds: one per moment (``(mu_seed, nu_seed)`` for Adam), the ``seed``
+        arguments that `Codec.encode` would get, mixed here exactly as
+        `Codec.encode` mixes them; ``None`` (or a ``None`` entry): stream 0.
+      n: the number of moments (`Rule.n_moments`).
+
+    Returns:
+      The ``n`` final streams, padded with zeros to `SEED_LEN`.
     """
-    seeds = (None, None) if seeds is None else tuple(seeds)
-    if len(seeds) != 2:
-        raise ValueError(f"seeds must be (mu_seed, nu_seed), got {seeds!r}.")
+    seeds = (None,) * n if seeds is None else tuple(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"seeds must be one per moment ({n}), got {seeds!r}.")
     out = [base.stream_seed(0 if s is None else s) for s in seeds]
-    out += [jnp.zeros((), jnp.uint32)] * (SEED_LEN - 2)
+    out += [jnp.zeros((), jnp.uint32)] * (SEED_LEN - n)
     return jnp.stack(out)
+
+
+def momentum_step(g, m, hp, *, nesterov: bool):
+    """Momentum's step of one leaf (Muon's): the one definition, for both paths.
+
+    ``new_m = (1 - beta) g + beta m``; ``m_hat = beta new_m / bc_next + (1 -
+    beta) g / bc`` with Nesterov, else ``new_m / bc``, as
+    `optax.contrib.scale_by_muon`, in forms where every sum has at most one
+    product operand: ``new_m = m + (1 - beta) (g - m)``, ``m_hat = new_m *
+    inv_bc`` and Nesterov's ``m_hat = g_scale * (g + m_ratio * new_m)``
+    (`momentum_hp`'s coefficients). A compiler that contracts a product and
+    a sum into an FMA (XLA on the jnp path, the kernel's lowering) then has
+    one way to do it, so the kernel and the jnp path round alike; a sum of
+    two products (Optax's ``(1 - beta) g + beta m``) is contracted either
+    way, and XLA turns a division by a scalar into a product with its
+    reciprocal on the jnp path but not in a kernel. Optax's results are
+    matched to rounding (an ulp or two). The
+    momentum returned is the one to store (`base.saturate_or_keep`):
+    saturated, and the old one where ``g`` is not finite. The jnp path of
+    `scale_by_muon_quantized` calls it on whole leaves, `MomentumRule` on
+    each block of the kernel.
+
+    Args:
+      g: the update, float32 (complex64 for a complex leaf's plain momentum).
+      m: the momentum before the step (decoded), of ``g``'s dtype.
+      hp: `momentum_hp`'s vector (an array or a kernel's traced scalars).
+      nesterov: Nesterov momentum.
+
+    Returns:
+      ``(m_hat, m)``.
+    """
+    one_minus_beta, inv_bc, g_scale, m_ratio = hp[0], hp[1], hp[2], hp[3]
+    new_m = m + one_minus_beta * (g - m)
+    if nesterov:
+        m_hat = g_scale * (g + m_ratio * new_m)
+    else:
+        m_hat = new_m * inv_bc
+    return m_hat, base.saturate_or_keep(new_m, m, base.is_finite(g))
 
 
 def moment_step(g, m, v, hp, *, nesterov: bool):
@@ -147,6 +223,80 @@ def moment_step(g, m, v, hp, *, nesterov: bool):
     return u, base.saturate_or_keep(new_m, m, ok), base.saturate_or_keep(new_v, v, ok)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """An update rule: what a kernel computes between decode and encode.
+
+    A rule keeps `n_moments` moments, each in its own codec; per element its
+    `step` maps the update ``g`` and the decoded float32 moments to the
+    output and the moments to store. A rule is static (hashable): it is part
+    of `launch.LaunchConfig`.
+
+    Attributes:
+      nesterov: Nesterov momentum.
+    """
+
+    nesterov: bool = False
+    #: The kernel's name prefix (``<name>_<codec>``).
+    name: ClassVar[str] = ""
+    #: Moments the rule keeps.
+    n_moments: ClassVar[int] = 0
+    #: The slots of its hyperparameter vector the kernel reads.
+    hp_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether it takes the fused AdamW apply (`apply_step`, ``params``).
+    applies: ClassVar[bool] = False
+    #: Per element, for the launch's ``pl.CostEstimate``.
+    flops: ClassVar[int] = 0
+    transcendentals: ClassVar[int] = 0
+
+    def step(self, g, moments, hp):
+        """``(out, new_moments)`` of one leaf or block, float32.
+
+        Args:
+          g: the update, float32.
+          moments: the `n_moments` decoded moments before the step.
+          hp: the rule's hyperparameter vector (`make_hp`'s slots).
+
+        Returns:
+          The output and the list of moments to store.
+        """
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamRule(Rule):
+    """Adam (`moment_step`): ``m``, ``v`` -> ``u``; hp from `make_hp`."""
+
+    name: ClassVar[str] = "adam"
+    n_moments: ClassVar[int] = 2
+    hp_fields: ClassVar[tuple[str, ...]] = HP_FIELDS
+    applies: ClassVar[bool] = True
+    flops: ClassVar[int] = 60
+    transcendentals: ClassVar[int] = 2
+
+    def step(self, g, moments, hp):
+        """``(u, [m, v])``: `moment_step`."""
+        u, m, v = moment_step(g, *moments, hp, nesterov=self.nesterov)
+        return u, [m, v]
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentumRule(Rule):
+    """Muon's momentum (`momentum_step`): ``m`` -> ``m_hat``; hp from `momentum_hp`."""
+
+    nesterov: bool = True
+    name: ClassVar[str] = "momentum"
+    n_moments: ClassVar[int] = 1
+    hp_fields: ClassVar[tuple[str, ...]] = MOMENTUM_HP_FIELDS
+    flops: ClassVar[int] = 30
+    transcendentals: ClassVar[int] = 0
+
+    def step(self, g, moments, hp):
+        """``(m_hat, [m])``: `momentum_step`."""
+        m_hat, m = momentum_step(g, moments[0], hp, nesterov=self.nesterov)
+        return m_hat, [m]
+
+
 def apply_step(p, u, hp):
     """AdamW's parameter update in float32, in optax's order of operations.
 
@@ -164,25 +314,25 @@ def apply_step(p, u, hp):
     return p + (-hp[9]) * (u + hp[10] * p)
 
 
-def reference_step(g, m, v, hp, params, *, nesterov: bool):
+def reference_step(rule: Rule, g, moments, hp, params):
     """The jnp reference of `compute_block` between decode and encode, on a leaf.
 
     Args:
+      rule: the update rule.
       g: the gradient leaf, any float dtype.
-      m: the decoded first moment, float32 of ``g``'s shape.
-      v: the decoded second moment.
-      hp: `make_hp`'s vector.
+      moments: the decoded moments, float32 of ``g``'s shape.
+      hp: the rule's hyperparameter vector.
       params: the parameter leaf to apply the step to, or ``None``.
-      nesterov: Nesterov momentum.
 
     Returns:
-      ``(out, m, v)``: ``u`` in ``g``'s dtype (or the new parameters in
-      ``params``' dtype) and the float32 moments to encode.
+      ``(out, moments)``: the rule's output in ``g``'s dtype (or the new
+      parameters in ``params``' dtype) and the float32 moments to encode.
     """
-    u, m, v = moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
+    out, moments = rule.step(g.astype(jnp.float32), list(moments), hp)
     if params is None:
-        return u.astype(g.dtype), m, v
-    return apply_step(params.astype(jnp.float32), u, hp).astype(params.dtype), m, v
+        return out.astype(g.dtype), moments
+    p = params.astype(jnp.float32)
+    return apply_step(p, out, hp).astype(params.dtype), moments
 
 
 def global_row(row, offs_ref, lead_local, lead_global):
@@ -213,44 +363,38 @@ def global_row(row, offs_ref, lead_local, lead_global):
     return out
 
 
-class _Io:
-    """How a block reads and writes each operand of one leaf (`codec_ops`)."""
-
-    def __init__(self, mu_codec: base.Codec, nu_codec: base.Codec):
-        self.m, self.v = codec_ops.Codes(mu_codec), codec_ops.Codes(nu_codec)
-        self.ms, self.vs = codec_ops.Scales(mu_codec), codec_ops.Scales(nu_codec)
-        self.vals = codec_ops.Values(mu_codec)
+def _ios(codecs):
+    """Per moment, how a block reads and writes its codes and its scales."""
+    return [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
 
 
-def load_block(in_refs, row, valid, *, mu_codec, nu_codec, apply):
+def load_block(in_refs, row, valid, *, codecs, apply):
     """One block of one leaf's inputs, as loaded (no arithmetic).
 
     Args:
-      in_refs: the leaf's ``g, [p], mu codes, mu scales, nu codes, nu
-        scales`` refs.
+      in_refs: the leaf's ``g, [p]`` refs, then each moment's codes and
+        scales refs.
       row: int32 ``(block,)`` the block's group rows within the leaf.
       valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
-      mu_codec: codec of the first moment.
-      nu_codec: codec of the second moment.
+      codecs: each moment's codec.
       apply: whether ``p`` is among the refs (the fused apply).
 
     Returns:
-      ``(g, p, mu_planes, mu_scales, nu_planes, nu_scales)``: ``g`` and ``p``
+      ``(g, p, planes_0, scales_0, planes_1, ...)``: ``g`` and ``p``
       (``None`` without ``apply``) as lists of value parts in their dtypes,
-      the code planes and scales in `codec_ops`' layouts.
+      each moment's code planes and scales in `codec_ops`' layouts.
     """
-    io = _Io(mu_codec, nu_codec)
+    vals = codec_ops.Values(codecs[0])
     g_ref, refs = in_refs[0], in_refs[1:]
-    p = io.vals.load(refs[0], row, valid) if apply else None
-    mc_ref, ms_ref, vc_ref, vs_ref = refs[int(apply) :]
-    return (
-        io.vals.load(g_ref, row, valid),
-        p,
-        io.m.load(mc_ref, row, valid),
-        io.ms.load(ms_ref, row, valid),
-        io.v.load(vc_ref, row, valid),
-        io.vs.load(vs_ref, row, valid),
-    )
+    p = vals.load(refs[0], row, valid) if apply else None
+    state = refs[int(apply) :]
+    loaded = [vals.load(g_ref, row, valid), p]
+    for k, (codes, scales) in enumerate(_ios(codecs)):
+        loaded += [
+            codes.load(state[2 * k], row, valid),
+            scales.load(state[2 * k + 1], row, valid),
+        ]
+    return tuple(loaded)
 
 
 def compute_block(
@@ -259,43 +403,37 @@ def compute_block(
     hp,
     seeds,
     offs_ref,
-    m_tables,
-    v_tables,
+    tables,
     *,
-    mu_codec,
-    nu_codec,
-    nesterov,
+    rule,
+    codecs,
     last,
     groups_per_row,
     lead_local,
     lead_global,
 ):
-    """Decode, Adam step (and apply), encode: one block, from `load_block`'s arrays.
+    """Decode, the rule's step (and apply), encode: one block, from `load_block`.
 
     Args:
-      loaded: `load_block`'s ``(g, p, mu_planes, mu_scales, nu_planes,
-        nu_scales)``.
+      loaded: `load_block`'s ``(g, p, planes_0, scales_0, ...)``.
       row: int32 ``(block,)`` the block's group rows within the leaf.
-      hp: the leaf's `make_hp` slots (traced scalars).
-      seeds: the leaf's two final stream seeds (traced uint32 scalars).
+      hp: the leaf's ``rule.hp_fields`` slots (traced scalars).
+      seeds: the leaf's final stream seeds, one per moment (traced uint32).
       offs_ref: the shard's offsets (`OFFS_LEN` slots).
-      m_tables: the first moment's codec tables (refs).
-      v_tables: the second moment's codec tables.
-      mu_codec: codec of the first moment.
-      nu_codec: codec of the second moment.
-      nesterov: Nesterov momentum.
+      tables: each moment's codec tables (lists of refs).
+      rule: the update rule.
+      codecs: each moment's codec.
       last: the leaf's last axis.
       groups_per_row: groups along the leaf's last axis.
       lead_local: the leaf's (or shard's) group grid.
       lead_global: the whole leaf's group grid on a shard, else ``None``.
 
     Returns:
-      ``(out, mu_planes, mu_scales, nu_planes, nu_scales)`` for `store_block`:
-      ``out`` (``u``, or the new parameters) as a list of float32 value
-      parts.
+      ``(out, planes_0, scales_0, ...)`` for `store_block`: ``out`` (the
+      rule's output, or the new parameters) as a list of float32 value parts.
     """
-    g_in, p_in, mc, ms, vc, vs = loaded
-    vals = codec_ops.Values(mu_codec)
+    g_in, p_in, *state = loaded
+    vals = codec_ops.Values(codecs[0])
 
     def parts(x):  # a codec with parts decodes to (and encodes from) a list
         return [x] if vals.columns is None else list(x)
@@ -304,70 +442,71 @@ def compute_block(
         return xs[0] if vals.columns is None else xs
 
     g = [x.astype(jnp.float32) for x in g_in]
-    m = parts(mu_codec.kernel_decode(mc, ms, m_tables))
-    v = parts(nu_codec.kernel_decode(vc, vs, v_tables))
+    moments = [
+        parts(codec.kernel_decode(state[2 * k], state[2 * k + 1], tables[k]))
+        for k, codec in enumerate(codecs)
+    ]
     if last % vals.size:  # the padded tail of each row holds zeros (as in jnp)
         inside = [c < last for c in vals.col(row, groups_per_row)]
-        m = [jnp.where(i, x, 0.0) for i, x in zip(inside, m, strict=True)]
-        v = [jnp.where(i, x, 0.0) for i, x in zip(inside, v, strict=True)]
-    steps = [
-        moment_step(*gmv, hp, nesterov=nesterov) for gmv in zip(g, m, v, strict=True)
-    ]
-    u, m, v = ([s[j] for s in steps] for j in range(3))
+        moments = [
+            [jnp.where(i, x, 0.0) for i, x in zip(inside, xs, strict=True)]
+            for xs in moments
+        ]
+    steps = [rule.step(gk, [xs[k] for xs in moments], hp) for k, gk in enumerate(g)]
+    out = [s[0] for s in steps]
+    moments = [[s[1][j] for s in steps] for j in range(len(codecs))]
     if p_in is not None:
         p = [x.astype(jnp.float32) for x in p_in]
-        u = [apply_step(pk, uk, hp) for pk, uk in zip(p, u, strict=True)]
+        out = [apply_step(pk, uk, hp) for pk, uk in zip(p, out, strict=True)]
     pair = None
-    if mu_codec.stochastic or nu_codec.stochastic:
+    if any(codec.stochastic for codec in codecs):
         grow = global_row(row, offs_ref, lead_local, lead_global)
         half = vals.size // 2
         pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
     encoded = []
-    for x, codec, tables, seed in (
-        (m, mu_codec, m_tables, seeds[0]),
-        (v, nu_codec, v_tables, seeds[1]),
-    ):
+    for x, codec, tabs, seed in zip(moments, codecs, tables, seeds, strict=True):
         noise = base.dither_bits(pair, seed) if codec.stochastic else None
-        encoded += codec.kernel_encode(whole(x), tables, noise)
-    return (u, *encoded)
+        encoded += codec.kernel_encode(whole(x), tabs, noise)
+    return (out, *encoded)
 
 
-def store_block(out_refs, row, valid, result, *, mu_codec, nu_codec):
+def store_block(out_refs, row, valid, result, *, codecs):
     """Stores `compute_block`'s ``result`` in one leaf's output refs.
 
     The output is cast to its ref's dtype (``g``'s, or the parameters').
 
     Args:
-      out_refs: the leaf's ``out, mu codes, mu scales, nu codes, nu scales``
+      out_refs: the leaf's ``out`` ref, then each moment's codes and scales
         refs.
       row: int32 ``(block,)`` the block's group rows within the leaf.
       valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
       result: `compute_block`'s output.
-      mu_codec: codec of the first moment.
-      nu_codec: codec of the second moment.
+      codecs: each moment's codec.
     """
-    io = _Io(mu_codec, nu_codec)
-    out_ref, mc_out, ms_out, vc_out, vs_out = out_refs
-    out, mc, ms, vc, vs = result
-    io.vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in out], valid)
-    io.m.store(mc_out, row, mc, valid)
-    io.ms.store(ms_out, row, ms, valid)
-    io.v.store(vc_out, row, vc, valid)
-    io.vs.store(vs_out, row, vs, valid)
+    vals = codec_ops.Values(codecs[0])
+    out_ref, *state_refs = out_refs
+    out, *state = result
+    vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in out], valid)
+    for k, (codes, scales) in enumerate(_ios(codecs)):
+        codes.store(state_refs[2 * k], row, state[2 * k], valid)
+        scales.store(state_refs[2 * k + 1], row, state[2 * k + 1], valid)
 
 
-def _split_refs(refs, mu_codec, nu_codec, n_leaves, apply):
-    """``(m_tables, v_tables, per-leaf (inputs, outputs))`` from a kernel's refs."""
-    n_mt, n_vt = len(mu_codec.kernel_tables()), len(nu_codec.kernel_tables())
-    m_tables, refs = refs[:n_mt], refs[n_mt:]
-    v_tables, refs = refs[:n_vt], refs[n_vt:]
-    n_in = 5 + int(apply)
+def _split_refs(refs, codecs, n_leaves, apply):
+    """``(tables per moment, per-leaf (inputs, outputs))`` from a kernel's refs."""
+    tables = []
+    for codec in codecs:
+        n = len(codec.kernel_tables())
+        tables.append(refs[:n])
+        refs = refs[n:]
+    n_out = 1 + 2 * len(codecs)
+    n_in = n_out + int(apply)
     ins, outs = refs[: n_in * n_leaves], refs[n_in * n_leaves :]
     leaves = [
-        (ins[k * n_in : (k + 1) * n_in], outs[k * 5 : (k + 1) * 5])
+        (ins[k * n_in : (k + 1) * n_in], outs[k * n_out : (k + 1) * n_out])
         for k in range(n_leaves)
     ]
-    return m_tables, v_tables, leaves
+    return tables, leaves
 
 
 def _select(index, branches):
@@ -381,22 +520,21 @@ def _select(index, branches):
     return jax.lax.switch(index, branches)
 
 
-def adam_kernel(
+def kernel(
     hp_ref,
     seed_ref,
     offs_ref,
     *refs,
+    rule,
+    codecs,
     n_leaves,
     nblocks,
     block,
     n_rows,
-    mu_codec,
-    nu_codec,
-    nesterov,
     apply,
     **statics,
 ):
-    """The kernel over a group of leaves that share one static signature.
+    """The kernel of ``rule`` over a group of leaves that share one signature.
 
     The grid runs ``nblocks`` blocks of leaf 0, then of leaf 1, ...: program
     ``i`` takes block ``i % nblocks`` of leaf ``i // nblocks``. The body is
@@ -406,25 +544,22 @@ def adam_kernel(
     the leaf's hyperparameters and seeds are read at its (traced) offsets.
 
     Args:
-      hp_ref: every leaf's `make_hp` vector, flat (`HP_LEN` slots each).
-      seed_ref: every leaf's two final stream seeds, flat.
+      hp_ref: every leaf's hyperparameter vector (`make_hp`,
+        `momentum_hp`), flat (`HP_LEN` slots each).
+      seed_ref: every leaf's final stream seeds, flat (one per moment each).
       offs_ref: the shard's offsets (`OFFS_LEN` slots).
       *refs: the codecs' tables, each leaf's inputs, then each leaf's outputs.
+      rule: the update rule (`AdamRule`, `MomentumRule`).
+      codecs: each moment's codec (``rule.n_moments`` of them).
       n_leaves: leaves in the group.
       nblocks: blocks per leaf.
       block: groups per block.
       n_rows: groups per leaf.
-      mu_codec: codec of the first moment.
-      nu_codec: codec of the second moment.
-      nesterov: Nesterov momentum.
       apply: the fused apply (``p`` among each leaf's inputs).
       **statics: `compute_block`'s other static keywords (the leaves' shared
         ``last``, ``groups_per_row``, ``lead_local``, ``lead_global``).
     """
-    codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec)
-    m_tables, v_tables, leaf_refs = _split_refs(
-        refs, mu_codec, nu_codec, n_leaves, apply
-    )
+    tables, leaf_refs = _split_refs(refs, codecs, n_leaves, apply)
     i = pl.program_id(0)
     if n_leaves == 1:
         leaf, block_index = 0, i
@@ -437,18 +572,19 @@ def adam_kernel(
     loaded = _select(
         leaf,
         [
-            functools.partial(load_block, ins, row, valid, apply=apply, **codecs)
+            functools.partial(load_block, ins, row, valid, codecs=codecs, apply=apply)
             for ins, _ in leaf_refs
         ],
     )
-    hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(HP_FIELDS))]
-    seeds = [seed_ref[leaf * 2 + k] for k in range(2)]
-    kw = dict(nesterov=nesterov, **codecs, **statics)
-    result = compute_block(loaded, row, hp, seeds, offs_ref, m_tables, v_tables, **kw)
+    n = len(codecs)
+    hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(rule.hp_fields))]
+    seeds = [seed_ref[leaf * n + k] for k in range(n)]
+    kw = dict(rule=rule, codecs=codecs, **statics)
+    result = compute_block(loaded, row, hp, seeds, offs_ref, tables, **kw)
     _select(
         leaf,
         [
-            functools.partial(store_block, outs, row, valid, result, **codecs)
+            functools.partial(store_block, outs, row, valid, result, codecs=codecs)
             for _, outs in leaf_refs
         ],
     )
