@@ -389,6 +389,7 @@ def _muon(
             preconditioning=preconditioning,
             weight_dimension_numbers=dims,
             policy=policy,
+            impl=impl,
         ),
         _muon_tx.scale_by_shape(dims, consistent_rms),
         _decay(weight_decay, weight_decay_mask),
@@ -466,6 +467,21 @@ def _muon_options(preset: _presets.AdamPreset) -> tuple[_gen.Arg, ...]:
     )
 
 
+def _muon_common_args() -> tuple[_gen.Arg, ...]:
+    """``policy`` and ``impl``, ``impl`` documented for Muon's momentum too."""
+    return tuple(
+        a._replace(
+            doc="``'auto'`` (Pallas kernels on GPU/TPU, jnp on CPU), ``'jnp'`` or "
+            "``'pallas'``: the momentum step of the matrices "
+            "(`scale_by_muon_quantized`) and the Adam fallback "
+            "(`scale_by_adam_quantized`)."
+        )
+        if a.name == "impl"
+        else a
+        for a in _presets.COMMON_ARGS[1:]
+    )
+
+
 def _make_muon(preset: _presets.AdamPreset) -> Callable[..., Any]:
     """``muon_<name>``, generated from the preset like the Adam aliases."""
     return _gen.function(
@@ -474,7 +490,7 @@ def _make_muon(preset: _presets.AdamPreset) -> Callable[..., Any]:
             *_MUON_ARGS,
             *_muon_options(preset),
             *_MUON_OPTIONS,
-            *_presets.COMMON_ARGS[1:],  # policy, impl (nesterov is Muon's)
+            *_muon_common_args(),  # policy, impl (nesterov is Muon's)
         ),
         functools.partial(_muon, preset),
         _presets.preset_doc(_MUON_DOC, preset),

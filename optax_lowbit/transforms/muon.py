@@ -10,10 +10,18 @@ and the new momentum is encoded again. Muon keeps one buffer per matrix, so a
 
 The state has the fields of `optax.contrib.MuonState` (``count``, ``mu``,
 ``ns_coeffs``), with ``mu`` a moment tree (`Packed` or plain leaves).
+
+The momentum step (decode, step, encode) runs leaf by leaf in jnp, or, with
+``impl`` resolving to Pallas, in the fused kernel of `optax_lowbit.kernels`
+(the Adam kernel's loop with `kernels.loop.MomentumRule`) for the leaves
+whose codec has one; both take the one step `kernels.loop.momentum_step`
+and the same stochastic-rounding streams, so the state and ``m_hat`` are
+the same. Newton-Schulz is matmuls: XLA's, on either path.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +33,8 @@ from optax_lowbit import _checks
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import _quantized
 
+#: What ``impl`` accepts (as `scale_by_adam_quantized`'s).
+_IMPLS = ("auto", "jnp", "pallas")
 #: Optax's default Newton-Schulz coefficients and its named presets.
 DEFAULT_NS_COEFFS = _muon._DEFAULT_NS_COEFFS
 NS_COEFFS_PRESETS = _muon._NS_COEFFS_PRESET_DICT
@@ -126,6 +136,7 @@ def scale_by_muon_quantized(
     preconditioning: str = "frobenius",
     weight_dimension_numbers: Any = None,
     policy: Any = None,
+    impl: str = "auto",
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Muon's rule, keeping the momentum in ``mu_codec``.
 
@@ -141,7 +152,10 @@ def scale_by_muon_quantized(
     computed in float32 from the decoded momentum, ``NS`` the Newton-Schulz
     orthogonalization of `optax.contrib.scale_by_muon`; then ``m`` is encoded
     again. Faults as every optimizer here: a non-finite element of ``g`` keeps
-    its old momentum (`optax_lowbit.codecs.base.saturate_or_keep`).
+    its old momentum (`optax_lowbit.codecs.base.saturate_or_keep`). The step
+    is `optax_lowbit.kernels.loop.momentum_step` (Optax's to an ulp or two:
+    its sums are arranged so that FMA contraction cannot round the kernel and
+    the jnp path differently).
 
     Args:
       mu_codec: codec of the momentum on quantized leaves (must be signed).
@@ -160,6 +174,11 @@ def scale_by_muon_quantized(
         (a tree or a callable), as in Optax; ``None``: every leaf a matrix.
       policy: ``policy(path, leaf) -> bool``, which leaves are quantized
         (`optax_lowbit.policy`); ``None`` is ``lowbit.policy.default()``.
+      impl: ``"auto"`` (the fused Pallas kernel on GPU/TPU, jnp on CPU),
+        ``"jnp"`` (the momentum step leaf by leaf in ``jnp``) or
+        ``"pallas"`` (the kernel for the quantized leaves whose codec has one,
+        `optax_lowbit.kernels.adam.has_kernel`, jnp for the others; on a CPU
+        backend through the Pallas interpreter). The results are the same.
 
     Returns:
       An `optax.GradientTransformation` whose state is a
@@ -188,6 +207,8 @@ def scale_by_muon_quantized(
     _checks.is_bool("nesterov", nesterov)
     _checks.is_bool("adaptive", adaptive)
     _checks.one_of("preconditioning", preconditioning, _muon._PRECONDITIONINGS)
+    hint = "'auto' uses the Pallas kernel on GPU/TPU and jnp on CPU."
+    _checks.one_of("impl", impl, _IMPLS, hint)
     fallback = _quantized.moment_dtype("mu_dtype", mu_dtype)
     policy = _quantized.resolve_policy(policy)
     coeffs = _ns_coeffs(ns_coeffs, ns_steps)  # checked at construction, as Optax
@@ -202,20 +223,20 @@ def scale_by_muon_quantized(
         count = optax.safe_increment(state.count)
         bc = 1 - beta**count
         bc_next = 1 - beta ** optax.safe_increment(count)
+        hp = _kernel("loop").momentum_hp(beta, bc, bc_next)
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            g32 = g.astype(m.dtype)
-            new_m = (1 - beta) * g32 + beta * m
-            if nesterov:
-                m_hat = beta * (new_m / bc_next) + (1 - beta) * (g32 / bc)
-            else:
-                m_hat = new_m / bc
-            ok = base.is_finite(g32)
-            return m_hat, base.saturate_or_keep(new_m, m, ok)
+            g = g.astype(m.dtype)
+            return _kernel("loop").momentum_step(g, m, hp, nesterov=nesterov)
 
-        m_hat, (mu,) = _quantized.map_leaves(
-            step, updates, (state.mu,), (mu_codec,), seed=count
-        )
+        if _kernel("_backend").use_pallas(impl):
+            m_hat, mu = fused_momentum(
+                updates, state.mu, count, hp, mu_codec, nesterov, step
+            )
+        else:
+            m_hat, (mu,) = _quantized.map_leaves(
+                step, updates, (state.mu,), (mu_codec,), seed=count
+            )
 
         def orthogonalize(x: jax.Array, dims: Any = None) -> jax.Array:
             return _muon.orthogonalize_via_newton_schulz(
@@ -241,3 +262,65 @@ def scale_by_muon_quantized(
     return _quantized.transformation(
         init_fn, update_fn, ScaleByMuonQuantizedState, "scale_by_muon"
     )
+
+
+def _kernel(module: str) -> Any:
+    """``optax_lowbit.kernels.<module>``, imported when first used."""
+    return importlib.import_module(f"optax_lowbit.kernels.{module}")
+
+
+def fused_momentum(
+    updates: Any,
+    mu: Any,
+    count: jax.Array,
+    hp: jax.Array,
+    mu_codec: base.Codec,
+    nesterov: bool,
+    step: Any,
+) -> tuple[Any, Any]:
+    """The momentum step over a tree: the kernel where the codec has one.
+
+    `Packed` leaves of a codec with a kernel take the fused momentum kernel
+    (`kernels.adam.rule_update_many` with `kernels.loop.MomentumRule`: one
+    launch per leaf signature, same-shape leaves together) on their float32
+    update; the others take ``step`` through `_quantized.map_leaves`. Leaf
+    ``i`` rounds with the stream ``leaf_seed(count, i, 0)`` either way.
+
+    Args:
+      updates: the incoming updates.
+      mu: the momentum tree of the state.
+      count: the new step count.
+      hp: `kernels.loop.momentum_hp`'s vector.
+      mu_codec: the momentum's codec.
+      nesterov: Nesterov momentum.
+      step: the jnp step of one leaf, ``step(g, m) -> (m_hat, m)``.
+
+    Returns:
+      ``(m_hat, new_mu)``: float32 trees of the updates' structure and the
+      new momentum tree.
+    """
+    kadam = _kernel("adam")
+    fusable = kadam.has_kernel(mu_codec)
+    flat, _, (mus,), rewrap = _quantized.flatten_with_moments(updates, (mu,))
+    outs, new = [None] * len(flat), [None] * len(flat)
+    idx = []  # the kernel's leaves, stepped together below
+    for i, (g, m) in enumerate(zip(flat, mus, strict=True)):
+        if fusable and _quantized.is_packed(m):
+            idx.append(i)
+            continue
+        m_hat, (m,) = _quantized.map_leaves(
+            step, [g], ([m],), (mu_codec,), seed=count, first_leaf=i
+        )
+        outs[i], new[i] = m_hat[0], m[0]
+    config = kadam.launch_config(_kernel("loop").MomentumRule(nesterov), [mu_codec])
+    results = kadam.rule_update_many(
+        config,
+        [flat[i].astype(jnp.float32) for i in idx],
+        [(mus[i],) for i in idx],
+        [hp] * len(idx),
+        [(_quantized.leaf_seed(count, i, 0),) for i in idx],
+    )
+    for i, (m_hat, (m,)) in zip(idx, results, strict=True):
+        outs[i], new[i] = m_hat, m
+    m_hat, (mu,) = rewrap(outs, [new])
+    return m_hat, mu
