@@ -1,12 +1,14 @@
-"""Operations per element of the fused Adam kernels, counted offline (no GPU).
+"""Operations per element of the fused kernels, counted offline (no GPU).
 
 Run on any machine: ``python -m benchmarks.kernel_ops`` (``--json PATH`` to
 write elsewhere than ``benchmarks/results/kernel_ops_cpu.json``).
 
 For each preset's codec pair (``polar2``, ``polar1.5``, ``4bit``, ``8bit``;
 π-Quant's preset pairs groups of 96 with a 128-group ``nu`` and takes no
-kernel) and path (``chain``: the kernel writes ``u``; ``fused``: it
-applies AdamW) it lowers one kernel launch for CUDA with the Pallas Triton
+kernel) and path (``chain``: the Adam kernel writes ``u``; ``fused``: it
+applies AdamW; ``momentum``: Muon's momentum kernel, the same loop with
+`loop.MomentumRule` over the preset's first-moment codec, writes ``m_hat``)
+it lowers one kernel launch for CUDA with the Pallas Triton
 lowering forced (``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
 works on a CPU-only jaxlib), catches the Triton module (TTIR) that Pallas
 builds before serialising it, runs MLIR's ``canonicalize`` and ``cse`` on it
@@ -57,7 +59,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from optax_lowbit.kernels import _backend, launch
+from optax_lowbit.kernels import _backend, launch, loop
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
 
@@ -68,7 +70,7 @@ CASES: dict[str, Callable[[], tuple[Any, Any]]] = {
     "4bit": lambda: adam_presets.blockwise_codecs(4),
     "8bit": lambda: adam_presets.blockwise_codecs(8),
 }
-PATHS = ("chain", "fused")
+PATHS = ("chain", "fused", "momentum")
 #: A leaf whose last axis is a multiple of every group size (64, 128, 256)
 #: and whose group count a 16-group block divides (no masked tail).
 SHAPE = (16, 6144)
@@ -222,7 +224,7 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
 
     Args:
       name: a key of `CASES`.
-      path: ``"chain"`` or ``"fused"``.
+      path: ``"chain"``, ``"fused"`` or ``"momentum"`` (`PATHS`).
       shape: the leaf's shape (its groups must fill whole blocks).
 
     Returns:
@@ -231,8 +233,14 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
     """
     mu_codec, nu_codec = CASES[name]()
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    muon = path == "momentum"
 
     def step(g, p):
+        if muon:  # Muon's momentum: the first moment's codec alone
+            config = kadam.launch_config(loop.MomentumRule(True), (mu_codec,))
+            hp = loop.momentum_hp(0.95, 0.05, 0.0975)
+            mu = mu_codec.zeros(shape)
+            return kadam.rule_update(config, g, (mu,), hp, (1,), impl="pallas")
         hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
         return kadam.adam_update(
             g,
@@ -257,7 +265,7 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
     return {
         "case": name,
         "path": path,
-        "codecs": [mu_codec.name, nu_codec.name],
+        "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
         "elements_per_program": elements,
         **per_element(counts, elements),
         "ops": {
