@@ -7,7 +7,7 @@ For each preset's codec pair (``polar2``, ``polar1.5``, ``4bit``, ``8bit``;
 π-Quant's preset pairs groups of 96 with a 128-group ``nu`` and takes no
 kernel) and path (``chain``: the Adam kernel writes ``u``; ``fused``: it
 applies AdamW; ``momentum``: Muon's momentum kernel, the same loop with
-`loop.MomentumRule` over the preset's first-moment codec, writes ``m_hat``)
+`rules.MomentumRule` over the preset's first-moment codec, writes ``m_hat``)
 it lowers one kernel launch for CUDA with the Pallas Triton
 lowering forced (``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
 works on a CPU-only jaxlib), catches the Triton module (TTIR) that Pallas
@@ -59,7 +59,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from optax_lowbit.kernels import _backend, launch, loop
+from optax_lowbit.kernels import _backend, launch, rules
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
 
@@ -237,8 +237,8 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
 
     def step(g, p):
         if muon:  # Muon's momentum: the first moment's codec alone
-            config = kadam.launch_config(loop.MomentumRule(True), (mu_codec,))
-            hp = loop.momentum_hp(0.95, 0.05, 0.0975)
+            config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
+            hp = rules.momentum_hp(0.95, 0.05, 0.0975)
             mu = mu_codec.zeros(shape)
             return kadam.rule_update(config, g, (mu,), hp, (1,), impl="pallas")
         hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)

@@ -10,22 +10,24 @@ rounding draws the bits of the jnp path, so the codes equal
 `adam_update_reference`'s.
 
 This module is the public face of the kernels. The kernel is one loop
-parameterised by an update rule over a list of moments: `loop.AdamRule` (two
-moments to ``u``: `adam_update`, `adam_update_many`) or `loop.MomentumRule`
-(Muon's momentum to ``m_hat``, `loop.momentum_step`, hyperparameters from
-`loop.momentum_hp`); `rule_update` and `rule_update_many` run any rule under
+parameterised by an update rule over a list of moments: `rules.AdamRule` (two
+moments to ``u``: `adam_update`, `adam_update_many`) or `rules.MomentumRule`
+(Muon's momentum to ``m_hat``, `rules.momentum_step`, hyperparameters from
+`rules.momentum_hp`); `rule_update` and `rule_update_many` run any rule under
 a `launch_config`. The parts live beside it, each with its jnp reference:
 
 * `optax_lowbit.kernels.codec_ops`: the codec-specific part: which codecs
   have a kernel (`has_kernel`), their tables, and how a block reads and
   writes codes, scales and values. Its reference is the codec's own group
   math in `optax_lowbit.codecs` (``kernel_decode`` / ``kernel_encode``).
-* `optax_lowbit.kernels.loop`: the shared element loop: the kernel's inputs
-  (`HP_FIELDS`, `make_hp`, `stream_seeds`), the rules and their steps
-  (Adam's `moment_step`, `loop.momentum_step`), the block body and the
-  kernel, and `loop.reference_step`, the same step in jnp over a whole leaf
-  (between the codecs' decode and encode it is what ``impl="jnp"`` and
+* `optax_lowbit.kernels.rules`: the update rules: the kernel's inputs
+  (`HP_FIELDS`, `make_hp`, `rules.momentum_hp`, `stream_seeds`), each
+  rule's step (Adam's `moment_step`, `rules.momentum_step`) and
+  `rules.reference_step`, the same step in jnp over a whole leaf (between
+  the codecs' decode and encode it is what ``impl="jnp"`` and
   `adam_update_reference` run).
+* `optax_lowbit.kernels.loop`: the shared element loop: the block body
+  (load, compute, store) and the kernel over a group of leaves.
 * `optax_lowbit.kernels.launch`: the ``pallas_call``: one leaf, many leaves
   in one launch, leaves sharded on leading axes (``shard_map``), the block
   choice.
@@ -46,9 +48,9 @@ from typing import Any
 import jax
 
 from optax_lowbit.codecs import base
-from optax_lowbit.kernels import _backend, launch, loop
+from optax_lowbit.kernels import _backend, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
-from optax_lowbit.kernels.loop import (
+from optax_lowbit.kernels.rules import (
     HP_FIELDS,
     apply_step,
     make_hp,
@@ -91,7 +93,7 @@ IMPLS = ("pallas", "jnp", "auto")
 
 
 def launch_config(
-    rule: loop.Rule,
+    rule: rules.Rule,
     codecs: Sequence[base.Codec],
     block_groups: int | None = None,
     num_warps: int | None = None,
@@ -100,7 +102,7 @@ def launch_config(
     """What a kernel of ``rule`` over ``codecs`` is launched with.
 
     Args:
-      rule: the update rule (`loop.AdamRule`, `loop.MomentumRule`).
+      rule: the update rule (`rules.AdamRule`, `rules.MomentumRule`).
       codecs: each moment's codec (`has_kernel` must hold for the kernel).
       block_groups: groups per kernel block (a power of two); ``None``:
         `DEFAULT_BLOCK_GROUPS`, read now.
@@ -131,8 +133,8 @@ def rule_update(
     """One fused step of ``config.rule`` on one leaf: ``(out, new_moments)``.
 
     What `adam_update` runs, for any rule (Muon's momentum:
-    ``launch_config(loop.MomentumRule(nesterov), (mu_codec,))`` and
-    `loop.momentum_hp`; pass a float32 ``g`` for a float32 ``m_hat``).
+    ``launch_config(rules.MomentumRule(nesterov), (mu_codec,))`` and
+    `rules.momentum_hp`; pass a float32 ``g`` for a float32 ``m_hat``).
 
     Args:
       config: `launch_config` of the rule and the moments' codecs.
@@ -144,7 +146,7 @@ def rule_update(
       params: the parameter leaf for the fused update-and-apply step (see
         `adam_update`), or ``None``.
       impl: ``"pallas"`` runs the kernel (the Pallas interpreter on CPU);
-        ``"jnp"`` the same step in pure jnp (decode, `loop.reference_step`,
+        ``"jnp"`` the same step in pure jnp (decode, `rules.reference_step`,
         encode; any codec; the launch options are then unused); ``"auto"``
         the kernel on GPU/TPU, jnp on CPU.
 
@@ -159,7 +161,7 @@ def rule_update(
     codecs = config.codecs
     seeds = (None,) * len(codecs) if seeds is None else tuple(seeds)
     decoded = [c.decode(m) for c, m in zip(codecs, moments, strict=True)]
-    out, new = loop.reference_step(config.rule, g, decoded, hp, params)
+    out, new = rules.reference_step(config.rule, g, decoded, hp, params)
     encoded = (c.encode(x, seed=s) for c, x, s in zip(codecs, new, seeds, strict=True))
     return out, tuple(encoded)
 
@@ -235,7 +237,7 @@ def adam_update(
       num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
       lowering: force a GPU lowering (see `_backend.pick`).
       impl: ``"pallas"`` runs the kernel (the Pallas interpreter on CPU);
-        ``"jnp"`` the same step in pure jnp (decode, `loop.reference_step`,
+        ``"jnp"`` the same step in pure jnp (decode, `rules.reference_step`,
         encode; any codec; the launch options are then unused); ``"auto"`` the kernel on
         GPU/TPU, jnp on CPU.
 
@@ -245,7 +247,7 @@ def adam_update(
     """
     codecs = (mu_codec, nu_codec)
     config = launch_config(
-        loop.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
+        rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
     )
     out, (mu, nu) = rule_update(config, g, (mu, nu), hp, seeds, params, impl)
     return out, mu, nu
@@ -307,7 +309,7 @@ def adam_update_many(
     """
     codecs = (mu_codec, nu_codec)
     config = launch_config(
-        loop.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
+        rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
     )
     moments = list(zip(mus, nus, strict=True))
     results = rule_update_many(

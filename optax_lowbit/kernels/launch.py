@@ -1,7 +1,7 @@
 """Launching the fused kernels: one leaf, many leaves, sharded leaves.
 
-Every launch runs `loop.kernel` with one update rule (`loop.AdamRule`,
-`loop.MomentumRule`) over the moments it keeps: nothing here depends on the
+Every launch runs `loop.kernel` with one update rule (`rules.AdamRule`,
+`rules.MomentumRule`) over the moments it keeps: nothing here depends on the
 rule but the number of moments. `one_leaf` runs the kernel over one leaf
 (under ``jax.shard_map``, one launch per device, where the leaf is sharded
 on leading axes under explicit mesh axes); `many_leaves` runs it over many
@@ -15,7 +15,7 @@ codec tables, stream seeds, shard offsets), and updates the state in place
 (aliased inputs).
 
 The jnp reference of a launch is the rule's step leaf by leaf (decode,
-`loop.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
+`rules.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
 launch adds no arithmetic of its own.
 """
 
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from optax_lowbit.codecs import base
-from optax_lowbit.kernels import _backend, codec_ops, loop
+from optax_lowbit.kernels import _backend, codec_ops, loop, rules
 
 #: One leaf's arrays for `launch`: ``(g, state, params, lead_global)``, with
 #: ``state`` each moment's codes and scales, ``(codes_0, scales_0, ...)``.
@@ -45,7 +45,7 @@ class LaunchConfig:
     """What a kernel launch is compiled for (the jitted wrappers' static input).
 
     Attributes:
-      rule: the update rule (`loop.AdamRule`, `loop.MomentumRule`).
+      rule: the update rule (`rules.AdamRule`, `rules.MomentumRule`).
       codecs: each moment's codec (`codec_ops.has_kernel`), as many as the
         rule keeps.
       block_groups: groups per block (a power of two).
@@ -53,7 +53,7 @@ class LaunchConfig:
       lowering: a forced GPU lowering (see `_backend.pick`), or ``None``.
     """
 
-    rule: loop.Rule
+    rule: rules.Rule
     codecs: tuple[base.Codec, ...]
     block_groups: int
     num_warps: int
@@ -118,7 +118,7 @@ def one_leaf(
     Args:
       g: the gradient leaf.
       moments: each moment, `Packed` by its codec in ``config.codecs``.
-      hp: the rule's hyperparameter vector (`loop.make_hp`).
+      hp: the rule's hyperparameter vector (`rules.make_hp`).
       seeds: one ``seed`` per moment as `Codec.encode` takes it, or ``None``.
       params: the parameter leaf to apply the step to (``None``: return the
         rule's output).
@@ -128,7 +128,7 @@ def one_leaf(
       ``(out, new_moments)``.
     """
     _check(g, params, config)
-    final = loop.stream_seeds(seeds, len(config.codecs))
+    final = rules.stream_seeds(seeds, len(config.codecs))
     return _one_leaf(g, tuple(moments), hp, final, params, config=config)
 
 
@@ -312,7 +312,7 @@ def many_leaves(
         for k in idx:
             _check(gs[k], params[k], config)
         final = jnp.stack(
-            [loop.stream_seeds(seeds[k], n_moments)[:n_moments] for k in idx]
+            [rules.stream_seeds(seeds[k], n_moments)[:n_moments] for k in idx]
         )
         outs = _many_leaves(
             tuple(gs[k] for k in idx),
@@ -438,7 +438,7 @@ def launch(
         nbytes += sum(int(x.size) * x.dtype.itemsize for x in leaf_in)
         nbytes += n * gsize * jnp.dtype(out_dtype).itemsize
     n_hp = 1 << max(0, math.ceil(math.log2(hps.size)))
-    n_seed = max(loop.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
+    n_seed = max(rules.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
     hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
     seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
     statics.update(rule=rule, codecs=tuple(codecs))

@@ -13,8 +13,8 @@ The state has the fields of `optax.contrib.MuonState` (``count``, ``mu``,
 
 The momentum step (decode, step, encode) runs leaf by leaf in jnp, or, with
 ``impl`` resolving to Pallas, in the fused kernel of `optax_lowbit.kernels`
-(the Adam kernel's loop with `kernels.loop.MomentumRule`) for the leaves
-whose codec has one; both take the one step `kernels.loop.momentum_step`
+(the Adam kernel's loop with `kernels.rules.MomentumRule`) for the leaves
+whose codec has one; both take the one step `kernels.rules.momentum_step`
 and the same stochastic-rounding streams, so the state and ``m_hat`` are
 the same. Newton-Schulz is matmuls: XLA's, on either path.
 """
@@ -153,7 +153,7 @@ def scale_by_muon_quantized(
     orthogonalization of `optax.contrib.scale_by_muon`; then ``m`` is encoded
     again. Faults as every optimizer here: a non-finite element of ``g`` keeps
     its old momentum (`optax_lowbit.codecs.base.saturate_or_keep`). The step
-    is `optax_lowbit.kernels.loop.momentum_step` (Optax's to an ulp or two:
+    is `optax_lowbit.kernels.rules.momentum_step` (Optax's to an ulp or two:
     its sums are arranged so that FMA contraction cannot round the kernel and
     the jnp path differently).
 
@@ -223,11 +223,11 @@ def scale_by_muon_quantized(
         count = optax.safe_increment(state.count)
         bc = 1 - beta**count
         bc_next = 1 - beta ** optax.safe_increment(count)
-        hp = _kernel("loop").momentum_hp(beta, bc, bc_next)
+        hp = _kernel("rules").momentum_hp(beta, bc, bc_next)
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             g = g.astype(m.dtype)
-            return _kernel("loop").momentum_step(g, m, hp, nesterov=nesterov)
+            return _kernel("rules").momentum_step(g, m, hp, nesterov=nesterov)
 
         if _kernel("_backend").use_pallas(impl):
             m_hat, mu = fused_momentum(
@@ -281,7 +281,7 @@ def fused_momentum(
     """The momentum step over a tree: the kernel where the codec has one.
 
     `Packed` leaves of a codec with a kernel take the fused momentum kernel
-    (`kernels.adam.rule_update_many` with `kernels.loop.MomentumRule`: one
+    (`kernels.adam.rule_update_many` with `kernels.rules.MomentumRule`: one
     launch per leaf signature, same-shape leaves together) on their float32
     update; the others take ``step`` through `_quantized.map_leaves`. Leaf
     ``i`` rounds with the stream ``leaf_seed(count, i, 0)`` either way.
@@ -290,7 +290,7 @@ def fused_momentum(
       updates: the incoming updates.
       mu: the momentum tree of the state.
       count: the new step count.
-      hp: `kernels.loop.momentum_hp`'s vector.
+      hp: `kernels.rules.momentum_hp`'s vector.
       mu_codec: the momentum's codec.
       nesterov: Nesterov momentum.
       step: the jnp step of one leaf, ``step(g, m) -> (m_hat, m)``.
@@ -312,7 +312,7 @@ def fused_momentum(
             step, [g], ([m],), (mu_codec,), seed=count, first_leaf=i
         )
         outs[i], new[i] = m_hat[0], m[0]
-    config = kadam.launch_config(_kernel("loop").MomentumRule(nesterov), [mu_codec])
+    config = kadam.launch_config(_kernel("rules").MomentumRule(nesterov), [mu_codec])
     results = kadam.rule_update_many(
         config,
         [flat[i].astype(jnp.float32) for i in idx],

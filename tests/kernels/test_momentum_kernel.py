@@ -1,6 +1,6 @@
 """Muon's momentum step in the fused kernel (interpret mode) against jnp.
 
-The Adam kernel's loop with `loop.MomentumRule`: per codec with a kernel,
+The Adam kernel's loop with `rules.MomentumRule`: per codec with a kernel,
 several steps on fresh random inputs, same-shape leaves grouped in one
 launch beside a leaf of another shape, rows whose last group is partial and
 a non-finite gradient element; the kernel's ``m_hat``, codes and scales must
@@ -18,7 +18,7 @@ import pytest
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import polar
 from optax_lowbit.kernels import adam as kadam
-from optax_lowbit.kernels import loop
+from optax_lowbit.kernels import rules
 
 #: Every momentum (signed) codec with a kernel.
 CODECS = {
@@ -32,14 +32,14 @@ BETA = 0.95
 
 
 def _config(codec, nesterov):
-    rule = loop.MomentumRule(nesterov)
+    rule = rules.MomentumRule(nesterov)
     return kadam.launch_config(rule, (codec,), block_groups=8)
 
 
 @functools.partial(jax.jit, static_argnames=("codec", "nesterov"))
 def _kernel_step(gs, mus, count, codec, nesterov):
     """One step of every leaf, the leaves of one shape in one launch."""
-    hp = loop.momentum_hp(BETA, 1 - BETA**count, 1 - BETA ** (count + 1))
+    hp = rules.momentum_hp(BETA, 1 - BETA**count, 1 - BETA ** (count + 1))
     seeds = [(lowbit.codecs.base.stream_seed(count, k, 0),) for k in range(len(gs))]
     config = _config(codec, nesterov)
     moments = [(m,) for m in mus]
@@ -50,7 +50,7 @@ def _kernel_step(gs, mus, count, codec, nesterov):
 @functools.partial(jax.jit, static_argnames=("codec", "nesterov"))
 def _reference_step(gs, mus, count, codec, nesterov):
     """The same step in jnp, leaf by leaf."""
-    hp = loop.momentum_hp(BETA, 1 - BETA**count, 1 - BETA ** (count + 1))
+    hp = rules.momentum_hp(BETA, 1 - BETA**count, 1 - BETA ** (count + 1))
     config = _config(codec, nesterov)
     out = []
     for k, (g, m) in enumerate(zip(gs, mus, strict=True)):
@@ -103,7 +103,7 @@ def test_momentum_kernel_equals_jnp_bit_for_bit(name):
 def test_momentum_rule_has_no_fused_apply_and_needs_a_kernel_codec():
     g = jnp.ones((4, 64))
     codec = CODECS["polar2"]
-    hp = loop.momentum_hp(BETA, 0.05)
+    hp = rules.momentum_hp(BETA, 0.05)
     config = _config(codec, True)
     with pytest.raises(ValueError, match="MomentumRule has no fused apply"):
         kadam.rule_update(config, g, (codec.zeros(g.shape),), hp, params=g)
@@ -112,5 +112,5 @@ def test_momentum_rule_has_no_fused_apply_and_needs_a_kernel_codec():
     with pytest.raises(ValueError, match=r"mu_codec=.*has no fused kernel"):
         kadam.rule_update(config, g, (identity.zeros(g.shape),), hp)
     with pytest.raises(ValueError, match="keeps 1 moments, got 2 codecs"):
-        config = kadam.launch_config(loop.MomentumRule(), (codec, codec))
+        config = kadam.launch_config(rules.MomentumRule(), (codec, codec))
         kadam.rule_update(config, g, (codec.zeros(g.shape),) * 2, hp)
