@@ -433,11 +433,22 @@ def copy_ceiling(n: int = 1 << 28) -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e12
 
 
+def compare(got, ref) -> dict[str, float]:
+    """A kernel step's ``(out, mu, nu)`` against the jnp reference's: the
+    output's relative error and the fraction of differing codes and scales."""
+    out = {
+        "out_rel_err": float(jnp.linalg.norm(got[0] - ref[0]) / jnp.linalg.norm(ref[0]))
+    }
+    for name, a, b in (("mu", got[1], ref[1]), ("nu", got[2], ref[2])):
+        out[f"{name}_code_mismatch"] = float(jnp.mean(a.codes != b.codes))
+        out[f"{name}_scale_mismatch"] = float(jnp.mean(a.scales != b.scales))
+    return out
+
+
 def grouped_check(mc, nc, apply: bool, key, n_leaves: int = 3) -> dict:
     """`adam_update_many` over ``n_leaves`` leaves of one shape (one launch:
     the ``lax.switch`` path of v6) against the jnp reference leaf by leaf:
-    the largest fraction of differing codes or scales over the leaves, and the
-    largest relative error of the output."""
+    each of `compare`'s numbers, the largest over the leaves."""
     shape = (300, 1000)  # a partial last group per row, a masked last block
     ks = jax.random.split(key, 4 * n_leaves)
     gs = [jax.random.normal(ks[4 * i], shape) for i in range(n_leaves)]
@@ -465,25 +476,15 @@ def grouped_check(mc, nc, apply: bool, key, n_leaves: int = 3) -> dict:
             gs, ms, vs, hps, seeds=seeds, params=ps, **kw
         )
     )(gs, ms, vs, ps)
-    worst = dict(out_rel_err=0.0, code_mismatch=0.0, scale_mismatch=0.0)
-    for i, (out, m, v) in enumerate(res):
+    worst: dict[str, float] = {}
+    for i, got in enumerate(res):
         ref = jax.jit(
             lambda g, m, v, p, i=i: kadam.adam_update_reference(
                 g, m, v, hps[i], seeds=seeds[i], params=p, **kw
             )
         )(gs[i], ms[i], vs[i], None if ps is None else ps[i])
-        du = float(jnp.linalg.norm(out - ref[0]) / jnp.linalg.norm(ref[0]))
-        codes = max(
-            float(jnp.mean(a.codes != b.codes)) for a, b in ((m, ref[1]), (v, ref[2]))
-        )
-        scales = max(
-            float(jnp.mean(a.scales != b.scales)) for a, b in ((m, ref[1]), (v, ref[2]))
-        )
-        worst = dict(
-            out_rel_err=max(worst["out_rel_err"], du),
-            code_mismatch=max(worst["code_mismatch"], codes),
-            scale_mismatch=max(worst["scale_mismatch"], scales),
-        )
+        for k, x in compare(got, ref).items():
+            worst[k] = max(worst.get(k, 0.0), x)
     return worst
 
 
@@ -520,18 +521,7 @@ def kernel_checks(log, configs=None, variants=None, checks=None):
                     )
                 )(g, m, v, hp, pa)
                 jax.block_until_ready(res)
-                du = jnp.linalg.norm(res[0] - ref[0]) / jnp.linalg.norm(ref[0])
-                out[name] = {
-                    "out_rel_err": float(du),
-                    "mu_code_mismatch": float(jnp.mean(res[1].codes != ref[1].codes)),
-                    "nu_code_mismatch": float(jnp.mean(res[2].codes != ref[2].codes)),
-                    "mu_scale_mismatch": float(
-                        jnp.mean(res[1].scales != ref[1].scales)
-                    ),
-                    "nu_scale_mismatch": float(
-                        jnp.mean(res[2].scales != ref[2].scales)
-                    ),
-                }
+                out[name] = compare(res, ref)
             except Exception as e:
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
             log(f"{name}: {out[name]}")
