@@ -10,6 +10,12 @@ steps under ``jax.profiler.trace`` and reads the Perfetto trace: every
 complete event on a device track is one kernel (or copy). Per row:
 
 * ``kernels_per_step``: device events per step;
+* ``wall_ms``: one step, blocked on (`step_speed`'s timing); ``pipelined_ms``:
+  per step of ``N_TIMED`` steps run back to back and blocked on once, as a
+  training loop runs them (the host's dispatch of a step overlaps the device's
+  work on the one before); ``dispatch_ms``: the host time of the call alone;
+* ``span_ms``: per step, the first kernel's start to the last one's end
+  (the ``--steps`` traced steps split at their longest gaps);
 * ``busy_ms``: per step, the time at least one device event runs (the union
   of their intervals), and ``kernel_ms`` their summed durations;
 * ``idle_ms`` = ``wall_ms - busy_ms``: launch gaps and host time the device
@@ -30,6 +36,7 @@ import gzip
 import json
 import os
 import pathlib
+import statistics
 import tempfile
 import time
 import traceback
@@ -100,6 +107,26 @@ def busy_us(events: list[dict]) -> float:
     return total
 
 
+def span_us(events: list[dict], steps: int) -> float:
+    """Mean span per step (first kernel's start to last kernel's end) of a run of
+    ``steps`` steps, split at the ``steps - 1`` longest idle gaps."""
+    evs = sorted(events, key=lambda e: e["ts"])
+    if not evs:
+        return 0.0
+    gaps, end = [], float(evs[0]["ts"])
+    for k, e in enumerate(evs):
+        if k:
+            gaps.append((float(e["ts"]) - end, k))
+        end = max(end, float(e["ts"]) + float(e.get("dur", 0.0)))
+    cuts = sorted(k for _, k in sorted(gaps, reverse=True)[: steps - 1])
+    spans = []
+    for a, b in zip([0, *cuts], [*cuts, len(evs)], strict=True):
+        seg = evs[a:b]
+        stop = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in seg)
+        spans.append(stop - float(seg[0]["ts"]))
+    return sum(spans) / len(spans)
+
+
 def summarize(events: list[dict], steps: int, top: int = 15) -> dict[str, Any]:
     """Per-step numbers of a traced run of ``steps`` steps (see the module)."""
     per_name: dict[str, list[float]] = collections.defaultdict(list)
@@ -116,6 +143,7 @@ def summarize(events: list[dict], steps: int, top: int = 15) -> dict[str, Any]:
     return {
         "kernels_per_step": len(events) / steps,
         "busy_ms": busy_us(events) / steps / 1e3,
+        "span_ms": span_us(events, steps) / 1e3,
         "kernel_ms": sum(float(e.get("dur", 0.0)) for e in events) / steps / 1e3,
         "by_kind": dict(by_kind),
         "top": [
@@ -159,6 +187,21 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
 
         ms, _, (state, p, _) = step_speed.time_fn(run, state, p, grads)
         rec["wall_ms"] = ms
+        dispatch = []  # host time of the call alone (it returns before the device ends)
+        for _ in range(step_speed.N_TIMED):
+            t0 = time.perf_counter()
+            state, p = run(state, p, grads)
+            dispatch.append((time.perf_counter() - t0) * 1e3)
+            jax.block_until_ready(p)
+        rec["dispatch_ms"] = statistics.median(dispatch)
+        pipelined = []  # steps back to back, as a training loop runs them
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(step_speed.N_TIMED):
+                state, p = run(state, p, grads)
+            jax.block_until_ready(p)
+            pipelined.append((time.perf_counter() - t0) * 1e3 / step_speed.N_TIMED)
+        rec["pipelined_ms"] = statistics.median(pipelined)
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d, create_perfetto_trace=True):
                 for _ in range(steps):
@@ -175,7 +218,8 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
 
 
 def table(records: list[dict]) -> str:
-    cols = ("case", "row", "wall ms", "busy ms", "idle ms", "kernels/step")
+    cols = ("case", "row", "wall ms", "pipelined ms", "dispatch ms", "span ms")
+    cols += ("busy ms", "idle ms", "kernels/step")
     cols += ("pallas ms", "fusion ms")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
@@ -187,6 +231,7 @@ def table(records: list[dict]) -> str:
         kinds = r["by_kind"]
         lines.append(
             f"| {r['case']} | {r['optimizer']}/{r['path']} | {r['wall_ms']:.3f} | "
+            f"{r['pipelined_ms']:.3f} | {r['dispatch_ms']:.3f} | {r['span_ms']:.3f} | "
             f"{r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {r['kernels_per_step']:.0f} | "
             f"{kinds.get('pallas', {}).get('ms', 0.0):.3f} | "
             f"{kinds.get('fusion', {}).get('ms', 0.0):.3f} |"
