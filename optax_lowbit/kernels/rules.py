@@ -12,6 +12,19 @@ stochastic-rounding streams a kernel takes as input.
 
 The element loop that runs a rule over blocks is `optax_lowbit.kernels.loop`;
 adding a rule means a `Rule` subclass here and its hyperparameter vector.
+
+Rounding alike. A step is written so that the kernel and the jnp path round
+it the same way, bit for bit, over any number of steps: every sum has at
+most one product operand (``m + (1 - b) (g - m)``, not Optax's ``(1 - b) g
++ b m``), and nothing in the step divides by a hyperparameter (the
+reciprocals and ratios are formed once per step into ``hp``, by `make_hp`
+and `momentum_hp`, and multiplied). A compiler that contracts a product and
+a sum into a fused multiply-add (XLA on the jnp path, the kernel's
+lowering) then has one way to do it, whereas a sum of two products is
+contracted on either product, differently in the two programs; and XLA
+turns a division by a scalar into a product with its reciprocal on the jnp
+path but not in a kernel. Optax's results are still matched to rounding (an
+ulp or two per step).
 """
 
 from __future__ import annotations
@@ -24,20 +37,22 @@ import jax.numpy as jnp
 
 from optax_lowbit.codecs import base
 
-#: Slots of the hyperparameter vector ``hp`` (float32, length `HP_LEN`).
+#: Slots of `AdamRule`'s hyperparameter vector ``hp`` (`make_hp`; float32,
+#: length `HP_LEN`).
 HP_FIELDS = (
-    "b1",
     "one_minus_b1",
-    "b2",
     "one_minus_b2",
     "eps",
     "eps_root",
-    "bc1",
-    "bc2",
-    "bc1_next",
+    "inv_bc1",
+    "inv_bc2",
+    "g_scale",
+    "m_ratio",
     "learning_rate",
     "weight_decay",
 )
+_LEARNING_RATE = HP_FIELDS.index("learning_rate")
+_WEIGHT_DECAY = HP_FIELDS.index("weight_decay")
 #: Slots of `MomentumRule`'s ``hp`` (`momentum_hp`).
 MOMENTUM_HP_FIELDS = ("one_minus_beta", "inv_bc", "g_scale", "m_ratio")
 #: Lengths of the kernel's hyperparameter and stream-seed inputs.
@@ -56,27 +71,48 @@ def make_hp(
     learning_rate=0.0,
     weight_decay=0.0,
 ) -> jax.Array:
-    """Packs the hyperparameters into the kernel's float32 ``(16,)`` input.
+    """Adam's hyperparameter vector (`HP_FIELDS`): the kernel's float32 ``(16,)``.
 
-    ``1 - b1`` and ``1 - b2`` are formed here, as the jnp path forms them (in
-    Python for numbers), so both paths use the same float32 constants.
-    ``learning_rate`` and ``weight_decay`` are read only by the fused
-    update-and-apply step.
+    ``1 - b1`` and ``1 - b2`` are formed here (in Python for numbers), and
+    the bias corrections' coefficients once per step, in float32, so that
+    `moment_step` multiplies where Optax divides (the module's note on
+    rounding alike): ``inv_bc1 = 1 / bc1``, ``inv_bc2 = 1 / bc2``, and for
+    Nesterov ``g_scale = (1 - b1) / bc1`` and ``m_ratio = b1 bc1 / ((1 - b1)
+    bc1_next)``, so that ``g_scale (g + m_ratio new_m) = b1 new_m / bc1_next
+    + (1 - b1) g / bc1`` (finite for ``b1`` in ``[0, 1)``). The jnp path and
+    the kernel read the same vector. ``learning_rate`` and ``weight_decay``
+    are read only by the fused update-and-apply step (`apply_step`).
+
+    Args:
+      b1: the first moment's decay rate.
+      b2: the second moment's decay rate.
+      eps: added to the denominator outside the square root.
+      eps_root: added to the denominator inside the square root.
+      bc1: the bias correction ``1 - b1**t`` at the new count ``t``.
+      bc2: ``1 - b2**t``.
+      bc1_next: ``1 - b1**(t + 1)`` (read by Nesterov); ``None``: ``bc1``.
+      learning_rate: the fused apply's learning rate.
+      weight_decay: the fused apply's weight decay.
+
+    Returns:
+      float32 ``(16,)``.
     """
+    f32 = lambda x: jnp.asarray(x, jnp.float32).reshape(())  # noqa: E731
+    omb1, omb2, b1 = f32(1 - b1), f32(1 - b2), f32(b1)
+    bc1, bc2 = f32(bc1), f32(bc2)
+    bc1_next = bc1 if bc1_next is None else f32(bc1_next)
     vals = [
-        b1,
-        1 - b1,
-        b2,
-        1 - b2,
-        eps,
-        eps_root,
-        bc1,
-        bc2,
-        bc1 if bc1_next is None else bc1_next,
-        learning_rate,
-        weight_decay,
+        omb1,
+        omb2,
+        f32(eps),
+        f32(eps_root),
+        1 / bc1,
+        1 / bc2,
+        omb1 / bc1,
+        b1 * bc1 / (omb1 * bc1_next),
+        f32(learning_rate),
+        f32(weight_decay),
     ]
-    vals = [jnp.asarray(v, jnp.float32).reshape(()) for v in vals]
     vals += [jnp.zeros((), jnp.float32)] * (HP_LEN - len(vals))
     return jnp.stack(vals)
 
@@ -134,20 +170,13 @@ def momentum_step(g, m, hp, *, nesterov: bool):
 
     ``new_m = (1 - beta) g + beta m``; ``m_hat = beta new_m / bc_next + (1 -
     beta) g / bc`` with Nesterov, else ``new_m / bc``, as
-    `optax.contrib.scale_by_muon`, in forms where every sum has at most one
-    product operand: ``new_m = m + (1 - beta) (g - m)``, ``m_hat = new_m *
-    inv_bc`` and Nesterov's ``m_hat = g_scale * (g + m_ratio * new_m)``
-    (`momentum_hp`'s coefficients). A compiler that contracts a product and
-    a sum into an FMA (XLA on the jnp path, the kernel's lowering) then has
-    one way to do it, so the kernel and the jnp path round alike; a sum of
-    two products (Optax's ``(1 - beta) g + beta m``) is contracted either
-    way, and XLA turns a division by a scalar into a product with its
-    reciprocal on the jnp path but not in a kernel. Optax's results are
-    matched to rounding (an ulp or two). The
-    momentum returned is the one to store (`base.saturate_or_keep`):
-    saturated, and the old one where ``g`` is not finite. The jnp path of
-    `scale_by_muon_quantized` calls it on whole leaves, `MomentumRule` on
-    each block of the kernel.
+    `optax.contrib.scale_by_muon`, in the forms that round alike on both
+    paths (the module's note): ``new_m = m + (1 - beta) (g - m)``, ``m_hat =
+    new_m * inv_bc`` and Nesterov's ``m_hat = g_scale * (g + m_ratio *
+    new_m)`` (`momentum_hp`'s coefficients). The momentum returned is the one
+    to store (`base.saturate_or_keep`): saturated, and the old one where
+    ``g`` is not finite. The jnp path of `scale_by_muon_quantized` calls it
+    on whole leaves, `MomentumRule` on each block of the kernel.
 
     Args:
       g: the update, float32 (complex64 for a complex leaf's plain momentum).
@@ -170,8 +199,15 @@ def momentum_step(g, m, hp, *, nesterov: bool):
 def moment_step(g, m, v, hp, *, nesterov: bool):
     """Adam's step of one leaf in float32: the one definition, for both paths.
 
-    The fused kernels call it on each block, `reference_step` and the ``jnp``
-    path of `scale_by_adam_quantized` on whole leaves.
+    `optax.scale_by_adam`'s ``new_m = (1 - b1) g + b1 m``, ``new_v = (1 - b2)
+    g² + b2 v``, ``m_hat = new_m / bc1`` (Nesterov: ``b1 new_m / bc1_next +
+    (1 - b1) g / bc1``) and ``u = m_hat / (sqrt(new_v / bc2 + eps_root) +
+    eps)``, in the forms that round alike on both paths (the module's note):
+    ``new_m = m + (1 - b1) (g - m)``, ``new_v = v + (1 - b2) (g g - v)``,
+    ``m_hat = new_m * inv_bc1`` (Nesterov: ``g_scale (g + m_ratio new_m)``)
+    and ``new_v * inv_bc2`` (`make_hp`'s coefficients). The fused kernels
+    call it on each block, `reference_step` and the ``jnp`` path of
+    `scale_by_adam_quantized` on whole leaves.
 
     ``u`` is `optax.scale_by_adam`'s, from the float32 moments before they
     are stored: NaN where ``g`` is NaN or inf, as Optax's, and where ``v``
@@ -185,21 +221,21 @@ def moment_step(g, m, v, hp, *, nesterov: bool):
       g: the update, float32.
       m: the first moment before the step (decoded), float32.
       v: the second moment, float32.
-      hp: `make_hp`'s vector (an array or a kernel's ref).
+      hp: `make_hp`'s vector (an array or a kernel's traced scalars).
       nesterov: Nesterov momentum, as `optax.scale_by_adam`.
 
     Returns:
       ``(u, m, v)``, float32.
     """
-    b1, omb1, b2, omb2 = hp[0], hp[1], hp[2], hp[3]
-    eps, eps_root, bc1, bc2 = hp[4], hp[5], hp[6], hp[7]
-    new_m = omb1 * g + b1 * m
-    new_v = omb2 * (g * g) + b2 * v
+    omb1, omb2, eps, eps_root = hp[0], hp[1], hp[2], hp[3]
+    inv_bc1, inv_bc2, g_scale, m_ratio = hp[4], hp[5], hp[6], hp[7]
+    new_m = m + omb1 * (g - m)
+    new_v = v + omb2 * (g * g - v)
     if nesterov:
-        m_hat = b1 * (new_m / hp[8]) + omb1 * (g / bc1)
+        m_hat = g_scale * (g + m_ratio * new_m)
     else:
-        m_hat = new_m / bc1
-    u = m_hat / (jnp.sqrt(new_v / bc2 + eps_root) + eps)
+        m_hat = new_m * inv_bc1
+    u = m_hat / (jnp.sqrt(new_v * inv_bc2 + eps_root) + eps)
     ok = base.is_finite(g)
     u = jnp.where(ok & jnp.isnan(u), 0.0, u)
     return u, base.saturate_or_keep(new_m, m, ok), base.saturate_or_keep(new_v, v, ok)
@@ -293,7 +329,8 @@ def apply_step(p, u, hp):
     Returns:
       The new parameters, float32.
     """
-    return p + (-hp[9]) * (u + hp[10] * p)
+    lr, wd = hp[_LEARNING_RATE], hp[_WEIGHT_DECAY]
+    return p + (-lr) * (u + wd * p)
 
 
 def reference_step(rule: Rule, g, moments, hp, params):

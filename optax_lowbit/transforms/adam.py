@@ -222,26 +222,21 @@ def adam_step(
 
     ``hp`` is the fused kernel's hyperparameter vector (`make_hp`); ``step(g,
     m, v) -> (u, m, v)`` is the same step of one leaf in jnp, float32 moments:
-    the kernels' own `moment_step` (fault rule included), ``u`` cast to
-    ``g``'s dtype.
+    the kernels' own `moment_step` on the same ``hp`` (fault rule included),
+    ``u`` cast to ``g``'s dtype.
     """
     kadam = _kernel_adam()
     bc1 = 1 - b1**count
     bc2 = 1 - b2**count
     bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
     hp = kadam.make_hp(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
-    # The jnp step reads the same slots as numbers where they are numbers, so
-    # XLA folds them as it folds Optax's constants (identical floats to before).
-    hp_values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, bc1, bc2, bc1_next)
 
     def step(g, m, v):
         if jnp.iscomplexobj(g):  # a complex leaf's full-precision moments
             return _quantized.complex_adam_step(
                 g, m, v, b1, b2, eps, eps_root, nesterov, count
             )
-        u, m, v = kadam.moment_step(
-            g.astype(jnp.float32), m, v, hp_values, nesterov=nesterov
-        )
+        u, m, v = kadam.moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
         return u.astype(g.dtype), m, v
 
     return hp, step

@@ -92,7 +92,9 @@ def test_identity_codecs_equal_optax_scale_by_adam(kw, policy):
         chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-6)
     assert int(s_ours.count) == int(s_ref.count) == 100
     mu = lowbit.convert(s_ours, optax.scale_by_adam(**kw), params).mu
-    chex.assert_trees_all_close(mu, s_ref.mu, rtol=1e-6, atol=1e-7)
+    # Ours is m + (1 - b1)(g - m), Optax's (1 - b1) g + b1 m (rules.py's note
+    # on rounding alike): a few ulps of the gradients (|g| to about 10) apart.
+    chex.assert_trees_all_close(mu, s_ref.mu, rtol=1e-6, atol=1e-6)
 
 
 def test_identity_adamw_equals_optax_adamw_params():
