@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -123,3 +124,26 @@ def test_raw_nnx_state_with_variables(make):
     chex.assert_trees_all_close(nnx.to_pure_dict(updates), ref)
     _, again = jax.jit(tx.update)(grads, new, state)  # the state round-trips
     chex.assert_trees_all_equal_structs(again, new)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_small_leaves_batched_or_leaf_by_leaf_step_alike(fused, monkeypatch):
+    """`adam.BATCH_PLAIN_LEAVES`: one flat buffer or leaf by leaf, same values."""
+    from optax_lowbit.transforms import adam
+
+    key = jax.random.key(np.random.default_rng().integers(2**31))
+    params = _params(key)
+    g = _grads(params, jax.random.fold_in(key, 1))
+    kw = dict(
+        weight_decay=0.1, mask=lambda p: {"w": True, "x": False, "b": True, "c": False}
+    )
+    got = []
+    for batched in (True, False):
+        monkeypatch.setattr(adam, "BATCH_PLAIN_LEAVES", batched)
+        if fused:
+            opt = lowbit.fused_adamw_polar(1e-2, impl="jnp", **kw)
+            got.append(jax.jit(opt.step)(g, opt.init(params), params))
+        else:
+            tx = lowbit.adamw_polar(1e-2, impl="jnp", **kw)
+            got.append(jax.jit(tx.update)(g, tx.init(params), params))
+    chex.assert_trees_all_equal(*got)

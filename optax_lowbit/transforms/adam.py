@@ -316,7 +316,8 @@ def fused_leaves(
             applied[i] = params is not None
         elif _is_plain(g, m, v):
             p_dtype = None if params is None else params[i].dtype
-            alone = i if _is_sharded(g) else None  # never concatenated
+            # sharded (or not batched): never concatenated
+            alone = i if _is_sharded(g) or not BATCH_PLAIN_LEAVES else None
             plain.setdefault((g.dtype, m.dtype, v.dtype, p_dtype, alone), []).append(i)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
@@ -379,6 +380,12 @@ def fused_leaves(
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
     new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
     return outs, applied, new_state, lambda xs: rewrap(xs)[0]
+
+
+#: Whether the leaves with plain float moments are stepped as one flat buffer
+#: per dtype combination (`adam_step`) rather than leaf by leaf. Elementwise
+#: either way, so the values are the same; only the kernels XLA runs differ.
+BATCH_PLAIN_LEAVES = True
 
 
 def _is_sharded(x: Any) -> bool:
