@@ -78,16 +78,17 @@ def main() -> None:
             with jax.set_mesh(mesh):
                 state = jax.jit(opt.init)(params)
                 jstep = jax.jit(step_speed.train_step(kind, opt))
-                hlo = jstep.lower(params, state, grads).compile().as_text()
+                args = step_speed.step_args(grads, state, params)
+                hlo = jstep.lower(*args).compile().as_text()
                 p, s = params, state
                 for _ in range(2):
-                    p, s = jstep(p, s, grads)
+                    p, s = jstep(*step_speed.step_args(grads, s, p))
                 jax.block_until_ready((p, s))
                 states[name] = s
                 times = []
                 for _ in range(20):
                     t0 = time.perf_counter()
-                    out = jstep(params, state, grads)
+                    out = jstep(*args)
                     jax.block_until_ready(out)
                     times.append((time.perf_counter() - t0) * 1e3)
             rec = dict(meta, optimizer=name, path=kind, ms=statistics.median(times))

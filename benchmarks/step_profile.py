@@ -179,11 +179,11 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
             donate_argnums=(1, 2) if row.donate else (),
         )
         t0 = time.perf_counter()
-        compiled = jstep.lower(grads, state, p).compile()
+        compiled = jstep.lower(*step_speed.step_args(grads, state, p)).compile()
         rec["compile_s"] = time.perf_counter() - t0
 
         def run(s, p, g):
-            p, s = compiled(g, s, p)
+            p, s = compiled(*step_speed.step_args(g, s, p))
             return s, p
 
         ms, _, (state, p, _) = step_speed.time_fn(run, state, p, grads)
@@ -248,6 +248,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--impl", default="pallas", choices=("pallas", "jnp"))
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny case")
     ap.add_argument(
+        "--state-first",
+        action="store_true",
+        help="time step(grads, state, params) (step_speed.PARAMS_FIRST)",
+    )
+    ap.add_argument(
         "--leafwise-plain",
         action="store_true",
         help="step the small float leaves leaf by leaf (adam.BATCH_PLAIN_LEAVES)",
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         step_speed.N_TIMED, step_speed.N_WARM = 3, 1
     adam.BATCH_PLAIN_LEAVES = not args.leafwise_plain
+    step_speed.PARAMS_FIRST = not args.state_first
     cases = ["tiny_tree"] if args.tiny else [c for c in args.cases.split(",") if c]
     wanted = [tuple(r.split("/")) for r in args.rows.split(",") if r]
     meta = step_speed.run_meta(args)

@@ -213,16 +213,38 @@ def rows_for(
     return rows
 
 
+#: The timed step's argument order. ``True``: ``step(grads, params, state) ->
+#: (params, state)``, the order of a training loop's ``params, opt_state =
+#: train_step(params, opt_state, batch)``. With params and state donated, jit
+#: pairs each output with the first donated input of the same shape and dtype
+#: (in order), so outputs in the donated inputs' order alias their own
+#: buffers. ``False``: ``step(grads, state, params)``, the fused step's own
+#: order, where a new parameter lands in a moment's old buffer whenever the
+#: two share a shape and dtype (float moments: the small leaves, and every leaf
+#: of ``optax.adamw``): XLA then adds copies or temporaries (NOTES_kernels.md,
+#: v7). ``--state-first`` sets it for an A/B.
+PARAMS_FIRST = True
+
+
 def train_step(kind: str, opt):
-    """``step(grads, state, params) -> (params, state)`` of a chain or fused row."""
+    """The timed step of a chain or fused row, in `PARAMS_FIRST`'s order
+    (`step_args` orders its arguments); it returns ``(params, state)``."""
     if kind == "fused":
-        return opt.step
+        inner = opt.step
+    else:
 
-    def step(g, s, p):
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
+        def inner(g, s, p):
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
 
-    return step
+    if PARAMS_FIRST:
+        return lambda g, p, s: inner(g, s, p)
+    return inner
+
+
+def step_args(grads, state, params) -> tuple:
+    """`train_step`'s arguments in `PARAMS_FIRST`'s order."""
+    return (grads, params, state) if PARAMS_FIRST else (grads, state, params)
 
 
 def min_bytes_per_param(path: str, state_bpp: float) -> float:
@@ -285,7 +307,7 @@ def bench_row(row: Row, params, grads, n_params: int) -> dict:
             train_step(row.kind, row.opt), donate_argnums=(1, 2) if row.donate else ()
         )
         t0 = time.perf_counter()
-        compiled = jstep.lower(grads, state, p).compile()
+        compiled = jstep.lower(*step_args(grads, state, p)).compile()
         rec["compile_s"] = time.perf_counter() - t0
         try:
             mem = compiled.memory_analysis()
@@ -298,7 +320,7 @@ def bench_row(row: Row, params, grads, n_params: int) -> dict:
         rec["bytes_per_param"] = min_bytes_per_param(row.path, state_bpp)
 
         def run(s, p, g, compiled=compiled):  # outputs in their arguments' order
-            p, s = compiled(g, s, p)
+            p, s = compiled(*step_args(g, s, p))
             return s, p
 
         ms, ms_min, (state, p, _) = time_fn(run, state, p, grads)
@@ -723,11 +745,11 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
             )
             step = train_step(row.kind, row.opt)
 
-            def fn(g, s, p, step=step):
-                return step(g, s, p)
+            def fn(*args, step=step):
+                return step(*args)
 
             fn.__name__ = fn.__qualname__ = name
-            jax.jit(fn).lower(grads, state, params).compile()
+            jax.jit(fn).lower(*step_args(grads, state, params)).compile()
         except Exception as e:
             rec["ptx_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         out.append(rec)
@@ -826,6 +848,9 @@ def run_meta(args: argparse.Namespace) -> dict:
         "impl": args.impl,
         "lowering": os.environ.get("OPTAX_LOWBIT_GPU_LOWERING", "triton"),
         "leaves_per_launch": kadam.LEAVES_PER_LAUNCH,
+        "step_signature": "step(grads, params, state)"
+        if PARAMS_FIRST
+        else "step(grads, state, params)",
         "argv": sys.argv[1:],
         "bytes_per_param_rule": min_bytes_per_param.__doc__.split("\n\n")[0],
         "baseline_rule": "baseline_ms: the faster of optax.adamw (plain jit) and "
@@ -979,6 +1004,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="most leaves of one shape per kernel launch (1: one launch per "
         "leaf, the pre-v6 path; default: no limit, NOTES_kernels.md v6)",
     )
+    ap.add_argument(
+        "--state-first",
+        action="store_true",
+        help="time step(grads, state, params) instead of step(grads, params, "
+        "state) (PARAMS_FIRST: the donated outputs' aliasing)",
+    )
     ap.add_argument("--ptx-child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1007,6 +1038,8 @@ def main(argv: list[str] | None = None) -> dict:
         kadam.DEFAULT_NUM_WARPS = args.num_warps
     if args.leaves_per_launch:
         kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
+    global PARAMS_FIRST
+    PARAMS_FIRST = not args.state_first
     if args.ptx_child:
         ptx_child(
             args.ptx_child, args.impl, tuple(filter(None, args.optimizers.split(",")))
