@@ -2,10 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+
+from tests._bench import run_module
 
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
@@ -30,17 +30,9 @@ V_KEYS = (
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("codec_error")
-    # A subprocess: quick mode changes jax config, which must not leak here.
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.codec_error", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    stdout = run_module("benchmarks.codec_error", "--quick", "--out", str(out))
     doc = json.loads((out / "codec_error.json").read_text())
-    return out, doc, proc.stdout
+    return out, doc, stdout
 
 
 def _find(records, data, family, variant=None):

@@ -1,14 +1,13 @@
 """benchmarks/muon_speed.py: its kernel check on CPU (interpret mode), smoke run."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from benchmarks import muon_speed
+from tests._bench import run_module
 
 
 def test_state_mismatch_counts_differing_elements():
@@ -33,13 +32,7 @@ def test_check_kernel_equals_jnp_on_cpu():
 @pytest.mark.slow
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "m.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.muon_speed", "--tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_module("benchmarks.muon_speed", "--tiny", "--out", str(out))
     data = json.loads(out.read_text())
     names = [r["optimizer"] for r in data["records"]]
     assert names[:2] == ["optax.muon", "optax.muon_donated"]

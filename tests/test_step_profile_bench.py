@@ -1,8 +1,6 @@
 """benchmarks/step_profile.py: trace arithmetic on fresh events, CPU smoke run."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import step_profile
+from tests._bench import run_module
 
 
 def _events(rng, n, pid=1, t0=0.0):
@@ -95,14 +94,17 @@ def test_bad_arguments_name_the_argument(argv, capsys):
 @pytest.mark.slow
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "p.json"
-    cmd = [sys.executable, "-m", "benchmarks.step_profile", "--tiny", "--impl", "jnp"]
-    proc = subprocess.run(
-        [*cmd, "--rows", "optax.adamw/xla,polar2/fused", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    rows = "optax.adamw/xla,polar2/fused"
+    run_module(
+        "benchmarks.step_profile",
+        "--tiny",
+        "--impl",
+        "jnp",
+        "--rows",
+        rows,
+        "--out",
+        str(out),
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["meta"]["jax_version"] and data["meta"]["date"]
     rows = {(r["optimizer"], r["path"]) for r in data["records"]}

@@ -2,10 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+
+from tests._bench import run_module
 
 pytest.importorskip("matplotlib")
 
@@ -41,17 +41,9 @@ META = (
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("step_speed") / "step_speed_h200.json"
-    # A subprocess: the run sets module globals (timing counts, kernel config).
-    cmd = [sys.executable, "-m", "benchmarks.step_speed", "--tiny", "--impl", "jnp"]
-    proc = subprocess.run(
-        [*cmd, "--optimizers", "polar2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, json.loads(out.read_text()), proc.stdout
+    args = ("--tiny", "--impl", "jnp", "--optimizers", "polar2", "--out", str(out))
+    stdout = run_module("benchmarks.step_speed", *args)
+    return out, json.loads(out.read_text()), stdout
 
 
 def test_meta_and_png(tiny):
