@@ -383,7 +383,7 @@ def fused_leaves(
 
 
 #: Whether the leaves with plain float moments are stepped as one flat buffer
-#: per dtype combination (`adam_step`) rather than leaf by leaf. Elementwise
+#: per dtype combination (`fused_leaves`) rather than leaf by leaf. Elementwise
 #: either way, so the values are the same; only the kernels XLA runs differ.
 BATCH_PLAIN_LEAVES = True
 
