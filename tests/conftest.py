@@ -2,7 +2,8 @@
 
 Profiles (pick with ``OPTAX_LOWBIT_HYPOTHESIS=fuzz``):
   ci   (default) few examples per property, to keep CI fast;
-  fuzz           >= 1000 examples per property, for long runs.
+  fuzz           >= 1000 examples per property, for long runs; tests whose
+                 examples are costly pin their own ``max_examples`` and keep it.
 """
 
 import atexit

@@ -19,7 +19,7 @@ def _events(rng, n, pid=1, t0=0.0):
     ]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40))
 def test_busy_is_the_union_of_intervals(seed, n):
     evs = _events(np.random.default_rng(seed), n)
