@@ -42,7 +42,11 @@ class FusedOptimizer(NamedTuple):
       init: ``init(params) -> state``, the state of ``tx``.
       step: ``step(grads, state, params) -> (new_params, new_state)``. Jit it
         with ``donate_argnums=(1, 2)`` so parameters and state are updated in
-        place.
+        place. In a train step of your own, donating both, put the
+        parameters before the state in its arguments and its results alike:
+        jit pairs each result with the first donated argument of the same
+        shape and dtype, so a mismatched order sends new parameters into old
+        moments' buffers and XLA adds copies (README, step speed).
       tx: the equivalent `optax.GradientTransformation` (same state): use it
         where an Optax transform is needed (``optax.MultiSteps``,
         ``inject_hyperparams``, restoring a checkpoint).
