@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_lowbit.codecs import base
+from optax_lowbit.kernels import rules
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -185,6 +186,10 @@ def simulate(
 ):
     """Coded and fp32 Adam moments on one stream; metrics at ``checkpoints``.
 
+    The coded moments take the optimizer's step (`kernels.rules.moment_step`,
+    the one both the kernels and the jnp path run) and are re-encoded; the
+    fp32 ones are the true EMAs of the same stream.
+
     Args:
       key: PRNG key of the stream.
       shape: ``(rows, N)`` elements (groups along the last axis).
@@ -202,13 +207,16 @@ def simulate(
     k_sigma, k_stream = jax.random.split(key)
     sigma = element_scales(k_sigma, shape, stream)
     enc_m, enc_v = _coder(mu_codec, 0), _coder(nu_codec, 1)
+    # the optimizer's own step (its rounding form, saturation); the stored
+    # moments do not depend on the bias corrections, so any count does
+    hp = rules.make_hp(b1, b2, 0.0, 0.0, 1.0, 1.0)
 
     def one(carry, t):
         mq, vq, m, v = carry
         g = gradient(stream, jax.random.fold_in(k_stream, t), sigma, t, steps)
-        mq = enc_m((1 - b1) * g + b1 * mq, t)
-        vq = enc_v((1 - b2) * g * g + b2 * vq, t)
-        m = (1 - b1) * g + b1 * m
+        _, mq, vq = rules.moment_step(g, mq, vq, hp, nesterov=False)
+        mq, vq = enc_m(mq, t), enc_v(vq, t)
+        m = (1 - b1) * g + b1 * m  # the true EMAs, as Optax writes them
         v = (1 - b2) * g * g + b2 * v
         return (mq, vq, m, v), None
 
