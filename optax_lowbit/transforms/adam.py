@@ -18,7 +18,6 @@ list the structural ones that are numbers or callables in ``static_args``::
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -30,6 +29,8 @@ import optax
 
 from optax_lowbit import _checks, _generate
 from optax_lowbit.codecs import base
+from optax_lowbit.kernels import _backend
+from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import _quantized
 
 _IMPLS = ("auto", "jnp", "pallas")
@@ -199,7 +200,7 @@ def scale_by_adam_quantized(
         check_state_format(state)
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
-        if _kernels().use_pallas(impl):
+        if _backend.use_pallas(impl):
             outs, _, new_state, unflatten = fused_leaves(
                 updates, state, count, hp, mu_codec, nu_codec, nesterov, step
             )
@@ -225,7 +226,6 @@ def adam_step(
     the kernels' own `moment_step` on the same ``hp`` (fault rule included),
     ``u`` cast to ``g``'s dtype.
     """
-    kadam = _kernel_adam()
     bc1 = 1 - b1**count
     bc2 = 1 - b2**count
     bc1_next = 1 - b1 ** optax.safe_increment(count) if nesterov else None
@@ -240,14 +240,6 @@ def adam_step(
         return u.astype(g.dtype), m, v
 
     return hp, step
-
-
-def _kernels() -> Any:
-    return importlib.import_module("optax_lowbit.kernels._backend")
-
-
-def _kernel_adam() -> Any:
-    return importlib.import_module("optax_lowbit.kernels.adam")
 
 
 def fused_leaves(
@@ -296,7 +288,6 @@ def fused_leaves(
       fused or plain), the new state, and ``unflatten(flat)``, which builds
       the updates' tree from flat leaves (``nnx.Variable`` nodes rewrapped).
     """
-    kadam = _kernel_adam()
     fusable = (
         kadam.has_kernel(mu_codec)
         and kadam.has_kernel(nu_codec)

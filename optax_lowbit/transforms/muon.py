@@ -21,7 +21,6 @@ the same. Newton-Schulz is matmuls: XLA's, on either path.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +30,8 @@ from optax.contrib import _muon
 
 from optax_lowbit import _checks
 from optax_lowbit.codecs import base
+from optax_lowbit.kernels import _backend, rules
+from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import _quantized
 
 #: What ``impl`` accepts (as `scale_by_adam_quantized`'s).
@@ -223,13 +224,13 @@ def scale_by_muon_quantized(
         count = optax.safe_increment(state.count)
         bc = 1 - beta**count
         bc_next = 1 - beta ** optax.safe_increment(count)
-        hp = _kernel("rules").momentum_hp(beta, bc, bc_next)
+        hp = rules.momentum_hp(beta, bc, bc_next)
 
         def step(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             g = g.astype(m.dtype)
-            return _kernel("rules").momentum_step(g, m, hp, nesterov=nesterov)
+            return rules.momentum_step(g, m, hp, nesterov=nesterov)
 
-        if _kernel("_backend").use_pallas(impl):
+        if _backend.use_pallas(impl):
             m_hat, mu = fused_momentum(
                 updates, state.mu, count, hp, mu_codec, nesterov, step
             )
@@ -264,11 +265,6 @@ def scale_by_muon_quantized(
     )
 
 
-def _kernel(module: str) -> Any:
-    """``optax_lowbit.kernels.<module>``, imported when first used."""
-    return importlib.import_module(f"optax_lowbit.kernels.{module}")
-
-
 def fused_momentum(
     updates: Any,
     mu: Any,
@@ -299,7 +295,6 @@ def fused_momentum(
       ``(m_hat, new_mu)``: float32 trees of the updates' structure and the
       new momentum tree.
     """
-    kadam = _kernel("adam")
     fusable = kadam.has_kernel(mu_codec)
     flat, _, (mus,), rewrap = _quantized.flatten_with_moments(updates, (mu,))
     outs, new = [None] * len(flat), [None] * len(flat)
@@ -312,7 +307,7 @@ def fused_momentum(
             step, [g], ([m],), (mu_codec,), seed=count, first_leaf=i
         )
         outs[i], new[i] = m_hat[0], m[0]
-    config = kadam.launch_config(_kernel("rules").MomentumRule(nesterov), [mu_codec])
+    config = kadam.launch_config(rules.MomentumRule(nesterov), [mu_codec])
     results = kadam.rule_update_many(
         config,
         [flat[i].astype(jnp.float32) for i in idx],
