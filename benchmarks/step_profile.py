@@ -43,7 +43,6 @@ import traceback
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import step_speed
 from optax_lowbit.transforms import adam
@@ -172,21 +171,10 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
     """Compiles, times and traces one row (see the module)."""
     rec: dict[str, Any] = {"optimizer": row.optimizer, "path": row.path}
     try:
-        p = jax.tree.map(jnp.copy, params)
-        state = jax.jit(row.opt.init)(p)
-        jstep = jax.jit(
-            step_speed.train_step(row.kind, row.opt),
-            donate_argnums=(1, 2) if row.donate else (),
-        )
-        t0 = time.perf_counter()
-        compiled = jstep.lower(*step_speed.step_args(grads, state, p)).compile()
-        rec["compile_s"] = time.perf_counter() - t0
-
-        def run(s, p, g):
-            p, s = compiled(*step_speed.step_args(g, s, p))
-            return s, p
-
-        ms, _, (state, p, _) = step_speed.time_fn(run, state, p, grads)
+        c = step_speed.compile_row(row, params, grads)
+        rec["compile_s"], run = c.compile_s, c.run
+        ms, _, (state, p, _) = step_speed.time_fn(run, c.state, c.params, grads)
+        del c
         rec["wall_ms"] = ms
         dispatch = []  # host time of the call alone (it returns before the device ends)
         for _ in range(step_speed.N_TIMED):

@@ -290,6 +290,41 @@ def time_fn(fn, *args, n=None, warm=None, feed=True):
     return statistics.median(times), min(times), args
 
 
+@dataclasses.dataclass
+class Compiled:
+    """A row's step compiled for a case, with a fresh state and parameters.
+
+    ``run(state, params, grads) -> (state, params)``: one step, its outputs
+    in their arguments' order (`time_fn` feeds them back).
+    """
+
+    run: Any
+    state: Any
+    params: Any
+    compile_s: float
+    executable: Any
+
+
+def compile_row(row: Row, params, grads) -> Compiled:
+    """Copies ``params``, builds the state, jits and compiles ``row``'s step
+    (`train_step`, donated unless ``row.donate`` is false) in `PARAMS_FIRST`'s
+    order; the one place `bench_row` and `step_profile` prepare a step."""
+    p = jax.tree.map(jnp.copy, params)
+    state = jax.jit(row.opt.init)(p)
+    jstep = jax.jit(
+        train_step(row.kind, row.opt), donate_argnums=(1, 2) if row.donate else ()
+    )
+    t0 = time.perf_counter()
+    executable = jstep.lower(*step_args(grads, state, p)).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run(s, p, g):
+        p, s = executable(*step_args(g, s, p))
+        return s, p
+
+    return Compiled(run, state, p, compile_s, executable)
+
+
 def bench_row(row: Row, params, grads, n_params: int) -> dict:
     """Compiles and times one row; every number measured, errors recorded."""
     rec: dict[str, Any] = {
@@ -299,35 +334,23 @@ def bench_row(row: Row, params, grads, n_params: int) -> dict:
         "donated": row.donate,
     }
     try:
-        p = jax.tree.map(jnp.copy, params)
-        init = row.opt.init
-        state = jax.jit(init)(p)
-        state_bpp = lowbit.state_bytes(state) / n_params
-        jstep = jax.jit(
-            train_step(row.kind, row.opt), donate_argnums=(1, 2) if row.donate else ()
-        )
-        t0 = time.perf_counter()
-        compiled = jstep.lower(*step_args(grads, state, p)).compile()
-        rec["compile_s"] = time.perf_counter() - t0
+        c = compile_row(row, params, grads)
+        rec["compile_s"] = c.compile_s
         try:
-            mem = compiled.memory_analysis()
+            mem = c.executable.memory_analysis()
         except Exception:  # not every backend implements it
             mem = None
         rec["temp_bytes_per_param"] = (
             mem.temp_size_in_bytes / n_params if mem is not None else None
         )
+        state_bpp = lowbit.state_bytes(c.state) / n_params
         rec["state_bytes_per_param"] = state_bpp
         rec["bytes_per_param"] = min_bytes_per_param(row.path, state_bpp)
-
-        def run(s, p, g, compiled=compiled):  # outputs in their arguments' order
-            p, s = compiled(*step_args(g, s, p))
-            return s, p
-
-        ms, ms_min, (state, p, _) = time_fn(run, state, p, grads)
+        ms, ms_min, (_, p, _) = time_fn(c.run, c.state, c.params, grads)
         rec["ms"], rec["ms_min"] = ms, ms_min
         rec["tbps"] = rec["bytes_per_param"] * n_params / (ms * 1e-3) / 1e12
         rec["finite"] = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(p))
-        del p, state, compiled
+        del p, c
     except Exception as e:  # record, never fake
         rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         traceback.print_exc(limit=3)
