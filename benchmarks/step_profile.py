@@ -45,7 +45,6 @@ from typing import Any
 import jax
 
 from benchmarks import step_speed
-from optax_lowbit.transforms import adam
 
 #: the rows profiled by default: fp32 AdamW and the polar 2-bit fused and
 #: chain steps
@@ -240,11 +239,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time step(grads, state, params) (step_speed.PARAMS_FIRST)",
     )
-    ap.add_argument(
-        "--leafwise-plain",
-        action="store_true",
-        help="step the small float leaves leaf by leaf (adam.BATCH_PLAIN_LEAVES)",
-    )
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     if args.steps < 1:
@@ -265,12 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.tiny:
         step_speed.N_TIMED, step_speed.N_WARM = 3, 1
-    adam.BATCH_PLAIN_LEAVES = not args.leafwise_plain
     step_speed.PARAMS_FIRST = not args.state_first
     cases = ["tiny_tree"] if args.tiny else [c for c in args.cases.split(",") if c]
     wanted = [tuple(r.split("/")) for r in args.rows.split(",") if r]
     meta = step_speed.run_meta(args)
-    meta["batch_plain_leaves"] = adam.BATCH_PLAIN_LEAVES
     out_dir = pathlib.Path(os.environ.get("OUT") or "benchmarks/results")
     device = "cpu" if jax.default_backend() == "cpu" else "h200"
     path = pathlib.Path(args.out or out_dir / f"step_profile_{device}.json")

@@ -15,8 +15,8 @@ def _params(key):
     return {
         "w": jax.random.normal(k1, (64, 200)),  # quantized, 13 groups per row
         "x": jax.random.normal(k2, (3, 7, 64)),  # quantized, 21 groups
-        "b": jnp.ones((10,)),  # small: float moments, stepped as one flat buffer
-        "c": jnp.full((3, 4), 0.5),  # small too, batched with "b"
+        "b": jnp.ones((10,)),  # small: float moments, stepped in its own shape
+        "c": jnp.full((3, 4), 0.5),  # small too
     }
 
 
@@ -127,23 +127,33 @@ def test_raw_nnx_state_with_variables(make):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_small_leaves_batched_or_leaf_by_leaf_step_alike(fused, monkeypatch):
-    """`adam.BATCH_PLAIN_LEAVES`: one flat buffer or leaf by leaf, same values."""
-    from optax_lowbit.transforms import adam
-
+def test_float_moment_leaves_step_as_optax_adamw(fused):
+    """Leaves the policy keeps in float (each stepped in its own shape) move as
+    under `optax.adamw`, weight decay masked per leaf, a bf16 leaf kept bf16."""
     key = jax.random.key(np.random.default_rng().integers(2**31))
     params = _params(key)
-    g = _grads(params, jax.random.fold_in(key, 1))
-    kw = dict(
-        weight_decay=0.1, mask=lambda p: {"w": True, "x": False, "b": True, "c": False}
-    )
-    got = []
-    for batched in (True, False):
-        monkeypatch.setattr(adam, "BATCH_PLAIN_LEAVES", batched)
-        if fused:
-            opt = lowbit.fused_adamw_polar(1e-2, impl="jnp", **kw)
-            got.append(jax.jit(opt.step)(g, opt.init(params), params))
-        else:
-            tx = lowbit.adamw_polar(1e-2, impl="jnp", **kw)
-            got.append(jax.jit(tx.update)(g, tx.init(params), params))
-    chex.assert_trees_all_equal(*got)
+    params["h"] = jax.random.normal(jax.random.fold_in(key, 2), (5, 3), jnp.bfloat16)
+    mask = lambda p: {"w": True, "x": False, "b": True, "c": False, "h": True}  # noqa: E731
+    kw = dict(weight_decay=0.1, mask=mask)
+    ref_tx = optax.adamw(1e-2, **kw)
+    p_ref, s_ref = params, ref_tx.init(params)
+    never = lambda path, x: False  # noqa: E731
+    if fused:
+        opt = lowbit.adamw_polar(1e-2, impl="jnp", policy=never, fused=True, **kw)
+        step = jax.jit(opt.step)
+    else:
+        tx = lowbit.adamw_polar(1e-2, impl="jnp", policy=never, **kw)
+
+        def step(g, s, p):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        step = jax.jit(step)
+    p_got, s_got = params, (opt if fused else tx).init(params)
+    for i in range(3):
+        g = _grads(params, jax.random.fold_in(key, 10 + i))
+        p_got, s_got = step(g, s_got, p_got)
+        u, s_ref = ref_tx.update(g, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+    chex.assert_trees_all_equal_dtypes(p_got, params)
+    chex.assert_trees_all_close(p_got, p_ref, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,6 @@ list the structural ones that are numbers or callables in ``static_args``::
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -300,16 +298,13 @@ def fused_leaves(
     outs, applied = [None] * n, [False] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
-    plain = {}  # float moments of plain leaves, batched by dtypes (see below)
+    plain = []  # leaves with float moments, stepped leaf by leaf (below)
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             kernel_leaves.append(i)
             applied[i] = params is not None
         elif _is_plain(g, m, v):
-            p_dtype = None if params is None else params[i].dtype
-            # sharded (or not batched): never concatenated
-            alone = i if _is_sharded(g) or not BATCH_PLAIN_LEAVES else None
-            plain.setdefault((g.dtype, m.dtype, v.dtype, p_dtype, alone), []).append(i)
+            plain.append(i)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
@@ -335,57 +330,21 @@ def fused_leaves(
         ]
     for i, (out, m, v) in zip(idx, results, strict=True):
         outs[i], new_m[i], new_v[i] = out, m, v
-    # Leaves with float moments (small ones, the policy's float32 leaves) are
-    # stepped as one flat buffer per dtype combination: XLA then runs a few
-    # fused loops instead of several kernels per leaf (on a GPT-2 tree the
-    # 98 small leaves took 1.1 ms leaf by leaf). Elementwise, so the values
-    # are those of the leaf-by-leaf step. A leaf sharded under explicit mesh
-    # axes is stepped alone, in its own shape: concatenating it would
-    # all-gather its gradient, moments and parameter on every device.
-    for idx in plain.values():
-        if len(idx) == 1:  # one leaf (or a sharded one): in its own shape
-            cat, split = (lambda xs: xs[0]), (lambda x: [x])
-        else:
-            offsets = list(itertools.accumulate(flat[i].size for i in idx))[:-1]
-            cat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])  # noqa: E731
-            split = functools.partial(jnp.split, indices_or_sections=offsets)
-        g = cat([flat[i] for i in idx])
-        m = cat([mus[i].astype(jnp.float32) for i in idx])  # as map_leaves
-        v = cat([nus[i].astype(jnp.float32) for i in idx])
-        u, m, v = step(g, m, v)
+    # Leaves with float moments (small ones, the policy's float32 leaves), leaf
+    # by leaf in their own shapes: XLA fuses these elementwise steps
+    # horizontally into a few multi-output loops and writes each result in
+    # place. Stepping them as one concatenated buffer (tried until
+    # NOTES_kernels.md v9) cost one slice copy per output and leaf: on a GPT-2
+    # tree 294 copy kernels, a 1.27 ms device span against 0.98 ms.
+    for i in plain:
+        u, m, v = step(flat[i], mus[i].astype(jnp.float32), nus[i].astype(jnp.float32))
         if params is not None:
-            p = cat([params[i] for i in idx])
-            k_wd = kadam.HP_FIELDS.index("weight_decay")
-            hp_cat = list(leaf_hps[idx[0]])  # one learning rate, wd per element
-            if len(idx) > 1:
-                hp_cat[k_wd] = cat(
-                    [jnp.full(flat[i].shape, leaf_hps[i][k_wd]) for i in idx]
-                )
-            u = kadam.apply_step(p, u, hp_cat).astype(p.dtype)
-        for i, ui, mi, vi in zip(idx, split(u), split(m), split(v), strict=True):
-            shape = flat[i].shape
-            outs[i] = ui.reshape(shape)
-            new_m[i] = mi.reshape(shape).astype(mus[i].dtype)
-            new_v[i] = vi.reshape(shape).astype(nus[i].dtype)
-            applied[i] = params is not None
+            u = kadam.apply_step(params[i], u, leaf_hps[i]).astype(params[i].dtype)
+            applied[i] = True
+        outs[i], new_m[i], new_v[i] = u, m.astype(mus[i].dtype), v.astype(nus[i].dtype)
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
     new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
     return outs, applied, new_state, lambda xs: rewrap(xs)[0]
-
-
-#: Whether the leaves with plain float moments are stepped as one flat buffer
-#: per dtype combination (`fused_leaves`) rather than leaf by leaf. Elementwise
-#: either way, so the values are the same; only the kernels XLA runs differ.
-BATCH_PLAIN_LEAVES = True
-
-
-def _is_sharded(x: Any) -> bool:
-    """Whether ``x``'s type splits it over a mesh (explicit mesh axes)."""
-    sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        return False
-    return any(s is not None for s in sharding.spec)
 
 
 def _is_plain(g: Any, m: Any, v: Any) -> bool:
