@@ -156,4 +156,13 @@ def test_float_moment_leaves_step_as_optax_adamw(fused):
         u, s_ref = ref_tx.update(g, s_ref, p_ref)
         p_ref = optax.apply_updates(p_ref, u)
     chex.assert_trees_all_equal_dtypes(p_got, params)
+    # bf16 leaf: Optax keeps its moments in bf16, we step them in float32, so
+    # the parameters may differ by a bf16 rounding (2**-8 relative)
+    h_got, h_ref = p_got.pop("h"), p_ref.pop("h")
+    np.testing.assert_allclose(
+        np.asarray(h_got, np.float32),
+        np.asarray(h_ref, np.float32),
+        rtol=1e-2,
+        atol=1e-2,
+    )
     chex.assert_trees_all_close(p_got, p_ref, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ def test_state_mismatch_counts_differing_elements():
         muon_speed.state_mismatch(a, {"x": a["x"]})
 
 
+@pytest.mark.slow  # the benchmark's own check, run as on the device
 def test_check_kernel_equals_jnp_on_cpu():
     got = muon_speed.check(
         "polar2", 1, jax.random.key(np.random.default_rng().integers(2**31))

@@ -7,6 +7,7 @@ import pytest
 from benchmarks import offload_speed
 
 
+@pytest.mark.slow  # a benchmark smoke run
 @pytest.mark.xdist_group("offload_bench")
 def test_offload_speed_tiny_rows(tmp_path):
     out = tmp_path / "offload.json"

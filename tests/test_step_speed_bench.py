@@ -9,7 +9,8 @@ from tests._bench import run_module
 
 pytest.importorskip("matplotlib")
 
-pytestmark = pytest.mark.xdist_group("step_speed_bench")
+# A benchmark smoke run: the slow CI step (OPTAX_LOWBIT_SLOW=1).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("step_speed_bench")]
 
 FIELDS = (
     "case",

@@ -100,6 +100,7 @@ def test_unknown_optimizer_is_rejected():
         train_lm.make_optimizer("sgd9", 1e-3, b1=0.9, b2=0.95, wd=0.1)
 
 
+@pytest.mark.slow  # builds and runs the ResNet
 def test_resnet_shapes_and_policy():
     import jax
     from flax import nnx

@@ -80,9 +80,9 @@ def scale_by_lion_quantized(
       smooth_beta: slope of the ``"smooth"`` mode.
 
     Returns:
-      An `optax.GradientTransformation` whose state is a
-      `ScaleByLionQuantizedState`. Updates have the dtype of the incoming
-      updates.
+      An `optax.GradientTransformation` over a `ScaleByLionQuantizedState`
+      whose updates are the signs (or the ``mode``'s smooth or refined
+      version) of the interpolated momentum, in the incoming updates' dtype.
 
     Examples:
       >>> import jax.numpy as jnp

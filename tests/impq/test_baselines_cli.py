@@ -172,6 +172,7 @@ def test_pipeline_records_and_rules(tiny):
         pipeline.run(m, tokens, tokens, budgets=[3.0], methods=["gptq"])
 
 
+@pytest.mark.slow  # the command line end to end
 def test_cli_writes_json(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged. " * 40)

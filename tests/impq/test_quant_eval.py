@@ -9,6 +9,7 @@ import pytest
 from optax_lowbit.impq import data, model, quant_eval, smollm2
 
 
+@pytest.mark.slow  # the command line end to end
 def test_tiny_end_to_end_through_a_token_file(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged, that a single man. " * 30)

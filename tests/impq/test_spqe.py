@@ -222,6 +222,7 @@ def test_bad_models_and_widths():
         spqe.estimate(fwd, np.zeros((1, 9), int), chain=(4, 3))
 
 
+@pytest.mark.slow  # a whole NNX model through the game
 def test_nnx_tinygpt_model():
     from flax import nnx
 
