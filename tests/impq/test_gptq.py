@@ -119,8 +119,19 @@ def test_gptq_beats_rtn_on_correlated_inputs(layer, bits):
         assert res.weight.rows and res.weight.group_size == 64
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+# 3 bits plain and 2 bits with act-order in the first CI step, the other four
+# settings in the slow one.
+@pytest.mark.parametrize(
+    "bits, act_order",
+    [
+        (3, False),
+        (2, True),
+        pytest.param(2, False, marks=pytest.mark.slow),
+        pytest.param(3, True, marks=pytest.mark.slow),
+        pytest.param(4, False, marks=pytest.mark.slow),
+        pytest.param(4, True, marks=pytest.mark.slow),
+    ],
+)
 def test_lazy_jax_gptq_equals_plain_numpy_float64(bits, act_order):
     rng = np.random.default_rng(bits)
     x = _correlated(rng, 256, 192, 16, 0.3)

@@ -23,14 +23,17 @@ from tests.kernels.test_adam_kernel import VARIANTS, _random_state, _reference
 #: and the fused apply (parameters in place) both covered. π-Quant's two cases
 #: take 15-19 s each in the interpreter on 2 cores: CI's second step runs them
 #: (the group's switch is codec-independent; the other codecs cover it here).
+# polar2 and 4-bit applied (the default fused steps) in the first CI step, the
+# rest in the slow one (5-6 s each, interpreted).
+_SLOW = pytest.mark.slow
 CASES = [
-    ("sr2", False),
     ("sr2", True),
-    ("sr1.5", True),
-    ("blockwise8", False),
     ("blockwise4", True),
-    pytest.param("piquant", False, marks=pytest.mark.slow),
-    pytest.param("piquant-paper", True, marks=pytest.mark.slow),
+    pytest.param("sr2", False, marks=_SLOW),
+    pytest.param("sr1.5", True, marks=_SLOW),
+    pytest.param("blockwise8", False, marks=_SLOW),
+    pytest.param("piquant", False, marks=_SLOW),
+    pytest.param("piquant-paper", True, marks=_SLOW),
 ]
 
 

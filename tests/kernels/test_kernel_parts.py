@@ -45,7 +45,19 @@ def _groups(key, codec, n=40):
     return x.at[0].set(0.0).at[1, : g // 2].set(0.0)
 
 
-@pytest.mark.parametrize("name", sorted(CODECS))
+# The default presets' codecs in the first CI step; the others in the slow one
+# (each kernel is also checked against the jnp path end to end,
+# tests/kernels/test_default_codecs_kernel.py).
+_FIRST_STEP = ("polar2-sr", "stable_nu", "blockwise4")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in _FIRST_STEP else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(CODECS)
+    ],
+)
 def test_kernel_parts_equal_whole_groups(name):
     codec = CODECS[name]()
     assert codec_ops.has_kernel(codec)

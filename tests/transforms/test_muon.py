@@ -165,7 +165,12 @@ def _run_steps(tx, params, steps=3):
 
 @pytest.mark.parametrize(
     "codec, nesterov",
-    [(lowbit.codecs.polar(2), True), (lowbit.codecs.blockwise4(True), False)],
+    [
+        (lowbit.codecs.polar(2), True),
+        # the slow CI step: the momentum kernel's own tests cover blockwise4
+        # (tests/kernels/test_momentum_kernel.py)
+        pytest.param(lowbit.codecs.blockwise4(True), False, marks=pytest.mark.slow),
+    ],
     ids=["polar2", "blockwise4-plain"],
 )
 def test_pallas_momentum_equals_jnp(codec, nesterov):
