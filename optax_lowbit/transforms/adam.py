@@ -261,8 +261,8 @@ def fused_leaves(
     (`adam_update_many`: one kernel launch per leaf signature, leaves of one
     group grid and dtypes together; or its jnp definition
     `adam_update_reference` leaf by leaf when ``use_pallas`` is false);
-    leaves with plain float moments take ``step`` on one flat buffer per dtype
-    combination (and, with ``params``, the AdamW apply); the others take
+    leaves with plain float moments take ``step`` leaf by leaf, in float32 (and,
+    with ``params``, the AdamW apply); the others take
     ``step`` through `_quantized.map_leaves`. Kernel and jnp leaves draw leaf
     ``i``'s stochastic rounding from the streams ``leaf_seed(count, i, 0 | 1)``.
 
