@@ -261,9 +261,10 @@ def fused_leaves(
     (`adam_update_many`: one kernel launch per leaf signature, leaves of one
     group grid and dtypes together; or its jnp definition
     `adam_update_reference` leaf by leaf when ``use_pallas`` is false);
-    leaves with plain float moments take ``step`` leaf by leaf, in float32 (and,
-    with ``params``, the AdamW apply); the others take
-    ``step`` through `_quantized.map_leaves`. Kernel and jnp leaves draw leaf
+    the others (float moments, codecs without a kernel) take ``step`` through
+    `_quantized.map_leaves`, leaf by leaf in their own shapes, and are left for
+    the caller to apply (on a GPU XLA fuses these small elementwise steps into a
+    few loops; NOTES_kernels.md v9). Kernel and jnp leaves draw leaf
     ``i``'s stochastic rounding from the streams ``leaf_seed(count, i, 0 | 1)``.
 
     Args:
@@ -283,7 +284,7 @@ def fused_leaves(
     Returns:
       ``(outs, applied, new_state, unflatten)``: flat per-leaf outputs (``u``,
       or the new parameter where ``applied``: ``params`` given and the leaf
-      fused or plain), the new state, and ``unflatten(flat)``, which builds
+      stepped by the kernel), the new state, and ``unflatten(flat)``, which builds
       the updates' tree from flat leaves (``nnx.Variable`` nodes rewrapped).
     """
     fusable = (
@@ -298,13 +299,10 @@ def fused_leaves(
     outs, applied = [None] * n, [False] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
-    plain = []  # leaves with float moments, stepped leaf by leaf (below)
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             kernel_leaves.append(i)
             applied[i] = params is not None
-        elif _is_plain(g, m, v):
-            plain.append(i)
         else:
             sub_u, (sub_m, sub_v) = _quantized.map_leaves(
                 step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
@@ -330,30 +328,9 @@ def fused_leaves(
         ]
     for i, (out, m, v) in zip(idx, results, strict=True):
         outs[i], new_m[i], new_v[i] = out, m, v
-    # Leaves with float moments (small ones, the policy's float32 leaves), leaf
-    # by leaf in their own shapes: XLA fuses these elementwise steps
-    # horizontally into a few multi-output loops and writes each result in
-    # place. Stepping them as one concatenated buffer (tried until
-    # NOTES_kernels.md v9) cost one slice copy per output and leaf: on a GPT-2
-    # tree 294 copy kernels, a 1.27 ms device span against 0.98 ms.
-    for i in plain:
-        u, m, v = step(flat[i], mus[i].astype(jnp.float32), nus[i].astype(jnp.float32))
-        if params is not None:
-            u = kadam.apply_step(params[i], u, leaf_hps[i]).astype(params[i].dtype)
-            applied[i] = True
-        outs[i], new_m[i], new_v[i] = u, m.astype(mus[i].dtype), v.astype(nus[i].dtype)
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
     new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
     return outs, applied, new_state, lambda xs: rewrap(xs)[0]
-
-
-def _is_plain(g: Any, m: Any, v: Any) -> bool:
-    """Whether a leaf's moments are plain float arrays of its shape."""
-    return (
-        all(isinstance(x, jax.Array) and not _quantized.is_packed(x) for x in (g, m, v))
-        and m.shape == g.shape == v.shape
-        and not any(jnp.iscomplexobj(x) for x in (g, m, v))
-    )
 
 
 # The presets, at their old address.
