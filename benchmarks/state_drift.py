@@ -209,7 +209,7 @@ def simulate(
     enc_m, enc_v = _coder(mu_codec, 0), _coder(nu_codec, 1)
     # the optimizer's own step (its rounding form, saturation); the stored
     # moments do not depend on the bias corrections, so any count does
-    hp = rules.make_hp(b1, b2, 0.0, 0.0, 1.0, 1.0)
+    hp = rules.make_hp(b1, b2, eps=0.0, eps_root=0.0, bc1=1.0, bc2=1.0)
 
     def one(carry, t):
         mq, vq, m, v = carry
