@@ -94,8 +94,8 @@ def fuse_adamw(
     Args:
       tx: the chain, ``chain(scale_by_adam_quantized(...), *tail's links)``.
       tail: the chain of the links after Adam (weight decay, if any, and the
-        learning rate): its state is the rest of ``tx``'s, and it steps the
-        leaves the kernel does not apply.
+        learning rate): its state is the rest of ``tx``'s (the step applies
+        every leaf itself, `kadam.apply_leaf`; the tail advances its state).
       mu_codec: the first moment's codec.
       nu_codec: the second moment's codec.
       adam: ``(b1, b2, eps, eps_root, nesterov)``.
@@ -125,7 +125,7 @@ def fuse_adamw(
         hp_plain = hp.at[kadam.HP_FIELDS.index("learning_rate")].set(lr)
         hp_decay = hp_plain.at[kadam.HP_FIELDS.index("weight_decay")].set(wd)
         p_flat, p_def = jax.tree_util.tree_flatten(params)
-        outs, applied, new_adam, unflatten = tadam.fused_leaves(
+        new_p, new_adam, unflatten = tadam.fused_leaves(
             grads,
             adam_state,
             count,
@@ -138,19 +138,10 @@ def fuse_adamw(
             params=p_flat,
             leaf_hps=[hp_decay if d else hp_plain for d in _mask_leaves(mask, params)],
         )
-        # Applied leaves are done; the chain's updates of the others (XLA
-        # drops the zeros standing in for the applied ones; the chain also
-        # advances its own state, the schedules' counts).
-        u_flat = [
-            jnp.zeros_like(o) if f else o for o, f in zip(outs, applied, strict=True)
-        ]
-        updates, new_tail = tail.update(unflatten(u_flat), tuple(tail_state), params)
-        new_p = [
-            out if f else optax.apply_updates(p, u)
-            for out, f, p, u in zip(
-                outs, applied, p_flat, jax.tree.leaves(updates), strict=True
-            )
-        ]
+        # Every leaf is applied above; the chain only advances its own state
+        # (the schedules' counts): its updates are dropped, and XLA with them.
+        zeros = unflatten([jnp.zeros_like(p) for p in p_flat])
+        _, new_tail = tail.update(zeros, tuple(tail_state), params)
         return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, *new_tail)
 
     return FusedOptimizer(tx.init, step, tx)

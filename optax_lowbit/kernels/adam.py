@@ -52,6 +52,7 @@ from optax_lowbit.kernels import _backend, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
 from optax_lowbit.kernels.rules import (
     HP_FIELDS,
+    apply_leaf,
     apply_step,
     make_hp,
     moment_step,
@@ -67,6 +68,7 @@ __all__ = [
     "adam_update",
     "adam_update_many",
     "adam_update_reference",
+    "apply_leaf",
     "apply_step",
     "has_kernel",
     "launch_config",

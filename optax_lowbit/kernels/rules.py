@@ -6,7 +6,8 @@ and encoding them again, and what the jnp paths compute between the codecs'
 for both. `AdamRule` keeps ``m`` and ``v`` and returns Adam's update ``u``
 (`moment_step`, hyperparameters from `make_hp`); `MomentumRule` keeps Muon's
 momentum and returns its bias-corrected ``m_hat`` (`momentum_step`,
-`momentum_hp`). `apply_step` is AdamW's parameter update of the fused apply,
+`momentum_hp`). `apply_step` is AdamW's parameter update of the fused apply
+(`apply_leaf` on a whole leaf),
 `reference_step` a rule's step over a whole leaf, `stream_seeds` the
 stochastic-rounding streams a kernel takes as input.
 
@@ -350,5 +351,23 @@ def reference_step(rule: Rule, g, moments, hp, params):
     out, moments = rule.step(g.astype(jnp.float32), list(moments), hp)
     if params is None:
         return out.astype(g.dtype), moments
-    p = params.astype(jnp.float32)
-    return apply_step(p, out, hp).astype(params.dtype), moments
+    return apply_leaf(params, out, hp), moments
+
+
+def apply_leaf(params, u, hp):
+    """`apply_step` on a whole parameter leaf of any dtype, in its compute dtype.
+
+    Float parameters are updated in float32 (complex ones in complex64) and
+    cast back to their dtype: what the kernel does per block.
+
+    Args:
+      params: the parameter leaf.
+      u: the leaf's update ``u`` (any float or complex dtype).
+      hp: `make_hp`'s vector with the learning rate and weight decay set.
+
+    Returns:
+      The new parameters, in ``params``' dtype.
+    """
+    dtype = jnp.complex64 if jnp.iscomplexobj(params) else jnp.float32
+    new = apply_step(params.astype(dtype), u.astype(dtype), hp)
+    return new.astype(params.dtype)

@@ -199,7 +199,7 @@ def scale_by_adam_quantized(
         count = optax.safe_increment(state.count)
         hp, step = adam_step(b1, b2, eps, eps_root, nesterov, count)
         if _backend.use_pallas(impl):
-            outs, _, new_state, unflatten = fused_leaves(
+            outs, new_state, unflatten = fused_leaves(
                 updates, state, count, hp, mu_codec, nu_codec, nesterov, step
             )
             return unflatten(outs), new_state
@@ -253,7 +253,7 @@ def fused_leaves(
     use_pallas: bool = True,
     params: Sequence[Any] | None = None,
     leaf_hps: Sequence[jax.Array] | None = None,
-) -> tuple[list[Any], list[bool], ScaleByAdamQuantizedState, Any]:
+) -> tuple[list[Any], ScaleByAdamQuantizedState, Any]:
     """Adam over a tree: the fused kernel on the leaves it handles, ``step`` elsewhere.
 
     Leaves whose moments are both `Packed` by codecs with a kernel
@@ -262,9 +262,10 @@ def fused_leaves(
     group grid and dtypes together; or its jnp definition
     `adam_update_reference` leaf by leaf when ``use_pallas`` is false);
     the others (float moments, codecs without a kernel) take ``step`` through
-    `_quantized.map_leaves`, leaf by leaf in their own shapes, and are left for
-    the caller to apply (on a GPU XLA fuses these small elementwise steps into a
-    few loops; NOTES_kernels.md v9). Kernel and jnp leaves draw leaf
+    `_quantized.map_leaves`, leaf by leaf in their own shapes, and with
+    ``params`` the same AdamW apply as the kernel's (`kadam.apply_leaf`); on a
+    GPU XLA fuses these small elementwise steps into a few multi-output loops
+    (NOTES_kernels.md v9, v11). Kernel and jnp leaves draw leaf
     ``i``'s stochastic rounding from the streams ``leaf_seed(count, i, 0 | 1)``.
 
     Args:
@@ -282,10 +283,10 @@ def fused_leaves(
       leaf_hps: per-leaf ``hp`` for the fused apply (weight decay masked).
 
     Returns:
-      ``(outs, applied, new_state, unflatten)``: flat per-leaf outputs (``u``,
-      or the new parameter where ``applied``: ``params`` given and the leaf
-      stepped by the kernel), the new state, and ``unflatten(flat)``, which builds
-      the updates' tree from flat leaves (``nnx.Variable`` nodes rewrapped).
+      ``(outs, new_state, unflatten)``: flat per-leaf outputs (``u``, or the
+      new parameters when ``params`` is given), the new state, and
+      ``unflatten(flat)``, which builds the updates' tree from flat leaves
+      (``nnx.Variable`` nodes rewrapped).
     """
     fusable = (
         kadam.has_kernel(mu_codec)
@@ -296,18 +297,20 @@ def fused_leaves(
         updates, (state.mu, state.nu)
     )
     n = len(flat)
-    outs, applied = [None] * n, [False] * n
+    outs = [None] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             kernel_leaves.append(i)
-            applied[i] = params is not None
-        else:
-            sub_u, (sub_m, sub_v) = _quantized.map_leaves(
-                step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
-            )
-            outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
+            continue
+        sub_u, (sub_m, sub_v) = _quantized.map_leaves(
+            step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
+        )
+        outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
+        if params is not None:
+            hp_i = hp if leaf_hps is None else leaf_hps[i]
+            outs[i] = kadam.apply_leaf(params[i], outs[i], hp_i)
     # All kernel leaves in one call: the kernel runs the leaves that share a
     # signature (group grid and dtypes) in one launch (adam_update_many).
     idx = kernel_leaves
@@ -330,7 +333,7 @@ def fused_leaves(
         outs[i], new_m[i], new_v[i] = out, m, v
     _, (mu_tree, nu_tree) = rewrap(outs, [new_m, new_v])
     new_state = ScaleByAdamQuantizedState(count, mu_tree, nu_tree, state.format)
-    return outs, applied, new_state, lambda xs: rewrap(xs)[0]
+    return outs, new_state, lambda xs: rewrap(xs)[0]
 
 
 # The presets, at their old address.
