@@ -17,7 +17,10 @@ too when it is a callable).
 The Adam family (``adam_<name>``, ``adamw_<name>`` and the deprecated
 ``fused_adamw_<name>``) and the Muon family (``muon_<name>``) are generated
 from the presets of `optax_lowbit.transforms.adam_presets`; Adafactor, Lion
-and SGD are written out. Why one module of ~750 lines: like Optax's
+and SGD (polar momentum only) are generated from their own argument records
+with the polar preset's options (`_polar_tail`), so ``bits``, ``rounding``,
+``policy`` and ``mu_codec`` are described once. Why one module of ~900 lines:
+like Optax's
 ``alias.py`` it is the one place a user reads for the ready optimizers, most
 of it their argument records and docstrings.
 """
@@ -512,257 +515,334 @@ def _polar(
     return codec if override is None else override
 
 
-def adafactor_polar(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    min_dim_size_to_factor: int = 128,
-    decay_rate: Any = 0.8,
-    decay_offset: Any = 0,
-    multiply_by_parameter_scale: bool = True,
-    clipping_threshold: Any = 1.0,
-    momentum: Any = None,
-    dtype_momentum: Any = None,
-    weight_decay_rate: optax.ScalarOrSchedule | None = None,
-    eps: Any = 1e-30,
-    factored: bool = True,
-    weight_decay_mask: Any = None,
+def _polar_tail(
+    moment: str,
     *,
-    bits: float = 2,
-    rounding: str = _presets.DEFAULT_ROUNDING,
-    policy: Any = None,
-    mu_codec: base.Codec | None = None,
-    nu_codec: base.Codec | None = None,
-) -> optax.GradientTransformation:
-    """Adafactor with its momentum and unfactored second moments in polar codes.
+    coded: str | None = None,
+    rounding_default: str | None = None,
+    rounding_doc: str = "",
+) -> tuple[_gen.Arg, ...]:
+    """The keyword options after ``*`` of the polar-momentum aliases.
 
-    The chain of `optax.adafactor` with two links replaced: the factored
-    row/column statistics stay float32 (they are already small); the second
-    moment of leaves Adafactor does not factor (rank < 2, or a second largest
-    axis < ``min_dim_size_to_factor``) is stored in the unsigned polar code, and
-    the momentum (``momentum=b1``, off by default as in Optax) in the signed
-    one, on the leaves the policy quantizes. With ``momentum=0.9`` on a large
-    factored matrix, the state costs about 0.3 B/param at ``bits=2`` instead of
-    4 (fp32 momentum).
+    The polar preset's ``bits`` and ``rounding`` (`adam_presets`), ``policy``
+    and ``mu_codec``, documented for the state the codecs keep.
 
     Args:
-      learning_rate: a float, a schedule, or ``None`` (no scaling), as in
-        `optax.adafactor`.
-      min_dim_size_to_factor: factor a leaf only if its two largest axes are at
-        least this size. Structural: under ``optax.inject_hyperparams`` list it
-        in ``static_args``.
-      decay_rate: exponent of the second moment's decay schedule.
-      decay_offset: step offset of the decay schedule, for fine-tuning.
-      multiply_by_parameter_scale: scale updates by the parameters' block RMS.
-      clipping_threshold: block-RMS clipping threshold, or ``None``.
-      momentum: decay of the momentum (quantized), or ``None`` for none.
-      dtype_momentum: dtype of the momentum on leaves kept unquantized:
-        ``None`` (float32) or ``jnp.bfloat16``. (Optax's default is
-        ``jnp.float32``, a callable that ``optax.inject_hyperparams`` would
-        take for a schedule; ``None`` avoids that.)
-      weight_decay_rate: decoupled weight decay rate, or ``None``.
-      eps: added to the squared gradient.
-      factored: whether to factor the second moment of rank >= 2 leaves.
-      weight_decay_mask: where weight decay applies (a bool tree or a callable).
-      bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
-        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
-      policy: which leaves are quantized; ``None`` is the default policy.
-      mu_codec: overrides the momentum's codec (signed).
-      nu_codec: overrides the unfactored second moment's codec.
+      moment: the state ``mu_codec`` stores (``"momentum"``, ``"trace"``).
+      coded: every state in polar codes (``None``: ``"the <moment>"``).
+      rounding_default: this alias's default rounding (``None``: the preset's).
+      rounding_doc: why, appended to ``rounding``'s description.
 
     Returns:
-      An `optax.GradientTransformation`, the chain of
-      `scale_by_factored_rms_quantized`, `optax.clip_by_block_rms`,
-      `optax.scale_by_learning_rate`, `optax.scale_by_param_block_rms`,
-      `ema_quantized`, `optax.add_decayed_weights` and ``optax.scale(-1)`` (each
-      where its argument enables it, as in `optax.adafactor`).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax, optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((256, 256)), "b": jnp.zeros(256)}
-      >>> tx = lowbit.adafactor_polar(1e-2, momentum=0.9, bits=2)
-      >>> state = tx.init(params)
-      >>> state[-2].ema["w"].codec_name, state[0].v_row["w"].shape
-      ('polar-2b-signed-sr', (256,))
-      >>> grads = {"w": jnp.full((256, 256), 0.5), "b": jnp.ones(256)}
-      >>> updates, state = tx.update(grads, state, params)
-      >>> print(f"{float(updates['w'][0, 0]):.4f}")
-      -0.0010
-
-    References:
-      Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
-      Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018
-
-      Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
+      The `_generate.Arg` records.
     """
-    mu_codec = _polar(bits, True, mu_codec, rounding)
-    nu_codec = _polar(bits, False, nu_codec, rounding)
+    coded = coded or f"the {moment}"
+    options = tuple(
+        a._replace(
+            default=rounding_default or a.default,
+            doc=a.doc.replace("the first moment's", f"{coded}'s") + rounding_doc,
+        )
+        if a.name == "rounding"
+        else a._replace(doc=a.doc.replace("the first moment", coded))
+        for a in _POLAR.options
+    )
+    policy = next(a for a in _presets.COMMON_ARGS if a.name == "policy")
+    mu_codec = _presets.CODEC_ARGS[0]
+    return (
+        *options,
+        policy,
+        mu_codec._replace(doc=f"overrides the {moment}'s codec (signed)."),
+    )
+
+
+def _polar_codecs(args: dict[str, Any]) -> tuple[base.Codec, base.Codec]:
+    """The signed and unsigned polar codecs of a polar-momentum alias.
+
+    From its arguments ``args``: `_polar_tail`'s ``bits``, ``rounding``,
+    ``mu_codec`` and, where the alias has it, ``nu_codec``.
+    """
+    bits, rounding = args["bits"], args["rounding"]
+    return (
+        _polar(bits, True, args["mu_codec"], rounding),
+        _polar(bits, False, args.get("nu_codec"), rounding),
+    )
+
+
+def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
+    """`adafactor_polar`'s chain; ``a``: its arguments by name, defaults applied."""
+    mu_codec, nu_codec = _polar_codecs(a)
     txs = [
         _adafactor.scale_by_factored_rms_quantized(
-            factored,
-            decay_rate,
-            decay_offset,
-            min_dim_size_to_factor,
-            eps,
+            a["factored"],
+            a["decay_rate"],
+            a["decay_offset"],
+            a["min_dim_size_to_factor"],
+            a["eps"],
             nu_codec=nu_codec,
-            policy=policy,
+            policy=a["policy"],
         )
     ]
-    if clipping_threshold is not None:
-        txs.append(optax.clip_by_block_rms(clipping_threshold))
-    if learning_rate is not None:
-        txs.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-    if multiply_by_parameter_scale:
+    if a["clipping_threshold"] is not None:
+        txs.append(optax.clip_by_block_rms(a["clipping_threshold"]))
+    if a["learning_rate"] is not None:
+        txs.append(optax.scale_by_learning_rate(a["learning_rate"], flip_sign=False))
+    if a["multiply_by_parameter_scale"]:
         txs.append(optax.scale_by_param_block_rms())
-    if momentum is not None:
+    if a["momentum"] is not None:
         txs.append(
             _adafactor.ema_quantized(
-                momentum,
+                a["momentum"],
                 debias=False,
-                accumulator_dtype=dtype_momentum,
+                accumulator_dtype=a["dtype_momentum"],
                 codec=mu_codec,
-                policy=policy,
+                policy=a["policy"],
             )
         )
-    if weight_decay_rate is not None:
-        txs.append(_decay(weight_decay_rate, weight_decay_mask))
+    if a["weight_decay_rate"] is not None:
+        txs.append(_decay(a["weight_decay_rate"], a["weight_decay_mask"]))
     txs.append(optax.scale(-1))
     return optax.chain(*txs)
 
 
-def lion_polar(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.99,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-3,
-    mask: Any = None,
-    *,
-    bits: float = 2,
-    rounding: str = "nearest",
-    policy: Any = None,
-    mu_codec: base.Codec | None = None,
-) -> optax.GradientTransformation:
-    """Lion with its momentum in the signed 2D polar code (2 or 1.5 bits).
-
-    A drop-in for `optax.lion`: Lion keeps one state, the momentum; on the
-    leaves the policy quantizes it takes about 0.28 B/param at ``bits=2`` (0.22
-    at 1.5) instead of 4.
-
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      b1: rate combining the momentum and the current gradient.
-      b2: decay rate of the momentum.
-      mu_dtype: dtype of the momentum on unquantized leaves (``None``: the
-        parameters' dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).
-      weight_decay: decoupled weight decay (multiplied by the learning rate).
-      mask: where weight decay applies (a bool tree or a callable).
-      bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
-      rounding: ``"nearest"`` (default here: Lion's update is a sign, and
-        stochastic rounding noise flips small coordinates) or
-        ``"stochastic"`` (structural, like ``bits``).
-      policy: which leaves are quantized; ``None`` is the default policy.
-      mu_codec: overrides the momentum's codec (signed).
-
-    Returns:
-      An `optax.GradientTransformation`, the chain of
-      `scale_by_lion_quantized`, `optax.add_decayed_weights` and
-      `optax.scale_by_learning_rate`, as `optax.lion` is.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax, optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 128))}
-      >>> tx = lowbit.lion_polar(learning_rate=1e-3, bits=1.5)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update({"w": -jnp.ones((64, 128))}, state, params)
-      >>> print(f"{float(updates['w'][0, 0]):.6f}")  # -lr * (sign(g) + wd * p)
-      0.000999
-      >>> state[0].mu["w"].codec_name
-      'polar-1.5b-signed'
-
-    References:
-      Chen et al, `Symbolic Discovery of Optimization Algorithms
-      <https://arxiv.org/abs/2302.06675>`_, 2023
-
-      Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
-    """
-    return optax.chain(
-        _lion.scale_by_lion_quantized(
-            b1,
-            b2,
-            mu_dtype,
-            mu_codec=_polar(bits, True, mu_codec, rounding),
-            policy=policy,
+adafactor_polar = _gen.function(
+    "adafactor_polar",
+    (
+        _gen.Arg(
+            "learning_rate",
+            "a float, a schedule, or ``None`` (no scaling), as in `optax.adafactor`.",
+            None,
         ),
-        _decay(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        _gen.Arg(
+            "min_dim_size_to_factor",
+            "factor a leaf only if its two largest axes are at least this size. "
+            "Structural: under ``optax.inject_hyperparams`` list it in "
+            "``static_args``.",
+            128,
+        ),
+        _gen.Arg("decay_rate", "exponent of the second moment's decay schedule.", 0.8),
+        _gen.Arg(
+            "decay_offset", "step offset of the decay schedule, for fine-tuning.", 0
+        ),
+        _gen.Arg(
+            "multiply_by_parameter_scale",
+            "scale updates by the parameters' block RMS.",
+            True,
+        ),
+        _gen.Arg(
+            "clipping_threshold", "block-RMS clipping threshold, or ``None``.", 1.0
+        ),
+        _gen.Arg(
+            "momentum", "decay of the momentum (quantized), or ``None`` for none.", None
+        ),
+        _gen.Arg(
+            "dtype_momentum",
+            "dtype of the momentum on leaves kept unquantized: ``None`` (float32) "
+            "or ``jnp.bfloat16``. (Optax's default is ``jnp.float32``, a callable "
+            "that ``optax.inject_hyperparams`` would take for a schedule; ``None`` "
+            "avoids that.)",
+            None,
+        ),
+        _gen.Arg(
+            "weight_decay_rate", "decoupled weight decay rate, or ``None``.", None
+        ),
+        _gen.Arg("eps", "added to the squared gradient.", 1e-30),
+        _gen.Arg(
+            "factored", "whether to factor the second moment of rank >= 2 leaves.", True
+        ),
+        _gen.Arg(
+            "weight_decay_mask",
+            "where weight decay applies (a bool tree or a callable).",
+            None,
+        ),
+        *_polar_tail("momentum", coded="the momentum and the unfactored second moment"),
+        _presets.CODEC_ARGS[1]._replace(
+            doc="overrides the unfactored second moment's codec."
+        ),
+    ),
+    _adafactor_chain,
+    """Adafactor with its momentum and unfactored second moments in polar codes.
+
+The chain of `optax.adafactor` with two links replaced: the factored
+row/column statistics stay float32 (they are already small); the second
+moment of leaves Adafactor does not factor (rank < 2, or a second largest
+axis < ``min_dim_size_to_factor``) is stored in the unsigned polar code, and
+the momentum (``momentum=b1``, off by default as in Optax) in the signed
+one, on the leaves the policy quantizes. With ``momentum=0.9`` on a large
+factored matrix, the state costs about 0.3 B/param at ``bits=2`` instead of
+4 (fp32 momentum).
+
+{args}
+
+Returns:
+  An `optax.GradientTransformation`, the chain of
+  `scale_by_factored_rms_quantized`, `optax.clip_by_block_rms`,
+  `optax.scale_by_learning_rate`, `optax.scale_by_param_block_rms`,
+  `ema_quantized`, `optax.add_decayed_weights` and ``optax.scale(-1)`` (each
+  where its argument enables it, as in `optax.adafactor`).
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import optax, optax_lowbit as lowbit
+  >>> params = {"w": jnp.ones((256, 256)), "b": jnp.zeros(256)}
+  >>> tx = lowbit.adafactor_polar(1e-2, momentum=0.9, bits=2)
+  >>> state = tx.init(params)
+  >>> state[-2].ema["w"].codec_name, state[0].v_row["w"].shape
+  ('polar-2b-signed-sr', (256,))
+  >>> grads = {"w": jnp.full((256, 256), 0.5), "b": jnp.ones(256)}
+  >>> updates, state = tx.update(grads, state, params)
+  >>> print(f"{float(updates['w'][0, 0]):.4f}")
+  -0.0010
+
+References:
+  Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
+  Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018
+
+"""
+    + "  "
+    + _presets.POLAR_REFERENCE,
+    __name__,
+)
+
+
+def _lion_chain(**a: Any) -> optax.GradientTransformation:
+    """`lion_polar`'s chain; ``a``: its arguments by name, defaults applied."""
+    mu_codec = _polar_codecs(a)[0]
+    lion = _lion.scale_by_lion_quantized(
+        a["b1"], a["b2"], a["mu_dtype"], mu_codec=mu_codec, policy=a["policy"]
+    )
+    return optax.chain(
+        lion,
+        _decay(a["weight_decay"], a["mask"]),
+        optax.scale_by_learning_rate(a["learning_rate"]),
     )
 
 
-def sgd_polar(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: Any = 0.9,
-    nesterov: bool = False,
-    accumulator_dtype: Any = None,
-    *,
-    bits: float = 2,
-    rounding: str = _presets.DEFAULT_ROUNDING,
-    policy: Any = None,
-    mu_codec: base.Codec | None = None,
-) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum, the trace in the signed 2D polar code.
+lion_polar = _gen.function(
+    "lion_polar",
+    (
+        _gen.Arg("learning_rate", "a float or an `optax.Schedule`."),
+        _gen.Arg("b1", "rate combining the momentum and the current gradient.", 0.9),
+        _gen.Arg("b2", "decay rate of the momentum.", 0.99),
+        _gen.Arg(
+            "mu_dtype",
+            "dtype of the momentum on unquantized leaves (``None``: the "
+            "parameters' dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).",
+            None,
+        ),
+        _gen.Arg(
+            "weight_decay",
+            "decoupled weight decay (multiplied by the learning rate).",
+            1e-3,
+        ),
+        _gen.Arg(
+            "mask", "where weight decay applies (a bool tree or a callable).", None
+        ),
+        *_polar_tail(
+            "momentum",
+            rounding_default="nearest",
+            rounding_doc=" Lion's default is ``'nearest'``: its update is a sign, "
+            "and stochastic rounding noise flips small coordinates.",
+        ),
+    ),
+    _lion_chain,
+    """Lion with its momentum in the signed 2D polar code (2 or 1.5 bits).
 
-    `optax.sgd` with ``momentum`` set: the trace takes about 0.28 B/param at
-    ``bits=2`` on the leaves the policy quantizes, instead of 4. Without
-    momentum SGD keeps no state: use `optax.sgd`.
+A drop-in for `optax.lion`: Lion keeps one state, the momentum; on the
+leaves the policy quantizes it takes about 0.28 B/param at ``bits=2`` (0.22
+at 1.5) instead of 4.
 
-    Args:
-      learning_rate: a float or an `optax.Schedule`.
-      momentum: decay rate of the trace (not ``None``: see above).
-      nesterov: whether to use Nesterov momentum.
-      accumulator_dtype: dtype of the trace on unquantized leaves (``None``:
-        the parameters' dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).
-      bits: ``2`` or ``1.5`` (structural: ``static_args=("bits",)``).
-      rounding: ``"stochastic"`` or ``"nearest"`` (structural, like ``bits``):
-        the polar codecs' rounding rule (`optax_lowbit.codecs.polar`).
-      policy: which leaves are quantized; ``None`` is the default policy.
-      mu_codec: overrides the trace's codec (signed).
+{args}
 
-    Returns:
-      An `optax.GradientTransformation`, the chain of `trace_quantized` and
-      `optax.scale_by_learning_rate`, as `optax.sgd` is.
+Returns:
+  An `optax.GradientTransformation`, the chain of
+  `scale_by_lion_quantized`, `optax.add_decayed_weights` and
+  `optax.scale_by_learning_rate`, as `optax.lion` is.
 
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_lowbit as lowbit
-      >>> params = {"w": jnp.ones((64, 128))}
-      >>> tx = lowbit.sgd_polar(learning_rate=0.1, momentum=0.9)
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state)
-      >>> print(f"{float(updates['w'][0, 0]):.4f}")
-      -0.1000
-      >>> state[0].trace["w"].codec_name
-      'polar-2b-signed-sr'
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import optax, optax_lowbit as lowbit
+  >>> params = {"w": jnp.ones((64, 128))}
+  >>> tx = lowbit.lion_polar(learning_rate=1e-3, bits=1.5)
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": -jnp.ones((64, 128))}, state, params)
+  >>> print(f"{float(updates['w'][0, 0]):.6f}")  # -lr * (sign(g) + wd * p)
+  0.000999
+  >>> state[0].mu["w"].codec_name
+  'polar-1.5b-signed'
 
-    References:
-      Sutskever et al, `On the importance of initialization and momentum in
-      deep learning <http://proceedings.mlr.press/v28/sutskever13.pdf>`_, 2013
+References:
+  Chen et al, `Symbolic Discovery of Optimization Algorithms
+  <https://arxiv.org/abs/2302.06675>`_, 2023
 
-      Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025
-    """
-    if momentum is None:
+"""
+    + "  "
+    + _presets.POLAR_REFERENCE,
+    __name__,
+)
+
+
+def _sgd_chain(**a: Any) -> optax.GradientTransformation:
+    """`sgd_polar`'s chain; ``a``: its arguments by name, defaults applied."""
+    if a["momentum"] is None:
         raise ValueError(
             "momentum must be a number in [0, 1) for sgd_polar, got None; SGD "
             "without momentum keeps no state to quantize: use optax.sgd."
         )
-    return optax.chain(
-        _sgd.trace_quantized(
-            momentum,
-            nesterov,
-            accumulator_dtype,
-            codec=_polar(bits, True, mu_codec, rounding),
-            policy=policy,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
+    trace = _sgd.trace_quantized(
+        a["momentum"],
+        a["nesterov"],
+        a["accumulator_dtype"],
+        codec=_polar_codecs(a)[0],
+        policy=a["policy"],
     )
+    return optax.chain(trace, optax.scale_by_learning_rate(a["learning_rate"]))
+
+
+sgd_polar = _gen.function(
+    "sgd_polar",
+    (
+        _gen.Arg("learning_rate", "a float or an `optax.Schedule`."),
+        _gen.Arg("momentum", "decay rate of the trace (not ``None``: see above).", 0.9),
+        _gen.Arg("nesterov", "whether to use Nesterov momentum.", False),
+        _gen.Arg(
+            "accumulator_dtype",
+            "dtype of the trace on unquantized leaves (``None``: the parameters' "
+            "dtype, as Optax; or ``jnp.float32``, ``jnp.bfloat16``).",
+            None,
+        ),
+        *_polar_tail("trace"),
+    ),
+    _sgd_chain,
+    """SGD with (Nesterov) momentum, the trace in the signed 2D polar code.
+
+`optax.sgd` with ``momentum`` set: the trace takes about 0.28 B/param at
+``bits=2`` on the leaves the policy quantizes, instead of 4. Without
+momentum SGD keeps no state: use `optax.sgd`.
+
+{args}
+
+Returns:
+  An `optax.GradientTransformation`, the chain of `trace_quantized` and
+  `optax.scale_by_learning_rate`, as `optax.sgd` is.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import optax_lowbit as lowbit
+  >>> params = {"w": jnp.ones((64, 128))}
+  >>> tx = lowbit.sgd_polar(learning_rate=0.1, momentum=0.9)
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state)
+  >>> print(f"{float(updates['w'][0, 0]):.4f}")
+  -0.1000
+  >>> state[0].trace["w"].codec_name
+  'polar-2b-signed-sr'
+
+References:
+  Sutskever et al, `On the importance of initialization and momentum in
+  deep learning <http://proceedings.mlr.press/v28/sutskever13.pdf>`_, 2013
+
+"""
+    + "  "
+    + _presets.POLAR_REFERENCE,
+    __name__,
+)

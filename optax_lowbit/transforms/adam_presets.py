@@ -150,7 +150,8 @@ class AdamPreset(NamedTuple):
     nu_follows_mu: bool = False
 
 
-_POLAR_REF = (
+#: The polar codec's paper, for the References of every polar optimizer.
+POLAR_REFERENCE = (
     "Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025"
 )
 
@@ -189,7 +190,7 @@ PRESETS: dict[str, AdamPreset] = {
             "runs: after 3000 steps its re-encoded ``v`` is 0.7x the truth with "
             "8% of the elements below a quarter (`benchmarks/state_drift.py`)."
         ),
-        references="  " + _POLAR_REF,
+        references="  " + POLAR_REFERENCE,
         example=("0.844", ("polar-2b-signed-sr", "blockwise4-unsigned-b64-log-sr")),
         nu_follows_mu=True,
     ),
