@@ -339,7 +339,7 @@ def group_case(
     first = seen[0]  # the first leaf's kernel: a program runs one block
     gsize = mu_codec.group_size
     rows = launch.leaf_statics(shapes[0], gsize)["n_rows"]
-    elements = launch.pick_block(rows, kadam.DEFAULT_BLOCK_GROUPS) * gsize
+    elements = launch.pick_block(rows, kadam.default_block_groups(gsize)) * gsize
     return {
         "case": name,
         "path": path,
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "what": "TTIR ops per element (canonicalize+cse), Triton lowering",
             "shape": list(SHAPE),
             "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
+            "max_block_elements": kadam.MAX_BLOCK_ELEMENTS,
             "jax_version": jax.__version__,
             "commit": _commit(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -741,7 +741,7 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
     shapes = {"w": PTX_SHAPE}
     params = make_tree(shapes, jax.random.key(0))
     grads = make_tree(shapes, jax.random.key(1))
-    bg, nw = kadam.DEFAULT_BLOCK_GROUPS, kadam.DEFAULT_NUM_WARPS
+    nw = kadam.DEFAULT_NUM_WARPS
     out = []
     for row in rows_for("ptx", impl, optimizers, paths=("chain", "fused")):
         if row.path not in ("chain", "fused"):
@@ -758,6 +758,7 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
                 if isinstance(x, base.Packed)
             ]
             gsize = packed[0].codec.group_size
+            bg = kadam.default_block_groups(gsize)
             rec.update(
                 module=f"jit_{name}",
                 block_groups=bg,
@@ -1133,6 +1134,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["kernel"]["skipped"] = "--tiny" if args.tiny else "--skip-kernel-checks"
     meta["kernel_config_used"] = {
         "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
+        "max_block_elements": kadam.MAX_BLOCK_ELEMENTS,
         "num_warps": kadam.DEFAULT_NUM_WARPS,
     }
     log(f"kernel config used: {meta['kernel_config_used']}")

@@ -34,9 +34,9 @@ a `launch_config`. The parts live beside it, each with its jnp reference:
 * `optax_lowbit.kernels._backend`: interpreter or lowering.
 
 The entry points are here, not in `launch`, because they resolve the tunables
-below when called: `DEFAULT_BLOCK_GROUPS`, `DEFAULT_NUM_WARPS` and
-`LEAVES_PER_LAUNCH` are attributes of this module that the step-speed
-benchmark sets at run time (for every rule).
+below when called: `DEFAULT_BLOCK_GROUPS` (with `MAX_BLOCK_ELEMENTS`),
+`DEFAULT_NUM_WARPS` and `LEAVES_PER_LAUNCH` are attributes of this module that
+the step-speed benchmark sets at run time (for every rule).
 """
 
 from __future__ import annotations
@@ -65,11 +65,13 @@ __all__ = [
     "HP_FIELDS",
     "IMPLS",
     "LEAVES_PER_LAUNCH",
+    "MAX_BLOCK_ELEMENTS",
     "adam_update",
     "adam_update_many",
     "adam_update_reference",
     "apply_leaf",
     "apply_step",
+    "default_block_groups",
     "has_kernel",
     "launch_config",
     "make_hp",
@@ -85,6 +87,12 @@ __all__ = [
 #: 2.23-2.44 (benchmarks/NOTES_kernels.md, v3).
 DEFAULT_BLOCK_GROUPS = 16
 DEFAULT_NUM_WARPS = 4
+#: The most elements a default block holds: codecs with larger groups get
+#: fewer than `DEFAULT_BLOCK_GROUPS` groups per block (`default_block_groups`).
+#: On the H200 the 8-bit kernel (groups of 256) ran 7-23% faster with 8 groups
+#: (2048 elements) than with 16 in each of five sweeps, while polar (groups of
+#: 64) is fastest at 16 (benchmarks/NOTES_kernels.md, v13).
+MAX_BLOCK_ELEMENTS = 2048
 #: The most leaves of one signature (group grid and dtypes) that
 #: `adam_update_many` runs in one kernel launch; 1 launches one kernel per
 #: leaf (the pre-v6 path), ``None`` no limit. The kernel body is traced once
@@ -92,6 +100,24 @@ DEFAULT_NUM_WARPS = 4
 LEAVES_PER_LAUNCH: int | None = None
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
+
+
+def default_block_groups(group_size: int) -> int:
+    """Groups per block for codecs of ``group_size`` when none is given.
+
+    `DEFAULT_BLOCK_GROUPS` (read now), halved until a block holds at most
+    `MAX_BLOCK_ELEMENTS` elements (at least one group).
+
+    Args:
+      group_size: the codecs' largest group size.
+
+    Returns:
+      A power of two.
+    """
+    groups = DEFAULT_BLOCK_GROUPS
+    while groups > 1 and groups * group_size > MAX_BLOCK_ELEMENTS:
+        groups //= 2
+    return groups
 
 
 def launch_config(
@@ -107,7 +133,7 @@ def launch_config(
       rule: the update rule (`rules.AdamRule`, `rules.MomentumRule`).
       codecs: each moment's codec (`has_kernel` must hold for the kernel).
       block_groups: groups per kernel block (a power of two); ``None``:
-        `DEFAULT_BLOCK_GROUPS`, read now.
+        `default_block_groups` of the codecs' largest group.
       num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
       lowering: force a GPU lowering (see `_backend.pick`).
 
@@ -117,7 +143,8 @@ def launch_config(
     return launch.LaunchConfig(
         rule=rule,
         codecs=tuple(codecs),
-        block_groups=block_groups or DEFAULT_BLOCK_GROUPS,
+        block_groups=block_groups
+        or default_block_groups(max(c.group_size for c in codecs)),
         num_warps=num_warps or DEFAULT_NUM_WARPS,
         lowering=lowering,
     )
@@ -235,7 +262,7 @@ def adam_update(
         and ``wd`` from ``hp``) in ``params``' dtype, written in place of
         ``params`` (donate it), instead of ``u``.
       block_groups: groups per kernel block (a power of two); ``None``:
-        `DEFAULT_BLOCK_GROUPS`.
+        `default_block_groups` of the codecs' group size.
       num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
       lowering: force a GPU lowering (see `_backend.pick`).
       impl: ``"pallas"`` runs the kernel (the Pallas interpreter on CPU);

@@ -59,3 +59,23 @@ def test_preset_kernel_equals_reference(name, apply):
     # another stream for v gives other codes: the seeds reach the kernel
     _, _, v2 = _kernel(g, mu, nu, hp, block_groups=8, **{**kw, "seeds": (5, 7)})
     assert _code_mismatch(v2, v) > 0.01
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_default_block_holds_at_most_max_block_elements(name, monkeypatch):
+    """Without ``block_groups`` a block takes `DEFAULT_BLOCK_GROUPS` groups, fewer
+    where that would exceed `MAX_BLOCK_ELEMENTS` (the 8-bit preset's 256-element
+    groups: 8 per block); an explicit ``block_groups`` is kept as given."""
+    codecs = preset_codecs(name)
+    gsize = max(c.group_size for c in codecs)
+    rule = kadam.rules.AdamRule()
+    for default in (8, 16, 32):
+        monkeypatch.setattr(kadam, "DEFAULT_BLOCK_GROUPS", default)
+        groups = kadam.launch_config(rule, codecs).block_groups
+        assert groups & (groups - 1) == 0 and 1 <= groups <= default
+        assert groups * gsize <= max(kadam.MAX_BLOCK_ELEMENTS, gsize)
+        assert groups == default or 2 * groups * gsize > kadam.MAX_BLOCK_ELEMENTS
+    assert kadam.launch_config(rule, codecs, block_groups=32).block_groups == 32
+    monkeypatch.setattr(kadam, "DEFAULT_BLOCK_GROUPS", 16)
+    expected = {"polar2": 16, "polar1.5": 16, "4bit": 16, "8bit": 8}[name]
+    assert kadam.launch_config(rule, codecs).block_groups == expected
