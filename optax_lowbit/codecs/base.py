@@ -467,24 +467,31 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 _U32 = jnp.uint32
 
 
-def hash32(x: jax.Array) -> jax.Array:
+def hash32(x: Any) -> Any:
     """A bijective 32-bit integer mixer (``lowbias32``), elementwise.
 
     Shifts, xors and wrapping uint32 multiplies only, so it runs the same in
-    XLA, in the Pallas interpreter and in a Triton kernel.
+    XLA, in the Pallas interpreter and in a Triton kernel. A Python or NumPy
+    integer is mixed in NumPy: the same bits, with no JAX operation, so the
+    constant salts of `stream_seed` cost nothing when a step is traced.
 
     Args:
-      x: integer array (cast to uint32).
+      x: integer array (cast to uint32), or a Python or NumPy integer.
 
     Returns:
-      uint32 array of ``x``'s shape.
+      uint32 array of ``x``'s shape (NumPy for a NumPy or Python input).
     """
-    x = jnp.asarray(x).astype(_U32)
-    x = x ^ (x >> _U32(16))
-    x = x * _U32(0x7FEB352D)
-    x = x ^ (x >> _U32(15))
-    x = x * _U32(0x846CA68B)
-    return x ^ (x >> _U32(16))
+    if isinstance(x, (int, np.integer, np.ndarray)):
+        xp, x = np, np.asarray(x).astype(np.uint32)
+    else:
+        xp, x = jnp, jnp.asarray(x).astype(_U32)
+    u32 = xp.uint32
+    with np.errstate(over="ignore"):  # uint32 products wrap, as intended
+        x = x ^ (x >> u32(16))
+        x = x * u32(0x7FEB352D)
+        x = x ^ (x >> u32(15))
+        x = x * u32(0x846CA68B)
+        return x ^ (x >> u32(16))
 
 
 def stream_seed(seed: Any, *salts: int) -> jax.Array:
@@ -501,10 +508,10 @@ def stream_seed(seed: Any, *salts: int) -> jax.Array:
     Returns:
       uint32 scalar.
     """
-    s = hash32(jnp.asarray(seed).astype(_U32))
+    s = hash32(seed)
     for salt in salts:
-        s = hash32(s ^ _U32(hash32(jnp.uint32(salt & 0xFFFFFFFF))))
-    return s
+        s = hash32(s ^ hash32(salt & 0xFFFFFFFF))
+    return jnp.asarray(s, _U32)
 
 
 def dither_bits(index: jax.Array, seed: Any) -> jax.Array:

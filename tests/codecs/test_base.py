@@ -248,3 +248,44 @@ def test_codec_base_encode_decode_shapes_and_checks():
     assert z.codes.shape == (5, 2, 1) and z.scales.shape == (5, 2)
     with pytest.raises(ValueError, match="non-negative"):
         c.zeros((-1,))
+
+
+# --- hashing for stochastic rounding ------------------------------------------
+
+
+@functools.cache
+def _jit_stream_seed(salts):
+    return jax.jit(lambda s: base.stream_seed(s, *salts))
+
+
+@given(
+    words=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64),
+    seed=st.integers(0, 2**32 - 1),
+    salts=st.lists(st.integers(0, 2**40), max_size=3),
+)
+def test_hash32_numpy_equals_jax_and_stream_seed_traced_equals_eager(
+    words, seed, salts
+):
+    """Integers are mixed in NumPy (no JAX op while tracing a step), arrays in
+    JAX: the same bits; a traced step count draws the same stream seed."""
+    x = np.asarray(words, np.uint32)
+    in_jax = np.asarray(base.hash32(jnp.asarray(x)))
+    np.testing.assert_array_equal(base.hash32(x), in_jax)
+    assert int(base.hash32(words[0])) == int(base.hash32(jnp.uint32(words[0])))
+    eager = base.stream_seed(seed, *salts)
+    traced = _jit_stream_seed(tuple(salts))(jnp.uint32(seed))
+    assert eager.dtype == traced.dtype == jnp.uint32
+    assert int(eager) == int(traced)
+
+
+def test_hash32_known_values():
+    """``lowbias32`` of 0, 1 and 2**32 - 1 (the published mixer's constants)."""
+    got = [int(base.hash32(v)) for v in (0, 1, 2**32 - 1)]
+    want = []
+    for v in (0, 1, 2**32 - 1):
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        want.append(v ^ (v >> 16))
+    assert got == want
