@@ -72,7 +72,7 @@ CASES: dict[str, Callable[[], tuple[Any, Any]]] = {
 }
 PATHS = ("chain", "fused", "momentum")
 #: A leaf whose last axis is a multiple of every group size (64, 128, 256)
-#: and whose group count a 16-group block divides (no masked tail).
+#: and whose group count every default block (8 or 16 groups) divides (no masked tail).
 SHAPE = (16, 6144)
 FREE = frozenset(
     {

@@ -888,10 +888,33 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec) if x is not None else "-".rjust(int(width or 0))
 
 
+def ttir_counts(optimizers, log=print) -> dict[tuple[str, str], float]:
+    """TTIR operations per element of each preset's chain and fused kernel.
+
+    `benchmarks.kernel_ops.count_case`: the kernel Pallas hands to Triton,
+    counted on any machine (the proxy for instructions per element while the
+    device's XLA dumps no PTX). Keys ``(optimizer, path)``; ``optimizers``
+    empty: every preset `kernel_ops` knows.
+    """
+    from benchmarks import kernel_ops
+
+    out = {}
+    for name in optimizers or kernel_ops.CASES:  # none named: every preset
+        if name not in kernel_ops.CASES:
+            continue
+        for path in ("chain", "fused"):
+            try:
+                out[(name, path)] = kernel_ops.count_case(name, path)["total"]
+            except Exception as e:  # a JAX upgrade may move the private lowering
+                log(f"ttir {name}/{path}: {type(e).__name__}: {str(e)[:200]}")
+    return out
+
+
 def table(records: list[dict]) -> str:
     lines = [
         f"{'case':14s} {'optimizer':20s} {'path':6s} {'ms':>8s} {'ratio':>6s} "
-        f"{'goal':>5s} {'B/param':>7s} {'TB/s':>5s} {'compile_s':>9s} {'ptx/el':>6s}"
+        f"{'goal':>5s} {'B/param':>7s} {'TB/s':>5s} {'compile_s':>9s} {'ptx/el':>6s} "
+        f"{'ops/el':>6s}"
     ]
     for r in records:
         head = f"{r['case']:14s} {r['optimizer']:20s} {r['path']:6s}"
@@ -903,7 +926,8 @@ def table(records: list[dict]) -> str:
             f"{head} {r['ms']:8.3f} {_fmt(r.get('ratio'), '6.2f')} "
             f"{_fmt(r.get('goal'), '5.2f')} {r['bytes_per_param']:7.2f} "
             f"{r['tbps']:5.2f} {_fmt(r.get('compile_s'), '9.2f')} "
-            f"{_fmt(r.get('ptx_instructions_per_element'), '6.1f')}"
+            f"{_fmt(r.get('ptx_instructions_per_element'), '6.1f')} "
+            f"{_fmt(r.get('ttir_ops_per_element'), '6.1f')}"
         )
     return "\n".join(lines)
 
@@ -1162,6 +1186,13 @@ def main(argv: list[str] | None = None) -> dict:
         "handles; see ptx_error on a row for a kernel that was not found"
     )
     phase("ptx")
+    ttir = {} if args.tiny else ttir_counts(optimizers, log)
+    meta["ttir_note"] = (
+        "ttir_ops_per_element: TTIR operations per element of the row's kernel "
+        "(python -m benchmarks.kernel_ops: canonicalized Triton IR, each op weighted "
+        "by its elements), a proxy for instructions per element"
+    )
+    phase("ttir")
     save()
 
     for part in ("main", "jnp"):  # the jnp rows last: the deadline cuts them first
@@ -1205,6 +1236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if row.path in ("chain", "fused"):
                     rec.update(ptx_instructions=None, ptx_instructions_per_element=None)
                     rec.update(ptx_by_row.get((row.optimizer, row.path), {}))
+                    rec["ttir_ops_per_element"] = ttir.get((row.optimizer, row.path))
                 result["records"].append(rec)
                 log(json.dumps(rec))
                 save()

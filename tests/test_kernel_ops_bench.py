@@ -1,0 +1,28 @@
+"""benchmarks/kernel_ops.py (TTIR operations per element, counted offline) and
+the column `benchmarks.step_speed` takes from it."""
+
+import pytest
+
+# A benchmark smoke run: the slow CI step (OPTAX_LOWBIT_SLOW=1).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kernel_ops_bench")]
+
+
+def test_count_case_categories_add_up():
+    from benchmarks import kernel_ops
+
+    rec = kernel_ops.count_case("8bit", "fused")
+    parts = rec["compute"] + rec["memory"] + rec["layout"]
+    assert rec["total"] == pytest.approx(parts, abs=0.05)
+    assert rec["elements_per_program"] > 0 and rec["ops"]["tt.store"] > 0
+    # the 8-bit block is capped at MAX_BLOCK_ELEMENTS (kadam.default_block_groups)
+    assert rec["elements_per_program"] <= 2048
+
+
+def test_step_speed_ttir_column_is_the_kernel_ops_count():
+    from benchmarks import kernel_ops, step_speed
+
+    got = step_speed.ttir_counts(["polar2", "optax.adamw"], log=lambda *_: None)
+    assert set(got) == {("polar2", "chain"), ("polar2", "fused")}
+    assert got[("polar2", "fused")] == kernel_ops.count_case("polar2", "fused")["total"]
+    # the fused kernel also applies AdamW: more work per element than the chain's
+    assert got[("polar2", "fused")] > got[("polar2", "chain")] > 50
