@@ -182,14 +182,9 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
             dispatch.append((time.perf_counter() - t0) * 1e3)
             jax.block_until_ready(p)
         rec["dispatch_ms"] = statistics.median(dispatch)
-        pipelined = []  # steps back to back, as a training loop runs them
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(step_speed.N_TIMED):
-                state, p = run(state, p, grads)
-            jax.block_until_ready(p)
-            pipelined.append((time.perf_counter() - t0) * 1e3 / step_speed.N_TIMED)
-        rec["pipelined_ms"] = statistics.median(pipelined)
+        rec["pipelined_ms"], (state, p, _) = step_speed.time_pipelined(
+            run, state, p, grads
+        )
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d, create_perfetto_trace=True):
                 for _ in range(steps):

@@ -28,6 +28,7 @@ FIELDS = (
     "date",
     "commit",
 )
+BASELINES = ("optax.adamw", "optax.adamw_donated")
 META = (
     "device",
     "jax_version",
@@ -70,7 +71,7 @@ def test_records(tiny):
             ("polar2", "chain"),
             ("polar2", "fused"),
         }
-        base = min(rows[o, "xla"]["ms"] for o in ("optax.adamw", "optax.adamw_donated"))
+        base = min(rows[o, "xla"]["ms"] for o in BASELINES)
         assert not rows["optax.adamw", "xla"]["donated"]
         assert rows["optax.adamw_donated", "xla"]["donated"]
         for r in rows.values():
@@ -79,6 +80,9 @@ def test_records(tiny):
             assert r["ms"] > 0 and r["compile_s"] > 0 and r["tbps"] > 0
             assert r["baseline_ms"] == base
             assert math.isclose(r["ratio"], r["ms"] / r["baseline_ms"])
+            piped = min(rows[o, "xla"]["pipelined_ms"] for o in BASELINES)
+            assert r["pipelined_ms"] > 0
+            assert math.isclose(r["pipelined_ratio"], r["pipelined_ms"] / piped)
             assert r["bytes_per_param"] > 0
             n = r["n_params"]
             tbps = r["bytes_per_param"] * n / (r["ms"] * 1e-3) / 1e12
