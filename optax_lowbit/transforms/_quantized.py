@@ -386,11 +386,16 @@ def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
 
 
 def _encode_leaf(
-    value: jax.Array, like: Any, codec: base.Codec, seed: Any = None
+    value: jax.Array, like: Any, codec: base.Codec, seed: Any, leaf: int, moment: int
 ) -> Any:
+    """``value`` in the layout of ``like`` (a `Packed` or a float array).
+
+    A stochastic codec rounds with the stream `leaf_seed` ``(seed, leaf,
+    moment)``, formed (and traced) only then.
+    """
     if is_packed(like):
         if codec.stochastic:
-            return codec.encode(value, seed=seed)
+            return codec.encode(value, seed=leaf_seed(seed, leaf, moment))
         return codec.encode(value)
     return value.astype(like.dtype)
 
@@ -422,7 +427,7 @@ def encode_like(
     leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=is_packed)
     vals = treedef.flatten_up_to(values)
     out = [
-        _encode_leaf(v, old, codec, leaf_seed(seed, i, moment))
+        _encode_leaf(v, old, codec, seed, i, moment)
         for i, (old, v) in enumerate(zip(leaves, vals, strict=True))
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -529,8 +534,7 @@ def map_leaves(
         u, *news = step(g, *decoded)
         new_updates.append(u)
         for j, (new, old, c) in enumerate(zip(news, olds, codecs, strict=True)):
-            stream = leaf_seed(seed, first_leaf + i, j)
-            new_moments[j].append(_encode_leaf(new, old, c, stream))
+            new_moments[j].append(_encode_leaf(new, old, c, seed, first_leaf + i, j))
     return rewrap(new_updates, new_moments)
 
 
