@@ -276,6 +276,11 @@ def make_tree(shapes: dict, key) -> dict:
     )
 
 
+def _fed(out: tuple, args: tuple) -> tuple:
+    """``args`` with a step's outputs in the positions they came from."""
+    return (*out, *args[len(out) :])
+
+
 def time_fn(fn, *args, n=None, warm=None, feed=True):
     """Median and min ms of ``args = fn(*args)`` steps: each output replaces
     the argument in its position (``feed``), as a training loop does."""
@@ -285,7 +290,7 @@ def time_fn(fn, *args, n=None, warm=None, feed=True):
         out = fn(*args)
         jax.block_until_ready(out)
         if feed:
-            args = (*out, *args[len(out) :])
+            args = _fed(out, args)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -293,7 +298,7 @@ def time_fn(fn, *args, n=None, warm=None, feed=True):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) * 1e3)
         if feed:
-            args = (*out, *args[len(out) :])
+            args = _fed(out, args)
     return statistics.median(times), min(times), args
 
 
@@ -308,7 +313,7 @@ def time_pipelined(fn, *args, n=None, reps: int = 3):
         t0 = time.perf_counter()
         for _ in range(n):
             out = fn(*args)
-            args = (*out, *args[len(out) :])
+            args = _fed(out, args)
         jax.block_until_ready(out)
         per_step.append((time.perf_counter() - t0) * 1e3 / n)
     return statistics.median(per_step), args
@@ -1075,6 +1080,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--quick-kernel", action="store_true")
     ap.add_argument("--no-ptx", action="store_true")
+    ap.add_argument(
+        "--no-ttir",
+        action="store_true",
+        help="skip the kernels' TTIR op counts (device-independent; ~1 s a kernel)",
+    )
     ap.add_argument("--variants", default="", help="kernel variants to check/sweep")
     ap.add_argument("--block-groups", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
@@ -1219,7 +1229,7 @@ def main(argv: list[str] | None = None) -> dict:
         "handles; see ptx_error on a row for a kernel that was not found"
     )
     phase("ptx")
-    ttir = {} if args.tiny else ttir_counts(optimizers, log)
+    ttir = {} if args.tiny or args.no_ttir else ttir_counts(optimizers, log)
     meta["ttir_note"] = (
         "ttir_ops_per_element: TTIR operations per element of the row's kernel "
         "(python -m benchmarks.kernel_ops: canonicalized Triton IR, each op weighted "

@@ -450,6 +450,19 @@ References:
 """
 
 
+def _rounding_default(
+    options: tuple[_gen.Arg, ...], default: str, why: str
+) -> tuple[_gen.Arg, ...]:
+    """``options`` with ``rounding`` (where present) defaulting to ``default``.
+
+    ``why`` is appended to its description.
+    """
+    return tuple(
+        a._replace(default=default, doc=a.doc + why) if a.name == "rounding" else a
+        for a in options
+    )
+
+
 def _muon_options(preset: _presets.AdamPreset) -> tuple[_gen.Arg, ...]:
     """The preset's options, polar rounding ``'nearest'`` by default for Muon.
 
@@ -459,15 +472,8 @@ def _muon_options(preset: _presets.AdamPreset) -> tuple[_gen.Arg, ...]:
     0.86 with nearest and 0.76 with stochastic rounding after 30 steps
     (``tests/transforms/test_muon.py``).
     """
-    return tuple(
-        a._replace(
-            default="nearest",
-            doc=a.doc + " Muon's default is ``'nearest'`` (see the README).",
-        )
-        if a.name == "rounding"
-        else a
-        for a in preset.options
-    )
+    why = " Muon's default is ``'nearest'`` (see the README)."
+    return _rounding_default(preset.options, "nearest", why)
 
 
 def _muon_common_args() -> tuple[_gen.Arg, ...]:
@@ -519,8 +525,7 @@ def _polar_tail(
     moment: str,
     *,
     coded: str | None = None,
-    rounding_default: str | None = None,
-    rounding_doc: str = "",
+    rounding_default: tuple[str, str] | None = None,
 ) -> tuple[_gen.Arg, ...]:
     """The keyword options after ``*`` of the polar-momentum aliases.
 
@@ -530,22 +535,18 @@ def _polar_tail(
     Args:
       moment: the state ``mu_codec`` stores (``"momentum"``, ``"trace"``).
       coded: every state in polar codes (``None``: ``"the <moment>"``).
-      rounding_default: this alias's default rounding (``None``: the preset's).
-      rounding_doc: why, appended to ``rounding``'s description.
+      rounding_default: ``(default, why)``: this alias's own default rounding
+        and the reason (`_rounding_default`); ``None``: the preset's.
 
     Returns:
       The `_generate.Arg` records.
     """
     coded = coded or f"the {moment}"
     options = tuple(
-        a._replace(
-            default=rounding_default or a.default,
-            doc=a.doc.replace("the first moment's", f"{coded}'s") + rounding_doc,
-        )
-        if a.name == "rounding"
-        else a._replace(doc=a.doc.replace("the first moment", coded))
-        for a in _POLAR.options
+        a._replace(doc=a.doc.replace("the first moment", coded)) for a in _POLAR.options
     )
+    if rounding_default is not None:
+        options = _rounding_default(options, *rounding_default)
     policy = next(a for a in _presets.COMMON_ARGS if a.name == "policy")
     mu_codec = _presets.CODEC_ARGS[0]
     return (
@@ -555,22 +556,19 @@ def _polar_tail(
     )
 
 
-def _polar_codecs(args: dict[str, Any]) -> tuple[base.Codec, base.Codec]:
-    """The signed and unsigned polar codecs of a polar-momentum alias.
+def _polar_of(args: dict[str, Any], signed: bool) -> base.Codec:
+    """The signed or unsigned polar codec of a polar-momentum alias.
 
-    From its arguments ``args``: `_polar_tail`'s ``bits``, ``rounding``,
-    ``mu_codec`` and, where the alias has it, ``nu_codec``.
+    From its arguments ``args``: ``bits`` and ``rounding``, overridden by
+    ``mu_codec`` (signed) or ``nu_codec`` (unsigned).
     """
-    bits, rounding = args["bits"], args["rounding"]
-    return (
-        _polar(bits, True, args["mu_codec"], rounding),
-        _polar(bits, False, args.get("nu_codec"), rounding),
-    )
+    override = args["mu_codec" if signed else "nu_codec"]
+    return _polar(args["bits"], signed, override, args["rounding"])
 
 
 def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
     """`adafactor_polar`'s chain; ``a``: its arguments by name, defaults applied."""
-    mu_codec, nu_codec = _polar_codecs(a)
+    mu_codec, nu_codec = _polar_of(a, True), _polar_of(a, False)
     txs = [
         _adafactor.scale_by_factored_rms_quantized(
             a["factored"],
@@ -706,7 +704,7 @@ References:
 
 def _lion_chain(**a: Any) -> optax.GradientTransformation:
     """`lion_polar`'s chain; ``a``: its arguments by name, defaults applied."""
-    mu_codec = _polar_codecs(a)[0]
+    mu_codec = _polar_of(a, True)
     lion = _lion.scale_by_lion_quantized(
         a["b1"], a["b2"], a["mu_dtype"], mu_codec=mu_codec, policy=a["policy"]
     )
@@ -739,9 +737,11 @@ lion_polar = _gen.function(
         ),
         *_polar_tail(
             "momentum",
-            rounding_default="nearest",
-            rounding_doc=" Lion's default is ``'nearest'``: its update is a sign, "
-            "and stochastic rounding noise flips small coordinates.",
+            rounding_default=(
+                "nearest",
+                " Lion's default is ``'nearest'``: its update is a sign, and "
+                "stochastic rounding noise flips small coordinates.",
+            ),
         ),
     ),
     _lion_chain,
@@ -792,7 +792,7 @@ def _sgd_chain(**a: Any) -> optax.GradientTransformation:
         a["momentum"],
         a["nesterov"],
         a["accumulator_dtype"],
-        codec=_polar_codecs(a)[0],
+        codec=_polar_of(a, True),
         policy=a["policy"],
     )
     return optax.chain(trace, optax.scale_by_learning_rate(a["learning_rate"]))

@@ -9,7 +9,8 @@ momentum and returns its bias-corrected ``m_hat`` (`momentum_step`,
 `momentum_hp`). `apply_step` is AdamW's parameter update of the fused apply
 (`apply_leaf` on a whole leaf),
 `reference_step` a rule's step over a whole leaf, `stream_seeds` the
-stochastic-rounding streams a kernel takes as input.
+stochastic-rounding streams a kernel takes as input, `compute_dtype` the dtype
+every step computes in (the jnp transforms' too).
 
 The element loop that runs a rule over blocks is `optax_lowbit.kernels.loop`;
 adding a rule means a `Rule` subclass here and its hyperparameter vector.
@@ -59,6 +60,18 @@ MOMENTUM_HP_FIELDS = ("one_minus_beta", "inv_bc", "g_scale", "m_ratio")
 #: Lengths of the kernel's hyperparameter and stream-seed inputs.
 HP_LEN = 16
 SEED_LEN = 8
+
+
+def is_complex(dtype: Any) -> bool:
+    """Whether ``dtype`` is complex."""
+    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype a leaf's step computes in: float32, or complex64 (or wider)."""
+    if is_complex(dtype):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.dtype(jnp.float32)
 
 
 def make_hp(
@@ -357,8 +370,8 @@ def reference_step(rule: Rule, g, moments, hp, params):
 def apply_leaf(params, u, hp):
     """`apply_step` on a whole parameter leaf of any dtype, in its compute dtype.
 
-    Float parameters are updated in float32 (complex ones in complex64) and
-    cast back to their dtype: what the kernel does per block.
+    Parameters are updated in their `compute_dtype` (float32, or complex64
+    and wider) and cast back to their dtype: what the kernel does per block.
 
     Args:
       params: the parameter leaf.
@@ -368,6 +381,6 @@ def apply_leaf(params, u, hp):
     Returns:
       The new parameters, in ``params``' dtype.
     """
-    dtype = jnp.complex64 if jnp.iscomplexobj(params) else jnp.float32
+    dtype = compute_dtype(params.dtype)
     new = apply_step(params.astype(dtype), u.astype(dtype), hp)
     return new.astype(params.dtype)

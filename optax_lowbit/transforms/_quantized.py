@@ -42,6 +42,7 @@ import optax
 from optax_lowbit import _checks
 from optax_lowbit import policy as _policy
 from optax_lowbit.codecs import base
+from optax_lowbit.kernels.rules import compute_dtype, is_complex
 
 __all__ = [
     "check_codec",
@@ -167,18 +168,6 @@ def check_float_params(params: Any, what: str = "params") -> None:
                 "float64) and complex parameters only. Leave integer leaves out of "
                 "the optimizer, e.g. with optax.masked or nnx.Optimizer(wrt=nnx.Param)."
             )
-
-
-def is_complex(dtype: Any) -> bool:
-    """Whether ``dtype`` is complex."""
-    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """The dtype a leaf's step computes in: float32, or complex64 (or wider)."""
-    if is_complex(dtype):
-        return jnp.promote_types(dtype, jnp.complex64)
-    return jnp.dtype(jnp.float32)
 
 
 def plain_dtype(leaf_dtype: Any, fallback_dtype: Any) -> Any:

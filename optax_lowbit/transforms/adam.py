@@ -297,6 +297,7 @@ def fused_leaves(
         updates, (state.mu, state.nu)
     )
     n = len(flat)
+    hps = [hp] * n if leaf_hps is None else list(leaf_hps)
     outs = [None] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
@@ -309,8 +310,7 @@ def fused_leaves(
         )
         outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
         if params is not None:
-            hp_i = hp if leaf_hps is None else leaf_hps[i]
-            outs[i] = kadam.apply_leaf(params[i], outs[i], hp_i)
+            outs[i] = kadam.apply_leaf(params[i], outs[i], hps[i])
     # All kernel leaves in one call: the kernel runs the leaves that share a
     # signature (group grid and dtypes) in one launch (adam_update_many).
     idx = kernel_leaves
@@ -319,15 +319,17 @@ def fused_leaves(
         for i in idx
     ]
     pars = [None] * len(idx) if params is None else [params[i] for i in idx]
-    hps = [hp if leaf_hps is None else leaf_hps[i] for i in idx]
     args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
+    kernel_hps = [hps[i] for i in idx]
     codecs = dict(mu_codec=mu_codec, nu_codec=nu_codec, nesterov=nesterov)
     if use_pallas:
-        results = kadam.adam_update_many(*args, hps, seeds=seeds, params=pars, **codecs)
+        results = kadam.adam_update_many(
+            *args, kernel_hps, seeds=seeds, params=pars, **codecs
+        )
     else:
         results = [
             kadam.adam_update_reference(g, m, v, h, seeds=sd, params=p, **codecs)
-            for g, m, v, h, sd, p in zip(*args, hps, seeds, pars, strict=True)
+            for g, m, v, h, sd, p in zip(*args, kernel_hps, seeds, pars, strict=True)
         ]
     for i, (out, m, v) in zip(idx, results, strict=True):
         outs[i], new_m[i], new_v[i] = out, m, v
