@@ -108,7 +108,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -331,6 +331,105 @@ def _count_bounds_at_or_below(table: Any, x: jax.Array, bits: int) -> jax.Array:
     return index
 
 
+class BucketLut(NamedTuple):
+    """A direct first guess for `_count_bounds_at_or_below` (kernels only).
+
+    The float32 line is cut into buckets by an element's magnitude bits
+    (exponent and the top mantissa bits); ``table[key]`` holds the number
+    of search-table entries at or below the bucket's lowest value. Each
+    bucket holds at most one entry, so one compare against the table entry
+    after that count gives the exact search result: two table reads instead
+    of a binary search's ``bits - 2``. Built by `bucket_lut`.
+
+    Attributes:
+      table: uint8 counts: ``half`` buckets of negative values (largest
+        magnitude first) then ``half`` of non-negative ones; only the latter
+        for an unsigned codec.
+      origin: int32 bits such that a magnitude's bucket is ``(bits -
+        origin) >> shift``, clipped to ``[0, half)``: bucket 0 holds every
+        magnitude below ``origin + 2**shift`` (0 included).
+      shift: ``23 - m`` for ``m`` mantissa bits per bucket.
+      half: buckets per sign; the last holds every magnitude >= 2.
+      signed: whether negative values have buckets of their own.
+    """
+
+    table: np.ndarray
+    origin: int
+    shift: int
+    half: int
+    signed: bool
+
+
+def bucket_lut(table: Any, signed: bool) -> BucketLut | None:
+    """The `BucketLut` of a sorted search table, or ``None`` if none fits.
+
+    Uses the fewest mantissa bits (1-8) for which no bucket holds more than
+    one entry of ``table``; ``None`` when even 8 bits do not separate them or
+    the table has more than 256 entries (counts must fit a byte).
+
+    Args:
+      table: `search_table` or `stochastic_table` of a map (numpy float32,
+        sorted, finite entries then ``inf``).
+      signed: whether the encoder sees negative values.
+
+    Returns:
+      The lookup table and its parameters.
+    """
+    t = np.asarray(table, np.float32).reshape(-1)
+    return _bucket_lut(t.tobytes(), bool(signed))
+
+
+@functools.cache
+def _bucket_lut(raw: bytes, signed: bool) -> BucketLut | None:
+    t = np.frombuffer(raw, np.float32)
+    finite = t[np.isfinite(t)]
+    magnitudes = np.abs(finite[finite != 0])
+    if t.size > 256 or magnitudes.size == 0 or magnitudes.max() >= 2.0:
+        return None
+    # bucket 1 starts one binade below the smallest nonzero entry magnitude
+    low_f = np.float32(2.0 ** (np.floor(np.log2(magnitudes.min())) - 1))
+    low = int(low_f.view(np.int32))
+    two = int(np.float32(2.0).view(np.int32))
+    for m in range(1, 9):
+        shift = 23 - m
+        origin = low - (1 << shift)  # bucket 1 starts at `low`
+        half = ((two - origin) >> shift) + 1  # the last bucket starts at 2.0
+        starts = origin + np.arange(half, dtype=np.int64) * (1 << shift)
+        starts[0] = 0
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:] - 1
+        ends[-1] = int(np.float32(np.inf).view(np.int32))
+        lo = starts.astype(np.int32).view(np.float32)
+        hi = ends.astype(np.int32).view(np.float32)
+        count_lo = np.searchsorted(t, lo, side="right")
+        if np.any(np.searchsorted(t, hi, side="right") - count_lo > 1):
+            continue
+        counts = [count_lo]
+        if signed:
+            count_neg = np.searchsorted(t, -hi, side="right")
+            if np.any(np.searchsorted(t, -lo, side="right") - count_neg > 1):
+                continue
+            counts = [count_neg[::-1], count_lo]
+        out = np.concatenate(counts).astype(np.uint8)
+        out.flags.writeable = False
+        return BucketLut(out, origin, shift, int(half), signed)
+    return None
+
+
+def _count_by_buckets(
+    table: Any, lut: Any, params: BucketLut, x: jax.Array, bits: int
+) -> jax.Array:
+    """`_count_bounds_at_or_below` through a `BucketLut` (``lut``: its table)."""
+    magnitude = jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+    bucket = jnp.clip((magnitude - params.origin) >> params.shift, 0, params.half - 1)
+    if params.signed:
+        bucket = jnp.where(x < 0, params.half - 1 - bucket, params.half + bucket)
+    count = base.take(lut, bucket, in_range=True).astype(jnp.int32)
+    after = base.take(table, count, in_range=True) <= x
+    # +inf alone counts the table's inf sentinel too
+    return jnp.minimum(count + after.astype(jnp.int32), (1 << bits) - 1)
+
+
 def stochastic_table(qmap: jax.Array) -> jax.Array:
     """The search table of stochastic rounding: ``qmap[1:]`` then ``inf``.
 
@@ -342,8 +441,19 @@ def stochastic_table(qmap: jax.Array) -> jax.Array:
     return xp.concatenate([q[1:], xp.full((1,), xp.inf, xp.float32)])
 
 
+def _count(table: Any, x: jax.Array, bits: int, lut: Any = None) -> jax.Array:
+    """The number of ``table`` entries ``<= x``.
+
+    By `_count_by_buckets` where a kernel passes ``lut`` (``(its table ref,
+    BucketLut)``), else by the binary search.
+    """
+    if lut is None:
+        return _count_bounds_at_or_below(table, x, bits)
+    return _count_by_buckets(table, lut[0], lut[1], x, bits)
+
+
 def _round_stochastic(
-    qmap: Any, table: Any, x: jax.Array, uniform: jax.Array, bits: int
+    qmap: Any, table: Any, x: jax.Array, uniform: jax.Array, bits: int, lut: Any
 ) -> jax.Array:
     """Index of ``lo`` or ``hi``, the map entries around ``x``, unbiased.
 
@@ -351,7 +461,7 @@ def _round_stochastic(
     mean is ``x`` wherever ``x`` lies inside the map; below the smallest entry
     (a zero-free map) the smallest entry, above the largest the largest.
     """
-    below = _count_bounds_at_or_below(table, x, bits)  # entry <= x, or 0
+    below = _count(table, x, bits, lut)  # entry <= x, or 0
     n = 1 << bits
     above = jnp.minimum(below + 1, n - 1)
     lo = base.take(qmap, below, in_range=True)
@@ -369,6 +479,7 @@ def encode_groups_with(
     table: Any = None,
     noise: jax.Array | None = None,
     planes: bool = False,
+    lut: Any = None,
 ) -> tuple[Any, jax.Array]:
     """Blockwise absmax encoding against an explicit map.
 
@@ -390,6 +501,9 @@ def encode_groups_with(
         rounding between the two map entries around each value.
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
+      lut: ``(table, params)`` of ``table``'s `bucket_lut` (a kernel's ref
+        and its `BucketLut`): the same indices with two table reads per
+        element instead of a binary search.
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -407,7 +521,7 @@ def encode_groups_with(
     normalised = [x / divisor for x in parts]
     if noise is None:
         table = search_table(qmap) if table is None else table
-        index = [_count_bounds_at_or_below(table, x, bits) for x in normalised]
+        index = [_count(table, x, bits, lut) for x in normalised]
     else:
         table = stochastic_table(qmap) if table is None else table
         if not base.is_ref(qmap):
@@ -416,7 +530,7 @@ def encode_groups_with(
             table = jnp.asarray(table, jnp.float32)
         uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
         index = [
-            _round_stochastic(qmap, table, x, u, bits)
+            _round_stochastic(qmap, table, x, u, bits, lut)
             for x, u in zip(normalised, uniform, strict=True)
         ]
     index = [i.astype(jnp.uint8) for i in index]
@@ -613,14 +727,29 @@ class BlockwiseCodec(base.Codec):
             return [self.block_size // 2] * 2
         return base.plane_bytes(self.block_size, self.bits)
 
-    def kernel_tables(self) -> tuple[np.ndarray, ...]:
-        """The arrays a kernel takes as inputs: the map and `search_table`."""
+    def _kernel_search(self) -> tuple[np.ndarray, BucketLut | None]:
+        """The search table a kernel reads, and its `bucket_lut` where used.
+
+        8 bits only: the binary search there takes 8 steps, 6 of them table
+        reads from a 1 KB table; at 4 bits it is 2 reads and is kept.
+        """
         qmap = self.qmap()
         if self.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
-            return qmap, stochastic_table(qmap)
-        with jax.ensure_compile_time_eval():  # constants, even under a trace
-            table = np.asarray(search_table(qmap), np.float32)
-        return qmap, table
+            table = stochastic_table(qmap)
+        else:
+            with jax.ensure_compile_time_eval():  # constants, even under a trace
+                table = np.asarray(search_table(qmap), np.float32)
+        lut = bucket_lut(table, self.signed) if self.bits == 8 else None
+        return table, lut
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes as inputs.
+
+        The map, the search table and, at 8 bits, the search's `bucket_lut`
+        (uint8).
+        """
+        table, lut = self._kernel_search()
+        return (self.qmap(), table) + (() if lut is None else (lut.table,))
 
     def kernel_columns(self) -> list[np.ndarray]:
         """The kernel's parts of a block: its two halves (`base.halves`).
@@ -643,6 +772,7 @@ class BlockwiseCodec(base.Codec):
         self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
         """`encode_groups_with` of the halves to the kernel's planes (``noise``: SR)."""
+        lut = self._kernel_search()[1]
         return encode_groups_with(
             x,
             tables[0],
@@ -650,6 +780,7 @@ class BlockwiseCodec(base.Codec):
             table=tables[1],
             noise=noise if self.stochastic else None,
             planes=True,
+            lut=None if lut is None else (tables[2], lut),
         )
 
 

@@ -148,11 +148,13 @@ def tables(codec: base.Codec) -> list[jax.Array]:
       codec: a codec with a kernel (`has_kernel`).
 
     Returns:
-      float32 1-D arrays, each padded with its last entry (``mode="edge"``).
+      1-D arrays (float32, or uint8 where the codec gives bytes), each padded
+      with its last entry (``mode="edge"``).
     """
     out = []
     for t in codec.kernel_tables():
-        t = np.asarray(t, np.float32).reshape(-1)
+        t = np.asarray(t).reshape(-1)
+        t = t if t.dtype == np.uint8 else t.astype(np.float32)
         n = 1 << max(0, math.ceil(math.log2(max(t.size, 1))))
         out.append(jnp.asarray(np.pad(t, (0, n - t.size), mode="edge")))
     return out

@@ -426,3 +426,93 @@ def test_bad_bits_raise():
         blockwise.dynamic_map(None)
     with pytest.raises(ValueError, match=r"qmap must be a 1-d map of 2\*\*bits"):
         blockwise.encode_groups_with(jnp.zeros((1, 8)), np.zeros(10), signed=True)
+
+
+# --- the kernels' bucket table (a first guess for the 8-bit search) ------------
+
+_SEARCH_TABLES = {
+    "8-signed-nearest": (True, False),
+    "8-unsigned-stochastic": (False, True),
+    "8-unsigned-nearest": (False, False),
+    "8-signed-stochastic": (True, True),
+}
+
+
+def _search_table(signed, stochastic):
+    qmap = blockwise.dynamic_map(signed, bits=8)
+    if stochastic:
+        return np.asarray(blockwise.stochastic_table(qmap), np.float32)
+    return np.asarray(blockwise.search_table(qmap), np.float32)
+
+
+def _hard_points(table, lut, rng):
+    """Every entry and its float neighbours, every bucket edge, log-uniform values."""
+    finite = table[np.isfinite(table)]
+    up, down = np.nextafter(finite, np.inf), np.nextafter(finite, -np.inf)
+    starts = lut.origin + np.arange(lut.half, dtype=np.int64) * (1 << lut.shift)
+    starts = starts.astype(np.int32).view(np.float32)
+    edges = np.concatenate([starts, np.nextafter(starts, -np.inf)])
+    spread = np.exp(rng.uniform(np.log(1e-12), 0.0, 20000)).astype(np.float32)
+    special = np.float32([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 2.0, 3.0])
+    x = np.concatenate([finite, up, down, np.nextafter(up, np.inf), edges, spread])
+    x = np.concatenate([x, -x, special]).astype(np.float32)
+    # subnormals: XLA flushes them to 0 on CPU (numpy does not); no block
+    # quotient is that small
+    return x[(np.abs(x) >= np.finfo(np.float32).tiny) | (x == 0)]
+
+
+@pytest.mark.parametrize("name", list(_SEARCH_TABLES))
+def test_bucket_lut_count_equals_binary_search(name):
+    signed, stochastic = _SEARCH_TABLES[name]
+    table = _search_table(signed, stochastic)
+    lut = blockwise.bucket_lut(table, signed)
+    assert lut is not None and lut.table.dtype == np.uint8
+    assert lut.table.size == (2 if signed else 1) * lut.half
+    x = _hard_points(table, lut, np.random.default_rng(len(name)))
+    if not signed:
+        x = np.maximum(x, np.float32(0))
+    want = np.asarray(
+        blockwise._count_bounds_at_or_below(jnp.asarray(table), jnp.asarray(x), 8)
+    )
+    got = np.asarray(
+        blockwise._count_by_buckets(
+            jnp.asarray(table), jnp.asarray(lut.table), lut, jnp.asarray(x), 8
+        )
+    )
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.searchsorted(table, x, side="right"))
+
+
+@given(seed=st.integers(0, 2**32 - 1), signed=st.booleans())
+def test_bucket_lut_count_on_fresh_values(seed, signed):
+    table = _search_table(signed, stochastic=not signed)
+    lut = blockwise.bucket_lut(table, signed)
+    rng = np.random.default_rng(seed)
+    magnitude = np.exp(rng.uniform(np.log(1e-9), 0.0, 4096))
+    x = (magnitude * rng.choice([-1.0, 1.0] if signed else [1.0], 4096)).astype(
+        np.float32
+    )
+    got = blockwise._count_by_buckets(
+        jnp.asarray(table), jnp.asarray(lut.table), lut, jnp.asarray(x), 8
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got), np.searchsorted(table, x, side="right")
+    )
+
+
+def test_bucket_lut_none_when_entries_too_close_or_too_many():
+    # 0.6 and its successor share a bucket at any width (0.5 would not:
+    # it starts one, and a bucket's lowest value is counted in its table)
+    near = np.nextafter(np.float32(0.6), np.float32(1))
+    crowded = np.float32([0.6, near, np.inf])
+    assert blockwise.bucket_lut(crowded, signed=False) is None
+    assert blockwise.bucket_lut(np.linspace(0, 1, 300, dtype=np.float32), False) is None
+    assert blockwise.bucket_lut(np.float32([0.5, 3.0, np.inf]), False) is None
+
+
+def test_kernel_tables_carry_the_bucket_lut_at_8_bits_only():
+    for codec in CODECS.values():
+        tables = codec.kernel_tables()
+        assert len(tables) == (3 if codec.bits == 8 else 2)
+        if codec.bits == 8:
+            assert tables[2].dtype == np.uint8
