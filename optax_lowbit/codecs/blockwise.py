@@ -425,10 +425,9 @@ def _count_by_buckets(
     if params.signed:
         bucket = jnp.where(x < 0, params.half - 1 - bucket, params.half + bucket)
     count = base.take(lut, bucket, in_range=True).astype(jnp.int32)
-    entry = base.take(table, count, in_range=True)
-    after = entry <= x
+    after = base.take(table, count, in_range=True) <= x
     # +inf alone counts the table's inf sentinel too
-    return jnp.minimum(count + after.astype(jnp.int32), (1 << bits) - 1), count, entry
+    return jnp.minimum(count + after.astype(jnp.int32), (1 << bits) - 1)
 
 
 def stochastic_table(qmap: jax.Array) -> jax.Array:
@@ -450,7 +449,7 @@ def _count(table: Any, x: jax.Array, bits: int, lut: Any = None) -> jax.Array:
     """
     if lut is None:
         return _count_bounds_at_or_below(table, x, bits)
-    return _count_by_buckets(table, lut[0], lut[1], x, bits)[0]
+    return _count_by_buckets(table, lut[0], lut[1], x, bits)
 
 
 def _round_stochastic(
@@ -462,19 +461,11 @@ def _round_stochastic(
     mean is ``x`` wherever ``x`` lies inside the map; below the smallest entry
     (a zero-free map) the smallest entry, above the largest the largest.
     """
+    below = _count(table, x, bits, lut)  # entry <= x, or 0
     n = 1 << bits
-    if lut is None:
-        below = _count_bounds_at_or_below(table, x, bits)  # entry <= x, or 0
-        above = jnp.minimum(below + 1, n - 1)
-        lo = base.take(qmap, below, in_range=True)
-        hi = base.take(qmap, above, in_range=True)
-    else:  # table[c] = qmap[c + 1], read by the count: one of lo, hi
-        below, c, entry = _count_by_buckets(table, lut[0], lut[1], x, bits)
-        above = jnp.minimum(below + 1, n - 1)
-        passed = below > c  # entry <= x: entry is lo
-        other = base.take(qmap, jnp.where(passed, above, below), in_range=True)
-        lo = jnp.where(passed, entry, other)
-        hi = jnp.where(passed | (c >= n - 1), other, entry)
+    above = jnp.minimum(below + 1, n - 1)
+    lo = base.take(qmap, below, in_range=True)
+    hi = base.take(qmap, above, in_range=True)
     gap = jnp.where(hi > lo, hi - lo, 1.0)
     up = (uniform * gap < x - lo) & (hi > lo)
     return jnp.where(up, above, below)
