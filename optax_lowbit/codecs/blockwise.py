@@ -727,28 +727,13 @@ class BlockwiseCodec(base.Codec):
             return [self.block_size // 2] * 2
         return base.plane_bytes(self.block_size, self.bits)
 
-    def _kernel_search(self) -> tuple[np.ndarray, BucketLut | None]:
-        """The search table a kernel reads, and its `bucket_lut` where used.
-
-        8 bits only: the binary search there takes 8 steps, 6 of them table
-        reads from a 1 KB table; at 4 bits it is 2 reads and is kept.
-        """
-        qmap = self.qmap()
-        if self.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
-            table = stochastic_table(qmap)
-        else:
-            with jax.ensure_compile_time_eval():  # constants, even under a trace
-                table = np.asarray(search_table(qmap), np.float32)
-        lut = bucket_lut(table, self.signed) if self.bits == 8 else None
-        return table, lut
-
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The arrays a kernel takes as inputs.
 
         The map, the search table and, at 8 bits, the search's `bucket_lut`
         (uint8).
         """
-        table, lut = self._kernel_search()
+        table, lut = _kernel_search(self)
         return (self.qmap(), table) + (() if lut is None else (lut.table,))
 
     def kernel_columns(self) -> list[np.ndarray]:
@@ -772,7 +757,7 @@ class BlockwiseCodec(base.Codec):
         self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
         """`encode_groups_with` of the halves to the kernel's planes (``noise``: SR)."""
-        lut = self._kernel_search()[1]
+        lut = _kernel_search(self)[1]
         return encode_groups_with(
             x,
             tables[0],
@@ -782,6 +767,25 @@ class BlockwiseCodec(base.Codec):
             planes=True,
             lut=None if lut is None else (tables[2], lut),
         )
+
+
+@functools.cache
+def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut | None]:
+    """The search table a kernel reads, and its `bucket_lut` where used.
+
+    Built once per codec (the kernel's tables and each trace of its encoder
+    read them). 8 bits only: the binary search there takes 8 steps, 6 of them
+    table reads from a 1 KB table; at 4 bits it is 2 reads and is kept.
+    """
+    qmap = codec.qmap()
+    if codec.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
+        table = stochastic_table(qmap)
+    else:
+        with jax.ensure_compile_time_eval():  # constants, even under a trace
+            table = np.asarray(search_table(qmap), np.float32)
+    table.flags.writeable = False
+    lut = bucket_lut(table, codec.signed) if codec.bits == 8 else None
+    return table, lut
 
 
 def blockwise8(
