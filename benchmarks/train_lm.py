@@ -215,6 +215,21 @@ def make_optimizer(
         ),
         "muon_4bit": lambda: lowbit.muon_4bit(lr, **muon),
         "muon_8bit": lambda: lowbit.muon_8bit(lr, **muon),
+        # Issue 21's screen of the low-bit momentum: no momentum at all (fp32
+        # Muon with beta 0, the stateless reference), the 4-bit codec rounded
+        # stochastically or with blocks of 32, the 2-bit polar codec with
+        # groups of 16, and 2-bit polar with a shorter momentum (beta 0.8).
+        "muon_nomom": lambda: optax.contrib.muon(lr, beta=0.0, **muon),
+        "muon_4bit_sr": lambda: lowbit.muon_4bit(
+            lr, mu_codec=lowbit.codecs.blockwise4(rounding="stochastic"), **muon
+        ),
+        "muon_4bit_b32": lambda: lowbit.muon_4bit(
+            lr, mu_codec=lowbit.codecs.blockwise4(block_size=32), **muon
+        ),
+        "muon_polar2_g16": lambda: lowbit.muon_polar(
+            lr, mu_codec=lowbit.codecs.polar(2, group_size=16), **muon
+        ),
+        "muon_polar2_beta08": lambda: lowbit.muon_polar(lr, beta=0.8, **muon),
     }
     if name not in factories:
         raise ValueError(f"optimizer must be one of {sorted(factories)}, got {name!r}.")

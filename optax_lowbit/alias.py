@@ -370,6 +370,7 @@ def _muon(
     consistent_rms: Any,
     policy: Any,
     impl: str,
+    mu_codec: base.Codec | None,
     **options: Any,
 ) -> optax.GradientTransformation:
     """`optax.contrib.muon` with the momentum (and the Adam fallback) in ``preset``."""
@@ -377,11 +378,11 @@ def _muon(
         presets = _muon_tx.NS_COEFFS_PRESETS
         _checks.one_of("ns_coeffs", ns_coeffs, tuple(presets))
         ns_coeffs = presets[ns_coeffs]
-    mu_codec = _presets.codecs(preset, **options)[0]
+    momentum_codec = _presets.codecs(preset, mu_codec, **options)[0]
     labels, dims = _muon_tx.partition(muon_weight_dimension_numbers)
     muon = optax.chain(
         _muon_tx.scale_by_muon_quantized(
-            mu_codec,
+            momentum_codec,
             ns_coeffs,
             ns_steps,
             beta,
@@ -500,6 +501,10 @@ def _make_muon(preset: _presets.AdamPreset) -> Callable[..., Any]:
             *_muon_options(preset),
             *_MUON_OPTIONS,
             *_muon_common_args(),  # policy, impl (nesterov is Muon's)
+            _presets.CODEC_ARGS[0]._replace(
+                doc="overrides the matrices' momentum codec (signed); the Adam "
+                "fallback keeps the preset's codecs."
+            ),
         ),
         functools.partial(_muon, preset),
         _presets.preset_doc(_MUON_DOC, preset),
