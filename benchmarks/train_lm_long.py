@@ -1030,9 +1030,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--reference",
-        default=REFERENCE,
-        help="the optimizer the gaps are taken against (default adamw_fp32; "
-        "muon_fp32 for the Muon runs)",
+        default=None,
+        help="the optimizer the gaps are taken against (default adamw_fp32, or "
+        "with --merge the first file's; muon_fp32 for the Muon runs)",
     )
     p.add_argument("--plot-only", default=None, help="re-plot a result JSON")
     cfg = p.parse_args(argv)
@@ -1069,7 +1069,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cfg.plot_only:
         return _finish(json.loads(pathlib.Path(cfg.plot_only).read_text()), cfg)
     if cfg.merge:
-        return _finish(merge(cfg.merge), cfg)
+        merged = merge(cfg.merge)
+        if cfg.reference is not None:
+            merged["meta"]["reference"] = cfg.reference
+        return _finish(merged, cfg)
     t_start = time.perf_counter()
     as_train_lm = argparse.Namespace(**vars(cfg))
     as_train_lm.optimizers = ",".join(
@@ -1121,7 +1124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data=data_info,
         heldout="every 30th document of the sorted Debian documentation corpus",
         optimizer_names={n: _TRAIN_LM_NAMES.get(n, n) for n in names},
-        reference=cfg.reference,
+        reference=cfg.reference or REFERENCE,
         shadow=dict(
             every=cfg.shadow_every,
             leaves=[dataclasses.asdict(lf) for lf in leaves],
