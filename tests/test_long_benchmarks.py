@@ -238,6 +238,17 @@ def test_long_merge(long_smoke, tmp_path):
     assert merged["metrics"]["adamw_4bit"]["heldout_gap"] == pytest.approx(
         result["metrics"]["adamw_4bit"]["heldout_gap"]
     )
+    # --reference takes the gaps against another optimizer (Muon's runs)
+    swapped = train_lm_long.main(
+        ["--merge", str(out), "--reference", "adamw_4bit", "--out", str(out)]
+    )
+    gap = merged["metrics"]["adamw_4bit"]["heldout_gap"]
+    assert swapped["meta"]["reference"] == "adamw_4bit"
+    assert "heldout_gap" not in swapped["metrics"]["adamw_4bit"]
+    assert swapped["metrics"]["adamw_fp32"]["heldout_gap"] == pytest.approx(
+        1 / (1 + gap) - 1
+    )
+    assert "vs adamw_4bit" in train_lm_long.table(swapped)
     b["meta"] = dict(b["meta"], steps=999)
     paths[1].write_text(json.dumps(b))
     with pytest.raises(ValueError, match="steps"):

@@ -147,6 +147,30 @@ def test_bad_arguments_are_named():
         tx.update(params, optax.contrib.scale_by_muon().init(params))
 
 
+def test_mu_codec_replaces_the_matrices_momentum_codec_only():
+    rng = np.random.default_rng()
+    params = {
+        "w": jnp.asarray(rng.standard_normal((64, 128)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(4096), jnp.float32),
+    }
+    codec = lowbit.codecs.blockwise4(block_size=32)
+    tx = lowbit.muon_4bit(0.02, mu_codec=codec, policy=ALL)
+    state = tx.init(params)
+    assert state.inner_states["muon"].inner_state[0].mu["w"].codec_name == codec.name
+    default = lowbit.muon_4bit(0.02, policy=ALL).init(params)
+    # the Adam fallback (the vector) keeps the preset's codecs
+    adam, adam_default = (
+        s.inner_states["adam"].inner_state[0] for s in (state, default)
+    )
+    assert adam.mu["b"].codec_name == adam_default.mu["b"].codec_name != codec.name
+    _, state = jax.jit(tx.update)(params, state, params)
+    m = state.inner_states["muon"].inner_state[0].mu["w"].decode()
+    # one step from zero: m = (1 - beta) g, to the codec's rounding
+    np.testing.assert_allclose(m, 0.05 * params["w"], atol=0.05 * 0.2 * 3.5)
+    with pytest.raises(ValueError, match="mu_codec must be a signed codec"):
+        lowbit.muon_polar(0.02, mu_codec=lowbit.codecs.blockwise4(False))
+
+
 def _run_steps(tx, params, steps=3):
     """``steps`` updates under one jitted ``lax.scan``: updates and state."""
 
