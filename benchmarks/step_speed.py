@@ -42,7 +42,9 @@ records one JSON record per row:
 It also checks every kernel variant against the jnp reference on the device
 (code and scale mismatch fractions, output error), measures the device copy
 ceiling, and sweeps the kernel's block size / warps on the big leaf (the rows
-then use the fastest configuration). Writes ``step_speed_h200.json`` and
+keep the library's per-codec defaults, `kadam.default_block_groups` and
+`kadam.default_num_warps`, unless ``--block-groups`` / ``--num-warps`` set
+them). Writes ``step_speed_h200.json`` and
 ``step_speed_h200.png`` (ratio per optimizer and case) to
 ``benchmarks/results/`` or ``$OUT`` when set (``--out`` overrides the JSON
 path) and prints a table. Rows that fail record their error; rows not started
@@ -572,8 +574,8 @@ def grouped_check(mc, nc, apply: bool, key, n_leaves: int = 3) -> dict:
 
 def kernel_checks(log, configs=None, variants=None, checks=None):
     """On-device kernel vs jnp reference (every variant, with and without the
-    fused apply) and a block / warps sweep on the 256M leaf; sets the module's
-    defaults to the fastest polar2 configuration for the rows that follow."""
+    fused apply) and a block / warps sweep on the 256M leaf (recorded; the
+    rows that follow keep the library's defaults)."""
     out = {}
     key = jax.random.key(7)
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -648,12 +650,10 @@ def kernel_checks(log, configs=None, variants=None, checks=None):
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             sweep.append(rec)
             log(f"sweep {rec}")
+    # The transform rows below take the library's defaults (what a user gets:
+    # `kadam.default_block_groups`, `kadam.default_num_warps`), not this
+    # sweep's best, unless --block-groups / --num-warps set them.
     out["kernel_sweep_256M"] = sweep
-    ok = [r for r in sweep if "ms" in r and r["variant"] == "polar2-sr"]
-    if ok:  # the transform rows below use the fastest configuration
-        best = min(ok, key=lambda r: r["ms"])
-        kadam.DEFAULT_BLOCK_GROUPS = best["block_groups"]
-        kadam.DEFAULT_NUM_WARPS = best["num_warps"]
     return out
 
 
@@ -778,7 +778,6 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
     shapes = {"w": PTX_SHAPE}
     params = make_tree(shapes, jax.random.key(0))
     grads = make_tree(shapes, jax.random.key(1))
-    nw = kadam.DEFAULT_NUM_WARPS
     out = []
     for row in rows_for("ptx", impl, optimizers, paths=("chain", "fused")):
         if row.path not in ("chain", "fused"):
@@ -796,6 +795,7 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
             ]
             gsize = packed[0].codec.group_size
             bg = kadam.default_block_groups(gsize)
+            nw = kadam.default_num_warps(bg * gsize)
             rec.update(
                 module=f"jit_{name}",
                 block_groups=bg,
@@ -834,8 +834,8 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
     by the elements one thread handles, ``block_groups * group_size / (32 *
     num_warps)``, is the instructions per element (an estimate: every branch's
     code counts once; ``ptx_branches`` says how many branches there are). The
-    block comes from `optax_lowbit.kernels.adam` (``DEFAULT_BLOCK_GROUPS``,
-    ``DEFAULT_NUM_WARPS``, after the sweep), the group size from the state's
+    block comes from `optax_lowbit.kernels.adam` (``default_block_groups``,
+    ``default_num_warps``), the group size from the state's
     first `Packed` moment (the launch's groups are the first moment's).
 
     Returns the records and ``None``, or no records and why there are none.
@@ -854,7 +854,8 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
         cmd = [sys.executable, "-m", "benchmarks.step_speed", "--ptx-child", tmp]
         cmd += ["--impl", impl, "--optimizers", ",".join(optimizers)]
         cmd += ["--block-groups", str(kadam.DEFAULT_BLOCK_GROUPS)]
-        cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
+        if kadam.DEFAULT_NUM_WARPS:  # None: each block's default_num_warps
+            cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
         if kadam.LEAVES_PER_LAUNCH:  # None: every leaf of a shape in one launch
             cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
         proc = subprocess.run(
@@ -1202,7 +1203,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta["kernel_config_used"] = {
         "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
         "max_block_elements": kadam.MAX_BLOCK_ELEMENTS,
-        "num_warps": kadam.DEFAULT_NUM_WARPS,
+        "num_warps": kadam.DEFAULT_NUM_WARPS,  # None: per block, as below
+        "elements_per_thread": kadam.ELEMENTS_PER_THREAD,
+        "max_num_warps": kadam.MAX_NUM_WARPS,
     }
     log(f"kernel config used: {meta['kernel_config_used']}")
     phase("kernel_checks")

@@ -35,8 +35,9 @@ a `launch_config`. The parts live beside it, each with its jnp reference:
 
 The entry points are here, not in `launch`, because they resolve the tunables
 below when called: `DEFAULT_BLOCK_GROUPS` (with `MAX_BLOCK_ELEMENTS`),
-`DEFAULT_NUM_WARPS` and `LEAVES_PER_LAUNCH` are attributes of this module that
-the step-speed benchmark sets at run time (for every rule).
+`DEFAULT_NUM_WARPS` (else `ELEMENTS_PER_THREAD`) and `LEAVES_PER_LAUNCH` are
+attributes of this module that the step-speed benchmark sets at run time (for
+every rule).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = [
     "apply_leaf",
     "apply_step",
     "default_block_groups",
+    "default_num_warps",
     "has_kernel",
     "launch_config",
     "make_hp",
@@ -86,7 +88,18 @@ __all__ = [
 #: groups / 4 warps 2.98 ms, 32 groups 2.42, 16 groups 2.13-2.24, 8 groups
 #: 2.23-2.44 (benchmarks/NOTES_kernels.md, v3).
 DEFAULT_BLOCK_GROUPS = 16
-DEFAULT_NUM_WARPS = 4
+#: Triton warps per block for every launch when set; ``None`` (the default):
+#: `default_num_warps` of the block's size.
+DEFAULT_NUM_WARPS: int | None = None
+#: Elements of a default block each thread handles (`default_num_warps`). On
+#: the H200 (256M leaf, fused step, 2026-12-04) each preset was fastest at 8:
+#: 8-bit and 4-bit (2048-element blocks) with 8 warps (2.24 and 1.87 ms
+#: against 2.76 and 2.05 with 4), polar 2-bit (1024) with 4 warps (2.09 ms
+#: against 2.25 with 8); 2 warps were slower for all three
+#: (benchmarks/NOTES_kernels.md, v17).
+ELEMENTS_PER_THREAD = 8
+#: The most warps `default_num_warps` picks.
+MAX_NUM_WARPS = 8
 #: The most elements a default block holds: codecs with larger groups get
 #: fewer than `DEFAULT_BLOCK_GROUPS` groups per block (`default_block_groups`).
 #: On the H200 the 8-bit kernel (groups of 256) ran 7-23% faster with 8 groups
@@ -120,6 +133,30 @@ def default_block_groups(group_size: int) -> int:
     return groups
 
 
+def default_num_warps(block_elements: int) -> int:
+    """Triton warps for a block of ``block_elements`` when none are given.
+
+    `DEFAULT_NUM_WARPS` (read now) when set; else ``block_elements / (32 *
+    ELEMENTS_PER_THREAD)`` rounded down to a power of two, between 1 and
+    `MAX_NUM_WARPS`.
+
+    Args:
+      block_elements: elements of one block (groups per block times the
+        group size).
+
+    Returns:
+      A power of two.
+    """
+    if DEFAULT_NUM_WARPS:
+        return DEFAULT_NUM_WARPS
+    warps = 1
+    while warps < MAX_NUM_WARPS and 2 * warps * 32 * ELEMENTS_PER_THREAD <= (
+        block_elements
+    ):
+        warps *= 2
+    return warps
+
+
 def launch_config(
     rule: rules.Rule,
     codecs: Sequence[base.Codec],
@@ -134,18 +171,20 @@ def launch_config(
       codecs: each moment's codec (`has_kernel` must hold for the kernel).
       block_groups: groups per kernel block (a power of two); ``None``:
         `default_block_groups` of the codecs' largest group.
-      num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
+      num_warps: Triton warps per block; ``None``: `default_num_warps` of the
+        block.
       lowering: force a GPU lowering (see `_backend.pick`).
 
     Returns:
       A `launch.LaunchConfig` (static: the jitted launches' cache key).
     """
+    group_size = max(c.group_size for c in codecs)
+    block_groups = block_groups or default_block_groups(group_size)
     return launch.LaunchConfig(
         rule=rule,
         codecs=tuple(codecs),
-        block_groups=block_groups
-        or default_block_groups(max(c.group_size for c in codecs)),
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        block_groups=block_groups,
+        num_warps=num_warps or default_num_warps(block_groups * group_size),
         lowering=lowering,
     )
 
@@ -263,7 +302,7 @@ def adam_update(
         ``params`` (donate it), instead of ``u``.
       block_groups: groups per kernel block (a power of two); ``None``:
         `default_block_groups` of the codecs' group size.
-      num_warps: Triton warps per block; ``None``: `DEFAULT_NUM_WARPS`.
+      num_warps: Triton warps per block; ``None``: `default_num_warps`.
       lowering: force a GPU lowering (see `_backend.pick`).
       impl: ``"pallas"`` runs the kernel (the Pallas interpreter on CPU);
         ``"jnp"`` the same step in pure jnp (decode, `rules.reference_step`,

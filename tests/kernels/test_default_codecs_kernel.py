@@ -79,3 +79,31 @@ def test_default_block_holds_at_most_max_block_elements(name, monkeypatch):
     monkeypatch.setattr(kadam, "DEFAULT_BLOCK_GROUPS", 16)
     expected = {"polar2": 16, "polar1.5": 16, "4bit": 16, "8bit": 8}[name]
     assert kadam.launch_config(rule, codecs).block_groups == expected
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_default_warps_give_each_thread_elements_per_thread(name, monkeypatch):
+    """Without ``num_warps`` a block of ``E`` elements takes ``E / (32 *
+    ELEMENTS_PER_THREAD)`` warps (a power of two in [1, MAX_NUM_WARPS]): 4 for
+    polar's 1024-element blocks, 8 for the 2048 of 4-bit and 8-bit; a set
+    `DEFAULT_NUM_WARPS` or an explicit ``num_warps`` is kept as given."""
+    codecs = preset_codecs(name)
+    gsize = max(c.group_size for c in codecs)
+    rule = kadam.rules.AdamRule()
+    monkeypatch.setattr(kadam, "DEFAULT_BLOCK_GROUPS", 16)
+    monkeypatch.setattr(kadam, "DEFAULT_NUM_WARPS", None)
+    config = kadam.launch_config(rule, codecs)
+    expected = {"polar2": 4, "polar1.5": 4, "4bit": 8, "8bit": 8}[name]
+    assert config.num_warps == expected
+    per_thread = config.block_groups * gsize / (32 * config.num_warps)
+    assert per_thread == kadam.ELEMENTS_PER_THREAD
+    for groups in (1, 2, 4, 8, 16, 32, 64):
+        warps = kadam.launch_config(rule, codecs, block_groups=groups).num_warps
+        assert warps & (warps - 1) == 0 and 1 <= warps <= kadam.MAX_NUM_WARPS
+        elements = groups * gsize
+        assert warps == kadam.MAX_NUM_WARPS or warps == 1 or (
+            elements // (32 * warps) == kadam.ELEMENTS_PER_THREAD
+        )
+    assert kadam.launch_config(rule, codecs, num_warps=2).num_warps == 2
+    monkeypatch.setattr(kadam, "DEFAULT_NUM_WARPS", 4)
+    assert kadam.launch_config(rule, codecs).num_warps == 4
