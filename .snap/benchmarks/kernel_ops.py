@@ -1,0 +1,444 @@
+"""Operations per element of the fused kernels, counted offline (no GPU).
+
+Run on any machine: ``python -m benchmarks.kernel_ops`` (``--json PATH`` to
+write elsewhere than ``benchmarks/results/kernel_ops_cpu.json``).
+
+For each preset's codec pair (``polar2``, ``polar1.5``, ``4bit``, ``8bit``;
+π-Quant's preset pairs groups of 96 with a 128-group ``nu`` and takes no
+kernel) and path (``chain``: the Adam kernel writes ``u``; ``fused``: it
+applies AdamW; ``momentum``: Muon's momentum kernel, the same loop with
+`rules.MomentumRule` over the preset's first-moment codec, writes ``m_hat``)
+it lowers one kernel launch for CUDA with the Pallas Triton
+lowering forced (``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``
+works on a CPU-only jaxlib), catches the Triton module (TTIR) that Pallas
+builds before serialising it, runs MLIR's ``canonicalize`` and ``cse`` on it
+(what Triton itself runs first, `ir_counts`), and counts every operation
+weighted by the elements of its result tensor (a ``16x64`` add counts 1024,
+a scalar 1), divided by the elements one program handles. So the numbers are
+*TTIR operations per element*, a proxy for instructions: Triton's later
+passes and ptxas change them (a ``divf`` or ``sqrt`` becomes several SASS
+instructions, loads may vectorise, constants become immediates), but a cut
+here is a cut of work per element.
+
+Columns (`CATEGORIES`): ``compute`` (arithmetic, compares, selects, casts,
+math calls), ``memory`` (loads and stores, gathered table reads included),
+``layout`` (reshape, transpose, join, split: register shuffles or shared
+memory in Triton), ``free`` (constants, splats, broadcasts, iotas: not
+counted in ``total``); ``divf`` and ``math`` (``tt.extern_elementwise``:
+libdevice calls such as sqrt) are listed too, as they are the expensive
+ones. This relies on JAX's private Pallas Triton lowering
+(``jax._src.pallas.triton``): a JAX upgrade may move it.
+
+Grouped launches (v6, `group_case`, ``--group-leaves``): the same lowering
+of one `adam_update_many` over one leaf of `GROUP_SHAPE`, over 12 such
+leaves (one launch), and over GPT-2 small's 50 quantized leaves (6 shapes)
+one launch per leaf and grouped; each row gives the kernels lowered, the
+seconds to trace and lower, the operations of the Triton modules (what
+Triton compiles: a proxy for its compile time) and the TTIR operations per
+element on one program's path (only its leaf's branch of the load and store
+switches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowbit.kernels import _backend, launch, rules
+from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.transforms import adam_presets
+
+#: Per preset: ``(mu_codec, nu_codec)`` as the optimizers build them.
+CASES: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "polar2": lambda: adam_presets.polar_codecs(2, "stochastic"),
+    "polar1.5": lambda: adam_presets.polar_codecs(1.5, "stochastic"),
+    "4bit": lambda: adam_presets.blockwise_codecs(4),
+    "8bit": lambda: adam_presets.blockwise_codecs(8),
+}
+PATHS = ("chain", "fused", "momentum")
+#: A leaf whose last axis is a multiple of every group size (64, 128, 256)
+#: and whose group count every default block (8 or 16 groups) divides (no masked tail).
+SHAPE = (16, 6144)
+FREE = frozenset(
+    {
+        "arith.constant",
+        "tt.splat",
+        "tt.broadcast",
+        "tt.expand_dims",
+        "tt.make_range",
+        "tt.get_program_id",
+        "tt.func",
+        "tt.return",
+        "tt.reduce.return",
+    }
+)
+LAYOUT = frozenset({"tt.reshape", "tt.trans", "tt.join", "tt.split"})
+MEMORY = frozenset({"tt.load", "tt.store", "tt.addptr"})
+CATEGORIES = ("total", "compute", "memory", "layout", "divf", "math")
+
+
+def _elements(type_text: str) -> int:
+    """Elements of a ``tensor<AxBx...>`` type (1 for a scalar)."""
+    m = re.match(r"tensor<((?:\d+x)+)", type_text)
+    if not m:
+        return 1
+    return math.prod(int(d) for d in m.group(1).rstrip("x").split("x"))
+
+
+def _walk(op: Any, first_branch: bool = False) -> Iterator[Any]:
+    regions = op.regions
+    if first_branch and op.name == "scf.if":
+        regions = regions[:1]  # the ``then`` branch: leaf 0 of a switch
+    for region in regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                yield inner.operation
+                yield from _walk(inner.operation, first_branch)
+
+
+def _simplified(module_op: Any) -> Any:
+    """A copy of a Triton module after MLIR's ``canonicalize`` and ``cse``."""
+    from jax._src.lib.mlir import ir, passmanager
+
+    op = ir.Module.parse(module_op.get_asm(), context=module_op.context).operation
+    passmanager.PassManager.parse(
+        "builtin.module(canonicalize,cse)", context=op.context
+    ).run(op)
+    return op
+
+
+def ir_counts(module_op: Any, *, first_branch: bool = False) -> collections.Counter:
+    """Operations of a Triton module, each weighted by its result's elements.
+
+    The module is re-parsed in its context and simplified by MLIR's
+    ``canonicalize`` and ``cse`` first (the Pallas lowering emits many
+    duplicate index computations that Triton's own first passes remove).
+    A store is weighted by the value it stores.
+
+    Args:
+      module_op: the ``builtin.module`` operation Pallas built.
+      first_branch: count only the ``then`` region of each ``scf.if``: the
+        path one program of a grouped launch runs (its leaf's loads and
+        stores are one branch of a ``lax.switch`` chain), not every branch.
+
+    Returns:
+      ``Counter`` of op name -> weighted count.
+    """
+    out: collections.Counter = collections.Counter()
+    for o in _walk(_simplified(module_op), first_branch):
+        types = [str(r.type) for r in o.results]
+        if o.name == "tt.store":
+            types = [str(o.operands[1].type)]
+        out[o.name] += max([_elements(t) for t in types], default=1)
+    return out
+
+
+def module_size(module_op: Any) -> int:
+    """Operations in a Triton module after ``canonicalize`` and ``cse``.
+
+    Unweighted and over every branch: what Triton compiles, so a proxy for
+    its compile time (a v3c launch of 12 leaves held 12 copies of the body).
+
+    Args:
+      module_op: the ``builtin.module`` operation Pallas built.
+
+    Returns:
+      The number of operations.
+    """
+    return sum(1 for _ in _walk(_simplified(module_op)))
+
+
+def per_element(counts: collections.Counter, elements: int) -> dict[str, float]:
+    """`CATEGORIES` per element from `ir_counts` of a program of ``elements``."""
+    cat: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+    for name, n in counts.items():
+        if name in FREE:
+            continue
+        kind = "layout" if name in LAYOUT else "memory" if name in MEMORY else "compute"
+        cat[kind] += n
+        cat["total"] += n
+        if name == "arith.divf":
+            cat["divf"] += n
+        if name == "tt.extern_elementwise":
+            cat["math"] += n
+    return {k: round(v / elements, 2) for k, v in cat.items()}
+
+
+@contextlib.contextmanager
+def _capture_triton() -> Iterator[list[dict[str, Any]]]:
+    """Forces the Triton lowering and records each kernel it lowers.
+
+    Yields:
+      A list that gets, per kernel, ``{"counts": ir_counts, "path_counts":
+      ir_counts(first_branch=True), "module_ops": module_size, "programs":
+      grid size, "lower_s": seconds of Pallas' jaxpr-to-TTIR lowering,
+      "spy_s": seconds of the counting}``.
+    """
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    seen: list[dict[str, Any]] = []
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+
+    def spy(*args, **kwargs):
+        start = time.perf_counter()
+        result = lower(*args, **kwargs)
+        lower_s = time.perf_counter() - start
+        module = result.module.operation
+        seen.append(
+            {
+                "counts": ir_counts(module),
+                "path_counts": ir_counts(module, first_branch=True),
+                "module_ops": module_size(module),
+                "programs": math.prod(result.grid),
+                "lower_s": lower_s,
+            }
+        )
+        seen[-1]["spy_s"] = time.perf_counter() - start - lower_s  # counting
+        return result
+
+    triton = _backend.Backend(interpret=False, lowering="triton")
+    with (
+        mock.patch.object(reg.lowering, "lower_jaxpr_to_triton_module", spy),
+        mock.patch.object(_backend, "pick", lambda lowering=None: triton),
+    ):
+        yield seen
+
+
+def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
+    """One record: the kernel of preset ``name`` on ``path``, per element.
+
+    Args:
+      name: a key of `CASES`.
+      path: ``"chain"``, ``"fused"`` or ``"momentum"`` (`PATHS`).
+      shape: the leaf's shape (its groups must fill whole blocks).
+
+    Returns:
+      ``{"case", "path", "codecs", "elements_per_program", "ops", <CATEGORIES>}``
+      with ``ops`` the per-element count of each TTIR operation.
+    """
+    mu_codec, nu_codec = CASES[name]()
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    muon = path == "momentum"
+
+    def step(g, p):
+        if muon:  # Muon's momentum: the first moment's codec alone
+            config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
+            hp = rules.momentum_hp(0.95, 0.05, 0.0975)
+            mu = mu_codec.zeros(shape)
+            return kadam.rule_update(config, g, (mu,), hp, (1,), impl="pallas")
+        hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
+        return kadam.adam_update(
+            g,
+            mu_codec.zeros(shape),
+            nu_codec.zeros(shape),
+            hp,
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            seeds=(1, 2),
+            params=p if path == "fused" else None,
+            impl="pallas",
+        )
+
+    with _capture_triton() as seen:
+        jax.jit(step).trace(spec, spec).lower(lowering_platforms=("cuda",))
+    if len(seen) != 1:
+        raise RuntimeError(
+            f"{name}/{path}: expected one Triton kernel, got {len(seen)}."
+        )
+    counts, programs = seen[0]["counts"], seen[0]["programs"]
+    elements = math.prod(shape) // programs
+    return {
+        "case": name,
+        "path": path,
+        "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
+        "elements_per_program": elements,
+        **per_element(counts, elements),
+        "ops": {
+            k: round(v / elements, 3) for k, v in counts.most_common() if k not in FREE
+        },
+    }
+
+
+#: The leaf of the grouped-launch records: GPT-2 small's attention input
+#: (12 such leaves in the tree).
+GROUP_SHAPE = (768, 2304)
+#: The quantized leaves of GPT-2 small (step_speed's ``gpt2s_148`` under the
+#: default policy): 50 leaves of 6 shapes.
+GPT2S_QUANTIZED = [(50257, 768), (1024, 768)] + [
+    (768, 2304),
+    (768, 768),
+    (768, 3072),
+    (3072, 768),
+] * 12
+
+
+def group_case(
+    name: str,
+    path: str,
+    shapes: Sequence[tuple[int, ...]],
+    leaves_per_launch: int | None = None,
+) -> dict:
+    """Lowers one `adam_update_many` over ``shapes`` for CUDA (Triton forced).
+
+    Leaves of one shape share a launch (v6: the kernel body traced once,
+    only the loads and stores switch on the leaf); ``leaves_per_launch=1``
+    lowers one launch per leaf instead.
+
+    Args:
+      name: a key of `CASES`.
+      path: ``"chain"`` or ``"fused"``.
+      shapes: the leaves' shapes.
+      leaves_per_launch: as `adam_update_many`'s.
+
+    Returns:
+      ``{"case", "path", "leaves", "leaves_per_launch", "kernels",
+      "lower_s", "ttir_lower_s", "module_ops", "path_total"}``: kernels
+      lowered, seconds of the whole trace and lowering (the counting
+      excluded) and of Pallas' TTIR lowering alone, operations of every
+      kernel's module (`module_size`), and the TTIR operations per element
+      on one program's path of the first kernel (`ir_counts` with
+      ``first_branch``).
+    """
+    mu_codec, nu_codec = CASES[name]()
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    n = len(shapes)
+
+    def step(gs, ps):
+        hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
+        return kadam.adam_update_many(
+            gs,
+            [mu_codec.zeros(s) for s in shapes],
+            [nu_codec.zeros(s) for s in shapes],
+            [hp] * n,
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            seeds=[(1, 2 + k) for k in range(n)],
+            params=ps if path == "fused" else None,
+            leaves_per_launch=leaves_per_launch,
+        )
+
+    start = time.perf_counter()
+    with _capture_triton() as seen:
+        jax.jit(step).trace(specs, specs).lower(lowering_platforms=("cuda",))
+    lower_s = time.perf_counter() - start - sum(x["spy_s"] for x in seen)
+    first = seen[0]  # the first leaf's kernel: a program runs one block
+    gsize = mu_codec.group_size
+    rows = launch.leaf_statics(shapes[0], gsize)["n_rows"]
+    elements = launch.pick_block(rows, kadam.default_block_groups(gsize)) * gsize
+    return {
+        "case": name,
+        "path": path,
+        "leaves": n,
+        "leaves_per_launch": leaves_per_launch,
+        "kernels": len(seen),
+        "lower_s": round(lower_s, 2),
+        "ttir_lower_s": round(sum(x["lower_s"] for x in seen), 2),
+        "module_ops": sum(x["module_ops"] for x in seen),
+        "path_total": per_element(first["path_counts"], elements)["total"],
+    }
+
+
+def _group_table(records: list[dict]) -> str:
+    cols = ("leaves", "leaves_per_launch", "kernels", "lower_s", "ttir_lower_s")
+    cols += ("module_ops", "path_total")
+    head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>18}" for c in cols)
+    rows = [
+        f"{r['case']:<10}{r['path']:<7}" + "".join(f"{r[c]!s:>18}" for c in cols)
+        for r in records
+    ]
+    return "\n".join([head, *rows])
+
+
+def _table(records: list[dict]) -> str:
+    head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>9}" for c in CATEGORIES)
+    rows = [
+        f"{r['case']:<10}{r['path']:<7}" + "".join(f"{r[c]:>9.1f}" for c in CATEGORIES)
+        for r in records
+    ]
+    return "\n".join([head, *rows])
+
+
+def _commit() -> str | None:
+    head = pathlib.Path(__file__).resolve().parents[1] / ".git" / "HEAD"
+    with contextlib.suppress(OSError, IndexError):
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (head.parent / ref[5:]).read_text().strip()
+        return ref
+    return None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Counts every case and path, prints the table and writes the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES), help="comma list of presets")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of paths")
+    ap.add_argument(
+        "--json",
+        default=str(pathlib.Path(__file__).parent / "results" / "kernel_ops_cpu.json"),
+        help="where to write the records ('' for nowhere)",
+    )
+    ap.add_argument(
+        "--group-leaves",
+        type=int,
+        default=12,
+        help="also lower grouped launches (v6) of this many leaves of "
+        f"{GROUP_SHAPE} and of GPT-2 small's 50 quantized leaves, per case, "
+        "fused (0: skip)",
+    )
+    args = ap.parse_args(argv)
+    for name in args.cases.split(","):
+        if name not in CASES:
+            ap.error(f"--cases: {name!r} is not one of {tuple(CASES)}")
+    records = [
+        count_case(name, path)
+        for name in args.cases.split(",")
+        for path in args.paths.split(",")
+    ]
+    print(_table(records))
+    groups = []
+    if args.group_leaves:
+        for name in args.cases.split(","):
+            groups += [
+                group_case(name, "fused", [GROUP_SHAPE]),
+                group_case(name, "fused", [GROUP_SHAPE] * args.group_leaves),
+                group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=1),
+                group_case(name, "fused", GPT2S_QUANTIZED),
+            ]
+        print(_group_table(groups))
+    if args.json:
+        meta = {
+            "what": "TTIR ops per element (canonicalize+cse), Triton lowering",
+            "shape": list(SHAPE),
+            "block_groups": kadam.DEFAULT_BLOCK_GROUPS,
+            "max_block_elements": kadam.MAX_BLOCK_ELEMENTS,
+            "jax_version": jax.__version__,
+            "commit": _commit(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        out = pathlib.Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"meta": meta, "records": records, "groups": groups}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()

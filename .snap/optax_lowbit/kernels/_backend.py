@@ -1,0 +1,76 @@
+"""The one place that picks how a Pallas kernel runs: interpreter or lowering.
+
+``impl="auto"`` is Pallas on GPU/TPU and jnp on CPU; ``impl="pallas"`` on a CPU
+backend runs the same kernel through the Pallas interpreter (how CI tests it).
+On GPU the lowering is Triton by default; ``OPTAX_LOWBIT_GPU_LOWERING=mosaic``
+selects Mosaic GPU (measured in ``benchmarks/step_speed.py``; Triton is the
+faster one that lowers, see ``benchmarks/NOTES_kernels.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+#: GPU lowerings we know how to ask for.
+GPU_LOWERINGS = ("triton", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """How to run a ``pallas_call``.
+
+    Attributes:
+      interpret: run through the Pallas interpreter (CPU).
+      lowering: ``"interpret"``, ``"triton"``, ``"mosaic"`` (Mosaic GPU) or
+        ``"tpu"``.
+    """
+
+    interpret: bool
+    lowering: str
+
+    def compiler_params(self, num_warps: int = 4, num_stages: int = 2) -> Any:
+        """The ``compiler_params`` that select this lowering (``None``: default)."""
+        if self.lowering == "triton":
+            from jax.experimental.pallas import triton as plt
+
+            return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        if self.lowering == "mosaic":
+            from jax.experimental.pallas import mosaic_gpu as plgpu
+
+            return plgpu.CompilerParams()
+        return None
+
+
+def use_pallas(impl: str) -> bool:
+    """Whether ``impl`` ("auto", "jnp", "pallas") means the Pallas kernels here."""
+    if impl == "pallas":
+        return True
+    if impl == "jnp":
+        return False
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+def pick(lowering: str | None = None) -> Backend:
+    """The backend for the default device: the single backend decision.
+
+    Args:
+      lowering: force a GPU lowering (``"triton"`` or ``"mosaic"``); ``None``
+        reads ``OPTAX_LOWBIT_GPU_LOWERING`` and defaults to Triton.
+
+    Returns:
+      A `Backend`.
+    """
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return Backend(interpret=True, lowering="interpret")
+    if platform == "tpu":
+        return Backend(interpret=False, lowering="tpu")
+    if lowering is None:
+        lowering = os.environ.get("OPTAX_LOWBIT_GPU_LOWERING", "triton")
+    if lowering not in GPU_LOWERINGS:
+        raise ValueError(f"lowering must be one of {GPU_LOWERINGS}, got {lowering!r}.")
+    return Backend(interpret=False, lowering=lowering)

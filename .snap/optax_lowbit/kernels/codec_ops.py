@@ -1,0 +1,340 @@
+"""The codec-specific part of the fused kernels: layouts, tables, eligibility.
+
+Everything the kernels need to know about one codec, and nothing about the
+update rule (Adam, momentum):
+
+* `has_kernel` / `check_codecs`: which codecs (and codec pairs) the fused
+  kernel takes;
+* `tables`: the codec's constant tables (``codec.kernel_tables()``), padded
+  to power-of-two lengths for the kernel's whole-array inputs;
+* `Codes`, `Scales`, `Values`: how a block reads and writes one moment's code
+  planes, its scales, and a leaf's values (gradient, parameters, update),
+  blocked rows where the sizes are powers of two, gathered offsets of a flat
+  buffer otherwise;
+* `load` / `store`: a block's masked loads and stores.
+
+The group math itself (decode, encode, the codebooks) is not here: the kernel
+calls the codec's own jnp group functions (``codec.kernel_decode`` and
+``codec.kernel_encode`` in `optax_lowbit.codecs`), which are the jnp
+reference of this part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from optax_lowbit.codecs import base
+
+#: Group sizes the kernel blocks: powers of two, 16 to 256 (π-Quant's 96 too).
+KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256)
+#: Sizes of the parts a kernel holds a group as (`columns`): powers of two.
+KERNEL_PART_SIZES = (8, 16, 32, 64, 128)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def planes(codec: base.Codec) -> list[int]:
+    """Bytes of each code plane of one group of ``codec``."""
+    return list(codec.code_planes())
+
+
+def columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
+    """``(start, stride, size)`` of each part a kernel splits a group into.
+
+    Polar and blockwise groups are held as their two halves
+    (`base.halves`: a pair's coordinates, the two nibbles of a 4-bit byte,
+    the two uniforms of a random word), so decoding and encoding need no
+    tensor splits or joins (Triton layout conversions); π-Quant's 96 is six
+    parts of 16 (`PiQuantCodec.kernel_columns`). Each part is an arithmetic
+    progression of columns, rebuilt in the kernel from an iota (it cannot
+    capture arrays), read and written by gathered loads at
+    ``row * group_size + column``.
+
+    Args:
+      codec: the moment's codec.
+
+    Returns:
+      The parts, or ``None`` where the group is held whole.
+    """
+    parts = codec.kernel_columns() if hasattr(codec, "kernel_columns") else None
+    if parts is None:
+        return None
+    out = []
+    for part in parts:
+        part = np.asarray(part)
+        stride = int(part[1] - part[0]) if part.size > 1 else 1
+        if not np.array_equal(part, part[0] + stride * np.arange(part.size)):
+            raise ValueError(f"{codec!r}: a kernel part is not evenly spaced: {part}.")
+        out.append((int(part[0]), stride, int(part.size)))
+    return tuple(out)
+
+
+def has_kernel(codec: base.Codec) -> bool:
+    """Whether the fused kernel handles moments in ``codec``.
+
+    Codecs with kernel group functions (``kernel_tables``, ``kernel_decode``,
+    ``kernel_encode``: polar at 2 and 1.5 bits, either rounding; blockwise 8
+    and 4 bits; π-Quant) whose code planes per group are powers of two bytes
+    (polar 2 bits: one 16-byte plane; 1.5 bits: 4 + 8; blockwise 8 bits:
+    its two halves' bytes, 128 + 128; 4 bits: 64; π-Quant: 16 + 16 + 8) and
+    whose group is a power of two from 16 to 256 elements (π-Quant: 96),
+    held as parts (`columns`: halves, or π-Quant's six parts of 16) of a
+    power of two from 8 to 128 elements.
+
+    Args:
+      codec: a codec.
+
+    Returns:
+      ``True`` where the kernels (`optax_lowbit.kernels.adam.adam_update`,
+      `optax_lowbit.kernels.adam.rule_update`, any rule) accept it.
+    """
+    if not all(
+        hasattr(codec, name)
+        for name in ("kernel_tables", "kernel_decode", "kernel_encode")
+    ):
+        return False
+    cols = columns(codec)
+    if cols is None:
+        sizes_ok = codec.group_size in KERNEL_GROUP_SIZES
+    else:
+        sizes_ok = codec.group_size <= max(KERNEL_GROUP_SIZES) and all(
+            c[2] in KERNEL_PART_SIZES for c in cols
+        )
+    return sizes_ok and all(_power_of_two(n) for n in planes(codec))
+
+
+def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> None:
+    """Clear errors, before tracing, for codecs the kernel cannot take.
+
+    Args:
+      mu_codec: the first moment's codec (Adam's ``m``, or the momentum).
+      nu_codec: the second moment's codec; ``None`` for a rule of one moment.
+
+    Raises:
+      ValueError: a codec without a kernel, or a pair whose groups differ.
+    """
+    for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
+        if codec is not None and not has_kernel(codec):
+            raise ValueError(
+                f"{name}={codec!r} has no fused kernel; accepted: polar codecs "
+                "(2 or 1.5 bits) and blockwise 8/4-bit codecs with a power-of-two "
+                "group size from 16 to 256 (see has_kernel)."
+            )
+    if nu_codec is None:
+        return
+    if mu_codec.group_size != nu_codec.group_size or columns(mu_codec) != columns(
+        nu_codec
+    ):
+        raise ValueError(
+            "mu_codec and nu_codec must share group_size (and its kernel parts) "
+            f"for the fused kernel, got {mu_codec!r} (group_size "
+            f"{mu_codec.group_size}) and {nu_codec!r} ({nu_codec.group_size})."
+        )
+
+
+def tables(codec: base.Codec) -> list[jax.Array]:
+    """The codec's kernel tables, each padded to a power-of-two length.
+
+    Args:
+      codec: a codec with a kernel (`has_kernel`).
+
+    Returns:
+      1-D arrays (float32, or uint8 where the codec gives bytes), each padded
+      with its last entry (``mode="edge"``).
+    """
+    out = []
+    for t in codec.kernel_tables():
+        t = np.asarray(t).reshape(-1)
+        t = t if t.dtype == np.uint8 else t.astype(np.float32)
+        n = 1 << max(0, math.ceil(math.log2(max(t.size, 1))))
+        out.append(jnp.asarray(np.pad(t, (0, n - t.size), mode="edge")))
+    return out
+
+
+def load(ref: Any, valid: jax.Array | None, idx: Any = None) -> jax.Array:
+    """``ref``'s block (or ``ref[idx]``); rows past the end (``~valid``) read 0.
+
+    Args:
+      ref: a kernel ref.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      idx: gathered offsets into a flat ``ref``; ``None`` for the whole block.
+
+    Returns:
+      The loaded values.
+    """
+    at = ... if idx is None else idx
+    if valid is None:
+        return ref[at]
+    return plgpu.load(ref.at[at], mask=valid[:, None], other=0)
+
+
+def store(ref: Any, value: jax.Array, valid: jax.Array | None, idx: Any = None):
+    """Stores ``value`` in ``ref``'s block (or at ``idx``), skipping ``~valid`` rows.
+
+    Args:
+      ref: a kernel ref.
+      value: the values to store.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      idx: scattered offsets into a flat ``ref``; ``None`` for the whole block.
+    """
+    at = ... if idx is None else idx
+    if valid is None:
+        ref[at] = value
+    else:
+        plgpu.store(ref.at[at], value, mask=valid[:, None])
+
+
+class Codes:
+    """How the kernel reads and writes one moment's codes.
+
+    A group whose codes are one power-of-two plane is a row of a blocked
+    ``(rows, bytes)`` array. Otherwise (1.5 bits: 12 bytes; 8 bits: two
+    half-planes, `blockwise.kernel_planes`) the codes stay one
+    flat buffer and each plane is gathered and scattered at computed offsets
+    ``row * bytes + offset + j`` (every block shape a power of two).
+
+    Attributes:
+      planes: bytes of each code plane of a group.
+      nbytes: bytes of a group's codes.
+      blocked: whether the codes are blocked rows (one plane).
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.planes = planes(codec)
+        self.nbytes = sum(self.planes)
+        self.blocked = len(self.planes) == 1
+
+    def operand(self, codes: jax.Array) -> jax.Array:
+        """The ``pallas_call`` operand of a leaf's codes."""
+        return codes.reshape((-1, self.nbytes) if self.blocked else (-1,))
+
+    def spec(self, block: int) -> pl.BlockSpec:
+        """The block spec of unbatched blocked codes, or the whole flat buffer."""
+        if self.blocked:
+            return pl.BlockSpec((block, self.nbytes), lambda i: (i, 0))
+        return pl.BlockSpec()  # the whole flat buffer; rows are offsets
+
+    def _offsets(self, row):
+        out, start = [], 0
+        for n in self.planes:
+            col = jnp.arange(n, dtype=jnp.int32)[None, :] + start
+            out.append(row[:, None] * self.nbytes + col)
+            start += n
+        return out
+
+    def load(self, ref, row, valid=None) -> list[jax.Array]:
+        """The block's code planes, one ``(block, bytes)`` uint8 array each."""
+        if self.blocked:
+            return [load(ref, valid)]
+        return [load(ref, valid, idx) for idx in self._offsets(row)]
+
+    def store(self, ref, row, planes: list[jax.Array], valid=None) -> None:
+        """Stores the block's code planes (`load`'s layout)."""
+        if self.blocked:
+            store(ref, planes[0], valid)
+            return
+        for idx, plane in zip(self._offsets(row), planes, strict=True):
+            store(ref, plane, valid, idx)
+
+
+class Values:
+    """How the kernel reads and writes a leaf's values (gradient, parameters, u).
+
+    Whole groups are rows of a blocked ``(rows, group)`` array; a codec with
+    parts (`columns`) reads a flat buffer at ``row * group + column``, part
+    by part. Values are always a list of parts (one for whole groups).
+
+    Attributes:
+      columns: the codec's parts (`columns`), ``None`` for whole groups.
+      size: the group size.
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.columns = columns(codec)
+        self.size = codec.group_size
+
+    def operand(self, rows: jax.Array) -> jax.Array:
+        """The ``pallas_call`` operand of a leaf's ``(groups, size)`` rows."""
+        return rows if self.columns is None else rows.reshape(-1)
+
+    def spec(self, row_spec: pl.BlockSpec) -> pl.BlockSpec:
+        """``row_spec`` for whole groups, else the whole flat buffer."""
+        return row_spec if self.columns is None else pl.BlockSpec()
+
+    def _cols(self):
+        if self.columns is None:
+            return [jnp.arange(self.size, dtype=jnp.int32)[None, :]]
+        return [
+            start + stride * jnp.arange(size, dtype=jnp.int32)[None, :]
+            for start, stride, size in self.columns
+        ]
+
+    def _offsets(self, row):
+        return [row[:, None] * self.size + c for c in self._cols()]
+
+    def col(self, row: jax.Array, groups_per_row: int) -> list[jax.Array]:
+        """Each part's column within the leaf's last axis."""
+        first = (row % groups_per_row) * self.size
+        return [first[:, None] + c for c in self._cols()]
+
+    def load(self, ref, row, valid) -> list[jax.Array]:
+        """The block's values, one array per part."""
+        if self.columns is None:
+            return [load(ref, valid)]
+        return [load(ref, valid, idx) for idx in self._offsets(row)]
+
+    def store(self, ref, row, parts, valid) -> None:
+        """Stores the block's values (`load`'s layout)."""
+        if self.columns is None:
+            store(ref, parts[0], valid)
+            return
+        for idx, part in zip(self._offsets(row), parts, strict=True):
+            store(ref, part, valid, idx)
+
+
+class Scales:
+    """How the kernel reads and writes a moment's scales.
+
+    One per group is a blocked ``(rows, 1)`` column; several (π-Quant's 3)
+    stay a flat buffer, read as a list of ``(block, 1)`` columns.
+
+    Attributes:
+      per_group: scales per group.
+    """
+
+    def __init__(self, codec: base.Codec):
+        self.per_group = codec.scales_per_group
+
+    def operand(self, scales: jax.Array, n: int) -> jax.Array:
+        """The ``pallas_call`` operand of a leaf's scales (``n`` groups)."""
+        return scales.reshape((n, 1) if self.per_group == 1 else (-1,))
+
+    def spec(self, row_spec: pl.BlockSpec) -> pl.BlockSpec:
+        """``row_spec`` for one scale per group, else the whole flat buffer."""
+        return row_spec if self.per_group == 1 else pl.BlockSpec()
+
+    def _offsets(self, row):
+        return [row[:, None] * self.per_group + k for k in range(self.per_group)]
+
+    def load(self, ref, row, valid):
+        """The block's scales: a ``(block, 1)`` column, or a list of them."""
+        if self.per_group == 1:
+            return load(ref, valid)
+        return [load(ref, valid, idx) for idx in self._offsets(row)]
+
+    def store(self, ref, row, scales, valid) -> None:
+        """Stores the block's scales (`load`'s layout)."""
+        if self.per_group == 1:
+            store(ref, scales, valid)
+            return
+        for idx, s in zip(self._offsets(row), scales, strict=True):
+            store(ref, s, valid, idx)

@@ -1,0 +1,478 @@
+"""Launching the fused kernels: one leaf, many leaves, sharded leaves.
+
+Every launch runs `loop.kernel` with one update rule (`rules.AdamRule`,
+`rules.MomentumRule`) over the moments it keeps: nothing here depends on the
+rule but the number of moments. `one_leaf` runs the kernel over one leaf
+(under ``jax.shard_map``, one launch per device, where the leaf is sharded
+on leading axes under explicit mesh axes); `many_leaves` runs it over many
+unsharded leaves, one launch per `signature` (leaves of one group grid and
+dtypes: a grid over every leaf's blocks, the kernel body traced once). Both
+end in `launch`, the one ``pallas_call``: it flattens leading axes to rows
+of one group each, picks the block (`pick_block`; where the block does not
+divide the rows, the last block's loads and stores are masked, no padded
+copies), passes what the kernel cannot capture as inputs (hyperparameters,
+codec tables, stream seeds, shard offsets), and updates the state in place
+(aliased inputs).
+
+The jnp reference of a launch is the rule's step leaf by leaf (decode,
+`rules.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
+launch adds no arithmetic of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from optax_lowbit.codecs import base
+from optax_lowbit.kernels import _backend, codec_ops, loop, rules
+
+#: One leaf's arrays for `launch`: ``(g, state, params, lead_global)``, with
+#: ``state`` each moment's codes and scales, ``(codes_0, scales_0, ...)``.
+Leaf = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """What a kernel launch is compiled for (the jitted wrappers' static input).
+
+    Attributes:
+      rule: the update rule (`rules.AdamRule`, `rules.MomentumRule`).
+      codecs: each moment's codec (`codec_ops.has_kernel`), as many as the
+        rule keeps.
+      block_groups: groups per block (a power of two).
+      num_warps: Triton warps per block.
+      lowering: a forced GPU lowering (see `_backend.pick`), or ``None``.
+    """
+
+    rule: rules.Rule
+    codecs: tuple[base.Codec, ...]
+    block_groups: int
+    num_warps: int
+    lowering: str | None = None
+
+
+def pick_block(n: int, block_groups: int) -> int:
+    """Groups per block: ``block_groups``, or the power of two >= ``n`` (>= 8).
+
+    Args:
+      n: groups of the largest leaf of the launch.
+      block_groups: the configured groups per block.
+
+    Returns:
+      The groups per block.
+    """
+    if n <= block_groups:
+        return max(8, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return block_groups
+
+
+def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(mesh, spec)`` of a leaf sharded on leading axes, else ``None``.
+
+    Reads the sharding in ``x``'s type (explicit mesh axes).
+
+    Args:
+      x: a leaf (may be traced).
+
+    Returns:
+      The mesh and the full-rank partition spec, or ``None`` if unsharded.
+
+    Raises:
+      ValueError: the last axis (the groups' axis) is sharded.
+    """
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or x.ndim == 0:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    if all(s is None for s in spec):
+        return None
+    if spec[-1] is not None:
+        raise ValueError(
+            f"the fused kernel needs the last axis unsharded (groups run along "
+            f"it), got a leaf of shape {tuple(x.shape)} sharded as {spec}; "
+            "shard leading axes, or use impl='jnp' for this optimizer."
+        )
+    return mesh, spec
+
+
+def one_leaf(
+    g: jax.Array,
+    moments: Sequence[base.Packed],
+    hp: jax.Array,
+    seeds: Any,
+    params: jax.Array | None,
+    config: LaunchConfig,
+) -> tuple[jax.Array, tuple[base.Packed, ...]]:
+    """One fused step of one leaf (checks, then the jitted launch).
+
+    Args:
+      g: the gradient leaf.
+      moments: each moment, `Packed` by its codec in ``config.codecs``.
+      hp: the rule's hyperparameter vector (`rules.make_hp`).
+      seeds: one ``seed`` per moment as `Codec.encode` takes it, or ``None``.
+      params: the parameter leaf to apply the step to (``None``: return the
+        rule's output).
+      config: the launch configuration.
+
+    Returns:
+      ``(out, new_moments)``.
+    """
+    _check(g, params, config)
+    final = rules.stream_seeds(seeds, len(config.codecs))
+    return _one_leaf(g, tuple(moments), hp, final, params, config=config)
+
+
+def _check(g: jax.Array, params: jax.Array | None, config: LaunchConfig) -> None:
+    """Clear errors before tracing: the codecs, the parameters' shape."""
+    if len(config.codecs) != config.rule.n_moments:
+        raise ValueError(
+            f"{type(config.rule).__name__} keeps {config.rule.n_moments} "
+            f"moments, got {len(config.codecs)} codecs."
+        )
+    codec_ops.check_codecs(*config.codecs)
+    if params is not None and not config.rule.applies:
+        raise ValueError(f"{type(config.rule).__name__} has no fused apply.")
+    if params is not None and tuple(params.shape) != tuple(g.shape):
+        raise ValueError(
+            f"params has shape {tuple(params.shape)}, the gradient {tuple(g.shape)}."
+        )
+
+
+def _state(moments: Sequence[base.Packed]) -> tuple[jax.Array, ...]:
+    """``(codes_0, scales_0, codes_1, ...)``: a leaf's state as launched."""
+    return tuple(x for m in moments for x in (m.codes, m.scales))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _one_leaf(g, moments, hp, seeds, params, *, config):
+    """The jitted body of `one_leaf`; ``seeds`` are the final stream seeds."""
+    apply = params is not None
+    sharded = lead_sharding(g)
+    if sharded is None:
+        offs = jnp.zeros((loop.OFFS_LEN,), jnp.int32)
+        leaf = (g, _state(moments), params, None)
+        out, *state = _launch_one(leaf, hp, seeds, offs, config)
+    else:
+        mesh, spec = sharded
+        lead = spec[:-1]
+        g_spec = P(*spec)
+        state_specs = (P(*lead, None, None), P(*lead, None)) * len(moments)
+        lead_global = (*g.shape[:-1], moments[0].codes.shape[-2])
+        n_state = 2 * len(moments)
+
+        def body(g, *rest):
+            state, (hp, seeds, *p) = rest[:n_state], rest[n_state:]
+            offs = [
+                jnp.zeros((), jnp.int32)
+                if axes is None
+                else jax.lax.axis_index(axes).astype(jnp.int32) * size
+                for axes, size in zip(lead, g.shape[:-1], strict=True)
+            ]
+            offs += [jnp.zeros((), jnp.int32)] * (loop.OFFS_LEN - len(offs))
+            leaf = (g, state, p[0] if p else None, lead_global)
+            return _launch_one(leaf, hp, seeds, jnp.stack(offs), config)
+
+        out, *state = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(g_spec, *state_specs, P(), P()) + ((g_spec,) if apply else ()),
+            out_specs=(g_spec, *state_specs),
+            check_vma=False,  # pallas_call outputs carry no varying-axes type
+        )(g, *_state(moments), hp, seeds, *((params,) if apply else ()))
+    return _repack(out, state, moments)
+
+
+def _launch_one(leaf: Leaf, hp, seeds, offs, config: LaunchConfig):
+    """`launch` over one leaf (or one device's shard of it).
+
+    ``leaf``'s ``lead_global`` is the whole leaf's group grid on a shard (the
+    stochastic-rounding positions), ``None`` unsharded. Returns ``(out,
+    codes_0, scales_0, ...)`` shaped like the inputs.
+    """
+    n = len(config.codecs)
+    hps, seeds = hp.reshape(1, -1), seeds.reshape(1, -1)[:, :n]
+    (result,) = launch([leaf], hps, seeds, offs, config)
+    return result
+
+
+def _repack(out, state, moments):
+    """``(out, new_moments)`` from a launch's arrays and the old moments."""
+    new = tuple(
+        base.Packed(codes=c, scales=s, shape=m.shape, codec=m.codec)
+        for c, s, m in zip(state[::2], state[1::2], moments, strict=True)
+    )
+    return out, new
+
+
+def leaf_statics(
+    shape: tuple[int, ...], group_size: int, lead_global: Any = None
+) -> dict[str, Any]:
+    """The static keywords of `loop.kernel` that a leaf's shape fixes.
+
+    Args:
+      shape: the leaf's shape (a shard's, on a shard).
+      group_size: the codecs' group size.
+      lead_global: the whole leaf's group grid on a shard, else ``None``.
+
+    Returns:
+      ``{"last", "groups_per_row", "n_rows", "lead_local", "lead_global"}``.
+    """
+    lead, last = base.lead_and_last(tuple(shape))
+    lead_local = (*lead, base.num_groups(tuple(shape), group_size))
+    return dict(
+        last=last,
+        groups_per_row=lead_local[-1],
+        n_rows=math.prod(lead_local),
+        lead_local=lead_local,
+        lead_global=None if lead_global is None else tuple(lead_global),
+    )
+
+
+def signature(g: Any, params: Any, group_size: int) -> tuple[Any, ...]:
+    """What leaves must share to run in one launch: statics and dtypes.
+
+    Args:
+      g: the gradient leaf (or its shape and dtype).
+      params: the parameter leaf of the fused apply, or ``None``.
+      group_size: the codecs' group size.
+
+    Returns:
+      A hashable key: `leaf_statics` of an unsharded leaf, ``g``'s dtype
+      and ``params``' (``None`` without the apply).
+    """
+    statics = leaf_statics(tuple(g.shape), group_size)
+    p_dtype = None if params is None else jnp.dtype(params.dtype)
+    return (tuple(statics.items()), jnp.dtype(g.dtype), p_dtype)
+
+
+def many_leaves(
+    gs: Sequence[jax.Array],
+    moments: Sequence[Sequence[base.Packed]],
+    hps: Sequence[jax.Array],
+    seeds: Sequence[Any] | None,
+    params: Sequence[jax.Array] | None,
+    config: LaunchConfig,
+    leaves_per_launch: int | None = None,
+) -> list[tuple[jax.Array, tuple[base.Packed, ...]]]:
+    """`one_leaf` of many leaves: one kernel launch per leaf signature.
+
+    Unsharded leaves that share a `signature` (their group grid, the
+    gradient's and the parameters' dtypes) run in one launch, at most
+    ``leaves_per_launch`` at a time, in order; a leaf alone in its signature
+    and leaves sharded under explicit mesh axes take `one_leaf`.
+
+    Args:
+      gs: gradient leaves.
+      moments: per leaf, its moments (one `Packed` per codec of ``config``).
+      hps: one hyperparameter vector per leaf.
+      seeds: per leaf, one ``seed`` per moment, or ``None``.
+      params: parameter leaves for the fused apply, or ``None``.
+      config: the launch configuration.
+      leaves_per_launch: the most leaves of one launch (``None``: no limit;
+        1: one launch per leaf).
+
+    Returns:
+      One ``(out, new_moments)`` per leaf.
+    """
+    n = len(gs)
+    seeds = [None] * n if seeds is None else list(seeds)
+    params = [None] * n if params is None else list(params)
+    per_launch = max(1, leaves_per_launch or n)
+    gsize = config.codecs[0].group_size
+    results: list[Any] = [None] * n
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, g in enumerate(gs):
+        if lead_sharding(g) is not None or per_launch == 1:
+            results[k] = one_leaf(g, moments[k], hps[k], seeds[k], params[k], config)
+        else:
+            groups.setdefault(signature(g, params[k], gsize), []).append(k)
+    chunks = [
+        idx[c : c + per_launch]
+        for idx in groups.values()
+        for c in range(0, len(idx), per_launch)
+    ]
+    n_moments = len(config.codecs)
+    for idx in chunks:
+        if len(idx) == 1:
+            k = idx[0]
+            results[k] = one_leaf(
+                gs[k], moments[k], hps[k], seeds[k], params[k], config
+            )
+            continue
+        for k in idx:
+            _check(gs[k], params[k], config)
+        final = jnp.stack(
+            [rules.stream_seeds(seeds[k], n_moments)[:n_moments] for k in idx]
+        )
+        outs = _many_leaves(
+            tuple(gs[k] for k in idx),
+            tuple(tuple(moments[k]) for k in idx),
+            jnp.stack([jnp.asarray(hps[k], jnp.float32) for k in idx]),
+            final,
+            None if params[idx[0]] is None else tuple(params[k] for k in idx),
+            config=config,
+        )
+        for k, out in zip(idx, outs, strict=True):
+            results[k] = out
+    return results
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _many_leaves(gs, moments, hps, seeds, params, *, config):
+    """The jitted body of `many_leaves`: one launch of one signature."""
+    leaves = [
+        (g, _state(ms), None if params is None else params[k], None)
+        for k, (g, ms) in enumerate(zip(gs, moments, strict=True))
+    ]
+    offs = jnp.zeros((loop.OFFS_LEN,), jnp.int32)
+    results = launch(leaves, hps, seeds, offs, config)
+    return [
+        _repack(out, state, ms)
+        for (out, *state), ms in zip(results, moments, strict=True)
+    ]
+
+
+def launch(
+    leaves: Sequence[Leaf],
+    hps: jax.Array,
+    seeds: jax.Array,
+    offs: jax.Array,
+    config: LaunchConfig,
+) -> list[tuple[jax.Array, ...]]:
+    """One ``pallas_call`` over ``leaves`` of one `signature`.
+
+    The grid runs every leaf's blocks, leaf after leaf (``nb`` each); leaf
+    ``k``'s block specs map program ``i`` to block ``i % nb`` (a program
+    touches only its own leaf's refs: `loop.kernel`).
+
+    Args:
+      leaves: each ``(g, state, params, lead_global)``: ``state`` each
+        moment's ``codes, scales``; ``params`` is ``None`` unless applying
+        (the same for every leaf), ``lead_global`` the whole leaf's group
+        grid on a shard.
+      hps: float32 ``(L, 16)``, one hyperparameter vector per leaf.
+      seeds: uint32 ``(L, n)`` final stream seeds, one per moment.
+      offs: int32 ``(loop.OFFS_LEN,)`` the shard's offsets (zeros unsharded).
+      config: the launch configuration.
+
+    Returns:
+      One ``(out, codes_0, scales_0, ...)`` per leaf.
+
+    Raises:
+      ValueError: leaves of different signatures.
+    """
+    rule, codecs = config.rule, config.codecs
+    backend = _backend.pick(config.lowering)
+    gsize = codecs[0].group_size
+    apply = leaves[0][2] is not None
+    keys = {signature(x[0], x[2], gsize) for x in leaves}
+    if len(keys) > 1 or len({x[3] for x in leaves}) > 1:
+        raise ValueError(
+            f"one launch takes leaves of one signature, got {len(keys)}: "
+            f"{sorted(str(k) for k in keys)}."
+        )
+    ios = [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
+    vals = codec_ops.Values(codecs[0])
+    statics = leaf_statics(leaves[0][0].shape, gsize, leaves[0][3])
+    n = statics["n_rows"]
+    block = pick_block(n, config.block_groups)
+    nb = pl.cdiv(n, block)
+    multi = len(leaves) > 1
+
+    def index_map(i):
+        return (jax.lax.rem(i, jnp.int32(nb)) if multi else i, 0)
+
+    def row_spec(width):
+        return pl.BlockSpec((block, width), index_map)
+
+    def code_spec(io):
+        return row_spec(io.nbytes) if io.blocked else io.spec(block)
+
+    def full_spec(length):
+        return pl.BlockSpec((length,), lambda i: (0,))
+
+    specs = [s for c_io, s_io in ios for s in (code_spec(c_io), s_io.spec(row_spec(1)))]
+    value_spec = vals.spec(row_spec(gsize))
+    tables = [t for c in codecs for t in codec_ops.tables(c)]
+    ins, out_shapes, aliases, nbytes = [], [], {}, 0
+    first = 3 + len(tables)  # after hp, seeds, offsets and the tables
+    n_state = 2 * len(codecs)
+    n_in = 1 + n_state + int(apply)
+    for k, (g, state_in, p, _) in enumerate(leaves):
+        rows_g = vals.operand(base.to_groups(g, gsize).reshape(n, gsize))
+        state = [
+            x
+            for (c_io, s_io), c, s in zip(
+                ios, state_in[::2], state_in[1::2], strict=True
+            )
+            for x in (c_io.operand(c), s_io.operand(s, n))
+        ]
+        out_dtype = g.dtype if p is None else p.dtype
+        leaf_in = [rows_g]
+        if apply:
+            # in its own dtype: the new parameters are written in place of it
+            p_rows = base.to_groups(p, gsize).astype(p.dtype).reshape(n, gsize)
+            leaf_in.append(vals.operand(p_rows))
+        leaf_in += state
+        base_in = first + k * n_in
+        base_out = (1 + n_state) * k
+        for j in range(n_state):  # the state is updated in place
+            aliases[base_in + 1 + int(apply) + j] = base_out + 1 + j
+        if apply:
+            aliases[base_in + 1] = base_out  # and the parameters
+        ins += leaf_in
+        out_shapes += [
+            jax.ShapeDtypeStruct(rows_g.shape, out_dtype),
+            *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
+        ]
+        nbytes += sum(int(x.size) * x.dtype.itemsize for x in leaf_in)
+        nbytes += n * gsize * jnp.dtype(out_dtype).itemsize
+    n_hp = 1 << max(0, math.ceil(math.log2(hps.size)))
+    n_seed = max(rules.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
+    hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
+    seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
+    statics.update(rule=rule, codecs=tuple(codecs))
+    statics.update(n_leaves=len(leaves), nblocks=nb, block=block, apply=apply)
+    kernel = functools.partial(loop.kernel, **statics)
+    total = len(leaves) * n * gsize
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shapes),
+        grid=(len(leaves) * nb,),
+        in_specs=[
+            full_spec(n_hp),
+            full_spec(n_seed),
+            full_spec(loop.OFFS_LEN),
+            *(full_spec(t.shape[0]) for t in tables),
+            *([value_spec] * (1 + int(apply)) + specs) * len(leaves),
+        ],
+        out_specs=tuple([value_spec, *specs] * len(leaves)),
+        input_output_aliases=aliases,
+        interpret=backend.interpret,
+        compiler_params=backend.compiler_params(num_warps=config.num_warps),
+        cost_estimate=pl.CostEstimate(
+            flops=rule.flops * total,
+            transcendentals=rule.transcendentals * total,
+            bytes_accessed=2 * nbytes,
+        ),
+        name=f"{rule.name}_{codecs[0].name}" + (f"_x{len(leaves)}" if multi else ""),
+    )(hp_flat, seed_flat, offs, *tables, *ins)
+    results = []
+    width = 1 + n_state
+    for k, (g, state_in, _, _) in enumerate(leaves):
+        out, *state = outs[width * k : width * (k + 1)]
+        lead_groups = base.to_groups(g, gsize).shape[:-1]
+        out = base.from_groups(out.reshape((*lead_groups, gsize)), tuple(g.shape))
+        state = [x.reshape(old.shape) for x, old in zip(state, state_in, strict=True)]
+        results.append((out, *state))
+    return results

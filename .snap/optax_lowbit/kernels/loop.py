@@ -1,0 +1,297 @@
+"""The shared element loop: an update rule's step on one block of groups.
+
+A kernel steps one *update rule* (`optax_lowbit.kernels.rules`: `Rule`,
+`AdamRule`, `MomentumRule`) over the moments it keeps, each in its own
+codec. Per block of groups `load_block` loads the gradient (and, with
+``apply``, the parameters) and each packed moment (codes and scales);
+`compute_block` decodes them with the codec's own jnp group functions
+(``codec.kernel_decode``), takes the rule's ``step`` in float32 (the one
+definition of each step, also run by the jnp paths), with ``apply`` applies
+AdamW (`rules.apply_step`), and encodes the new moments
+(``codec.kernel_encode``); `store_block` stores codes, scales and the
+output. `kernel` runs them over a group of leaves of one static signature:
+the loads and stores pick the leaf's refs, the arithmetic between them is
+traced once.
+
+Stochastic rounding draws the same bits as the jnp path: the counter-based
+hash of each pair's row-major position in the leaf's pair grid
+(`base.dither_bits`) under the stream seed `Codec.encode` would use
+(`rules.stream_seeds`).
+
+The jnp reference of this loop between decode and encode is
+`rules.reference_step` (the same step over a whole leaf; the codecs'
+``decode`` and ``encode`` around it make the path ``impl="jnp"`` takes). The
+per-codec layouts are in `codec_ops`, the ``pallas_call`` in `launch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from optax_lowbit.codecs import base
+from optax_lowbit.kernels import codec_ops
+from optax_lowbit.kernels.rules import HP_LEN, apply_step
+
+#: The leading axes of a leaf's group grid a shard may offset (the kernel's
+#: ``offs`` input).
+OFFS_LEN = 8
+
+
+def global_row(row, offs_ref, lead_local, lead_global):
+    """uint32 row-major index of each local group row in the whole leaf.
+
+    Unsharded (``lead_global`` is None) it is the row itself; on a shard the
+    local row's multi-index over ``lead_local`` is shifted by the shard's
+    offsets (``offs_ref``) and flattened over ``lead_global``, wrapping mod
+    2**32 as `base.flat_index` does.
+
+    Args:
+      row: int32 ``(block,)`` local group rows.
+      offs_ref: the shard's offsets along ``lead_local`` (`OFFS_LEN` slots).
+      lead_local: the shard's group grid (leading axes, then groups).
+      lead_global: the whole leaf's group grid, or ``None`` unsharded.
+
+    Returns:
+      uint32 ``(block,)``.
+    """
+    if lead_global is None:
+        return row.astype(jnp.uint32)
+    out = jnp.zeros(row.shape, jnp.uint32)
+    stride = math.prod(lead_local)
+    for d, (size, total) in enumerate(zip(lead_local, lead_global, strict=True)):
+        stride //= size
+        idx = (row // stride) % size + offs_ref[d]
+        out = out * jnp.uint32(total & 0xFFFFFFFF) + idx.astype(jnp.uint32)
+    return out
+
+
+def _ios(codecs):
+    """Per moment, how a block reads and writes its codes and its scales."""
+    return [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
+
+
+def load_block(in_refs, row, valid, *, codecs, apply):
+    """One block of one leaf's inputs, as loaded (no arithmetic).
+
+    Args:
+      in_refs: the leaf's ``g, [p]`` refs, then each moment's codes and
+        scales refs.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      codecs: each moment's codec.
+      apply: whether ``p`` is among the refs (the fused apply).
+
+    Returns:
+      ``(g, p, planes_0, scales_0, planes_1, ...)``: ``g`` and ``p``
+      (``None`` without ``apply``) as lists of value parts in their dtypes,
+      each moment's code planes and scales in `codec_ops`' layouts.
+    """
+    vals = codec_ops.Values(codecs[0])
+    g_ref, refs = in_refs[0], in_refs[1:]
+    p = vals.load(refs[0], row, valid) if apply else None
+    state = refs[int(apply) :]
+    loaded = [vals.load(g_ref, row, valid), p]
+    for k, (codes, scales) in enumerate(_ios(codecs)):
+        loaded += [
+            codes.load(state[2 * k], row, valid),
+            scales.load(state[2 * k + 1], row, valid),
+        ]
+    return tuple(loaded)
+
+
+def compute_block(
+    loaded,
+    row,
+    hp,
+    seeds,
+    offs_ref,
+    tables,
+    *,
+    rule,
+    codecs,
+    last,
+    groups_per_row,
+    lead_local,
+    lead_global,
+):
+    """Decode, the rule's step (and apply), encode: one block, from `load_block`.
+
+    Args:
+      loaded: `load_block`'s ``(g, p, planes_0, scales_0, ...)``.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      hp: the leaf's ``rule.hp_fields`` slots (traced scalars).
+      seeds: the leaf's final stream seeds, one per moment (traced uint32).
+      offs_ref: the shard's offsets (`OFFS_LEN` slots).
+      tables: each moment's codec tables (lists of refs).
+      rule: the update rule.
+      codecs: each moment's codec.
+      last: the leaf's last axis.
+      groups_per_row: groups along the leaf's last axis.
+      lead_local: the leaf's (or shard's) group grid.
+      lead_global: the whole leaf's group grid on a shard, else ``None``.
+
+    Returns:
+      ``(out, planes_0, scales_0, ...)`` for `store_block`: ``out`` (the
+      rule's output, or the new parameters) as a list of float32 value parts.
+    """
+    g_in, p_in, *state = loaded
+    vals = codec_ops.Values(codecs[0])
+
+    def parts(x):  # a codec with parts decodes to (and encodes from) a list
+        return [x] if vals.columns is None else list(x)
+
+    def whole(xs):
+        return xs[0] if vals.columns is None else xs
+
+    g = [x.astype(jnp.float32) for x in g_in]
+    moments = [
+        parts(codec.kernel_decode(state[2 * k], state[2 * k + 1], tables[k]))
+        for k, codec in enumerate(codecs)
+    ]
+    if last % vals.size:  # the padded tail of each row holds zeros (as in jnp)
+        inside = [c < last for c in vals.col(row, groups_per_row)]
+        moments = [
+            [jnp.where(i, x, 0.0) for i, x in zip(inside, xs, strict=True)]
+            for xs in moments
+        ]
+    steps = [rule.step(gk, [xs[k] for xs in moments], hp) for k, gk in enumerate(g)]
+    out = [s[0] for s in steps]
+    moments = [[s[1][j] for s in steps] for j in range(len(codecs))]
+    if p_in is not None:
+        p = [x.astype(jnp.float32) for x in p_in]
+        out = [apply_step(pk, uk, hp) for pk, uk in zip(p, out, strict=True)]
+    pair = None
+    if any(codec.stochastic for codec in codecs):
+        grow = global_row(row, offs_ref, lead_local, lead_global)
+        half = vals.size // 2
+        pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
+    encoded = []
+    for x, codec, tabs, seed in zip(moments, codecs, tables, seeds, strict=True):
+        noise = base.dither_bits(pair, seed) if codec.stochastic else None
+        encoded += codec.kernel_encode(whole(x), tabs, noise)
+    return (out, *encoded)
+
+
+def store_block(out_refs, row, valid, result, *, codecs):
+    """Stores `compute_block`'s ``result`` in one leaf's output refs.
+
+    The output is cast to its ref's dtype (``g``'s, or the parameters').
+
+    Args:
+      out_refs: the leaf's ``out`` ref, then each moment's codes and scales
+        refs.
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
+      result: `compute_block`'s output.
+      codecs: each moment's codec.
+    """
+    vals = codec_ops.Values(codecs[0])
+    out_ref, *state_refs = out_refs
+    out, *state = result
+    vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in out], valid)
+    for k, (codes, scales) in enumerate(_ios(codecs)):
+        codes.store(state_refs[2 * k], row, state[2 * k], valid)
+        scales.store(state_refs[2 * k + 1], row, state[2 * k + 1], valid)
+
+
+def _split_refs(refs, codecs, n_leaves, apply):
+    """``(tables per moment, per-leaf (inputs, outputs))`` from a kernel's refs."""
+    tables = []
+    for codec in codecs:
+        n = len(codec.kernel_tables())
+        tables.append(refs[:n])
+        refs = refs[n:]
+    n_out = 1 + 2 * len(codecs)
+    n_in = n_out + int(apply)
+    ins, outs = refs[: n_in * n_leaves], refs[n_in * n_leaves :]
+    leaves = [
+        (ins[k * n_in : (k + 1) * n_in], outs[k * n_out : (k + 1) * n_out])
+        for k in range(n_leaves)
+    ]
+    return tables, leaves
+
+
+def _select(index, branches):
+    """``branches[index]()``: a direct call for one branch, else ``lax.switch``.
+
+    On the Triton lowering a switch is a chain of uniform scalar ``scf.if``
+    (a program runs only its own branch's loads or stores).
+    """
+    if len(branches) == 1:
+        return branches[0]()
+    return jax.lax.switch(index, branches)
+
+
+def kernel(
+    hp_ref,
+    seed_ref,
+    offs_ref,
+    *refs,
+    rule,
+    codecs,
+    n_leaves,
+    nblocks,
+    block,
+    n_rows,
+    apply,
+    **statics,
+):
+    """The kernel of ``rule`` over a group of leaves that share one signature.
+
+    The grid runs ``nblocks`` blocks of leaf 0, then of leaf 1, ...: program
+    ``i`` takes block ``i % nblocks`` of leaf ``i // nblocks``. The body is
+    traced once: only the loads (`load_block`) and the stores (`store_block`)
+    choose the leaf's refs, by a ``lax.switch`` over the leaves (no switch
+    for one leaf); decode, step and encode (`compute_block`) are shared, and
+    the leaf's hyperparameters and seeds are read at its (traced) offsets.
+
+    Args:
+      hp_ref: every leaf's hyperparameter vector (`make_hp`,
+        `momentum_hp`), flat (`HP_LEN` slots each).
+      seed_ref: every leaf's final stream seeds, flat (one per moment each).
+      offs_ref: the shard's offsets (`OFFS_LEN` slots).
+      *refs: the codecs' tables, each leaf's inputs, then each leaf's outputs.
+      rule: the update rule (`AdamRule`, `MomentumRule`).
+      codecs: each moment's codec (``rule.n_moments`` of them).
+      n_leaves: leaves in the group.
+      nblocks: blocks per leaf.
+      block: groups per block.
+      n_rows: groups per leaf.
+      apply: the fused apply (``p`` among each leaf's inputs).
+      **statics: `compute_block`'s other static keywords (the leaves' shared
+        ``last``, ``groups_per_row``, ``lead_local``, ``lead_global``).
+    """
+    tables, leaf_refs = _split_refs(refs, codecs, n_leaves, apply)
+    i = pl.program_id(0)
+    if n_leaves == 1:
+        leaf, block_index = 0, i
+    else:
+        leaf = jax.lax.div(i, jnp.int32(nblocks))
+        block_index = jax.lax.rem(i, jnp.int32(nblocks))  # as the block specs
+    row = block_index * block + jnp.arange(block, dtype=jnp.int32)
+    # the last block may run past the rows: masked loads and stores there
+    valid = None if n_rows % block == 0 else row < n_rows
+    loaded = _select(
+        leaf,
+        [
+            functools.partial(load_block, ins, row, valid, codecs=codecs, apply=apply)
+            for ins, _ in leaf_refs
+        ],
+    )
+    n = len(codecs)
+    hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(rule.hp_fields))]
+    seeds = [seed_ref[leaf * n + k] for k in range(n)]
+    kw = dict(rule=rule, codecs=codecs, **statics)
+    result = compute_block(loaded, row, hp, seeds, offs_ref, tables, **kw)
+    _select(
+        leaf,
+        [
+            functools.partial(store_block, outs, row, valid, result, codecs=codecs)
+            for _, outs in leaf_refs
+        ],
+    )
