@@ -380,20 +380,20 @@ def _muon(
         ns_coeffs = presets[ns_coeffs]
     momentum_codec = _presets.codecs(preset, mu_codec, **options)[0]
     labels, dims = _muon_tx.partition(muon_weight_dimension_numbers)
+    # What the Muon chain and its Adam fallback both take, as optax.contrib.muon.
+    shared = dict(
+        eps=eps, mu_dtype=mu_dtype, nesterov=nesterov, policy=policy, impl=impl
+    )
     muon = optax.chain(
         _muon_tx.scale_by_muon_quantized(
             momentum_codec,
             ns_coeffs,
             ns_steps,
             beta,
-            eps,
-            mu_dtype,
-            nesterov=nesterov,
             adaptive=adaptive,
             preconditioning=preconditioning,
             weight_dimension_numbers=dims,
-            policy=policy,
-            impl=impl,
+            **shared,
         ),
         _muon_tx.scale_by_shape(dims, consistent_rms),
         _decay(weight_decay, weight_decay_mask),
@@ -406,14 +406,10 @@ def _muon(
         adam_weight_decay,
         b1=adam_b1,
         b2=adam_b2,
-        eps=eps,
         eps_root=adam_eps_root,
-        mu_dtype=mu_dtype,
-        nesterov=nesterov,
-        policy=policy,
-        impl=impl,
         mu_codec=None,
         nu_codec=None,
+        **shared,
         **options,
     )
     return optax.partition({"muon": muon, "adam": adam}, labels)
