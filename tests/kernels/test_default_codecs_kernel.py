@@ -101,8 +101,10 @@ def test_default_warps_give_each_thread_elements_per_thread(name, monkeypatch):
         warps = kadam.launch_config(rule, codecs, block_groups=groups).num_warps
         assert warps & (warps - 1) == 0 and 1 <= warps <= kadam.MAX_NUM_WARPS
         elements = groups * gsize
-        assert warps == kadam.MAX_NUM_WARPS or warps == 1 or (
-            elements // (32 * warps) == kadam.ELEMENTS_PER_THREAD
+        assert (
+            warps == kadam.MAX_NUM_WARPS
+            or warps == 1
+            or (elements // (32 * warps) == kadam.ELEMENTS_PER_THREAD)
         )
     assert kadam.launch_config(rule, codecs, num_warps=2).num_warps == 2
     monkeypatch.setattr(kadam, "DEFAULT_NUM_WARPS", 4)
