@@ -11,7 +11,9 @@ from optax_lowbit.impq import baselines, cli, model, pipeline, spqe
 
 # The tests of the module-scoped `tiny` model share one xdist worker
 # (``--dist loadgroup``): built once per run (~11-15 s), not once per worker.
+# They run in CI's slow step, beside the command line's end-to-end test.
 TINY = pytest.mark.xdist_group("baselines_tiny")
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,7 @@ def test_greedy_descent_on_a_toy_cost(seed, n):
 
 
 @TINY
+@SLOW
 def test_isolated_two_ways_match_direct_evaluation(tiny):
     _, fwd, _, ref = tiny
     table = baselines.isolated_table(fwd, ref)
@@ -122,6 +125,7 @@ def test_isolated_two_ways_match_direct_evaluation(tiny):
 
 
 @TINY
+@SLOW
 def test_fisher_and_lim(tiny):
     m, fwd, tokens, _ = tiny
     tr = baselines.fisher_traces(m, tokens)
@@ -139,6 +143,7 @@ def test_fisher_and_lim(tiny):
 
 
 @TINY
+@SLOW
 def test_pipeline_records_and_rules(tiny):
     m, _, tokens, _ = tiny
     report = pipeline.run(

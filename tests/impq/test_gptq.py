@@ -246,6 +246,7 @@ def test_block_grams_are_the_layer_inputs(tiny):
     assert not np.allclose(grams["attn/o"], grams["attn/q"])
 
 
+@pytest.mark.slow  # GPTQ of a whole model and three forwards: ~15 s on 2 cores
 def test_quantize_model_is_sequential(tiny):
     m, cfg, tokens = tiny
     q = gptq.quantize_model(m.params, cfg, tokens, 3, batch_size=3)
