@@ -95,6 +95,50 @@ def test_loss_falls(smoke, name):
     assert np.all(np.asarray(run["final_heldout"]) < heldout[0] - 0.5)
 
 
+@pytest.mark.parametrize(
+    "name, codec_name",
+    [
+        ("muon_4bit", "blockwise4-signed-b128"),
+        ("muon_4bit_b32", "blockwise4-signed-b32"),
+        ("muon_4bit_sr", "blockwise4-signed-b128-sr"),
+        ("muon_polar2", "polar-2b-signed"),
+        ("muon_polar2_g16", "polar-2b-signed-g16"),
+        ("muon_polar2_beta08", "polar-2b-signed"),
+        ("muon_nomom", None),
+    ],
+)
+def test_muon_screen_optimizers_are_what_their_names_say(name, codec_name):
+    import jax
+    import jax.numpy as jnp
+
+    def run(name):
+        """Matrix updates of two steps on fresh gradients, and the state."""
+        tx = train_lm.make_optimizer(name, 1e-3, b1=0.9, b2=0.95, wd=0.1)
+        params = {"w": jnp.zeros((64, 256)), "b": jnp.zeros(256)}
+        state = tx.init(params)
+        out = []
+        for k in range(2):
+            g = {
+                n: jax.random.normal(jax.random.key(k), p.shape)
+                for n, p in params.items()
+            }
+            u, state = tx.update(g, state, params)
+            out.append(u["w"])
+        return out, state
+
+    updates, state = run(name)
+    mu = state[1].inner_states["muon"].inner_state[0].mu["w"]  # after clipping
+    assert getattr(mu, "codec_name", None) == codec_name
+    if name == "muon_nomom":  # beta 0: the second update forgets the first step
+        fresh, _ = run("muon_fp32")
+        assert not jnp.allclose(updates[1], fresh[1], rtol=1e-3)
+    if name == "muon_polar2_beta08":  # the same codec, a shorter momentum
+        default, _ = run("muon_polar2")
+        # the first step's bias correction cancels beta (to float rounding)
+        np.testing.assert_allclose(updates[0], default[0], rtol=1e-4, atol=1e-8)
+        assert not jnp.allclose(updates[1], default[1], rtol=1e-3)
+
+
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         train_lm.make_optimizer("sgd9", 1e-3, b1=0.9, b2=0.95, wd=0.1)
