@@ -716,6 +716,11 @@ def _final_train(run: dict, steps: int) -> np.ndarray:
     return train[last].mean(axis=0) if last.any() else train[-1:].mean(axis=0)
 
 
+def reference_of(meta: dict[str, Any]) -> str:
+    """The optimizer a result's gaps are taken against (older files: fp32 AdamW)."""
+    return meta.get("reference", REFERENCE)
+
+
 def long_metrics(
     runs: list[dict], steps: int, reference: str = REFERENCE
 ) -> dict[str, dict[str, Any]]:
@@ -784,9 +789,7 @@ def summarize(result: dict[str, Any]) -> None:
     order = {n: i for i, n in enumerate(LONG_OPTIMIZERS)}
     runs.sort(key=lambda r: order.get(r["optimizer"], len(order)))
     result["records"] = train_lm.records_of(runs, meta["seeds"], meta["device"])
-    result["metrics"] = long_metrics(
-        runs, meta["steps"], meta.get("reference", REFERENCE)
-    )
+    result["metrics"] = long_metrics(runs, meta["steps"], reference_of(meta))
     result["goals"] = goals(result["metrics"])
 
 
@@ -822,7 +825,7 @@ def table(result: dict[str, Any]) -> str:
             f"{rec['state_bytes_per_param']:7.3f} "
             f"{'n/a' if step_ms is None else f'{step_ms:7.2f}':>7s}  {marks}"
         )
-    reference = result["meta"].get("reference", REFERENCE)
+    reference = reference_of(result["meta"])
     lines.append(
         f"gap %: final held-out vs {reference} (paired seeds); @q: curve sample; "
         "Δ½ pp: gap growth over the last half (points); goals: heldout <= +0.5% "
@@ -840,7 +843,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     (ax_gap, ax_train), (ax_v, ax_d) = axes
-    reference = result["meta"].get("reference", REFERENCE)
+    reference = reference_of(result["meta"])
     base = next((r for r in result["runs"] if r["optimizer"] == reference), None)
     has_shadow = False
     for i, r in enumerate(result["runs"]):
