@@ -409,6 +409,29 @@ def saturate_or_keep(new: jax.Array, old: jax.Array, ok: jax.Array) -> jax.Array
     return jnp.where(ok, saturate(new), old)
 
 
+def unfused(product: jax.Array) -> jax.Array:
+    """A float32 product rounded on its own, so that no compiler fuses it (FMA).
+
+    ``a + b * c`` is one rounding where a compiler contracts it into a fused
+    multiply-add and two where it does not, and whether it does depends on
+    how each program is fused: the CPU interpreter's kernel and the jnp path
+    were seen to differ (a group maximum 1 ulp apart, a different bf16
+    scale). Clearing the product's lowest bit (its magnitude down by at most
+    1 ulp; 0, inf and the sign kept) needs the rounded product, so every
+    backend then adds the same two floats. Use it where a sum of products
+    decides a discrete result (a scale, a ring, a sector) that the kernel and
+    the jnp path must agree on.
+
+    Args:
+      product: float32 products.
+
+    Returns:
+      float32, ``product`` with its lowest mantissa bit cleared.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(product, jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFFFFE), jnp.float32)
+
+
 def _ceil_to_bf16(x: jax.Array) -> jax.Array:
     """Rounds float32 ``x >= 0`` **up** to bfloat16, by bit arithmetic.
 

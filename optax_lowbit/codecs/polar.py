@@ -292,7 +292,7 @@ def safe_hypot(a: jax.Array, b: jax.Array) -> jax.Array:
     hi = jnp.maximum(jnp.abs(a), jnp.abs(b))
     lo = jnp.minimum(jnp.abs(a), jnp.abs(b))
     safe_hi = jnp.where(hi > 0, hi, 1.0)
-    return hi * jnp.sqrt(1.0 + jnp.square(lo / safe_hi))
+    return hi * jnp.sqrt(1.0 + base.unfused(jnp.square(lo / safe_hi)))
 
 
 def fold_octant(
@@ -324,8 +324,19 @@ def fold_octant(
 
 
 def signed_span(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``α + β`` of a folded pair ``(x, y) = α e_axis + β e_diag`` (>= its radius)."""
-    return x + (_SQRT2 - 1.0) * y
+    """``α + β`` of a folded pair ``(x, y) = α e_axis + β e_diag`` (>= its radius).
+
+    The product is `base.unfused`: the group's largest span is its scale,
+    which the kernel and the jnp path must round alike.
+    """
+    return x + base.unfused((_SQRT2 - 1.0) * y)
+
+
+def _unsigned_projection(u: jax.Array, w: jax.Array, sector: jax.Array) -> jax.Array:
+    """The radius of ``(u, w)`` projected on its unsigned sector's direction."""
+    cos_t, sin_t = _sector_cos_sin(False)
+    along = base.unfused(u * _select(sector, cos_t))
+    return along + base.unfused(w * _select(sector, sin_t))
 
 
 def _unsigned_sector(u: jax.Array, w: jax.Array) -> jax.Array:
@@ -370,9 +381,8 @@ def assign(
         sector = jnp.where(to_diag, diag, axis)
         p = jnp.where(to_diag, (x + y) * _SQRT_HALF, x)
     else:
-        cos_t, sin_t = _sector_cos_sin(False)
         sector = _unsigned_sector(u, w)
-        p = u * _select(sector, cos_t) + w * _select(sector, sin_t)
+        p = _unsigned_projection(u, w, sector)
     return _ring_of(p, rings, signed=signed), sector, p
 
 
@@ -411,9 +421,8 @@ def assign_stochastic(
         to_diag = n_sector * s < _SQRT2 * y  # probability β / (α + β)
         sector = jnp.where(to_diag, diag, axis)
     else:
-        cos_t, sin_t = _sector_cos_sin(False)
         sector = _unsigned_sector(u, w)
-        s = u * _select(sector, cos_t) + w * _select(sector, sin_t)
+        s = _unsigned_projection(u, w, sector)
     s = jnp.minimum(s, 1.0)
     below = jnp.zeros(s.shape, jnp.int32)  # rings <= s
     for k in range(n_rings):

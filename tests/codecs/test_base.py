@@ -276,3 +276,17 @@ def test_hash32_numpy_equals_jax_and_stream_seed_traced_equals_eager(
     traced = _jit_stream_seed(tuple(salts))(jnp.uint32(seed))
     assert eager.dtype == traced.dtype == jnp.uint32
     assert int(eager) == int(traced)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64))
+def test_unfused_moves_a_product_by_at_most_one_ulp_toward_zero(values):
+    p = np.asarray(values, np.float32)
+    got = np.asarray(base.unfused(jnp.asarray(p)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(p))
+    assert np.all(np.abs(got) <= np.abs(p))
+    fin = np.isfinite(p)
+    assert np.all(np.abs(p[fin]) - np.abs(got[fin]) <= np.spacing(np.abs(got[fin])))
+    assert np.all((got.view(np.uint32) & 1) == 0)
+    keep = (p == 0) | np.isinf(p) | ((p.view(np.uint32) & 1) == 0)
+    np.testing.assert_array_equal(got[keep], p[keep])

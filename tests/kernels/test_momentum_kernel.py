@@ -104,6 +104,21 @@ def test_momentum_kernel_equals_jnp_bit_for_bit(name):
     assert np.isfinite(np.asarray(mus[0].decode())).all()
 
 
+def test_a_span_one_fma_from_a_bf16_step_gives_one_scale():
+    """The group's largest ``α + β`` is 1.8671875 (a bf16 value) unfused and
+    1 ulp above it fused: before `base.unfused`, the interpreter's kernel
+    stored the scale 1.875 and the jnp path 1.8671875 (found by CI)."""
+    codec = CODECS["polar2"]
+    g = 0.1 * jax.random.normal(jax.random.key(8), (8, 1000))
+    g = g.at[0, 6].set(-29.766659).at[0, 38].set(-18.292717)  # one pair of group 0
+    count = jnp.asarray(1, jnp.int32)
+    mus = [codec.zeros(g.shape)]
+    got = _kernel_step([g], mus, count, codec, True)
+    want = _reference_step([g], mus, count, codec, True)
+    _assert_equal(got, want)
+    assert float(got[0][1].scales[0, 0]) == 1.8671875
+
+
 def test_momentum_rule_has_no_fused_apply_and_needs_a_kernel_codec():
     g = jnp.ones((4, 64))
     codec = CODECS["polar2"]
