@@ -26,7 +26,12 @@ lowering) then has one way to do it, whereas a sum of two products is
 contracted on either product, differently in the two programs; and XLA
 turns a division by a scalar into a product with its reciprocal on the jnp
 path but not in a kernel. Optax's results are still matched to rounding (an
-ulp or two per step).
+ulp or two per step). One way is not one choice: whether a compiler contracts
+depends on how it fused the program, and the polar codec's group span was seen
+contracted in the CPU interpreter's kernel and not on the jnp path. Where a
+product-and-sum decides a discrete result that both paths must share (a
+scale, a ring), the codec rounds the product on its own (`base.unfused`),
+which no compiler can contract.
 """
 
 from __future__ import annotations
