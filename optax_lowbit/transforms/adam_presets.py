@@ -14,6 +14,7 @@ of the state (`optax_lowbit.transforms.adam.STATE_FORMAT`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -150,6 +151,20 @@ class AdamPreset(NamedTuple):
     nu_follows_mu: bool = False
 
 
+def _blockwise_preset(bits: int, **text: str | tuple) -> AdamPreset:
+    """The blockwise baseline at ``bits`` (`blockwise_codecs`, no options).
+
+    ``text`` is the preset's prose: ``summary``, ``details``, ``references``
+    and ``example`` (`AdamPreset`).
+    """
+    return AdamPreset(
+        name=f"{bits}bit",
+        codecs=functools.partial(blockwise_codecs, bits),
+        options=(),
+        **text,
+    )
+
+
 #: The polar codec's paper, for the References of every polar optimizer.
 POLAR_REFERENCE = (
     "Yu et al, `Ultra-Low-Bit Optimizer States via 2D Polar Quantization`, 2025"
@@ -223,10 +238,8 @@ PRESETS: dict[str, AdamPreset] = {
         ),
         example=("1.07", ("piquant-signed-z-cs0.5", "blockwise4-unsigned-b128-log-sr")),
     ),
-    "8bit": AdamPreset(
-        name="8bit",
-        codecs=lambda: blockwise_codecs(8),
-        options=(),
+    "8bit": _blockwise_preset(
+        8,
         summary="both moments in 8 bits (blockwise dynamic map, block 256)",
         details=(
             "As bitsandbytes' ``AdamW8bit``: the signed dynamic-tree map for the "
@@ -242,10 +255,8 @@ PRESETS: dict[str, AdamPreset] = {
         ),
         example=("2.031", ("blockwise8-signed-b256", "blockwise8-unsigned-b256-sr")),
     ),
-    "4bit": AdamPreset(
-        name="4bit",
-        codecs=lambda: blockwise_codecs(4),
-        options=(),
+    "4bit": _blockwise_preset(
+        4,
         summary="both moments in 4 bits (block 128)",
         details=(
             "As the 4-bit optimizer of Li et al for the first moment "
