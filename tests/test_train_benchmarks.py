@@ -8,6 +8,8 @@ unreachable); not timed.
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,9 +110,6 @@ def test_loss_falls(smoke, name):
     ],
 )
 def test_muon_screen_optimizers_are_what_their_names_say(name, codec_name):
-    import jax
-    import jax.numpy as jnp
-
     def run(name):
         """Matrix updates of two steps on fresh gradients, and the state."""
         tx = train_lm.make_optimizer(name, 1e-3, b1=0.9, b2=0.95, wd=0.1)
@@ -146,7 +145,6 @@ def test_unknown_optimizer_is_rejected():
 
 @pytest.mark.slow  # builds and runs the ResNet
 def test_resnet_shapes_and_policy():
-    import jax
     from flax import nnx
 
     import optax_lowbit as lowbit
