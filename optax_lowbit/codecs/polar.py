@@ -289,10 +289,14 @@ _TAN_PI_8 = math.tan(math.pi / 8.0)
 
 def safe_hypot(a: jax.Array, b: jax.Array) -> jax.Array:
     """Overflow-safe ``sqrt(a² + b²)`` (fine at 1e30 and 1e-30)."""
-    hi = jnp.maximum(jnp.abs(a), jnp.abs(b))
-    lo = jnp.minimum(jnp.abs(a), jnp.abs(b))
-    safe_hi = jnp.where(hi > 0, hi, 1.0)
-    return hi * jnp.sqrt(1.0 + base.unfused(jnp.square(lo / safe_hi)))
+    au, aw = jnp.abs(a), jnp.abs(b)
+    return _folded_hypot(jnp.maximum(au, aw), jnp.minimum(au, aw))
+
+
+def _folded_hypot(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`safe_hypot` of a pair already folded (``x >= y >= 0``)."""
+    safe_x = jnp.where(x > 0, x, 1.0)
+    return x * jnp.sqrt(1.0 + base.unfused(jnp.square(y / safe_x)))
 
 
 def fold_octant(
@@ -374,16 +378,23 @@ def assign(
       ``(ring, sector, projected)``: int32 ring and sector indices and the
       float32 projected radius ``p = r·cos(θ − φ)``.
     """
-    rings = ring_values(rings)
     if signed:
-        x, y, axis, diag = fold_octant(u, w)
-        to_diag = y > _TAN_PI_8 * x
-        sector = jnp.where(to_diag, diag, axis)
-        p = jnp.where(to_diag, (x + y) * _SQRT_HALF, x)
-    else:
-        sector = _unsigned_sector(u, w)
-        p = _unsigned_projection(u, w, sector)
-    return _ring_of(p, rings, signed=signed), sector, p
+        return _assign_folded(fold_octant(u, w), rings)
+    rings = ring_values(rings)
+    sector = _unsigned_sector(u, w)
+    p = _unsigned_projection(u, w, sector)
+    return _ring_of(p, rings, signed=False), sector, p
+
+
+def _assign_folded(
+    folded: tuple[jax.Array, ...], rings: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`assign`'s signed rule on pairs already folded (`fold_octant`)."""
+    x, y, axis, diag = folded
+    to_diag = y > _TAN_PI_8 * x
+    sector = jnp.where(to_diag, diag, axis)
+    p = jnp.where(to_diag, (x + y) * _SQRT_HALF, x)
+    return _ring_of(p, ring_values(rings), signed=True), sector, p
 
 
 def assign_stochastic(
@@ -412,17 +423,35 @@ def assign_stochastic(
     Returns:
       ``(ring, sector)`` int32 indices.
     """
+    if signed:
+        return _assign_stochastic_folded(fold_octant(u, w), bits, rings)
+    sector = _unsigned_sector(u, w)
+    s = _unsigned_projection(u, w, sector)
+    return _round_radius(s, sector, base.uniform_pair(bits)[1], rings, signed=False)
+
+
+def _assign_stochastic_folded(
+    folded: tuple[jax.Array, ...], bits: jax.Array, rings: Any
+) -> tuple[jax.Array, jax.Array]:
+    """`assign_stochastic`'s signed rule on pairs already folded (`fold_octant`)."""
+    x, y, axis, diag = folded
+    n_sector, n_ring = base.uniform_pair(bits)
+    s = signed_span(x, y)
+    to_diag = n_sector * s < _SQRT2 * y  # probability β / (α + β)
+    sector = jnp.where(to_diag, diag, axis)
+    return _round_radius(s, sector, n_ring, rings, signed=True)
+
+
+def _round_radius(
+    s: jax.Array, sector: jax.Array, n_ring: jax.Array, rings: Any, *, signed: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Rounds the radius ``s`` stochastically onto the rings (`assign_stochastic`).
+
+    ``n_ring`` are uniform [0, 1) numbers; signed, ``-ρ_1`` (the opposite
+    sector) is below ``ρ_1``. Returns ``(ring, sector)``.
+    """
     rings = ring_values(rings)
     n_rings = len(rings)
-    n_sector, n_ring = base.uniform_pair(bits)
-    if signed:
-        x, y, axis, diag = fold_octant(u, w)
-        s = signed_span(x, y)
-        to_diag = n_sector * s < _SQRT2 * y  # probability β / (α + β)
-        sector = jnp.where(to_diag, diag, axis)
-    else:
-        sector = _unsigned_sector(u, w)
-        s = _unsigned_projection(u, w, sector)
     s = jnp.minimum(s, 1.0)
     below = jnp.zeros(s.shape, jnp.int32)  # rings <= s
     for k in range(n_rings):
@@ -490,19 +519,26 @@ def encode_groups_with(
         parts = [jnp.maximum(x, 0.0) for x in parts]
     a, b = base.parts_of(parts, 2)
     rings = ring_values(rings)
-    if noise is not None and signed:  # every pair's α + β must reach <= 1
-        extent = signed_span(*fold_octant(a, b)[:2])
+    if signed:  # folded once: scaling by a positive number commutes with it
+        x, y, axis, diag = fold_octant(a, b)
+        # stochastic: every pair's α + β must reach <= 1
+        extent = _folded_hypot(x, y) if noise is None else signed_span(x, y)
     else:
         extent = safe_hypot(a, b)
     stored, divisor = base.safe_scale(
         jnp.max(extent, axis=-1, keepdims=True), scale_dtype
     )
     inv = 1.0 / divisor  # one division per group
-    u, w = a * inv, b * inv
-    if noise is None:
-        ring, sector, _ = assign(u, w, rings, signed=signed)
+    if signed:
+        folded = (x * inv, y * inv, axis, diag)
+        if noise is None:
+            ring, sector, _ = _assign_folded(folded, rings)
+        else:
+            ring, sector = _assign_stochastic_folded(folded, noise, rings)
+    elif noise is None:
+        ring, sector, _ = assign(a * inv, b * inv, rings, signed=False)
     else:
-        ring, sector = assign_stochastic(u, w, noise, rings, signed=signed)
+        ring, sector = assign_stochastic(a * inv, b * inv, noise, rings, signed=False)
     code = ring * _num_sectors(signed) + sector
     bits = code_bits(len(rings), signed)
     if planes:
