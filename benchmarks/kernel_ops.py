@@ -295,9 +295,10 @@ def group_case(
 ) -> dict:
     """Lowers one `adam_update_many` over ``shapes`` for CUDA (Triton forced).
 
-    Leaves of one shape share a launch (v6: the kernel body traced once,
-    only the loads and stores switch on the leaf); ``leaves_per_launch=1``
-    lowers one launch per leaf instead.
+    With ``leaves_per_launch=0`` leaves of one shape share a launch (v6: the
+    kernel body traced once, only the loads and stores switch on the leaf);
+    ``1`` lowers one launch per leaf; ``None`` what a user gets
+    (`kadam.default_leaves_per_launch`, v20).
 
     Args:
       name: a key of `CASES`.
@@ -416,9 +417,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in args.cases.split(","):
             groups += [
                 group_case(name, "fused", [GROUP_SHAPE]),
-                group_case(name, "fused", [GROUP_SHAPE] * args.group_leaves),
+                group_case(name, "fused", [GROUP_SHAPE] * args.group_leaves, 0),
                 group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=1),
-                group_case(name, "fused", GPT2S_QUANTIZED),
+                group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=0),
             ]
         print(_group_table(groups))
     if args.json:

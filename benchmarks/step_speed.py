@@ -557,7 +557,7 @@ def grouped_check(mc, nc, apply: bool, key, n_leaves: int = 3) -> dict:
     kw = dict(mu_codec=mc, nu_codec=nc)
     res = jax.jit(
         lambda gs, ms, vs, ps: kadam.adam_update_many(
-            gs, ms, vs, hps, seeds=seeds, params=ps, **kw
+            gs, ms, vs, hps, seeds=seeds, params=ps, leaves_per_launch=0, **kw
         )
     )(gs, ms, vs, ps)
     worst: dict[str, float] = {}
@@ -856,7 +856,7 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
         cmd += ["--block-groups", str(kadam.DEFAULT_BLOCK_GROUPS)]
         if kadam.DEFAULT_NUM_WARPS:  # None: each block's default_num_warps
             cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
-        if kadam.LEAVES_PER_LAUNCH:  # None: every leaf of a shape in one launch
+        if kadam.LEAVES_PER_LAUNCH is not None:  # None: by the block's size
             cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
         proc = subprocess.run(
             cmd,
@@ -1094,7 +1094,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="most leaves of one shape per kernel launch (1: one launch per "
-        "leaf, the pre-v6 path; default: no limit, NOTES_kernels.md v6)",
+        "leaf, the pre-v6 path; 0: no limit, NOTES_kernels.md v6; default: "
+        "by the block's size, kadam.default_leaves_per_launch, v20)",
     )
     ap.add_argument(
         "--state-first",
@@ -1128,7 +1129,7 @@ def main(argv: list[str] | None = None) -> dict:
         kadam.DEFAULT_BLOCK_GROUPS = args.block_groups
     if args.num_warps:
         kadam.DEFAULT_NUM_WARPS = args.num_warps
-    if args.leaves_per_launch:
+    if args.leaves_per_launch is not None:
         kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
     global PARAMS_FIRST
     PARAMS_FIRST = not args.state_first

@@ -67,12 +67,14 @@ __all__ = [
     "IMPLS",
     "LEAVES_PER_LAUNCH",
     "MAX_BLOCK_ELEMENTS",
+    "MAX_GROUPED_BLOCK_ELEMENTS",
     "adam_update",
     "adam_update_many",
     "adam_update_reference",
     "apply_leaf",
     "apply_step",
     "default_block_groups",
+    "default_leaves_per_launch",
     "default_num_warps",
     "has_kernel",
     "launch_config",
@@ -107,10 +109,19 @@ MAX_NUM_WARPS = 8
 #: 64) is fastest at 16 (benchmarks/NOTES_kernels.md, v13).
 MAX_BLOCK_ELEMENTS = 2048
 #: The most leaves of one signature (group grid and dtypes) that
-#: `adam_update_many` runs in one kernel launch; 1 launches one kernel per
-#: leaf (the pre-v6 path), ``None`` no limit. The kernel body is traced once
-#: per launch whatever the count (benchmarks/NOTES_kernels.md, v6).
+#: `adam_update_many` runs in one kernel launch, for every launch when set:
+#: 1 launches one kernel per leaf (the pre-v6 path), 0 every leaf of a
+#: signature in one launch; ``None`` (the default): `default_leaves_per_launch`
+#: of the block's size. The kernel body is traced once per launch whatever
+#: the count (benchmarks/NOTES_kernels.md, v6).
 LEAVES_PER_LAUNCH: int | None = None
+#: The largest block whose leaves `default_leaves_per_launch` groups. On the
+#: H200 (GPT-2 small, 50 quantized leaves of 6 shapes, fused step, one run)
+#: grouping took polar's 1024-element blocks (4 warps) from 1.14 to 1.00 ms of
+#: device time, but the 2048-element blocks (8 warps) of 4-bit and 8-bit from
+#: 1.00 to 1.08 and 1.12 to 1.28 ms; one launch per leaf also halves the
+#: first step's compile (benchmarks/NOTES_kernels.md, v20).
+MAX_GROUPED_BLOCK_ELEMENTS = 1024
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
@@ -155,6 +166,22 @@ def default_num_warps(block_elements: int) -> int:
     ):
         warps *= 2
     return warps
+
+
+def default_leaves_per_launch(block_elements: int) -> int:
+    """`LEAVES_PER_LAUNCH` (read now) when set; else by the block's size.
+
+    Args:
+      block_elements: elements of one block (groups per block times the
+        group size).
+
+    Returns:
+      0 (every leaf of a signature in one launch) for blocks of at most
+      `MAX_GROUPED_BLOCK_ELEMENTS` elements, else 1 (one launch per leaf).
+    """
+    if LEAVES_PER_LAUNCH is not None:
+        return LEAVES_PER_LAUNCH
+    return 0 if block_elements <= MAX_GROUPED_BLOCK_ELEMENTS else 1
 
 
 def launch_config(
@@ -255,14 +282,15 @@ def rule_update_many(
       hps: one hyperparameter vector per leaf.
       seeds: per leaf, one seed per moment, or ``None``.
       params: parameter leaves for the fused apply (or ``None``).
-      leaves_per_launch: the most leaves of one launch; ``None``:
-        `LEAVES_PER_LAUNCH` (1: one launch per leaf).
+      leaves_per_launch: the most leaves of one launch (1: one launch per
+        leaf, 0: no limit); ``None``: `default_leaves_per_launch`.
 
     Returns:
       One ``(out, new_moments)`` per leaf.
     """
     if leaves_per_launch is None:
-        leaves_per_launch = LEAVES_PER_LAUNCH
+        block = config.block_groups * max(c.group_size for c in config.codecs)
+        leaves_per_launch = default_leaves_per_launch(block)
     return launch.many_leaves(
         gs, moments, hps, seeds, params, config, leaves_per_launch
     )
@@ -369,8 +397,8 @@ def adam_update_many(
       block_groups: groups per block.
       num_warps: Triton warps.
       lowering: force a GPU lowering.
-      leaves_per_launch: the most leaves of one launch; ``None``:
-        `LEAVES_PER_LAUNCH` (1: one launch per leaf).
+      leaves_per_launch: the most leaves of one launch (1: one launch per
+        leaf, 0: no limit); ``None``: `default_leaves_per_launch`.
 
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.

@@ -278,8 +278,8 @@ def many_leaves(
       seeds: per leaf, one ``seed`` per moment, or ``None``.
       params: parameter leaves for the fused apply, or ``None``.
       config: the launch configuration.
-      leaves_per_launch: the most leaves of one launch (``None``: no limit;
-        1: one launch per leaf).
+      leaves_per_launch: the most leaves of one launch (``None`` or 0: no
+        limit; 1: one launch per leaf).
 
     Returns:
       One ``(out, new_moments)`` per leaf.

@@ -92,7 +92,7 @@ def test_grouped_launch_equals_per_leaf(variant, apply):
     mc, nc = VARIANTS[variant]
     key = jax.random.key(hash((variant, apply)) % 2**31)
     gs, mus, nus, hps, seeds, params = _leaves(key, [_shape(mc)] * 3, mc, nc, apply)
-    grouped = _many(gs, mus, nus, hps, seeds, params, mc, nc)
+    grouped = _many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=0)
     per_leaf = _many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
     chex.assert_trees_all_equal(grouped, per_leaf)
     for k, (out, m, v) in enumerate(grouped):
@@ -130,8 +130,10 @@ def test_launches_one_per_signature():
             gs, mus, nus, hps, seeds, None, mc, nc, per_launch=per_launch
         )
 
-    # (5, 200) x2, (64, 128) x2, (5, 200) bf16, (128, 64)
+    # (5, 200) x2, (64, 128) x2, (5, 200) bf16, (128, 64); blocks of 512
+    # elements: grouped by default
     assert _launches(run(None), gs) == 4
+    assert _launches(run(0), gs) == 4
     assert _launches(run(1), gs) == 6
     assert _launches(run(2), gs) == 4
     _, _, _, _, _, params = _leaves(jax.random.key(1), shapes, mc, nc, True, dtypes)
@@ -154,3 +156,26 @@ def test_transform_launches_one_per_shape():
     assert _launches(tx.update, grads, tx.init(params), params) == 3
     opt = lowbit.adamw_polar(1e-2, impl="pallas", policy=policy, fused=True)
     assert _launches(opt.step, grads, opt.init(params), params) == 3
+
+
+def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
+    """`default_leaves_per_launch`: polar's 1024-element blocks grouped, the
+    2048-element blocks of 4-bit and 8-bit one launch per leaf (v20), unless
+    `LEAVES_PER_LAUNCH` is set (traced only: no compile)."""
+    assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS) == 0
+    assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS * 2) == 1
+    polar = lowbit.adamw_polar(1e-2, impl="pallas", fused=True)
+    four = lowbit.adamw_4bit(1e-2, impl="pallas", fused=True)
+
+    def launches(opt, cols):
+        # a new shape per call: launches are traced under jit caches that
+        # do not key on the module's tunables
+        params = {f"w{i}": jnp.zeros((64, cols)) for i in range(3)}
+        grads = jax.tree.map(jnp.ones_like, params)
+        return _launches(opt.step, grads, opt.init(params), params)
+
+    assert (launches(polar, 256), launches(four, 256)) == (1, 3)
+    monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 0)
+    assert launches(four, 512) == 1
+    monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 1)
+    assert launches(polar, 768) == 3
