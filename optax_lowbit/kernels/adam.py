@@ -63,6 +63,7 @@ from optax_lowbit.kernels.rules import (
 __all__ = [
     "DEFAULT_BLOCK_GROUPS",
     "DEFAULT_NUM_WARPS",
+    "GROUPED_LEAVES_PER_LAUNCH",
     "HP_FIELDS",
     "IMPLS",
     "LEAVES_PER_LAUNCH",
@@ -122,6 +123,11 @@ LEAVES_PER_LAUNCH: int | None = None
 #: 1.00 to 1.08 and 1.12 to 1.28 ms; one launch per leaf also halves the
 #: first step's compile (benchmarks/NOTES_kernels.md, v20).
 MAX_GROUPED_BLOCK_ELEMENTS = 1024
+#: The most leaves `default_leaves_per_launch` groups in one launch. Polar 2-bit
+#: on the same tree (12 leaves per shape), device time / first-step compile:
+#: 1 leaf per launch 1.138 ms / 6.9 s, 3: 1.034 / 8.3, 6: 0.971 / 10.3, all 12:
+#: 1.003 / 13.7-14.9 (benchmarks/NOTES_kernels.md, v20b).
+GROUPED_LEAVES_PER_LAUNCH = 6
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
@@ -176,12 +182,14 @@ def default_leaves_per_launch(block_elements: int) -> int:
         group size).
 
     Returns:
-      0 (every leaf of a signature in one launch) for blocks of at most
+      `GROUPED_LEAVES_PER_LAUNCH` for blocks of at most
       `MAX_GROUPED_BLOCK_ELEMENTS` elements, else 1 (one launch per leaf).
     """
     if LEAVES_PER_LAUNCH is not None:
         return LEAVES_PER_LAUNCH
-    return 0 if block_elements <= MAX_GROUPED_BLOCK_ELEMENTS else 1
+    if block_elements <= MAX_GROUPED_BLOCK_ELEMENTS:
+        return GROUPED_LEAVES_PER_LAUNCH
+    return 1
 
 
 def launch_config(

@@ -159,22 +159,25 @@ def test_transform_launches_one_per_shape():
 
 
 def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
-    """`default_leaves_per_launch`: polar's 1024-element blocks grouped, the
-    2048-element blocks of 4-bit and 8-bit one launch per leaf (v20), unless
-    `LEAVES_PER_LAUNCH` is set (traced only: no compile)."""
-    assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS) == 0
+    """`default_leaves_per_launch`: polar's 1024-element blocks grouped (up to
+    `GROUPED_LEAVES_PER_LAUNCH` leaves a launch), the 2048-element blocks of
+    4-bit and 8-bit one launch per leaf (v20), unless `LEAVES_PER_LAUNCH` is
+    set (traced only: no compile)."""
+    most = kadam.GROUPED_LEAVES_PER_LAUNCH
+    assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS) == most
     assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS * 2) == 1
     polar = lowbit.adamw_polar(1e-2, impl="pallas", fused=True)
     four = lowbit.adamw_4bit(1e-2, impl="pallas", fused=True)
 
-    def launches(opt, cols):
+    def launches(opt, cols, n=3):
         # a new shape per call: launches are traced under jit caches that
         # do not key on the module's tunables
-        params = {f"w{i}": jnp.zeros((64, cols)) for i in range(3)}
+        params = {f"w{i}": jnp.zeros((64, cols)) for i in range(n)}
         grads = jax.tree.map(jnp.ones_like, params)
         return _launches(opt.step, grads, opt.init(params), params)
 
     assert (launches(polar, 256), launches(four, 256)) == (1, 3)
+    assert launches(polar, 320, n=most + 1) == 2
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 0)
     assert launches(four, 512) == 1
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 1)
