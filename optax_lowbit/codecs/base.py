@@ -505,16 +505,22 @@ def hash32(x: Any) -> Any:
       uint32 array of ``x``'s shape (NumPy for a NumPy or Python input).
     """
     if isinstance(x, (int, np.integer, np.ndarray)):
-        xp, x = np, np.asarray(x).astype(np.uint32)
-    else:
-        xp, x = jnp, jnp.asarray(x).astype(_U32)
-    u32 = xp.uint32
+        x = np.asarray(x).astype(np.uint32)
+        xor, shift, mul = np.bitwise_xor, np.right_shift, np.multiply
+    else:  # lax, not jnp: a traced step hashes hundreds of seeds, and each jnp
+        # operator costs several times its primitive to trace
+        x = jnp.asarray(x).astype(_U32)
+        xor, shift, mul = jax.lax.bitwise_xor, jax.lax.shift_right_logical, jax.lax.mul
     with np.errstate(over="ignore"):  # uint32 products wrap, as intended
-        x = x ^ (x >> u32(16))
-        x = x * u32(0x7FEB352D)
-        x = x ^ (x >> u32(15))
-        x = x * u32(0x846CA68B)
-        return x ^ (x >> u32(16))
+        x = xor(x, shift(x, _HASH_CONSTS[0]))
+        x = mul(x, _HASH_CONSTS[1])
+        x = xor(x, shift(x, _HASH_CONSTS[2]))
+        x = mul(x, _HASH_CONSTS[3])
+        return xor(x, shift(x, _HASH_CONSTS[0]))
+
+
+#: `hash32`'s shifts and multipliers (``lowbias32``), as uint32 scalars.
+_HASH_CONSTS = tuple(np.uint32(c) for c in (16, 0x7FEB352D, 15, 0x846CA68B))
 
 
 def stream_seed(seed: Any, *salts: int) -> jax.Array:
