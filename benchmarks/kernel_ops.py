@@ -417,7 +417,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in args.cases.split(","):
             groups += [
                 group_case(name, "fused", [GROUP_SHAPE]),
-                group_case(name, "fused", [GROUP_SHAPE] * args.group_leaves, 0),
+                group_case(
+                    name,
+                    "fused",
+                    [GROUP_SHAPE] * args.group_leaves,
+                    leaves_per_launch=0,
+                ),
                 group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=1),
                 group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=0),
             ]

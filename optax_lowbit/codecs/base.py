@@ -488,6 +488,10 @@ def safe_scale(absmax: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
 
 _U32 = jnp.uint32
+#: `hash32`'s shifts and multipliers (``lowbias32``), as uint32 scalars that
+#: NumPy, jnp and lax all take.
+_SHIFT_16, _SHIFT_15 = np.uint32(16), np.uint32(15)
+_MUL_1, _MUL_2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
 
 
 def hash32(x: Any) -> Any:
@@ -512,15 +516,9 @@ def hash32(x: Any) -> Any:
         x = jnp.asarray(x).astype(_U32)
         xor, shift, mul = jax.lax.bitwise_xor, jax.lax.shift_right_logical, jax.lax.mul
     with np.errstate(over="ignore"):  # uint32 products wrap, as intended
-        x = xor(x, shift(x, _HASH_CONSTS[0]))
-        x = mul(x, _HASH_CONSTS[1])
-        x = xor(x, shift(x, _HASH_CONSTS[2]))
-        x = mul(x, _HASH_CONSTS[3])
-        return xor(x, shift(x, _HASH_CONSTS[0]))
-
-
-#: `hash32`'s shifts and multipliers (``lowbias32``), as uint32 scalars.
-_HASH_CONSTS = tuple(np.uint32(c) for c in (16, 0x7FEB352D, 15, 0x846CA68B))
+        x = mul(xor(x, shift(x, _SHIFT_16)), _MUL_1)
+        x = mul(xor(x, shift(x, _SHIFT_15)), _MUL_2)
+        return xor(x, shift(x, _SHIFT_16))
 
 
 def stream_seed(seed: Any, *salts: int) -> jax.Array:

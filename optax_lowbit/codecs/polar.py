@@ -436,6 +436,8 @@ def _assign_stochastic_folded(
     """`assign_stochastic`'s signed rule on pairs already folded (`fold_octant`)."""
     x, y, axis, diag = folded
     n_sector, n_ring = base.uniform_pair(bits)
+    # the span of the scaled pair, not the group's span times 1/scale: the
+    # two round differently, and the stored codes are defined by this one
     s = signed_span(x, y)
     to_diag = n_sector * s < _SQRT2 * y  # probability β / (α + β)
     sector = jnp.where(to_diag, diag, axis)

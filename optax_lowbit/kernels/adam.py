@@ -219,7 +219,8 @@ def launch_config(
         rule=rule,
         codecs=tuple(codecs),
         block_groups=block_groups,
-        num_warps=num_warps or default_num_warps(block_groups * group_size),
+        num_warps=num_warps
+        or default_num_warps(launch.block_elements(block_groups, codecs)),
         lowering=lowering,
     )
 
@@ -297,8 +298,7 @@ def rule_update_many(
       One ``(out, new_moments)`` per leaf.
     """
     if leaves_per_launch is None:
-        block = config.block_groups * max(c.group_size for c in config.codecs)
-        leaves_per_launch = default_leaves_per_launch(block)
+        leaves_per_launch = default_leaves_per_launch(config.block_elements)
     return launch.many_leaves(
         gs, moments, hps, seeds, params, config, leaves_per_launch
     )

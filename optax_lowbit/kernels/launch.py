@@ -59,6 +59,16 @@ class LaunchConfig:
     num_warps: int
     lowering: str | None = None
 
+    @property
+    def block_elements(self) -> int:
+        """Elements of one configured block (`block_elements`)."""
+        return block_elements(self.block_groups, self.codecs)
+
+
+def block_elements(block_groups: int, codecs: Sequence[base.Codec]) -> int:
+    """Elements of a block of ``block_groups`` groups of the codecs' largest group."""
+    return block_groups * max(c.group_size for c in codecs)
+
 
 def pick_block(n: int, block_groups: int) -> int:
     """Groups per block: ``block_groups``, or the power of two >= ``n`` (>= 8).
