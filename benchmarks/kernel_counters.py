@@ -146,7 +146,10 @@ def child(name: str, rows: int) -> None:
 def _rows(text: str) -> list[dict[str, str]]:
     """CSV rows of an ``ncu --csv`` page (lines before the header skipped)."""
     lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    start = next(
+        (i for i, ln in enumerate(lines) if ln.startswith(('"ID"', '"Address"'))),
+        None,
+    )
     if start is None:
         start = next((i for i, ln in enumerate(lines) if ln.startswith('"')), 0)
     return list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
@@ -184,10 +187,8 @@ def parse_sass(text: str) -> dict:
     rows = _rows(text)
     if not rows:
         return {"sass_error": "empty source page"}
-    cols = list(rows[0])
-    warp_col = next(
-        (c for c in cols if c.startswith("Warp Instructions Executed")), None
-    )
+    cols = [c for c in rows[0] if isinstance(c, str)]
+    warp_col = next((c for c in cols if c == "Instructions Executed"), None)
     thread_col = next(
         (c for c in cols if c.startswith("Thread Instructions Executed")), None
     )
@@ -201,7 +202,7 @@ def parse_sass(text: str) -> dict:
         if not words:
             continue
         op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
-        op = op.rstrip(";")
+        op = op.rstrip(";").split(".")[0]  # the opcode without its modifiers
         static += 1
         if warp_col:
             warp[op] += _number(r[warp_col]) or 0
@@ -250,7 +251,16 @@ def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> lis
         log(f"{name}: ncu failed (rc {proc.returncode}): {tail}")
         return [{**base, "error": f"ncu rc {proc.returncode}: {tail}"}]
     details = subprocess.run(
-        [ncu, "--import", str(report), "--page", "details", "--csv"],
+        [
+            ncu,
+            "--import",
+            str(report),
+            "--page",
+            "details",
+            "--print-details",
+            "all",  # the sections' bodies too: pipe utilization, stall reasons
+            "--csv",
+        ],
         capture_output=True,
         text=True,
     ).stdout
@@ -277,7 +287,11 @@ def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> lis
             text=True,
         )
         (raw / f"{stem.name}_sass_{kid}.csv").write_text(src.stdout + src.stderr)
-        rec = {**base, "id": kid, **k, **parse_sass(src.stdout)}
+        try:
+            sass = parse_sass(src.stdout)
+        except Exception as e:  # the raw CSV is kept: parse it again later
+            sass = {"sass_error": f"{type(e).__name__}: {e}"}
+        rec = {**base, "id": kid, **k, **sass}
         if rec.get("sass_thread_executed"):
             rec["thread_instructions_per_element"] = (
                 rec["sass_thread_executed"] / base["elements"]

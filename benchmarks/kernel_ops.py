@@ -180,8 +180,11 @@ def per_element(counts: collections.Counter, elements: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _capture_triton() -> Iterator[list[dict[str, Any]]]:
+def _capture_triton(keep_ttir: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Forces the Triton lowering and records each kernel it lowers.
+
+    Args:
+      keep_ttir: also keep each module's text under ``"ttir"`` (for `sass_counts`).
 
     Yields:
       A list that gets, per kernel, ``{"counts": ir_counts, "path_counts":
@@ -201,6 +204,7 @@ def _capture_triton() -> Iterator[list[dict[str, Any]]]:
         module = result.module.operation
         seen.append(
             {
+                "ttir": module.get_asm(enable_debug_info=False) if keep_ttir else None,
                 "counts": ir_counts(module),
                 "path_counts": ir_counts(module, first_branch=True),
                 "module_ops": module_size(module),
@@ -219,17 +223,121 @@ def _capture_triton() -> Iterator[list[dict[str, Any]]]:
         yield seen
 
 
-def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
+#: The SASS target of `sass_counts`: Hopper (H100/H200), 32 threads a warp.
+SASS_ARCH = 90
+
+
+def sass_counts(ttir: str, num_warps: int, elements: int) -> dict[str, Any]:
+    """Hopper SASS instructions per element of one lowered kernel, offline.
+
+    Compiles the module's TTIR with the ``triton`` package (``pip install
+    triton``; its ``ptxas`` and ``nvdisasm`` need no GPU) for ``sm_90``, FMA
+    contraction off as in JAX's own compile (the device's SASS had no FFMA:
+    `benchmarks.kernel_counters`), and counts the static instructions of the
+    disassembly. The kernels are straight-line code (no loop over elements),
+    so static counts track executed ones: on an H200 the polar2 fused kernel
+    executed 166 thread instructions per element where this counts ~185 for
+    the test shape (the leaf's shape changes the addressing code). Triton's
+    version is not jaxlib's, so this is a proxy, closer than the TTIR count.
+
+    Args:
+      ttir: the module's text (`_capture_triton` with ``keep_ttir``).
+      num_warps: the launch's warps (`kadam.default_num_warps`).
+      elements: elements one program handles.
+
+    Returns:
+      ``{"sass_per_element", "sass_alu_per_element", "sass_registers",
+      "sass_ops"}``: all instructions, those of the ALU pipe (compares,
+      selects, min/max, logic, shifts: half rate on Hopper, 16 lanes per
+      scheduler) per element, registers per thread, and per-opcode counts
+      per element.
+    """
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # Triton's parser wants plain symbol names; Pallas names kernels with "-"
+    text = re.sub(r'@"([^"]+)"', lambda m: "@" + re.sub(r"\W", "_", m.group(1)), ttir)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "kernel.ttir"
+        src.write_text(text)
+        kernel = triton.compile(
+            str(src),
+            target=GPUTarget("cuda", SASS_ARCH, 32),
+            options={"num_warps": num_warps, "enable_fp_fusion": False},
+        )
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        dis = subprocess.run(
+            [str(bin_dir / "nvdisasm"), "-c", str(cubin)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        res = subprocess.run(
+            [str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+            capture_output=True,
+            text=True,
+        ).stdout
+    ops: collections.Counter = collections.Counter()
+    for line in dis.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    per_thread = elements / (32 * num_warps)
+    regs = re.search(r"REG:(\d+)", res)
+    alu = sum(n for op, n in ops.items() if op in SASS_ALU)
+    return {
+        "sass_per_element": round(sum(ops.values()) / per_thread, 1),
+        "sass_alu_per_element": round(alu / per_thread, 1),
+        "sass_registers": int(regs.group(1)) if regs else None,
+        "sass_ops": {k: round(v / per_thread, 2) for k, v in ops.most_common()},
+    }
+
+
+#: SASS opcodes issued to Hopper's ALU pipe (half the FMA pipe's rate).
+SASS_ALU = frozenset(
+    {
+        "FSETP",
+        "FSEL",
+        "FMNMX",
+        "SEL",
+        "LOP3",
+        "SHF",
+        "ISETP",
+        "PRMT",
+        "VIMNMX",
+        "IMNMX",
+        "FCHK",
+        "P2R",
+        "R2P",
+        "PLOP3",
+        "SGXT",
+        "LEA",
+        "FLO",
+        "POPC",
+    }
+)
+
+
+def count_case(
+    name: str, path: str, shape: tuple[int, ...] = SHAPE, *, sass: bool = False
+) -> dict:
     """One record: the kernel of preset ``name`` on ``path``, per element.
 
     Args:
       name: a key of `CASES`.
       path: ``"chain"``, ``"fused"`` or ``"momentum"`` (`PATHS`).
       shape: the leaf's shape (its groups must fill whole blocks).
+      sass: also compile the module to Hopper SASS (`sass_counts`).
 
     Returns:
       ``{"case", "path", "codecs", "elements_per_program", "ops", <CATEGORIES>}``
-      with ``ops`` the per-element count of each TTIR operation.
+      with ``ops`` the per-element count of each TTIR operation (and
+      `sass_counts`' keys with ``sass``).
     """
     mu_codec, nu_codec = CASES[name]()
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -254,7 +362,7 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
             impl="pallas",
         )
 
-    with _capture_triton() as seen:
+    with _capture_triton(keep_ttir=sass) as seen:
         jax.jit(step).trace(spec, spec).lower(lowering_platforms=("cuda",))
     if len(seen) != 1:
         raise RuntimeError(
@@ -262,7 +370,12 @@ def count_case(name: str, path: str, shape: tuple[int, ...] = SHAPE) -> dict:
         )
     counts, programs = seen[0]["counts"], seen[0]["programs"]
     elements = math.prod(shape) // programs
+    extra = {}
+    if sass:
+        warps = kadam.default_num_warps(elements)
+        extra = sass_counts(seen[0]["ttir"], warps, elements)
     return {
+        **extra,
         "case": name,
         "path": path,
         "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
@@ -366,9 +479,14 @@ def _group_table(records: list[dict]) -> str:
 
 
 def _table(records: list[dict]) -> str:
-    head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>9}" for c in CATEGORIES)
+    sass = ("sass_per_element", "sass_alu_per_element", "sass_registers")
+    cols = [*CATEGORIES, *(c for c in sass if c in records[0])]
+    names = [
+        c.replace("_per_element", "").replace("sass_registers", "regs") for c in cols
+    ]
+    head = f"{'case':<10}{'path':<9}" + "".join(f"{c:>9}" for c in names)
     rows = [
-        f"{r['case']:<10}{r['path']:<7}" + "".join(f"{r[c]:>9.1f}" for c in CATEGORIES)
+        f"{r['case']:<10}{r['path']:<9}" + "".join(f"{r[c]:>9.1f}" for c in cols)
         for r in records
     ]
     return "\n".join([head, *rows])
@@ -402,12 +520,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{GROUP_SHAPE} and of GPT-2 small's 50 quantized leaves, per case, "
         "fused (0: skip)",
     )
+    ap.add_argument(
+        "--sass",
+        action="store_true",
+        help="also compile each kernel to Hopper SASS and count its instructions "
+        "(needs the triton package: pip install triton)",
+    )
     args = ap.parse_args(argv)
     for name in args.cases.split(","):
         if name not in CASES:
             ap.error(f"--cases: {name!r} is not one of {tuple(CASES)}")
     records = [
-        count_case(name, path)
+        count_case(name, path, sass=args.sass)
         for name in args.cases.split(",")
         for path in args.paths.split(",")
     ]

@@ -26,3 +26,16 @@ def test_step_speed_ttir_column_is_the_kernel_ops_count():
     assert got[("polar2", "fused")] == kernel_ops.count_case("polar2", "fused")["total"]
     # the fused kernel also applies AdamW: more work per element than the chain's
     assert got[("polar2", "fused")] > got[("polar2", "chain")] > 50
+
+
+def test_sass_counts_compile_the_kernel_offline():
+    pytest.importorskip("triton")  # optional: `pip install triton` to count SASS
+    from benchmarks import kernel_ops
+
+    rec = kernel_ops.count_case("4bit", "chain", sass=True)
+    ops = rec["sass_ops"]
+    # a real Hopper kernel: global loads and stores, and no FMA (contraction off)
+    assert ops["LDG"] > 0 and ops["STG"] > 0 and "FFMA" not in ops
+    assert rec["sass_per_element"] == pytest.approx(sum(ops.values()), rel=0.02)
+    assert 0 < rec["sass_alu_per_element"] < rec["sass_per_element"]
+    assert rec["sass_registers"] > 0
