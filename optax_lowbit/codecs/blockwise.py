@@ -460,14 +460,15 @@ def _round_stochastic(
     ``hi`` with probability ``(x - lo) / (hi - lo)``, so the decoded value's
     mean is ``x`` wherever ``x`` lies inside the map; below the smallest entry
     (a zero-free map) the smallest entry, above the largest the largest.
+    ``hi == lo`` only at the top entry of a strictly increasing map (every
+    shipped map is), where ``above == below``: no guard needed (v21).
     """
     below = _count(table, x, bits, lut)  # entry <= x, or 0
     n = 1 << bits
     above = jnp.minimum(below + 1, n - 1)
     lo = base.take(qmap, below, in_range=True)
     hi = base.take(qmap, above, in_range=True)
-    gap = jnp.where(hi > lo, hi - lo, 1.0)
-    up = (uniform * gap < x - lo) & (hi > lo)
+    up = uniform * (hi - lo) < x - lo
     return jnp.where(up, above, below)
 
 

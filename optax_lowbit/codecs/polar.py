@@ -452,23 +452,31 @@ def _round_radius(
     ``n_ring`` are uniform [0, 1) numbers; signed, ``-ρ_1`` (the opposite
     sector) is below ``ρ_1``. Returns ``(ring, sector)``.
     """
+    # Decided by one float compare per ring (``at[k]``: s >= ρ_k, monotone in
+    # k as the rings increase) and selects of ring values, no integer index
+    # arithmetic: the kernels are bound by the ALU pipe (NOTES_kernels.md,
+    # v21). With ``b`` the number of rings <= s: ``lo`` is ρ_{b-1} (below
+    # ρ_1: -ρ_1 signed, ρ_1 unsigned), ``hi`` is ρ_b (capped at the top ring).
+    # Above the top ring (s >= ρ_R, also s > 1) the top ring, whatever the
+    # noise; unsigned below ρ_1 the smallest ring (never 0).
     rings = ring_values(rings)
-    n_rings = len(rings)
-    s = jnp.minimum(s, 1.0)
-    below = jnp.zeros(s.shape, jnp.int32)  # rings <= s
-    for k in range(n_rings):
-        below = below + (s >= rings[k]).astype(jnp.int32)
-    lo = _select(jnp.maximum(below - 1, 0), rings)
+    at = [s >= r for r in rings]
+    lo = jnp.zeros(s.shape, jnp.float32) + (-rings[0] if signed else rings[0])
+    hi = jnp.zeros(s.shape, jnp.float32) + rings[0]
+    for k, r in enumerate(rings):
+        lo = jnp.where(at[k], r, lo)
+        if k + 1 < len(rings):
+            hi = jnp.where(at[k], rings[k + 1], hi)
+    up = (n_ring * (hi - lo) < (s - lo)) | at[-1]
+    if not signed:
+        up = up | ~at[0]
+    # the ring of lo (b - 1, or 0) plus one where hi is taken and is a ring above
+    ring = sum(a.astype(jnp.int32) for a in at[1:]) + (up & at[0] & ~at[-1]).astype(
+        jnp.int32
+    )
     if signed:
-        lo = jnp.where(below == 0, -rings[0], lo)
-    hi = _select(jnp.minimum(below, n_rings - 1), rings)
-    up = n_ring * (hi - lo) < (s - lo)
-    up = up | (below >= n_rings) | (hi <= lo)
-    ring = jnp.where(up, jnp.minimum(below, n_rings - 1), jnp.maximum(below - 1, 0))
-    if signed:
-        flip = (~up) & (below == 0)  # -ρ_1: the opposite sector
-        half_turn = jnp.where(flip, SIGNED_SECTORS // 2, 0)
-        sector = (sector + half_turn) & (SIGNED_SECTORS - 1)  # >= 0: mod 8
+        flip = ~(up | at[0])  # -ρ_1: the opposite sector
+        sector = sector ^ jnp.where(flip, SIGNED_SECTORS // 2, 0)  # + 4 mod 8
     return ring, sector
 
 
