@@ -37,6 +37,8 @@ from unittest import mock
 
 import jax.numpy as jnp
 
+from benchmarks import _markdown
+
 base = importlib.import_module("optax_lowbit.codecs.base")
 blockwise = importlib.import_module("optax_lowbit.codecs.blockwise")
 polar = importlib.import_module("optax_lowbit.codecs.polar")
@@ -152,25 +154,20 @@ def measure(optimizer: str, variant: str, sass: bool, time: bool, case: str, n: 
     return rec
 
 
+COLUMNS: list[_markdown.Column] = [
+    ("optimizer", "optimizer", ""),
+    ("variant", "variant", ""),
+    ("TTIR", "ttir", ".1f"),
+    ("SASS", "sass", ".1f"),
+    ("SASS ALU", "sass_alu", ".1f"),
+    ("ms", "fused_ms", ".3f"),
+    ("min ms", "fused_min_ms", ".3f"),
+    ("ratio (min)", "ratio_min", ".2f"),
+]
+
+
 def table(records: list[dict]) -> str:
-    lines = [
-        "| optimizer | variant | TTIR | SASS | SASS ALU | ms | min ms | ratio (min) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        if "error" in r:
-            lines.append(f"| {r['optimizer']} | {r['variant']} | error | | | | | |")
-            continue
-
-        def f(key, spec=".1f", r=r):
-            return format(r[key], spec) if key in r else "-"
-
-        lines.append(
-            f"| {r['optimizer']} | {r['variant']} | {f('ttir')} | {f('sass')} "
-            f"| {f('sass_alu')} | {f('fused_ms', '.3f')} | {f('fused_min_ms', '.3f')} "
-            f"| {f('ratio_min', '.2f')} |"
-        )
-    return "\n".join(lines)
+    return _markdown.table(records, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

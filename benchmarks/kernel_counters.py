@@ -44,6 +44,8 @@ import sys
 import tarfile
 import tempfile
 
+from benchmarks import _markdown
+
 OPTIMIZERS = "polar2,polar1.5,4bit,8bit,optax.adamw"
 COLS = 16384
 #: ncu sections read (``ncu --list-sections`` names them).
@@ -304,31 +306,22 @@ def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> lis
     return records
 
 
+COLUMNS: list[_markdown.Column] = [
+    ("optimizer", "optimizer", ""),
+    ("kernel", lambda r: r.get("kernel") and str(r["kernel"])[:40], ""),
+    ("us", "duration", ".1f"),
+    ("DRAM %", "dram_pct", ".1f"),
+    ("SM %", "sm_pct", ".1f"),
+    ("issue busy %", "issue_slots_busy", ".1f"),
+    ("regs", "registers_per_thread", ".0f"),
+    ("occ %", "achieved_occupancy", ".1f"),
+    ("cyc/instr", "cycles_per_issued_instruction", ".2f"),
+    ("thread instr/elem", "thread_instructions_per_element", ".1f"),
+]
+
+
 def table(records: list[dict]) -> str:
-    head = (
-        "| optimizer | kernel | us | DRAM % | SM % | issue busy % | regs | occ % "
-        "| cyc/instr | thread instr/elem |"
-    )
-    lines = [head, "|" + "---|" * 10]
-
-    def f(x, spec=".1f"):
-        return format(x, spec) if isinstance(x, float) else str(x)
-
-    for r in records:
-        if "error" in r:
-            lines.append(f"| {r.get('optimizer')} | error | | | | | | | | |")
-            continue
-        regs = f(r.get("registers_per_thread"), ".0f")
-        lines.append(
-            f"| {r['optimizer']} | {str(r.get('kernel'))[:40]} "
-            f"| {f(r.get('duration'))} "
-            f"| {f(r.get('dram_pct'))} | {f(r.get('sm_pct'))} "
-            f"| {f(r.get('issue_slots_busy'))} | {regs} "
-            f"| {f(r.get('achieved_occupancy'))} "
-            f"| {f(r.get('cycles_per_issued_instruction'), '.2f')} "
-            f"| {f(r.get('thread_instructions_per_element'))} |"
-        )
-    return "\n".join(lines)
+    return _markdown.table(records, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

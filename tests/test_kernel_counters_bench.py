@@ -91,3 +91,20 @@ def test_committed_h200_counts_are_consistent():
 def test_main_rejects_a_bad_row_count():
     with pytest.raises(SystemExit):
         kc.main(["--rows", "0"])
+
+
+def test_table_formats_numbers_and_marks_missing_values():
+    rows = [
+        {
+            "optimizer": "polar2",
+            "kernel": "adam_polar",
+            "duration": 457.18,
+            "registers_per_thread": 64.0,
+            "thread_instructions_per_element": 166.06,
+        },
+        {"optimizer": "4bit", "error": "ncu rc 1"},
+    ]
+    lines = kc.table(rows).splitlines()
+    assert lines[2].startswith("| polar2 | adam_polar | 457.2 | - |")
+    assert "| 64 |" in lines[2] and lines[2].endswith("| 166.1 |")
+    assert lines[3].startswith("| 4bit | error | - |")  # the error, then dashes
