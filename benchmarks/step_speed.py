@@ -32,7 +32,11 @@ records one JSON record per row:
   ``ptx_error``: on an H200 with JAX 0.11.2, XLA dumps the HLO, MLIR and thunk
   files but no PTX (nor LLVM IR with ``--xla_gpu_dump_llvmir``).
   ``ttir_ops_per_element``: the row's kernel's Triton IR operations per element
-  (`ttir_counts`, `benchmarks.kernel_ops`), the proxy where there is no PTX.
+  (`kernel_counts`, `benchmarks.kernel_ops`), the proxy where there is no PTX;
+  ``sass_per_element`` / ``sass_alu_per_element``: the same kernel compiled to
+  Hopper SASS offline where the ``triton`` package is importable (its
+  ``ptxas``; `benchmarks.kernel_ops.sass_counts`), ``null`` elsewhere.
+  Executed counts on the device: `benchmarks.kernel_counters`.
 * ``pipelined_ms``: ms per step of `N_TIMED` steps back to back, blocked on
   once (`time_pipelined`: how a training loop runs them; on trees of many
   leaves the blocked ``ms`` also holds the host's dispatch of every buffer);
@@ -926,26 +930,48 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec) if x is not None else "-".rjust(int(width or 0))
 
 
-def ttir_counts(optimizers, log=print) -> dict[tuple[str, str], float]:
-    """TTIR operations per element of each preset's chain and fused kernel.
+def kernel_counts(optimizers, log=print, sass: bool | None = None) -> dict:
+    """Per-element counts of each preset's chain and fused kernel, offline.
 
     `benchmarks.kernel_ops.count_case`: the kernel Pallas hands to Triton,
-    counted on any machine (the proxy for instructions per element while the
-    device's XLA dumps no PTX). Keys ``(optimizer, path)``; ``optimizers``
+    counted on any machine: ``"ttir"`` (TTIR operations) always and, where the
+    ``triton`` package is importable (``sass=None``) or asked for, ``"sass"``
+    and ``"sass_alu"`` (Hopper SASS instructions and those of the ALU pipe,
+    `kernel_ops.sass_counts`). Keys ``(optimizer, path)``; ``optimizers``
     empty: every preset `kernel_ops` knows.
     """
+    import importlib.util
+
     from benchmarks import kernel_ops
 
+    if sass is None:
+        sass = importlib.util.find_spec("triton") is not None
     out = {}
     for name in optimizers or kernel_ops.CASES:  # none named: every preset
         if name not in kernel_ops.CASES:
             continue
         for path in ("chain", "fused"):
             try:
-                out[(name, path)] = kernel_ops.count_case(name, path)["total"]
+                rec = kernel_ops.count_case(name, path)
+                out[(name, path)] = {"ttir": rec["total"]}
             except Exception as e:  # a JAX upgrade may move the private lowering
                 log(f"ttir {name}/{path}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if not sass:
+                continue
+            try:  # a Triton that cannot read this jaxlib's TTIR: TTIR only
+                rec = kernel_ops.count_case(name, path, sass=True)
+                out[(name, path)].update(
+                    sass=rec["sass_per_element"], sass_alu=rec["sass_alu_per_element"]
+                )
+            except Exception as e:
+                log(f"sass {name}/{path}: {type(e).__name__}: {str(e)[:200]}")
     return out
+
+
+def ttir_counts(optimizers, log=print) -> dict[tuple[str, str], float]:
+    """TTIR operations per element of each preset's kernels (`kernel_counts`)."""
+    return {k: v["ttir"] for k, v in kernel_counts(optimizers, log, sass=False).items()}
 
 
 def table(records: list[dict]) -> str:
@@ -1233,11 +1259,16 @@ def main(argv: list[str] | None = None) -> dict:
         "handles; see ptx_error on a row for a kernel that was not found"
     )
     phase("ptx")
-    ttir = {} if args.tiny or args.no_ttir else ttir_counts(optimizers, log)
+    counts = {} if args.tiny or args.no_ttir else kernel_counts(optimizers, log)
     meta["ttir_note"] = (
         "ttir_ops_per_element: TTIR operations per element of the row's kernel "
         "(python -m benchmarks.kernel_ops: canonicalized Triton IR, each op weighted "
-        "by its elements), a proxy for instructions per element"
+        "by its elements), a proxy for instructions per element; "
+        "sass_per_element / sass_alu_per_element: the same kernel compiled offline "
+        "to Hopper SASS by the triton package's ptxas (kernel_ops --sass; null "
+        "where triton is not importable or cannot read the TTIR), static "
+        "instructions and those of the ALU pipe per element; executed counts on "
+        "the device: python -m benchmarks.kernel_counters"
     )
     phase("ttir")
     save()
@@ -1283,7 +1314,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if row.path in ("chain", "fused"):
                     rec.update(ptx_instructions=None, ptx_instructions_per_element=None)
                     rec.update(ptx_by_row.get((row.optimizer, row.path), {}))
-                    rec["ttir_ops_per_element"] = ttir.get((row.optimizer, row.path))
+                    got = counts.get((row.optimizer, row.path), {})
+                    rec["ttir_ops_per_element"] = got.get("ttir")
+                    rec["sass_per_element"] = got.get("sass")
+                    rec["sass_alu_per_element"] = got.get("sass_alu")
                 result["records"].append(rec)
                 log(json.dumps(rec))
                 save()

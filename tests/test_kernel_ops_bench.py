@@ -39,3 +39,16 @@ def test_sass_counts_compile_the_kernel_offline():
     assert rec["sass_per_element"] == pytest.approx(sum(ops.values()), rel=0.02)
     assert 0 < rec["sass_alu_per_element"] < rec["sass_per_element"]
     assert rec["sass_registers"] > 0
+
+
+def test_step_speed_records_offline_sass_where_triton_is_installed():
+    pytest.importorskip("triton")
+    from benchmarks import step_speed
+
+    got = step_speed.kernel_counts(["8bit"], log=lambda *_: None)
+    assert set(got) == {("8bit", "chain"), ("8bit", "fused")}
+    for counts in got.values():
+        assert counts["sass"] > counts["sass_alu"] > 0 and counts["ttir"] > 0
+    # without triton (or told not to) only the TTIR count
+    bare = step_speed.kernel_counts(["8bit"], log=lambda *_: None, sass=False)
+    assert bare[("8bit", "fused")] == {"ttir": got[("8bit", "fused")]["ttir"]}
