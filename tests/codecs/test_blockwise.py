@@ -516,3 +516,46 @@ def test_kernel_tables_carry_the_bucket_lut_at_8_bits_only():
         assert len(tables) == (3 if codec.bits == 8 else 2)
         if codec.bits == 8:
             assert tables[2].dtype == np.uint8
+
+
+def test_every_map_is_strictly_increasing():
+    # the stochastic rounding's bracket needs no hi > lo guard only because of it
+    maps = [
+        blockwise.dynamic_map(signed, bits=bits)
+        for signed in (True, False)
+        for bits in (4, 8)
+    ]
+    maps += [blockwise.linear_map(bits=4), blockwise.log_map(bits=4)]
+    maps += [blockwise.log_map(bits=8, ratio=blockwise.LOG_RATIO_8)]
+    for qmap in maps:
+        assert np.all(np.diff(np.asarray(qmap, np.float64)) > 0)
+
+
+@pytest.mark.parametrize("bits, kind", [(4, "log"), (8, "dynamic"), (4, "linear")])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_stochastic_bracket_equals_the_guarded_rule(bits, kind, seed):
+    # v21 dropped the hi > lo guard and the gap select: the codes must not move
+    qmap = {
+        "log": lambda: blockwise.log_map(bits=bits),
+        "dynamic": lambda: blockwise.dynamic_map(False, bits=bits),
+        "linear": lambda: blockwise.linear_map(bits=bits),
+    }[kind]()
+    q = np.asarray(qmap, np.float32)
+    table = np.asarray(blockwise.stochastic_table(q))
+    rng = np.random.default_rng(seed)
+    x = np.concatenate(
+        [rng.uniform(0.0, 1.0, 2048), q, np.nextafter(q, np.float32(2)), [1.0, 0.0]]
+    ).astype(np.float32)
+    u = (rng.integers(0, 65536, x.size) / 65536.0).astype(np.float32)
+    u[::5] = 0.0
+    below = np.searchsorted(table, x, side="right")  # entries <= x
+    above = np.minimum(below + 1, len(q) - 1)
+    lo, hi = q[below], q[above]
+    gap = np.where(hi > lo, hi - lo, np.float32(1.0))
+    want = np.where((u * gap < x - lo) & (hi > lo), above, below)
+    got = jax.jit(
+        lambda x, u: blockwise._round_stochastic(
+            jnp.asarray(q), jnp.asarray(table), x, u, bits, None
+        )
+    )(x, u)
+    np.testing.assert_array_equal(np.asarray(got), want)

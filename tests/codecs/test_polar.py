@@ -516,3 +516,59 @@ def test_stochastic_ema_tracks_a_constant_signal_nearest_stalls(bits):
     assert gain(_sr(bits, True)) > 0.45
     assert gain(_sr(bits, True, rings=(0.3, 1.0) if bits == 2 else (1.0,))) > 0.95
     assert gain(polar(bits, True)) < 0.2
+
+
+def _round_radius_reference(s, sector, n_ring, rings, signed):
+    """The rule as first written (v3-v20): the ring count below ``s`` indexes
+    the bracket; NumPy, element by element semantics of the float32 compares."""
+    rings = np.asarray(rings, np.float32)
+    r = len(rings)
+    s = np.minimum(s, np.float32(1.0))
+    below = sum((s >= ring).astype(np.int32) for ring in rings)
+    lo = rings[np.maximum(below - 1, 0)]
+    if signed:
+        lo = np.where(below == 0, -rings[0], lo)
+    hi = rings[np.minimum(below, r - 1)]
+    up = (n_ring * (hi - lo) < (s - lo)) | (below >= r) | (hi <= lo)
+    ring = np.where(up, np.minimum(below, r - 1), np.maximum(below - 1, 0))
+    if signed:
+        sector = (sector + np.where(~up & (below == 0), 4, 0)) & 7
+    return ring, sector
+
+
+@pytest.mark.parametrize(
+    "rings, signed",
+    [
+        (polar_lib.SIGNED_RINGS_STOCHASTIC[2], True),
+        (polar_lib.SIGNED_RINGS_STOCHASTIC[1.5], True),
+        (polar_lib.SIGNED_RINGS[2], True),
+        (polar_lib.UNSIGNED_RINGS[2], False),
+        (polar_lib.UNSIGNED_RINGS[1.5], False),
+    ],
+)
+@given(seed=SEEDS)
+def test_stochastic_ring_rounding_equals_the_integer_rule(rings, signed, seed):
+    # v21 decides by one float compare per ring; the codes must not move
+    rng = np.random.default_rng(seed)
+    r32 = np.asarray(rings, np.float32)
+    n = 4096
+    s = np.concatenate(
+        [
+            rng.uniform(0.0, 1.2, n),  # s > 1 too: the top ring
+            r32,  # ties with every ring, and their float32 neighbours
+            np.nextafter(r32, np.float32(0)),
+            np.nextafter(r32, np.float32(2)),
+        ]
+    ).astype(np.float32)
+    n_ring = (rng.integers(0, 65536, s.size) / 65536.0).astype(np.float32)
+    n_ring[:64] = 0.0
+    n_ring[n::2] = 0.0  # ties with no noise: the strictness of the compare
+    sector = rng.integers(0, 8 if signed else 2, s.size).astype(np.int32)
+    want = _round_radius_reference(s, sector, n_ring, r32, signed)
+    got = jax.jit(
+        lambda s, sec, u: polar_lib._round_radius(
+            s, sec, u, jnp.asarray(r32), signed=signed
+        )
+    )(s, sector, n_ring)
+    np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])
