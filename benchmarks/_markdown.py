@@ -20,12 +20,12 @@ def table(records: Sequence[dict], columns: Sequence[Column]) -> str:
         "|" + "---|" * len(columns),
     ]
     for r in records:
-        cells, flagged = [], "error" not in r
+        cells, error_to_show = [], "error" in r
         for _, key, spec in columns:
             value = key(r) if callable(key) else r.get(key)
             if value is None:
-                cells.append("-" if flagged else "error")
-                flagged = True
+                cells.append("error" if error_to_show else "-")
+                error_to_show = False
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 cells.append(format(value, spec))
             else:

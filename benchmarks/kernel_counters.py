@@ -127,12 +127,9 @@ def child(name: str, rows: int) -> None:
     shapes = {"w": (rows, COLS)}
     params = step_speed.make_tree(shapes, jax.random.key(0))
     grads = step_speed.make_tree(shapes, jax.random.key(1))
-    if name.startswith("optax."):
-        rows_ = step_speed.rows_for("leaf", optimizers=("none",), paths=("xla",))
-        row = next(r for r in rows_ if r.optimizer == name)
-    else:
-        rows_ = step_speed.rows_for("leaf", optimizers=(name,), paths=("fused",))
-        row = next(r for r in rows_ if r.optimizer == name and r.path == "fused")
+    path = "xla" if name.startswith("optax.") else "fused"
+    rows = step_speed.rows_for("leaf", optimizers=(name,), paths=(path,))
+    row = next(r for r in rows if r.optimizer == name and r.path == path)
     c = step_speed.compile_row(row, params, grads)
     s, p = c.state, c.params
     for _ in range(2):
