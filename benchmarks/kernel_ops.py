@@ -14,7 +14,9 @@ works on a CPU-only jaxlib), catches the Triton module (TTIR) that Pallas
 builds before serialising it, runs MLIR's ``canonicalize`` and ``cse`` on it
 (what Triton itself runs first, `ir_counts`), and counts every operation
 weighted by the elements of its result tensor (a ``16x64`` add counts 1024,
-a scalar 1), divided by the elements one program handles. So the numbers are
+a scalar 1), divided by the elements of one block (since v22 a program
+loops over blocks; the loop body, counted once, is one block's work, and
+the few scalar operations around the loop count once too). So the numbers are
 *TTIR operations per element*, a proxy for instructions: Triton's later
 passes and ptxas change them (a ``divf`` or ``sqrt`` becomes several SASS
 instructions, loads may vectorise, constants become immediates), but a cut
@@ -59,7 +61,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from optax_lowbit.kernels import _backend, launch, rules
+from optax_lowbit.kernels import _backend, rules
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
 
@@ -234,16 +236,17 @@ def sass_counts(ttir: str, num_warps: int, elements: int) -> dict[str, Any]:
     triton``; its ``ptxas`` and ``nvdisasm`` need no GPU) for ``sm_90``, FMA
     contraction off as in JAX's own compile (the device's SASS had no FFMA:
     `benchmarks.kernel_counters`), and counts the static instructions of the
-    disassembly. The kernels are straight-line code (no loop over elements),
-    so static counts track executed ones: on an H200 the polar2 fused kernel
-    executed 166 thread instructions per element where this counts ~185 for
-    the test shape (the leaf's shape changes the addressing code). Triton's
+    disassembly. A kernel is one loop over blocks (v22; before, straight-line
+    code for one block) whose body is straight-line code for one block, so
+    static counts track executed ones per block: on an H200 the v20b polar2
+    fused kernel executed 166 thread instructions per element where this
+    counted ~185 (the leaf's shape changed the addressing code). Triton's
     version is not jaxlib's, so this is a proxy, closer than the TTIR count.
 
     Args:
       ttir: the module's text (`_capture_triton` with ``keep_ttir``).
       num_warps: the launch's warps (`kadam.default_num_warps`).
-      elements: elements one program handles.
+      elements: elements of one block.
 
     Returns:
       ``{"sass_per_element", "sass_alu_per_element", "sass_registers",
@@ -335,7 +338,7 @@ def count_case(
       sass: also compile the module to Hopper SASS (`sass_counts`).
 
     Returns:
-      ``{"case", "path", "codecs", "elements_per_program", "ops", <CATEGORIES>}``
+      ``{"case", "path", "codecs", "elements_per_block", "ops", <CATEGORIES>}``
       with ``ops`` the per-element count of each TTIR operation (and
       `sass_counts`' keys with ``sass``).
     """
@@ -368,8 +371,9 @@ def count_case(
         raise RuntimeError(
             f"{name}/{path}: expected one Triton kernel, got {len(seen)}."
         )
-    counts, programs = seen[0]["counts"], seen[0]["programs"]
-    elements = math.prod(shape) // programs
+    counts = seen[0]["counts"]
+    gsize = max(c.group_size for c in (mu_codec, nu_codec))
+    elements = kadam.default_block_groups(gsize) * gsize
     extra = {}
     if sass:
         warps = kadam.default_num_warps(elements)
@@ -379,7 +383,7 @@ def count_case(
         "case": name,
         "path": path,
         "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
-        "elements_per_program": elements,
+        "elements_per_block": elements,
         **per_element(counts, elements),
         "ops": {
             k: round(v / elements, 3) for k, v in counts.most_common() if k not in FREE
@@ -450,10 +454,9 @@ def group_case(
     with _capture_triton() as seen:
         jax.jit(step).trace(specs, specs).lower(lowering_platforms=("cuda",))
     lower_s = time.perf_counter() - start - sum(x["spy_s"] for x in seen)
-    first = seen[0]  # the first leaf's kernel: a program runs one block
+    first = seen[0]  # the first launch's kernel: one loop trip runs one block
     gsize = mu_codec.group_size
-    rows = launch.leaf_statics(shapes[0], gsize)["n_rows"]
-    elements = launch.pick_block(rows, kadam.default_block_groups(gsize)) * gsize
+    elements = kadam.default_block_groups(gsize) * gsize
     return {
         "case": name,
         "path": path,

@@ -805,7 +805,7 @@ def ptx_child(dump: str, impl: str, optimizers=()) -> None:
                 block_groups=bg,
                 num_warps=nw,
                 group_size=gsize,
-                elements_per_program=bg * gsize,
+                elements_per_block=bg * gsize,
                 elements_per_thread=bg * gsize / (32 * nw),
             )
             step = train_step(row.kind, row.opt)

@@ -13,9 +13,9 @@ def test_count_case_categories_add_up():
     rec = kernel_ops.count_case("8bit", "fused")
     parts = rec["compute"] + rec["memory"] + rec["layout"]
     assert rec["total"] == pytest.approx(parts, abs=0.05)
-    assert rec["elements_per_program"] > 0 and rec["ops"]["tt.store"] > 0
+    assert rec["elements_per_block"] > 0 and rec["ops"]["tt.store"] > 0
     # the 8-bit block is capped at MAX_BLOCK_ELEMENTS (kadam.default_block_groups)
-    assert rec["elements_per_program"] <= 2048
+    assert rec["elements_per_block"] <= 2048
 
 
 def test_step_speed_ttir_column_is_the_kernel_ops_count():

@@ -63,6 +63,7 @@ from optax_lowbit.kernels.rules import (
 __all__ = [
     "DEFAULT_BLOCK_GROUPS",
     "DEFAULT_NUM_WARPS",
+    "DEFAULT_PROGRAMS",
     "GROUPED_LEAVES_PER_LAUNCH",
     "HP_FIELDS",
     "IMPLS",
@@ -94,6 +95,12 @@ DEFAULT_BLOCK_GROUPS = 16
 #: Triton warps per block for every launch when set; ``None`` (the default):
 #: `default_num_warps` of the block's size.
 DEFAULT_NUM_WARPS: int | None = None
+#: Programs of every launch (`launch.LaunchConfig.programs`): ``None`` (the
+#: default) one per block; ``0`` a persistent launch of
+#: `launch.default_programs`; ``n > 0`` a persistent launch of ``n``.
+#: Persistent launches compile one kernel per codec pair instead of one per
+#: leaf shape (benchmarks/NOTES_kernels.md, v22; not yet timed on a GPU).
+DEFAULT_PROGRAMS: int | None = None
 #: Elements of a default block each thread handles (`default_num_warps`). On
 #: the H200 (256M leaf, fused step, 2026-12-04) each preset was fastest at 8:
 #: 8-bit and 4-bit (2048-element blocks) with 8 warps (2.24 and 1.87 ms
@@ -211,7 +218,8 @@ def launch_config(
       lowering: force a GPU lowering (see `_backend.pick`).
 
     Returns:
-      A `launch.LaunchConfig` (static: the jitted launches' cache key).
+      A `launch.LaunchConfig` (static: the jitted launches' cache key), with
+      `DEFAULT_PROGRAMS` (read now) as its programs.
     """
     group_size = max(c.group_size for c in codecs)
     block_groups = block_groups or default_block_groups(group_size)
@@ -222,6 +230,7 @@ def launch_config(
         num_warps=num_warps
         or default_num_warps(launch.block_elements(block_groups, codecs)),
         lowering=lowering,
+        programs=DEFAULT_PROGRAMS,
     )
 
 

@@ -8,9 +8,9 @@ update rule (Adam, momentum):
 * `tables`: the codec's constant tables (``codec.kernel_tables()``), padded
   to power-of-two lengths for the kernel's whole-array inputs;
 * `Codes`, `Scales`, `Values`: how a block reads and writes one moment's code
-  planes, its scales, and a leaf's values (gradient, parameters, update),
-  blocked rows where the sizes are powers of two, gathered offsets of a flat
-  buffer otherwise;
+  planes, its scales, and a leaf's values (gradient, parameters, update):
+  gathered offsets of flat buffers, so nothing in a kernel depends on the
+  leaf's shape (`optax_lowbit.kernels.launch`);
 * `load` / `store`: a block's masked loads and stores.
 
 The group math itself (decode, encode, the codebooks) is not here: the kernel
@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from optax_lowbit.codecs import base
@@ -160,68 +159,53 @@ def tables(codec: base.Codec) -> list[jax.Array]:
     return out
 
 
-def load(ref: Any, valid: jax.Array | None, idx: Any = None) -> jax.Array:
-    """``ref``'s block (or ``ref[idx]``); rows past the end (``~valid``) read 0.
+def load(ref: Any, valid: jax.Array, idx: jax.Array) -> jax.Array:
+    """``ref[idx]``, a block's gathered offsets; rows past the end read 0.
 
     Args:
-      ref: a kernel ref.
-      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
-      idx: gathered offsets into a flat ``ref``; ``None`` for the whole block.
+      ref: a kernel ref of a flat buffer.
+      valid: bool ``(block,)`` rows inside the leaf.
+      idx: int32 ``(block, n)`` offsets into ``ref``.
 
     Returns:
       The loaded values.
     """
-    at = ... if idx is None else idx
-    if valid is None:
-        return ref[at]
-    return plgpu.load(ref.at[at], mask=valid[:, None], other=0)
+    return plgpu.load(ref.at[idx], mask=valid[:, None], other=0)
 
 
-def store(ref: Any, value: jax.Array, valid: jax.Array | None, idx: Any = None):
-    """Stores ``value`` in ``ref``'s block (or at ``idx``), skipping ``~valid`` rows.
+def store(ref: Any, value: jax.Array, valid: jax.Array, idx: jax.Array) -> None:
+    """Stores ``value`` at ``idx`` of ``ref``, skipping rows past the end.
 
     Args:
-      ref: a kernel ref.
-      value: the values to store.
-      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
-      idx: scattered offsets into a flat ``ref``; ``None`` for the whole block.
+      ref: a kernel ref of a flat buffer.
+      value: ``(block, n)`` values.
+      valid: bool ``(block,)`` rows inside the leaf.
+      idx: int32 ``(block, n)`` offsets into ``ref``.
     """
-    at = ... if idx is None else idx
-    if valid is None:
-        ref[at] = value
-    else:
-        plgpu.store(ref.at[at], value, mask=valid[:, None])
+    plgpu.store(ref.at[idx], value, mask=valid[:, None])
 
 
 class Codes:
     """How the kernel reads and writes one moment's codes.
 
-    A group whose codes are one power-of-two plane is a row of a blocked
-    ``(rows, bytes)`` array. Otherwise (1.5 bits: 12 bytes; 8 bits: two
-    half-planes, `blockwise.kernel_planes`) the codes stay one
-    flat buffer and each plane is gathered and scattered at computed offsets
-    ``row * bytes + offset + j`` (every block shape a power of two).
+    A leaf's codes are one flat buffer; each code plane of a block is
+    gathered and scattered at computed offsets ``row * bytes + offset + j``
+    (every block shape a power of two). The offsets of a row-contiguous
+    plane are contiguous, so Triton vectorises their loads as it would a
+    blocked row.
 
     Attributes:
       planes: bytes of each code plane of a group.
       nbytes: bytes of a group's codes.
-      blocked: whether the codes are blocked rows (one plane).
     """
 
     def __init__(self, codec: base.Codec):
         self.planes = planes(codec)
         self.nbytes = sum(self.planes)
-        self.blocked = len(self.planes) == 1
 
     def operand(self, codes: jax.Array) -> jax.Array:
-        """The ``pallas_call`` operand of a leaf's codes."""
-        return codes.reshape((-1, self.nbytes) if self.blocked else (-1,))
-
-    def spec(self, block: int) -> pl.BlockSpec:
-        """The block spec of unbatched blocked codes, or the whole flat buffer."""
-        if self.blocked:
-            return pl.BlockSpec((block, self.nbytes), lambda i: (i, 0))
-        return pl.BlockSpec()  # the whole flat buffer; rows are offsets
+        """The ``pallas_call`` operand of a leaf's codes: flat."""
+        return codes.reshape(-1)
 
     def _offsets(self, row):
         out, start = [], 0
@@ -231,17 +215,12 @@ class Codes:
             start += n
         return out
 
-    def load(self, ref, row, valid=None) -> list[jax.Array]:
+    def load(self, ref, row, valid) -> list[jax.Array]:
         """The block's code planes, one ``(block, bytes)`` uint8 array each."""
-        if self.blocked:
-            return [load(ref, valid)]
         return [load(ref, valid, idx) for idx in self._offsets(row)]
 
-    def store(self, ref, row, planes: list[jax.Array], valid=None) -> None:
+    def store(self, ref, row, planes: list[jax.Array], valid) -> None:
         """Stores the block's code planes (`load`'s layout)."""
-        if self.blocked:
-            store(ref, planes[0], valid)
-            return
         for idx, plane in zip(self._offsets(row), planes, strict=True):
             store(ref, plane, valid, idx)
 
@@ -249,9 +228,10 @@ class Codes:
 class Values:
     """How the kernel reads and writes a leaf's values (gradient, parameters, u).
 
-    Whole groups are rows of a blocked ``(rows, group)`` array; a codec with
-    parts (`columns`) reads a flat buffer at ``row * group + column``, part
-    by part. Values are always a list of parts (one for whole groups).
+    A leaf's values are one flat buffer of ``(groups, size)`` rows; a block
+    reads them at ``row * size + column``, part by part (`columns`; one part
+    of every column for a codec held whole). Values are always a list of
+    parts.
 
     Attributes:
       columns: the codec's parts (`columns`), ``None`` for whole groups.
@@ -263,12 +243,8 @@ class Values:
         self.size = codec.group_size
 
     def operand(self, rows: jax.Array) -> jax.Array:
-        """The ``pallas_call`` operand of a leaf's ``(groups, size)`` rows."""
-        return rows if self.columns is None else rows.reshape(-1)
-
-    def spec(self, row_spec: pl.BlockSpec) -> pl.BlockSpec:
-        """``row_spec`` for whole groups, else the whole flat buffer."""
-        return row_spec if self.columns is None else pl.BlockSpec()
+        """The ``pallas_call`` operand of a leaf's ``(groups, size)`` rows: flat."""
+        return rows.reshape(-1)
 
     def _cols(self):
         if self.columns is None:
@@ -281,22 +257,22 @@ class Values:
     def _offsets(self, row):
         return [row[:, None] * self.size + c for c in self._cols()]
 
-    def col(self, row: jax.Array, groups_per_row: int) -> list[jax.Array]:
-        """Each part's column within the leaf's last axis."""
+    def col(self, row: jax.Array, groups_per_row: Any) -> list[jax.Array]:
+        """Each part's column within the leaf's last axis.
+
+        Args:
+          row: int32 ``(block,)`` group rows.
+          groups_per_row: groups along the leaf's last axis (may be traced).
+        """
         first = (row % groups_per_row) * self.size
         return [first[:, None] + c for c in self._cols()]
 
     def load(self, ref, row, valid) -> list[jax.Array]:
         """The block's values, one array per part."""
-        if self.columns is None:
-            return [load(ref, valid)]
         return [load(ref, valid, idx) for idx in self._offsets(row)]
 
     def store(self, ref, row, parts, valid) -> None:
         """Stores the block's values (`load`'s layout)."""
-        if self.columns is None:
-            store(ref, parts[0], valid)
-            return
         for idx, part in zip(self._offsets(row), parts, strict=True):
             store(ref, part, valid, idx)
 
@@ -304,8 +280,9 @@ class Values:
 class Scales:
     """How the kernel reads and writes a moment's scales.
 
-    One per group is a blocked ``(rows, 1)`` column; several (π-Quant's 3)
-    stay a flat buffer, read as a list of ``(block, 1)`` columns.
+    A leaf's scales are one flat buffer, ``per_group`` per group; a block
+    reads them as a list of ``(block, 1)`` columns, one per scale of a
+    group.
 
     Attributes:
       per_group: scales per group.
@@ -314,27 +291,20 @@ class Scales:
     def __init__(self, codec: base.Codec):
         self.per_group = codec.scales_per_group
 
-    def operand(self, scales: jax.Array, n: int) -> jax.Array:
-        """The ``pallas_call`` operand of a leaf's scales (``n`` groups)."""
-        return scales.reshape((n, 1) if self.per_group == 1 else (-1,))
-
-    def spec(self, row_spec: pl.BlockSpec) -> pl.BlockSpec:
-        """``row_spec`` for one scale per group, else the whole flat buffer."""
-        return row_spec if self.per_group == 1 else pl.BlockSpec()
+    def operand(self, scales: jax.Array) -> jax.Array:
+        """The ``pallas_call`` operand of a leaf's scales: flat."""
+        return scales.reshape(-1)
 
     def _offsets(self, row):
         return [row[:, None] * self.per_group + k for k in range(self.per_group)]
 
     def load(self, ref, row, valid):
         """The block's scales: a ``(block, 1)`` column, or a list of them."""
-        if self.per_group == 1:
-            return load(ref, valid)
-        return [load(ref, valid, idx) for idx in self._offsets(row)]
+        out = [load(ref, valid, idx) for idx in self._offsets(row)]
+        return out[0] if self.per_group == 1 else out
 
     def store(self, ref, row, scales, valid) -> None:
         """Stores the block's scales (`load`'s layout)."""
-        if self.per_group == 1:
-            store(ref, scales, valid)
-            return
+        scales = [scales] if self.per_group == 1 else scales
         for idx, s in zip(self._offsets(row), scales, strict=True):
             store(ref, s, valid, idx)

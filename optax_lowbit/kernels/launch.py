@@ -5,14 +5,16 @@ Every launch runs `loop.kernel` with one update rule (`rules.AdamRule`,
 rule but the number of moments. `one_leaf` runs the kernel over one leaf
 (under ``jax.shard_map``, one launch per device, where the leaf is sharded
 on leading axes under explicit mesh axes); `many_leaves` runs it over many
-unsharded leaves, one launch per `signature` (leaves of one group grid and
-dtypes: a grid over every leaf's blocks, the kernel body traced once). Both
-end in `launch`, the one ``pallas_call``: it flattens leading axes to rows
-of one group each, picks the block (`pick_block`; where the block does not
-divide the rows, the last block's loads and stores are masked, no padded
-copies), passes what the kernel cannot capture as inputs (hyperparameters,
-codec tables, stream seeds, shard offsets), and updates the state in place
-(aliased inputs).
+unsharded leaves, a few at a time per `signature` (dtypes; leaves of any
+shapes share a launch, the kernel body traced once). Both end in `launch`,
+the one ``pallas_call``: it flattens every operand (rows of one group each,
+no padded copies), passes what the kernel cannot capture as inputs
+(hyperparameters, codec tables, stream seeds, shard offsets, the leaves'
+sizes), and updates the state in place (aliased inputs). No kernel depends
+on a leaf's shape (v22): the sizes are a table and the grid is a fixed
+number of programs that loop over the blocks (`default_programs`), so a
+step compiles one Triton kernel per codec pair and leaves per launch,
+not one per leaf shape.
 
 The jnp reference of a launch is the rule's step leaf by leaf (decode,
 `rules.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
@@ -51,6 +53,11 @@ class LaunchConfig:
       block_groups: groups per block (a power of two).
       num_warps: Triton warps per block.
       lowering: a forced GPU lowering (see `_backend.pick`), or ``None``.
+      programs: ``None``: one program per block (the grid follows the
+        leaves' sizes); ``0``: `default_programs`; ``n > 0``: ``n``
+        programs, each looping over the launch's blocks (a *persistent*
+        launch: one grid, hence one compiled kernel, for every launch of a
+        codec pair and number of leaves, whatever the leaves' shapes).
     """
 
     rule: rules.Rule
@@ -58,6 +65,7 @@ class LaunchConfig:
     block_groups: int
     num_warps: int
     lowering: str | None = None
+    programs: int | None = None
 
     @property
     def block_elements(self) -> int:
@@ -70,19 +78,39 @@ def block_elements(block_groups: int, codecs: Sequence[base.Codec]) -> int:
     return block_groups * max(c.group_size for c in codecs)
 
 
-def pick_block(n: int, block_groups: int) -> int:
-    """Groups per block: ``block_groups``, or the power of two >= ``n`` (>= 8).
+#: Warps per SM a persistent launch runs (`default_programs`): resident
+#: together for kernels of up to 128 registers a thread (65536 / (128 x 32));
+#: the persistent kernels take 64-107 offline (Triton's ptxas, sm_90).
+PERSISTENT_WARPS_PER_SM = 16
+#: SMs assumed where the device does not say (lowering for CUDA on a CPU
+#: host): an H100/H200's 132.
+DEFAULT_SMS = 132
+#: Programs of an interpreted persistent launch (CPU): few, so that they loop.
+INTERPRET_PROGRAMS = 2
+
+
+def default_programs(num_warps: int, interpret: bool) -> int:
+    """Programs of a persistent launch: one wave that stays resident.
+
+    Every program loops over an equal share of the blocks, so all of them
+    must run at once: more programs than an SM keeps resident would run a
+    second wave after the first and double the time. The count does not
+    depend on the leaves, so a step compiles one kernel per codec pair.
 
     Args:
-      n: groups of the largest leaf of the launch.
-      block_groups: the configured groups per block.
+      num_warps: Triton warps per block.
+      interpret: whether the launch runs in the Pallas interpreter.
 
     Returns:
-      The groups per block.
+      The device's SMs (`DEFAULT_SMS` where it does not say) times
+      ``PERSISTENT_WARPS_PER_SM // num_warps`` (at least 1);
+      `INTERPRET_PROGRAMS` when interpreting.
     """
-    if n <= block_groups:
-        return max(8, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    return block_groups
+    if interpret:
+        return INTERPRET_PROGRAMS
+    device = jax.devices()[0]
+    sms = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return (sms or DEFAULT_SMS) * max(1, PERSISTENT_WARPS_PER_SM // num_warps)
 
 
 def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
@@ -224,45 +252,37 @@ def _repack(out, state, moments):
     return out, new
 
 
-def leaf_statics(
-    shape: tuple[int, ...], group_size: int, lead_global: Any = None
-) -> dict[str, Any]:
-    """The static keywords of `loop.kernel` that a leaf's shape fixes.
+def signature(
+    g: Any, params: Any, group_size: int, persistent: bool = False
+) -> tuple[Any, ...]:
+    """What leaves must share to run in one launch: dtypes, a partial group.
 
-    Args:
-      shape: the leaf's shape (a shard's, on a shard).
-      group_size: the codecs' group size.
-      lead_global: the whole leaf's group grid on a shard, else ``None``.
-
-    Returns:
-      ``{"last", "groups_per_row", "n_rows", "lead_local", "lead_global"}``.
-    """
-    lead, last = base.lead_and_last(tuple(shape))
-    lead_local = (*lead, base.num_groups(tuple(shape), group_size))
-    return dict(
-        last=last,
-        groups_per_row=lead_local[-1],
-        n_rows=math.prod(lead_local),
-        lead_local=lead_local,
-        lead_global=None if lead_global is None else tuple(lead_global),
-    )
-
-
-def signature(g: Any, params: Any, group_size: int) -> tuple[Any, ...]:
-    """What leaves must share to run in one launch: statics and dtypes.
+    The kernel reads the leaves' sizes from its size table (`loop.sizes`),
+    so leaves of any shapes can share a launch. One program per block, the
+    grid is the launch's block count, and leaves of one shape are grouped
+    so that their launches share a grid (one compiled kernel); a persistent
+    launch's grid is fixed and the shape is left out.
 
     Args:
       g: the gradient leaf (or its shape and dtype).
       params: the parameter leaf of the fused apply, or ``None``.
       group_size: the codecs' group size.
+      persistent: whether the launches are persistent
+        (``LaunchConfig.programs`` set).
 
     Returns:
-      A hashable key: `leaf_statics` of an unsharded leaf, ``g``'s dtype
-      and ``params``' (``None`` without the apply).
+      A hashable key: whether the rows end in a partial group (the kernel
+      then zeroes the padded tail), ``g``'s dtype and ``params``' (``None``
+      without the apply), and ``g``'s shape unless ``persistent``.
     """
-    statics = leaf_statics(tuple(g.shape), group_size)
     p_dtype = None if params is None else jnp.dtype(params.dtype)
-    return (tuple(statics.items()), jnp.dtype(g.dtype), p_dtype)
+    shape = None if persistent else tuple(g.shape)
+    return (padded(tuple(g.shape), group_size), jnp.dtype(g.dtype), p_dtype, shape)
+
+
+def padded(shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether a leaf of ``shape``'s rows end in a partial group."""
+    return bool(base.lead_and_last(tuple(shape))[1] % group_size)
 
 
 def many_leaves(
@@ -274,12 +294,15 @@ def many_leaves(
     config: LaunchConfig,
     leaves_per_launch: int | None = None,
 ) -> list[tuple[jax.Array, tuple[base.Packed, ...]]]:
-    """`one_leaf` of many leaves: one kernel launch per leaf signature.
+    """`one_leaf` of many leaves: a few kernel launches per leaf signature.
 
-    Unsharded leaves that share a `signature` (their group grid, the
-    gradient's and the parameters' dtypes) run in one launch, at most
-    ``leaves_per_launch`` at a time, in order; a leaf alone in its signature
-    and leaves sharded under explicit mesh axes take `one_leaf`.
+    Unsharded leaves that share a `signature` (the gradient's and the
+    parameters' dtypes, whether rows end in a partial group, and the shape
+    unless the launches are persistent) run in launches of at most
+    ``leaves_per_launch`` leaves, in order, the launches' sizes as even as
+    possible (`chunks`: at most two sizes, so at most two compiled kernels
+    per signature); a leaf alone in its launch and leaves sharded under
+    explicit mesh axes take `one_leaf`.
 
     Args:
       gs: gradient leaves.
@@ -305,14 +328,10 @@ def many_leaves(
         if lead_sharding(g) is not None or per_launch == 1:
             results[k] = one_leaf(g, moments[k], hps[k], seeds[k], params[k], config)
         else:
-            groups.setdefault(signature(g, params[k], gsize), []).append(k)
-    chunks = [
-        idx[c : c + per_launch]
-        for idx in groups.values()
-        for c in range(0, len(idx), per_launch)
-    ]
+            key = signature(g, params[k], gsize, config.programs is not None)
+            groups.setdefault(key, []).append(k)
     n_moments = len(config.codecs)
-    for idx in chunks:
+    for idx in [c for same in groups.values() for c in chunks(same, per_launch)]:
         if len(idx) == 1:
             k = idx[0]
             results[k] = one_leaf(
@@ -337,6 +356,26 @@ def many_leaves(
     return results
 
 
+def chunks(items: Sequence[Any], most: int) -> list[list[Any]]:
+    """``items`` in order, in the fewest runs of at most ``most``, as even as possible.
+
+    Args:
+      items: what to split.
+      most: the longest run (>= 1).
+
+    Returns:
+      ``ceil(len(items) / most)`` runs whose lengths differ by at most one.
+    """
+    n = -(-len(items) // most)
+    size, extra = divmod(len(items), max(n, 1))
+    out, start = [], 0
+    for k in range(n):
+        stop = start + size + (k < extra)
+        out.append(list(items[start:stop]))
+        start = stop
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _many_leaves(gs, moments, hps, seeds, params, *, config):
     """The jitted body of `many_leaves`: one launch of one signature."""
@@ -352,6 +391,16 @@ def _many_leaves(gs, moments, hps, seeds, params, *, config):
     ]
 
 
+def whole(length: int) -> pl.BlockSpec:
+    """The block spec of a whole flat operand of ``length`` elements.
+
+    Indexed by element (`pl.Element`), so that the Triton lowering takes the
+    block's start as the index map's 0 instead of multiplying a block index
+    by the operand's length: the module then holds no operand's length.
+    """
+    return pl.BlockSpec((pl.Element(length),), lambda i: (0,))
+
+
 def launch(
     leaves: Sequence[Leaf],
     hps: jax.Array,
@@ -361,9 +410,12 @@ def launch(
 ) -> list[tuple[jax.Array, ...]]:
     """One ``pallas_call`` over ``leaves`` of one `signature`.
 
-    The grid runs every leaf's blocks, leaf after leaf (``nb`` each); leaf
-    ``k``'s block specs map program ``i`` to block ``i % nb`` (a program
-    touches only its own leaf's refs: `loop.kernel`).
+    Every operand is a whole flat buffer and the leaves' sizes are a table
+    (`loop.sizes`): the kernel's Triton module depends on the rule, the
+    codecs, the block, the dtypes and the number of leaves only. The grid
+    is one program per block, or with ``config.programs`` set a fixed number
+    of programs that loop (persistent: then XLA compiles one kernel for
+    every launch of a codec pair and number of leaves).
 
     Args:
       leaves: each ``(g, state, params, lead_global)``: ``state`` each
@@ -385,53 +437,39 @@ def launch(
     backend = _backend.pick(config.lowering)
     gsize = codecs[0].group_size
     apply = leaves[0][2] is not None
-    keys = {signature(x[0], x[2], gsize) for x in leaves}
+    persistent = config.programs is not None
+    keys = {signature(x[0], x[2], gsize, persistent) for x in leaves}
+    lead_global = leaves[0][3]
     if len(keys) > 1 or len({x[3] for x in leaves}) > 1:
         raise ValueError(
             f"one launch takes leaves of one signature, got {len(keys)}: "
             f"{sorted(str(k) for k in keys)}."
         )
+    if lead_global is not None and len(leaves) > 1:
+        raise ValueError("a shard's launch takes one leaf.")
     ios = [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
     vals = codec_ops.Values(codecs[0])
-    statics = leaf_statics(leaves[0][0].shape, gsize, leaves[0][3])
-    n = statics["n_rows"]
-    block = pick_block(n, config.block_groups)
-    nb = pl.cdiv(n, block)
-    multi = len(leaves) > 1
-
-    def index_map(i):
-        return (jax.lax.rem(i, jnp.int32(nb)) if multi else i, 0)
-
-    def row_spec(width):
-        return pl.BlockSpec((block, width), index_map)
-
-    def code_spec(io):
-        return row_spec(io.nbytes) if io.blocked else io.spec(block)
-
-    def full_spec(length):
-        return pl.BlockSpec((length,), lambda i: (0,))
-
-    specs = [s for c_io, s_io in ios for s in (code_spec(c_io), s_io.spec(row_spec(1)))]
-    value_spec = vals.spec(row_spec(gsize))
+    block = config.block_groups
+    size_table = loop.sizes([x[0].shape for x in leaves], gsize, block)
     tables = [t for c in codecs for t in codec_ops.tables(c)]
-    ins, out_shapes, aliases, nbytes = [], [], {}, 0
-    first = 3 + len(tables)  # after hp, seeds, offsets and the tables
+    ins, out_shapes, aliases, nbytes, total = [], [], {}, 0, 0
+    first = 4 + len(tables)  # after hp, seeds, offsets, sizes and the tables
     n_state = 2 * len(codecs)
     n_in = 1 + n_state + int(apply)
     for k, (g, state_in, p, _) in enumerate(leaves):
-        rows_g = vals.operand(base.to_groups(g, gsize).reshape(n, gsize))
+        rows = base.to_groups(g, gsize).reshape(-1, gsize)
         state = [
             x
             for (c_io, s_io), c, s in zip(
                 ios, state_in[::2], state_in[1::2], strict=True
             )
-            for x in (c_io.operand(c), s_io.operand(s, n))
+            for x in (c_io.operand(c), s_io.operand(s))
         ]
         out_dtype = g.dtype if p is None else p.dtype
-        leaf_in = [rows_g]
+        leaf_in = [vals.operand(rows)]
         if apply:
             # in its own dtype: the new parameters are written in place of it
-            p_rows = base.to_groups(p, gsize).astype(p.dtype).reshape(n, gsize)
+            p_rows = base.to_groups(p, gsize).astype(p.dtype).reshape(-1, gsize)
             leaf_in.append(vals.operand(p_rows))
         leaf_in += state
         base_in = first + k * n_in
@@ -442,31 +480,47 @@ def launch(
             aliases[base_in + 1] = base_out  # and the parameters
         ins += leaf_in
         out_shapes += [
-            jax.ShapeDtypeStruct(rows_g.shape, out_dtype),
+            jax.ShapeDtypeStruct(leaf_in[0].shape, out_dtype),
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
         ]
         nbytes += sum(int(x.size) * x.dtype.itemsize for x in leaf_in)
-        nbytes += n * gsize * jnp.dtype(out_dtype).itemsize
+        nbytes += rows.size * jnp.dtype(out_dtype).itemsize
+        total += rows.size
     n_hp = 1 << max(0, math.ceil(math.log2(hps.size)))
     n_seed = max(rules.SEED_LEN, 1 << max(0, math.ceil(math.log2(seeds.size))))
     hp_flat = jnp.pad(hps.astype(jnp.float32).reshape(-1), (0, n_hp - hps.size))
     seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
-    statics.update(rule=rule, codecs=tuple(codecs))
-    statics.update(n_leaves=len(leaves), nblocks=nb, block=block, apply=apply)
-    kernel = functools.partial(loop.kernel, **statics)
-    total = len(leaves) * n * gsize
+    lead_local = None
+    if lead_global is not None:
+        shape = tuple(leaves[0][0].shape)
+        lead, _ = base.lead_and_last(shape)
+        lead_local = (*lead, base.num_groups(shape, gsize))
+    kernel = functools.partial(
+        loop.kernel,
+        rule=rule,
+        codecs=tuple(codecs),
+        n_leaves=len(leaves),
+        block=block,
+        apply=apply,
+        padded=next(iter(keys))[0],
+        persistent=persistent,
+        lead_local=lead_local,
+        lead_global=None if lead_global is None else tuple(lead_global),
+    )
+    if not persistent:
+        programs = int(size_table[len(leaves) * loop.SIZE_SLOTS])  # the blocks
+    else:
+        programs = config.programs or default_programs(
+            config.num_warps, backend.interpret
+        )
+    multi = len(leaves) > 1
+    operands = (hp_flat, seed_flat, offs, jnp.asarray(size_table), *tables, *ins)
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shapes),
-        grid=(len(leaves) * nb,),
-        in_specs=[
-            full_spec(n_hp),
-            full_spec(n_seed),
-            full_spec(loop.OFFS_LEN),
-            *(full_spec(t.shape[0]) for t in tables),
-            *([value_spec] * (1 + int(apply)) + specs) * len(leaves),
-        ],
-        out_specs=tuple([value_spec, *specs] * len(leaves)),
+        grid=(programs,),
+        in_specs=[whole(x.shape[0]) for x in operands],
+        out_specs=tuple(whole(x.shape[0]) for x in out_shapes),
         input_output_aliases=aliases,
         interpret=backend.interpret,
         compiler_params=backend.compiler_params(num_warps=config.num_warps),
@@ -476,7 +530,7 @@ def launch(
             bytes_accessed=2 * nbytes,
         ),
         name=f"{rule.name}_{codecs[0].name}" + (f"_x{len(leaves)}" if multi else ""),
-    )(hp_flat, seed_flat, offs, *tables, *ins)
+    )(*operands)
     results = []
     width = 1 + n_state
     for k, (g, state_in, _, _) in enumerate(leaves):

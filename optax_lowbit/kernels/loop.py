@@ -9,9 +9,9 @@ codec. Per block of groups `load_block` loads the gradient (and, with
 definition of each step, also run by the jnp paths), with ``apply`` applies
 AdamW (`rules.apply_step`), and encodes the new moments
 (``codec.kernel_encode``); `store_block` stores codes, scales and the
-output. `kernel` runs them over a group of leaves of one static signature:
-the loads and stores pick the leaf's refs, the arithmetic between them is
-traced once.
+output. `kernel` runs them over a group of leaves of any shapes (their
+sizes a table, `sizes`; each program loops over blocks): the loads and
+stores pick the leaf's refs, the arithmetic between them is traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
 hash of each pair's row-major position in the leaf's pair grid
@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from optax_lowbit.codecs import base
@@ -114,10 +116,11 @@ def compute_block(
     *,
     rule,
     codecs,
-    last,
-    groups_per_row,
+    padded,
     lead_local,
     lead_global,
+    last=None,
+    groups_per_row=None,
 ):
     """Decode, the rule's step (and apply), encode: one block, from `load_block`.
 
@@ -130,10 +133,13 @@ def compute_block(
       tables: each moment's codec tables (lists of refs).
       rule: the update rule.
       codecs: each moment's codec.
-      last: the leaf's last axis.
-      groups_per_row: groups along the leaf's last axis.
-      lead_local: the leaf's (or shard's) group grid.
+      padded: whether the leaf's rows end in a partial group (its padded
+        tail is zeroed after decoding, as in jnp).
+      lead_local: the shard's group grid (on a shard, else ``None``).
       lead_global: the whole leaf's group grid on a shard, else ``None``.
+      last: the leaf's last axis (traced int32; with ``padded``).
+      groups_per_row: groups along the leaf's last axis (traced int32; with
+        ``padded``).
 
     Returns:
       ``(out, planes_0, scales_0, ...)`` for `store_block`: ``out`` (the
@@ -153,7 +159,7 @@ def compute_block(
         parts(codec.kernel_decode(state[2 * k], state[2 * k + 1], tables[k]))
         for k, codec in enumerate(codecs)
     ]
-    if last % vals.size:  # the padded tail of each row holds zeros (as in jnp)
+    if padded:  # the padded tail of each row holds zeros (as in jnp)
         inside = [c < last for c in vals.col(row, groups_per_row)]
         moments = [
             [jnp.where(i, x, 0.0) for i, x in zip(inside, xs, strict=True)]
@@ -227,71 +233,150 @@ def _select(index, branches):
     return jax.lax.switch(index, branches)
 
 
+#: int32 slots per leaf in a launch's size table (`sizes`): the leaf's first
+#: block in the launch, its group rows, its last axis, its groups per row.
+SIZE_SLOTS = 4
+FIRST, ROWS, LAST, GROUPS_PER_ROW = range(SIZE_SLOTS)
+
+
+def sizes(shapes: Sequence[tuple[int, ...]], group_size: int, block: int) -> np.ndarray:
+    """The size table of a launch over leaves of ``shapes``.
+
+    Leaf ``k`` takes the launch's blocks from its ``FIRST`` slot on, one per
+    ``block`` of its group rows. After the last leaf's slots come the
+    launch's block count and a 0 (read in every trip of a persistent loop:
+    `kernel`). The table is padded with zeros to a power-of-two length (a
+    whole-array input), so its length depends on the number of leaves
+    only: this table is the one place a leaf's shape enters a kernel.
+
+    Args:
+      shapes: each leaf's shape (a shard's, on a shard).
+      group_size: the codecs' group size.
+      block: groups per block.
+
+    Returns:
+      int32 ``(2**k,)``.
+
+    Raises:
+      ValueError: more blocks than an int32 counts.
+    """
+    table, first = [], 0
+    for shape in shapes:
+        lead, last = base.lead_and_last(tuple(shape))
+        groups_per_row = base.num_groups(tuple(shape), group_size)
+        rows = math.prod(lead) * groups_per_row
+        table += [first, rows, last, groups_per_row]
+        first += -(-rows // block)
+    if first >= 2**31:
+        raise ValueError(f"a launch of {first} blocks overflows the int32 table.")
+    table += [first, 0]
+    length = 1 << math.ceil(math.log2(len(table)))
+    return np.pad(np.asarray(table, np.int32), (0, length - len(table)))
+
+
 def kernel(
     hp_ref,
     seed_ref,
     offs_ref,
+    size_ref,
     *refs,
     rule,
     codecs,
     n_leaves,
-    nblocks,
     block,
-    n_rows,
     apply,
-    **statics,
+    padded,
+    persistent,
+    lead_local=None,
+    lead_global=None,
 ):
-    """The kernel of ``rule`` over a group of leaves that share one signature.
+    """The kernel of ``rule`` over a group of leaves of any shapes.
 
-    The grid runs ``nblocks`` blocks of leaf 0, then of leaf 1, ...: program
-    ``i`` takes block ``i % nblocks`` of leaf ``i // nblocks``. The body is
-    traced once: only the loads (`load_block`) and the stores (`store_block`)
-    choose the leaf's refs, by a ``lax.switch`` over the leaves (no switch
-    for one leaf); decode, step and encode (`compute_block`) are shared, and
-    the leaf's hyperparameters and seeds are read at its (traced) offsets.
+    Nothing in the body depends on a leaf's shape: the leaves' sizes are
+    read from ``size_ref`` (`sizes`). Program ``i`` runs block ``i`` of the
+    launch (one program per block), or, ``persistent``, a loop over blocks
+    ``i, i + P, i + 2P, ...`` for the launch's ``P`` programs (a program
+    past the last block runs none). A persistent launch's grid does not
+    depend on the leaves either, so every launch of one rule, codec pair,
+    block and number of leaves is one Triton module and grid, which XLA
+    compiles once per step (its kernel cache keys on both). Block ``b``
+    belongs to the last leaf whose first block is at most ``b``. The body
+    is traced once: only the loads (`load_block`) and the stores
+    (`store_block`) choose the leaf's refs, by a ``lax.switch`` over the
+    leaves (no switch for one leaf); decode, step and encode
+    (`compute_block`) are shared, and the leaf's hyperparameters, seeds and
+    sizes are read at its (traced) offsets.
 
     Args:
       hp_ref: every leaf's hyperparameter vector (`make_hp`,
         `momentum_hp`), flat (`HP_LEN` slots each).
       seed_ref: every leaf's final stream seeds, flat (one per moment each).
       offs_ref: the shard's offsets (`OFFS_LEN` slots).
+      size_ref: the launch's size table (`sizes`).
       *refs: the codecs' tables, each leaf's inputs, then each leaf's outputs.
       rule: the update rule (`AdamRule`, `MomentumRule`).
       codecs: each moment's codec (``rule.n_moments`` of them).
-      n_leaves: leaves in the group.
-      nblocks: blocks per leaf.
+      n_leaves: leaves in the launch.
       block: groups per block.
-      n_rows: groups per leaf.
       apply: the fused apply (``p`` among each leaf's inputs).
-      **statics: `compute_block`'s other static keywords (the leaves' shared
-        ``last``, ``groups_per_row``, ``lead_local``, ``lead_global``).
+      padded: whether the leaves' rows end in a partial group.
+      persistent: whether each program loops over blocks.
+      lead_local: a shard's group grid (on a shard, else ``None``).
+      lead_global: the whole leaf's group grid on a shard, else ``None``.
     """
     tables, leaf_refs = _split_refs(refs, codecs, n_leaves, apply)
-    i = pl.program_id(0)
-    if n_leaves == 1:
-        leaf, block_index = 0, i
-    else:
-        leaf = jax.lax.div(i, jnp.int32(nblocks))
-        block_index = jax.lax.rem(i, jnp.int32(nblocks))  # as the block specs
-    row = block_index * block + jnp.arange(block, dtype=jnp.int32)
-    # the last block may run past the rows: masked loads and stores there
-    valid = None if n_rows % block == 0 else row < n_rows
-    loaded = _select(
-        leaf,
-        [
-            functools.partial(load_block, ins, row, valid, codecs=codecs, apply=apply)
-            for ins, _ in leaf_refs
-        ],
-    )
+    pid = pl.program_id(0)
     n = len(codecs)
-    hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(rule.hp_fields))]
-    seeds = [seed_ref[leaf * n + k] for k in range(n)]
-    kw = dict(rule=rule, codecs=codecs, **statics)
-    result = compute_block(loaded, row, hp, seeds, offs_ref, tables, **kw)
-    _select(
-        leaf,
-        [
-            functools.partial(store_block, outs, row, valid, result, codecs=codecs)
-            for _, outs in leaf_refs
-        ],
-    )
+
+    def run(b, zero):
+        leaf = 0
+        for k in range(1, n_leaves):
+            leaf = leaf + (b >= size_ref[k * SIZE_SLOTS + FIRST]).astype(jnp.int32)
+        slot = leaf * SIZE_SLOTS
+        first = size_ref[slot + FIRST]
+        row = (b - first) * block + (jnp.arange(block, dtype=jnp.int32) + zero)
+        valid = row < size_ref[slot + ROWS]  # the leaf's last block may run past
+        loaded = _select(
+            leaf,
+            [
+                functools.partial(
+                    load_block, ins, row, valid, codecs=codecs, apply=apply
+                )
+                for ins, _ in leaf_refs
+            ],
+        )
+        hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(rule.hp_fields))]
+        seeds = [seed_ref[leaf * n + k] for k in range(n)]
+        kw = dict(rule=rule, codecs=codecs, padded=padded)
+        kw.update(lead_local=lead_local, lead_global=lead_global)
+        if padded:
+            kw.update(
+                last=size_ref[slot + LAST],
+                groups_per_row=size_ref[slot + GROUPS_PER_ROW],
+            )
+        result = compute_block(loaded, row, hp, seeds, offs_ref, tables, **kw)
+        _select(
+            leaf,
+            [
+                functools.partial(store_block, outs, row, valid, result, codecs=codecs)
+                for _, outs in leaf_refs
+            ],
+        )
+
+    if not persistent:
+        run(pid, 0)
+        return
+    programs = pl.num_programs(0)
+    at = n_leaves * SIZE_SLOTS
+    total = size_ref[at]
+
+    def trip(t, carry):
+        # The table's 0, loaded in every trip, is added to the rows: the
+        # compiler then recomputes each trip's per-thread offsets instead of
+        # holding them in registers across the loop (polar 2-bit fused,
+        # offline: 89 -> 80 registers a thread, the same instructions).
+        run(pid + t * programs, size_ref[at + 1])
+        return carry
+
+    trips = jax.lax.div(total - pid + programs - 1, programs)
+    jax.lax.fori_loop(0, trips, trip, jnp.int32(0))

@@ -8,6 +8,8 @@ jnp reference's; each leaf keeps its own hyperparameters and stochastic
 rounding stream.
 """
 
+import re
+
 import chex
 import jax
 import jax.extend
@@ -142,6 +144,27 @@ def test_launches_one_per_signature():
     assert _launches(fused, gs, params) == 4
 
 
+def test_persistent_launches_group_any_shapes(monkeypatch):
+    """Persistent launches (`kadam.DEFAULT_PROGRAMS` set) group leaves by
+    dtypes and partial last group only, whatever their shapes (traced only)."""
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", 0)
+    mc, nc = VARIANTS["sr2"]
+    shapes = [(5, 200), (64, 128), (5, 200), (64, 128), (5, 200), (128, 64)]
+    gs, mus, nus, hps, seeds, _ = _leaves(jax.random.key(0), shapes, mc, nc, False)
+    gs[4] = gs[4].astype(jnp.bfloat16)
+
+    def run(per_launch):
+        return lambda gs: _update_many(
+            gs, mus, nus, hps, seeds, None, mc, nc, per_launch=per_launch
+        )
+
+    # (5, 200) x2 (a partial last group), (64, 128) x2 and (128, 64) (whole
+    # groups), (5, 200) bf16
+    assert _launches(run(None), gs) == 3
+    assert _launches(run(1), gs) == 6
+    assert _launches(run(2), gs) == 4  # the three whole-group leaves: 2 + 1
+
+
 def test_transform_launches_one_per_shape():
     """A tree of 7 quantized leaves of 3 shapes steps in 3 kernel launches."""
     params = {
@@ -182,3 +205,85 @@ def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
     assert launches(four, 512) == 1
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 1)
     assert launches(polar, 768) == 3
+
+
+#: Leaves of three shapes, whole groups of 128 (and of 64): 6, 40 and 21
+#: group rows of 128, so blocks of 8 groups give 1, 5 and 3 blocks (partial
+#: last blocks, a leaf smaller than one block); 2, 10 and 6 blocks of 64.
+MIXED = [(3, 256), (40, 128), (7, 384)]
+
+
+@pytest.mark.parametrize(
+    ("variant", "programs"),
+    [("sr2", None), ("sr2", 1), ("sr2", 3), ("sr2", 32), ("blockwise4", 3)],
+)
+def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
+    """Leaves of different shapes grouped with ``leaves_per_launch=0``: one
+    program per block (a launch per shape), or one persistent launch run by
+    1 program (a loop over all 18 blocks), 3 (loops of 6) or 32 (14 idle);
+    blockwise (groups of 128, 9 blocks) by 3. Every output equals one launch
+    per leaf bit for bit, the state the jnp reference's."""
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
+    mc, nc = VARIANTS[variant]
+    key = jax.random.key(len(variant) + (programs or 0))
+    gs, mus, nus, hps, seeds, params = _leaves(key, MIXED, mc, nc, True)
+    # not jitted: the launches' own jit caches key on the programs
+    grouped = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=0)
+    launches = _launches(
+        lambda gs: _update_many(gs, mus, nus, hps, seeds, params, mc, nc, 0), gs
+    )
+    assert launches == (len(MIXED) if programs is None else 1)
+    per_leaf = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
+    chex.assert_trees_all_equal(grouped, per_leaf)
+    for k, (out, m, v) in enumerate(grouped):
+        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=params[k])
+        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
+        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+
+
+def _triton_configs(monkeypatch, fn, *args) -> list[str]:
+    """The backend configs of ``fn``'s Triton custom calls, lowered for CUDA.
+
+    The Pallas Triton lowering is forced (it runs on a CPU host). XLA's GPU
+    compiler keys its kernel cache on this string (the Triton module, its
+    name, grid and warps): one distinct string is one compiled kernel.
+    """
+    from optax_lowbit.kernels import _backend
+
+    triton = _backend.Backend(interpret=False, lowering="triton")
+    monkeypatch.setattr(_backend, "pick", lambda lowering=None: triton)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\((.*)", text)
+    assert calls, "no Triton custom call lowered"
+    return [re.search(r"backend_config = (\{.*?\})", c).group(1) for c in calls]
+
+
+@pytest.mark.parametrize(("programs", "per_launch"), [(None, 1), (0, 1), (0, 3)])
+def test_one_compiled_kernel_per_codec_pair(monkeypatch, programs, per_launch):
+    """Persistent launches of one codec pair and number of leaves lower to
+    one Triton module and grid whatever the leaves' shapes: one kernel for
+    XLA to compile (v22). One program per block, each leaf shape has its
+    own grid: one kernel per shape."""
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
+    mc, nc = VARIANTS["sr2"]
+    shapes = [(64, 128), (96, 64), (8, 512), (200, 64), (64, 320), (128, 128)]
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
+
+    def step(gs, ps):
+        return kadam.adam_update_many(
+            gs,
+            [mc.zeros(s) for s in shapes],
+            [nc.zeros(s) for s in shapes],
+            [hp] * len(shapes),
+            mu_codec=mc,
+            nu_codec=nc,
+            seeds=[(1, 2 + k) for k in range(len(shapes))],
+            params=ps,
+            leaves_per_launch=per_launch,
+        )
+
+    configs = _triton_configs(monkeypatch, step, specs, specs)
+    # 8192, 6144, 4096, 12800, 20480, 16384 elements: 6 block counts of 1024
+    assert len(set(configs)) == (1 if programs is not None else len(shapes))
