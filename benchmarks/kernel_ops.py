@@ -249,29 +249,23 @@ def sass_counts(ttir: str, num_warps: int, elements: int) -> dict[str, Any]:
       elements: elements of one block.
 
     Returns:
-      ``{"sass_per_element", "sass_alu_per_element", "sass_registers",
-      "sass_ops"}``: all instructions, those of the ALU pipe (compares,
-      selects, min/max, logic, shifts: half rate on Hopper, 16 lanes per
-      scheduler) per element, registers per thread, and per-opcode counts
-      per element.
+      ``{"sass_per_element", "sass_alu_per_element",
+      "sass_static_per_element", "sass_loop", "sass_registers",
+      "sass_ops"}``: the instructions one block executes (a persistent
+      kernel's loop body, else every instruction), those of them of the ALU
+      pipe (compares, selects, min/max, logic, shifts: half rate on Hopper,
+      16 lanes per scheduler), every static instruction, per element;
+      whether the kernel loops; registers per thread; per-opcode counts of
+      the block's instructions per element.
     """
     import subprocess
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
 
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    # Triton's parser wants plain symbol names; Pallas names kernels with "-"
-    text = re.sub(r'@"([^"]+)"', lambda m: "@" + re.sub(r"\W", "_", m.group(1)), ttir)
+    kernel, _ = triton_compile(ttir, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp) / "kernel.ttir"
-        src.write_text(text)
-        kernel = triton.compile(
-            str(src),
-            target=GPUTarget("cuda", SASS_ARCH, 32),
-            options={"num_warps": num_warps, "enable_fp_fusion": False},
-        )
         cubin = pathlib.Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         dis = subprocess.run(
@@ -285,20 +279,108 @@ def sass_counts(ttir: str, num_warps: int, elements: int) -> dict[str, Any]:
             capture_output=True,
             text=True,
         ).stdout
-    ops: collections.Counter = collections.Counter()
-    for line in dis.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if m:
-            ops[m.group(1)] += 1
+    code = _disassembly(dis)
+    loop = _loop(code)
+    ops = collections.Counter(op for at, op, _ in code if loop is None or at in loop)
     per_thread = elements / (32 * num_warps)
     regs = re.search(r"REG:(\d+)", res)
     alu = sum(n for op, n in ops.items() if op in SASS_ALU)
     return {
         "sass_per_element": round(sum(ops.values()) / per_thread, 1),
         "sass_alu_per_element": round(alu / per_thread, 1),
+        "sass_static_per_element": round(len(code) / per_thread, 1),
+        "sass_loop": loop is not None,
         "sass_registers": int(regs.group(1)) if regs else None,
         "sass_ops": {k: round(v / per_thread, 2) for k, v in ops.most_common()},
     }
+
+
+#: One instruction of ``nvdisasm -c``: address, predicate, opcode, operands.
+_SASS_LINE = r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)"
+
+
+def _disassembly(dis: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` per instruction of ``nvdisasm -c``;
+    a branch's operands name its target's address (labels resolved)."""
+    code, labels, pending = [], {}, []
+    for line in dis.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+        m = re.match(_SASS_LINE, line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update(dict.fromkeys(pending, addr))
+            pending = []
+            code.append((addr, m.group(2), m.group(3)))
+    return [
+        (a, op, re.sub(r"\.L_x_\d+", lambda t: str(labels.get(t.group(0), -1)), rest))
+        for a, op, rest in code
+    ]
+
+
+def _loop(code: list[tuple[int, str, str]]) -> range | None:
+    """The addresses of the kernel's loop (a persistent launch's loop over
+    blocks: the one backward branch), or ``None`` for straight-line code."""
+    back = [
+        range(int(t), a + 1)
+        for a, op, rest in code
+        if op == "BRA"
+        for t in re.findall(r"\b(\d+)\b", rest)
+        if 0 <= int(t) < a
+    ]
+    return max(back, key=len) if back else None
+
+
+def triton_compile(ttir: str, num_warps: int) -> tuple[Any, float]:
+    """Compiles a captured TTIR module for ``sm_90`` with the triton package.
+
+    No GPU needed; Triton's own cache is bypassed (a fresh cache folder), so
+    the seconds are a whole compile (TTIR to cubin) on this host.
+
+    Args:
+      ttir: the module's text (`_capture_triton` with ``keep_ttir``).
+      num_warps: the launch's warps.
+
+    Returns:
+      ``(compiled kernel, seconds)``.
+    """
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    # Triton's parser wants plain symbol names; Pallas names kernels with "-"
+    text = re.sub(r'@"([^"]+)"', lambda m: "@" + re.sub(r"\W", "_", m.group(1)), ttir)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "kernel.ttir"
+        src.write_text(text)
+        with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": tmp}):
+            start = time.perf_counter()
+            kernel = triton.compile(
+                str(src),
+                target=GPUTarget("cuda", SASS_ARCH, 32),
+                options={"num_warps": num_warps, "enable_fp_fusion": False},
+            )
+            return kernel, time.perf_counter() - start
+
+
+def triton_configs(lowered_text: str) -> list[str]:
+    """The backend configs of a lowered module's Triton custom calls.
+
+    XLA's GPU compiler keys its kernel cache on this string (the serialised
+    Triton module, its name, grid and warps): each distinct one is one
+    Triton compile of the step.
+
+    Args:
+      lowered_text: ``jax.jit(f).trace(...).lower(...).as_text()``.
+
+    Returns:
+      One string per custom call in the text (a function called many times
+      counts once).
+    """
+    calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\((.*)", lowered_text)
+    return [re.search(r"backend_config = (\{.*?\})", c).group(1) for c in calls]
 
 
 #: SASS opcodes issued to Hopper's ALU pipe (half the FMA pipe's rate).
@@ -327,7 +409,12 @@ SASS_ALU = frozenset(
 
 
 def count_case(
-    name: str, path: str, shape: tuple[int, ...] = SHAPE, *, sass: bool = False
+    name: str,
+    path: str,
+    shape: tuple[int, ...] = SHAPE,
+    *,
+    sass: bool = False,
+    programs: int | None = None,
 ) -> dict:
     """One record: the kernel of preset ``name`` on ``path``, per element.
 
@@ -336,6 +423,8 @@ def count_case(
       path: ``"chain"``, ``"fused"`` or ``"momentum"`` (`PATHS`).
       shape: the leaf's shape (its groups must fill whole blocks).
       sass: also compile the module to Hopper SASS (`sass_counts`).
+      programs: `kadam.DEFAULT_PROGRAMS` while lowering (``0``: a persistent
+        launch, v22).
 
     Returns:
       ``{"case", "path", "codecs", "elements_per_block", "ops", <CATEGORIES>}``
@@ -365,7 +454,10 @@ def count_case(
             impl="pallas",
         )
 
-    with _capture_triton(keep_ttir=sass) as seen:
+    with (
+        mock.patch.object(kadam, "DEFAULT_PROGRAMS", programs),
+        _capture_triton(keep_ttir=sass) as seen,
+    ):
         jax.jit(step).trace(spec, spec).lower(lowering_platforms=("cuda",))
     if len(seen) != 1:
         raise RuntimeError(
@@ -384,6 +476,7 @@ def count_case(
         "path": path,
         "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
         "elements_per_block": elements,
+        "programs": programs,
         **per_element(counts, elements),
         "ops": {
             k: round(v / elements, 3) for k, v in counts.most_common() if k not in FREE
@@ -409,28 +502,37 @@ def group_case(
     path: str,
     shapes: Sequence[tuple[int, ...]],
     leaves_per_launch: int | None = None,
+    programs: int | None = None,
+    compile_kernels: bool = False,
 ) -> dict:
     """Lowers one `adam_update_many` over ``shapes`` for CUDA (Triton forced).
 
     With ``leaves_per_launch=0`` leaves of one shape share a launch (v6: the
     kernel body traced once, only the loads and stores switch on the leaf);
     ``1`` lowers one launch per leaf; ``None`` what a user gets
-    (`kadam.default_leaves_per_launch`, v20).
+    (`kadam.default_leaves_per_launch`, v20). ``programs`` is
+    `kadam.DEFAULT_PROGRAMS` for the lowering (``None``: one program per
+    block; ``0``: persistent launches, v22).
 
     Args:
       name: a key of `CASES`.
       path: ``"chain"`` or ``"fused"``.
       shapes: the leaves' shapes.
       leaves_per_launch: as `adam_update_many`'s.
+      programs: `kadam.DEFAULT_PROGRAMS` while lowering.
+      compile_kernels: also compile each distinct kernel offline
+        (`triton_compile`) and add the seconds.
 
     Returns:
-      ``{"case", "path", "leaves", "leaves_per_launch", "kernels",
-      "lower_s", "ttir_lower_s", "module_ops", "path_total"}``: kernels
-      lowered, seconds of the whole trace and lowering (the counting
-      excluded) and of Pallas' TTIR lowering alone, operations of every
-      kernel's module (`module_size`), and the TTIR operations per element
-      on one program's path of the first kernel (`ir_counts` with
-      ``first_branch``).
+      ``{"case", "path", "leaves", "leaves_per_launch", "programs",
+      "kernels", "compiled", "lower_s", "ttir_lower_s", "module_ops",
+      "path_total"}`` (and ``"triton_compile_s"``): kernels lowered, Triton
+      compiles XLA runs for the step (distinct `triton_configs`), seconds of
+      the whole trace and lowering (the counting excluded) and of Pallas'
+      TTIR lowering alone, operations of every kernel's module
+      (`module_size`), the TTIR operations per element on one program's path
+      of the first kernel (`ir_counts` with ``first_branch``), and the
+      seconds of those compiles on this host.
     """
     mu_codec, nu_codec = CASES[name]()
     specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
@@ -451,41 +553,63 @@ def group_case(
         )
 
     start = time.perf_counter()
-    with _capture_triton() as seen:
-        jax.jit(step).trace(specs, specs).lower(lowering_platforms=("cuda",))
+    with (
+        mock.patch.object(kadam, "DEFAULT_PROGRAMS", programs),
+        _capture_triton(keep_ttir=compile_kernels) as seen,
+    ):
+        lowered = jax.jit(step).trace(specs, specs).lower(lowering_platforms=("cuda",))
     lower_s = time.perf_counter() - start - sum(x["spy_s"] for x in seen)
-    first = seen[0]  # the first launch's kernel: one loop trip runs one block
+    configs = set(triton_configs(lowered.as_text()))
+    first = seen[0]  # the first launch's kernel: one program runs one block
     gsize = mu_codec.group_size
     elements = kadam.default_block_groups(gsize) * gsize
-    return {
+    rec = {
         "case": name,
         "path": path,
         "leaves": n,
         "leaves_per_launch": leaves_per_launch,
+        "programs": programs,
         "kernels": len(seen),
+        "compiled": len(configs),
         "lower_s": round(lower_s, 2),
         "ttir_lower_s": round(sum(x["lower_s"] for x in seen), 2),
         "module_ops": sum(x["module_ops"] for x in seen),
         "path_total": per_element(first["path_counts"], elements)["total"],
     }
+    if compile_kernels:
+        # one compile per distinct (module, grid): the grid is not in the TTIR
+        runs = {(x["ttir"], x["programs"]) for x in seen}
+        seconds = {}
+        for ttir, _ in runs:
+            if ttir not in seconds:
+                seconds[ttir] = triton_compile(ttir, kadam.default_num_warps(elements))[
+                    1
+                ]
+        rec["triton_compile_s"] = round(sum(seconds[t] for t, _ in runs), 2)
+    return rec
 
 
 def _group_table(records: list[dict]) -> str:
-    cols = ("leaves", "leaves_per_launch", "kernels", "lower_s", "ttir_lower_s")
-    cols += ("module_ops", "path_total")
+    cols = ("leaves", "leaves_per_launch", "programs", "kernels", "compiled")
+    cols += ("lower_s", "ttir_lower_s", "module_ops", "path_total", "triton_compile_s")
     head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>18}" for c in cols)
     rows = [
-        f"{r['case']:<10}{r['path']:<7}" + "".join(f"{r[c]!s:>18}" for c in cols)
+        f"{r['case']:<10}{r['path']:<7}"
+        + "".join(f"{r.get(c, '')!s:>18}" for c in cols)
         for r in records
     ]
     return "\n".join([head, *rows])
 
 
 def _table(records: list[dict]) -> str:
-    sass = ("sass_per_element", "sass_alu_per_element", "sass_registers")
+    sass = ("sass_per_element", "sass_alu_per_element", "sass_static_per_element")
+    sass += ("sass_registers",)
     cols = [*CATEGORIES, *(c for c in sass if c in records[0])]
     names = [
-        c.replace("_per_element", "").replace("sass_registers", "regs") for c in cols
+        c.replace("_per_element", "")
+        .replace("sass_registers", "regs")
+        .replace("sass_static", "static")
+        for c in cols
     ]
     head = f"{'case':<10}{'path':<9}" + "".join(f"{c:>9}" for c in names)
     rows = [
@@ -529,12 +653,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also compile each kernel to Hopper SASS and count its instructions "
         "(needs the triton package: pip install triton)",
     )
+    ap.add_argument(
+        "--programs",
+        type=int,
+        default=None,
+        help="kadam.DEFAULT_PROGRAMS for the per-case rows (0: persistent "
+        "launches, v22; default: one program per block)",
+    )
     args = ap.parse_args(argv)
     for name in args.cases.split(","):
         if name not in CASES:
             ap.error(f"--cases: {name!r} is not one of {tuple(CASES)}")
     records = [
-        count_case(name, path, sass=args.sass)
+        count_case(name, path, sass=args.sass, programs=args.programs)
         for name in args.cases.split(",")
         for path in args.paths.split(",")
     ]
@@ -550,8 +681,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     [GROUP_SHAPE] * args.group_leaves,
                     leaves_per_launch=0,
                 ),
-                group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=1),
                 group_case(name, "fused", GPT2S_QUANTIZED, leaves_per_launch=0),
+            ]
+            # what the step compiles on GPT-2 small: per leaf and by default,
+            # one program per block and persistent (v22)
+            groups += [
+                group_case(
+                    name,
+                    "fused",
+                    GPT2S_QUANTIZED,
+                    leaves_per_launch=per,
+                    programs=programs,
+                    compile_kernels=args.sass,
+                )
+                for per in (1, None)
+                for programs in (None, 0)
             ]
         print(_group_table(groups))
     if args.json:

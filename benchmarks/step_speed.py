@@ -862,6 +862,8 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
             cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
         if kadam.LEAVES_PER_LAUNCH is not None:  # None: by the block's size
             cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
+        if kadam.DEFAULT_PROGRAMS is not None:  # None: one program per block
+            cmd += ["--programs", str(kadam.DEFAULT_PROGRAMS)]
         proc = subprocess.run(
             cmd,
             env=env,
@@ -914,6 +916,7 @@ def run_meta(args: argparse.Namespace) -> dict:
         "impl": args.impl,
         "lowering": os.environ.get("OPTAX_LOWBIT_GPU_LOWERING", "triton"),
         "leaves_per_launch": kadam.LEAVES_PER_LAUNCH,
+        "programs": kadam.DEFAULT_PROGRAMS,
         "step_signature": "step(grads, params, state)"
         if PARAMS_FIRST
         else "step(grads, state, params)",
@@ -1125,6 +1128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "by the block's size, kadam.default_leaves_per_launch, v20)",
     )
     ap.add_argument(
+        "--programs",
+        type=int,
+        default=None,
+        help="programs of every kernel launch, kadam.DEFAULT_PROGRAMS (0: a "
+        "persistent launch of launch.default_programs, one kernel per codec "
+        "pair, NOTES_kernels.md v22; default: one program per block)",
+    )
+    ap.add_argument(
         "--state-first",
         action="store_true",
         help="time step(grads, state, params) instead of step(grads, params, "
@@ -1158,6 +1169,8 @@ def main(argv: list[str] | None = None) -> dict:
         kadam.DEFAULT_NUM_WARPS = args.num_warps
     if args.leaves_per_launch is not None:
         kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
+    if args.programs is not None:
+        kadam.DEFAULT_PROGRAMS = args.programs
     global PARAMS_FIRST
     PARAMS_FIRST = not args.state_first
     if args.ptx_child:

@@ -159,29 +159,34 @@ def tables(codec: base.Codec) -> list[jax.Array]:
     return out
 
 
-def load(ref: Any, valid: jax.Array, idx: jax.Array) -> jax.Array:
+def load(ref: Any, valid: jax.Array | None, idx: jax.Array) -> jax.Array:
     """``ref[idx]``, a block's gathered offsets; rows past the end read 0.
 
     Args:
       ref: a kernel ref of a flat buffer.
-      valid: bool ``(block,)`` rows inside the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
       idx: int32 ``(block, n)`` offsets into ``ref``.
 
     Returns:
       The loaded values.
     """
+    if valid is None:
+        return ref[idx]
     return plgpu.load(ref.at[idx], mask=valid[:, None], other=0)
 
 
-def store(ref: Any, value: jax.Array, valid: jax.Array, idx: jax.Array) -> None:
+def store(ref: Any, value: jax.Array, valid: jax.Array | None, idx: jax.Array) -> None:
     """Stores ``value`` at ``idx`` of ``ref``, skipping rows past the end.
 
     Args:
       ref: a kernel ref of a flat buffer.
       value: ``(block, n)`` values.
-      valid: bool ``(block,)`` rows inside the leaf.
+      valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
       idx: int32 ``(block, n)`` offsets into ``ref``.
     """
+    if valid is None:
+        ref[idx] = value
+        return
     plgpu.store(ref.at[idx], value, mask=valid[:, None])
 
 

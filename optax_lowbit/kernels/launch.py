@@ -252,32 +252,39 @@ def _repack(out, state, moments):
     return out, new
 
 
-def signature(
-    g: Any, params: Any, group_size: int, persistent: bool = False
-) -> tuple[Any, ...]:
-    """What leaves must share to run in one launch: dtypes, a partial group.
+def signature(g: Any, params: Any, config: LaunchConfig) -> tuple[Any, ...]:
+    """What leaves must share to run in one launch.
 
     The kernel reads the leaves' sizes from its size table (`loop.sizes`),
-    so leaves of any shapes can share a launch. One program per block, the
-    grid is the launch's block count, and leaves of one shape are grouped
-    so that their launches share a grid (one compiled kernel); a persistent
-    launch's grid is fixed and the shape is left out.
+    so leaves of any shapes can share a launch. With one program per block
+    the grid is the launch's block count, and leaves of one shape are
+    grouped so that their launches share a grid (one compiled kernel); a
+    persistent launch's grid is fixed and the shape is left out.
 
     Args:
       g: the gradient leaf (or its shape and dtype).
       params: the parameter leaf of the fused apply, or ``None``.
-      group_size: the codecs' group size.
-      persistent: whether the launches are persistent
-        (``LaunchConfig.programs`` set).
+      config: the launch configuration.
 
     Returns:
       A hashable key: whether the rows end in a partial group (the kernel
-      then zeroes the padded tail), ``g``'s dtype and ``params``' (``None``
-      without the apply), and ``g``'s shape unless ``persistent``.
+      then zeroes the padded tail), whether the last block is partial (the
+      kernel then masks loads and stores), ``g``'s dtype and ``params``'
+      (``None`` without the apply), and ``g``'s shape unless the launches
+      are persistent.
     """
+    shape = tuple(g.shape)
+    gsize = config.codecs[0].group_size
+    lead, _ = base.lead_and_last(shape)
+    rows = math.prod(lead) * base.num_groups(shape, gsize)
     p_dtype = None if params is None else jnp.dtype(params.dtype)
-    shape = None if persistent else tuple(g.shape)
-    return (padded(tuple(g.shape), group_size), jnp.dtype(g.dtype), p_dtype, shape)
+    return (
+        padded(shape, gsize),
+        bool(rows % config.block_groups),
+        jnp.dtype(g.dtype),
+        p_dtype,
+        None if config.programs is not None else shape,
+    )
 
 
 def padded(shape: tuple[int, ...], group_size: int) -> bool:
@@ -297,8 +304,9 @@ def many_leaves(
     """`one_leaf` of many leaves: a few kernel launches per leaf signature.
 
     Unsharded leaves that share a `signature` (the gradient's and the
-    parameters' dtypes, whether rows end in a partial group, and the shape
-    unless the launches are persistent) run in launches of at most
+    parameters' dtypes, whether rows end in a partial group or the last
+    block in a partial one, and the shape unless the launches are
+    persistent) run in launches of at most
     ``leaves_per_launch`` leaves, in order, the launches' sizes as even as
     possible (`chunks`: at most two sizes, so at most two compiled kernels
     per signature); a leaf alone in its launch and leaves sharded under
@@ -321,15 +329,13 @@ def many_leaves(
     seeds = [None] * n if seeds is None else list(seeds)
     params = [None] * n if params is None else list(params)
     per_launch = max(1, leaves_per_launch or n)
-    gsize = config.codecs[0].group_size
     results: list[Any] = [None] * n
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, g in enumerate(gs):
         if lead_sharding(g) is not None or per_launch == 1:
             results[k] = one_leaf(g, moments[k], hps[k], seeds[k], params[k], config)
         else:
-            key = signature(g, params[k], gsize, config.programs is not None)
-            groups.setdefault(key, []).append(k)
+            groups.setdefault(signature(g, params[k], config), []).append(k)
     n_moments = len(config.codecs)
     for idx in [c for same in groups.values() for c in chunks(same, per_launch)]:
         if len(idx) == 1:
@@ -438,7 +444,7 @@ def launch(
     gsize = codecs[0].group_size
     apply = leaves[0][2] is not None
     persistent = config.programs is not None
-    keys = {signature(x[0], x[2], gsize, persistent) for x in leaves}
+    keys = {signature(x[0], x[2], config) for x in leaves}
     lead_global = leaves[0][3]
     if len(keys) > 1 or len({x[3] for x in leaves}) > 1:
         raise ValueError(
@@ -503,6 +509,7 @@ def launch(
         block=block,
         apply=apply,
         padded=next(iter(keys))[0],
+        ragged=next(iter(keys))[1],
         persistent=persistent,
         lead_local=lead_local,
         lead_global=None if lead_global is None else tuple(lead_global),

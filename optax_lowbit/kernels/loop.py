@@ -286,6 +286,7 @@ def kernel(
     block,
     apply,
     padded,
+    ragged,
     persistent,
     lead_local=None,
     lead_global=None,
@@ -320,6 +321,8 @@ def kernel(
       block: groups per block.
       apply: the fused apply (``p`` among each leaf's inputs).
       padded: whether the leaves' rows end in a partial group.
+      ragged: whether a leaf's last block runs past its rows (masked loads
+        and stores; without, none are masked).
       persistent: whether each program loops over blocks.
       lead_local: a shard's group grid (on a shard, else ``None``).
       lead_global: the whole leaf's group grid on a shard, else ``None``.
@@ -335,7 +338,8 @@ def kernel(
         slot = leaf * SIZE_SLOTS
         first = size_ref[slot + FIRST]
         row = (b - first) * block + (jnp.arange(block, dtype=jnp.int32) + zero)
-        valid = row < size_ref[slot + ROWS]  # the leaf's last block may run past
+        # a leaf's last block may run past its rows: masked loads and stores
+        valid = row < size_ref[slot + ROWS] if ragged else None
         loaded = _select(
             leaf,
             [

@@ -8,8 +8,6 @@ jnp reference's; each leaf keeps its own hyperparameters and stochastic
 rounding stream.
 """
 
-import re
-
 import chex
 import jax
 import jax.extend
@@ -207,10 +205,11 @@ def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
     assert launches(polar, 768) == 3
 
 
-#: Leaves of three shapes, whole groups of 128 (and of 64): 6, 40 and 21
-#: group rows of 128, so blocks of 8 groups give 1, 5 and 3 blocks (partial
-#: last blocks, a leaf smaller than one block); 2, 10 and 6 blocks of 64.
-MIXED = [(3, 256), (40, 128), (7, 384)]
+#: Leaves of three shapes, whole groups of 128 (and of 64): 6, 41 and 21
+#: group rows of 128, so blocks of 8 groups give 1, 6 and 3 blocks, each
+#: leaf's last one partial (one leaf smaller than a block); 2, 11 and 6
+#: blocks of 64.
+MIXED = [(3, 256), (41, 128), (7, 384)]
 
 
 @pytest.mark.parametrize(
@@ -220,8 +219,8 @@ MIXED = [(3, 256), (40, 128), (7, 384)]
 def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
     """Leaves of different shapes grouped with ``leaves_per_launch=0``: one
     program per block (a launch per shape), or one persistent launch run by
-    1 program (a loop over all 18 blocks), 3 (loops of 6) or 32 (14 idle);
-    blockwise (groups of 128, 9 blocks) by 3. Every output equals one launch
+    1 program (a loop over all 19 blocks), 3 (loops of 6-7) or 32 (13
+    idle); blockwise (groups of 128, 10 blocks) by 3. Every output equals one launch
     per leaf bit for bit, the state the jnp reference's."""
     monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
     mc, nc = VARIANTS[variant]
@@ -243,20 +242,17 @@ def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
 
 
 def _triton_configs(monkeypatch, fn, *args) -> list[str]:
-    """The backend configs of ``fn``'s Triton custom calls, lowered for CUDA.
-
-    The Pallas Triton lowering is forced (it runs on a CPU host). XLA's GPU
-    compiler keys its kernel cache on this string (the Triton module, its
-    name, grid and warps): one distinct string is one compiled kernel.
-    """
+    """`kernel_ops.triton_configs` of ``fn`` lowered for CUDA, Triton forced
+    (it lowers on a CPU host): one distinct string, one kernel XLA compiles."""
+    from benchmarks import kernel_ops
     from optax_lowbit.kernels import _backend
 
     triton = _backend.Backend(interpret=False, lowering="triton")
     monkeypatch.setattr(_backend, "pick", lambda lowering=None: triton)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\((.*)", text)
-    assert calls, "no Triton custom call lowered"
-    return [re.search(r"backend_config = (\{.*?\})", c).group(1) for c in calls]
+    configs = kernel_ops.triton_configs(text)
+    assert configs, "no Triton custom call lowered"
+    return configs
 
 
 @pytest.mark.parametrize(("programs", "per_launch"), [(None, 1), (0, 1), (0, 3)])
@@ -267,7 +263,9 @@ def test_one_compiled_kernel_per_codec_pair(monkeypatch, programs, per_launch):
     own grid: one kernel per shape."""
     monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
     mc, nc = VARIANTS["sr2"]
-    shapes = [(64, 128), (96, 64), (8, 512), (200, 64), (64, 320), (128, 128)]
+    # groups of 64 filling whole blocks of 16 groups (a partial last block
+    # is another kernel: masked loads and stores)
+    shapes = [(64, 128), (96, 64), (8, 512), (208, 64), (64, 320), (128, 128)]
     specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
     hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
 
@@ -285,5 +283,5 @@ def test_one_compiled_kernel_per_codec_pair(monkeypatch, programs, per_launch):
         )
 
     configs = _triton_configs(monkeypatch, step, specs, specs)
-    # 8192, 6144, 4096, 12800, 20480, 16384 elements: 6 block counts of 1024
+    # 8192, 6144, 4096, 13312, 20480, 16384 elements: 6 block counts of 1024
     assert len(set(configs)) == (1 if programs is not None else len(shapes))
