@@ -368,19 +368,38 @@ def triton_compile(ttir: str, num_warps: int) -> tuple[Any, float]:
 def triton_configs(lowered_text: str) -> list[str]:
     """The backend configs of a lowered module's Triton custom calls.
 
-    XLA's GPU compiler keys its kernel cache on this string (the serialised
-    Triton module, its name, grid and warps): each distinct one is one
-    Triton compile of the step.
+    XLA's GPU compiler keys its kernel cache on this dictionary (the
+    serialised Triton module, its name, grid and warps): each distinct one
+    is one Triton compile of the step.
 
     Args:
       lowered_text: ``jax.jit(f).trace(...).lower(...).as_text()``.
 
     Returns:
       One string per custom call in the text (a function called many times
-      counts once).
+      counts once): the whole ``backend_config = {...}`` dictionary, its
+      quoted strings (the module's bytes) included.
     """
-    calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\((.*)", lowered_text)
-    return [re.search(r"backend_config = (\{.*?\})", c).group(1) for c in calls]
+    out = []
+    for line in lowered_text.splitlines():
+        if "@__gpu$xla.gpu.triton" not in line:
+            continue
+        start = line.index("backend_config = {") + len("backend_config = ")
+        depth, quoted, escaped = 0, False, False
+        for end in range(start, len(line)):
+            c = line[end]
+            if escaped:
+                escaped = False
+            elif quoted:
+                escaped, quoted = c == "\\", c != '"'
+            elif c == '"':
+                quoted = True
+            elif c in "{}":
+                depth += 1 if c == "{" else -1
+                if depth == 0:
+                    break
+        out.append(line[start : end + 1])
+    return out
 
 
 #: SASS opcodes issued to Hopper's ALU pipe (half the FMA pipe's rate).

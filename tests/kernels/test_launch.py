@@ -1,0 +1,69 @@
+"""`launch.chunks`, `loop.sizes` and `launch.default_programs`: how a launch
+splits leaves, describes their sizes to the kernel, and picks its grid."""
+
+import math
+
+import jax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optax_lowbit.kernels import launch, loop
+
+shapes = st.lists(
+    st.tuples(st.integers(1, 9), st.integers(1, 700)), min_size=1, max_size=7
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(n=st.integers(0, 60), most=st.integers(1, 9))
+def test_chunks_in_order_and_even(n, most):
+    items = list(range(n))
+    runs = launch.chunks(items, most)
+    assert [x for run in runs for x in run] == items
+    assert len(runs) == math.ceil(n / most)
+    lengths = {len(run) for run in runs}
+    assert max(lengths, default=0) <= most
+    assert max(lengths, default=0) - min(lengths, default=0) <= 1
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    shapes=shapes,
+    group_size=st.sampled_from([16, 64, 128]),
+    block=st.sampled_from([1, 8, 16]),
+)
+def test_sizes_table(shapes, group_size, block):
+    """Each leaf's first block, rows, last axis and groups per row; then the
+    block count and a 0; zero padding to a power of two."""
+    table = loop.sizes(shapes, group_size, block)
+    n = len(shapes)
+    assert table.dtype.name == "int32"
+    assert len(table) == 1 << math.ceil(math.log2(n * loop.SIZE_SLOTS + 2))
+    first = 0
+    for k, (rows, last) in enumerate(shapes):
+        groups = -(-last // group_size)
+        at = k * loop.SIZE_SLOTS
+        assert table[at + loop.FIRST] == first
+        assert table[at + loop.ROWS] == rows * groups
+        assert table[at + loop.LAST] == last
+        assert table[at + loop.GROUPS_PER_ROW] == groups
+        first += -(-rows * groups // block)
+    assert table[n * loop.SIZE_SLOTS] == first
+    assert not table[n * loop.SIZE_SLOTS + 1 :].any()
+
+
+def test_sizes_rejects_int32_overflow():
+    with pytest.raises(ValueError, match="overflows"):
+        loop.sizes([(2**31, 16)], 16, 1)
+
+
+def test_default_programs():
+    """One resident wave: SMs x 16 warps, whatever the leaves; few programs
+    (that loop) in the interpreter."""
+    assert launch.default_programs(4, interpret=True) == launch.INTERPRET_PROGRAMS
+    if jax.default_backend() != "gpu":
+        sms = launch.DEFAULT_SMS
+        assert launch.default_programs(4, interpret=False) == sms * 4
+        assert launch.default_programs(8, interpret=False) == sms * 2
+        assert launch.default_programs(32, interpret=False) == sms
