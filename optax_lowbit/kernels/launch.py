@@ -78,10 +78,12 @@ def block_elements(block_groups: int, codecs: Sequence[base.Codec]) -> int:
     return block_groups * max(c.group_size for c in codecs)
 
 
-#: Warps per SM a persistent launch runs (`default_programs`): resident
-#: together for kernels of up to 128 registers a thread (65536 / (128 x 32));
-#: the persistent kernels take 64-107 offline (Triton's ptxas, sm_90).
-PERSISTENT_WARPS_PER_SM = 16
+#: Warps per SM of a persistent launch's programs (`default_programs`): four
+#: times what an SM keeps resident at 128 registers a thread (65536 / (128 x
+#: 32) = 16 warps), so the SMs run as many programs as the kernel's registers
+#: allow (polar 2-bit: 64-80, offline 54-108 for every kernel) and the
+#: hardware scheduler balances the rest.
+PERSISTENT_WARPS_PER_SM = 64
 #: SMs assumed where the device does not say (lowering for CUDA on a CPU
 #: host): an H100/H200's 132.
 DEFAULT_SMS = 132
@@ -90,12 +92,18 @@ INTERPRET_PROGRAMS = 2
 
 
 def default_programs(num_warps: int, interpret: bool) -> int:
-    """Programs of a persistent launch: one wave that stays resident.
+    """Programs of a persistent launch: a few waves, whatever the leaves.
 
-    Every program loops over an equal share of the blocks, so all of them
-    must run at once: more programs than an SM keeps resident would run a
-    second wave after the first and double the time. The count does not
-    depend on the leaves, so a step compiles one kernel per codec pair.
+    The count does not depend on the leaves, so a step compiles one kernel
+    per codec pair. Program ``i`` runs blocks ``i, i + P, ...``, so the
+    programs' work is equal up to one block. One wave only (as many
+    programs as stay resident) would cap the occupancy at what the assumed
+    registers allow and, where fewer stay resident, run a second wave after
+    the first (twice the time); several waves let the SMs keep as many
+    programs as fit, and cost a launch of fewer blocks than programs its
+    idle programs (each exits after reading the block count). A leaf of
+    fewer blocks than programs runs one block per program, as without a
+    persistent launch.
 
     Args:
       num_warps: Triton warps per block.

@@ -59,11 +59,11 @@ def test_sizes_rejects_int32_overflow():
 
 
 def test_default_programs():
-    """One resident wave: SMs x 16 warps, whatever the leaves; few programs
-    (that loop) in the interpreter."""
+    """SMs x 64 warps of programs, whatever the leaves; few programs (that
+    loop) in the interpreter."""
     assert launch.default_programs(4, interpret=True) == launch.INTERPRET_PROGRAMS
     if jax.default_backend() != "gpu":
         sms = launch.DEFAULT_SMS
-        assert launch.default_programs(4, interpret=False) == sms * 4
-        assert launch.default_programs(8, interpret=False) == sms * 2
-        assert launch.default_programs(32, interpret=False) == sms
+        assert launch.default_programs(4, interpret=False) == sms * 16
+        assert launch.default_programs(8, interpret=False) == sms * 8
+        assert launch.default_programs(128, interpret=False) == sms
