@@ -10,8 +10,9 @@ definition of each step, also run by the jnp paths), with ``apply`` applies
 AdamW (`rules.apply_step`), and encodes the new moments
 (``codec.kernel_encode``); `store_block` stores codes, scales and the
 output. `kernel` runs them over a group of leaves of any shapes (their
-sizes a table, `sizes`; each program loops over blocks): the loads and
-stores pick the leaf's refs, the arithmetic between them is traced once.
+sizes a table, `sizes`; one program per block, or a persistent loop of each
+program over blocks): the loads and stores pick the leaf's refs, the
+arithmetic between them is traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
 hash of each pair's row-major position in the leaf's pair grid
