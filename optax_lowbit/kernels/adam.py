@@ -48,6 +48,7 @@ from typing import Any
 
 import jax
 
+from optax_lowbit import _checks
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
@@ -220,9 +221,19 @@ def launch_config(
     Returns:
       A `launch.LaunchConfig` (static: the jitted launches' cache key), with
       `DEFAULT_PROGRAMS` (read now) as its programs.
+
+    Raises:
+      TypeError, ValueError: `DEFAULT_PROGRAMS` is not ``None``, 0 or an
+        int > 0.
     """
     group_size = max(c.group_size for c in codecs)
     block_groups = block_groups or default_block_groups(group_size)
+    programs = DEFAULT_PROGRAMS
+    zero = type(programs) is int and programs == 0  # not False: a bool is no count
+    if programs is not None and not zero:
+        _checks.positive_int(
+            "optax_lowbit.kernels.adam.DEFAULT_PROGRAMS (None, 0 or n > 0)", programs
+        )
     return launch.LaunchConfig(
         rule=rule,
         codecs=tuple(codecs),
@@ -230,7 +241,7 @@ def launch_config(
         num_warps=num_warps
         or default_num_warps(launch.block_elements(block_groups, codecs)),
         lowering=lowering,
-        programs=DEFAULT_PROGRAMS,
+        programs=programs,
     )
 
 

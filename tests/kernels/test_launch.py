@@ -67,3 +67,20 @@ def test_default_programs():
         assert launch.default_programs(4, interpret=False) == sms * 16
         assert launch.default_programs(8, interpret=False) == sms * 8
         assert launch.default_programs(128, interpret=False) == sms
+
+
+@pytest.mark.parametrize("bad", [-1, True, "0", 2.0])
+def test_bad_programs_named(monkeypatch, bad):
+    """A bad `kadam.DEFAULT_PROGRAMS` fails when the launch is configured,
+    naming the setting and what it accepts."""
+    from optax_lowbit.kernels import adam as kadam
+    from optax_lowbit.kernels import rules
+    from optax_lowbit.transforms import adam_presets
+
+    codecs = adam_presets.polar_codecs(2, "stochastic")
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", bad)
+    with pytest.raises((TypeError, ValueError), match="DEFAULT_PROGRAMS"):
+        kadam.launch_config(rules.AdamRule(), codecs)
+    for good in (None, 0, 3):
+        monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", good)
+        assert kadam.launch_config(rules.AdamRule(), codecs).programs == good
