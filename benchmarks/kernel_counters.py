@@ -44,7 +44,7 @@ import sys
 import tarfile
 import tempfile
 
-from benchmarks import _markdown
+from benchmarks import _kernel_args, _markdown
 
 OPTIMIZERS = "polar2,polar1.5,4bit,8bit,optax.adamw"
 COLS = 16384
@@ -240,6 +240,7 @@ def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> lis
         name,
         "--rows",
         str(rows),
+        *_kernel_args.argv(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     (raw / f"{stem.name}_ncu.log").write_text(proc.stdout + proc.stderr)
@@ -328,9 +329,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="pallas", help=argparse.SUPPRESS)
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
     if args.rows <= 0:
         ap.error(f"--rows must be a positive integer, got {args.rows}")
+    _kernel_args.apply(args)
     if args.child:
         child(args.child, args.rows)
         return []

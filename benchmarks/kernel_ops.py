@@ -61,6 +61,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
+from benchmarks import _kernel_args
 from optax_lowbit.kernels import _backend, rules
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
@@ -672,14 +673,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also compile each kernel to Hopper SASS and count its instructions "
         "(needs the triton package: pip install triton)",
     )
-    ap.add_argument(
-        "--programs",
-        type=int,
-        default=None,
-        help="kadam.DEFAULT_PROGRAMS for the per-case rows (0: persistent "
-        "launches, v22; default: one program per block)",
-    )
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
+    _kernel_args.apply(args)
     for name in args.cases.split(","):
         if name not in CASES:
             ap.error(f"--cases: {name!r} is not one of {tuple(CASES)}")

@@ -44,7 +44,7 @@ from typing import Any
 
 import jax
 
-from benchmarks import step_speed
+from benchmarks import _kernel_args, step_speed
 
 #: the rows profiled by default: fp32 AdamW and the polar 2-bit fused and
 #: chain steps
@@ -235,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time step(grads, state, params) (step_speed.PARAMS_FIRST)",
     )
     ap.add_argument("--out", default=None, help="JSON path")
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
@@ -252,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the profile; returns what it wrote."""
     args = parse_args(argv)
+    _kernel_args.apply(args)
     if args.tiny:
         step_speed.N_TIMED, step_speed.N_WARM = 3, 1
     step_speed.PARAMS_FIRST = not args.state_first

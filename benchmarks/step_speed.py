@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_lowbit as lowbit
+from benchmarks import _kernel_args
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import adam as kadam
 
@@ -857,13 +858,7 @@ def ptx_counts(impl: str, optimizers=(), log=print) -> tuple[list[dict], str | N
         )
         cmd = [sys.executable, "-m", "benchmarks.step_speed", "--ptx-child", tmp]
         cmd += ["--impl", impl, "--optimizers", ",".join(optimizers)]
-        cmd += ["--block-groups", str(kadam.DEFAULT_BLOCK_GROUPS)]
-        if kadam.DEFAULT_NUM_WARPS:  # None: each block's default_num_warps
-            cmd += ["--num-warps", str(kadam.DEFAULT_NUM_WARPS)]
-        if kadam.LEAVES_PER_LAUNCH is not None:  # None: by the block's size
-            cmd += ["--leaves-per-launch", str(kadam.LEAVES_PER_LAUNCH)]
-        if kadam.DEFAULT_PROGRAMS is not None:  # None: one program per block
-            cmd += ["--programs", str(kadam.DEFAULT_PROGRAMS)]
+        cmd += _kernel_args.argv()
         proc = subprocess.run(
             cmd,
             env=env,
@@ -915,8 +910,7 @@ def run_meta(args: argparse.Namespace) -> dict:
         "n_warm": N_WARM,
         "impl": args.impl,
         "lowering": os.environ.get("OPTAX_LOWBIT_GPU_LOWERING", "triton"),
-        "leaves_per_launch": kadam.LEAVES_PER_LAUNCH,
-        "programs": kadam.DEFAULT_PROGRAMS,
+        **_kernel_args.settings(),
         "step_signature": "step(grads, params, state)"
         if PARAMS_FIRST
         else "step(grads, state, params)",
@@ -1117,24 +1111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the kernels' TTIR op counts (device-independent; ~1 s a kernel)",
     )
     ap.add_argument("--variants", default="", help="kernel variants to check/sweep")
-    ap.add_argument("--block-groups", type=int, default=None)
-    ap.add_argument("--num-warps", type=int, default=None)
-    ap.add_argument(
-        "--leaves-per-launch",
-        type=int,
-        default=None,
-        help="most leaves of one shape per kernel launch (1: one launch per "
-        "leaf, the pre-v6 path; 0: no limit, NOTES_kernels.md v6; default: "
-        "by the block's size, kadam.default_leaves_per_launch, v20)",
-    )
-    ap.add_argument(
-        "--programs",
-        type=int,
-        default=None,
-        help="programs of every kernel launch, kadam.DEFAULT_PROGRAMS (0: a "
-        "persistent launch of launch.default_programs, one kernel per codec "
-        "pair, NOTES_kernels.md v22; default: one program per block)",
-    )
+    _kernel_args.add(ap)
     ap.add_argument(
         "--state-first",
         action="store_true",
@@ -1163,14 +1140,7 @@ def main(argv: list[str] | None = None) -> dict:
         N_TIMED, N_WARM = 3, 1
     if args.n_timed:
         N_TIMED = args.n_timed
-    if args.block_groups:
-        kadam.DEFAULT_BLOCK_GROUPS = args.block_groups
-    if args.num_warps:
-        kadam.DEFAULT_NUM_WARPS = args.num_warps
-    if args.leaves_per_launch is not None:
-        kadam.LEAVES_PER_LAUNCH = args.leaves_per_launch
-    if args.programs is not None:
-        kadam.DEFAULT_PROGRAMS = args.programs
+    _kernel_args.apply(args)
     global PARAMS_FIRST
     PARAMS_FIRST = not args.state_first
     if args.ptx_child:
