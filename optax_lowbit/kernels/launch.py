@@ -298,7 +298,15 @@ def signature(g: Any, params: Any, config: LaunchConfig) -> tuple[Any, ...]:
 
 
 def padded(shape: tuple[int, ...], group_size: int) -> bool:
-    """Whether a leaf of ``shape``'s rows end in a partial group."""
+    """Whether a leaf of ``shape``'s rows end in a partial group.
+
+    Args:
+      shape: the leaf's shape.
+      group_size: the codecs' group size.
+
+    Returns:
+      ``True`` where the last axis is not a multiple of ``group_size``.
+    """
     return bool(base.lead_and_last(tuple(shape))[1] % group_size)
 
 
@@ -413,6 +421,12 @@ def whole(length: int) -> pl.BlockSpec:
     Indexed by element (`pl.Element`), so that the Triton lowering takes the
     block's start as the index map's 0 instead of multiplying a block index
     by the operand's length: the module then holds no operand's length.
+
+    Args:
+      length: the operand's elements.
+
+    Returns:
+      A `pl.BlockSpec` of the whole operand for any program.
     """
     return pl.BlockSpec((pl.Element(length),), lambda i: (0,))
 
