@@ -37,7 +37,7 @@ from unittest import mock
 
 import jax.numpy as jnp
 
-from benchmarks import _markdown
+from benchmarks import _kernel_args, _markdown
 
 base = importlib.import_module("optax_lowbit.codecs.base")
 blockwise = importlib.import_module("optax_lowbit.codecs.blockwise")
@@ -122,8 +122,10 @@ def measure(optimizer: str, variant: str, sass: bool, time: bool, case: str, n: 
     rec: dict[str, Any] = {"optimizer": optimizer, "variant": variant}
     with patched(variant):
         from benchmarks import kernel_ops
+        from optax_lowbit.kernels import adam as kadam
 
-        r = kernel_ops.count_case(optimizer, "fused", sass=sass)
+        programs = kadam.DEFAULT_PROGRAMS  # as --programs set it
+        r = kernel_ops.count_case(optimizer, "fused", sass=sass, programs=programs)
         rec["ttir"] = r["total"]
         if sass:
             rec.update(
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--n", type=int, default=50, help="timed steps")
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
+    _kernel_args.apply(args)
     from benchmarks import kernel_ops
 
     if args.optimizer not in kernel_ops.CASES:
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cmd = [sys.executable, "-m", "benchmarks.kernel_ablation", "--child"]
         cmd += ["--optimizer", args.optimizer, "--variants", v, "--case", args.case]
         cmd += ["--n", str(args.n)] + ["--sass"] * args.sass + ["--time"] * args.time
+        cmd += _kernel_args.argv()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]
         rec = (
