@@ -107,6 +107,20 @@ def num_groups(shape: tuple[int, ...], group_size: int) -> int:
     return -(-last // group_size) if last else 0
 
 
+def group_grid(shape: tuple[int, ...], group_size: int) -> tuple[int, ...]:
+    """The grid of groups of ``shape``: its leading axes, then its groups.
+
+    Args:
+      shape: an array's shape.
+      group_size: elements per group along the last axis.
+
+    Returns:
+      `to_groups`' output shape without its last axis.
+    """
+    lead, _ = lead_and_last(tuple(shape))
+    return (*lead, num_groups(tuple(shape), group_size))
+
+
 def to_groups(x: jax.Array, group_size: int) -> jax.Array:
     """Reshapes ``x`` to ``(*lead, n_groups, group_size)`` float32, zero-padded."""
     x = jnp.asarray(x, jnp.float32)

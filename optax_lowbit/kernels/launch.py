@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -262,7 +262,26 @@ def _repack(out, state, moments):
     return out, new
 
 
-def signature(g: Any, params: Any, config: LaunchConfig) -> tuple[Any, ...]:
+class Signature(NamedTuple):
+    """What leaves must share to run in one launch (`signature`).
+
+    Attributes:
+      padded: the rows end in a partial group (the kernel zeroes the padded
+        tail).
+      ragged: the last block is partial (the kernel masks loads and stores).
+      g_dtype: the gradient's dtype.
+      p_dtype: the parameters' dtype (``None`` without the apply).
+      shape: the leaf's shape, ``None`` for persistent launches.
+    """
+
+    padded: bool
+    ragged: bool
+    g_dtype: Any
+    p_dtype: Any
+    shape: tuple[int, ...] | None
+
+
+def signature(g: Any, params: Any, config: LaunchConfig) -> Signature:
     """What leaves must share to run in one launch.
 
     The kernel reads the leaves' sizes from its size table (`loop.sizes`),
@@ -277,23 +296,17 @@ def signature(g: Any, params: Any, config: LaunchConfig) -> tuple[Any, ...]:
       config: the launch configuration.
 
     Returns:
-      A hashable key: whether the rows end in a partial group (the kernel
-      then zeroes the padded tail), whether the last block is partial (the
-      kernel then masks loads and stores), ``g``'s dtype and ``params``'
-      (``None`` without the apply), and ``g``'s shape unless the launches
-      are persistent.
+      The leaf's `Signature`.
     """
     shape = tuple(g.shape)
     gsize = config.codecs[0].group_size
-    lead, _ = base.lead_and_last(shape)
-    rows = math.prod(lead) * base.num_groups(shape, gsize)
-    p_dtype = None if params is None else jnp.dtype(params.dtype)
-    return (
-        padded(shape, gsize),
-        bool(rows % config.block_groups),
-        jnp.dtype(g.dtype),
-        p_dtype,
-        None if config.programs is not None else shape,
+    rows = math.prod(base.group_grid(shape, gsize))
+    return Signature(
+        padded=padded(shape, gsize),
+        ragged=bool(rows % config.block_groups),
+        g_dtype=jnp.dtype(g.dtype),
+        p_dtype=None if params is None else jnp.dtype(params.dtype),
+        shape=None if config.programs is not None else shape,
     )
 
 
@@ -522,9 +535,8 @@ def launch(
     seed_flat = jnp.pad(seeds.reshape(-1), (0, n_seed - seeds.size))
     lead_local = None
     if lead_global is not None:
-        shape = tuple(leaves[0][0].shape)
-        lead, _ = base.lead_and_last(shape)
-        lead_local = (*lead, base.num_groups(shape, gsize))
+        lead_local = base.group_grid(tuple(leaves[0][0].shape), gsize)
+    (key,) = keys
     kernel = functools.partial(
         loop.kernel,
         rule=rule,
@@ -532,8 +544,8 @@ def launch(
         n_leaves=len(leaves),
         block=block,
         apply=apply,
-        padded=next(iter(keys))[0],
-        ragged=next(iter(keys))[1],
+        padded=key.padded,
+        ragged=key.ragged,
         persistent=persistent,
         lead_local=lead_local,
         lead_global=None if lead_global is None else tuple(lead_global),
@@ -566,8 +578,8 @@ def launch(
     width = 1 + n_state
     for k, (g, state_in, _, _) in enumerate(leaves):
         out, *state = outs[width * k : width * (k + 1)]
-        lead_groups = base.to_groups(g, gsize).shape[:-1]
-        out = base.from_groups(out.reshape((*lead_groups, gsize)), tuple(g.shape))
+        grid = base.group_grid(tuple(g.shape), gsize)
+        out = base.from_groups(out.reshape((*grid, gsize)), tuple(g.shape))
         state = [x.reshape(old.shape) for x, old in zip(state, state_in, strict=True)]
         results.append((out, *state))
     return results

@@ -263,10 +263,9 @@ def sizes(shapes: Sequence[tuple[int, ...]], group_size: int, block: int) -> np.
     """
     table, first = [], 0
     for shape in shapes:
-        lead, last = base.lead_and_last(tuple(shape))
-        groups_per_row = base.num_groups(tuple(shape), group_size)
-        rows = math.prod(lead) * groups_per_row
-        table += [first, rows, last, groups_per_row]
+        grid = base.group_grid(shape, group_size)
+        rows = math.prod(grid)
+        table += [first, rows, base.lead_and_last(tuple(shape))[1], grid[-1]]
         first += -(-rows // block)
     if first >= 2**31:
         raise ValueError(f"a launch of {first} blocks overflows the int32 table.")
