@@ -122,10 +122,8 @@ def measure(optimizer: str, variant: str, sass: bool, time: bool, case: str, n: 
     rec: dict[str, Any] = {"optimizer": optimizer, "variant": variant}
     with patched(variant):
         from benchmarks import kernel_ops
-        from optax_lowbit.kernels import adam as kadam
 
-        programs = kadam.DEFAULT_PROGRAMS  # as --programs set it
-        r = kernel_ops.count_case(optimizer, "fused", sass=sass, programs=programs)
+        r = kernel_ops.count_case(optimizer, "fused", sass=sass)
         rec["ttir"] = r["total"]
         if sass:
             rec.update(

@@ -434,7 +434,6 @@ def count_case(
     shape: tuple[int, ...] = SHAPE,
     *,
     sass: bool = False,
-    programs: int | None = None,
 ) -> dict:
     """One record: the kernel of preset ``name`` on ``path``, per element.
 
@@ -443,8 +442,9 @@ def count_case(
       path: ``"chain"``, ``"fused"`` or ``"momentum"`` (`PATHS`).
       shape: the leaf's shape (its groups must fill whole blocks).
       sass: also compile the module to Hopper SASS (`sass_counts`).
-      programs: `kadam.DEFAULT_PROGRAMS` while lowering (``0``: a persistent
-        launch, v22).
+
+    The launch is configured as `optax_lowbit.kernels.adam`'s tunables are set
+    (``--programs 0``: a persistent launch, v22); the record says how.
 
     Returns:
       ``{"case", "path", "codecs", "elements_per_block", "ops", <CATEGORIES>}``
@@ -474,10 +474,7 @@ def count_case(
             impl="pallas",
         )
 
-    with (
-        mock.patch.object(kadam, "DEFAULT_PROGRAMS", programs),
-        _capture_triton(keep_ttir=sass) as seen,
-    ):
+    with _capture_triton(keep_ttir=sass) as seen:
         jax.jit(step).trace(spec, spec).lower(lowering_platforms=("cuda",))
     if len(seen) != 1:
         raise RuntimeError(
@@ -496,7 +493,7 @@ def count_case(
         "path": path,
         "codecs": [c.name for c in (mu_codec, nu_codec)[: 1 if muon else 2]],
         "elements_per_block": elements,
-        "programs": programs,
+        "programs": kadam.DEFAULT_PROGRAMS,
         **per_element(counts, elements),
         "ops": {
             k: round(v / elements, 3) for k, v in counts.most_common() if k not in FREE
@@ -680,7 +677,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if name not in CASES:
             ap.error(f"--cases: {name!r} is not one of {tuple(CASES)}")
     records = [
-        count_case(name, path, sass=args.sass, programs=args.programs)
+        count_case(name, path, sass=args.sass)
         for name in args.cases.split(",")
         for path in args.paths.split(",")
     ]
