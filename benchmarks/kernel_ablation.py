@@ -88,7 +88,14 @@ _POLAR, _BLOCK = polar.PolarCodec, blockwise.BlockwiseCodec
 VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "kernel": [],
     "no hash": [
-        (base, "dither_bits", lambda index, seed: index ^ jnp.asarray(seed, jnp.uint32))
+        (
+            base,
+            "dither_bits",
+            lambda group, half, seed: (
+                (group ^ jnp.asarray(seed, jnp.uint32))
+                + jnp.arange(half, dtype=jnp.uint32)
+            ),
+        )
     ],
     "polar: no ring rounding": [(polar, "_round_radius", _no_ring_rounding)],
     "blockwise: no SR": [(blockwise, "_round_stochastic", _nearest_by_search)],

@@ -5,6 +5,11 @@ for each optimizer below, the state after three updates and the update and
 state of a fourth step. `tests/test_checkpoint_compat.py` restores the saved
 state into today's ``tx.init`` structure (what Orbax does with a target) and
 checks that today's code reads it and takes the same fourth step.
+
+``python -m tests._compat_states --steps-only`` keeps the saved states (a
+checkpoint written by the code of their day) and writes only the fourth
+step again: for a change of the random stream, which keeps the format but
+draws other rounding bits (``NOTES_kernels.md`` v23).
 """
 
 from __future__ import annotations
@@ -69,11 +74,26 @@ def flat(tree):
     return out
 
 
-def write(path="tests/data/compat_states.npz"):
+def restore(tx, params, data, name):
+    """The saved state of ``name`` in ``data``, in today's ``tx.init`` structure."""
+    import jax
+
+    shapes = jax.eval_shape(tx.init, params)
+    leaves, target = jax.tree.flatten(shapes)
+    saved = [
+        data[f"{name}/state/{i}"].reshape(-1).view(t.dtype).reshape(t.shape)
+        for i, t in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(target, [jax.numpy.asarray(x) for x in saved])
+
+
+def write(path="tests/data/compat_states.npz", steps_only=False):
     params, grads = inputs()
     out = {}
+    saved = np.load(path) if steps_only else None
     for name, tx in optimizers().items():
-        state, u, new_state = run(tx, params, grads)
+        start = None if saved is None else restore(tx, params, saved, name)
+        state, u, new_state = run(tx, params, grads, state=start)
         for part, tree in (("state", state), ("update", u), ("next", new_state)):
             for i, x in enumerate(flat(tree)):
                 out[f"{name}/{part}/{i}"] = x
@@ -81,4 +101,6 @@ def write(path="tests/data/compat_states.npz"):
 
 
 if __name__ == "__main__":
-    write()
+    import sys
+
+    write(steps_only="--steps-only" in sys.argv[1:])

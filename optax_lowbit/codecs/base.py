@@ -506,6 +506,8 @@ _U32 = jnp.uint32
 #: NumPy, jnp and lax all take.
 _SHIFT_16, _SHIFT_15 = np.uint32(16), np.uint32(15)
 _MUL_1, _MUL_2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
+#: `dither_bits`' step between a group's pairs: 2**32 / golden ratio (odd).
+_WEYL = np.uint32(0x9E3779B9)
 
 
 def hash32(x: Any) -> Any:
@@ -555,23 +557,39 @@ def stream_seed(seed: Any, *salts: int) -> jax.Array:
     return jnp.asarray(s, _U32)
 
 
-def dither_bits(index: jax.Array, seed: Any) -> jax.Array:
-    """Random uint32 bits of element ``index`` in the stream ``seed``.
+def dither_bits(group: jax.Array, half: int, seed: Any) -> jax.Array:
+    """Random uint32 words of the ``half`` pairs of each group, stream ``seed``.
 
-    A counter-based generator: the bits are a pure function of the element's
-    position and the seed, so a kernel that knows an element's index draws the
-    same bits as the jnp reference, and a resumed run draws the same bits as
-    an unbroken one.
+    A counter-based generator: one ``lowbias32`` key per group (two rounds of
+    `hash32` over the group's index and the seed), and pair ``j`` of the group
+    takes ``key + j * 0x9E3779B9`` (wrapping; a Weyl sequence with the golden
+    ratio's increment). The words are a pure function of the group's position
+    and the seed, so a kernel that knows a group's index draws the same bits
+    as the jnp reference, and a resumed run draws the same bits as an
+    unbroken one.
+
+    Each word alone is uniform on 32 bits (the key is), so its two 16-bit
+    halves are independent uniforms and stochastic rounding with them stays
+    unbiased element by element; within a group the words are a lattice, not
+    independent (stratified: of many elements with the same fraction to
+    round, the share rounded up is closer to the fraction than with
+    independent draws). Streams of different seeds (moments, leaves, steps)
+    have independent keys. Hashing once per group instead of twice per pair
+    takes ~9 instructions per element and moment out of the fused kernels
+    (``NOTES_kernels.md``, v23).
 
     Args:
-      index: uint32 element indices (row-major positions in the pair grid).
+      group: uint32 group indices (row-major positions in the leaf's group
+        grid) with a trailing axis of 1.
+      half: pairs per group (the group's size / 2).
       seed: uint32 stream seed (`stream_seed`).
 
     Returns:
-      uint32 array of ``index``'s shape.
+      uint32 array of ``group``'s shape with the trailing axis ``half``.
     """
     seed = jnp.asarray(seed).astype(_U32)
-    return hash32(hash32(index.astype(_U32) ^ seed) + seed)
+    key = hash32(hash32(group.astype(_U32) ^ seed) + seed)
+    return key + jnp.arange(half, dtype=_U32) * _WEYL
 
 
 def flat_index(shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:
@@ -602,9 +620,9 @@ def group_noise(xg: jax.Array, seed: Any) -> jax.Array:
     """The stochastic-rounding bits of ``(..., G)`` groups: one uint32 per pair.
 
     Word ``j`` of a group serves elements ``j`` and ``j + G/2`` (`uniform_pair`
-    splits it); words are drawn at the pair's row-major position in the
-    ``(..., G/2)`` pair grid, as a kernel that knows its global group index
-    draws them (`dither_bits`).
+    splits it); the words of a group come from its row-major position in the
+    leaf's group grid, as a kernel that knows its global group index draws
+    them (`dither_bits`).
 
     Args:
       xg: float ``(..., G)`` groups (only the shape and sharding are read).
@@ -614,8 +632,8 @@ def group_noise(xg: jax.Array, seed: Any) -> jax.Array:
       uint32 ``(..., G/2)``.
     """
     seed = stream_seed(0) if seed is None else seed
-    pairs = (*xg.shape[:-1], xg.shape[-1] // 2)
-    return dither_bits(flat_index(pairs, like=xg), seed)
+    groups = flat_index((*xg.shape[:-1], 1), like=xg)
+    return dither_bits(groups, xg.shape[-1] // 2, seed)
 
 
 def element_uniforms(bits: jax.Array) -> jax.Array:

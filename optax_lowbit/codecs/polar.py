@@ -99,13 +99,14 @@ between its two neighbouring sector directions and its radius between its
 two neighbouring rings (or ``±ρ_1`` through the origin) with the
 probabilities that keep the mean (`assign_stochastic`); for ``v`` only the
 radius is rounded stochastically (never below the smallest ring, so never
-0). The random bits are a counter-based hash of the pair's position and a
-seed the transforms derive from their step count, leaf and moment
-(`base.dither_bits`): no PRNG key in the state, and a restored run continues
-bit for bit. The signed rings change with it: a top ring at 1 lets the
-noisiest pairs set next step's group maximum, which then inflates step after
-step (1.5 bits, one ring at 1.0: a least-squares problem diverges); a top
-ring below 1 clips the largest pairs slightly and is stable. Measured on a
+0). The random bits are counter-based: a hash of the group's position and a
+seed the transforms derive from their step count, leaf and moment, stepped
+per pair by a Weyl sequence (`base.dither_bits`): no PRNG key in the state,
+and a restored run continues bit for bit. The signed rings change with it: a
+top ring at 1 lets the noisiest pairs set next step's group maximum, which
+then inflates step after step (1.5 bits, one ring at 1.0: a least-squares
+problem diverges); a top ring below 1 clips the largest pairs slightly and is
+stable. Measured on a
 least-squares problem (final/initial loss after 100 steps; Adam, SGD
 momentum, Adafactor momentum) and digits (MLP test accuracy)::
 
@@ -682,8 +683,8 @@ class PolarCodec(base.Codec):
         """Encodes ``(..., G)`` groups; see `encode_groups_with`.
 
         A stochastic codec draws one uint32 word per pair from the stream
-        ``seed`` (`base.stream_seed`; ``None`` is stream 0) at the pair's
-        row-major position in the ``(..., G/2)`` pair grid.
+        ``seed`` (`base.stream_seed`; ``None`` is stream 0) from its group's
+        row-major position in the group grid (`base.group_noise`).
         """
         noise = base.group_noise(xg, seed) if self.stochastic else None
         return encode_groups_with(

@@ -15,7 +15,7 @@ program over blocks): the loads and stores pick the leaf's refs, the
 arithmetic between them is traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
-hash of each pair's row-major position in the leaf's pair grid
+words of each group's row-major position in the leaf's group grid
 (`base.dither_bits`) under the stream seed `Codec.encode` would use
 (`rules.stream_seeds`).
 
@@ -172,14 +172,14 @@ def compute_block(
     if p_in is not None:
         p = [x.astype(jnp.float32) for x in p_in]
         out = [apply_step(pk, uk, hp) for pk, uk in zip(p, out, strict=True)]
-    pair = None
+    grow = None
     if any(codec.stochastic for codec in codecs):
-        grow = global_row(row, offs_ref, lead_local, lead_global)
-        half = vals.size // 2
-        pair = grow[:, None] * jnp.uint32(half) + jnp.arange(half, dtype=jnp.uint32)
+        grow = global_row(row, offs_ref, lead_local, lead_global)[:, None]
     encoded = []
     for x, codec, tabs, seed in zip(moments, codecs, tables, seeds, strict=True):
-        noise = base.dither_bits(pair, seed) if codec.stochastic else None
+        noise = None
+        if codec.stochastic:
+            noise = base.dither_bits(grow, vals.size // 2, seed)
         encoded += codec.kernel_encode(whole(x), tabs, noise)
     return (out, *encoded)
 
