@@ -106,9 +106,9 @@ and a restored run continues bit for bit. The signed rings change with it: a
 top ring at 1 lets the noisiest pairs set next step's group maximum, which
 then inflates step after step (1.5 bits, one ring at 1.0: a least-squares
 problem diverges); a top ring below 1 clips the largest pairs slightly and is
-stable. Measured on a
-least-squares problem (final/initial loss after 100 steps; Adam, SGD
-momentum, Adafactor momentum) and digits (MLP test accuracy)::
+stable. Measured on a least-squares problem (final/initial loss after 100
+steps; Adam, SGD momentum, Adafactor momentum) and digits (MLP test
+accuracy)::
 
     rings                 Adam   SGD    Adafactor  digits
     2 bits nearest (.14,.53)  0.125  0.214  0.159   0.978
