@@ -416,18 +416,86 @@ def _bucket_lut(raw: bytes, signed: bool) -> BucketLut | None:
     return None
 
 
-def _count_by_buckets(
-    table: Any, lut: Any, params: BucketLut, x: jax.Array, bits: int
-) -> jax.Array:
-    """`_count_bounds_at_or_below` through a `BucketLut` (``lut``: its table)."""
+#: Lanes of a bucket's entry (`bucket_entries`) per rounding rule.
+NEAREST_LANES = ("bound", "count")
+STOCHASTIC_LANES = ("below", "bound", "above_next", "count")
+
+
+def bucket_entries(
+    qmap: Any, table: Any, lut: BucketLut, stochastic: bool
+) -> np.ndarray:
+    """Per bucket of ``lut``, every value the kernel's search and rounding read.
+
+    With ``c`` a bucket's count (``lut.table``), an element ``x`` of the
+    bucket is at or above ``c`` table entries, and above ``c + 1`` exactly
+    where ``table[c] <= x`` (a bucket holds at most one entry). So the
+    search needs ``table[c]`` and ``c``, and stochastic rounding also the
+    map entries on either side: ``qmap[c]`` (``lo`` when ``x < table[c]``,
+    where ``hi`` is ``table[c] = qmap[c + 1]``) and ``qmap[c + 2]`` (``hi``
+    otherwise, where ``lo`` is ``table[c]``); at the top ``qmap``'s last
+    entry. Read with one address and constant offsets per lane, these are
+    one table read per lane instead of a search's dependent reads and the
+    bracket's two (`NOTES_kernels.md`, v24).
+
+    Args:
+      qmap: the codec's sorted map.
+      table: its `search_table` (nearest) or `stochastic_table`.
+      lut: ``table``'s `bucket_lut`.
+      stochastic: which rounding rule.
+
+    Returns:
+      float32 ``(lanes * buckets,)``, lane-major (`NEAREST_LANES` or
+      `STOCHASTIC_LANES`); the count lane holds the int32 bits of ``c``.
+    """
+    q = np.asarray(qmap, np.float32)
+    t = np.asarray(table, np.float32)
+    c = lut.table.astype(np.int64)
+    count = c.astype(np.int32).view(np.float32)
+    if stochastic:
+        lanes = [q[c], t[c], q[np.minimum(c + 2, q.size - 1)], count]
+    else:
+        lanes = [t[c], count]
+    out = np.concatenate(lanes).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def _bucket_lanes(entries: Any, params: BucketLut, x: jax.Array, lanes: int) -> list:
+    """``x``'s bucket entry (`bucket_entries`): one array per lane."""
     magnitude = jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
     bucket = jnp.clip((magnitude - params.origin) >> params.shift, 0, params.half - 1)
     if params.signed:
         bucket = jnp.where(x < 0, params.half - 1 - bucket, params.half + bucket)
-    count = base.take(lut, bucket, in_range=True).astype(jnp.int32)
-    after = base.take(table, count, in_range=True) <= x
-    # +inf alone counts the table's inf sentinel too
-    return jnp.minimum(count + after.astype(jnp.int32), (1 << bits) - 1)
+    buckets = params.half * (2 if params.signed else 1)
+    return [
+        base.take(entries, bucket + k * buckets, in_range=True) for k in range(lanes)
+    ]
+
+
+def _index_by_buckets(
+    entries: Any, params: BucketLut, x: jax.Array, uniform: Any, bits: int
+) -> jax.Array:
+    """The map index of ``x`` from its bucket entry (`bucket_entries`).
+
+    The same index as the binary search (`_count_bounds_at_or_below`) and,
+    with ``uniform``, as `_round_stochastic` after it, for every non-NaN
+    ``x``.
+    """
+    top = (1 << bits) - 1
+    if uniform is None:
+        bound, count = _bucket_lanes(entries, params, x, len(NEAREST_LANES))
+        index = jax.lax.bitcast_convert_type(count, jnp.int32)
+        # +inf alone counts the table's inf sentinel too
+        return jnp.minimum(index + (bound <= x).astype(jnp.int32), top)
+    below, bound, above_next, count = _bucket_lanes(
+        entries, params, x, len(STOCHASTIC_LANES)
+    )
+    after = bound <= x
+    lo = jnp.where(after, bound, below)
+    hi = jnp.where(after, above_next, bound)
+    index = jax.lax.bitcast_convert_type(count, jnp.int32) + after.astype(jnp.int32)
+    up = _rounds_up(x, lo, hi, uniform)
+    return jnp.minimum(index + up.astype(jnp.int32), top)
 
 
 def stochastic_table(qmap: jax.Array) -> jax.Array:
@@ -441,19 +509,15 @@ def stochastic_table(qmap: jax.Array) -> jax.Array:
     return xp.concatenate([q[1:], xp.full((1,), xp.inf, xp.float32)])
 
 
-def _count(table: Any, x: jax.Array, bits: int, lut: Any = None) -> jax.Array:
-    """The number of ``table`` entries ``<= x``.
-
-    By `_count_by_buckets` where a kernel passes ``lut`` (``(its table ref,
-    BucketLut)``), else by the binary search.
-    """
-    if lut is None:
-        return _count_bounds_at_or_below(table, x, bits)
-    return _count_by_buckets(table, lut[0], lut[1], x, bits)
+def _rounds_up(
+    x: jax.Array, lo: jax.Array, hi: jax.Array, uniform: jax.Array
+) -> jax.Array:
+    """Whether ``x`` in ``[lo, hi]`` rounds up: probability ``(x - lo) / (hi - lo)``."""
+    return uniform * (hi - lo) < x - lo
 
 
 def _round_stochastic(
-    qmap: Any, table: Any, x: jax.Array, uniform: jax.Array, bits: int, lut: Any
+    qmap: Any, table: Any, x: jax.Array, uniform: jax.Array, bits: int
 ) -> jax.Array:
     """Index of ``lo`` or ``hi``, the map entries around ``x``, unbiased.
 
@@ -463,13 +527,12 @@ def _round_stochastic(
     ``hi == lo`` only at the top entry of a strictly increasing map (every
     shipped map is), where ``above == below``: no guard needed (v21).
     """
-    below = _count(table, x, bits, lut)  # entry <= x, or 0
+    below = _count_bounds_at_or_below(table, x, bits)  # entry <= x, or 0
     n = 1 << bits
     above = jnp.minimum(below + 1, n - 1)
     lo = base.take(qmap, below, in_range=True)
     hi = base.take(qmap, above, in_range=True)
-    up = uniform * (hi - lo) < x - lo
-    return jnp.where(up, above, below)
+    return jnp.where(_rounds_up(x, lo, hi, uniform), above, below)
 
 
 def encode_groups_with(
@@ -502,9 +565,10 @@ def encode_groups_with(
         rounding between the two map entries around each value.
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
-      lut: ``(table, params)`` of ``table``'s `bucket_lut` (a kernel's ref
-        and its `BucketLut`): the same indices with two table reads per
-        element instead of a binary search.
+      lut: ``(entries, params)``: the `bucket_entries` of ``table``'s
+        `bucket_lut` (a kernel's ref) and that `BucketLut`: the same
+        indices from one entry per element (one read per lane) instead of
+        a binary search and the bracket's reads.
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -520,18 +584,25 @@ def encode_groups_with(
     )
     scales, divisor = base.safe_scale(absmax, jnp.float32)
     normalised = [x / divisor for x in parts]
-    if noise is None:
+    uniform = [None] * len(parts)
+    if noise is not None:
+        uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
+    if lut is not None:
+        index = [
+            _index_by_buckets(lut[0], lut[1], x, u, bits)
+            for x, u in zip(normalised, uniform, strict=True)
+        ]
+    elif noise is None:
         table = search_table(qmap) if table is None else table
-        index = [_count(table, x, bits, lut) for x in normalised]
+        index = [_count_bounds_at_or_below(table, x, bits) for x in normalised]
     else:
         table = stochastic_table(qmap) if table is None else table
         if not base.is_ref(qmap):
             qmap = jnp.asarray(qmap, jnp.float32)
         if not base.is_ref(table):
             table = jnp.asarray(table, jnp.float32)
-        uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
         index = [
-            _round_stochastic(qmap, table, x, u, bits, lut)
+            _round_stochastic(qmap, table, x, u, bits)
             for x, u in zip(normalised, uniform, strict=True)
         ]
     index = [i.astype(jnp.uint8) for i in index]
@@ -731,11 +802,14 @@ class BlockwiseCodec(base.Codec):
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The arrays a kernel takes as inputs.
 
-        The map, the search table and, at 8 bits, the search's `bucket_lut`
-        (uint8).
+        The map (to decode) and the `bucket_entries` of the search table's
+        `bucket_lut` (to encode); the search table itself where no bucket
+        table fits (none of the shipped maps).
         """
         table, lut = _kernel_search(self)
-        return (self.qmap(), table) + (() if lut is None else (lut.table,))
+        if lut is None:
+            return (self.qmap(), table)
+        return (self.qmap(), bucket_entries(self.qmap(), table, lut, self.stochastic))
 
     def kernel_columns(self) -> list[np.ndarray]:
         """The kernel's parts of a block: its two halves (`base.halves`).
@@ -763,20 +837,19 @@ class BlockwiseCodec(base.Codec):
             x,
             tables[0],
             signed=self.signed,
-            table=tables[1],
+            table=tables[1] if lut is None else None,
             noise=noise if self.stochastic else None,
             planes=True,
-            lut=None if lut is None else (tables[2], lut),
+            lut=None if lut is None else (tables[1], lut),
         )
 
 
 @functools.cache
 def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut | None]:
-    """The search table a kernel reads, and its `bucket_lut` where used.
+    """The codec's search table and its `bucket_lut` (``None`` where none fits).
 
     Built once per codec (the kernel's tables and each trace of its encoder
-    read them). 8 bits only: the binary search there takes 8 steps, 6 of them
-    table reads from a 1 KB table; at 4 bits it is 2 reads and is kept.
+    read them).
     """
     qmap = codec.qmap()
     if codec.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
@@ -785,8 +858,7 @@ def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut | None]
         with jax.ensure_compile_time_eval():  # constants, even under a trace
             table = np.asarray(search_table(qmap), np.float32)
     table.flags.writeable = False
-    lut = bucket_lut(table, codec.signed) if codec.bits == 8 else None
-    return table, lut
+    return table, bucket_lut(table, codec.signed)
 
 
 def blockwise8(

@@ -239,26 +239,31 @@ def _sector_cos_sin(signed: bool) -> tuple[list[float], list[float]]:
     return [clean(math.cos(a)) for a in angles], [clean(math.sin(a)) for a in angles]
 
 
-def sector_cos_sin(sector: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
-    """float32 cos and sin of each int32 ``sector``'s angle (`sector_angles`).
+def code_tables(rings: Any, signed: bool) -> tuple[Any, Any, Any]:
+    """Per code (``ring * S + sector``): its ring radius and its sector's cos and sin.
 
-    The values of `_sector_cos_sin` exactly (0 as +0). Signed sectors are the
-    eight angles ``k·π/4``, built from the octant's structure instead of two
-    8-way select chains: an odd sector has ``|cos| = |sin| = sqrt(1/2)``, an
-    even one a 1 and a 0; cos is negative in sectors 3-5, sin in 5-7.
+    Decoding reads a code's three values from these tables (one read each,
+    `decode_groups_with`) instead of building them from the code's bits by
+    compares and selects: the kernels are bound by the ALU pipe that those
+    take (``NOTES_kernels.md``, v21 and v24). The values are the rings and
+    `_sector_cos_sin`'s (exact zeros), so the decoded products are the same.
+
+    Args:
+      rings: the ring radii: Python floats or a NumPy array (NumPy tables,
+        a kernel's inputs), or a float32 array (jnp tables).
+      signed: which codebook.
+
+    Returns:
+      float32 ``(S·R,)`` radii, cosines and sines.
     """
     cos_t, sin_t = _sector_cos_sin(signed)
-    if not signed:
-        return _select(sector, cos_t), _select(sector, sin_t)
-    mag = jnp.where((sector & 1) == 1, jnp.float32(cos_t[1]), jnp.float32(1.0))
-    quarter = sector & 3  # 0: on the cos axis, 2: on the sin axis
-
-    def signed_value(negative, zero):
-        return jnp.where(zero, jnp.float32(0.0), jnp.where(negative, -mag, mag))
-
-    cos_s = signed_value((sector >= 3) & (sector <= 5), quarter == 2)
-    sin_s = signed_value(sector >= 5, quarter == 0)
-    return cos_s, sin_s
+    n_sectors = len(cos_t)
+    xp = np if isinstance(rings, (list, tuple, np.ndarray)) else jnp
+    rho = xp.repeat(xp.asarray(rings, xp.float32), n_sectors)
+    n_rings = rho.shape[0] // n_sectors
+    cos = xp.asarray(np.tile(np.float32(cos_t), n_rings))
+    sin = xp.asarray(np.tile(np.float32(sin_t), n_rings))
+    return rho, cos, sin
 
 
 def _select(index: jax.Array, values: Sequence[Any]) -> jax.Array:
@@ -564,6 +569,7 @@ def decode_groups_with(
     *,
     signed: bool,
     halves: bool = False,
+    tables: Any = None,
 ) -> Any:
     """Decodes ``(..., bytes)`` codes and ``(..., 1)`` scales to ``(..., G)``.
 
@@ -575,26 +581,25 @@ def decode_groups_with(
       signed: which codebook.
       halves: return the group's two halves (the pairs' coordinates, a
         kernel's parts) instead of their concatenation.
+      tables: `code_tables` of ``rings`` (a kernel passes its input refs);
+        ``None``: built here.
 
     Returns:
       float32 ``(..., G)`` (or its two halves); zeros where the scale is 0;
       for unsigned codecs every value is > 0 where the scale is > 0.
     """
     rings = ring_values(rings)
-    n_rings = len(rings)
-    n_sectors = _num_sectors(signed)
-    bits = code_bits(n_rings, signed)
+    bits = code_bits(len(rings), signed)
+    if tables is None:
+        tables = code_tables(jnp.stack(rings), signed)
     if isinstance(codes, (list, tuple)):
         code = base.unpack_planes(codes, bits)
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
-    code = code.astype(jnp.int32)
-    shift = n_sectors.bit_length() - 1  # codes are >= 0: a mask and a shift
-    sector, ring = code & (n_sectors - 1), code >> shift
-    rho = _select(ring, rings)
+    code = code.astype(jnp.int32)  # < S·R: every table read is in range
+    rho, cos_s, sin_s = (base.take(t, code, in_range=True) for t in tables)
     scale = scales.astype(jnp.float32)
     radius = rho * scale  # one order of products, the same under jit and eager
-    cos_s, sin_s = sector_cos_sin(sector, signed)
     a = radius * cos_s
     b = radius * sin_s
     # Whole groups keep the jnp graph of format 2 (an equal but reordered
@@ -705,8 +710,11 @@ class PolarCodec(base.Codec):
         return base.plane_bytes(self.group_size // 2, bits)
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
-        """The arrays a kernel takes as inputs: the rings."""
-        return (np.asarray(self.rings, np.float32),)
+        """The arrays a kernel takes as inputs: the rings, then `code_tables`."""
+        return (
+            np.asarray(self.rings, np.float32),
+            *code_tables(self.rings, self.signed),
+        )
 
     def kernel_columns(self) -> list[np.ndarray]:
         """The kernel's parts of a group: its two halves (`base.halves`)."""
@@ -718,7 +726,7 @@ class PolarCodec(base.Codec):
         """`decode_groups_with` on code planes to the group's halves."""
         rings = [tables[0][k] for k in range(len(self.rings))]
         return decode_groups_with(
-            planes, scales, rings, signed=self.signed, halves=True
+            planes, scales, rings, signed=self.signed, halves=True, tables=tables[1:]
         )
 
     def kernel_encode(

@@ -428,18 +428,24 @@ def test_bad_bits_raise():
         blockwise.encode_groups_with(jnp.zeros((1, 8)), np.zeros(10), signed=True)
 
 
-# --- the kernels' bucket table (a first guess for the 8-bit search) ------------
+# --- the kernels' bucket entries (the search and the bracket, one read a lane) ---
 
+_MAPS = {
+    "8-dynamic-signed": (lambda: blockwise.dynamic_map(True, bits=8), True),
+    "8-dynamic-unsigned": (lambda: blockwise.dynamic_map(False, bits=8), False),
+    "8-log": (lambda: blockwise.log_map(bits=8, ratio=blockwise.LOG_RATIO_8), False),
+    "4-dynamic-signed": (lambda: blockwise.dynamic_map(True, bits=4), True),
+    "4-linear": (lambda: blockwise.linear_map(bits=4), False),
+    "4-log": (lambda: blockwise.log_map(bits=4), False),
+}
 _SEARCH_TABLES = {
-    "8-signed-nearest": (True, False),
-    "8-unsigned-stochastic": (False, True),
-    "8-unsigned-nearest": (False, False),
-    "8-signed-stochastic": (True, True),
+    f"{name}-{rule}": (name, rule == "stochastic")
+    for name in _MAPS
+    for rule in ("nearest", "stochastic")
 }
 
 
-def _search_table(signed, stochastic):
-    qmap = blockwise.dynamic_map(signed, bits=8)
+def _search_table(qmap, stochastic):
     if stochastic:
         return np.asarray(blockwise.stochastic_table(qmap), np.float32)
     return np.asarray(blockwise.search_table(qmap), np.float32)
@@ -461,42 +467,86 @@ def _hard_points(table, lut, rng):
     return x[(np.abs(x) >= np.finfo(np.float32).tiny) | (x == 0)]
 
 
+def _uniforms(rng, n):
+    """Fresh uniforms on `base.uniform_pair`'s 16-bit grid, both ends included."""
+    u = np.floor(rng.random(n) * 65536) / 65536
+    u[:2] = 0.0, 65535 / 65536
+    return jnp.asarray(u, jnp.float32)
+
+
+def _by_search(qmap, table, x, u, bits):
+    if u is None:
+        return blockwise._count_bounds_at_or_below(jnp.asarray(table), x, bits)
+    return blockwise._round_stochastic(
+        jnp.asarray(qmap), jnp.asarray(table), x, u, bits
+    )
+
+
+def _by_entries(qmap, table, signed, stochastic, x, u, bits):
+    lut = blockwise.bucket_lut(table, signed)
+    entries = blockwise.bucket_entries(qmap, table, lut, stochastic)
+    return blockwise._index_by_buckets(jnp.asarray(entries), lut, x, u, bits)
+
+
 @pytest.mark.parametrize("name", list(_SEARCH_TABLES))
-def test_bucket_lut_count_equals_binary_search(name):
-    signed, stochastic = _SEARCH_TABLES[name]
-    table = _search_table(signed, stochastic)
+def test_bucket_entries_give_the_search_and_the_rounding(name):
+    map_name, stochastic = _SEARCH_TABLES[name]
+    make, signed = _MAPS[map_name]
+    qmap = make()
+    bits = int(math.log2(qmap.size))
+    table = _search_table(qmap, stochastic)
     lut = blockwise.bucket_lut(table, signed)
     assert lut is not None and lut.table.dtype == np.uint8
     assert lut.table.size == (2 if signed else 1) * lut.half
-    x = _hard_points(table, lut, np.random.default_rng(len(name)))
+    entries = blockwise.bucket_entries(qmap, table, lut, stochastic)
+    lanes = blockwise.STOCHASTIC_LANES if stochastic else blockwise.NEAREST_LANES
+    assert entries.dtype == np.float32 and entries.size == len(lanes) * lut.table.size
+    rng = np.random.default_rng(len(name))
+    x = _hard_points(table, lut, rng)
     if not signed:
         x = np.maximum(x, np.float32(0))
-    want = np.asarray(
-        blockwise._count_bounds_at_or_below(jnp.asarray(table), jnp.asarray(x), 8)
-    )
-    got = np.asarray(
-        blockwise._count_by_buckets(
-            jnp.asarray(table), jnp.asarray(lut.table), lut, jnp.asarray(x), 8
-        )
-    )
+    x = jnp.asarray(x)
+    u = _uniforms(rng, x.size) if stochastic else None
+    want = np.asarray(_by_search(qmap, table, x, u, bits))
+    got = np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits))
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got, np.searchsorted(table, x, side="right"))
+    if not stochastic:
+        np.testing.assert_array_equal(got, np.searchsorted(table, x, side="right"))
 
 
-@given(seed=st.integers(0, 2**32 - 1), signed=st.booleans())
-def test_bucket_lut_count_on_fresh_values(seed, signed):
-    table = _search_table(signed, stochastic=not signed)
-    lut = blockwise.bucket_lut(table, signed)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    name=st.sampled_from(sorted(_MAPS)),
+    stochastic=st.booleans(),
+)
+def test_bucket_entries_on_fresh_values(seed, name, stochastic):
+    make, signed = _MAPS[name]
+    qmap = make()
+    bits = int(math.log2(qmap.size))
+    table = _search_table(qmap, stochastic)
     rng = np.random.default_rng(seed)
     magnitude = np.exp(rng.uniform(np.log(1e-9), 0.0, 4096))
-    x = (magnitude * rng.choice([-1.0, 1.0] if signed else [1.0], 4096)).astype(
-        np.float32
-    )
-    got = blockwise._count_by_buckets(
-        jnp.asarray(table), jnp.asarray(lut.table), lut, jnp.asarray(x), 8
-    )
+    sign = rng.choice([-1.0, 1.0] if signed else [1.0], 4096)
+    x = jnp.asarray((magnitude * sign).astype(np.float32))
+    u = _uniforms(rng, x.size) if stochastic else None
     np.testing.assert_array_equal(
-        np.asarray(got), np.searchsorted(table, x, side="right")
+        np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits)),
+        np.asarray(_by_search(qmap, table, x, u, bits)),
+    )
+
+
+def test_bucket_entries_fail_without_the_count_lane():
+    # the entries are what the index is read from: a wrong lane is seen
+    qmap = blockwise.log_map(bits=4)
+    table = _search_table(qmap, True)
+    lut = blockwise.bucket_lut(table, False)
+    entries = np.array(blockwise.bucket_entries(qmap, table, lut, True))
+    entries[3 * lut.table.size :] = np.zeros(lut.table.size, np.int32).view(np.float32)
+    x = jnp.asarray(np.linspace(0.01, 1.0, 512, dtype=np.float32))
+    u = _uniforms(np.random.default_rng(0), x.size)
+    got = blockwise._index_by_buckets(jnp.asarray(entries), lut, x, u, 4)
+    assert not np.array_equal(
+        np.asarray(got), np.asarray(_by_search(qmap, table, x, u, 4))
     )
 
 
@@ -510,12 +560,14 @@ def test_bucket_lut_none_when_entries_too_close_or_too_many():
     assert blockwise.bucket_lut(np.float32([0.5, 3.0, np.inf]), False) is None
 
 
-def test_kernel_tables_carry_the_bucket_lut_at_8_bits_only():
+def test_kernel_tables_are_the_map_and_the_bucket_entries():
     for codec in CODECS.values():
-        tables = codec.kernel_tables()
-        assert len(tables) == (3 if codec.bits == 8 else 2)
-        if codec.bits == 8:
-            assert tables[2].dtype == np.uint8
+        qmap, entries = codec.kernel_tables()
+        np.testing.assert_array_equal(qmap, codec.qmap())
+        lanes = (
+            blockwise.STOCHASTIC_LANES if codec.stochastic else blockwise.NEAREST_LANES
+        )
+        assert entries.dtype == np.float32 and entries.size % len(lanes) == 0
 
 
 def test_every_map_is_strictly_increasing():
@@ -555,7 +607,7 @@ def test_stochastic_bracket_equals_the_guarded_rule(bits, kind, seed):
     want = np.where((u * gap < x - lo) & (hi > lo), above, below)
     got = jax.jit(
         lambda x, u: blockwise._round_stochastic(
-            jnp.asarray(q), jnp.asarray(table), x, u, bits, None
+            jnp.asarray(q), jnp.asarray(table), x, u, bits
         )
     )(x, u)
     np.testing.assert_array_equal(np.asarray(got), want)

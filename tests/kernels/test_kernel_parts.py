@@ -87,18 +87,29 @@ def test_kernel_parts_equal_whole_groups(name):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_sector_cos_sin_is_the_table(signed):
-    n = polar_lib.SIGNED_SECTORS if signed else polar_lib.UNSIGNED_SECTORS
-    cos_s, sin_s = polar_lib.sector_cos_sin(jnp.arange(n, dtype=jnp.int32), signed)
-    cos_t, sin_t = (
-        np.asarray(t, np.float32) for t in polar_lib._sector_cos_sin(signed)
+@pytest.mark.parametrize("bits", [2, 1.5])
+def test_code_tables_are_the_codebook(signed, bits):
+    codec = polar_lib.polar(bits=bits, signed=signed)
+    rho, cos, sin = polar_lib.code_tables(codec.rings, signed)
+    cos_t, sin_t = polar_lib._sector_cos_sin(signed)
+    s = len(cos_t)
+    code = np.arange(rho.size)
+    assert rho.size == len(codec.rings) * s == 2**codec.code_bits
+    np.testing.assert_array_equal(rho, np.float32(codec.rings)[code // s])
+    np.testing.assert_array_equal(
+        cos.view(np.uint32), np.float32(cos_t)[code % s].view(np.uint32)
     )
     np.testing.assert_array_equal(
-        np.asarray(cos_s).view(np.uint32), cos_t.view(np.uint32)
+        sin.view(np.uint32), np.float32(sin_t)[code % s].view(np.uint32)
     )
-    np.testing.assert_array_equal(
-        np.asarray(sin_s).view(np.uint32), sin_t.view(np.uint32)
+    np.testing.assert_allclose(
+        np.stack([rho * cos, rho * sin], -1), codec.codewords(), atol=1e-7
     )
+    # the jnp path's tables (from a rings array) are the kernel's (NumPy) ones
+    for a, b in zip(
+        polar_lib.code_tables(codec.codebook(), signed), (rho, cos, sin), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32), b.view(np.uint32))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
