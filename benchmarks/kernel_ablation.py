@@ -45,10 +45,10 @@ polar = importlib.import_module("optax_lowbit.codecs.polar")
 rules = importlib.import_module("optax_lowbit.kernels.rules")
 
 
-def _nearest_by_search(qmap, table, x, uniform, bits, lut):
+def _never_up(x, lo, hi, uniform):
     """Blockwise stand-in: the search's index, no stochastic bracket."""
-    del qmap, uniform
-    return blockwise._count(table, x, bits, lut)
+    del lo, hi, uniform
+    return jnp.zeros(x.shape, bool)
 
 
 def _no_ring_rounding(s, sector, n_ring, rings, *, signed):
@@ -98,7 +98,7 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
         )
     ],
     "polar: no ring rounding": [(polar, "_round_radius", _no_ring_rounding)],
-    "blockwise: no SR": [(blockwise, "_round_stochastic", _nearest_by_search)],
+    "blockwise: no SR": [(blockwise, "_rounds_up", _never_up)],
     "adam: no fault rules": [(rules, "moment_step", _adam_without_faults)],
     "polar: trivial encode": [(_POLAR, "kernel_encode", _trivial_encode)],
     "blockwise: trivial encode": [(_BLOCK, "kernel_encode", _trivial_encode)],

@@ -630,6 +630,17 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     return base.pack_planes(index, bits)
 
 
+def decode_map(qmap: Any, floor: float) -> Any:
+    """The values codes decode to before the scale: ``qmap`` raised to ``floor``.
+
+    Formed once per map (NumPy in, NumPy out: a kernel's input) instead of a
+    maximum per decoded element. ``floor`` 0 (signed codecs) keeps the map.
+    """
+    xp = np if isinstance(qmap, np.ndarray) else jnp
+    qmap = xp.asarray(qmap, xp.float32)
+    return xp.maximum(qmap, xp.float32(floor)) if floor else qmap
+
+
 def decode_groups_with(
     codes: jax.Array,
     scales: jax.Array,
@@ -644,7 +655,8 @@ def decode_groups_with(
       codes: ``(..., bytes_per_block)`` uint8, or the kernel's planes
         (`kernel_planes`).
       scales: ``(..., 1)`` float block scales.
-      qmap: the map that encoded them.
+      qmap: the map that encoded them, or its `decode_map` (a kernel's ref
+        holds the `decode_map`, read as it is).
       floor: smallest map value decoded (unsigned codecs pass the smallest
         positive entry, so a second moment never decodes to 0 in a block
         whose scale is > 0: an Adam update divides by its square root).
@@ -662,7 +674,8 @@ def decode_groups_with(
     else:
         plane = codes if isinstance(codes, (list, tuple)) else [codes]
         index = base.unpack_planes(plane, bits, parts=parts)
-    qmap = qmap if base.is_ref(qmap) else jnp.asarray(qmap)
+    if not base.is_ref(qmap):
+        qmap = jnp.asarray(decode_map(qmap, floor))
     scales = jnp.asarray(scales, jnp.float32)
     tiny = jnp.where(scales > 0, jnp.finfo(jnp.float32).tiny, 0.0) if floor else None
     out = []
@@ -671,7 +684,6 @@ def decode_groups_with(
         if not floor:
             out.append(values * scales)
             continue
-        values = jnp.maximum(values, jnp.float32(floor))
         # never 0 where the block is nonzero, even where the product is
         # subnormal (flushed to 0 on CPU): the smallest normal float instead
         out.append(jnp.maximum(values * scales, tiny))
@@ -802,14 +814,12 @@ class BlockwiseCodec(base.Codec):
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The arrays a kernel takes as inputs.
 
-        The map (to decode) and the `bucket_entries` of the search table's
-        `bucket_lut` (to encode); the search table itself where no bucket
-        table fits (none of the shipped maps).
+        The `decode_map` (to decode) and the `bucket_entries` of the search
+        table's `bucket_lut` (to encode).
         """
-        table, lut = _kernel_search(self)
-        if lut is None:
-            return (self.qmap(), table)
-        return (self.qmap(), bucket_entries(self.qmap(), table, lut, self.stochastic))
+        qmap, (table, lut) = self.qmap(), _kernel_search(self)
+        decode = decode_map(qmap, self.decode_floor())
+        return (decode, bucket_entries(qmap, table, lut, self.stochastic))
 
     def kernel_columns(self) -> list[np.ndarray]:
         """The kernel's parts of a block: its two halves (`base.halves`).
@@ -832,24 +842,22 @@ class BlockwiseCodec(base.Codec):
         self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
         """`encode_groups_with` of the halves to the kernel's planes (``noise``: SR)."""
-        lut = _kernel_search(self)[1]
         return encode_groups_with(
             x,
-            tables[0],
+            tables[0],  # the decode map: read for the map's length only
             signed=self.signed,
-            table=tables[1] if lut is None else None,
             noise=noise if self.stochastic else None,
             planes=True,
-            lut=None if lut is None else (tables[1], lut),
+            lut=(tables[1], _kernel_search(self)[1]),
         )
 
 
 @functools.cache
-def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut | None]:
-    """The codec's search table and its `bucket_lut` (``None`` where none fits).
+def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut]:
+    """The codec's search table and its `bucket_lut`.
 
     Built once per codec (the kernel's tables and each trace of its encoder
-    read them).
+    read them). Every map a codec can take has one (`MAPS`; tested).
     """
     qmap = codec.qmap()
     if codec.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
@@ -858,7 +866,10 @@ def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut | None]
         with jax.ensure_compile_time_eval():  # constants, even under a trace
             table = np.asarray(search_table(qmap), np.float32)
     table.flags.writeable = False
-    return table, bucket_lut(table, codec.signed)
+    lut = bucket_lut(table, codec.signed)
+    if lut is None:  # no map in MAPS: a new map needs the binary search here
+        raise ValueError(f"{codec!r}: no bucket table separates its map's bounds.")
+    return table, lut
 
 
 def blockwise8(

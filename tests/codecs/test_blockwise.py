@@ -560,10 +560,24 @@ def test_bucket_lut_none_when_entries_too_close_or_too_many():
     assert blockwise.bucket_lut(np.float32([0.5, 3.0, np.inf]), False) is None
 
 
-def test_kernel_tables_are_the_map_and_the_bucket_entries():
-    for codec in CODECS.values():
-        qmap, entries = codec.kernel_tables()
-        np.testing.assert_array_equal(qmap, codec.qmap())
+def _every_codec():
+    """Every map, width, signedness and rounding a `BlockwiseCodec` takes."""
+    for bits in (4, 8):
+        for rounding in blockwise.ROUNDINGS:
+            yield blockwise.BlockwiseCodec(bits=bits, signed=True, rounding=rounding)
+            for map_name in blockwise.MAPS:
+                yield blockwise.BlockwiseCodec(
+                    bits=bits, signed=False, map_name=map_name, rounding=rounding
+                )
+
+
+def test_kernel_tables_are_the_decode_map_and_the_bucket_entries():
+    for codec in _every_codec():
+        decode, entries = codec.kernel_tables()
+        floor = codec.decode_floor()
+        assert floor == 0.0 if codec.signed else floor > 0.0
+        want = np.maximum(codec.qmap(), np.float32(floor)) if floor else codec.qmap()
+        np.testing.assert_array_equal(decode, want)
         lanes = (
             blockwise.STOCHASTIC_LANES if codec.stochastic else blockwise.NEAREST_LANES
         )
