@@ -332,14 +332,14 @@ def _count_bounds_at_or_below(table: Any, x: jax.Array, bits: int) -> jax.Array:
 
 
 class BucketLut(NamedTuple):
-    """A direct first guess for `_count_bounds_at_or_below` (kernels only).
+    """Buckets of the float32 line for the kernels' search (`bucket_entries`).
 
     The float32 line is cut into buckets by an element's magnitude bits
     (exponent and the top mantissa bits); ``table[key]`` holds the number
     of search-table entries at or below the bucket's lowest value. Each
     bucket holds at most one entry, so one compare against the table entry
-    after that count gives the exact search result: two table reads instead
-    of a binary search's ``bits - 2``. Built by `bucket_lut`.
+    after that count gives the exact search result (`_index_by_buckets`)
+    instead of a binary search. Built by `bucket_lut`.
 
     Attributes:
       table: uint8 counts: ``half`` buckets of negative values (largest
@@ -416,15 +416,32 @@ def _bucket_lut(raw: bytes, signed: bool) -> BucketLut | None:
     return None
 
 
-#: Lanes of a bucket's entry (`bucket_entries`) per rounding rule.
+#: Lanes of the kernel's search and rounding entries (`bucket_entries`) per
+#: rounding rule; read by bucket, the last lane is the bucket's count.
 NEAREST_LANES = ("bound", "count")
 STOCHASTIC_LANES = ("below", "bound", "above_next", "count")
+#: Bucket tables of more buckets than this read their entries by count
+#: (`lanes_by_count`).
+MAX_BUCKETS_BY_BUCKET = 256
+
+
+def lanes_by_count(lut: BucketLut) -> bool:
+    """Whether the kernel reads ``lut``'s entries by count instead of by bucket.
+
+    By bucket, an element's entry is one read per lane at its bucket; by
+    count, one read of the bucket's count (`BucketLut.table`, bytes) and then
+    one per lane at that count. By bucket is shorter (no dependent read; 4-bit
+    maps: 38-92 buckets, a lane in one to three cache lines); by count keeps
+    the lanes as small as the map (8-bit maps: 3074 buckets would spread one
+    warp's reads over many more cache lines than 256 map entries do).
+    """
+    return lut.table.size > MAX_BUCKETS_BY_BUCKET
 
 
 def bucket_entries(
-    qmap: Any, table: Any, lut: BucketLut, stochastic: bool
+    qmap: Any, table: Any, lut: BucketLut, stochastic: bool, by_count: Any = None
 ) -> np.ndarray:
-    """Per bucket of ``lut``, every value the kernel's search and rounding read.
+    """Every value the kernel's search and rounding read, lane by lane.
 
     With ``c`` a bucket's count (``lut.table``), an element ``x`` of the
     bucket is at or above ``c`` table entries, and above ``c + 1`` exactly
@@ -433,69 +450,86 @@ def bucket_entries(
     map entries on either side: ``qmap[c]`` (``lo`` when ``x < table[c]``,
     where ``hi`` is ``table[c] = qmap[c + 1]``) and ``qmap[c + 2]`` (``hi``
     otherwise, where ``lo`` is ``table[c]``); at the top ``qmap``'s last
-    entry. Read with one address and constant offsets per lane, these are
-    one table read per lane instead of a search's dependent reads and the
-    bracket's two (`NOTES_kernels.md`, v24).
+    entry. Each lane is read with one address and a constant offset: one
+    read per lane instead of a search's dependent reads and the bracket's
+    two (``NOTES_kernels.md``, v24).
 
     Args:
       qmap: the codec's sorted map.
       table: its `search_table` (nearest) or `stochastic_table`.
       lut: ``table``'s `bucket_lut`.
       stochastic: which rounding rule.
+      by_count: lanes per count (``c = 0 .. len(qmap) - 1``, read after the
+        bucket's count) instead of per bucket (with the count as a last
+        lane); ``None``: `lanes_by_count`.
 
     Returns:
-      float32 ``(lanes * buckets,)``, lane-major (`NEAREST_LANES` or
-      `STOCHASTIC_LANES`); the count lane holds the int32 bits of ``c``.
+      float32, lane-major (`NEAREST_LANES` or `STOCHASTIC_LANES`, the count
+      lane holding the int32 bits of ``c`` and only by bucket).
     """
+    by_count = lanes_by_count(lut) if by_count is None else by_count
     q = np.asarray(qmap, np.float32)
     t = np.asarray(table, np.float32)
-    c = lut.table.astype(np.int64)
-    count = c.astype(np.int32).view(np.float32)
+    c = np.arange(q.size) if by_count else lut.table.astype(np.int64)
     if stochastic:
-        lanes = [q[c], t[c], q[np.minimum(c + 2, q.size - 1)], count]
+        lanes = [q[c], t[c], q[np.minimum(c + 2, q.size - 1)]]
     else:
-        lanes = [t[c], count]
+        lanes = [t[c]]
+    if not by_count:
+        lanes.append(c.astype(np.int32).view(np.float32))
     out = np.concatenate(lanes).astype(np.float32)
     out.flags.writeable = False
     return out
 
 
-def _bucket_lanes(entries: Any, params: BucketLut, x: jax.Array, lanes: int) -> list:
-    """``x``'s bucket entry (`bucket_entries`): one array per lane."""
+def _bucket_lanes(
+    entries: Any, counts: Any, params: BucketLut, x: jax.Array, lanes: int, bits: int
+) -> tuple[list[jax.Array], jax.Array]:
+    """``x``'s `bucket_entries`: the value lanes and the int32 count."""
     magnitude = jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
     bucket = jnp.clip((magnitude - params.origin) >> params.shift, 0, params.half - 1)
     if params.signed:
         bucket = jnp.where(x < 0, params.half - 1 - bucket, params.half + bucket)
-    buckets = params.half * (2 if params.signed else 1)
-    return [
-        base.take(entries, bucket + k * buckets, in_range=True) for k in range(lanes)
-    ]
+    if counts is None:  # by bucket: the count is the last lane
+        n = params.half * (2 if params.signed else 1)
+        read = [base.take(entries, bucket + k * n, in_range=True) for k in range(lanes)]
+        return read[:-1], jax.lax.bitcast_convert_type(read[-1], jnp.int32)
+    count = base.take(counts, bucket, in_range=True).astype(jnp.int32)
+    n = 1 << bits
+    read = [base.take(entries, count + k * n, in_range=True) for k in range(lanes - 1)]
+    return read, count
 
 
 def _index_by_buckets(
-    entries: Any, params: BucketLut, x: jax.Array, uniform: Any, bits: int
+    entries: Any,
+    counts: Any,
+    params: BucketLut,
+    x: jax.Array,
+    uniform: Any,
+    bits: int,
 ) -> jax.Array:
-    """The map index of ``x`` from its bucket entry (`bucket_entries`).
+    """The map index of ``x`` from its `bucket_entries`.
 
-    The same index as the binary search (`_count_bounds_at_or_below`) and,
-    with ``uniform``, as `_round_stochastic` after it, for every non-NaN
-    ``x``.
+    ``counts`` is the bucket table (`BucketLut.table`) where the entries are
+    read by count, else ``None``. The same index as the binary search
+    (`_count_bounds_at_or_below`) and, with ``uniform``, as
+    `_round_stochastic` after it, for every non-NaN ``x``.
     """
     top = (1 << bits) - 1
     if uniform is None:
-        bound, count = _bucket_lanes(entries, params, x, len(NEAREST_LANES))
-        index = jax.lax.bitcast_convert_type(count, jnp.int32)
+        (bound,), index = _bucket_lanes(
+            entries, counts, params, x, len(NEAREST_LANES), bits
+        )
         # +inf alone counts the table's inf sentinel too
         return jnp.minimum(index + (bound <= x).astype(jnp.int32), top)
-    below, bound, above_next, count = _bucket_lanes(
-        entries, params, x, len(STOCHASTIC_LANES)
+    (below, bound, above_next), index = _bucket_lanes(
+        entries, counts, params, x, len(STOCHASTIC_LANES), bits
     )
     after = bound <= x
     lo = jnp.where(after, bound, below)
     hi = jnp.where(after, above_next, bound)
-    index = jax.lax.bitcast_convert_type(count, jnp.int32) + after.astype(jnp.int32)
     up = _rounds_up(x, lo, hi, uniform)
-    return jnp.minimum(index + up.astype(jnp.int32), top)
+    return jnp.minimum(index + after.astype(jnp.int32) + up.astype(jnp.int32), top)
 
 
 def stochastic_table(qmap: jax.Array) -> jax.Array:
@@ -565,10 +599,11 @@ def encode_groups_with(
         rounding between the two map entries around each value.
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
-      lut: ``(entries, params)``: the `bucket_entries` of ``table``'s
-        `bucket_lut` (a kernel's ref) and that `BucketLut`: the same
-        indices from one entry per element (one read per lane) instead of
-        a binary search and the bracket's reads.
+      lut: ``(entries, counts, params)``: the `bucket_entries` of
+        ``table``'s `bucket_lut` (a kernel's ref), the bucket table where
+        the entries are read by count (else ``None``) and that
+        `BucketLut`: the same indices from one read per lane instead of a
+        binary search and the bracket's reads.
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -589,7 +624,7 @@ def encode_groups_with(
         uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
     if lut is not None:
         index = [
-            _index_by_buckets(lut[0], lut[1], x, u, bits)
+            _index_by_buckets(*lut, x, u, bits)
             for x, u in zip(normalised, uniform, strict=True)
         ]
     elif noise is None:
@@ -814,12 +849,16 @@ class BlockwiseCodec(base.Codec):
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The arrays a kernel takes as inputs.
 
-        The `decode_map` (to decode) and the `bucket_entries` of the search
-        table's `bucket_lut` (to encode).
+        The `decode_map` (to decode), the `bucket_entries` of the search
+        table's `bucket_lut` (to encode) and, where those are read by count
+        (`lanes_by_count`: the 8-bit maps), the bucket table.
         """
         qmap, (table, lut) = self.qmap(), _kernel_search(self)
-        decode = decode_map(qmap, self.decode_floor())
-        return (decode, bucket_entries(qmap, table, lut, self.stochastic))
+        out = (
+            decode_map(qmap, self.decode_floor()),
+            bucket_entries(qmap, table, lut, self.stochastic),
+        )
+        return out + ((lut.table,) if lanes_by_count(lut) else ())
 
     def kernel_columns(self) -> list[np.ndarray]:
         """The kernel's parts of a block: its two halves (`base.halves`).
@@ -842,13 +881,14 @@ class BlockwiseCodec(base.Codec):
         self, x: Any, tables: Any, noise: jax.Array | None
     ) -> tuple[list[jax.Array], jax.Array]:
         """`encode_groups_with` of the halves to the kernel's planes (``noise``: SR)."""
+        lut = _kernel_search(self)[1]
         return encode_groups_with(
             x,
             tables[0],  # the decode map: read for the map's length only
             signed=self.signed,
             noise=noise if self.stochastic else None,
             planes=True,
-            lut=(tables[1], _kernel_search(self)[1]),
+            lut=(tables[1], tables[2] if lanes_by_count(lut) else None, lut),
         )
 
 

@@ -482,14 +482,16 @@ def _by_search(qmap, table, x, u, bits):
     )
 
 
-def _by_entries(qmap, table, signed, stochastic, x, u, bits):
+def _by_entries(qmap, table, signed, stochastic, x, u, bits, by_count):
     lut = blockwise.bucket_lut(table, signed)
-    entries = blockwise.bucket_entries(qmap, table, lut, stochastic)
-    return blockwise._index_by_buckets(jnp.asarray(entries), lut, x, u, bits)
+    entries = blockwise.bucket_entries(qmap, table, lut, stochastic, by_count)
+    counts = jnp.asarray(lut.table) if by_count else None
+    return blockwise._index_by_buckets(jnp.asarray(entries), counts, lut, x, u, bits)
 
 
+@pytest.mark.parametrize("by_count", [False, True])
 @pytest.mark.parametrize("name", list(_SEARCH_TABLES))
-def test_bucket_entries_give_the_search_and_the_rounding(name):
+def test_bucket_entries_give_the_search_and_the_rounding(name, by_count):
     map_name, stochastic = _SEARCH_TABLES[name]
     make, signed = _MAPS[map_name]
     qmap = make()
@@ -498,9 +500,10 @@ def test_bucket_entries_give_the_search_and_the_rounding(name):
     lut = blockwise.bucket_lut(table, signed)
     assert lut is not None and lut.table.dtype == np.uint8
     assert lut.table.size == (2 if signed else 1) * lut.half
-    entries = blockwise.bucket_entries(qmap, table, lut, stochastic)
-    lanes = blockwise.STOCHASTIC_LANES if stochastic else blockwise.NEAREST_LANES
-    assert entries.dtype == np.float32 and entries.size == len(lanes) * lut.table.size
+    entries = blockwise.bucket_entries(qmap, table, lut, stochastic, by_count)
+    lanes = len(blockwise.STOCHASTIC_LANES if stochastic else blockwise.NEAREST_LANES)
+    size = (lanes - 1) * qmap.size if by_count else lanes * lut.table.size
+    assert entries.dtype == np.float32 and entries.size == size
     rng = np.random.default_rng(len(name))
     x = _hard_points(table, lut, rng)
     if not signed:
@@ -508,7 +511,7 @@ def test_bucket_entries_give_the_search_and_the_rounding(name):
     x = jnp.asarray(x)
     u = _uniforms(rng, x.size) if stochastic else None
     want = np.asarray(_by_search(qmap, table, x, u, bits))
-    got = np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits))
+    got = np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits, by_count))
     np.testing.assert_array_equal(got, want)
     if not stochastic:
         np.testing.assert_array_equal(got, np.searchsorted(table, x, side="right"))
@@ -518,8 +521,9 @@ def test_bucket_entries_give_the_search_and_the_rounding(name):
     seed=st.integers(0, 2**32 - 1),
     name=st.sampled_from(sorted(_MAPS)),
     stochastic=st.booleans(),
+    by_count=st.booleans(),
 )
-def test_bucket_entries_on_fresh_values(seed, name, stochastic):
+def test_bucket_entries_on_fresh_values(seed, name, stochastic, by_count):
     make, signed = _MAPS[name]
     qmap = make()
     bits = int(math.log2(qmap.size))
@@ -530,7 +534,7 @@ def test_bucket_entries_on_fresh_values(seed, name, stochastic):
     x = jnp.asarray((magnitude * sign).astype(np.float32))
     u = _uniforms(rng, x.size) if stochastic else None
     np.testing.assert_array_equal(
-        np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits)),
+        np.asarray(_by_entries(qmap, table, signed, stochastic, x, u, bits, by_count)),
         np.asarray(_by_search(qmap, table, x, u, bits)),
     )
 
@@ -540,11 +544,11 @@ def test_bucket_entries_fail_without_the_count_lane():
     qmap = blockwise.log_map(bits=4)
     table = _search_table(qmap, True)
     lut = blockwise.bucket_lut(table, False)
-    entries = np.array(blockwise.bucket_entries(qmap, table, lut, True))
+    entries = np.array(blockwise.bucket_entries(qmap, table, lut, True, False))
     entries[3 * lut.table.size :] = np.zeros(lut.table.size, np.int32).view(np.float32)
     x = jnp.asarray(np.linspace(0.01, 1.0, 512, dtype=np.float32))
     u = _uniforms(np.random.default_rng(0), x.size)
-    got = blockwise._index_by_buckets(jnp.asarray(entries), lut, x, u, 4)
+    got = blockwise._index_by_buckets(jnp.asarray(entries), None, lut, x, u, 4)
     assert not np.array_equal(
         np.asarray(got), np.asarray(_by_search(qmap, table, x, u, 4))
     )
@@ -573,7 +577,13 @@ def _every_codec():
 
 def test_kernel_tables_are_the_decode_map_and_the_bucket_entries():
     for codec in _every_codec():
-        decode, entries = codec.kernel_tables()
+        decode, entries, *counts = codec.kernel_tables()
+        lut = blockwise._kernel_search(codec)[1]
+        # the 8-bit maps' 1538-3074 buckets read their lanes by count
+        assert blockwise.lanes_by_count(lut) == (codec.bits == 8)
+        if counts:
+            np.testing.assert_array_equal(counts[0], lut.table)
+        assert len(counts) == int(codec.bits == 8)
         floor = codec.decode_floor()
         assert floor == 0.0 if codec.signed else floor > 0.0
         want = np.maximum(codec.qmap(), np.float32(floor)) if floor else codec.qmap()
