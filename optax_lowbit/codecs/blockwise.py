@@ -439,7 +439,11 @@ def lanes_by_count(lut: BucketLut) -> bool:
 
 
 def bucket_entries(
-    qmap: Any, table: Any, lut: BucketLut, stochastic: bool, by_count: Any = None
+    qmap: Any,
+    table: Any,
+    lut: BucketLut,
+    stochastic: bool,
+    by_count: bool | None = None,
 ) -> np.ndarray:
     """Every value the kernel's search and rounding read, lane by lane.
 

@@ -594,6 +594,17 @@ def test_kernel_tables_are_the_decode_map_and_the_bucket_entries():
         assert entries.dtype == np.float32 and entries.size % len(lanes) == 0
 
 
+def test_kernel_tables_refuse_a_map_without_a_bucket_table(monkeypatch):
+    codec = blockwise.BlockwiseCodec(bits=4, signed=False, map_name="linear")
+    monkeypatch.setattr(blockwise, "bucket_lut", lambda table, signed: None)
+    blockwise._kernel_search.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="no bucket table separates"):
+            codec.kernel_tables()
+    finally:
+        blockwise._kernel_search.cache_clear()
+
+
 def test_every_map_is_strictly_increasing():
     # the stochastic rounding's bracket needs no hi > lo guard only because of it
     maps = [
