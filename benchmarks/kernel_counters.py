@@ -12,7 +12,8 @@ baseline is ``optax.adamw`` jitted without donation, its XLA fusions.
 
 What it reads per kernel (``ncu --page details`` and ``--page source
 --print-source sass``): duration, the speed-of-light throughputs (memory and
-SM, % of peak), DRAM bytes, executed instructions and issue-slot use,
+SM, % of peak), DRAM bytes, L1/TEX sectors and wavefronts per request (in
+each record's ``all_metrics``), executed instructions and issue-slot use,
 registers per thread, achieved occupancy, the warp-state stall breakdown
 (cycles per issued instruction by reason) and the executed SASS instructions
 per opcode, summed over the kernel's source lines. ``thread instructions per
@@ -58,6 +59,7 @@ SECTIONS = (
     "SchedulerStats",
     "WarpStateStats",
     "MemoryWorkloadAnalysis",
+    "MemoryWorkloadAnalysis_Tables",  # L1/TEX sectors and wavefronts per request
     "SourceCounters",
 )
 #: (section, metric) pairs kept in a record, under the short key.
@@ -92,6 +94,18 @@ KEEP = {
     ),
     "memory_throughput": ("Memory Workload Analysis", "Memory Throughput"),
 }
+
+
+def sections_listed(listing: str) -> tuple[str, ...]:
+    """`SECTIONS` that ``ncu --list-sections`` names (its first column).
+
+    A section this ``ncu`` does not ship would fail the whole profile, so
+    the ones it lacks are left out; an empty or unreadable listing keeps
+    every section.
+    """
+    names = {line.split()[0] for line in listing.splitlines() if line.split()}
+    kept = tuple(s for s in SECTIONS if s in names)
+    return kept or SECTIONS
 
 
 def ncu_binary() -> str | None:
@@ -219,6 +233,10 @@ def parse_sass(text: str) -> dict:
 def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> list[dict]:
     """Runs `child` for ``name`` under ncu; one record per profiled kernel."""
     stem = raw / name.replace(".", "_")
+    listing = subprocess.run(
+        [ncu, "--list-sections"], capture_output=True, text=True, timeout=60
+    )
+    sections = sections_listed(listing.stdout if listing.returncode == 0 else "")
     cmd = [
         ncu,
         "--clock-control",
@@ -227,7 +245,7 @@ def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> lis
         "off",
         "--target-processes",
         "all",
-        *[a for s in SECTIONS for a in ("--section", s)],
+        *[a for s in sections for a in ("--section", s)],
         "--import-source",
         "no",
         "-f",

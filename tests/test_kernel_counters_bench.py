@@ -73,6 +73,22 @@ def test_parse_sass_sums_executed_instructions_by_opcode():
     assert kc.parse_sass("")["sass_error"]
 
 
+def test_sections_listed_keeps_what_ncu_ships():
+    listing = "\n".join(
+        [
+            "---------------------------- ------- -----------------------",
+            "Identifier                   Enabled Display Name",
+            "---------------------------- ------- -----------------------",
+            "ComputeWorkloadAnalysis      no      Compute Workload Analysis",
+            "SpeedOfLight                 yes     GPU Speed Of Light Throughput",
+            "",
+        ]
+    )
+    assert kc.sections_listed(listing) == ("SpeedOfLight", "ComputeWorkloadAnalysis")
+    assert "MemoryWorkloadAnalysis_Tables" in kc.SECTIONS
+    assert kc.sections_listed("") == kc.SECTIONS  # unreadable: ask for all
+
+
 def test_committed_h200_counts_are_consistent():
     path = pathlib.Path("benchmarks/results/kernel_counters_h200_v20b.json")
     doc = json.loads(path.read_text())
