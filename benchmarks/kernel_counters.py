@@ -230,13 +230,19 @@ def parse_sass(text: str) -> dict:
     }
 
 
-def profile(ncu: str, name: str, rows: int, raw: pathlib.Path, log=print) -> list[dict]:
-    """Runs `child` for ``name`` under ncu; one record per profiled kernel."""
+def profile(
+    ncu: str,
+    name: str,
+    rows: int,
+    raw: pathlib.Path,
+    sections: tuple[str, ...] = SECTIONS,
+    log=print,
+) -> list[dict]:
+    """Runs `child` for ``name`` under ncu; one record per profiled kernel.
+
+    ``sections``: the ncu sections asked for (`sections_listed`).
+    """
     stem = raw / name.replace(".", "_")
-    listing = subprocess.run(
-        [ncu, "--list-sections"], capture_output=True, text=True, timeout=60
-    )
-    sections = sections_listed(listing.stdout if listing.returncode == 0 else "")
     cmd = [
         ncu,
         "--clock-control",
@@ -370,8 +376,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             meta["ncu_version"] = subprocess.run(
                 [ncu, "--version"], capture_output=True, text=True
             ).stdout.strip()
+            listing = subprocess.run(
+                [ncu, "--list-sections"], capture_output=True, text=True, timeout=60
+            )
+            sections = sections_listed(
+                listing.stdout if listing.returncode == 0 else ""
+            )
+            meta["ncu_sections"] = list(sections)
             for name in args.optimizers.split(","):
-                records += profile(ncu, name, args.rows, raw)
+                records += profile(ncu, name, args.rows, raw, sections)
                 print(table([r for r in records if r.get("optimizer") == name]))
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(out.with_name(out.stem + "_raw.tar.gz"), "w:gz") as tar:

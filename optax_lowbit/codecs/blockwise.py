@@ -595,9 +595,9 @@ def encode_groups_with(
         (``codec.qmap()``); an argument, not a constant, so that a Pallas
         kernel can pass it in.
       signed: if ``False`` negative inputs are clipped to 0 first.
-      table: the search table: `search_table` of ``qmap`` for nearest
-        rounding, `stochastic_table` with ``noise`` (``None``: computed here;
-        a kernel passes it in, as an input ref).
+      table: the binary search's table: `search_table` of ``qmap`` for
+        nearest rounding, `stochastic_table` with ``noise`` (``None``:
+        computed here); not read with ``lut`` (a kernel's search).
       noise: ``None`` for round-to-nearest, or uint32 ``(..., block_size /
         2)`` random words (`base.group_noise`) for unbiased stochastic
         rounding between the two map entries around each value.
