@@ -212,7 +212,8 @@ class Codes:
         """The ``pallas_call`` operand of a leaf's codes: flat."""
         return codes.reshape(-1)
 
-    def _offsets(self, row):
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each code plane's int32 ``(block, bytes)`` offsets of the rows ``row``."""
         out, start = [], 0
         for n in self.planes:
             col = jnp.arange(n, dtype=jnp.int32)[None, :] + start
@@ -220,13 +221,13 @@ class Codes:
             start += n
         return out
 
-    def load(self, ref, row, valid) -> list[jax.Array]:
-        """The block's code planes, one ``(block, bytes)`` uint8 array each."""
-        return [load(ref, valid, idx) for idx in self._offsets(row)]
+    def load(self, ref, offsets, valid) -> list[jax.Array]:
+        """The block's code planes at `offsets`, one ``(block, bytes)`` uint8 each."""
+        return [load(ref, valid, idx) for idx in offsets]
 
-    def store(self, ref, row, planes: list[jax.Array], valid) -> None:
-        """Stores the block's code planes (`load`'s layout)."""
-        for idx, plane in zip(self._offsets(row), planes, strict=True):
+    def store(self, ref, offsets, planes: list[jax.Array], valid) -> None:
+        """Stores the block's code planes at `offsets` (`load`'s layout)."""
+        for idx, plane in zip(offsets, planes, strict=True):
             store(ref, plane, valid, idx)
 
 
@@ -259,7 +260,8 @@ class Values:
             for start, stride, size in self.columns
         ]
 
-    def _offsets(self, row):
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each part's int32 ``(block, part)`` offsets of the rows ``row``."""
         return [row[:, None] * self.size + c for c in self._cols()]
 
     def col(self, row: jax.Array, groups_per_row: Any) -> list[jax.Array]:
@@ -272,13 +274,13 @@ class Values:
         first = (row % groups_per_row) * self.size
         return [first[:, None] + c for c in self._cols()]
 
-    def load(self, ref, row, valid) -> list[jax.Array]:
-        """The block's values, one array per part."""
-        return [load(ref, valid, idx) for idx in self._offsets(row)]
+    def load(self, ref, offsets, valid) -> list[jax.Array]:
+        """The block's values at `offsets`, one array per part."""
+        return [load(ref, valid, idx) for idx in offsets]
 
-    def store(self, ref, row, parts, valid) -> None:
-        """Stores the block's values (`load`'s layout)."""
-        for idx, part in zip(self._offsets(row), parts, strict=True):
+    def store(self, ref, offsets, parts, valid) -> None:
+        """Stores the block's values at `offsets` (`load`'s layout)."""
+        for idx, part in zip(offsets, parts, strict=True):
             store(ref, part, valid, idx)
 
 
@@ -300,16 +302,17 @@ class Scales:
         """The ``pallas_call`` operand of a leaf's scales: flat."""
         return scales.reshape(-1)
 
-    def _offsets(self, row):
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each scale's int32 ``(block, 1)`` offsets of the rows ``row``."""
         return [row[:, None] * self.per_group + k for k in range(self.per_group)]
 
-    def load(self, ref, row, valid):
-        """The block's scales: a ``(block, 1)`` column, or a list of them."""
-        out = [load(ref, valid, idx) for idx in self._offsets(row)]
+    def load(self, ref, offsets, valid):
+        """The block's scales at `offsets`: a ``(block, 1)`` column, or a list."""
+        out = [load(ref, valid, idx) for idx in offsets]
         return out[0] if self.per_group == 1 else out
 
-    def store(self, ref, row, scales, valid) -> None:
-        """Stores the block's scales (`load`'s layout)."""
+    def store(self, ref, offsets, scales, valid) -> None:
+        """Stores the block's scales at `offsets` (`load`'s layout)."""
         scales = [scales] if self.per_group == 1 else scales
-        for idx, s in zip(self._offsets(row), scales, strict=True):
+        for idx, s in zip(offsets, scales, strict=True):
             store(ref, s, valid, idx)

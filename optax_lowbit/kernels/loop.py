@@ -78,13 +78,40 @@ def _ios(codecs):
     return [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
 
 
-def load_block(in_refs, row, valid, *, codecs, apply):
+def block_offsets(row, *, codecs):
+    """Where one block's rows are in a leaf's flat buffers (`codec_ops` layouts).
+
+    Computed once per block, outside the per-leaf branches of a grouped
+    launch: the offsets do not depend on which leaf the block is in, so the
+    loads and stores of every leaf read them (each branch of the loads and
+    of the stores would otherwise carry its own copy of the index
+    arithmetic, which no compiler pass merges across branches: a longer
+    module, and Triton's compile grows faster than its length; v25 in
+    ``NOTES_kernels.md``).
+
+    Args:
+      row: int32 ``(block,)`` the block's group rows within the leaf.
+      codecs: each moment's codec.
+
+    Returns:
+      ``(values, [(codes, scales) per moment])``: the value parts' offsets
+      (gradient, parameters and output share them) and each moment's code
+      planes' and scales' offsets, lists of int32 arrays.
+    """
+    vals = codec_ops.Values(codecs[0])
+    state = [
+        (codes.offsets(row), scales.offsets(row)) for codes, scales in _ios(codecs)
+    ]
+    return vals.offsets(row), state
+
+
+def load_block(in_refs, offsets, valid, *, codecs, apply):
     """One block of one leaf's inputs, as loaded (no arithmetic).
 
     Args:
       in_refs: the leaf's ``g, [p]`` refs, then each moment's codes and
         scales refs.
-      row: int32 ``(block,)`` the block's group rows within the leaf.
+      offsets: the block's `block_offsets`.
       valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
       codecs: each moment's codec.
       apply: whether ``p`` is among the refs (the fused apply).
@@ -95,14 +122,17 @@ def load_block(in_refs, row, valid, *, codecs, apply):
       each moment's code planes and scales in `codec_ops`' layouts.
     """
     vals = codec_ops.Values(codecs[0])
+    at_values, at_state = offsets
     g_ref, refs = in_refs[0], in_refs[1:]
-    p = vals.load(refs[0], row, valid) if apply else None
+    p = vals.load(refs[0], at_values, valid) if apply else None
     state = refs[int(apply) :]
-    loaded = [vals.load(g_ref, row, valid), p]
-    for k, (codes, scales) in enumerate(_ios(codecs)):
+    loaded = [vals.load(g_ref, at_values, valid), p]
+    for k, ((codes, scales), (at_codes, at_scales)) in enumerate(
+        zip(_ios(codecs), at_state, strict=True)
+    ):
         loaded += [
-            codes.load(state[2 * k], row, valid),
-            scales.load(state[2 * k + 1], row, valid),
+            codes.load(state[2 * k], at_codes, valid),
+            scales.load(state[2 * k + 1], at_scales, valid),
         ]
     return tuple(loaded)
 
@@ -184,7 +214,7 @@ def compute_block(
     return (out, *encoded)
 
 
-def store_block(out_refs, row, valid, result, *, codecs):
+def store_block(out_refs, offsets, valid, result, *, codecs):
     """Stores `compute_block`'s ``result`` in one leaf's output refs.
 
     The output is cast to its ref's dtype (``g``'s, or the parameters').
@@ -192,18 +222,21 @@ def store_block(out_refs, row, valid, result, *, codecs):
     Args:
       out_refs: the leaf's ``out`` ref, then each moment's codes and scales
         refs.
-      row: int32 ``(block,)`` the block's group rows within the leaf.
+      offsets: the block's `block_offsets`.
       valid: bool ``(block,)`` rows inside the leaf, or ``None`` for all.
       result: `compute_block`'s output.
       codecs: each moment's codec.
     """
     vals = codec_ops.Values(codecs[0])
+    at_values, at_state = offsets
     out_ref, *state_refs = out_refs
     out, *state = result
-    vals.store(out_ref, row, [x.astype(out_ref.dtype) for x in out], valid)
-    for k, (codes, scales) in enumerate(_ios(codecs)):
-        codes.store(state_refs[2 * k], row, state[2 * k], valid)
-        scales.store(state_refs[2 * k + 1], row, state[2 * k + 1], valid)
+    vals.store(out_ref, at_values, [x.astype(out_ref.dtype) for x in out], valid)
+    for k, ((codes, scales), (at_codes, at_scales)) in enumerate(
+        zip(_ios(codecs), at_state, strict=True)
+    ):
+        codes.store(state_refs[2 * k], at_codes, state[2 * k], valid)
+        scales.store(state_refs[2 * k + 1], at_scales, state[2 * k + 1], valid)
 
 
 def _split_refs(refs, codecs, n_leaves, apply):
@@ -340,11 +373,12 @@ def kernel(
         row = (b - first) * block + (jnp.arange(block, dtype=jnp.int32) + zero)
         # a leaf's last block may run past its rows: masked loads and stores
         valid = row < size_ref[slot + ROWS] if ragged else None
+        offsets = block_offsets(row, codecs=codecs)
         loaded = _select(
             leaf,
             [
                 functools.partial(
-                    load_block, ins, row, valid, codecs=codecs, apply=apply
+                    load_block, ins, offsets, valid, codecs=codecs, apply=apply
                 )
                 for ins, _ in leaf_refs
             ],
@@ -362,7 +396,9 @@ def kernel(
         _select(
             leaf,
             [
-                functools.partial(store_block, outs, row, valid, result, codecs=codecs)
+                functools.partial(
+                    store_block, outs, offsets, valid, result, codecs=codecs
+                )
                 for _, outs in leaf_refs
             ],
         )
