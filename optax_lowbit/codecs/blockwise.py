@@ -264,6 +264,10 @@ def decision_bounds(qmap: jax.Array) -> jax.Array:
     as ``q[j] / 2 + q[j + 1] / 2`` with its rounding error recovered exactly
     (Knuth's TwoSum), so no float64 is needed: this runs inside kernels.
 
+    NumPy in, NumPy out (the same float32 operations, so the same bits): a
+    codec's constant tables are built without dispatching JAX operations,
+    which at a first step's trace would each compile on the device.
+
     Args:
       qmap: ``(n,)`` float32, strictly increasing, entries of magnitude
         >= 2**-125 or 0 (halving is then exact).
@@ -271,14 +275,16 @@ def decision_bounds(qmap: jax.Array) -> jax.Array:
     Returns:
       ``(n - 1,)`` float32 bounds.
     """
-    q = jnp.asarray(qmap, jnp.float32)
-    a, b = q[:-1] * 0.5, q[1:] * 0.5
+    xp = np if isinstance(qmap, np.ndarray) else jnp
+    q = xp.asarray(qmap, xp.float32)
+    half = xp.float32(0.5)
+    a, b = q[:-1] * half, q[1:] * half
     s = a + b
     b_virtual = s - a
     a_virtual = s - b_virtual
     err = (a - a_virtual) + (b - b_virtual)  # a + b == s + err exactly
     # err < 0: s is above the midpoint and is the first float32 above it.
-    return jnp.where(err < 0, s, jnp.nextafter(s, jnp.float32(jnp.inf)))
+    return xp.where(err < 0, s, xp.nextafter(s, xp.float32(xp.inf)))
 
 
 def _bits_of(qmap: jax.Array) -> int:
@@ -296,14 +302,12 @@ def search_table(qmap: jax.Array) -> jax.Array:
     """The ``2**bits`` float32 entries the encoder's binary search reads.
 
     The sorted `decision_bounds`, then a sentinel (``inf``) never ``<= x``.
-    A kernel gets it as an input (it cannot build it from a ref).
+    A kernel gets it as an input (it cannot build it from a ref). NumPy in,
+    NumPy out.
     """
-    return jnp.concatenate(
-        [
-            jnp.asarray(decision_bounds(qmap), jnp.float32),
-            jnp.full((1,), jnp.inf, jnp.float32),
-        ]
-    )
+    xp = np if isinstance(qmap, np.ndarray) else jnp
+    bounds = xp.asarray(decision_bounds(qmap), xp.float32)
+    return xp.concatenate([bounds, xp.full((1,), xp.inf, xp.float32)])
 
 
 def _count_bounds_at_or_below(table: Any, x: jax.Array, bits: int) -> jax.Array:
@@ -632,14 +636,11 @@ def encode_groups_with(
             for x, u in zip(normalised, uniform, strict=True)
         ]
     elif noise is None:
-        table = search_table(qmap) if table is None else table
+        table = _as_table(search_table(qmap) if table is None else table)
         index = [_count_bounds_at_or_below(table, x, bits) for x in normalised]
     else:
-        table = stochastic_table(qmap) if table is None else table
-        if not base.is_ref(qmap):
-            qmap = jnp.asarray(qmap, jnp.float32)
-        if not base.is_ref(table):
-            table = jnp.asarray(table, jnp.float32)
+        table = _as_table(stochastic_table(qmap) if table is None else table)
+        qmap = _as_table(qmap)
         index = [
             _round_stochastic(qmap, table, x, u, bits)
             for x, u in zip(normalised, uniform, strict=True)
@@ -648,6 +649,11 @@ def encode_groups_with(
     if planes:
         return kernel_planes(index, bits), scales
     return base.pack_codes(index, bits), scales
+
+
+def _as_table(table: Any) -> Any:
+    """A table the search reads: a kernel's ref as it is, else float32 jnp."""
+    return table if base.is_ref(table) else jnp.asarray(table, jnp.float32)
 
 
 def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
@@ -903,12 +909,9 @@ def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut]:
     Built once per codec (the kernel's tables and each trace of its encoder
     read them). Every map a codec can take has one (`MAPS`; tested).
     """
-    qmap = codec.qmap()
-    if codec.stochastic:  # numpy in, numpy out: no trace (nor shard_map) seen
-        table = stochastic_table(qmap)
-    else:
-        with jax.ensure_compile_time_eval():  # constants, even under a trace
-            table = np.asarray(search_table(qmap), np.float32)
+    qmap = np.asarray(codec.qmap(), np.float32)
+    # numpy in, numpy out: no JAX operation, no trace (nor shard_map) seen
+    table = stochastic_table(qmap) if codec.stochastic else search_table(qmap)
     table.flags.writeable = False
     lut = bucket_lut(table, codec.signed)
     if lut is None:  # no map in MAPS: a new map needs the binary search here

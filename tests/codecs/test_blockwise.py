@@ -16,13 +16,15 @@ Their maps are computed in float32 torch arithmetic, ours in float64 rounded
 once to float32, so entries agree to a few float32 ulps (rtol 1e-6).
 """
 
+import fractions
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_lowbit as lowbit
@@ -126,13 +128,56 @@ def test_maps_are_read_only():
         np.sort(np.random.default_rng(0).uniform(-1, 1, 64)).astype(np.float32),
     ],
 )
-def test_decision_bounds_are_exact_midpoint_successors(qmap):
-    bounds = np.asarray(jax.jit(blockwise.decision_bounds)(qmap)).astype(np.float64)
+@pytest.mark.parametrize("impl", ["numpy", "jit"])
+def test_decision_bounds_are_exact_midpoint_successors(qmap, impl):
+    bounds = (
+        blockwise.decision_bounds(qmap)
+        if impl == "numpy"
+        else jax.jit(blockwise.decision_bounds)(qmap)
+    )
+    assert isinstance(bounds, np.ndarray) == (impl == "numpy")
+    bounds = np.asarray(bounds).astype(np.float64)
     q = qmap.astype(np.float64)
     mid = (q[:-1] + q[1:]) / 2  # exact in float64
     below = np.nextafter(bounds.astype(np.float32), np.float32(-np.inf))
     assert np.all(bounds > mid)
     assert np.all(below.astype(np.float64) <= mid)
+
+
+def _smallest_float32_above(x: fractions.Fraction) -> np.float32:
+    f = np.float32(float(x))
+    while fractions.Fraction(float(f)) <= x:
+        f = np.nextafter(f, np.float32(np.inf))
+    while fractions.Fraction(float(np.nextafter(f, np.float32(-np.inf)))) > x:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return f
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), bits=st.sampled_from([4, 8]))
+def test_search_table_in_numpy_is_exact(seed, bits):
+    """The codecs build their tables in NumPy, exact to the definition.
+
+    Each bound is the smallest float32 above the exact midpoint (fractions),
+    also where the midpoint's rounding error is subnormal (a log map's
+    smallest entries), which XLA flushes to zero.
+    """
+    rng = np.random.default_rng(seed)
+    fresh = rng.choice([-1, 1], 2**bits) * 10.0 ** rng.uniform(-36, 0, 2**bits)
+    maps = [
+        blockwise.dynamic_map(True, bits=bits),
+        blockwise.dynamic_map(False, bits=bits),
+        blockwise.linear_map(bits=bits),
+        blockwise.log_map(bits=bits),
+        np.unique(fresh.astype(np.float32)),  # wide range, strictly increasing
+    ]
+    for qmap in maps:
+        got = blockwise.search_table(qmap)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        q = [fractions.Fraction(float(x)) for x in qmap]
+        want = [_smallest_float32_above((a + b) / 2) for a, b in itertools.pairwise(q)]
+        np.testing.assert_array_equal(got[:-1], np.asarray(want, np.float32))
+        assert got[-1] == np.inf
 
 
 # --- encoding is exact nearest ------------------------------------------------
