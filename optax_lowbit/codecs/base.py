@@ -537,23 +537,28 @@ def hash32(x: Any) -> Any:
         return xor(x, shift(x, _SHIFT_16))
 
 
-def stream_seed(seed: Any, *salts: int) -> jax.Array:
+def stream_seed(seed: Any, *salts: Any) -> jax.Array:
     """A uint32 seed for one random stream: ``seed`` mixed with static salts.
 
     The transforms call it with their step count and the leaf's and moment's
     ordinals, so every leaf, moment and step draws an independent stream from
-    state the optimizer already keeps (no PRNG key in the state).
+    state the optimizer already keeps (no PRNG key in the state). Elementwise:
+    with arrays of salts (or of seeds) it forms many streams at once, each
+    the bits it would be alone, in a few vector operations (a step of many
+    leaves then traces and compiles a few operations instead of a few dozen
+    per leaf).
 
     Args:
-      seed: integer scalar, may be traced (e.g. the step count).
-      *salts: Python ints naming the stream.
+      seed: integer scalar or array, may be traced (e.g. the step count).
+      *salts: Python ints or NumPy integer arrays naming the streams
+        (broadcast against each other and ``seed``; mixed in NumPy).
 
     Returns:
-      uint32 scalar.
+      uint32, the broadcast shape of ``seed`` and ``salts``.
     """
     s = hash32(seed)
     for salt in salts:
-        s = hash32(s ^ hash32(salt & 0xFFFFFFFF))
+        s = hash32(s ^ hash32(np.asarray(salt, np.int64) & 0xFFFFFFFF))
     return jnp.asarray(s, _U32)
 
 

@@ -309,7 +309,9 @@ def rule_update_many(
       gs: gradient leaves.
       moments: per leaf, its moments.
       hps: one hyperparameter vector per leaf.
-      seeds: per leaf, one seed per moment, or ``None``.
+      seeds: per leaf, one seed per moment; an integer array ``(leaves,
+        moments)`` of them (their streams then formed in one vector
+        operation, `rules.seed_rows`); or ``None``.
       params: parameter leaves for the fused apply (or ``None``).
       leaves_per_launch: the most leaves of one launch (1: one launch per
         leaf, 0: no limit); ``None``: `default_leaves_per_launch`.
@@ -420,7 +422,8 @@ def adam_update_many(
       mu_codec: codec of every ``mus`` entry.
       nu_codec: codec of every ``nus`` entry.
       nesterov: Nesterov momentum.
-      seeds: one ``(mu_seed, nu_seed)`` per leaf (see `adam_update`).
+      seeds: one ``(mu_seed, nu_seed)`` per leaf (see `adam_update`), or an
+        integer array ``(leaves, 2)`` of them.
       params: parameter leaves for the fused apply (or ``None``).
       block_groups: groups per block.
       num_warps: Triton warps.

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
@@ -347,7 +348,8 @@ def many_leaves(
       gs: gradient leaves.
       moments: per leaf, its moments (one `Packed` per codec of ``config``).
       hps: one hyperparameter vector per leaf.
-      seeds: per leaf, one ``seed`` per moment, or ``None``.
+      seeds: per leaf, one ``seed`` per moment (or ``None``), an integer
+        array ``(leaves, moments)`` of them (`rules.seed_rows`), or ``None``.
       params: parameter leaves for the fused apply, or ``None``.
       config: the launch configuration.
       leaves_per_launch: the most leaves of one launch (``None`` or 0: no
@@ -357,34 +359,34 @@ def many_leaves(
       One ``(out, new_moments)`` per leaf.
     """
     n = len(gs)
-    seeds = [None] * n if seeds is None else list(seeds)
+    n_moments = len(config.codecs)
+    # every leaf's final streams in one vector operation (NOTES_kernels.md, v25)
+    finals = rules.stream_seeds(rules.seed_rows(seeds, n, n_moments), n_moments)
     params = [None] * n if params is None else list(params)
     per_launch = max(1, leaves_per_launch or n)
     results: list[Any] = [None] * n
     groups: dict[tuple[Any, ...], list[int]] = {}
+    singles = []
     for k, g in enumerate(gs):
         if lead_sharding(g) is not None or per_launch == 1:
-            results[k] = one_leaf(g, moments[k], hps[k], seeds[k], params[k], config)
+            singles.append(k)
         else:
             groups.setdefault(signature(g, params[k], config), []).append(k)
-    n_moments = len(config.codecs)
-    for idx in [c for same in groups.values() for c in chunks(same, per_launch)]:
-        if len(idx) == 1:
-            k = idx[0]
-            results[k] = one_leaf(
-                gs[k], moments[k], hps[k], seeds[k], params[k], config
-            )
-            continue
+    launches = [c for same in groups.values() for c in chunks(same, per_launch)]
+    singles += [idx[0] for idx in launches if len(idx) == 1]
+    for k in singles:  # `one_leaf`, with the final streams formed above
+        _check(gs[k], params[k], config)
+        results[k] = _one_leaf(
+            gs[k], tuple(moments[k]), hps[k], finals[k], params[k], config=config
+        )
+    for idx in [idx for idx in launches if len(idx) > 1]:
         for k in idx:
             _check(gs[k], params[k], config)
-        final = jnp.stack(
-            [rules.stream_seeds(seeds[k], n_moments)[:n_moments] for k in idx]
-        )
         outs = _many_leaves(
             tuple(gs[k] for k in idx),
             tuple(tuple(moments[k]) for k in idx),
             jnp.stack([jnp.asarray(hps[k], jnp.float32) for k in idx]),
-            final,
+            jnp.take(finals, np.asarray(idx), axis=0)[:, :n_moments],
             None if params[idx[0]] is None else tuple(params[k] for k in idx),
             config=config,
         )

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_lowbit.codecs import base
 
@@ -165,23 +166,71 @@ def momentum_hp(beta, bc, bc_next=None) -> jax.Array:
 
 
 def stream_seeds(seeds: Any = None, n: int = 2) -> jax.Array:
-    """The kernel's uint32 ``(8,)`` seed input: each moment's final stream.
+    """The kernel's uint32 seed input: each moment's final stream.
 
     Args:
       seeds: one per moment (``(mu_seed, nu_seed)`` for Adam), the ``seed``
         arguments that `Codec.encode` would get, mixed here exactly as
         `Codec.encode` mixes them; ``None`` (or a ``None`` entry): stream 0.
+        Or many leaves' at once: an integer array ``(..., n)`` (rows of
+        seeds, mixed elementwise in one vector operation).
       n: the number of moments (`Rule.n_moments`).
 
     Returns:
-      The ``n`` final streams, padded with zeros to `SEED_LEN`.
+      uint32 ``(SEED_LEN,)``, or ``(..., SEED_LEN)`` for an array: the ``n``
+      final streams, padded with zeros.
     """
-    seeds = (None,) * n if seeds is None else tuple(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"seeds must be one per moment ({n}), got {seeds!r}.")
-    out = [base.stream_seed(0 if s is None else s) for s in seeds]
-    out += [jnp.zeros((), jnp.uint32)] * (SEED_LEN - n)
-    return jnp.stack(out)
+    if seeds is None or isinstance(seeds, (tuple, list)):  # one leaf's
+        seeds = seed_rows([seeds], 1, n)[0]
+    elif seeds.shape[-1:] != (n,):
+        raise ValueError(
+            f"seeds must have one column per moment ({n}), got shape {seeds.shape}."
+        )
+    final = base.stream_seed(seeds)
+    return jnp.pad(final, [(0, 0)] * (final.ndim - 1) + [(0, SEED_LEN - n)])
+
+
+def seed_rows(seeds: Any, leaves: int, n: int) -> Any:
+    """Many leaves' seeds as one uint32 array ``(leaves, n)`` for `stream_seeds`.
+
+    Args:
+      seeds: ``None`` (stream 0 everywhere), an integer array ``(leaves,
+        n)``, or one entry per leaf: ``None`` or one seed (or ``None``) per
+        moment.
+      leaves: the number of leaves.
+      n: the number of moments.
+
+    Returns:
+      The seeds, NumPy where none is traced.
+    """
+    if seeds is not None and not isinstance(seeds, (tuple, list)):
+        if tuple(seeds.shape) != (leaves, n):
+            raise ValueError(
+                f"seeds must have shape ({leaves}, {n}), got {tuple(seeds.shape)}."
+            )
+        return seeds
+    seeds = [None] * leaves if seeds is None else list(seeds)
+    if len(seeds) != leaves:
+        raise ValueError(
+            f"seeds must be one entry per leaf ({leaves}), got {len(seeds)}."
+        )
+    rows = []
+    for row in seeds:
+        row = (None,) * n if row is None else tuple(row)
+        if len(row) != n:
+            raise ValueError(f"seeds must be one per moment ({n}), got {row!r}.")
+        rows.append([_as_uint32(s) for s in row])
+    flat = [s for row in rows for s in row]
+    if all(isinstance(s, np.ndarray) for s in flat):
+        return np.asarray(flat, np.uint32).reshape(leaves, n)
+    return jnp.stack([jnp.stack(row) for row in rows])
+
+
+def _as_uint32(seed: Any) -> Any:
+    """One ``seed`` as uint32 (``None``: 0), wrapping as `base.hash32` does."""
+    if seed is None or isinstance(seed, (int, np.integer)):
+        return np.asarray(0 if seed is None else seed).astype(np.uint32)
+    return jnp.asarray(seed).astype(jnp.uint32)
 
 
 def momentum_step(g, m, hp, *, nesterov: bool):

@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_lowbit import _checks
@@ -374,29 +375,65 @@ def _decode_leaf(x: Any, codec: base.Codec) -> jax.Array:
     return x.astype(compute_dtype(x.dtype))
 
 
-def _encode_leaf(
-    value: jax.Array, like: Any, codec: base.Codec, seed: Any, leaf: int, moment: int
-) -> Any:
+def _encode_leaf(value: jax.Array, like: Any, codec: base.Codec, stream: Any) -> Any:
     """``value`` in the layout of ``like`` (a `Packed` or a float array).
 
-    A stochastic codec rounds with the stream `leaf_seed` ``(seed, leaf,
-    moment)``, formed (and traced) only then.
+    A stochastic codec rounds with ``stream`` (`leaf_streams`).
     """
     if is_packed(like):
         if codec.stochastic:
-            return codec.encode(value, seed=leaf_seed(seed, leaf, moment))
+            return codec.encode(value, seed=stream)
         return codec.encode(value)
     return value.astype(like.dtype)
 
 
-def leaf_seed(seed: Any, leaf: int, moment: int) -> Any:
-    """The random stream of one leaf and moment at step ``seed`` (or ``None``).
+def leaf_seed(seed: Any, leaf: Any, moment: Any) -> Any:
+    """The random stream of a leaf and moment at step ``seed`` (or ``None``).
 
     Stochastic codecs draw their rounding bits from it: a pure function of the
     transform's step count and the leaf's and moment's ordinals, so no PRNG key
-    is kept and a restored state continues bit for bit.
+    is kept and a restored state continues bit for bit. ``leaf`` and
+    ``moment`` may be NumPy integer arrays: many leaves' streams at once, in
+    a few vector operations (`base.stream_seed`), each the bits it would be
+    alone.
     """
     return None if seed is None else base.stream_seed(seed, leaf, moment)
+
+
+def leaf_seed_rows(seed: Any, leaves: Sequence[int], moments: int) -> Any:
+    """`leaf_seed` of each of ``leaves`` and each of ``moments`` moments.
+
+    The kernels' ``seeds`` for many leaves (`kernels.rules.seed_rows`): an
+    array ``(len(leaves), moments)``, or ``None`` without a ``seed``.
+    """
+    rows = np.asarray(leaves, np.int64).reshape(-1, 1)
+    return leaf_seed(seed, rows, np.arange(moments))
+
+
+def leaf_streams(
+    seed: Any,
+    per_moment: Sequence[Sequence[Any]],
+    codecs: Sequence[base.Codec],
+    first_leaf: int = 0,
+) -> dict[tuple[int, int], Any]:
+    """The streams of every packed leaf ``i`` and stochastic moment ``j``.
+
+    Formed together (`leaf_seed` over arrays) and only where a stochastic
+    codec draws from them; ``{(i, j): stream}``, leaf ``i`` being the tree's
+    leaf ``first_leaf + i``. Empty without a ``seed``: ``None`` is stream 0.
+    """
+    rows = [
+        (i, j)
+        for j, (leaves, codec) in enumerate(zip(per_moment, codecs, strict=True))
+        if codec.stochastic
+        for i, x in enumerate(leaves)
+        if is_packed(x)
+    ]
+    if seed is None or not rows:
+        return {}
+    i, j = np.asarray(rows, np.int64).T
+    table = leaf_seed(seed, first_leaf + i, j)
+    return {row: table[k] for k, row in enumerate(rows)}
 
 
 def decode_moment(moment: Any, codec: base.Codec) -> Any:
@@ -415,8 +452,10 @@ def encode_like(
     """
     leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=is_packed)
     vals = treedef.flatten_up_to(values)
+    # the streams of moment ``moment``: the other moments' slots stay empty
+    streams = leaf_streams(seed, [[]] * moment + [leaves], [codec] * (moment + 1))
     out = [
-        _encode_leaf(v, old, codec, seed, i, moment)
+        _encode_leaf(v, old, codec, streams.get((i, moment)))
         for i, (old, v) in enumerate(zip(leaves, vals, strict=True))
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -516,6 +555,7 @@ def map_leaves(
     if len(moments) != len(codecs):
         raise ValueError(f"got {len(moments)} moment trees but {len(codecs)} codecs.")
     flat, _, per_moment, rewrap = flatten_with_moments(updates, moments)
+    streams = leaf_streams(seed, per_moment, codecs, first_leaf)
     new_updates, new_moments = [], [[] for _ in moments]
     for i, g in enumerate(flat):
         olds = [leaves[i] for leaves in per_moment]
@@ -523,7 +563,7 @@ def map_leaves(
         u, *news = step(g, *decoded)
         new_updates.append(u)
         for j, (new, old, c) in enumerate(zip(news, olds, codecs, strict=True)):
-            new_moments[j].append(_encode_leaf(new, old, c, seed, first_leaf + i, j))
+            new_moments[j].append(_encode_leaf(new, old, c, streams.get((i, j))))
     return rewrap(new_updates, new_moments)
 
 

@@ -314,10 +314,7 @@ def fused_leaves(
     # All kernel leaves in one call: the kernel runs the leaves that share a
     # signature (group grid and dtypes) in one launch (adam_update_many).
     idx = kernel_leaves
-    seeds = [
-        (_quantized.leaf_seed(count, i, 0), _quantized.leaf_seed(count, i, 1))
-        for i in idx
-    ]
+    seeds = _quantized.leaf_seed_rows(count, idx, 2)  # (leaves, 2), vectorised
     pars = [None] * len(idx) if params is None else [params[i] for i in idx]
     args = ([flat[i] for i in idx], [mus[i] for i in idx], [nus[i] for i in idx])
     kernel_hps = [hps[i] for i in idx]

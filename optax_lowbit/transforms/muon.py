@@ -313,7 +313,7 @@ def fused_momentum(
         [flat[i].astype(jnp.float32) for i in idx],
         [(mus[i],) for i in idx],
         [hp] * len(idx),
-        [(_quantized.leaf_seed(count, i, 0),) for i in idx],
+        _quantized.leaf_seed_rows(count, idx, 1),
     )
     for i, (m_hat, (m,)) in zip(idx, results, strict=True):
         outs[i], new[i] = m_hat, m
