@@ -21,7 +21,7 @@ perplexity against code bits beside it.
 Models: ``smollm2`` (SmolLM2-135M-Instruct; the dequantized Q4_1 GGUF is the
 full-precision reference), ``train_lm`` (our GPT trained in fp32 by
 ``python -m benchmarks.train_lm --save-params``: a true full-precision
-reference; no LIM, RTN only) and ``tiny`` (a random-init 4-block Llama).
+reference; RTN only) and ``tiny`` (a random-init 4-block Llama).
 Quantizer: ``gptq_act`` (the default for Llama-port models: GPTQ with
 act-order on the MSE-clipped g64 grid, one sequential run per width),
 ``gptq`` (without act-order: the first GPU table) or ``rtn_mse``; every
@@ -214,8 +214,6 @@ def _settle(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         pipeline.check_methods(args.methods)
     except (TypeError, ValueError) as err:
         p.error(f"argument --budgets/--bits/--methods: {err}")
-    if args.model == "train_lm":
-        args.methods = [m for m in args.methods if m != "lim"]  # no residual hook
     if args.out is None:
         tag = f"{args.model}_cpu_smoke" if args.quick else args.model
         args.out = RESULTS / f"impq_v2_{tag}.json"
@@ -247,10 +245,12 @@ def _model(args) -> impq_model.BlockModel:
     if args.model == "smollm2":
         return impq_model.smollm2_model(args.source)
     if args.model == "train_lm":
+        # logits and residual stream of the positions the loss scores
         return impq_model.from_nnx(
             models.load_tinygpt(args.params),
             models.loss_fn,
             lambda module, tokens: module(tokens[:, :-1]),
+            lambda module, tokens: module.hidden_states(tokens[:, :-1]),
         )
     return impq_model.tiny_llama()
 

@@ -203,15 +203,27 @@ class TinyGPT(nnx.Module):
             else nnx.Linear(d_model, vocab, use_bias=False, kernel_init=init, rngs=rngs)
         )
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Maps tokens ``(batch, t)``, t <= seq_len, to logits ``(batch, t, vocab)``."""
+    def hidden_states(self, tokens: jax.Array) -> list[jax.Array]:
+        """The residual stream entering block 0 and leaving each block.
+
+        Args:
+          tokens: ``(batch, t)``, t <= seq_len.
+
+        Returns:
+          ``n_layers + 1`` arrays ``(batch, t, d_model)`` (IMPQ's LIM
+          baseline compares consecutive ones).
+        """
         t = tokens.shape[-1]
         if t > self.seq_len:
             raise ValueError(f"sequence length {t} exceeds seq_len={self.seq_len}.")
-        x = self.embed(tokens) + self.pos_embed[...][:t]
+        out = [self.embed(tokens) + self.pos_embed[...][:t]]
         for block in self.blocks:
-            x = block(x)
-        x = self.ln_f(x)
+            out.append(block(out[-1]))
+        return out
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Maps tokens ``(batch, t)``, t <= seq_len, to logits ``(batch, t, vocab)``."""
+        x = self.ln_f(self.hidden_states(tokens)[-1])
         return self.embed.attend(x) if self.head is None else self.head(x)
 
 

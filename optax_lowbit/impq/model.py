@@ -234,6 +234,7 @@ def from_nnx(
     module: Any,
     loss_fn: Callable[[Any, jax.Array], jax.Array],
     logits_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+    hidden_fn: Callable[[Any, jax.Array], list[jax.Array]] | None = None,
 ) -> BlockModel:
     """A `BlockModel` over a Flax NNX module with a ``blocks`` list.
 
@@ -243,9 +244,12 @@ def from_nnx(
       loss_fn: ``loss_fn(module, tokens) -> scalar`` mean NLL.
       logits_fn: optional ``logits_fn(module, tokens)``, the logits that
         ``loss_fn`` scores (``BlockModel.logits``); the KL games need it.
+      hidden_fn: optional ``hidden_fn(module, tokens)``, the residual stream
+        entering the first block and leaving each block
+        (``BlockModel.hidden``); the LIM baseline needs it.
 
     Returns:
-      The `BlockModel` (no ``hidden``: the LIM baseline is unavailable).
+      The `BlockModel`.
     """
     from flax import nnx
 
@@ -273,9 +277,13 @@ def from_nnx(
     def logits(p, tokens):
         return logits_fn(merged(p), tokens)
 
+    def hidden(p, tokens):
+        return hidden_fn(merged(p), tokens)
+
     return BlockModel(
         name=type(module).__name__,
         params=params,
         loss=loss,
+        hidden=None if hidden_fn is None else hidden,
         logits=None if logits_fn is None else logits,
     )

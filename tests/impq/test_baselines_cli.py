@@ -1,5 +1,6 @@
 """Tests of optax_lowbit.impq.baselines, pipeline and the command line (tiny model)."""
 
+import itertools
 import json
 
 import hypothesis
@@ -211,3 +212,34 @@ def test_cli_writes_json(tmp_path):
     assert {r["method"] for r in report["records"]} == {"impq", "uniform"}
     assert len(report["games"][0]["phi"]) == 4
     assert report["records"][0]["rules"][0][0] == "blocks/0/.*"
+
+
+def test_lim_of_an_nnx_model_with_its_residual_stream():
+    """`from_nnx` with ``hidden_fn`` (our GPT's `hidden_states`): LIM runs on
+    it, ``1 - cos`` of each block's input and output, by hand here."""
+    from flax import nnx
+
+    from benchmarks.models import TinyGPT, loss_fn
+
+    net = TinyGPT(d_model=64, n_layers=3, n_heads=2, seq_len=16, rngs=nnx.Rngs(1))
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 17))
+
+    def hidden_fn(module, t):
+        return module.hidden_states(t[:, :-1])
+
+    m = model.from_nnx(net, loss_fn, hidden_fn=hidden_fn)
+    hs = net.hidden_states(tokens[:, :-1])
+    assert len(hs) == 4
+    np.testing.assert_allclose(m.hidden(m.params, tokens)[-1], hs[-1], rtol=1e-6)
+    np.testing.assert_allclose(
+        net(tokens[:, :-1]), net.head(net.ln_f(hs[-1])), rtol=1e-6
+    )
+    want = []
+    for a, b in itertools.pairwise(hs):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        cos = (a * b).sum(-1) / (
+            np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+        )
+        want.append((1 - cos).mean())
+    np.testing.assert_allclose(baselines.lim_scores(m, tokens), want, rtol=1e-4)
+    assert model.from_nnx(net, loss_fn).hidden is None
