@@ -1,0 +1,202 @@
+"""First-step compile, part by part: trace, lowering (and on a GPU, compile).
+
+Issue 18, item 4 asks a model's first-step compile to stay within 2x
+`optax.adamw`'s. A first step is the host's trace and lowering of the step,
+then XLA's compile (with Triton's compile of each distinct kernel). This
+benchmark times the parts apart, each row in a fresh Python process so that
+everything a user's first step pays counts (a codec's tables, the kernels'
+traces, JAX's caches start empty):
+
+* ``trace_s``: ``jax.jit(step).trace(grads, params, state)`` of the fused step
+  (`step_speed.train_step`, its argument order and rows), on abstract arrays;
+* ``lower_s``: ``.lower()`` for CUDA: on a CPU host the Pallas kernels are
+  lowered to Triton (forced, as `benchmarks.kernel_ops` does), so the host's
+  part of a GPU compile is measured here without a GPU;
+* ``hlo_ops``: operations in the lowered module's text (one per ``=``);
+* ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host).
+
+Writes ``benchmarks/results/compile_host_<platform>.json`` (``--out``
+overrides) with the device, versions, date and commit, and prints a table with
+each row's ratio to `optax.adamw`'s row of the same case.
+
+Examples::
+
+    python -m benchmarks.compile_host                       # GPT-2 small, CPU
+    python -m benchmarks.compile_host --cases tiny_tree --optimizers polar2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+#: The fused presets timed by default, and the baseline.
+OPTIMIZERS = ("optax.adamw", "polar2", "polar1.5", "4bit", "8bit")
+
+
+def one_row(case: str, optimizer: str) -> dict[str, Any]:
+    """Times one row's first trace, lowering (and compile on a GPU) here.
+
+    Args:
+      case: a key of `benchmarks.step_speed.CASES`.
+      optimizer: ``"optax.adamw"`` or a preset of `step_speed.LOWBIT` (its
+        fused row).
+
+    Returns:
+      The record (without the run's metadata).
+    """
+    from unittest import mock
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import step_speed
+    from optax_lowbit.kernels import _backend
+
+    on_gpu = jax.default_backend() == "gpu"
+    path = "xla" if optimizer.startswith("optax.") else "fused"
+    rows = [
+        r
+        for r in step_speed.rows_for(case, optimizers=(optimizer,), paths=(path,))
+        if r.optimizer == optimizer
+    ]
+    if not rows:
+        raise SystemExit(f"--optimizers: no {path} row for {optimizer!r}")
+    row = rows[0]
+    spec = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+        step_speed.CASES[case],
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    state = jax.eval_shape(row.opt.init, spec)
+    args = step_speed.step_args(spec, state, spec)
+    triton = _backend.Backend(interpret=False, lowering="triton")
+    force = mock.patch.object(_backend, "pick", lambda lowering=None: triton)
+    with force if not on_gpu else contextlib.nullcontext():
+        start = time.perf_counter()
+        traced = jax.jit(step_speed.train_step(row.kind, row.opt)).trace(*args)
+        trace_s = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered = traced.lower(lowering_platforms=("cuda",))
+        lower_s = time.perf_counter() - start
+    compile_s = None
+    if on_gpu:
+        start = time.perf_counter()
+        lowered.compile()
+        compile_s = round(time.perf_counter() - start, 3)
+    return {
+        "case": case,
+        "optimizer": optimizer,
+        "path": path,
+        "trace_s": round(trace_s, 3),
+        "lower_s": round(lower_s, 3),
+        "compile_s": compile_s,
+        "hlo_ops": lowered.as_text().count(" = "),
+    }
+
+
+def _fresh(case: str, optimizer: str, timeout: float) -> dict[str, Any]:
+    """`one_row` in a new Python process (its JSON on the last stdout line)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_host", "--one", case, optimizer],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
+    if proc.returncode:
+        return {"case": case, "optimizer": optimizer, "error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """Each part's ratio to `optax.adamw`'s row of the same case (in place)."""
+    base = {r["case"]: r for r in records if r.get("optimizer") == "optax.adamw"}
+    for r in records:
+        b = base.get(r["case"])
+        if b is None or "error" in r:
+            continue
+        host, b_host = r["trace_s"] + r["lower_s"], b["trace_s"] + b["lower_s"]
+        r["host_ratio"] = round(host / b_host, 2) if b_host else None
+        if r["compile_s"] is not None and b.get("compile_s"):
+            total = host + r["compile_s"]
+            r["total_ratio"] = round(total / (b_host + b["compile_s"]), 2)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of the records."""
+    cols = ("case", "optimizer", "trace_s", "lower_s", "compile_s", "hlo_ops")
+    cols += ("host_ratio", "total_ratio")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['optimizer']} | error |")
+            continue
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Runs every (case, optimizer) in its own process, prints, writes JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="gpt2s_148", help="comma list of cases")
+    ap.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help="comma list; optax.adamw is always added (the ratios' baseline)",
+    )
+    ap.add_argument("--out", help="the JSON path (default: results/compile_host_*)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a row")
+    ap.add_argument(
+        "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_row(*args.one)))
+        return []
+    from benchmarks import step_speed
+
+    cases = args.cases.split(",")
+    for c in cases:
+        if c not in step_speed.CASES:
+            ap.error(f"--cases: {c!r} is not one of {sorted(step_speed.CASES)}")
+    names = args.optimizers.split(",")
+    known = ("optax.adamw", *step_speed.LOWBIT)
+    for n in names:
+        if n not in known:
+            ap.error(f"--optimizers: {n!r} is not one of {known}")
+    if "optax.adamw" not in names:
+        names.insert(0, "optax.adamw")
+    records = [_fresh(c, n, args.timeout) for c in cases for n in names]
+    add_ratios(records)
+    print(table(records))
+    import jax
+
+    from benchmarks.train_lm_long import git_commit
+
+    platform = jax.default_backend()
+    meta = {
+        "what": "first-step trace / lower (Triton forced on a CPU host) / compile",
+        "device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+    out = pathlib.Path(args.out or RESULTS / f"compile_host_{platform}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/compile_host.py: a first step's trace and lowering, row by row."""
+
+import json
+
+import pytest
+
+# A benchmark smoke run: the slow CI step (OPTAX_LOWBIT_SLOW=1).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile_host_bench")]
+
+
+def test_rows_in_fresh_processes_with_ratios(tmp_path):
+    from benchmarks import compile_host
+
+    out = tmp_path / "compile_host.json"
+    records = compile_host.main(
+        ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    )
+    doc = json.loads(out.read_text())
+    assert doc["records"] == records and doc["meta"]["jax_version"]
+    by_name = {r["optimizer"]: r for r in records}
+    assert set(by_name) == {"optax.adamw", "polar2"}  # the baseline is added
+    for r in records:
+        assert r["trace_s"] > 0 and r["lower_s"] > 0 and r["compile_s"] is None
+    # the fused step's Triton kernels are lowered (forced on a CPU host)
+    assert by_name["polar2"]["hlo_ops"] > by_name["optax.adamw"]["hlo_ops"] > 0
+    assert by_name["optax.adamw"]["host_ratio"] == 1.0
+    assert by_name["polar2"]["host_ratio"] > 1.0
+
+
+def test_bad_arguments_are_named():
+    from benchmarks import compile_host
+
+    with pytest.raises(SystemExit):
+        compile_host.main(["--cases", "nope"])
+    with pytest.raises(SystemExit):
+        compile_host.main(["--optimizers", "adamw9"])
