@@ -193,6 +193,16 @@ def concat_last(parts: list[jax.Array]) -> jax.Array:
     return parts[0]
 
 
+def array_module(x: Any) -> Any:
+    """``numpy`` for NumPy data (an array, or a list or tuple), else ``jax.numpy``.
+
+    The codecs' constant tables are NumPy in, NumPy out: built without
+    dispatching JAX operations (a kernel's inputs, a first step's trace),
+    and with the same float32 operations as their jnp form, so the same bits.
+    """
+    return np if isinstance(x, (np.ndarray, list, tuple)) else jnp
+
+
 def is_ref(x: Any) -> bool:
     """Whether ``x`` is a mutable ref (a Pallas kernel's input), not an array."""
     return not isinstance(x, (list, tuple)) and isinstance(

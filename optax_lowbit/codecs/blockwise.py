@@ -275,7 +275,7 @@ def decision_bounds(qmap: jax.Array) -> jax.Array:
     Returns:
       ``(n - 1,)`` float32 bounds.
     """
-    xp = np if isinstance(qmap, np.ndarray) else jnp
+    xp = base.array_module(qmap)
     q = xp.asarray(qmap, xp.float32)
     half = xp.float32(0.5)
     a, b = q[:-1] * half, q[1:] * half
@@ -305,7 +305,7 @@ def search_table(qmap: jax.Array) -> jax.Array:
     A kernel gets it as an input (it cannot build it from a ref). NumPy in,
     NumPy out.
     """
-    xp = np if isinstance(qmap, np.ndarray) else jnp
+    xp = base.array_module(qmap)
     bounds = xp.asarray(decision_bounds(qmap), xp.float32)
     return xp.concatenate([bounds, xp.full((1,), xp.inf, xp.float32)])
 
@@ -546,7 +546,7 @@ def stochastic_table(qmap: jax.Array) -> jax.Array:
     The number of its entries ``<= x`` is the index of the map entry just
     at or below ``x`` (0 below the smallest entry).
     """
-    xp = np if isinstance(qmap, np.ndarray) else jnp  # numpy: a kernel's constant
+    xp = base.array_module(qmap)  # numpy: a kernel's constant
     q = xp.asarray(qmap, xp.float32)
     return xp.concatenate([q[1:], xp.full((1,), xp.inf, xp.float32)])
 
@@ -681,7 +681,7 @@ def decode_map(qmap: Any, floor: float) -> Any:
     Formed once per map (NumPy in, NumPy out: a kernel's input) instead of a
     maximum per decoded element. ``floor`` 0 (signed codecs) keeps the map.
     """
-    xp = np if isinstance(qmap, np.ndarray) else jnp
+    xp = base.array_module(qmap)
     qmap = xp.asarray(qmap, xp.float32)
     return xp.maximum(qmap, xp.float32(floor)) if floor else qmap
 

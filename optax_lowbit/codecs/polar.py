@@ -258,7 +258,7 @@ def code_tables(rings: Any, signed: bool) -> tuple[Any, Any, Any]:
     """
     cos_t, sin_t = _sector_cos_sin(signed)
     n_sectors = len(cos_t)
-    xp = np if isinstance(rings, (list, tuple, np.ndarray)) else jnp
+    xp = base.array_module(rings)
     rho = xp.repeat(xp.asarray(rings, xp.float32), n_sectors)
     n_rings = rho.shape[0] // n_sectors
     cos = xp.asarray(np.tile(np.float32(cos_t), n_rings))

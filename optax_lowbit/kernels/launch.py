@@ -176,8 +176,13 @@ def one_leaf(
     Returns:
       ``(out, new_moments)``.
     """
-    _check(g, params, config)
     final = rules.stream_seeds(seeds, len(config.codecs))
+    return _checked_one_leaf(g, moments, hp, final, params, config)
+
+
+def _checked_one_leaf(g, moments, hp, final, params, config):
+    """`_check`, then `_one_leaf` with the leaf's final streams ``final``."""
+    _check(g, params, config)
     return _one_leaf(g, tuple(moments), hp, final, params, config=config)
 
 
@@ -375,9 +380,8 @@ def many_leaves(
     launches = [c for same in groups.values() for c in chunks(same, per_launch)]
     singles += [idx[0] for idx in launches if len(idx) == 1]
     for k in singles:  # `one_leaf`, with the final streams formed above
-        _check(gs[k], params[k], config)
-        results[k] = _one_leaf(
-            gs[k], tuple(moments[k]), hps[k], finals[k], params[k], config=config
+        results[k] = _checked_one_leaf(
+            gs[k], moments[k], hps[k], finals[k], params[k], config
         )
     for idx in [idx for idx in launches if len(idx) > 1]:
         for k in idx:

@@ -235,8 +235,7 @@ def adam_step(
             return _quantized.complex_adam_step(
                 g, m, v, b1, b2, eps, eps_root, nesterov, count
             )
-        u, m, v = _leaf_step(g, m, v, hp, nesterov=nesterov)
-        return u, m, v
+        return _leaf_step(g, m, v, hp, nesterov=nesterov)
 
     return hp, step
 
