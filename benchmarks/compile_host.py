@@ -15,6 +15,13 @@ traces, JAX's caches start empty):
 * ``hlo_ops``: operations in the lowered module's text (one per ``=``);
 * ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host).
 
+With ``--cache`` each row runs twice, both processes sharing a new JAX
+persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, every entry
+kept): the first pays the compile and writes the cache, the second is a
+user's restart (a new notebook kernel, a resumed job), its parts recorded as
+``cached_trace_s``, ``cached_lower_s`` and ``cached_compile_s`` (the trace and
+the lowering are not cached; XLA's executable, Triton kernels included, is).
+
 Writes ``benchmarks/results/compile_host_<platform>.json`` (``--out``
 overrides) with the device, versions, date and commit, and prints a table with
 each row's ratio to `optax.adamw`'s row of the same case.
@@ -23,6 +30,7 @@ Examples::
 
     python -m benchmarks.compile_host                       # GPT-2 small, CPU
     python -m benchmarks.compile_host --cases tiny_tree --optimizers polar2
+    python -m benchmarks.compile_host --cache              # and a restart's
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -103,7 +113,13 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
     }
 
 
-def _fresh(case: str, optimizer: str, timeout: float) -> dict[str, Any]:
+#: The parts a row times; with ``--cache`` the restart's get a ``cached_`` prefix.
+PARTS = ("trace_s", "lower_s", "compile_s")
+
+
+def _fresh(
+    case: str, optimizer: str, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.compile_host", "--one", case, optimizer],
@@ -112,10 +128,29 @@ def _fresh(case: str, optimizer: str, timeout: float) -> dict[str, Any]:
         timeout=timeout,
         check=False,
         cwd=pathlib.Path(__file__).parent.parent,
+        env=env,
     )
     if proc.returncode:
         return {"case": case, "optimizer": optimizer, "error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _first_and_restart(case: str, optimizer: str, timeout: float) -> dict[str, Any]:
+    """A row, then the same row again in a process reading its compile cache."""
+    with tempfile.TemporaryDirectory(prefix="compile_host_cache_") as cache:
+        env = dict(
+            os.environ,
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
+        record = _fresh(case, optimizer, timeout, env)
+        restart = _fresh(case, optimizer, timeout, env)
+    if "error" in restart:
+        record.setdefault("error", restart["error"])
+    for part in PARTS:
+        record[f"cached_{part}"] = restart.get(part)
+    return record
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
@@ -136,6 +171,8 @@ def table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of the records."""
     cols = ("case", "optimizer", "trace_s", "lower_s", "compile_s", "hlo_ops")
     cols += ("host_ratio", "total_ratio")
+    if any("cached_trace_s" in r for r in records):
+        cols += tuple(f"cached_{part}" for part in PARTS)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         if "error" in r:
@@ -157,6 +194,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", help="the JSON path (default: results/compile_host_*)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a row")
     ap.add_argument(
+        "--cache",
+        action="store_true",
+        help="run each row again in a process reading the first's compile cache",
+    )
+    ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     args = ap.parse_args(argv)
@@ -176,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ap.error(f"--optimizers: {n!r} is not one of {known}")
     if "optax.adamw" not in names:
         names.insert(0, "optax.adamw")
-    records = [_fresh(c, n, args.timeout) for c in cases for n in names]
+    row = _first_and_restart if args.cache else _fresh
+    records = [row(c, n, args.timeout) for c in cases for n in names]
     add_ratios(records)
     print(table(records))
     import jax
@@ -186,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     platform = jax.default_backend()
     meta = {
         "what": "first-step trace / lower (Triton forced on a CPU host) / compile",
+        "cache": args.cache,
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

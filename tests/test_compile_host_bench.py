@@ -12,15 +12,18 @@ def test_rows_in_fresh_processes_with_ratios(tmp_path):
     from benchmarks import compile_host
 
     out = tmp_path / "compile_host.json"
-    records = compile_host.main(
-        ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
-    )
+    args = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    records = compile_host.main([*args, "--cache"])
     doc = json.loads(out.read_text())
     assert doc["records"] == records and doc["meta"]["jax_version"]
+    assert doc["meta"]["cache"] is True
     by_name = {r["optimizer"]: r for r in records}
     assert set(by_name) == {"optax.adamw", "polar2"}  # the baseline is added
     for r in records:
         assert r["trace_s"] > 0 and r["lower_s"] > 0 and r["compile_s"] is None
+        # the restart, in its own process, traces and lowers again
+        assert r["cached_trace_s"] > 0 and r["cached_lower_s"] > 0
+        assert r["cached_compile_s"] is None
     # the fused step's Triton kernels are lowered (forced on a CPU host)
     assert by_name["polar2"]["hlo_ops"] > by_name["optax.adamw"]["hlo_ops"] > 0
     assert by_name["optax.adamw"]["host_ratio"] == 1.0
