@@ -12,8 +12,9 @@ def test_rows_in_fresh_processes_with_ratios(tmp_path):
     from benchmarks import compile_host
 
     out = tmp_path / "compile_host.json"
-    args = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
-    records = compile_host.main([*args, "--cache"])
+    records = compile_host.main(
+        ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out), "--cache"]
+    )
     doc = json.loads(out.read_text())
     assert doc["records"] == records and doc["meta"]["jax_version"]
     assert doc["meta"]["cache"] is True
