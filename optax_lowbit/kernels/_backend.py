@@ -10,6 +10,7 @@ faster one that lowers, see ``benchmarks/NOTES_kernels.md``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -37,12 +38,45 @@ class Backend:
         if self.lowering == "triton":
             from jax.experimental.pallas import triton as plt
 
+            find_triton_dialect()
             return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
         if self.lowering == "mosaic":
             from jax.experimental.pallas import mosaic_gpu as plgpu
 
             return plgpu.CompilerParams()
         return None
+
+
+#: Where `find_triton_dialect` points MLIR for the ``tt`` dialect's module.
+DIALECT_PREFIX = "optax_lowbit.kernels._mlir"
+
+
+@functools.cache
+def find_triton_dialect() -> bool:
+    """Lets MLIR's Python bindings find the Triton dialect's module once.
+
+    MLIR imports ``<prefix>.tt`` for every Triton operation the Pallas
+    lowering wraps until one import succeeds, and caches only a success; no
+    prefix JAX registers holds ``tt``, so each operation cost three failed
+    imports: ~40% of a fused GPT-2 step's lowering (benchmarks/NOTES_kernels.md,
+    v26). This appends `DIALECT_PREFIX` (a module re-exporting JAX's Triton
+    dialect) to MLIR's search prefixes, once per process; the lowered module
+    is the same. A no-op where JAX's Triton dialect or the prefix API is
+    missing.
+
+    Returns:
+      Whether the prefix was added.
+    """
+    try:
+        import jaxlib.triton.dialect  # noqa: F401  (what `_mlir.tt` re-exports)
+        from jaxlib.mlir._mlir_libs import _mlir
+    except ImportError:
+        return False
+    add = getattr(_mlir.globals, "append_dialect_search_prefix", None)
+    if add is None:
+        return False
+    add(DIALECT_PREFIX)
+    return True
 
 
 def use_pallas(impl: str) -> bool:
