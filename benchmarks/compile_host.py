@@ -31,6 +31,7 @@ Examples::
     python -m benchmarks.compile_host                       # GPT-2 small, CPU
     python -m benchmarks.compile_host --cases tiny_tree --optimizers polar2
     python -m benchmarks.compile_host --cache              # and a restart's
+    python -m benchmarks.compile_host --optimizers polar2 --leaves-per-launch 3
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ def _fresh(
     case: str, optimizer: str, timeout: float, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
+    from benchmarks import _kernel_args
+
+    cmd = [sys.executable, "-m", "benchmarks.compile_host", "--one", case, optimizer]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_host", "--one", case, optimizer],
+        cmd + _kernel_args.argv(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -201,7 +205,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
+    from benchmarks import _kernel_args
+
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
+    _kernel_args.apply(args)  # here and, by `_fresh`'s flags, in every row
     if args.one:
         print(json.dumps(one_row(*args.one)))
         return []
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = {
         "what": "first-step trace / lower (Triton forced on a CPU host) / compile",
         "cache": args.cache,
+        "kernel_settings": _kernel_args.settings(),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -1,6 +1,7 @@
 """benchmarks/compile_host.py: a first step's trace and lowering, row by row."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -38,3 +39,32 @@ def test_bad_arguments_are_named():
         compile_host.main(["--cases", "nope"])
     with pytest.raises(SystemExit):
         compile_host.main(["--optimizers", "adamw9"])
+
+
+def test_kernel_flags_reach_every_row(tmp_path, monkeypatch):
+    """The kernel tunables apply in each row's fresh process (passed as flags)
+    and are recorded in the metadata."""
+    from benchmarks import compile_host
+    from optax_lowbit.kernels import adam as kadam
+
+    monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", None)  # restored after
+    commands, real_run = [], subprocess.run
+
+    def run(cmd, **kwargs):
+        if "--one" not in cmd:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        commands.append(cmd)
+        case, optimizer = cmd[cmd.index("--one") + 1 : cmd.index("--one") + 3]
+        row = dict(case=case, optimizer=optimizer, trace_s=0.1, lower_s=0.1)
+        row.update(compile_s=None, hlo_ops=1)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    out = tmp_path / "flags.json"
+    flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    compile_host.main([*flags, "--leaves-per-launch", "3"])
+    assert len(commands) == 2  # optax.adamw and polar2
+    for cmd in commands:
+        assert cmd[-2:] == ["--leaves-per-launch", "3"]
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["kernel_settings"]["leaves_per_launch"] == 3
