@@ -48,6 +48,8 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks import _kernel_args
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 #: The fused presets timed by default, and the baseline.
 OPTIMIZERS = ("optax.adamw", "polar2", "polar1.5", "4bit", "8bit")
@@ -122,11 +124,9 @@ def _fresh(
     case: str, optimizer: str, timeout: float, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
-    from benchmarks import _kernel_args
-
-    cmd = [sys.executable, "-m", "benchmarks.compile_host", "--one", case, optimizer]
+    one = ["-m", "benchmarks.compile_host", "--one", case, optimizer]
     proc = subprocess.run(
-        cmd + _kernel_args.argv(),
+        [sys.executable, *one, *_kernel_args.argv()],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -205,8 +205,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
-    from benchmarks import _kernel_args
-
     _kernel_args.add(ap)
     args = ap.parse_args(argv)
     _kernel_args.apply(args)  # here and, by `_fresh`'s flags, in every row
