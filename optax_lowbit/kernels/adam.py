@@ -131,11 +131,13 @@ LEAVES_PER_LAUNCH: int | None = None
 #: 1.00 to 1.08 and 1.12 to 1.28 ms; one launch per leaf also halves the
 #: first step's compile (benchmarks/NOTES_kernels.md, v20).
 MAX_GROUPED_BLOCK_ELEMENTS = 1024
-#: The most leaves `default_leaves_per_launch` groups in one launch. Polar 2-bit
-#: on the same tree (12 leaves per shape), device time / first-step compile:
-#: 1 leaf per launch 1.138 ms / 6.9 s, 3: 1.034 / 8.3, 6: 0.971 / 10.3, all 12:
-#: 1.003 / 13.7-14.9 (benchmarks/NOTES_kernels.md, v20b).
-GROUPED_LEAVES_PER_LAUNCH = 6
+#: The most leaves `default_leaves_per_launch` groups in one launch. On the
+#: H200 with v25's kernels (GPT-2 small's fused step, polar2 / polar1.5,
+#: device time, repeated to 0.002 ms): 1 leaf per launch 1.055 / 0.978 ms,
+#: 2: 0.932 / 0.868, 3: 1.004 / 0.881, 6: 1.034 / 0.909; first-step compile
+#: polar2 4.4 s at 2 against 7.4 s at 6 (benchmarks/NOTES_kernels.md, v27;
+#: v20b had found 6 best with older, larger kernels).
+GROUPED_LEAVES_PER_LAUNCH = 2
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
