@@ -125,12 +125,12 @@ MAX_BLOCK_ELEMENTS = 2048
 #: the count (benchmarks/NOTES_kernels.md, v6).
 LEAVES_PER_LAUNCH: int | None = None
 #: The largest block whose leaves `default_leaves_per_launch` groups. On the
-#: H200 (GPT-2 small, 50 quantized leaves of 6 shapes, fused step, one run)
-#: grouping took polar's 1024-element blocks (4 warps) from 1.14 to 1.00 ms of
-#: device time, but the 2048-element blocks (8 warps) of 4-bit and 8-bit from
-#: 1.00 to 1.08 and 1.12 to 1.28 ms; one launch per leaf also halves the
-#: first step's compile (benchmarks/NOTES_kernels.md, v20).
-MAX_GROUPED_BLOCK_ELEMENTS = 1024
+#: H200 at v20 grouping 6 leaves slowed the 2048-element blocks (8 warps) of
+#: 4-bit and 8-bit; with v25's kernels, 2 leaves a launch speed them up on an
+#: H100 (GPT-2 small's fused step, device time 4-bit 0.996 -> 0.890 ms, 8-bit
+#: 1.286 -> 1.118 ms; first-step compile 5.7 -> 5.3 s, 5.3 -> 4.9 s;
+#: benchmarks/NOTES_kernels.md, v27).
+MAX_GROUPED_BLOCK_ELEMENTS = 2048
 #: The most leaves `default_leaves_per_launch` groups in one launch. On the
 #: H200 with v25's kernels (GPT-2 small's fused step, polar2 / polar1.5,
 #: device time, repeated to 0.002 ms): 1 leaf per launch 1.055 / 0.978 ms,

@@ -158,16 +158,19 @@ def test_persistent_launches_group_any_shapes(monkeypatch):
 
     # (5, 200) x2 (a partial last group), (64, 128) x2 and (128, 64) (whole
     # groups), (5, 200) bf16
-    assert _launches(run(None), gs) == 3
+    assert _launches(run(0), gs) == 3
+    most = kadam.GROUPED_LEAVES_PER_LAUNCH
+    assert _launches(run(None), gs) == _launches(run(most), gs)
     assert _launches(run(1), gs) == 6
     assert _launches(run(2), gs) == 4  # the three whole-group leaves: 2 + 1
 
 
 def test_transform_launches_one_per_shape():
-    """A tree of 7 quantized leaves of 3 shapes steps in 3 kernel launches."""
+    """A tree of quantized leaves of 3 shapes, at most
+    `GROUPED_LEAVES_PER_LAUNCH` of each, steps in 3 kernel launches."""
     params = {
         f"h{i}": {"w": jnp.zeros((64, 128)), "o": jnp.zeros((128, 64))}
-        for i in range(3)
+        for i in range(kadam.GROUPED_LEAVES_PER_LAUNCH)
     }
     params["emb"] = jnp.zeros((5, 200))
     params["b"] = jnp.zeros((7,))  # plain float moments: no kernel
@@ -180,11 +183,12 @@ def test_transform_launches_one_per_shape():
 
 
 def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
-    """`default_leaves_per_launch`: polar's 1024-element blocks grouped (up to
-    `GROUPED_LEAVES_PER_LAUNCH` leaves a launch), the 2048-element blocks of
-    4-bit and 8-bit one launch per leaf (v20), unless `LEAVES_PER_LAUNCH` is
-    set (traced only: no compile)."""
+    """`default_leaves_per_launch`: blocks of up to `MAX_GROUPED_BLOCK_ELEMENTS`
+    (polar's 1024 and 4-bit's and 8-bit's 2048 elements) grouped, up to
+    `GROUPED_LEAVES_PER_LAUNCH` leaves a launch (v27), larger blocks one launch
+    per leaf, unless `LEAVES_PER_LAUNCH` is set (traced only: no compile)."""
     most = kadam.GROUPED_LEAVES_PER_LAUNCH
+    assert most >= 2
     assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS) == most
     assert kadam.default_leaves_per_launch(kadam.MAX_GROUPED_BLOCK_ELEMENTS * 2) == 1
     polar = lowbit.adamw_polar(1e-2, impl="pallas", fused=True)
@@ -197,8 +201,11 @@ def test_default_groups_leaves_only_in_small_blocks(monkeypatch):
         grads = jax.tree.map(jnp.ones_like, params)
         return _launches(opt.step, grads, opt.init(params), params)
 
-    assert (launches(polar, 256), launches(four, 256)) == (1, 3)
+    assert launches(polar, 256, n=most) == 1
+    assert launches(four, 256, n=most + 1) == 2
     assert launches(polar, 320, n=most + 1) == 2
+    monkeypatch.setattr(kadam, "MAX_GROUPED_BLOCK_ELEMENTS", 1024)
+    assert launches(four, 384) == 3  # 2048-element blocks: one launch per leaf
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 0)
     assert launches(four, 512) == 1
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", 1)
