@@ -22,6 +22,12 @@ user's restart (a new notebook kernel, a resumed job), its parts recorded as
 ``cached_trace_s``, ``cached_lower_s`` and ``cached_compile_s`` (the trace and
 the lowering are not cached; XLA's executable, Triton kernels included, is).
 
+With ``--repeats N`` every row runs N times, round by round (each round one
+fresh process per row, so a slow spell of the host falls on every row alike),
+and each part is the median of its N runs (the runs kept under ``runs``): the
+baseline's own first step varies by up to 1.5x between fresh processes on one
+GPU machine (``NOTES_kernels.md``, v27), so one run's ratio is not a measure.
+
 Writes ``benchmarks/results/compile_host_<platform>.json`` (``--out``
 overrides) with the device, versions, date and commit, and prints a table with
 each row's ratio to `optax.adamw`'s row of the same case.
@@ -31,6 +37,7 @@ Examples::
     python -m benchmarks.compile_host                       # GPT-2 small, CPU
     python -m benchmarks.compile_host --cases tiny_tree --optimizers polar2
     python -m benchmarks.compile_host --cache              # and a restart's
+    python -m benchmarks.compile_host --cache --repeats 5  # medians of 5 runs
     python -m benchmarks.compile_host --optimizers polar2 --leaves-per-launch 3
 """
 
@@ -42,6 +49,7 @@ import datetime
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +165,34 @@ def _first_and_restart(case: str, optimizer: str, timeout: float) -> dict[str, A
     return record
 
 
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from a row's repeated runs: each part's median.
+
+    Args:
+      runs: the row's records, one per fresh process (`_fresh` or
+        `_first_and_restart`), in the order they ran.
+
+    Returns:
+      The first run's record with each timed part replaced by its median over
+      ``runs``; with more than one run, also ``repeats`` and ``runs`` (every
+      run's parts). A run that failed makes the record an error (its
+      message), so that no failure is hidden behind the others' median.
+    """
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    record = dict(runs[0])
+    timed = [*PARTS, *(f"cached_{part}" for part in PARTS)]
+    for key in timed:
+        values = [r.get(key) for r in runs]
+        if all(v is not None for v in values):
+            record[key] = statistics.median(values)
+    if len(runs) > 1:
+        record["repeats"] = len(runs)
+        record["runs"] = [{k: r.get(k) for k in timed if k in r} for r in runs]
+    return record
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """Each part's ratio to `optax.adamw`'s row of the same case (in place)."""
     base = {r["case"]: r for r in records if r.get("optimizer") == "optax.adamw"}
@@ -203,6 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="run each row again in a process reading the first's compile cache",
     )
     ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh-process runs of every row, round by round; parts are medians",
+    )
+    ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     _kernel_args.add(ap)
@@ -222,10 +264,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for n in names:
         if n not in known:
             ap.error(f"--optimizers: {n!r} is not one of {known}")
+    if args.repeats < 1:
+        ap.error(f"--repeats: {args.repeats} is not a positive number of runs")
     if "optax.adamw" not in names:
         names.insert(0, "optax.adamw")
     row = _first_and_restart if args.cache else _fresh
-    records = [row(c, n, args.timeout) for c in cases for n in names]
+    rows = [(c, n) for c in cases for n in names]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {r: [] for r in rows}
+    for _ in range(args.repeats):  # round by round: drift falls on every row
+        for c, n in rows:
+            runs[c, n].append(row(c, n, args.timeout))
+    records = [median_row(runs[r]) for r in rows]
     add_ratios(records)
     print(table(records))
     import jax
@@ -236,6 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     meta = {
         "what": "first-step trace / lower (Triton forced on a CPU host) / compile",
         "cache": args.cache,
+        "repeats": args.repeats,
         "kernel_settings": _kernel_args.settings(),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,

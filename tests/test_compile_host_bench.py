@@ -68,3 +68,42 @@ def test_kernel_flags_reach_every_row(tmp_path, monkeypatch):
         assert cmd[-2:] == ["--leaves-per-launch", "3"]
     meta = json.loads(out.read_text())["meta"]
     assert meta["kernel_settings"]["leaves_per_launch"] == 3
+
+
+def test_repeats_run_round_by_round_and_report_medians(tmp_path, monkeypatch):
+    """``--repeats 3``: every row runs 3 times, rounds interleaved across rows;
+    each part is the median of its runs, the ratios are the medians'; a
+    failed run makes its row an error, never hidden in a median."""
+    from benchmarks import compile_host
+
+    order, real_run = [], subprocess.run
+    # three runs' trace times per row: an outlier in each, another median
+    traces = {"optax.adamw": [0.2, 0.9, 0.3], "polar2": [0.5, 0.7, 2.0]}
+
+    def run(cmd, **kwargs):
+        if "--one" not in cmd:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        optimizer = cmd[cmd.index("--one") + 2]
+        order.append(optimizer)
+        trace = traces[optimizer][sum(o == optimizer for o in order) - 1]
+        row = dict(case="tiny_tree", optimizer=optimizer, trace_s=trace)
+        row.update(lower_s=0.1, compile_s=None, hlo_ops=1)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    out = tmp_path / "repeats.json"
+    flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    records = compile_host.main([*flags, "--repeats", "3"])
+    assert order == ["optax.adamw", "polar2"] * 3
+    by_name = {r["optimizer"]: r for r in records}
+    assert by_name["optax.adamw"]["trace_s"] == 0.3
+    assert by_name["polar2"]["trace_s"] == 0.7
+    assert [r["trace_s"] for r in by_name["polar2"]["runs"]] == traces["polar2"]
+    assert by_name["polar2"]["repeats"] == 3
+    assert by_name["polar2"]["host_ratio"] == round(0.8 / 0.4, 2)
+    assert json.loads(out.read_text())["meta"]["repeats"] == 3
+
+    failing = [{"case": "c", "optimizer": "o", "trace_s": 1.0}, {"error": "boom"}]
+    assert compile_host.median_row(failing)["error"] == "boom"
+    with pytest.raises(SystemExit):
+        compile_host.main([*flags, "--repeats", "0"])
