@@ -13,7 +13,10 @@ traces, JAX's caches start empty):
   lowered to Triton (forced, as `benchmarks.kernel_ops` does), so the host's
   part of a GPU compile is measured here without a GPU;
 * ``hlo_ops``: operations in the lowered module's text (one per ``=``);
-* ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host).
+* ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host);
+* ``init_s``: the row's first ``opt.init`` of the case's parameters (zeros,
+  concrete, to ``block_until_ready``; timed before the rest): the state a
+  user's first step needs, not part of the ratios (item 4 is the step's).
 
 With ``--cache`` each row runs twice, both processes sharing a new JAX
 persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, every entry
@@ -97,6 +100,11 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
         step_speed.CASES[case],
         is_leaf=lambda x: isinstance(x, tuple),
     )
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    start = time.perf_counter()
+    jax.block_until_ready(row.opt.init(params))
+    init_s = round(time.perf_counter() - start, 3)
+    del params
     state = jax.eval_shape(row.opt.init, spec)
     args = step_speed.step_args(spec, state, spec)
     triton = _backend.Backend(interpret=False, lowering="triton")
@@ -120,12 +128,13 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
         "trace_s": round(trace_s, 3),
         "lower_s": round(lower_s, 3),
         "compile_s": compile_s,
+        "init_s": init_s,
         "hlo_ops": lowered.as_text().count(" = "),
     }
 
 
 #: The parts a row times; with ``--cache`` the restart's get a ``cached_`` prefix.
-PARTS = ("trace_s", "lower_s", "compile_s")
+PARTS = ("trace_s", "lower_s", "compile_s", "init_s")
 
 
 def _fresh(
@@ -209,7 +218,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 def table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of the records."""
-    cols = ("case", "optimizer", "trace_s", "lower_s", "compile_s", "hlo_ops")
+    cols = ("case", "optimizer", "trace_s", "lower_s", "compile_s", "init_s")
+    cols += ("hlo_ops",)
     cols += ("host_ratio", "total_ratio")
     if any("cached_trace_s" in r for r in records):
         cols += tuple(f"cached_{part}" for part in PARTS)

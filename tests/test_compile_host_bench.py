@@ -26,6 +26,7 @@ def test_rows_in_fresh_processes_with_ratios(tmp_path):
         # the restart, in its own process, traces and lowers again
         assert r["cached_trace_s"] > 0 and r["cached_lower_s"] > 0
         assert r["cached_compile_s"] is None
+        assert r["init_s"] > 0 and r["cached_init_s"] > 0  # the first opt.init
     # the fused step's Triton kernels are lowered (forced on a CPU host)
     assert by_name["polar2"]["hlo_ops"] > by_name["optax.adamw"]["hlo_ops"] > 0
     assert by_name["optax.adamw"]["host_ratio"] == 1.0

@@ -89,6 +89,40 @@ def test_zero_decodes_to_exact_zero(name, shape):
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
+def test_zeros_repeat_one_encoded_zero_group(name):
+    """`Codec.zeros` (an init's state): every group holds the codes and scales
+    of one encoded zero group, in `packed_shapes`' layout; eager, under jit and
+    under `jax.eval_shape` alike; `packed_shapes` (cached) equals a fresh
+    trace of the encode."""
+    codec = CODECS[name]
+    shape = (3, 2 * codec.group_size + 5)  # a partial last group
+    z = codec.zeros(shape)
+    like = jax.eval_shape(lambda: codec.encode(jnp.zeros(shape, jnp.float32)))
+    assert codec.packed_shapes(shape) == like
+    assert z.codes.shape == like.codes.shape and z.codes.dtype == like.codes.dtype
+    assert z.scales.shape == like.scales.shape
+    assert z.scales.dtype == like.scales.dtype and z.shape == shape
+    zero = jnp.zeros((1, codec.group_size), jnp.float32)
+    kw = {"seed": base.stream_seed(0)} if codec.stochastic else {}
+    codes, scales = codec.encode_groups(zero, **kw)
+    codes = np.asarray(z.codes).reshape(-1, codes.shape[-1])
+    np.testing.assert_array_equal(codes, np.broadcast_to(codes[:1], codes.shape))
+    np.testing.assert_array_equal(
+        codes[0], np.asarray(codec.encode_groups(zero, **kw)[0][0])
+    )
+    per = scales.shape[-1]
+    got = np.asarray(z.scales, np.float32).reshape(-1, per)
+    np.testing.assert_array_equal(
+        got,
+        np.broadcast_to(np.asarray(scales, np.float32)[0].astype(got.dtype), got.shape),
+    )
+    jitted = jax.jit(lambda: codec.zeros(shape))()
+    np.testing.assert_array_equal(np.asarray(jitted.codes), np.asarray(z.codes))
+    np.testing.assert_array_equal(np.asarray(jitted.scales), np.asarray(z.scales))
+    assert jax.eval_shape(lambda: codec.zeros(shape)) == like
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layout_keeps_leading_axes(name, shape):
     codec = CODECS[name]
