@@ -104,18 +104,14 @@ def test_zeros_repeat_one_encoded_zero_group(name):
     assert z.scales.dtype == like.scales.dtype and z.shape == shape
     zero = jnp.zeros((1, codec.group_size), jnp.float32)
     kw = {"seed": base.stream_seed(0)} if codec.stochastic else {}
-    codes, scales = codec.encode_groups(zero, **kw)
-    codes = np.asarray(z.codes).reshape(-1, codes.shape[-1])
-    np.testing.assert_array_equal(codes, np.broadcast_to(codes[:1], codes.shape))
+    zero_codes, zero_scales = codec.encode_groups(zero, **kw)
+    codes = np.asarray(z.codes).reshape(-1, zero_codes.shape[-1])
     np.testing.assert_array_equal(
-        codes[0], np.asarray(codec.encode_groups(zero, **kw)[0][0])
+        codes, np.broadcast_to(np.asarray(zero_codes[0]), codes.shape)
     )
-    per = scales.shape[-1]
-    got = np.asarray(z.scales, np.float32).reshape(-1, per)
-    np.testing.assert_array_equal(
-        got,
-        np.broadcast_to(np.asarray(scales, np.float32)[0].astype(got.dtype), got.shape),
-    )
+    scales = np.asarray(z.scales, np.float32).reshape(-1, zero_scales.shape[-1])
+    want = np.asarray(zero_scales[0].astype(z.scales.dtype), np.float32)
+    np.testing.assert_array_equal(scales, np.broadcast_to(want, scales.shape))
     jitted = jax.jit(lambda: codec.zeros(shape))()
     np.testing.assert_array_equal(np.asarray(jitted.codes), np.asarray(z.codes))
     np.testing.assert_array_equal(np.asarray(jitted.scales), np.asarray(z.scales))
