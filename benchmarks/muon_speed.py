@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import optax_lowbit as lowbit
-from benchmarks import step_speed
+from benchmarks import _kernel_args, step_speed
 
 #: preset name -> the alias
 PRESETS = {
@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check-steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run")
     ap.add_argument("--out", default=None, help="JSON path")
+    _kernel_args.add(ap)
     args = ap.parse_args(argv)
     if args.check_steps < 1:
         ap.error(f"--check-steps must be >= 1, got {args.check_steps}")
@@ -147,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the check and the timing; returns what it wrote."""
     args = parse_args(argv)
+    _kernel_args.apply(args)
     impls = ("jnp",) if args.tiny else ("pallas", "jnp")
     if args.tiny:
         step_speed.N_TIMED, step_speed.N_WARM = 3, 1

@@ -33,8 +33,11 @@ def test_check_kernel_equals_jnp_on_cpu():
 @pytest.mark.slow
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "m.json"
-    run_module("benchmarks.muon_speed", "--tiny", "--out", str(out))
+    flags = ("--tiny", "--leaves-per-launch", "1", "--out", str(out))
+    run_module("benchmarks.muon_speed", *flags)
     data = json.loads(out.read_text())
+    # the kernel tunables, as in every benchmark that runs kernels
+    assert data["meta"]["leaves_per_launch"] == 1
     names = [r["optimizer"] for r in data["records"]]
     assert names[:2] == ["optax.muon", "optax.muon_donated"]
     assert set(muon_speed.PRESETS) <= set(names)
