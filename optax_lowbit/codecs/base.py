@@ -763,56 +763,78 @@ class Codec(abc.ABC):
 
         One zero group is encoded and repeated, so the codes are a broadcast
         (nothing for XLA to constant-fold at init, however large the leaf);
-        it decodes to exact zeros. One compiled program per codec and shape
-        (a model's leaves share a few shapes).
+        it decodes to exact zeros. `zeros_many` makes many at once.
         """
-        return _zeros_jit(self, _checks.shape_of("shape", shape))
+        return self.zeros_many([_checks.shape_of("shape", shape)])[0]
+
+    def zeros_many(self, shapes: Sequence[tuple[int, ...]]) -> list[Packed]:
+        """`zeros` of each of ``shapes``, in one compiled program.
+
+        An optimizer's ``init`` makes all of a codec's leaves at once: eager,
+        that is one compile per codec and list of shapes (one a codec and
+        shape had cost GPT-2 small's polar2 state 12 compiles). Each leaf
+        gets its own arrays (a state may be donated).
+
+        Args:
+          shapes: the arrays' shapes.
+
+        Returns:
+          One `Packed` per shape, in order.
+        """
+        shapes = tuple(_checks.shape_of("shapes[...]", s) for s in shapes)
+        return list(_zeros_jit(self, shapes)) if shapes else []
 
     def packed_shapes(self, shape: tuple[int, ...]) -> Packed:
         """`Packed` of ``jax.ShapeDtypeStruct`` leaves for an array of ``shape``.
 
-        Traced once per codec and shape (`_packed_shapes`).
+        `encode`'s layout from the group contract (`encode_groups`), traced
+        nothing: codes ``(*group_grid, bytes_per_group)`` uint8, scales
+        ``(*lead, groups * scales_per_group)`` in `scale_dtype`. A codec that
+        overrides `encode` overrides this too; the contract tests compare it
+        with a trace of `encode` for every codec.
         """
-        return _packed_shapes(self, tuple(shape))
+        shape = tuple(shape)
+        grid = group_grid(shape, self.group_size)
+        return Packed(
+            codes=jax.ShapeDtypeStruct((*grid, self.bytes_per_group), jnp.uint8),
+            scales=jax.ShapeDtypeStruct(
+                (*grid[:-1], grid[-1] * self.scales_per_group),
+                jnp.dtype(self.scale_dtype),
+            ),
+            shape=shape,
+            codec=self,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {self.bits_per_element:.4g} bits)"
 
 
-@functools.lru_cache(maxsize=1024)
-def _packed_shapes(codec: Codec, shape: tuple[int, ...]) -> Packed:
-    """`Codec.packed_shapes`, cached per codec and shape.
-
-    A model's many leaves of one shape (and every ``init`` of an optimizer)
-    trace the encode once, not once a leaf (GPT-2 small, polar2: 100 traces,
-    0.7 s of a first ``init``, before).
-    """
-    return jax.eval_shape(lambda: codec.encode(jnp.zeros(shape, jnp.float32)))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _zeros_jit(codec: Codec, shape: tuple[int, ...]) -> Packed:
-    """`Codec.zeros` in one program per codec and shape.
+def _zeros_jit(codec: Codec, shapes: tuple[tuple[int, ...], ...]) -> list[Packed]:
+    """`Codec.zeros_many`: one zero group encoded, broadcast to every shape.
 
-    Eager, it was one compile per op and shape; under an outer jit it is
-    inlined as before.
+    Eager, one program per codec and list of shapes; under an outer jit it is
+    inlined.
     """
-    like = codec.packed_shapes(shape)
-    if like.codes.ndim < 2 or like.scales.ndim < 1:  # no group grid to repeat
-        return codec.encode(jnp.zeros(shape, jnp.float32))
     zero = jnp.zeros((1, codec.group_size), jnp.float32)
     seed = stream_seed(0) if codec.stochastic else None
     codes, scales = _encode_groups_jit(codec, zero, seed)
-    per = max(scales.shape[-1], 1)
-    reps = like.scales.shape[-1] // per if like.scales.ndim else 1
-    return Packed(
-        codes=jnp.broadcast_to(codes[0], like.codes.shape),
-        scales=jnp.broadcast_to(
-            jnp.tile(scales[0], reps).astype(like.scales.dtype), like.scales.shape
-        ),
-        shape=shape,
-        codec=codec,
-    )
+    out = []
+    for shape in shapes:
+        like = codec.packed_shapes(shape)
+        reps = like.scales.shape[-1] // scales.shape[-1]
+        out.append(
+            Packed(
+                codes=jnp.broadcast_to(codes[0], like.codes.shape),
+                scales=jnp.broadcast_to(
+                    jnp.tile(scales[0], reps).astype(like.scales.dtype),
+                    like.scales.shape,
+                ),
+                shape=shape,
+                codec=codec,
+            )
+        )
+    return out
 
 
 # One compiled encode/decode per codec and shape: eager callers (tests,

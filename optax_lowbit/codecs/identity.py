@@ -8,6 +8,7 @@ It is the reference point of every comparison (fp32 states are what
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -82,6 +83,22 @@ class IdentityCodec(base.Codec):
             shape=tuple(x.shape),
             codec=self,
         )
+
+    def packed_shapes(self, shape: tuple[int, ...]) -> base.Packed:
+        """`encode`'s layout: ``shape`` in ``dtype``, scales ``(*lead, 0)``."""
+        shape = tuple(shape)
+        lead, _ = base.lead_and_last(shape)
+        return base.Packed(
+            codes=jax.ShapeDtypeStruct(shape, _DTYPES[self.dtype_name]),
+            scales=jax.ShapeDtypeStruct((*lead, 0), jnp.float32),
+            shape=shape,
+            codec=self,
+        )
+
+    def zeros_many(self, shapes: Sequence[tuple[int, ...]]) -> list[base.Packed]:
+        """Zeros of each shape in ``dtype`` (nothing to repeat)."""
+        shapes = [_checks.shape_of("shapes[...]", s) for s in shapes]
+        return [self.encode(jnp.zeros(s, jnp.float32)) for s in shapes]
 
     def decode(self, packed: base.Packed) -> jax.Array:
         """Returns the stored array as float32."""

@@ -237,8 +237,8 @@ def _traced_leading_spec(leaf: Any) -> tuple[Any, ...] | None:
     return lead if any(a is not None for a in lead) else None
 
 
-def _zeros_packed(codec: base.Codec, leaf: Any) -> base.Packed:
-    packed = codec.zeros(tuple(leaf.shape))
+def _place_like(packed: base.Packed, leaf: Any) -> base.Packed:
+    """A leaf's zero state (`base.Codec.zeros_many`), sharded like ``leaf``."""
     if isinstance(leaf, jax.core.Tracer):
         lead = _traced_leading_spec(leaf)
         if lead is None:
@@ -299,12 +299,21 @@ def init_moment(
       like it on leading axes.
     """
     check_float_params(params)
+    shapes = []
+
+    def want(path: Any, leaf: Any) -> None:
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        if quantized(policy, path, value):
+            shapes.append(tuple(value.shape))
+
+    jax.tree_util.tree_map_with_path(want, params, is_leaf=_is_variable)
+    made = iter(codec.zeros_many(shapes))  # one program for every leaf
 
     def leaf_init(path: Any, leaf: Any) -> Any:
         if _is_variable(leaf):
-            return _init_variable(path, leaf, codec, policy, fallback_dtype)
+            return _init_variable(path, leaf, policy, fallback_dtype, made)
         if quantized(policy, path, leaf):
-            return _zeros_packed(codec, leaf)
+            return _place_like(next(made), leaf)
         return _zeros_plain(leaf, fallback_dtype)
 
     return jax.tree_util.tree_map_with_path(leaf_init, params, is_leaf=_is_variable)
@@ -336,7 +345,7 @@ def _is_variable(x: Any) -> bool:
     return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata")
 
 
-def _init_variable(path, var, codec, policy, fallback_dtype) -> Any:
+def _init_variable(path, var, policy, fallback_dtype, made) -> Any:
     """`init_moment` of one ``nnx.Variable`` leaf (``nnx.Optimizer`` passes them).
 
     An unquantized leaf stays a Variable of the parameter's type and metadata
@@ -348,7 +357,7 @@ def _init_variable(path, var, codec, policy, fallback_dtype) -> Any:
     value = var.get_value()
     if not quantized(policy, path, value):
         return jax.tree.map(lambda x: _zeros_plain(x, fallback_dtype), var)
-    packed = _zeros_packed(codec, value)
+    packed = _place_like(next(made), value)
     meta = dict(var.get_metadata())
 
     def wrap(array: jax.Array) -> Any:

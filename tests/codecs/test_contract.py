@@ -118,6 +118,38 @@ def test_zeros_repeat_one_encoded_zero_group(name):
     assert jax.eval_shape(lambda: codec.zeros(shape)) == like
 
 
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_shapes_are_the_encodes_layout(name, shape):
+    """`packed_shapes` (traced nothing) is what `encode` makes, every codec."""
+    codec = CODECS[name]
+    like = jax.eval_shape(lambda: codec.encode(jnp.zeros(shape, jnp.float32)))
+    assert codec.packed_shapes(shape) == like
+    assert jax.eval_shape(lambda: codec.zeros(shape)) == like
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_zeros_many_is_zeros_of_each_shape_in_its_own_buffers(name):
+    """`zeros_many` (an init's one program) equals `zeros` shape by shape, in
+    order, and never hands two leaves one buffer (a state may be donated)."""
+    codec = CODECS[name]
+    shapes = [(3, 40), (7,), (3, 40), (), (2, 5, 33)]
+    many = codec.zeros_many(shapes)
+    assert [p.shape for p in many] == shapes
+    for shape, got in zip(shapes, many, strict=True):
+        want = codec.zeros(shape)
+        for a, b in ((got.codes, want.codes), (got.scales, want.scales)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pointers = [
+        x.unsafe_buffer_pointer() for p in many for x in (p.codes, p.scales) if x.size
+    ]
+    assert len(set(pointers)) == len(pointers)
+    assert codec.zeros_many([]) == []
+    with pytest.raises(ValueError, match="non-negative"):
+        codec.zeros_many([(2, -1)])
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layout_keeps_leading_axes(name, shape):
