@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import _kernel_args
-from optax_lowbit.kernels import _backend, rules
+from optax_lowbit.kernels import _backend, launch, rules
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import adam_presets
 
@@ -521,6 +521,7 @@ def group_case(
     leaves_per_launch: int | None = None,
     programs: int | None = None,
     compile_kernels: bool = False,
+    xla_compile: bool = False,
 ) -> dict:
     """Lowers one `adam_update_many` over ``shapes`` for CUDA (Triton forced).
 
@@ -539,6 +540,9 @@ def group_case(
       programs: `kadam.DEFAULT_PROGRAMS` while lowering.
       compile_kernels: also compile each distinct kernel offline
         (`triton_compile`) and add the seconds.
+      xla_compile: on a GPU, also time XLA's compile of the lowered program
+        (``xla_compile_s``: its Triton kernels, each distinct config once, and
+        the few XLA ops around them); ``None`` on a CPU host.
 
     Returns:
       ``{"case", "path", "leaves", "leaves_per_launch", "programs",
@@ -603,12 +607,74 @@ def group_case(
                     1
                 ]
         rec["triton_compile_s"] = round(sum(seconds[t] for t, _ in runs), 2)
+    if xla_compile:
+        rec["shapes"] = [list(x) for x in dict.fromkeys(map(tuple, shapes))]
+        rec["xla_compile_s"] = None
+        if jax.default_backend() == "gpu":
+            start = time.perf_counter()
+            lowered.compile()
+            rec["xla_compile_s"] = round(time.perf_counter() - start, 3)
     return rec
 
 
-def _group_table(records: list[dict]) -> str:
+def launch_kinds(
+    name: str, shapes: Sequence[tuple[int, ...]]
+) -> list[list[tuple[int, ...]]]:
+    """The distinct kernel launches of ``name``'s fused step over ``shapes``.
+
+    Read from the step itself: its trace is watched (`launch.launch`, every
+    jit cache cleared first) and each launch's leaf shapes kept once, so the
+    grouping is `kadam.adam_update_many`'s own.
+
+    Args:
+      name: a key of `CASES`.
+      shapes: the quantized leaves' shapes (e.g. `GPT2S_QUANTIZED`).
+
+    Returns:
+      One list of leaf shapes per distinct launch, in order of first use.
+    """
+    seen = []
+    real = launch.launch
+
+    def spy(leaves, *args, **kwargs):
+        seen.append(tuple(tuple(x[0].shape) for x in leaves))
+        return real(leaves, *args, **kwargs)
+
+    jax.clear_caches()
+    with mock.patch.object(launch, "launch", spy):
+        group_case(name, "fused", shapes)
+    return [list(k) for k in dict.fromkeys(seen)]
+
+
+def launch_compiles(
+    name: str, shapes: Sequence[tuple[int, ...]], compile_kernels: bool = False
+) -> list[dict]:
+    """`group_case` of each of a step's distinct launches alone, XLA compile timed.
+
+    Where a step's first compile goes, launch by launch (issue 18, item 4):
+    on a GPU each record's ``xla_compile_s`` is XLA's compile of one launch
+    (one Triton config); a throwaway compile of the first launch runs first
+    so that no record pays XLA's and Triton's first-use setup.
+
+    Args:
+      name: a key of `CASES`.
+      shapes: the quantized leaves' shapes.
+      compile_kernels: also Triton's offline compile of each launch's kernel
+        on this host (``triton_compile_s``, `group_case`).
+
+    Returns:
+      One `group_case` record (``path="fused"``) per `launch_kinds` entry.
+    """
+    kinds = launch_kinds(name, shapes)
+    group_case(name, "fused", [(7, 300)], xla_compile=True)  # warm-up
+    kw = dict(xla_compile=True, compile_kernels=compile_kernels)
+    return [group_case(name, "fused", k, **kw) for k in kinds]
+
+
+def _group_table(records: list[dict], extra: Sequence[str] = ()) -> str:
     cols = ("leaves", "leaves_per_launch", "programs", "kernels", "compiled")
     cols += ("lower_s", "ttir_lower_s", "module_ops", "path_total", "triton_compile_s")
+    cols += tuple(extra)
     head = f"{'case':<10}{'path':<7}" + "".join(f"{c:>18}" for c in cols)
     rows = [
         f"{r['case']:<10}{r['path']:<7}"
@@ -670,6 +736,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also compile each kernel to Hopper SASS and count its instructions "
         "(needs the triton package: pip install triton)",
     )
+    ap.add_argument(
+        "--launch-compiles",
+        action="store_true",
+        help="also lower each distinct launch of GPT-2 small's fused step alone "
+        "and, on a GPU (JAX_PLATFORMS=cuda), time XLA's compile of it",
+    )
     _kernel_args.add(ap)
     args = ap.parse_args(argv)
     _kernel_args.apply(args)
@@ -710,6 +782,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for programs in (None, 0)
             ]
         print(_group_table(groups))
+    compiles = []
+    if args.launch_compiles:
+        for name in args.cases.split(","):
+            compiles += launch_compiles(name, GPT2S_QUANTIZED, args.sass)
+        print(_group_table(compiles, ("shapes", "xla_compile_s")))
     if args.json:
         meta = {
             "what": "TTIR ops per element (canonicalize+cse), Triton lowering",
@@ -722,7 +799,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         out = pathlib.Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
+        meta["device"] = jax.devices()[0].device_kind
         doc = {"meta": meta, "records": records, "groups": groups}
+        if compiles:
+            doc["launch_compiles"] = compiles
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return records

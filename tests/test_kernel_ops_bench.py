@@ -52,3 +52,22 @@ def test_step_speed_records_offline_sass_where_triton_is_installed():
     # without triton (or told not to) only the TTIR count
     bare = step_speed.kernel_counts(["8bit"], log=lambda *_: None, sass=False)
     assert bare[("8bit", "fused")] == {"ttir": got[("8bit", "fused")]["ttir"]}
+
+
+def test_launch_compiles_lower_each_of_the_steps_distinct_launches():
+    from benchmarks import kernel_ops
+    from optax_lowbit.kernels import adam as kadam
+
+    shapes = [(40, 300), (40, 300), (40, 300), (9, 64)]
+    kinds = kernel_ops.launch_kinds("4bit", shapes)
+    assert kadam.GROUPED_LEAVES_PER_LAUNCH == 2  # else the launches below change
+    # the step's own grouping: two of the three leaves of one shape share a
+    # launch, the third and the odd leaf launch alone
+    want = [[(40, 300)] * 2, [(40, 300)], [(9, 64)]]
+    assert sorted(kinds) == sorted(want)
+    recs = kernel_ops.launch_compiles("4bit", shapes)
+    assert [(r["shapes"], r["leaves"]) for r in recs] == [
+        ([list(k[0])], len(k)) for k in kinds
+    ]
+    for r in recs:  # a CPU host lowers each launch; only a GPU compiles it
+        assert r["kernels"] == 1 and r["module_ops"] > 0 and r["xla_compile_s"] is None
