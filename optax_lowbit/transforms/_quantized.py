@@ -299,24 +299,27 @@ def init_moment(
       like it on leading axes.
     """
     check_float_params(params)
-    shapes = []
+    decisions, shapes = [], []
 
-    def want(path: Any, leaf: Any) -> None:
+    def decide(path: Any, leaf: Any) -> None:  # the policy, once a leaf
         value = leaf.get_value() if _is_variable(leaf) else leaf
-        if quantized(policy, path, value):
+        decisions.append(quantized(policy, path, value))
+        if decisions[-1]:
             shapes.append(tuple(value.shape))
 
-    jax.tree_util.tree_map_with_path(want, params, is_leaf=_is_variable)
+    jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_variable)
     made = iter(codec.zeros_many(shapes))  # one program for every leaf
+    decided = iter(decisions)
 
-    def leaf_init(path: Any, leaf: Any) -> Any:
+    def leaf_init(leaf: Any) -> Any:
+        packed = next(made) if next(decided) else None
         if _is_variable(leaf):
-            return _init_variable(path, leaf, policy, fallback_dtype, made)
-        if quantized(policy, path, leaf):
-            return _place_like(next(made), leaf)
+            return _init_variable(leaf, packed, fallback_dtype)
+        if packed is not None:
+            return _place_like(packed, leaf)
         return _zeros_plain(leaf, fallback_dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf_init, params, is_leaf=_is_variable)
+    return jax.tree_util.tree_map(leaf_init, params, is_leaf=_is_variable)
 
 
 def quantized(policy: Callable[[Any, Any], Any], path: Any, leaf: Any) -> bool:
@@ -345,7 +348,7 @@ def _is_variable(x: Any) -> bool:
     return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata")
 
 
-def _init_variable(path, var, policy, fallback_dtype, made) -> Any:
+def _init_variable(var, packed, fallback_dtype) -> Any:
     """`init_moment` of one ``nnx.Variable`` leaf (``nnx.Optimizer`` passes them).
 
     An unquantized leaf stays a Variable of the parameter's type and metadata
@@ -353,11 +356,13 @@ def _init_variable(path, var, policy, fallback_dtype, made) -> Any:
     whose ``codes`` and ``scales`` are each such a Variable, with the
     parameter's sharding annotation kept on the leading axes: a Variable never
     holds a `Packed`, which ``nnx.update`` would split into a dict.
+    ``packed`` is the leaf's zero state (`init_moment`'s `zeros_many`), or
+    ``None`` where the policy keeps the leaf unquantized.
     """
     value = var.get_value()
-    if not quantized(policy, path, value):
+    if packed is None:
         return jax.tree.map(lambda x: _zeros_plain(x, fallback_dtype), var)
-    packed = _place_like(next(made), value)
+    packed = _place_like(packed, value)
     meta = dict(var.get_metadata())
 
     def wrap(array: jax.Array) -> Any:

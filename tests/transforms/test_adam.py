@@ -454,3 +454,30 @@ def test_other_bad_arguments():
         lowbit.scale_by_adam_quantized(_testing_codecs.Int8Sqrt(), FP32)
     with pytest.raises(ValueError, match="encoder must be one of"):
         lowbit.scale_by_adam_piquant(encoder="fast")
+
+
+def test_init_asks_the_policy_once_a_leaf_and_makes_each_leaf_its_shape():
+    """`init` decides each leaf once a moment (its zero states are made in one
+    `zeros_many` call per codec, then placed in tree order)."""
+    asked = []
+
+    def some(path, leaf):
+        asked.append(jax.tree_util.keystr(path))
+        return asked[-1] in ("['a']", "['c']", "['e']")
+
+    shapes = [(4, 64), (3,), (2, 65), (5, 64), (7, 9)]
+    params = {k: jnp.ones(s) for k, s in zip("abcde", shapes, strict=True)}
+    tx = lowbit.scale_by_adam_quantized(
+        lowbit.codecs.polar(bits=2),
+        lowbit.codecs.blockwise4(signed=False),
+        policy=lowbit.policy.from_predicate(some),
+    )
+    state = tx.init(params)
+    assert sorted(asked) == sorted(2 * [f"['{k}']" for k in params])  # mu, nu
+    for moment in (state.mu, state.nu):
+        for k, p in params.items():
+            leaf = moment[k]
+            assert isinstance(leaf, base.Packed) == (k in "ace")
+            assert leaf.shape == p.shape
+            got = leaf.decode() if isinstance(leaf, base.Packed) else leaf
+            np.testing.assert_array_equal(np.asarray(got), 0.0)
