@@ -653,8 +653,8 @@ def launch_compiles(
 
     Where a step's first compile goes, launch by launch (issue 18, item 4):
     on a GPU each record's ``xla_compile_s`` is XLA's compile of one launch
-    (one Triton config); a throwaway compile of the first launch runs first
-    so that no record pays XLA's and Triton's first-use setup.
+    (one Triton config); a throwaway compile of a small one-leaf launch runs
+    first so that no record pays XLA's and Triton's first-use setup.
 
     Args:
       name: a key of `CASES`.
