@@ -703,6 +703,8 @@ def _table(records: list[dict]) -> str:
 
 
 def _commit() -> str | None:
+    if os.environ.get("OPTAX_LOWBIT_COMMIT"):  # a device copy's .git may be stale
+        return os.environ["OPTAX_LOWBIT_COMMIT"]
     head = pathlib.Path(__file__).resolve().parents[1] / ".git" / "HEAD"
     with contextlib.suppress(OSError, IndexError):
         ref = head.read_text().strip()
