@@ -316,6 +316,39 @@ def signature(g: Any, params: Any, config: LaunchConfig) -> Signature:
     )
 
 
+def shared(keys: Sequence[Signature]) -> Signature:
+    """The signature one launch of leaves with ``keys`` runs under.
+
+    The leaves must share their dtypes; a partial last group or block in any
+    of them makes the kernel handle one for all (`padded`, `ragged`: read per
+    leaf from the size table, so a whole leaf is unaffected), and mixed
+    shapes leave the shape out (the grid is the leaves' blocks together).
+
+    Args:
+      keys: the leaves' `signature` s.
+
+    Returns:
+      The launch's `Signature`.
+
+    Raises:
+      ValueError: leaves of different dtypes.
+    """
+    dtypes = {(k.g_dtype, k.p_dtype) for k in keys}
+    if len(dtypes) > 1:
+        raise ValueError(
+            "one launch takes leaves of one gradient and parameter dtype, got "
+            f"{sorted(str(d) for d in dtypes)}."
+        )
+    shapes = {k.shape for k in keys}
+    return Signature(
+        padded=any(k.padded for k in keys),
+        ragged=any(k.ragged for k in keys),
+        g_dtype=keys[0].g_dtype,
+        p_dtype=keys[0].p_dtype,
+        shape=shapes.pop() if len(shapes) == 1 else None,
+    )
+
+
 def padded(shape: tuple[int, ...], group_size: int) -> bool:
     """Whether a leaf of ``shape``'s rows end in a partial group.
 
@@ -346,8 +379,12 @@ def many_leaves(
     persistent) run in launches of at most
     ``leaves_per_launch`` leaves, in order, the launches' sizes as even as
     possible (`chunks`: at most two sizes, so at most two compiled kernels
-    per signature); a leaf alone in its launch and leaves sharded under
-    explicit mesh axes take `one_leaf`.
+    per signature). The leaves such a split leaves alone (one of their
+    signature, or a signature's odd one) then share launches with each
+    other, of at most as many leaves, by dtypes only (`shared`: any shapes,
+    one compiled kernel for them instead of one each; GPT-2 small's two
+    embeddings). A leaf still alone and leaves sharded under explicit mesh
+    axes take `one_leaf`.
 
     Args:
       gs: gradient leaves.
@@ -378,6 +415,15 @@ def many_leaves(
         else:
             groups.setdefault(signature(g, params[k], config), []).append(k)
     launches = [c for same in groups.values() for c in chunks(same, per_launch)]
+    # A leaf left alone by its signature shares a launch with the other lone
+    # leaves of its dtypes (any shapes, `shared` flags): one compiled kernel
+    # for them all instead of one each (v28).
+    lone: dict[tuple[Any, Any], list[int]] = {}
+    for idx in [idx for idx in launches if len(idx) == 1]:
+        key = signature(gs[idx[0]], params[idx[0]], config)
+        lone.setdefault((key.g_dtype, key.p_dtype), []).append(idx[0])
+    launches = [idx for idx in launches if len(idx) > 1]
+    launches += [c for same in lone.values() for c in chunks(same, per_launch)]
     singles += [idx[0] for idx in launches if len(idx) == 1]
     for k in singles:  # `one_leaf`, with the final streams formed above
         results[k] = _checked_one_leaf(
@@ -457,7 +503,7 @@ def launch(
     offs: jax.Array,
     config: LaunchConfig,
 ) -> list[tuple[jax.Array, ...]]:
-    """One ``pallas_call`` over ``leaves`` of one `signature`.
+    """One ``pallas_call`` over ``leaves`` of one dtype pair (`shared`).
 
     Every operand is a whole flat buffer and the leaves' sizes are a table
     (`loop.sizes`): the kernel's Triton module depends on the rule, the
@@ -480,20 +526,17 @@ def launch(
       One ``(out, codes_0, scales_0, ...)`` per leaf.
 
     Raises:
-      ValueError: leaves of different signatures.
+      ValueError: leaves of different dtypes or shard layouts.
     """
     rule, codecs = config.rule, config.codecs
     backend = _backend.pick(config.lowering)
     gsize = codecs[0].group_size
     apply = leaves[0][2] is not None
     persistent = config.programs is not None
-    keys = {signature(x[0], x[2], config) for x in leaves}
+    key = shared([signature(x[0], x[2], config) for x in leaves])
     lead_global = leaves[0][3]
-    if len(keys) > 1 or len({x[3] for x in leaves}) > 1:
-        raise ValueError(
-            f"one launch takes leaves of one signature, got {len(keys)}: "
-            f"{sorted(str(k) for k in keys)}."
-        )
+    if len({x[3] for x in leaves}) > 1:
+        raise ValueError("one launch takes leaves of one shard layout.")
     if lead_global is not None and len(leaves) > 1:
         raise ValueError("a shard's launch takes one leaf.")
     ios = [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
@@ -542,7 +585,6 @@ def launch(
     lead_local = None
     if lead_global is not None:
         lead_local = base.group_grid(tuple(leaves[0][0].shape), gsize)
-    (key,) = keys
     kernel = functools.partial(
         loop.kernel,
         rule=rule,

@@ -225,7 +225,8 @@ MIXED = [(3, 256), (41, 128), (7, 384)]
 )
 def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
     """Leaves of different shapes grouped with ``leaves_per_launch=0``: one
-    program per block (a launch per shape), or one persistent launch run by
+    program per block (each alone in its shape, the three share one launch,
+    v28), or one persistent launch run by
     1 program (a loop over all 19 blocks), 3 (loops of 6-7) or 32 (13
     idle); blockwise (groups of 128, 10 blocks) by 3. Every output equals one launch
     per leaf bit for bit, the state the jnp reference's."""
@@ -238,7 +239,35 @@ def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
     launches = _launches(
         lambda gs: _update_many(gs, mus, nus, hps, seeds, params, mc, nc, 0), gs
     )
-    assert launches == (len(MIXED) if programs is None else 1)
+    assert launches == 1
+    per_leaf = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
+    chex.assert_trees_all_equal(grouped, per_leaf)
+    for k, (out, m, v) in enumerate(grouped):
+        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=params[k])
+        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
+        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sr2", "blockwise4"])
+def test_lone_leaves_share_a_launch(variant):
+    """The leaves a signature leaves alone (one of a shape, a pair's odd one)
+    share launches of at most `GROUPED_LEAVES_PER_LAUNCH` by dtypes, whatever
+    their shapes and partial groups or blocks (v28); each output equals its
+    launch alone bit for bit, the state the jnp reference's."""
+    mc, nc = VARIANTS[variant]
+    assert kadam.GROUPED_LEAVES_PER_LAUNCH == 2  # the counts below
+    # a pair of (64, 128); lone: (5, 200) (a partial last group), the pair's
+    # odd (64, 128), (3, 256), and a bf16 (128, 64) that shares with none
+    shapes = [(64, 128), (5, 200), (64, 128), (3, 256), (64, 128), (128, 64)]
+    dtypes = [jnp.float32] * 5 + [jnp.bfloat16]
+    key = jax.random.key(len(variant))
+    gs, mus, nus, hps, seeds, params = _leaves(key, shapes, mc, nc, True, dtypes)
+    gs[5] = gs[5].astype(jnp.bfloat16)
+    run = lambda gs: _update_many(gs, mus, nus, hps, seeds, params, mc, nc)  # noqa: E731
+    # the pair, two launches of the three lone float32 leaves (2 + 1), bf16
+    assert _launches(run, gs) == 4
+    grouped = run(gs)
     per_leaf = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
     chex.assert_trees_all_equal(grouped, per_leaf)
     for k, (out, m, v) in enumerate(grouped):
