@@ -277,7 +277,8 @@ class Signature(NamedTuple):
       ragged: the last block is partial (the kernel masks loads and stores).
       g_dtype: the gradient's dtype.
       p_dtype: the parameters' dtype (``None`` without the apply).
-      shape: the leaf's shape, ``None`` for persistent launches.
+      shape: the leaf's shape, ``None`` for persistent launches (and in
+        `shared`, for a launch of mixed shapes).
     """
 
     padded: bool
@@ -325,7 +326,7 @@ def shared(keys: Sequence[Signature]) -> Signature:
     shapes leave the shape out (the grid is the leaves' blocks together).
 
     Args:
-      keys: the leaves' `signature` s.
+      keys: the leaves' signatures (`signature`).
 
     Returns:
       The launch's `Signature`.
@@ -414,15 +415,16 @@ def many_leaves(
             singles.append(k)
         else:
             groups.setdefault(signature(g, params[k], config), []).append(k)
-    launches = [c for same in groups.values() for c in chunks(same, per_launch)]
     # A leaf left alone by its signature shares a launch with the other lone
     # leaves of its dtypes (any shapes, `shared` flags): one compiled kernel
     # for them all instead of one each (v28).
-    lone: dict[tuple[Any, Any], list[int]] = {}
-    for idx in [idx for idx in launches if len(idx) == 1]:
-        key = signature(gs[idx[0]], params[idx[0]], config)
-        lone.setdefault((key.g_dtype, key.p_dtype), []).append(idx[0])
-    launches = [idx for idx in launches if len(idx) > 1]
+    launches, lone = [], {}
+    for key, same in groups.items():
+        for idx in chunks(same, per_launch):
+            if len(idx) > 1:
+                launches.append(idx)
+            else:
+                lone.setdefault((key.g_dtype, key.p_dtype), []).append(idx[0])
     launches += [c for same in lone.values() for c in chunks(same, per_launch)]
     singles += [idx[0] for idx in launches if len(idx) == 1]
     for k in singles:  # `one_leaf`, with the final streams formed above
