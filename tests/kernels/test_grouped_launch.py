@@ -85,6 +85,21 @@ def _shape(mc):
     return (3, 500) if mc.group_size == 96 else (5, 200)
 
 
+def _check_against_per_leaf(
+    grouped, gs, mus, nus, hps, seeds, params, mc, nc, run=_update_many
+):
+    """Every output of a grouped step equals one launch per leaf's bit for
+    bit, the state the jnp reference's (each leaf's own seeds and hp)."""
+    per_leaf = run(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
+    chex.assert_trees_all_equal(grouped, per_leaf)
+    for k, (out, m, v) in enumerate(grouped):
+        p = None if params is None else params[k]
+        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=p)
+        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
+        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("variant", "apply"), CASES)
 def test_grouped_launch_equals_per_leaf(variant, apply):
     """Three leaves of one shape in one launch: every output of the per-leaf
@@ -93,14 +108,7 @@ def test_grouped_launch_equals_per_leaf(variant, apply):
     key = jax.random.key(hash((variant, apply)) % 2**31)
     gs, mus, nus, hps, seeds, params = _leaves(key, [_shape(mc)] * 3, mc, nc, apply)
     grouped = _many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=0)
-    per_leaf = _many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
-    chex.assert_trees_all_equal(grouped, per_leaf)
-    for k, (out, m, v) in enumerate(grouped):
-        p = None if params is None else params[k]
-        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=p)
-        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
-        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
-        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc, _many)
 
 
 def _count_launches(jaxpr) -> int:
@@ -240,13 +248,7 @@ def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
         lambda gs: _update_many(gs, mus, nus, hps, seeds, params, mc, nc, 0), gs
     )
     assert launches == 1
-    per_leaf = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
-    chex.assert_trees_all_equal(grouped, per_leaf)
-    for k, (out, m, v) in enumerate(grouped):
-        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=params[k])
-        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
-        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
-        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
 
 
 @pytest.mark.parametrize("variant", ["sr2", "blockwise4"])
@@ -268,13 +270,7 @@ def test_lone_leaves_share_a_launch(variant):
     # the pair, two launches of the three lone float32 leaves (2 + 1), bf16
     assert _launches(run, gs) == 4
     grouped = run(gs)
-    per_leaf = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=1)
-    chex.assert_trees_all_equal(grouped, per_leaf)
-    for k, (out, m, v) in enumerate(grouped):
-        kw = dict(mc=mc, nc=nc, seeds=seeds[k], params=params[k])
-        out_ref, m_ref, v_ref = _reference(gs[k], mus[k], nus[k], hps[k], **kw)
-        chex.assert_trees_all_equal((m, v), (m_ref, v_ref))
-        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
 
 
 def _triton_configs(monkeypatch, fn, *args) -> list[str]:
