@@ -740,7 +740,7 @@ class Codec(abc.ABC):
         xg = to_groups(x, self.group_size)
         seed = stream_seed(0 if seed is None else seed) if self.stochastic else None
         codes, scales = _encode_groups_jit(self, xg, seed)
-        scales = scales.reshape((*scales.shape[:-2], -1))
+        scales = scales.reshape(self.packed_shapes(shape).scales.shape)  # its layout
         return Packed(codes=codes, scales=scales, shape=shape, codec=self)
 
     def decode(self, packed: Packed) -> jax.Array:
