@@ -337,7 +337,13 @@ def triton_compile(ttir: str, num_warps: int) -> tuple[Any, float]:
     """Compiles a captured TTIR module for ``sm_90`` with the triton package.
 
     No GPU needed; Triton's own cache is bypassed (a fresh cache folder), so
-    the seconds are a whole compile (TTIR to cubin) on this host.
+    the seconds are a whole compile (TTIR to cubin) on this host. The
+    module first goes through Triton's ``make_ttir`` passes (inlining,
+    canonicalisation, CSE), as XLA's Triton pipeline runs them on a Pallas
+    module: `triton.compile` skips a TTIR file's own stage, and Pallas'
+    unsimplified modules (a constant and a splat per scalar literal) would
+    reach the layout passes 2.5x larger than on the device (v29 in
+    ``NOTES_kernels.md``).
 
     Args:
       ttir: the module's text (`_capture_triton` with ``keep_ttir``).
@@ -349,20 +355,29 @@ def triton_compile(ttir: str, num_warps: int) -> tuple[Any, float]:
     import tempfile
 
     import triton
+    from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
 
     # Triton's parser wants plain symbol names; Pallas names kernels with "-"
     text = re.sub(r'@"([^"]+)"', lambda m: "@" + re.sub(r"\W", "_", m.group(1)), ttir)
+    target = GPUTarget("cuda", SASS_ARCH, 32)
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "kernel.ttir"
         src.write_text(text)
         with mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": tmp}):
             start = time.perf_counter()
-            kernel = triton.compile(
-                str(src),
-                target=GPUTarget("cuda", SASS_ARCH, 32),
-                options={"num_warps": num_warps, "enable_fp_fusion": False},
-            )
+            backend = make_backend(target)
+            context = ir.context()
+            ir.load_dialects(context)
+            backend.load_dialects(context)
+            module = ir.parse_mlir_module(str(src), context)
+            module.context = context
+            backend.make_ttir(module, {}, backend.parse_options(options), SASS_ARCH)
+            simplified = pathlib.Path(tmp) / "simplified.ttir"
+            simplified.write_text(str(module))
+            kernel = triton.compile(str(simplified), target=target, options=options)
             return kernel, time.perf_counter() - start
 
 

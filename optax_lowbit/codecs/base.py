@@ -285,7 +285,7 @@ def parts_of(x: Any, n: int) -> list[jax.Array]:
     return [concat_last(parts[i * k : (i + 1) * k]) for i in range(n)]
 
 
-def pack_planes(values: Any, bits: int) -> list[jax.Array]:
+def pack_planes(values: Any, bits: int, *, kernel: bool = False) -> list[jax.Array]:
     """Packs integer codes ``< 2**bits`` along the last axis into planes.
 
     `pack_codes` is these planes concatenated. A kernel stores the planes
@@ -299,6 +299,10 @@ def pack_planes(values: Any, bits: int) -> list[jax.Array]:
         multiple of 8 for every plane width ``w`` of ``bits`` (true for
         ``K`` a multiple of 8).
       bits: code width, 1 to 8.
+      kernel: pack as a Pallas Triton kernel can (`_pack_plane`): a part
+        that holds several pieces of a byte is folded by a reshape and a sum
+        instead of split into its pieces. The same bytes; whole arrays
+        outside a kernel keep the splits (XLA slices them for free).
 
     Returns:
       A list of ``uint8`` arrays ``(..., K * w / 8)``, narrowest plane first.
@@ -315,13 +319,57 @@ def pack_planes(values: Any, bits: int) -> list[jax.Array]:
         per_byte = 8 // w
         if k % per_byte:
             raise ValueError(f"{k} codes of width {w} do not fill whole bytes.")
-        # value j of the plane sits in byte j % nbytes at bit (j // nbytes) * w
+        planes.append(_pack_plane(field, w, kernel))
+    return planes
+
+
+def _plane_bits(size: int, nbytes: int, w: int, first: int = 0) -> jax.Array:
+    """Where values ``first .. first + size - 1`` of a plane sit in their bytes.
+
+    The planar layout (`pack_planes`): value ``j`` of a plane of ``nbytes``
+    bytes and ``w``-bit fields sits in byte ``j % nbytes`` at bit
+    ``(j // nbytes) * w``. Built from an iota, so a kernel can compute it.
+
+    Returns:
+      int32 ``(size,)`` bit offsets.
+    """
+    j = jnp.arange(size, dtype=jnp.int32) + first
+    return (j // nbytes) * w
+
+
+def _pack_plane(field: list[jax.Array], w: int, kernel: bool) -> jax.Array:
+    """One plane's bytes from its ``w``-bit values, given as contiguous parts.
+
+    Where each byte's values are whole parts (a kernel's halves into 4-bit
+    bytes), or outside a kernel, the values are split into each byte's
+    pieces, shifted and joined by ORs. Otherwise (``kernel``) each part is
+    folded whole: its values shifted to their bits (`_plane_bits`), reshaped
+    to ``(..., values per byte in it, nbytes)`` and summed over the first of
+    those axes (the bits are disjoint: a sum is an OR). A Triton kernel then
+    needs one reshape and one reduction per part, instead of a tree of
+    splits (three layout operations each) and one OR per piece: a smaller
+    module, which Triton compiles faster (``NOTES_kernels.md``, v29).
+    """
+    k = sum(v.shape[-1] for v in field)
+    nbytes = k * w // 8
+    per_byte = 8 // w
+    if not kernel or len(field) % per_byte == 0:
         pieces = parts_of(field, per_byte)
         byte = pieces[0]
         for s in range(1, per_byte):
             byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
-        planes.append(byte)
-    return planes
+        return byte
+    if any(v.shape[-1] % nbytes for v in field):  # a part splits a byte's run
+        field = [concat_last(field)]
+    out, first = None, 0
+    for v in field:
+        size = v.shape[-1]
+        shifted = v.astype(jnp.int32) << _plane_bits(size, nbytes, w, first)
+        rows = shifted.reshape((*v.shape[:-1], size // nbytes, nbytes))
+        folded = jnp.sum(rows, axis=-2)
+        out = folded if out is None else out | folded
+        first += size
+    return out.astype(jnp.uint8)
 
 
 def pack_codes(values: Any, bits: int) -> jax.Array:
@@ -339,11 +387,14 @@ def pack_codes(values: Any, bits: int) -> jax.Array:
     return jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
 
 
-def unpack_planes(planes: Sequence[jax.Array], bits: int, parts: int = 0) -> Any:
+def unpack_planes(
+    planes: Sequence[jax.Array], bits: int, parts: int = 0, *, kernel: bool = False
+) -> Any:
     """Inverse of `pack_planes`: the planes -> ``(..., K)`` uint8 codes.
 
     ``parts > 0`` returns the codes as that many equal contiguous parts
     (`parts_of`; a kernel's halves of a 4-bit plane are its two nibbles).
+    ``kernel``: unpack as a Pallas Triton kernel can (`_unpack_plane`).
     """
     widths = list(reversed(_widths(bits)))
     if len(planes) != len(widths):
@@ -353,11 +404,34 @@ def unpack_planes(planes: Sequence[jax.Array], bits: int, parts: int = 0) -> Any
     out, shift = None, 0
     for w, byte in zip(widths, planes, strict=True):
         byte = byte.astype(jnp.uint8)
-        pieces = [(byte >> (s * w)) & ((1 << w) - 1) for s in range(8 // w)]
-        field = [p.astype(jnp.uint8) << shift for p in parts_of(pieces, max(parts, 1))]
+        field = [p << shift for p in _unpack_plane(byte, w, parts, kernel)]
         out = field if out is None else [a | b for a, b in zip(out, field, strict=True)]
         shift += w
     return out if parts else out[0]
+
+
+def _unpack_plane(byte: jax.Array, w: int, parts: int, kernel: bool) -> list[jax.Array]:
+    """One plane's ``w``-bit values as ``max(parts, 1)`` contiguous parts.
+
+    Where each part is made of whole bytes' pieces (a kernel's halves of a
+    4-bit plane), or outside a kernel, each byte's pieces are shifted out
+    and joined into the parts. Otherwise (``kernel``) every
+    byte is repeated once per value it holds (a broadcast and a reshape:
+    ``(..., nbytes) -> (..., K)``) and each value shifted down from its
+    bit (`_plane_bits`): no tree of joins in a Triton kernel (`_pack_plane`).
+    """
+    mask = (1 << w) - 1
+    per_byte = 8 // w
+    n = max(parts, 1)
+    if not kernel or n % per_byte == 0:
+        pieces = [(byte >> (s * w)) & mask for s in range(per_byte)]
+        return [p.astype(jnp.uint8) for p in parts_of(pieces, n)]
+    *lead, nbytes = byte.shape
+    k = nbytes * per_byte
+    spread = jnp.broadcast_to(byte[..., None, :], (*lead, per_byte, nbytes))
+    shift = _plane_bits(k, nbytes, w).astype(jnp.uint8)
+    values = (spread.reshape((*lead, k)) >> shift) & mask
+    return parts_of(values.astype(jnp.uint8), n)
 
 
 def split_planes(packed: jax.Array, bits: int, num_values: int) -> list[jax.Array]:

@@ -523,7 +523,8 @@ def encode_groups_with(
         Signed stochastic groups are scaled by the largest
         ``α + β`` instead of the largest radius, so every pair is in reach.
       planes: return the codes as the list of `base.pack_planes` planes (a
-        kernel stores them separately) instead of their concatenation.
+        kernel stores them separately, and packs them as a kernel can)
+        instead of their concatenation.
 
     Returns:
       ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes (or
@@ -558,7 +559,7 @@ def encode_groups_with(
     code = ring * _num_sectors(signed) + sector
     bits = code_bits(len(rings), signed)
     if planes:
-        return base.pack_planes(code, bits), stored
+        return base.pack_planes(code, bits, kernel=True), stored
     return base.pack_codes(code, bits), stored
 
 
@@ -575,7 +576,8 @@ def decode_groups_with(
 
     Args:
       codes: uint8 planar codes from `encode_groups_with`, or the list of
-        their planes (``planes=True``); any bytes are valid.
+        their planes (``planes=True``: a kernel's, unpacked as a kernel
+        can); any bytes are valid.
       scales: ``(..., 1)`` group scales.
       rings: float32 ``(R,)`` ring radii, the same as at encoding.
       signed: which codebook.
@@ -593,7 +595,7 @@ def decode_groups_with(
     if tables is None:
         tables = code_tables(jnp.stack(rings), signed)
     if isinstance(codes, (list, tuple)):
-        code = base.unpack_planes(codes, bits)
+        code = base.unpack_planes(codes, bits, kernel=True)
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
     code = code.astype(jnp.int32)  # < S·R: every table read is in range

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from optax_lowbit.codecs import base
@@ -64,6 +64,56 @@ def test_pack_codes_planar_layout_4_and_2_bits():
     )
     eight = base.pack_codes(jnp.asarray(v), 8)
     np.testing.assert_array_equal(eight, v)
+
+
+def _planar_reference(values, bits):
+    """The planar layout written out in NumPy: value ``j`` of a ``w``-bit plane
+    of ``n`` bytes in byte ``j % n`` at bit ``(j // n) * w``, narrowest first."""
+    k = values.shape[-1]
+    planes, shift = [], 0
+    for w in (1, 2, 4, 8):
+        if not bits & w:
+            continue
+        field = (values.astype(np.int64) >> shift) & ((1 << w) - 1)
+        shift += w
+        n = k * w // 8
+        byte = np.zeros((*values.shape[:-1], n), np.int64)
+        for j in range(k):
+            byte[..., j % n] |= field[..., j] << ((j // n) * w)
+        planes.append(byte.astype(np.uint8))
+    return planes
+
+
+@given(
+    bits=st.integers(1, 8),
+    k=st.sampled_from([16, 32, 64, 96]),
+    parts=st.sampled_from([1, 2, 4, 6]),
+    kernel=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_pack_planes_as_parts_is_the_planar_layout(bits, k, parts, kernel, seed):
+    # Packed by splits and joins (XLA) or, in a kernel, by folds and spreads
+    # where a part holds several pieces of a byte: the bytes are the layout's
+    # either way, and unpacking to parts inverts it.
+    assume(k % parts == 0 and (k // parts) % 8 == 0)
+    per_byte = [8 // w for w in (1, 2, 4, 8) if bits & w]
+    assume(kernel or all(n % parts == 0 or parts % n == 0 for n in per_byte))
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**bits, (3, k), dtype=np.uint8)
+    pieces = list(np.split(values, parts, axis=-1))
+    planes = base.pack_planes([jnp.asarray(p) for p in pieces], bits, kernel=kernel)
+    expected = _planar_reference(values, bits)
+    assert len(planes) == len(expected)
+    for got, want in zip(planes, expected, strict=True):
+        assert got.dtype == jnp.uint8
+        np.testing.assert_array_equal(got, want)
+    back = base.unpack_planes(planes, bits, parts=parts, kernel=kernel)
+    assert len(back) == parts
+    for got, want in zip(back, pieces, strict=True):
+        assert got.dtype == jnp.uint8
+        np.testing.assert_array_equal(got, want)
+    whole = base.unpack_planes(planes, bits, kernel=kernel)
+    np.testing.assert_array_equal(whole, values)
 
 
 def test_packed_bytes_values():
