@@ -314,14 +314,9 @@ def fused_leaves(
     outs = [None] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
-    float_batches = {}  # float-moment leaves stepped together, by dtypes and hp
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             kernel_leaves.append(i)
-            continue
-        key = _float_batch_key(g, m, v, None if params is None else params[i])
-        if key is not None:
-            float_batches.setdefault((*key, id(hps[i])), []).append(i)
             continue
         sub_u, (sub_m, sub_v) = _quantized.map_leaves(
             step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
@@ -329,18 +324,6 @@ def fused_leaves(
         outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
         if params is not None:
             outs[i] = _apply_leaf(params[i], outs[i], hps[i])
-    for batch in float_batches.values():
-        pars = None if params is None else [params[i] for i in batch]
-        results = _float_batch_step(
-            step,
-            [flat[i] for i in batch],
-            [mus[i] for i in batch],
-            [nus[i] for i in batch],
-            pars,
-            hps[batch[0]],
-        )
-        for i, (out, m, v) in zip(batch, results, strict=True):
-            outs[i], new_m[i], new_v[i] = out, m, v
     # All kernel leaves in one call: the kernel runs the leaves that share a
     # signature (group grid and dtypes) in one launch (adam_update_many).
     idx = kernel_leaves
@@ -367,65 +350,6 @@ def fused_leaves(
 
 #: `kadam.apply_leaf`, jitted for the same reason as `_leaf_step`.
 _apply_leaf = jax.jit(kadam.apply_leaf)
-
-
-def _float_batch_key(g: Any, m: Any, v: Any, p: Any) -> tuple | None:
-    """The dtypes a float-moment leaf is batched by, or ``None`` if it is not.
-
-    Real floating leaves whose two moments are plain arrays (the policy's
-    float leaves: biases, norms, small leaves) are batched; complex leaves
-    and `Packed` moments without a kernel keep the per-leaf step.
-    """
-    if _quantized.is_packed(m) or _quantized.is_packed(v):
-        return None
-    dtypes = [jnp.result_type(x) for x in (g, m, v) + (() if p is None else (p,))]
-    if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
-        return None
-    return tuple(str(d) for d in dtypes)
-
-
-def _float_batch_step(step, gs, ms, vs, ps, hp) -> list[tuple[Any, Any, Any]]:
-    """``step`` (and the AdamW apply) of many float-moment leaves as one vector.
-
-    The leaves are raveled and concatenated, stepped once and split back:
-    the same elementwise operations on the same values, so each leaf's
-    result is bit for bit its own step's, in one XLA loop instead of one per
-    leaf. (Leaf by leaf, XLA merged GPT-2 small's 98 bias and norm leaves
-    into a few multi-output loops only while they shared a non-scalar
-    operand; an unrelated change of the kernel launches split them into 98
-    kernels: `NOTES_kernels.md`, v29.)
-
-    Args:
-      step: the jnp step of one leaf, ``step(g, m, v) -> (u, m, v)``,
-        elementwise.
-      gs: the leaves' updates (one dtype).
-      ms: their first moments, plain arrays (one dtype).
-      vs: their second moments, plain arrays (one dtype).
-      ps: the leaves' parameters (one dtype), or ``None``.
-      hp: the leaves' shared ``hp`` (for the apply).
-
-    Returns:
-      Per leaf ``(out, m, v)``: ``u`` (or the new parameters with ``ps``) and
-      the new moments, in the leaf's shapes and the moments' dtypes.
-    """
-    shapes = [jnp.shape(g) for g in gs]
-    cuts = np.cumsum([int(np.prod(s)) for s in shapes])[:-1].tolist()
-
-    def joined(xs):
-        return jnp.concatenate([jnp.ravel(x) for x in xs])
-
-    def split(x):
-        return [y.reshape(s) for y, s in zip(jnp.split(x, cuts), shapes, strict=True)]
-
-    m_dtype, v_dtype = jnp.result_type(ms[0]), jnp.result_type(vs[0])
-    m_in = joined(ms).astype(_quantized.compute_dtype(m_dtype))
-    v_in = joined(vs).astype(_quantized.compute_dtype(v_dtype))
-    u, m, v = step(joined(gs), m_in, v_in)
-    if ps is not None:
-        u = _apply_leaf(joined(ps), u, hp)
-    return list(
-        zip(split(u), split(m.astype(m_dtype)), split(v.astype(v_dtype)), strict=True)
-    )
 
 
 # The presets, at their old address.
