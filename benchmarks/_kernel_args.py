@@ -1,10 +1,10 @@
 """The kernel tunables as command-line flags: one definition for every benchmark.
 
-`add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch`` and
-``--programs`` on a parser, `apply` sets the module attributes of
-`optax_lowbit.kernels.adam` they stand for, `argv` gives the flags that
-reproduce the current settings (for a child process), and `settings` the
-values a result records.
+`add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch``,
+``--programs`` and ``--share-lone-leaves`` on a parser, `apply` sets the
+module attributes of `optax_lowbit.kernels.adam` they stand for, `argv`
+gives the flags that reproduce the current settings (for a child process),
+and `settings` the values a result records.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ FLAGS = (
         "programs of every kernel launch, kadam.DEFAULT_PROGRAMS (0: a "
         "persistent launch of launch.default_programs, one kernel per codec "
         "pair, NOTES_kernels.md v22; default: one program per block)",
+    ),
+    (
+        "--share-lone-leaves",
+        "SHARE_LONE_LEAVES",
+        "1: the leaves a signature leaves alone share launches, any shapes "
+        "(kadam.SHARE_LONE_LEAVES, NOTES_kernels.md v28 / v29; default: off)",
     ),
 )
 

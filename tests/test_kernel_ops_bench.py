@@ -62,8 +62,10 @@ def test_launch_compiles_lower_each_of_the_steps_distinct_launches():
     kinds = kernel_ops.launch_kinds("4bit", shapes)
     assert kadam.GROUPED_LEAVES_PER_LAUNCH == 2  # else the launches below change
     # the step's own grouping: two of the three leaves of one shape share a
-    # launch, the third shares one with the odd leaf (lone leaves, v28)
-    want = [[(40, 300)] * 2, [(40, 300), (9, 64)]]
+    # launch, the third and the odd leaf are alone (lone leaves share one
+    # only with kadam.SHARE_LONE_LEAVES, v28 / v29)
+    assert kadam.SHARE_LONE_LEAVES == 0
+    want = [[(40, 300)] * 2, [(40, 300)], [(9, 64)]]
     assert sorted(kinds) == sorted(want)
     recs = kernel_ops.launch_compiles("4bit", shapes)
     assert [(r["shapes"], r["leaves"]) for r in recs] == [

@@ -71,6 +71,7 @@ __all__ = [
     "LEAVES_PER_LAUNCH",
     "MAX_BLOCK_ELEMENTS",
     "MAX_GROUPED_BLOCK_ELEMENTS",
+    "SHARE_LONE_LEAVES",
     "adam_update",
     "adam_update_many",
     "adam_update_reference",
@@ -138,6 +139,15 @@ MAX_GROUPED_BLOCK_ELEMENTS = 2048
 #: polar2 4.4 s at 2 against 7.4 s at 6 (benchmarks/NOTES_kernels.md, v27;
 #: v20b had found 6 best with older, larger kernels).
 GROUPED_LEAVES_PER_LAUNCH = 2
+#: Whether the leaves a signature leaves alone (one of their shape, a pair's
+#: odd one) share launches with each other, any shapes (v28:
+#: `launch.many_leaves`). Off: on an H100 (JAX 0.11.2) it saved one Triton
+#: compile of GPT-2 small's fused step but changed XLA's fusion of the step's
+#: float-moment leaves, which no longer merged into a few multi-output loops:
+#: 67 -> 152 kernels a step, device time 0.976 -> 1.047 ms (polar2; the same
+#: call, benchmarks/NOTES_kernels.md, v29). 1 turns it on (benchmarks:
+#: ``--share-lone-leaves 1``).
+SHARE_LONE_LEAVES = 0
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
@@ -324,7 +334,14 @@ def rule_update_many(
     if leaves_per_launch is None:
         leaves_per_launch = default_leaves_per_launch(config.block_elements)
     return launch.many_leaves(
-        gs, moments, hps, seeds, params, config, leaves_per_launch
+        gs,
+        moments,
+        hps,
+        seeds,
+        params,
+        config,
+        leaves_per_launch,
+        share_lone=bool(SHARE_LONE_LEAVES),
     )
 
 

@@ -371,6 +371,7 @@ def many_leaves(
     params: Sequence[jax.Array] | None,
     config: LaunchConfig,
     leaves_per_launch: int | None = None,
+    share_lone: bool = False,
 ) -> list[tuple[jax.Array, tuple[base.Packed, ...]]]:
     """`one_leaf` of many leaves: a few kernel launches per leaf signature.
 
@@ -380,12 +381,13 @@ def many_leaves(
     persistent) run in launches of at most
     ``leaves_per_launch`` leaves, in order, the launches' sizes as even as
     possible (`chunks`: at most two sizes, so at most two compiled kernels
-    per signature). The leaves such a split leaves alone (one of their
-    signature, or a signature's odd one) then share launches with each
-    other, of at most as many leaves, by dtypes only (`shared`: any shapes,
-    one compiled kernel for them instead of one each; GPT-2 small's two
-    embeddings). A leaf still alone and leaves sharded under explicit mesh
-    axes take `one_leaf`.
+    per signature). With ``share_lone``, the leaves such a split leaves
+    alone (one of their signature, or a signature's odd one) then share
+    launches with each other, of at most as many leaves, by dtypes only
+    (`shared`: any shapes, one compiled kernel for them instead of one each;
+    GPT-2 small's two embeddings; off by default, `kadam.SHARE_LONE_LEAVES`).
+    A leaf still alone and leaves sharded under explicit mesh axes take
+    `one_leaf`.
 
     Args:
       gs: gradient leaves.
@@ -397,6 +399,7 @@ def many_leaves(
       config: the launch configuration.
       leaves_per_launch: the most leaves of one launch (``None`` or 0: no
         limit; 1: one launch per leaf).
+      share_lone: lone leaves share launches (v28; see above).
 
     Returns:
       One ``(out, new_moments)`` per leaf.
@@ -415,13 +418,13 @@ def many_leaves(
             singles.append(k)
         else:
             groups.setdefault(signature(g, params[k], config), []).append(k)
-    # A leaf left alone by its signature shares a launch with the other lone
-    # leaves of its dtypes (any shapes, `shared` flags): one compiled kernel
-    # for them all instead of one each (v28).
+    # With share_lone, a leaf left alone by its signature shares a launch with
+    # the other lone leaves of its dtypes (any shapes, `shared` flags): one
+    # compiled kernel for them all instead of one each (v28).
     launches, lone = [], {}
     for key, same in groups.items():
         for idx in chunks(same, per_launch):
-            if len(idx) > 1:
+            if len(idx) > 1 or not share_lone:
                 launches.append(idx)
             else:
                 lone.setdefault((key.g_dtype, key.p_dtype), []).append(idx[0])

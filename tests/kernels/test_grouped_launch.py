@@ -233,12 +233,13 @@ MIXED = [(3, 256), (41, 128), (7, 384)]
 )
 def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
     """Leaves of different shapes grouped with ``leaves_per_launch=0``: one
-    program per block (each alone in its shape, the three share one launch,
-    v28), or one persistent launch run by
+    program per block (each alone in its shape, the three share one launch
+    with `kadam.SHARE_LONE_LEAVES`, v28), or one persistent launch run by
     1 program (a loop over all 19 blocks), 3 (loops of 6-7) or 32 (13
     idle); blockwise (groups of 128, 10 blocks) by 3. Every output equals one launch
     per leaf bit for bit, the state the jnp reference's."""
     monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
+    monkeypatch.setattr(kadam, "SHARE_LONE_LEAVES", 1)
     mc, nc = VARIANTS[variant]
     key = jax.random.key(len(variant) + (programs or 0))
     gs, mus, nus, hps, seeds, params = _leaves(key, MIXED, mc, nc, True)
@@ -252,11 +253,13 @@ def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
 
 
 @pytest.mark.parametrize("variant", ["sr2", "blockwise4"])
-def test_lone_leaves_share_a_launch(variant):
-    """The leaves a signature leaves alone (one of a shape, a pair's odd one)
-    share launches of at most `GROUPED_LEAVES_PER_LAUNCH` by dtypes, whatever
-    their shapes and partial groups or blocks (v28); each output equals its
-    launch alone bit for bit, the state the jnp reference's."""
+def test_lone_leaves_share_a_launch(monkeypatch, variant):
+    """With `kadam.SHARE_LONE_LEAVES`, the leaves a signature leaves alone
+    (one of a shape, a pair's odd one) share launches of at most
+    `GROUPED_LEAVES_PER_LAUNCH` by dtypes, whatever their shapes and partial
+    groups or blocks (v28); each output equals its launch alone bit for bit,
+    the state the jnp reference's. Off (the default, v29) each is its own
+    launch."""
     mc, nc = VARIANTS[variant]
     assert kadam.GROUPED_LEAVES_PER_LAUNCH == 2  # the counts below
     # a pair of (64, 128); lone: (5, 200) (a partial last group), the pair's
@@ -267,8 +270,12 @@ def test_lone_leaves_share_a_launch(variant):
     gs, mus, nus, hps, seeds, params = _leaves(key, shapes, mc, nc, True, dtypes)
     gs[5] = gs[5].astype(jnp.bfloat16)
     run = lambda gs: _update_many(gs, mus, nus, hps, seeds, params, mc, nc)  # noqa: E731
+    assert kadam.SHARE_LONE_LEAVES == 0  # the default: the pair, four alone
+    assert _launches(run, gs) == 5
+    monkeypatch.setattr(kadam, "SHARE_LONE_LEAVES", 1)
     # the pair, two launches of the three lone float32 leaves (2 + 1), bf16
-    assert _launches(run, gs) == 4
+    # (a new function: tracing caches key on it)
+    assert _launches(lambda gs: run(gs), gs) == 4
     grouped = run(gs)
     _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
 
