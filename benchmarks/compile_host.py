@@ -130,6 +130,8 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
         "compile_s": compile_s,
         "init_s": init_s,
         "hlo_ops": lowered.as_text().count(" = "),
+        # whether the first step imported Pallas' Mosaic GPU backend (v30)
+        "mosaic_gpu_imported": "jax._src.pallas.mosaic_gpu.core" in sys.modules,
     }
 
 

@@ -39,6 +39,7 @@ class Backend:
             from jax.experimental.pallas import triton as plt
 
             find_triton_dialect()
+            find_triton_lowering()
             return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
         if self.lowering == "mosaic":
             from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -77,6 +78,37 @@ def find_triton_dialect() -> bool:
         return False
     add(DIALECT_PREFIX)
     return True
+
+
+@functools.cache
+def find_triton_lowering() -> bool:
+    """Imports Pallas' Triton lowering up front, once, so its rule is found first.
+
+    Pallas looks a GPU lowering rule up by the type of a call's
+    ``compiler_params``. Triton's module registers its rule when imported,
+    but Pallas imports it only after importing all of Mosaic GPU to rule
+    that out, so a process's first Triton lowering paid Mosaic GPU's import:
+    ~0.1-0.15 s of a user's first step that `optax.adamw` never pays
+    (benchmarks/NOTES_kernels.md, v30). Importing Triton's registration here
+    lets the lookup find its rule; the lowering and the module are the same.
+    A no-op where JAX lays Pallas out otherwise.
+
+    Returns:
+      Whether Triton's rule is registered for its ``CompilerParams``.
+    """
+    try:
+        from jax._src.pallas import core as pallas_core
+        from jax._src.pallas.triton import core as triton_core
+        from jax._src.pallas.triton import pallas_call_registration  # noqa: F401
+    except ImportError:
+        return False
+    lookup = getattr(pallas_core, "get_lowering_rule", None)
+    params = getattr(triton_core, "CompilerParams", None)
+    return (
+        lookup is not None
+        and params is not None
+        and (lookup(params, "gpu") is not None)
+    )
 
 
 def use_pallas(impl: str) -> bool:

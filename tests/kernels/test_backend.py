@@ -1,5 +1,6 @@
-"""`_backend.find_triton_dialect`: MLIR finds the Triton dialect's module once,
-and the lowered program is the same with it as without."""
+"""`_backend.find_triton_dialect`: MLIR finds the Triton dialect's module once;
+`_backend.find_triton_lowering`: Pallas lowers to Triton without importing
+Mosaic GPU; and the lowered program is the same with them as without."""
 
 import json
 import subprocess
@@ -12,8 +13,9 @@ from optax_lowbit.kernels import _backend
 
 # Lowers a small fused step for CUDA with Triton forced (it lowers on a CPU
 # host, as `benchmarks.compile_host` does), counting the imports MLIR tries
-# for the Triton dialect's module; mode "off" keeps `find_triton_dialect`
-# from running. Prints the lowered text's hash and the count as JSON.
+# for the Triton dialect's module; mode "off" keeps `find_triton_dialect` and
+# `find_triton_lowering` from running. Prints the lowered text's hash, the
+# count and whether Pallas' Mosaic GPU backend was imported, as JSON.
 _LOWER = textwrap.dedent(
     """
     import contextlib, hashlib, json, sys
@@ -40,14 +42,15 @@ _LOWER = textwrap.dedent(
         stack.enter_context(
             mock.patch.object(_backend, "pick", lambda lowering=None: triton))
         if sys.argv[1] == "off":
-            stack.enter_context(
-                mock.patch.object(_backend, "find_triton_dialect", bool))
+            for name in ("find_triton_dialect", "find_triton_lowering"):
+                stack.enter_context(mock.patch.object(_backend, name, bool))
         step = jax.jit(opt.step)
         text = step.trace(params, state, params).lower(
             lowering_platforms=("cuda",)
         ).as_text()
     print(json.dumps({"sha": hashlib.sha256(text.encode()).hexdigest(),
-                      "tries": len(tries), "size": len(text)}))
+                      "tries": len(tries), "size": len(text),
+                      "mosaic": "jax._src.pallas.mosaic_gpu.core" in sys.modules}))
     """
 )
 
@@ -70,6 +73,9 @@ def test_dialect_found_once_and_same_program():
     # JAX registers; with it the first lookup imports `_mlir.tt`, once
     assert off["tries"] > 100
     assert on["tries"] <= 4
+    # without Triton's rule Pallas imports Mosaic GPU to rule it out (JAX
+    # 0.10-0.11); with it, the first step imports none of Mosaic GPU
+    assert not on["mosaic"]
 
 
 def test_prefix_registered_and_module_reexports_dialect():
@@ -85,3 +91,14 @@ def test_prefix_registered_and_module_reexports_dialect():
 
     public = [n for n in dir(jax_tt) if not n.startswith("_")]
     assert public and all(getattr(tt, n) is getattr(jax_tt, n) for n in public)
+
+
+def test_triton_rule_found_by_its_params():
+    pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    from jax._src.pallas import core as pallas_core
+    from jax._src.pallas.triton import core as triton_core
+    from jax._src.pallas.triton import pallas_call_registration as triton_call
+
+    assert _backend.find_triton_lowering()
+    rule = pallas_core.get_lowering_rule(triton_core.CompilerParams, "gpu")
+    assert rule is triton_call.pallas_call_lowering
