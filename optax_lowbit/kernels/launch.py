@@ -277,25 +277,20 @@ class Signature(NamedTuple):
       ragged: the last block is partial (the kernel masks loads and stores).
       g_dtype: the gradient's dtype.
       p_dtype: the parameters' dtype (``None`` without the apply).
-      shape: the leaf's shape, ``None`` for persistent launches (and in
-        `shared`, for a launch of mixed shapes).
     """
 
     padded: bool
     ragged: bool
     g_dtype: Any
     p_dtype: Any
-    shape: tuple[int, ...] | None
 
 
 def signature(g: Any, params: Any, config: LaunchConfig) -> Signature:
     """What leaves must share to run in one launch.
 
     The kernel reads the leaves' sizes from its size table (`loop.sizes`),
-    so leaves of any shapes can share a launch. With one program per block
-    the grid is the launch's block count, and leaves of one shape are
-    grouped so that their launches share a grid (one compiled kernel); a
-    persistent launch's grid is fixed and the shape is left out.
+    so leaves of any shapes can share a launch; which leaves do is
+    `by_grid`'s choice.
 
     Args:
       g: the gradient leaf (or its shape and dtype).
@@ -313,7 +308,6 @@ def signature(g: Any, params: Any, config: LaunchConfig) -> Signature:
         ragged=bool(rows % config.block_groups),
         g_dtype=jnp.dtype(g.dtype),
         p_dtype=None if params is None else jnp.dtype(params.dtype),
-        shape=None if config.programs is not None else shape,
     )
 
 
@@ -322,8 +316,7 @@ def shared(keys: Sequence[Signature]) -> Signature:
 
     The leaves must share their dtypes; a partial last group or block in any
     of them makes the kernel handle one for all (`padded`, `ragged`: read per
-    leaf from the size table, so a whole leaf is unaffected), and mixed
-    shapes leave the shape out (the grid is the leaves' blocks together).
+    leaf from the size table, so a whole leaf is unaffected).
 
     Args:
       keys: the leaves' signatures (`signature`).
@@ -340,13 +333,11 @@ def shared(keys: Sequence[Signature]) -> Signature:
             "one launch takes leaves of one gradient and parameter dtype, got "
             f"{sorted(str(d) for d in dtypes)}."
         )
-    shapes = {k.shape for k in keys}
     return Signature(
         padded=any(k.padded for k in keys),
         ragged=any(k.ragged for k in keys),
         g_dtype=keys[0].g_dtype,
         p_dtype=keys[0].p_dtype,
-        shape=shapes.pop() if len(shapes) == 1 else None,
     )
 
 
@@ -377,15 +368,13 @@ def many_leaves(
 
     Unsharded leaves that share a `signature` (the gradient's and the
     parameters' dtypes, whether rows end in a partial group or the last
-    block in a partial one, and the shape unless the launches are
-    persistent) run in launches of at most
-    ``leaves_per_launch`` leaves, in order, the launches' sizes as even as
-    possible (`chunks`: at most two sizes, so at most two compiled kernels
-    per signature). With ``share_lone``, the leaves such a split leaves
-    alone (one of their signature, or a signature's odd one) then share
+    block in a partial one) run in launches of at most ``leaves_per_launch``
+    leaves, chosen by `by_grid` so that the launches share few grids (one
+    compiled kernel each). With ``share_lone``, the leaves such a split
+    leaves alone (one of their signature or block count) then share
     launches with each other, of at most as many leaves, by dtypes only
-    (`shared`: any shapes, one compiled kernel for them instead of one each;
-    GPT-2 small's two embeddings; off by default, `kadam.SHARE_LONE_LEAVES`).
+    (`shared`: one compiled kernel for them instead of one each; GPT-2
+    small's two embeddings; off by default, `kadam.SHARE_LONE_LEAVES`).
     A leaf still alone and leaves sharded under explicit mesh axes take
     `one_leaf`.
 
@@ -422,8 +411,11 @@ def many_leaves(
     # the other lone leaves of its dtypes (any shapes, `shared` flags): one
     # compiled kernel for them all instead of one each (v28).
     launches, lone = [], {}
+    gsize, block = config.codecs[0].group_size, config.block_groups
     for key, same in groups.items():
-        for idx in chunks(same, per_launch):
+        shapes = [tuple(gs[k].shape) for k in same]
+        sizes = [loop.blocks(x, gsize, block) for x in shapes]
+        for idx in by_grid(same, shapes, sizes, per_launch):
             if len(idx) > 1 or not share_lone:
                 launches.append(idx)
             else:
@@ -448,6 +440,58 @@ def many_leaves(
         for k, out in zip(idx, outs, strict=True):
             results[k] = out
     return results
+
+
+def by_grid(
+    items: Sequence[Any],
+    shapes: Sequence[tuple[int, ...]],
+    blocks: Sequence[int],
+    most: int,
+) -> list[list[Any]]:
+    """``items`` in launches of at most ``most`` that share few grids.
+
+    One program per block, a launch's grid is its leaves' blocks together,
+    and XLA compiles a kernel once per distinct module and grid (its kernel
+    cache keys on both; the module does not depend on the leaves' shapes),
+    while JAX traces a launch once per distinct tuple of leaf shapes.
+    Items of one block count form a class; each class's last ``len % most``
+    run together (`chunks`, as few launches as possible); the others, sorted
+    by blocks (largest first), then by shape (in order of first appearance,
+    so that one shape's items stay together), then in order, are dealt into
+    launches of ``most`` in snake order: launch ``j`` takes the ``j``-th
+    item of every stripe of the sorted list, every other stripe read
+    backwards; for two, the largest with the smallest. A model of repeated
+    layers then runs a few grids and shape tuples: GPT-2 small's 48 layer
+    matrices two of each (2304 + 576 and 2304 + 1728 blocks of polar's 1024
+    elements) where pairs of one shape made three grids and four shape
+    tuples (v31 in ``benchmarks/NOTES_kernels.md``). Persistent launches
+    (one grid for all) are grouped the same way.
+
+    Args:
+      items: what to launch (leaf indices), in order.
+      shapes: each item's leaf shape.
+      blocks: each item's blocks (`loop.blocks`).
+      most: the most items a launch (>= 1).
+
+    Returns:
+      The launches: every item once, the dealt launches first.
+    """
+    rank: dict[tuple[int, ...], int] = {}
+    classes: dict[int, list[Any]] = {}
+    for k, n in enumerate(blocks):
+        rank.setdefault(tuple(shapes[k]), len(rank))
+        classes.setdefault(n, []).append(k)
+    dealt, rest = [], []
+    for same in classes.values():
+        cut = len(same) - len(same) % most
+        dealt += same[:cut]
+        rest += chunks([items[k] for k in same[cut:]], most)
+    dealt.sort(key=lambda k: (-blocks[k], rank[tuple(shapes[k])], k))
+    order = [items[k] for k in dealt]
+    launches = len(order) // most
+    stripes = [order[s * launches : (s + 1) * launches] for s in range(most)]
+    stripes = [s if k % 2 == 0 else s[::-1] for k, s in enumerate(stripes)]
+    return [[s[j] for s in stripes] for j in range(launches)] + rest
 
 
 def chunks(items: Sequence[Any], most: int) -> list[list[Any]]:

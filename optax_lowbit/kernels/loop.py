@@ -273,6 +273,20 @@ SIZE_SLOTS = 4
 FIRST, ROWS, LAST, GROUPS_PER_ROW = range(SIZE_SLOTS)
 
 
+def blocks(shape: tuple[int, ...], group_size: int, block: int) -> int:
+    """A leaf's blocks: its group rows in blocks of ``block`` (the last partial).
+
+    Args:
+      shape: the leaf's shape.
+      group_size: the codecs' group size.
+      block: groups per block.
+
+    Returns:
+      The programs a leaf takes in a launch of one program per block.
+    """
+    return -(-math.prod(base.group_grid(tuple(shape), group_size)) // block)
+
+
 def sizes(shapes: Sequence[tuple[int, ...]], group_size: int, block: int) -> np.ndarray:
     """The size table of a launch over leaves of ``shapes``.
 
@@ -297,9 +311,8 @@ def sizes(shapes: Sequence[tuple[int, ...]], group_size: int, block: int) -> np.
     table, first = [], 0
     for shape in shapes:
         grid = base.group_grid(shape, group_size)
-        rows = math.prod(grid)
-        table += [first, rows, base.lead_and_last(tuple(shape))[1], grid[-1]]
-        first += -(-rows // block)
+        table += [first, math.prod(grid), base.lead_and_last(tuple(shape))[1], grid[-1]]
+        first += blocks(shape, group_size, block)
     if first >= 2**31:
         raise ValueError(f"a launch of {first} blocks overflows the int32 table.")
     table += [first, 0]

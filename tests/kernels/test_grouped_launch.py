@@ -8,6 +8,8 @@ jnp reference's; each leaf keeps its own hyperparameters and stochastic
 rounding stream.
 """
 
+from unittest import mock
+
 import chex
 import jax
 import jax.extend
@@ -17,6 +19,7 @@ import pytest
 
 import optax_lowbit as lowbit
 from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.kernels import launch
 from tests.kernels.test_adam_kernel import VARIANTS, _random_state, _reference
 
 #: (variant, apply): every codec with a kernel, the chain path (``u`` out)
@@ -126,7 +129,8 @@ def _launches(fn, *args) -> int:
 
 
 def test_launches_one_per_signature():
-    """Leaves group by group grid and dtypes (traced only: no compile)."""
+    """Leaves group by dtypes, partial groups and block count (traced only:
+    no compile)."""
     mc, nc = VARIANTS["sr2"]
     shapes = [(5, 200), (64, 128), (5, 200), (64, 128), (5, 200), (128, 64)]
     dtypes = [jnp.float32] * 5 + [jnp.bfloat16]
@@ -138,16 +142,41 @@ def test_launches_one_per_signature():
             gs, mus, nus, hps, seeds, None, mc, nc, per_launch=per_launch
         )
 
-    # (5, 200) x2, (64, 128) x2, (5, 200) bf16, (128, 64); blocks of 512
-    # elements: grouped by default
+    # (5, 200) x2 (a partial last group), (64, 128) x2 and (128, 64) (one
+    # block count), (5, 200) bf16; blocks of 512 elements: grouped by default,
+    # two a launch (the three of one block count in two launches)
     assert _launches(run(None), gs) == 4
-    assert _launches(run(0), gs) == 4
+    assert _launches(run(0), gs) == 3
     assert _launches(run(1), gs) == 6
     assert _launches(run(2), gs) == 4
     _, _, _, _, _, params = _leaves(jax.random.key(1), shapes, mc, nc, True, dtypes)
     fused = lambda gs, ps: _update_many(gs, mus, nus, hps, seeds, ps, mc, nc)  # noqa: E731
     # the last leaf's parameters in bf16 (updated in place in their dtype)
     assert _launches(fused, gs, params) == 4
+
+
+@pytest.mark.parametrize("variant", ["sr2", "blockwise4"])
+def test_pairs_of_two_shapes_equal_per_leaf(variant):
+    """Two leaves of each of two block counts, two a launch (the default):
+    `launch.by_grid` pairs the larger with the smaller (2 launches of one
+    grid, not one launch per shape); every output equals one launch per
+    leaf bit for bit, the state the jnp reference's."""
+    mc, nc = VARIANTS[variant]
+    shapes = [(48, 128), (8, 128), (48, 128), (8, 128)]  # 12 and 2 whole blocks
+    key = jax.random.key(7 + len(variant))
+    gs, mus, nus, hps, seeds, params = _leaves(key, shapes, mc, nc, True)
+    runs = []
+
+    def spy(*args):
+        out = real(*args)
+        runs.extend(out)
+        return out
+
+    real = launch.by_grid
+    with mock.patch.object(launch, "by_grid", spy):
+        grouped = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, 2)
+    assert runs == [[0, 3], [2, 1]]  # leaf indices: (48, 128) with (8, 128)
+    _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
 
 
 def test_persistent_launches_group_any_shapes(monkeypatch):

@@ -1,5 +1,6 @@
-"""`launch.chunks`, `loop.sizes` and `launch.default_programs`: how a launch
-splits leaves, describes their sizes to the kernel, and picks its grid."""
+"""`launch.chunks`, `launch.by_grid`, `loop.sizes` and `launch.default_programs`:
+how a launch splits leaves, describes their sizes to the kernel, and picks its
+grid."""
 
 import math
 
@@ -25,6 +26,51 @@ def test_chunks_in_order_and_even(n, most):
     lengths = {len(run) for run in runs}
     assert max(lengths, default=0) <= most
     assert max(lengths, default=0) - min(lengths, default=0) <= 1
+
+
+@settings(deadline=None, max_examples=80)
+@given(
+    kinds=st.lists(st.integers(1, 6), min_size=1, max_size=12),
+    most=st.integers(1, 5),
+)
+def test_by_grid_launches_every_item_once(kinds, most):
+    """Every item once; each launch at most ``most``; as many launches as
+    each block count's items need (`chunks` of each count would make)."""
+    items = [f"leaf{k}" for k in range(len(kinds))]
+    shapes = [(k, 7) for k in kinds]
+    blocks = [k % 3 + 1 for k in kinds]  # shapes 1 and 4 share a block count
+    runs = launch.by_grid(items, shapes, blocks, most)
+    assert sorted(x for run in runs for x in run) == sorted(items)
+    assert all(1 <= len(run) <= most for run in runs)
+    counts = {}
+    for n in blocks:
+        counts[n] = counts.get(n, 0) + 1
+    assert len(runs) == sum(math.ceil(c / most) for c in counts.values())
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    layer=st.lists(st.integers(1, 5000), min_size=2, max_size=6, unique=True),
+    layers=st.integers(1, 12),
+    seed=st.randoms(use_true_random=False),
+)
+def test_by_grid_repeated_layers_share_grids(layer, layers, seed):
+    """A model of ``layers`` repeats of one layer's leaves (each its own
+    shape), in any order, paired (two a launch): at most one grid and one
+    shape pair per pair of the layer's leaves, where pairs of one shape take
+    one grid per shape; the pairs are the largest with the smallest."""
+    layer = layer[: len(layer) // 2 * 2]  # an even layer: every class pairs
+    items = [(i, k) for i in range(layers * 2) for k in range(len(layer))]
+    seed.shuffle(items)
+    shapes = [(layer[k], 1) for _, k in items]
+    blocks = [layer[k] for _, k in items]
+    runs = launch.by_grid(items, shapes, blocks, 2)
+    assert all(len(run) == 2 for run in runs)
+    grids = {sum(layer[k] for _, k in run) for run in runs}
+    pairs = {tuple(sorted(layer[k] for _, k in run)) for run in runs}
+    assert len(grids) <= len(pairs) <= len(layer) // 2
+    ranked = sorted(layer)
+    assert all(ranked.index(a) + ranked.index(b) == len(layer) - 1 for a, b in pairs)
 
 
 @settings(deadline=None, max_examples=60)
