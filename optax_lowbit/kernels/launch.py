@@ -5,15 +5,16 @@ Every launch runs `loop.kernel` with one update rule (`rules.AdamRule`,
 rule but the number of moments. `one_leaf` runs the kernel over one leaf
 (under ``jax.shard_map``, one launch per device, where the leaf is sharded
 on leading axes under explicit mesh axes); `many_leaves` runs it over many
-unsharded leaves, a few at a time per `signature` (dtypes and shape; the
-kernel body traced once per launch). Both end in `launch`, the one
+unsharded leaves, a few at a time per `signature` (dtypes, partial groups
+and blocks), paired by `by_grid` (the kernel body traced once per launch). Both end in `launch`, the one
 ``pallas_call``: it flattens every operand (rows of one group each, no
 padded copies), passes what the kernel cannot capture as inputs
 (hyperparameters, codec tables, stream seeds, shard offsets, the leaves'
 sizes), and updates the state in place (aliased inputs). No kernel module
 depends on a leaf's shape (v22): the sizes are a table. One program per
-block (the default) the grid still does, so each leaf shape is one
-compiled kernel; a *persistent* launch (`LaunchConfig.programs` set) runs a
+block (the default) the grid still does, so each distinct grid is one
+compiled kernel (`by_grid` pairs leaves so that launches share few); a
+*persistent* launch (`LaunchConfig.programs` set) runs a
 fixed number of programs that loop over the blocks (`default_programs`),
 so a step compiles one kernel per codec pair and leaves per launch, and
 leaves of any shapes share a launch.
