@@ -6,18 +6,18 @@ rule but the number of moments. `one_leaf` runs the kernel over one leaf
 (under ``jax.shard_map``, one launch per device, where the leaf is sharded
 on leading axes under explicit mesh axes); `many_leaves` runs it over many
 unsharded leaves, a few at a time per `signature` (dtypes, partial groups
-and blocks), paired by `by_grid` (the kernel body traced once per launch). Both end in `launch`, the one
-``pallas_call``: it flattens every operand (rows of one group each, no
-padded copies), passes what the kernel cannot capture as inputs
-(hyperparameters, codec tables, stream seeds, shard offsets, the leaves'
-sizes), and updates the state in place (aliased inputs). No kernel module
-depends on a leaf's shape (v22): the sizes are a table. One program per
-block (the default) the grid still does, so each distinct grid is one
-compiled kernel (`by_grid` pairs leaves so that launches share few); a
-*persistent* launch (`LaunchConfig.programs` set) runs a
-fixed number of programs that loop over the blocks (`default_programs`),
-so a step compiles one kernel per codec pair and leaves per launch, and
-leaves of any shapes share a launch.
+and blocks), paired by `by_grid` (the kernel body traced once per launch).
+Both end in `launch`, the one ``pallas_call``: it flattens every operand
+(rows of one group each, no padded copies), passes what the kernel cannot
+capture as inputs (hyperparameters, codec tables, stream seeds, shard
+offsets, the leaves' sizes), and updates the state in place (aliased
+inputs). No kernel module depends on a leaf's shape (v22): the sizes are a
+table. One program per block (the default) the grid still does, so each
+distinct grid is one compiled kernel (`by_grid` pairs leaves so that
+launches share few); a *persistent* launch (`LaunchConfig.programs` set)
+runs a fixed number of programs that loop over the blocks
+(`default_programs`), so a step compiles one kernel per codec pair and
+leaves per launch, and leaves of any shapes share a launch.
 
 The jnp reference of a launch is the rule's step leaf by leaf (decode,
 `rules.reference_step`, encode: `adam.rule_update` with ``impl="jnp"``): the
@@ -454,7 +454,8 @@ def by_grid(
     One program per block, a launch's grid is its leaves' blocks together,
     and XLA compiles a kernel once per distinct module and grid (its kernel
     cache keys on both; the module does not depend on the leaves' shapes),
-    while JAX traces a launch once per distinct tuple of leaf shapes.
+    while JAX traces and lowers a launch once per distinct tuple of leaf
+    shapes (the larger cost on the host: ~30 ms each).
     Items of one block count form a class; each class's last ``len % most``
     run together (`chunks`, as few launches as possible); the others, sorted
     by blocks (largest first), then by shape (in order of first appearance,
@@ -465,7 +466,8 @@ def by_grid(
     layers then runs a few grids and shape tuples: GPT-2 small's 48 layer
     matrices two of each (2304 + 576 and 2304 + 1728 blocks of polar's 1024
     elements) where pairs of one shape made three grids and four shape
-    tuples (v31 in ``benchmarks/NOTES_kernels.md``). Persistent launches
+    tuples (v31 in ``benchmarks/NOTES_kernels.md``: the first step's host
+    part -0.07 s on an H100; its compile unchanged). Persistent launches
     (one grid for all) are grouped the same way.
 
     Args:
