@@ -466,8 +466,8 @@ def by_grid(
     layers then runs a few grids and shape tuples: GPT-2 small's 48 layer
     matrices two of each (2304 + 576 and 2304 + 1728 blocks of polar's 1024
     elements) where pairs of one shape made three grids and four shape
-    tuples (v31 in ``benchmarks/NOTES_kernels.md``: the first step's host
-    part -0.07 s on an H100; its compile unchanged). Persistent launches
+    tuples (v31 in ``benchmarks/NOTES_kernels.md``: with v30 the first step's host
+    part -0.13 s on an H100; its compile unchanged). Persistent launches
     (one grid for all) are grouped the same way.
 
     Args:
