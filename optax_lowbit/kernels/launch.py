@@ -62,9 +62,6 @@ class LaunchConfig:
         programs, each looping over the launch's blocks (a *persistent*
         launch: one grid, hence one compiled kernel, for every launch of a
         codec pair and number of leaves, whatever the leaves' shapes).
-      ragged: mask every block's loads and stores as if a leaf's last block
-        were partial, whatever the leaves (`many_leaves` sets it so that its
-        one-leaf launches share a kernel).
     """
 
     rule: rules.Rule
@@ -73,7 +70,6 @@ class LaunchConfig:
     num_warps: int
     lowering: str | None = None
     programs: int | None = None
-    ragged: bool = False
 
     @property
     def block_elements(self) -> int:
@@ -427,10 +423,9 @@ def many_leaves(
                 lone.setdefault((key.g_dtype, key.p_dtype), []).append(idx[0])
     launches += [c for same in lone.values() for c in chunks(same, per_launch)]
     singles += [idx[0] for idx in launches if len(idx) == 1]
-    masked = _masked_singles(gs, params, singles, config)
     for k in singles:  # `one_leaf`, with the final streams formed above
         results[k] = _checked_one_leaf(
-            gs[k], moments[k], hps[k], finals[k], params[k], masked.get(k, config)
+            gs[k], moments[k], hps[k], finals[k], params[k], config
         )
     for idx in [idx for idx in launches if len(idx) > 1]:
         for k in idx:
@@ -446,40 +441,6 @@ def many_leaves(
         for k, out in zip(idx, outs, strict=True):
             results[k] = out
     return results
-
-
-def _masked_singles(
-    gs: Sequence[Any],
-    params: Sequence[Any],
-    singles: Sequence[int],
-    config: LaunchConfig,
-) -> dict[int, LaunchConfig]:
-    """Masked configurations for one-leaf launches, so that they share a kernel.
-
-    The unsharded one-leaf launches that share dtypes and partial groups with a
-    ragged one get ``config`` with ``ragged`` set (v32). A one-leaf launch's
-    module depends on its signature only, so a step whose lone leaves differ
-    only in a partial last block (GPT-2 small's two embeddings) compiled one
-    kernel each; run masked alike (the loads and stores of every block masked by
-    the leaf's rows: a few instructions a row), they compile one.
-
-    Args:
-      gs: gradient leaves.
-      params: per leaf, the parameters or ``None``.
-      singles: indices of the leaves launched alone.
-      config: the launch configuration.
-
-    Returns:
-      Index to its masked configuration, for the leaves that need one.
-    """
-    keys = {
-        k: signature(gs[k], params[k], config)
-        for k in singles
-        if lead_sharding(gs[k]) is None
-    }
-    kinds = {key._replace(ragged=False) for key in keys.values() if key.ragged}
-    on = dataclasses.replace(config, ragged=True)
-    return {k: on for k, key in keys.items() if key._replace(ragged=False) in kinds}
 
 
 def by_grid(
@@ -684,7 +645,7 @@ def launch(
         block=block,
         apply=apply,
         padded=key.padded,
-        ragged=key.ragged or config.ragged,
+        ragged=key.ragged,
         persistent=persistent,
         lead_local=lead_local,
         lead_global=None if lead_global is None else tuple(lead_global),

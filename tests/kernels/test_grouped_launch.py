@@ -179,35 +179,6 @@ def test_pairs_of_two_shapes_equal_per_leaf(variant):
     _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
 
 
-@pytest.mark.parametrize("variant", ["sr2", "blockwise4"])
-def test_lone_leaves_run_masked_alike(variant):
-    """Two leaves alone in their block counts, one with a partial last block:
-    both launch masked (`launch._masked_singles`: one kernel for both, v32);
-    the whole leaf's outputs equal its launch alone, unmasked, bit for bit,
-    and every state the jnp reference's."""
-    mc, nc = VARIANTS[variant]
-    rows = 8 if mc.group_size == 128 else 16
-    shapes = [(2 * rows, 128), (rows + 1, 128)]  # 4 whole blocks; a partial one
-    key = jax.random.key(11 + len(variant))
-    gs, mus, nus, hps, seeds, params = _leaves(key, shapes, mc, nc, True)
-    masked = {}
-
-    def spy(*args):
-        out = real(*args)
-        masked.update(out)
-        return out
-
-    real = launch._masked_singles
-    with mock.patch.object(launch, "_masked_singles", spy):
-        grouped = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, 2)
-    assert sorted(masked) == [0, 1] and all(c.ragged for c in masked.values())
-    alone = _update_many(
-        gs[:1], mus[:1], nus[:1], hps[:1], seeds[:1], params[:1], mc, nc, 2
-    )
-    chex.assert_trees_all_equal(grouped[0], alone[0])
-    _check_against_per_leaf(grouped, gs, mus, nus, hps, seeds, params, mc, nc)
-
-
 def test_persistent_launches_group_any_shapes(monkeypatch):
     """Persistent launches (`kadam.DEFAULT_PROGRAMS` set) group leaves by
     dtypes and partial last group only, whatever their shapes (traced only)."""
