@@ -371,7 +371,8 @@ def many_leaves(
     parameters' dtypes, whether rows end in a partial group or the last
     block in a partial one) run in launches of at most ``leaves_per_launch``
     leaves, chosen by `by_grid` so that the launches share few grids (one
-    compiled kernel each). With ``share_lone``, the leaves such a split
+    compiled kernel each; persistent launches, whose grid is fixed, in
+    order by `chunks`). With ``share_lone``, the leaves such a split
     leaves alone (one of their signature or block count) then share
     launches with each other, of at most as many leaves, by dtypes only
     (`shared`: one compiled kernel for them instead of one each; GPT-2
@@ -416,7 +417,12 @@ def many_leaves(
     for key, same in groups.items():
         shapes = [tuple(gs[k].shape) for k in same]
         sizes = [loop.blocks(x, gsize, block) for x in shapes]
-        for idx in by_grid(same, shapes, sizes, per_launch):
+        runs = (  # a persistent launch's grid is fixed: any leaves, in order
+            chunks(same, per_launch)
+            if config.programs is not None
+            else by_grid(same, shapes, sizes, per_launch)
+        )
+        for idx in runs:
             if len(idx) > 1 or not share_lone:
                 launches.append(idx)
             else:
@@ -467,8 +473,8 @@ def by_grid(
     matrices two of each (2304 + 576 and 2304 + 1728 blocks of polar's 1024
     elements) where pairs of one shape made three grids and four shape
     tuples (v31 in ``benchmarks/NOTES_kernels.md``: with v30 the first step's host
-    part -0.13 s on an H100; its compile unchanged). Persistent launches
-    (one grid for all) are grouped the same way.
+    part -0.13 s on an H100; its compile unchanged). Persistent launches (one
+    grid for all) take `chunks` instead.
 
     Args:
       items: what to launch (leaf indices), in order.

@@ -200,6 +200,10 @@ def test_persistent_launches_group_any_shapes(monkeypatch):
     assert _launches(run(None), gs) == _launches(run(most), gs)
     assert _launches(run(1), gs) == 6
     assert _launches(run(2), gs) == 4  # the three whole-group leaves: 2 + 1
+    # leaves of three block counts (and shapes) in one launch, in order
+    mixed = [(3, 256), (41, 128), (7, 384)]
+    gs, mus, nus, hps, seeds, _ = _leaves(jax.random.key(2), mixed, mc, nc, False)
+    assert _launches(run(0), gs) == 1
 
 
 def test_transform_launches_one_per_shape():
