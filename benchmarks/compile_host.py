@@ -13,6 +13,8 @@ traces, JAX's caches start empty):
   lowered to Triton (forced, as `benchmarks.kernel_ops` does), so the host's
   part of a GPU compile is measured here without a GPU;
 * ``hlo_ops``: operations in the lowered module's text (one per ``=``);
+* ``triton_configs``, ``triton_chars``: the distinct Triton kernels in it (each
+  module and grid, what XLA's kernel cache keys on) and their size;
 * ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host);
 * ``init_s``: the row's first ``opt.init`` of the case's parameters (zeros,
   concrete, to ``block_until_ready``; timed before the rest): the state a
@@ -42,6 +44,15 @@ Examples::
     python -m benchmarks.compile_host --cache              # and a restart's
     python -m benchmarks.compile_host --cache --repeats 5  # medians of 5 runs
     python -m benchmarks.compile_host --optimizers polar2 --leaves-per-launch 3
+    python -m benchmarks.compile_host --optimizers polar1.5 \
+        --ablations "kernel,no codec work" --repeats 3
+
+With ``--ablations`` every low-bit row runs once per `benchmarks.kernel_ablation`
+variant, the variant's stand-ins in place in the row's process (wrong results
+on purpose: the kernels' codec work replaced by a trivial one, the launches,
+operands and aliasing kept), so that a GPU's compile stage can be split into
+what the codecs' Triton modules cost and the rest (each record's
+``ablation``; ``"kernel"`` is the real kernel).
 """
 
 from __future__ import annotations
@@ -66,23 +77,34 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 OPTIMIZERS = ("optax.adamw", "polar2", "polar1.5", "4bit", "8bit")
 
 
-def one_row(case: str, optimizer: str) -> dict[str, Any]:
+def one_row(case: str, optimizer: str, ablation: str = "kernel") -> dict[str, Any]:
     """Times one row's first trace, lowering (and compile on a GPU) here.
 
     Args:
       case: a key of `benchmarks.step_speed.CASES`.
       optimizer: ``"optax.adamw"`` or a preset of `step_speed.LOWBIT` (its
         fused row).
+      ablation: a `benchmarks.kernel_ablation.VARIANTS` key whose stand-ins
+        are in place for the whole row (``"kernel"``: none).
 
     Returns:
       The record (without the run's metadata).
     """
+    from benchmarks import kernel_ablation
+
+    with kernel_ablation.patched(ablation):
+        record = _timed(case, optimizer)
+    return {**record, "ablation": ablation}
+
+
+def _timed(case: str, optimizer: str) -> dict[str, Any]:
+    """`one_row`'s measurements, whatever stand-ins are in place."""
     from unittest import mock
 
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import step_speed
+    from benchmarks import kernel_ops, step_speed
     from optax_lowbit.kernels import _backend
 
     on_gpu = jax.default_backend() == "gpu"
@@ -121,6 +143,8 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
         start = time.perf_counter()
         lowered.compile()
         compile_s = round(time.perf_counter() - start, 3)
+    text = lowered.as_text()
+    configs = set(kernel_ops.triton_configs(text))
     return {
         "case": case,
         "optimizer": optimizer,
@@ -129,7 +153,11 @@ def one_row(case: str, optimizer: str) -> dict[str, Any]:
         "lower_s": round(lower_s, 3),
         "compile_s": compile_s,
         "init_s": init_s,
-        "hlo_ops": lowered.as_text().count(" = "),
+        "hlo_ops": text.count(" = "),
+        # the distinct Triton kernels XLA compiles (module and grid) and their
+        # serialised size (v31)
+        "triton_configs": len(configs),
+        "triton_chars": sum(map(len, configs)),
         # whether the first step imported Pallas' Mosaic GPU backend (v30)
         "mosaic_gpu_imported": "jax._src.pallas.mosaic_gpu.core" in sys.modules,
     }
@@ -140,10 +168,15 @@ PARTS = ("trace_s", "lower_s", "compile_s", "init_s")
 
 
 def _fresh(
-    case: str, optimizer: str, timeout: float, env: dict[str, str] | None = None
+    case: str,
+    optimizer: str,
+    ablation: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
     one = ["-m", "benchmarks.compile_host", "--one", case, optimizer]
+    one += ["--ablation", ablation]
     proc = subprocess.run(
         [sys.executable, *one, *_kernel_args.argv()],
         capture_output=True,
@@ -154,11 +187,18 @@ def _fresh(
         env=env,
     )
     if proc.returncode:
-        return {"case": case, "optimizer": optimizer, "error": proc.stderr[-2000:]}
+        return {
+            "case": case,
+            "optimizer": optimizer,
+            "ablation": ablation,
+            "error": proc.stderr[-2000:],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _first_and_restart(case: str, optimizer: str, timeout: float) -> dict[str, Any]:
+def _first_and_restart(
+    case: str, optimizer: str, ablation: str, timeout: float
+) -> dict[str, Any]:
     """A row, then the same row again in a process reading its compile cache."""
     with tempfile.TemporaryDirectory(prefix="compile_host_cache_") as cache:
         env = dict(
@@ -167,8 +207,8 @@ def _first_and_restart(case: str, optimizer: str, timeout: float) -> dict[str, A
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
         )
-        record = _fresh(case, optimizer, timeout, env)
-        restart = _fresh(case, optimizer, timeout, env)
+        record = _fresh(case, optimizer, ablation, timeout, env)
+        restart = _fresh(case, optimizer, ablation, timeout, env)
     if "error" in restart:
         record.setdefault("error", restart["error"])
     for part in PARTS:
@@ -220,7 +260,10 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 def table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of the records."""
-    cols = ("case", "optimizer", "trace_s", "lower_s", "compile_s", "init_s")
+    cols = ("case", "optimizer")
+    if any(r.get("ablation", "kernel") != "kernel" for r in records):
+        cols += ("ablation",)
+    cols += ("trace_s", "lower_s", "compile_s", "init_s")
     cols += ("hlo_ops",)
     cols += ("host_ratio", "total_ratio")
     if any("cached_trace_s" in r for r in records):
@@ -257,15 +300,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="fresh-process runs of every row, round by round; parts are medians",
     )
     ap.add_argument(
+        "--ablations",
+        default="kernel",
+        help="comma list of benchmarks.kernel_ablation variants, each a row of "
+        "every low-bit optimizer (default: the kernel itself)",
+    )
+    ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
+    ap.add_argument("--ablation", default="kernel", help=argparse.SUPPRESS)
     _kernel_args.add(ap)
     args = ap.parse_args(argv)
     _kernel_args.apply(args)  # here and, by `_fresh`'s flags, in every row
     if args.one:
-        print(json.dumps(one_row(*args.one)))
+        print(json.dumps(one_row(*args.one, ablation=args.ablation)))
         return []
-    from benchmarks import step_speed
+    from benchmarks import kernel_ablation, step_speed
 
     cases = args.cases.split(",")
     for c in cases:
@@ -278,14 +328,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ap.error(f"--optimizers: {n!r} is not one of {known}")
     if args.repeats < 1:
         ap.error(f"--repeats: {args.repeats} is not a positive number of runs")
+    ablations = args.ablations.split(",")
+    for v in ablations:
+        if v not in kernel_ablation.VARIANTS:
+            known_variants = tuple(kernel_ablation.VARIANTS)
+            ap.error(f"--ablations: {v!r} is not one of {known_variants}")
     if "optax.adamw" not in names:
         names.insert(0, "optax.adamw")
     row = _first_and_restart if args.cache else _fresh
-    rows = [(c, n) for c in cases for n in names]
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {r: [] for r in rows}
+    rows = [
+        (c, n, v)
+        for c in cases
+        for n in names
+        for v in (("kernel",) if n == "optax.adamw" else ablations)
+    ]
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {r: [] for r in rows}
     for _ in range(args.repeats):  # round by round: drift falls on every row
-        for c, n in rows:
-            runs[c, n].append(row(c, n, args.timeout))
+        for c, n, v in rows:
+            runs[c, n, v].append(row(c, n, v, args.timeout))
     records = [median_row(runs[r]) for r in rows]
     add_ratios(records)
     print(table(records))
@@ -298,6 +358,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "what": "first-step trace / lower (Triton forced on a CPU host) / compile",
         "cache": args.cache,
         "repeats": args.repeats,
+        "ablations": ablations,
         "kernel_settings": _kernel_args.settings(),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,

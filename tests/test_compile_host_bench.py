@@ -33,6 +33,25 @@ def test_rows_in_fresh_processes_with_ratios(tmp_path):
     assert by_name["polar2"]["host_ratio"] > 1.0
 
 
+def test_ablation_row_in_its_own_process():
+    """A `kernel_ablation` variant's stand-ins apply in the row's process only:
+    the same launches (HLO operations) as the kernel, the variant recorded."""
+    from benchmarks import compile_host
+
+    rows = {
+        v: compile_host._fresh("tiny_tree", "polar2", v, 300)
+        for v in ("kernel", "no codec work")
+    }
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["no codec work"]["ablation"] == "no codec work"
+    assert rows["kernel"]["ablation"] == "kernel"
+    assert rows["no codec work"]["hlo_ops"] == rows["kernel"]["hlo_ops"]
+    # the stand-ins shrink the kernels' Triton modules, not their number
+    kernel, stand_in = rows["kernel"], rows["no codec work"]
+    assert stand_in["triton_configs"] == kernel["triton_configs"] > 0
+    assert stand_in["triton_chars"] < kernel["triton_chars"] / 2
+
+
 def test_bad_arguments_are_named():
     from benchmarks import compile_host
 
@@ -40,6 +59,39 @@ def test_bad_arguments_are_named():
         compile_host.main(["--cases", "nope"])
     with pytest.raises(SystemExit):
         compile_host.main(["--optimizers", "adamw9"])
+    with pytest.raises(SystemExit):
+        compile_host.main(["--ablations", "kernel,no such part"])
+
+
+def test_ablations_are_rows_of_every_low_bit_optimizer(tmp_path, monkeypatch):
+    """``--ablations``: each low-bit optimizer once per variant (passed to the
+    row's process), the baseline once; each record names its variant."""
+    from benchmarks import compile_host
+
+    commands, real_run = [], subprocess.run
+
+    def run(cmd, **kwargs):
+        if "--one" not in cmd:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        commands.append(cmd)
+        case, optimizer = cmd[cmd.index("--one") + 1 : cmd.index("--one") + 3]
+        ablation = cmd[cmd.index("--ablation") + 1]
+        row = dict(case=case, optimizer=optimizer, ablation=ablation)
+        row.update(trace_s=0.1, lower_s=0.1, compile_s=None, hlo_ops=1)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    out = tmp_path / "ablations.json"
+    flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    records = compile_host.main([*flags, "--ablations", "kernel,no hash"])
+    rows = [(r["optimizer"], r["ablation"]) for r in records]
+    assert rows == [
+        ("optax.adamw", "kernel"),
+        ("polar2", "kernel"),
+        ("polar2", "no hash"),
+    ]
+    assert len(commands) == 3
+    assert json.loads(out.read_text())["meta"]["ablations"] == ["kernel", "no hash"]
 
 
 def test_kernel_flags_reach_every_row(tmp_path, monkeypatch):
