@@ -9,6 +9,32 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile_host_bench")]
 
 
+def _fake_rows(monkeypatch, row=None):
+    """Replaces each row's process by a fake that records its command line.
+
+    ``row(case, optimizer, ablation)`` gives parts that replace the fake
+    row's defaults (0.1 s traces and lowerings). Returns the list the
+    commands go to.
+    """
+    from benchmarks import compile_host
+
+    commands, real_run = [], subprocess.run
+
+    def run(cmd, **kwargs):
+        if "--one" not in cmd:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        commands.append(cmd)
+        case, optimizer = cmd[cmd.index("--one") + 1 : cmd.index("--one") + 3]
+        ablation = cmd[cmd.index("--ablation") + 1]
+        out = dict(case=case, optimizer=optimizer, ablation=ablation)
+        out.update(trace_s=0.1, lower_s=0.1, compile_s=None, hlo_ops=1)
+        out.update(row(case, optimizer, ablation) if row else {})
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(out) + "\n", "")
+
+    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    return commands
+
+
 def test_rows_in_fresh_processes_with_ratios(tmp_path):
     from benchmarks import compile_host
 
@@ -68,19 +94,7 @@ def test_ablations_are_rows_of_every_low_bit_optimizer(tmp_path, monkeypatch):
     row's process), the baseline once; each record names its variant."""
     from benchmarks import compile_host
 
-    commands, real_run = [], subprocess.run
-
-    def run(cmd, **kwargs):
-        if "--one" not in cmd:  # git, for the commit
-            return real_run(cmd, **kwargs)
-        commands.append(cmd)
-        case, optimizer = cmd[cmd.index("--one") + 1 : cmd.index("--one") + 3]
-        ablation = cmd[cmd.index("--ablation") + 1]
-        row = dict(case=case, optimizer=optimizer, ablation=ablation)
-        row.update(trace_s=0.1, lower_s=0.1, compile_s=None, hlo_ops=1)
-        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
-
-    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    commands = _fake_rows(monkeypatch)
     out = tmp_path / "ablations.json"
     flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
     records = compile_host.main([*flags, "--ablations", "kernel,no hash"])
@@ -101,18 +115,7 @@ def test_kernel_flags_reach_every_row(tmp_path, monkeypatch):
     from optax_lowbit.kernels import adam as kadam
 
     monkeypatch.setattr(kadam, "LEAVES_PER_LAUNCH", None)  # restored after
-    commands, real_run = [], subprocess.run
-
-    def run(cmd, **kwargs):
-        if "--one" not in cmd:  # git, for the commit
-            return real_run(cmd, **kwargs)
-        commands.append(cmd)
-        case, optimizer = cmd[cmd.index("--one") + 1 : cmd.index("--one") + 3]
-        row = dict(case=case, optimizer=optimizer, trace_s=0.1, lower_s=0.1)
-        row.update(compile_s=None, hlo_ops=1)
-        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
-
-    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    commands = _fake_rows(monkeypatch)
     out = tmp_path / "flags.json"
     flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
     compile_host.main([*flags, "--leaves-per-launch", "3"])
@@ -130,21 +133,15 @@ def test_repeats_run_round_by_round_and_report_medians(tmp_path, monkeypatch):
     failed run makes its row an error, never hidden in a median."""
     from benchmarks import compile_host
 
-    order, real_run = [], subprocess.run
+    order = []
     # three runs' trace times per row: an outlier in each, another median
     traces = {"optax.adamw": [0.2, 0.9, 0.3], "polar2": [0.5, 0.7, 2.0]}
 
-    def run(cmd, **kwargs):
-        if "--one" not in cmd:  # git, for the commit
-            return real_run(cmd, **kwargs)
-        optimizer = cmd[cmd.index("--one") + 2]
+    def row(case, optimizer, ablation):
         order.append(optimizer)
-        trace = traces[optimizer][sum(o == optimizer for o in order) - 1]
-        row = dict(case="tiny_tree", optimizer=optimizer, trace_s=trace)
-        row.update(lower_s=0.1, compile_s=None, hlo_ops=1)
-        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+        return {"trace_s": traces[optimizer][order.count(optimizer) - 1]}
 
-    monkeypatch.setattr(compile_host.subprocess, "run", run)
+    _fake_rows(monkeypatch, row)
     out = tmp_path / "repeats.json"
     flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
     records = compile_host.main([*flags, "--repeats", "3"])
