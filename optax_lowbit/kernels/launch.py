@@ -415,13 +415,12 @@ def many_leaves(
     launches, lone = [], {}
     gsize, block = config.codecs[0].group_size, config.block_groups
     for key, same in groups.items():
-        shapes = [tuple(gs[k].shape) for k in same]
-        sizes = [loop.blocks(x, gsize, block) for x in shapes]
-        runs = (  # a persistent launch's grid is fixed: any leaves, in order
-            chunks(same, per_launch)
-            if config.programs is not None
-            else by_grid(same, shapes, sizes, per_launch)
-        )
+        if config.programs is not None:  # one grid: any leaves, in order
+            runs = chunks(same, per_launch)
+        else:
+            shapes = [tuple(gs[k].shape) for k in same]
+            sizes = [loop.blocks(x, gsize, block) for x in shapes]
+            runs = by_grid(same, shapes, sizes, per_launch)
         for idx in runs:
             if len(idx) > 1 or not share_lone:
                 launches.append(idx)
