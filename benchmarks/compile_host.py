@@ -53,6 +53,13 @@ on purpose: the kernels' codec work replaced by a trivial one, the launches,
 operands and aliasing kept), so that a GPU's compile stage can be split into
 what the codecs' Triton modules cost and the rest (each record's
 ``ablation``; ``"kernel"`` is the real kernel).
+
+With ``--xla-events N`` (GPU) each row's ``.compile()`` runs under
+`jax.profiler` and the record's ``xla_events`` lists the host events (XLA's
+passes, its Triton and LLVM compiles, ``ptxas``) that took longest in all or
+in themselves: ``[name, total ms, self ms, count]`` (`compile_events`); the
+profiler's overhead is in that row's ``compile_s``
+(``xla_events_profiled: true``), so time item 4 without it.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks import _kernel_args
@@ -77,7 +85,9 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 OPTIMIZERS = ("optax.adamw", "polar2", "polar1.5", "4bit", "8bit")
 
 
-def one_row(case: str, optimizer: str, ablation: str = "kernel") -> dict[str, Any]:
+def one_row(
+    case: str, optimizer: str, ablation: str = "kernel", xla_events: int = 0
+) -> dict[str, Any]:
     """Times one row's first trace, lowering (and compile on a GPU) here.
 
     Args:
@@ -86,6 +96,8 @@ def one_row(case: str, optimizer: str, ablation: str = "kernel") -> dict[str, An
         fused row).
       ablation: a `benchmarks.kernel_ablation.VARIANTS` key whose stand-ins
         are in place for the whole row (``"kernel"``: none).
+      xla_events: with N > 0 (GPU), the compile runs under the profiler and
+        the record lists its N longest host events (`compile_events`).
 
     Returns:
       The record (without the run's metadata).
@@ -93,11 +105,63 @@ def one_row(case: str, optimizer: str, ablation: str = "kernel") -> dict[str, An
     from benchmarks import kernel_ablation
 
     with kernel_ablation.patched(ablation):
-        record = _timed(case, optimizer)
+        record = _timed(case, optimizer, xla_events)
     return {**record, "ablation": ablation}
 
 
-def _timed(case: str, optimizer: str) -> dict[str, Any]:
+def compile_events(
+    compile_fn: Callable[[], Any], top: int
+) -> list[tuple[str, float, float, int]]:
+    """Runs ``compile_fn`` under `jax.profiler`; its longest host events.
+
+    Args:
+      compile_fn: what to profile (a lowered step's ``.compile``).
+      top: how many events to keep by total and by self time.
+
+    Returns:
+      ``(name, total ms, self ms, count)`` per event name over every host
+      thread: the ``top`` names of the largest total and the ``top`` of the
+      largest self time (the total less the events nested directly in it, on
+      the same thread), by total, longest first.
+    """
+    import collections
+
+    import jax
+    from jax.profiler import ProfileData
+
+    total: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    with tempfile.TemporaryDirectory(prefix="compile_host_trace_") as logdir:
+        with jax.profiler.trace(logdir):
+            compile_fn()
+        (path,) = pathlib.Path(logdir).rglob("*.xplane.pb")
+        data = ProfileData.from_file(str(path))
+        for plane in data.planes:
+            if not plane.name.startswith("/host:"):
+                continue
+            for line in plane.lines:
+                spans = sorted(
+                    (e.start_ns, -e.duration_ns, e.name) for e in line.events
+                )
+                stack: list[tuple[int, str]] = []  # (end, name) of open events
+                for start, neg, name in spans:
+                    while stack and stack[-1][0] <= start:
+                        stack.pop()
+                    if stack:  # nested directly in the innermost open one
+                        own[stack[-1][1]] += neg
+                    total[name] -= neg
+                    own[name] -= neg
+                    count[name] += 1
+                    stack.append((start - neg, name))
+    keep = {n for n, _ in total.most_common(top)}
+    keep |= {n for n, _ in own.most_common(top)}
+    ms = lambda ns: round(ns / 1e6, 2)  # noqa: E731
+    rows = [(n, ms(total[n]), ms(own[n]), count[n]) for n in keep]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
     """`one_row`'s measurements, whatever stand-ins are in place."""
     from unittest import mock
 
@@ -138,10 +202,13 @@ def _timed(case: str, optimizer: str) -> dict[str, Any]:
         start = time.perf_counter()
         lowered = traced.lower(lowering_platforms=("cuda",))
         lower_s = time.perf_counter() - start
-    compile_s = None
+    compile_s, events = None, None
     if on_gpu:
         start = time.perf_counter()
-        lowered.compile()
+        if xla_events:
+            events = compile_events(lowered.compile, xla_events)
+        else:
+            lowered.compile()
         compile_s = round(time.perf_counter() - start, 3)
     text = lowered.as_text()
     configs = set(kernel_ops.triton_configs(text))
@@ -160,6 +227,7 @@ def _timed(case: str, optimizer: str) -> dict[str, Any]:
         "triton_chars": sum(map(len, configs)),
         # whether the first step imported Pallas' Mosaic GPU backend (v30)
         "mosaic_gpu_imported": "jax._src.pallas.mosaic_gpu.core" in sys.modules,
+        **({"xla_events": events, "xla_events_profiled": True} if events else {}),
     }
 
 
@@ -173,10 +241,11 @@ def _fresh(
     ablation: str,
     timeout: float,
     env: dict[str, str] | None = None,
+    xla_events: int = 0,
 ) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
     one = ["-m", "benchmarks.compile_host", "--one", case, optimizer]
-    one += ["--ablation", ablation]
+    one += ["--ablation", ablation, "--xla-events", str(xla_events)]
     proc = subprocess.run(
         [sys.executable, *one, *_kernel_args.argv()],
         capture_output=True,
@@ -197,7 +266,7 @@ def _fresh(
 
 
 def _first_and_restart(
-    case: str, optimizer: str, ablation: str, timeout: float
+    case: str, optimizer: str, ablation: str, timeout: float, xla_events: int = 0
 ) -> dict[str, Any]:
     """A row, then the same row again in a process reading its compile cache."""
     with tempfile.TemporaryDirectory(prefix="compile_host_cache_") as cache:
@@ -207,8 +276,8 @@ def _first_and_restart(
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
         )
-        record = _fresh(case, optimizer, ablation, timeout, env)
-        restart = _fresh(case, optimizer, ablation, timeout, env)
+        record = _fresh(case, optimizer, ablation, timeout, env, xla_events)
+        restart = _fresh(case, optimizer, ablation, timeout, env, xla_events)
     if "error" in restart:
         record.setdefault("error", restart["error"])
     for part in PARTS:
@@ -306,6 +375,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "every low-bit optimizer (default: the kernel itself)",
     )
     ap.add_argument(
+        "--xla-events",
+        type=int,
+        default=0,
+        help="GPU: profile each row's compile and keep its N longest host events "
+        "(the compile time then includes the profiler's overhead)",
+    )
+    ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     ap.add_argument("--ablation", default="kernel", help=argparse.SUPPRESS)
@@ -313,7 +389,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     _kernel_args.apply(args)  # here and, by `_fresh`'s flags, in every row
     if args.one:
-        print(json.dumps(one_row(*args.one, ablation=args.ablation)))
+        record = one_row(*args.one, args.ablation, args.xla_events)
+        print(json.dumps(record))
         return []
     from benchmarks import kernel_ablation, step_speed
 
@@ -328,6 +405,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ap.error(f"--optimizers: {n!r} is not one of {known}")
     if args.repeats < 1:
         ap.error(f"--repeats: {args.repeats} is not a positive number of runs")
+    if args.xla_events < 0:
+        ap.error(f"--xla-events: {args.xla_events} is not a number of events >= 0")
     ablations = args.ablations.split(",")
     for v in ablations:
         if v not in kernel_ablation.VARIANTS:
@@ -345,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {r: [] for r in rows}
     for _ in range(args.repeats):  # round by round: drift falls on every row
         for c, n, v in rows:
-            runs[c, n, v].append(row(c, n, v, args.timeout))
+            runs[c, n, v].append(row(c, n, v, args.timeout, xla_events=args.xla_events))
     records = [median_row(runs[r]) for r in rows]
     add_ratios(records)
     print(table(records))
@@ -359,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "cache": args.cache,
         "repeats": args.repeats,
         "ablations": ablations,
+        "xla_events": args.xla_events,
         "kernel_settings": _kernel_args.settings(),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,

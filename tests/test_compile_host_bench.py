@@ -158,3 +158,43 @@ def test_repeats_run_round_by_round_and_report_medians(tmp_path, monkeypatch):
     assert compile_host.median_row(failing)["error"] == "boom"
     with pytest.raises(SystemExit):
         compile_host.main([*flags, "--repeats", "0"])
+
+
+def test_compile_events_split_total_and_self_time():
+    """``compile_events`` profiles a compile: every event's self time is at
+    most its total, nested names (XLA's compiler under JAX's call) are kept,
+    and the longest total is the outermost event, not a nested one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import compile_host
+
+    x = jnp.asarray(np.random.default_rng().normal(size=(32, 48)), jnp.float32)
+    lowered = jax.jit(lambda a: jnp.tanh(a) @ a.T + a.sum()).lower(x)
+    events = compile_host.compile_events(lowered.compile, 6)
+    assert 6 <= len(events) <= 12  # the top by total and the top by self
+    totals = [t for _, t, _, _ in events]
+    assert totals == sorted(totals, reverse=True)
+    for name, total, own, count in events:
+        assert isinstance(name, str) and count >= 1
+        assert 0 <= own <= total + 0.01
+    # the outermost event contains the others: its self time is a sliver
+    assert events[0][2] < events[0][1] / 2
+    assert any("Compil" in name for name, *_ in events)
+
+
+def test_xla_events_flag_reaches_every_row(tmp_path, monkeypatch):
+    """``--xla-events N`` is passed to each row's process and recorded."""
+    from benchmarks import compile_host
+
+    commands = _fake_rows(monkeypatch)
+    out = tmp_path / "events.json"
+    flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    compile_host.main([*flags, "--xla-events", "7"])
+    assert len(commands) == 2
+    for cmd in commands:
+        assert cmd[cmd.index("--xla-events") + 1] == "7"
+    assert json.loads(out.read_text())["meta"]["xla_events"] == 7
+    with pytest.raises(SystemExit):
+        compile_host.main([*flags, "--xla-events", "-1"])
