@@ -98,14 +98,19 @@ def _adam_chain(
     """
     _checks.is_bool("fused", fused)
     adam, (mu_codec, nu_codec) = _presets.build(preset, **adam_args)
-    links = [_decay(weight_decay, mask)] if decay else []
-    links.append(optax.scale_by_learning_rate(learning_rate))
-    tx = optax.chain(adam, *links)
+
+    def tail(mask: Any) -> list[optax.GradientTransformation]:
+        links = [_decay(weight_decay, mask)] if decay else []
+        return [*links, optax.scale_by_learning_rate(learning_rate)]
+
+    tx = optax.chain(adam, *tail(mask))
     if not fused:
         return tx
     return _fused.fuse_adamw(
         tx,
-        optax.chain(*links),
+        # the same links for one scalar (the fused step advances their state
+        # on it): a mask of the parameters' tree becomes a mask of one leaf
+        optax.chain(*tail(None if mask is None else True)),
         mu_codec,
         nu_codec,
         tuple(adam_args[k] for k in ("b1", "b2", "eps", "eps_root", "nesterov")),

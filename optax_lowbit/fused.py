@@ -94,8 +94,12 @@ def fuse_adamw(
     Args:
       tx: the chain, ``chain(scale_by_adam_quantized(...), *tail's links)``.
       tail: the chain of the links after Adam (weight decay, if any, and the
-        learning rate): its state is the rest of ``tx``'s (the step applies
-        every leaf itself, `kadam.apply_leaf`; the tail advances its state).
+        learning rate) for a single scalar (a mask becomes ``True``): its
+        state has the structure of the rest of ``tx``'s and steps as it
+        does. The step applies every leaf itself (`kadam.apply_leaf`) and
+        advances the tail's state on a scalar stand-in, so that a first
+        trace does not run the tail's per-leaf arithmetic only to drop it
+        (NOTES_kernels.md, v33).
       mu_codec: the first moment's codec.
       nu_codec: the second moment's codec.
       adam: ``(b1, b2, eps, eps_root, nesterov)``.
@@ -125,7 +129,7 @@ def fuse_adamw(
         hp_plain = hp.at[kadam.HP_FIELDS.index("learning_rate")].set(lr)
         hp_decay = hp_plain.at[kadam.HP_FIELDS.index("weight_decay")].set(wd)
         p_flat, p_def = jax.tree_util.tree_flatten(params)
-        new_p, new_adam, unflatten = tadam.fused_leaves(
+        new_p, new_adam, _ = tadam.fused_leaves(
             grads,
             adam_state,
             count,
@@ -139,9 +143,9 @@ def fuse_adamw(
             leaf_hps=[hp_decay if d else hp_plain for d in _mask_leaves(mask, params)],
         )
         # Every leaf is applied above; the chain only advances its own state
-        # (the schedules' counts): its updates are dropped, and XLA with them.
-        zeros = unflatten([jnp.zeros_like(p) for p in p_flat])
-        _, new_tail = tail.update(zeros, tuple(tail_state), params)
+        # (the schedules' counts), on a scalar: its update is dropped.
+        stand_in = jnp.zeros((), jnp.float32)
+        _, new_tail = tail.update(stand_in, tuple(tail_state), stand_in)
         return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, *new_tail)
 
     return FusedOptimizer(tx.init, step, tx)

@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -166,3 +167,51 @@ def test_float_moment_leaves_step_as_optax_adamw(fused):
         atol=1e-2,
     )
     chex.assert_trees_all_close(p_got, p_ref, rtol=1e-5, atol=1e-5)
+
+
+def _dead_equations(closed: jax.extend.core.ClosedJaxpr) -> int:
+    """Top-level equations of ``closed`` whose results nothing uses."""
+    literal = jax.extend.core.Literal
+    jaxpr = closed.jaxpr
+    used = {v for v in jaxpr.outvars if not isinstance(v, literal)}
+    dead = 0
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in used for v in eqn.outvars):
+            used.update(v for v in eqn.invars if not isinstance(v, literal))
+        else:
+            dead += 1
+    return dead
+
+
+@pytest.mark.parametrize("mask", [None, "callable", "tree"])
+def test_fused_step_traces_no_per_leaf_work_it_drops(mask):
+    """The step advances the tail's state (schedules' counts) without tracing
+    the tail's per-leaf updates it would drop: the trace's unused equations do
+    not grow with the leaves, and the tail's state steps as the chain's."""
+    rng = np.random.default_rng()
+
+    def params(n):
+        shapes = {f"w{i}": (8, 16 * int(rng.integers(1, 4))) for i in range(n)}
+        shapes |= {f"b{i}": (int(rng.integers(3, 20)),) for i in range(n)}
+        return {
+            k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()
+        }
+
+    def masks(p):
+        return {k: k.startswith("w") for k in p}
+
+    lr = optax.linear_schedule(1e-2, 1e-3, 10)
+    wd = optax.linear_schedule(0.1, 0.0, 10)
+    dead = []
+    for n in (3, 9):
+        p = params(n)
+        m = {None: None, "callable": masks, "tree": masks(p)}[mask]
+        kw = dict(weight_decay=wd, mask=m, impl="jnp")
+        opt = lowbit.adamw_polar(lr, fused=True, **kw)
+        s = opt.init(p)
+        dead.append(_dead_equations(jax.make_jaxpr(opt.step)(p, s, p)))
+        _, s_fused = jax.jit(opt.step)(p, s, p)
+        _, s_chain = jax.jit(lowbit.adamw_polar(lr, **kw).update)(p, s, p)
+        chex.assert_trees_all_equal(s_fused[1:], s_chain[1:])  # the tail's
+        assert int(s_fused[-1].count) == 1
+    assert dead[0] == dead[1], dead  # 3 -> 9 pairs of leaves: none added
