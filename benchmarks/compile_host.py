@@ -16,6 +16,9 @@ traces, JAX's caches start empty):
 * ``triton_configs``, ``triton_chars``: the distinct Triton kernels in it (each
   module and grid, what XLA's kernel cache keys on) and their size;
 * ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host);
+* ``gc_s``, ``gc_full``: the seconds Python's garbage collector took during
+  the trace, lowering and compile (part of their times), and its full
+  collections;
 * ``init_s``: the row's first ``opt.init`` of the case's parameters (zeros,
   concrete, to ``block_until_ready``; timed before the rest): the state a
   user's first step needs, not part of the ratios (item 4 is the step's).
@@ -75,7 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from benchmarks import _kernel_args
@@ -161,6 +164,33 @@ def compile_events(
     return sorted(rows, key=lambda r: -r[1])
 
 
+@contextlib.contextmanager
+def _gc_timer() -> Iterator[dict[str, Any]]:
+    """Times Python's garbage collections while the block runs.
+
+    Yields:
+      A dict whose ``seconds`` (all collections) and ``full`` (generation 2
+      collections) are filled in as they happen.
+    """
+    import gc
+
+    out: dict[str, Any] = {"seconds": 0.0, "full": 0}
+    began = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            out["seconds"] += time.perf_counter() - began[0]
+            out["full"] += info["generation"] == 2
+
+    gc.callbacks.append(callback)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
     """`one_row`'s measurements, whatever stand-ins are in place."""
     from unittest import mock
@@ -195,21 +225,21 @@ def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
     args = step_speed.step_args(spec, state, spec)
     triton = _backend.Backend(interpret=False, lowering="triton")
     force = mock.patch.object(_backend, "pick", lambda lowering=None: triton)
-    with force if not on_gpu else contextlib.nullcontext():
+    with _gc_timer() as gc_s, force if not on_gpu else contextlib.nullcontext():
         start = time.perf_counter()
         traced = jax.jit(step_speed.train_step(row.kind, row.opt)).trace(*args)
         trace_s = time.perf_counter() - start
         start = time.perf_counter()
         lowered = traced.lower(lowering_platforms=("cuda",))
         lower_s = time.perf_counter() - start
-    compile_s, events = None, None
-    if on_gpu:
-        start = time.perf_counter()
-        if xla_events:
-            events = compile_events(lowered.compile, xla_events)
-        else:
-            lowered.compile()
-        compile_s = round(time.perf_counter() - start, 3)
+        compile_s, events = None, None
+        if on_gpu:
+            start = time.perf_counter()
+            if xla_events:
+                events = compile_events(lowered.compile, xla_events)
+            else:
+                lowered.compile()
+            compile_s = round(time.perf_counter() - start, 3)
     text = lowered.as_text()
     configs = set(kernel_ops.triton_configs(text))
     return {
@@ -227,6 +257,10 @@ def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
         "triton_chars": sum(map(len, configs)),
         # whether the first step imported Pallas' Mosaic GPU backend (v30)
         "mosaic_gpu_imported": "jax._src.pallas.mosaic_gpu.core" in sys.modules,
+        # Python's garbage collections in the trace, lowering and compile:
+        # seconds and full (generation 2) collections, part of the parts' time
+        "gc_s": round(gc_s["seconds"], 3),
+        "gc_full": gc_s["full"],
         **({"xla_events": events, "xla_events_profiled": True} if events else {}),
     }
 

@@ -53,6 +53,7 @@ def test_rows_in_fresh_processes_with_ratios(tmp_path):
         assert r["cached_trace_s"] > 0 and r["cached_lower_s"] > 0
         assert r["cached_compile_s"] is None
         assert r["init_s"] > 0 and r["cached_init_s"] > 0  # the first opt.init
+        assert r["gc_s"] >= 0 and r["gc_full"] >= 0
     # the fused step's Triton kernels are lowered (forced on a CPU host)
     assert by_name["polar2"]["hlo_ops"] > by_name["optax.adamw"]["hlo_ops"] > 0
     assert by_name["optax.adamw"]["host_ratio"] == 1.0
@@ -198,3 +199,19 @@ def test_xla_events_flag_reaches_every_row(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["meta"]["xla_events"] == 7
     with pytest.raises(SystemExit):
         compile_host.main([*flags, "--xla-events", "-1"])
+
+
+def test_gc_timer_counts_collections_in_its_block_only():
+    import gc
+
+    from benchmarks import compile_host
+
+    with compile_host._gc_timer() as gc_s:
+        junk = [[object()] for _ in range(20000)]
+        gc.collect()
+        gc.collect(1)
+    del junk
+    assert gc_s["full"] == 1 and gc_s["seconds"] > 0
+    before = dict(gc_s)
+    gc.collect()  # after the block: not counted
+    assert gc_s == before
