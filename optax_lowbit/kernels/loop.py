@@ -214,6 +214,15 @@ def compute_block(
     return (out, *encoded)
 
 
+#: `compute_block` as the kernels call it: under `jax.jit` so that its trace
+#: (the codecs' math, most of a kernel's) is cached by its arguments' types,
+#: which do not depend on a leaf's shape: the launches of one step trace it
+#: once, not once each (NOTES_kernels.md, v34). Pallas' lowering inlines the
+#: call, so the kernel's Triton module is the same op for op.
+COMPUTE_BLOCK_STATIC = ("rule", "codecs", "padded", "lead_local", "lead_global")
+compute_block_traced_once = jax.jit(compute_block, static_argnames=COMPUTE_BLOCK_STATIC)
+
+
 def store_block(out_refs, offsets, valid, result, *, codecs):
     """Stores `compute_block`'s ``result`` in one leaf's output refs.
 
@@ -352,7 +361,8 @@ def kernel(
     (`store_block`) choose the leaf's refs, by a ``lax.switch`` over the
     leaves (no switch for one leaf); decode, step and encode
     (`compute_block`) are shared, and the leaf's hyperparameters, seeds and
-    sizes are read at its (traced) offsets.
+    sizes are read at its (traced) offsets. Their trace is shared with the
+    step's other launches too (`compute_block_traced_once`).
 
     Args:
       hp_ref: every leaf's hyperparameter vector (`make_hp`,
@@ -405,7 +415,9 @@ def kernel(
                 last=size_ref[slot + LAST],
                 groups_per_row=size_ref[slot + GROUPS_PER_ROW],
             )
-        result = compute_block(loaded, row, hp, seeds, offs_ref, tables, **kw)
+        result = compute_block_traced_once(
+            loaded, row, hp, seeds, offs_ref, tables, **kw
+        )
         _select(
             leaf,
             [

@@ -357,3 +357,32 @@ def test_one_compiled_kernel_per_codec_pair(monkeypatch, programs, per_launch):
     configs = _triton_configs(monkeypatch, step, specs, specs)
     # 8192, 6144, 4096, 13312, 20480, 16384 elements: 6 block counts of 1024
     assert len(set(configs)) == (1 if programs is not None else len(shapes))
+
+
+def test_codec_math_traced_once_for_launches_of_any_shapes(monkeypatch):
+    """A step of launches over leaves of three shapes (one launch each, each
+    its own grid and operands) traces the codecs' math once: the kernels call
+    `loop.compute_block_traced_once`, whose arguments' types do not depend on
+    a leaf's shape (v34)."""
+    from optax_lowbit.kernels import loop
+
+    mc, nc = VARIANTS["sr2"]
+    traces = []
+
+    def spy(*args, **kwargs):
+        traces.append(kwargs["codecs"])
+        return loop.compute_block(*args, **kwargs)
+
+    once = jax.jit(spy, static_argnames=loop.COMPUTE_BLOCK_STATIC)
+    monkeypatch.setattr(loop, "compute_block_traced_once", once)
+    # shapes no other test traces: `_many_leaves`' jit cache would skip them
+    shapes = [(9, 320), (23, 192), (5, 448)]
+    gs, mus, nus, hps, seeds, _ = _leaves(jax.random.key(4), shapes, mc, nc, False)
+
+    def step(gs, mus, nus, hps, seeds):
+        return _update_many(gs, mus, nus, hps, seeds, None, mc, nc, per_launch=1)
+
+    jaxpr = jax.make_jaxpr(step)(gs, mus, nus, hps, seeds)
+    assert _launches(step, gs, mus, nus, hps, seeds) == len(shapes)
+    assert traces == [(mc, nc)], len(traces)
+    assert "pallas_call" in str(jaxpr)
