@@ -334,7 +334,9 @@ def _plane_bits(size: int, nbytes: int, w: int, first: int = 0) -> jax.Array:
       int32 ``(size,)`` bit offsets.
     """
     j = jnp.arange(size, dtype=jnp.int32) + first
-    return (j // nbytes) * w
+    # j >= 0: truncating division is the floor, without `//`'s sign fix-ups
+    # (which Pallas' Triton lowering traces anew in every kernel; v35)
+    return jax.lax.div(j, jnp.int32(nbytes)) * w
 
 
 def _pack_plane(field: list[jax.Array], w: int, kernel: bool) -> jax.Array:

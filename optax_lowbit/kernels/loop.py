@@ -68,7 +68,10 @@ def global_row(row, offs_ref, lead_local, lead_global):
     stride = math.prod(lead_local)
     for d, (size, total) in enumerate(zip(lead_local, lead_global, strict=True)):
         stride //= size
-        idx = (row // stride) % size + offs_ref[d]
+        # rows >= 0: truncating division and remainder, without `//` and
+        # `%`'s sign fix-ups (v35)
+        idx = jax.lax.rem(jax.lax.div(row, jnp.int32(stride)), jnp.int32(size))
+        idx = idx + offs_ref[d]
         out = out * jnp.uint32(total & 0xFFFFFFFF) + idx.astype(jnp.uint32)
     return out
 
