@@ -117,11 +117,23 @@ VARIANTS: dict[str, list[tuple[Any, str, Any]]] = {
 
 @contextlib.contextmanager
 def patched(variant: str):
-    """The variant's stand-ins in place (a `VARIANTS` key)."""
-    with contextlib.ExitStack() as stack:
-        for obj, name, value in VARIANTS[variant]:
-            stack.enter_context(mock.patch.object(obj, name, value))
-        yield
+    """The variant's stand-ins in place (a `VARIANTS` key).
+
+    JAX's caches are cleared on entry and on exit: the kernels' launches and
+    their codec math are jitted (`launch._many_leaves`,
+    `loop.compute_block_traced_once`), so a trace cached before (or under) the
+    stand-ins would otherwise be reused with the wrong code.
+    """
+    import jax
+
+    jax.clear_caches()
+    try:
+        with contextlib.ExitStack() as stack:
+            for obj, name, value in VARIANTS[variant]:
+                stack.enter_context(mock.patch.object(obj, name, value))
+            yield
+    finally:
+        jax.clear_caches()
 
 
 def measure(optimizer: str, variant: str, sass: bool, time: bool, case: str, n: int):

@@ -16,6 +16,22 @@ def test_variant_patches_existing_attributes(variant):
             assert getattr(obj, name) is value
 
 
+def test_stand_ins_apply_in_a_process_that_traced_the_kernel():
+    """`patched` in one process: a kernel traced before the stand-ins is not
+    reused under them (the jitted launch and codec math are retraced), and
+    the real kernel comes back after."""
+    from benchmarks import kernel_ops
+
+    def ttir():
+        return kernel_ops.count_case("4bit", "fused")["total"]
+
+    before = ttir()
+    with ka.patched("no codec work"):
+        ablated = ttir()
+    assert ablated < before / 2
+    assert ttir() == before
+
+
 def test_removing_parts_lowers_the_ttir_count(tmp_path):
     recs = ka.main(
         [
