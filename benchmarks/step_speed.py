@@ -198,12 +198,30 @@ class Row:
     donate: bool = True
 
 
+def label(rec: dict) -> str:
+    """A record's optimizer as the table and the plot name it: a low-bit row
+    timed without donation (``--undonated``) says so."""
+    name = rec["optimizer"]
+    if rec.get("donated") is False and name not in BASELINES:
+        return f"{name} undonated"
+    return name
+
+
 def rows_for(
-    case: str, impl: str = "pallas", optimizers=(), paths=PATHS, lr: float = 1e-3
+    case: str,
+    impl: str = "pallas",
+    optimizers=(),
+    paths=PATHS,
+    lr: float = 1e-3,
+    undonated: bool = False,
 ) -> list[Row]:
     """The rows of a case: the Optax baselines always (``baseline_ms`` needs
     both), then the low-bit presets' ``jnp``, ``chain`` and ``fused`` rows
-    (``impl``: the kernel rows' implementation; ``"jnp"`` on CPU smoke runs)."""
+    (``impl``: the kernel rows' implementation; ``"jnp"`` on CPU smoke runs).
+    With ``undonated``, each ``chain`` and ``fused`` row also once jitted
+    with nothing donated: the kernels update the state (and the fused
+    parameters) in place, so XLA copies each such input first (what a user
+    who does not donate pays)."""
     policy = stacked_policy if "stacked" in case else None
     rows = [
         Row("optax.adamw", "xla", "xla", "chain", optax.adamw(lr), donate=False),
@@ -218,12 +236,14 @@ def rows_for(
         if "jnp" in paths:
             tx = make(lr, policy=policy, impl="jnp", **kw)
             rows.append(Row(name, "jnp", "jnp", "chain", tx))
-        if "chain" in paths:
-            tx = make(lr, policy=policy, impl=impl, **kw)
-            rows.append(Row(name, "chain", impl, "chain", tx))
-        if "fused" in paths:
-            opt = make(lr, policy=policy, impl=impl, fused=True, **kw)
-            rows.append(Row(name, "fused", impl, "fused", opt))
+        for path, extra in (("chain", {}), ("fused", {"fused": True})):
+            if path not in paths:
+                continue
+            opt = make(lr, policy=policy, impl=impl, **extra, **kw)
+            kind = "fused" if extra else "chain"
+            rows.append(Row(name, path, impl, kind, opt))
+            if undonated:
+                rows.append(Row(name, path, impl, kind, opt, donate=False))
     return rows
 
 
@@ -471,7 +491,9 @@ def add_baselines(records: list[dict]) -> None:
             r["baseline_ms"] = best["ms"] if best else None
             r["baseline_optimizer"] = best["optimizer"] if best else None
             r["ratio"] = r["ms"] / best["ms"] if best and "ms" in r else None
-            r["goal"] = GOALS.get((r["optimizer"], r["path"]))
+            # the issue's goals are for the donated step
+            undonated = r.get("donated") is False
+            r["goal"] = None if undonated else GOALS.get((r["optimizer"], r["path"]))
         # the same for steps run back to back (the faster baseline there)
         piped = [r for r in base if r.get("pipelined_ms")]
         fast = min(piped, key=lambda r: r["pipelined_ms"]) if piped else None
@@ -979,7 +1001,7 @@ def table(records: list[dict]) -> str:
         f"{'ops/el':>6s} {'pipe':>5s}"
     ]
     for r in records:
-        head = f"{r['case']:14s} {r['optimizer']:20s} {r['path']:6s}"
+        head = f"{r['case']:14s} {label(r):20s} {r['path']:6s}"
         if "ms" not in r:
             why = r.get("error") or r.get("skipped") or "?"
             lines.append(f"{head} {'ERROR' if 'error' in r else 'SKIP'} {why[:70]}")
@@ -1038,7 +1060,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
         for i, r in enumerate(rows):
             if r.get("goal") is not None:
                 ax.plot([r["goal"]] * 2, [i - 0.45, i + 0.45], color="red", lw=2.5)
-        ax.set_yticks(y, [f"{r['optimizer']} / {r['path']}" for r in rows], fontsize=7)
+        ax.set_yticks(y, [f"{label(r)} / {r['path']}" for r in rows], fontsize=7)
         ax.invert_yaxis()
         base = rows[0]["baseline_ms"] if rows else None
         ax.set_title(f"{case}: fastest optax.adamw {_fmt(base, '.2f')} ms", fontsize=9)
@@ -1117,6 +1139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time step(grads, state, params) instead of step(grads, params, "
         "state) (PARAMS_FIRST: the donated outputs' aliasing)",
+    )
+    ap.add_argument(
+        "--undonated",
+        action="store_true",
+        help="also time each chain and fused row with nothing donated (XLA then "
+        "copies the inputs the kernels update in place)",
     )
     ap.add_argument("--ptx-child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -1261,7 +1289,9 @@ def main(argv: list[str] | None = None) -> dict:
         for case in cases:
             rows = [
                 r
-                for r in rows_for(case, args.impl, optimizers, paths)
+                for r in rows_for(
+                    case, args.impl, optimizers, paths, undonated=args.undonated
+                )
                 if (r.path == "jnp") == (part == "jnp")
                 and (r.path != "jnp" or case in jnp_cases)
                 and (

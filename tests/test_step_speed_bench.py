@@ -99,3 +99,47 @@ def test_records(tiny):
         )
         assert polar["goal"] == 0.60 and rows["polar2", "chain"]["goal"] == 0.90
         assert polar["ptx_instructions"] is None  # GPU only
+
+
+def test_undonated_rows_follow_each_kernel_row():
+    from benchmarks import step_speed
+
+    rows = step_speed.rows_for(
+        "tiny_leaf", "jnp", ("polar2",), paths=("chain", "fused"), undonated=True
+    )
+    got = [(r.optimizer, r.path, r.donate) for r in rows]
+    assert got == [
+        ("optax.adamw", "xla", False),
+        ("optax.adamw_donated", "xla", True),
+        ("polar2", "chain", True),
+        ("polar2", "chain", False),
+        ("polar2", "fused", True),
+        ("polar2", "fused", False),
+    ]
+    # the undonated rows share the donated rows' optimizer object (same step)
+    assert rows[2].opt is rows[3].opt and rows[4].opt is rows[5].opt
+    plain = step_speed.rows_for("tiny_leaf", "jnp", ("polar2",), paths=("fused",))
+    assert [r.donate for r in plain] == [False, True, True]
+
+
+def test_undonated_records_are_named_and_have_no_goal():
+    from benchmarks import step_speed
+
+    recs = [
+        {"case": "c", "optimizer": "optax.adamw", "path": "xla", "donated": False},
+        {"case": "c", "optimizer": "optax.adamw_donated", "path": "xla"},
+        {"case": "c", "optimizer": "polar2", "path": "fused", "donated": True},
+        {"case": "c", "optimizer": "polar2", "path": "fused", "donated": False},
+    ]
+    for r, ms in zip(recs, (4.0, 2.0, 1.0, 3.0), strict=True):
+        r.update(donated=r.get("donated", True), ms=ms, bytes_per_param=1, tbps=1)
+    step_speed.add_baselines(recs)
+    assert [step_speed.label(r) for r in recs] == [
+        "optax.adamw",
+        "optax.adamw_donated",
+        "polar2",
+        "polar2 undonated",
+    ]
+    assert recs[2]["goal"] == 0.60 and recs[3]["goal"] is None
+    assert recs[3]["ratio"] == pytest.approx(1.5)
+    assert "polar2 undonated" in step_speed.table(recs)
