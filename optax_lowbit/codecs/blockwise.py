@@ -31,10 +31,11 @@ This is the construction of bitsandbytes' ``create_dynamic_map`` (8 bits, 7
 exponent bits) and of low-bit-optimizers' ``create_dynamic_map(signed, 3, 4)``
 (their "nonlinear" 4-bit first-moment map); the code here is our own.
 
-Encoding is exact round-to-nearest over the sorted map: the float32 quotient
-``x / scale`` (as the backend computes it; XLA's division may differ from
-IEEE by an ulp) goes to the index of the nearest map entry, ties to the lower
-entry. The decision bounds
+Encoding is exact round-to-nearest over the sorted map: the float32 product
+``x * (1 / scale)`` (one reciprocal a block, as the backend divides: a GPU's
+division may differ from IEEE by an ulp; then one product an element, the
+same on every backend) goes to the index of the nearest map entry, ties to
+the lower entry. The decision bounds
 are the exact midpoints between neighbouring entries, computed in float32
 without rounding error (`decision_bounds`), and an element's index is the
 number of bounds at or below it (``searchsorted``). bitsandbytes and
@@ -626,7 +627,7 @@ def encode_groups_with(
         jnp.maximum, [jnp.max(jnp.abs(x), axis=-1, keepdims=True) for x in parts]
     )
     scales, divisor = base.safe_scale(absmax, jnp.float32)
-    inv = 1.0 / divisor  # one division per block, as polar's groups (v36)
+    inv = 1.0 / divisor  # one division a block, as polar's groups (v36)
     normalised = [x * inv for x in parts]
     uniform = [None] * len(parts)
     if noise is not None:
