@@ -42,7 +42,9 @@ class FusedOptimizer(NamedTuple):
       init: ``init(params) -> state``, the state of ``tx``.
       step: ``step(grads, state, params) -> (new_params, new_state)``. Jit it
         with ``donate_argnums=(1, 2)`` so parameters and state are updated in
-        place. In a train step of your own, donating both, put the
+        place (undonated, XLA copies both before every step: on an H100 the
+        fused step then took 1.05-1.12x ``optax.adamw``'s time instead of
+        0.63-0.72x, README). In a train step of your own, donating both, put the
         parameters before the state in its arguments and its results alike:
         jit pairs each result with the first donated argument of the same
         shape and dtype, so a mismatched order sends new parameters into old
