@@ -240,10 +240,9 @@ def rows_for(
             if path not in paths:
                 continue
             opt = make(lr, policy=policy, impl=impl, **extra, **kw)
-            kind = "fused" if extra else "chain"
-            rows.append(Row(name, path, impl, kind, opt))
+            rows.append(Row(name, path, impl, path, opt))  # the path is the kind
             if undonated:
-                rows.append(Row(name, path, impl, kind, opt, donate=False))
+                rows.append(Row(name, path, impl, path, opt, donate=False))
     return rows
 
 
