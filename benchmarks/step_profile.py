@@ -168,7 +168,11 @@ def read_trace(log_dir: str) -> dict:
 
 def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any]:
     """Compiles, times and traces one row (see the module)."""
-    rec: dict[str, Any] = {"optimizer": row.optimizer, "path": row.path}
+    rec: dict[str, Any] = {
+        "optimizer": row.optimizer,
+        "path": row.path,
+        "donated": row.donate,
+    }
     try:
         c = step_speed.compile_row(row, params, grads)
         rec["compile_s"], run = c.compile_s, c.run
@@ -206,14 +210,13 @@ def table(records: list[dict]) -> str:
     cols += ("pallas ms", "fusion ms")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
+        row = f"{step_speed.label(r)}/{r['path']}"
         if "error" in r:
-            lines.append(
-                f"| {r['case']} | {r['optimizer']}/{r['path']} | {r['error'][:60]} |"
-            )
+            lines.append(f"| {r['case']} | {row} | {r['error'][:60]} |")
             continue
         kinds = r["by_kind"]
         lines.append(
-            f"| {r['case']} | {r['optimizer']}/{r['path']} | {r['wall_ms']:.3f} | "
+            f"| {r['case']} | {row} | {r['wall_ms']:.3f} | "
             f"{r['pipelined_ms']:.3f} | {r['dispatch_ms']:.3f} | {r['span_ms']:.3f} | "
             f"{r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {r['kernels_per_step']:.0f} | "
             f"{kinds.get('pallas', {}).get('ms', 0.0):.3f} | "
@@ -233,6 +236,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--state-first",
         action="store_true",
         help="time step(grads, state, params) (step_speed.PARAMS_FIRST)",
+    )
+    ap.add_argument(
+        "--undonated",
+        action="store_true",
+        help="also profile each chain and fused row jitted with nothing donated "
+        "(step_speed --undonated)",
     )
     ap.add_argument("--out", default=None, help="JSON path")
     _kernel_args.add(ap)
@@ -272,7 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
         n_params = sum(x.size for x in jax.tree.leaves(params))
         names = {o for o, _ in wanted}
         rows = step_speed.rows_for(
-            case, args.impl, optimizers=names, paths={p for _, p in wanted}
+            case,
+            args.impl,
+            optimizers=names,
+            paths={p for _, p in wanted},
+            undonated=args.undonated,
         )
         for row in rows:
             if (row.optimizer, row.path) not in wanted:

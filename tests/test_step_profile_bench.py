@@ -102,12 +102,19 @@ def test_tiny_run_writes_records(tmp_path):
         "jnp",
         "--rows",
         rows,
+        "--undonated",
         "--out",
         str(out),
     )
     data = json.loads(out.read_text())
     assert data["meta"]["jax_version"] and data["meta"]["date"]
-    rows = {(r["optimizer"], r["path"]) for r in data["records"]}
-    assert rows == {("optax.adamw", "xla"), ("polar2", "fused")}
+    rows = {(r["optimizer"], r["path"], r["donated"]) for r in data["records"]}
+    # --undonated adds the kernel rows' undonated twins, not the baseline's
+    assert rows == {
+        ("optax.adamw", "xla", False),
+        ("polar2", "fused", True),
+        ("polar2", "fused", False),
+    }
+    assert "polar2 undonated/fused" in step_profile.table(data["records"])
     for r in data["records"]:
         assert r["wall_ms"] > 0 and r["pipelined_ms"] > 0 and r["dispatch_ms"] > 0
