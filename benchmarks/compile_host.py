@@ -63,6 +63,12 @@ passes, its Triton and LLVM compiles, ``ptxas``) that took longest in all or
 in themselves: ``[name, total ms, self ms, count]`` (`compile_events`); the
 profiler's overhead is in that row's ``compile_s``
 (``xla_events_profiled: true``), so time item 4 without it.
+
+By default no row donates anything, as a first ``jax.jit(train_step)`` does;
+then XLA adds a copy of every input a kernel updates in place. With
+``--donate`` every row (the baseline too) jits its step with the parameters
+and the state donated, as the README asks of users (``donated``;
+``donated_inputs`` counts the lowered module's inputs marked for reuse).
 """
 
 from __future__ import annotations
@@ -89,7 +95,11 @@ OPTIMIZERS = ("optax.adamw", "polar2", "polar1.5", "4bit", "8bit")
 
 
 def one_row(
-    case: str, optimizer: str, ablation: str = "kernel", xla_events: int = 0
+    case: str,
+    optimizer: str,
+    ablation: str = "kernel",
+    xla_events: int = 0,
+    donate: bool = False,
 ) -> dict[str, Any]:
     """Times one row's first trace, lowering (and compile on a GPU) here.
 
@@ -101,6 +111,8 @@ def one_row(
         are in place for the whole row (``"kernel"``: none).
       xla_events: with N > 0 (GPU), the compile runs under the profiler and
         the record lists its N longest host events (`compile_events`).
+      donate: jit the step with the parameters and the state donated (what
+        the README asks of a user); else nothing donated.
 
     Returns:
       The record (without the run's metadata).
@@ -108,7 +120,7 @@ def one_row(
     from benchmarks import kernel_ablation
 
     with kernel_ablation.patched(ablation):
-        record = _timed(case, optimizer, xla_events)
+        record = _timed(case, optimizer, xla_events, donate)
     return {**record, "ablation": ablation}
 
 
@@ -191,7 +203,9 @@ def _gc_timer() -> Iterator[dict[str, Any]]:
         gc.callbacks.remove(callback)
 
 
-def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
+def _timed(
+    case: str, optimizer: str, xla_events: int = 0, donate: bool = False
+) -> dict[str, Any]:
     """`one_row`'s measurements, whatever stand-ins are in place."""
     from unittest import mock
 
@@ -227,7 +241,9 @@ def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
     force = mock.patch.object(_backend, "pick", lambda lowering=None: triton)
     with _gc_timer() as gc_s, force if not on_gpu else contextlib.nullcontext():
         start = time.perf_counter()
-        traced = jax.jit(step_speed.train_step(row.kind, row.opt)).trace(*args)
+        donated = (1, 2) if donate else ()  # step_speed.compile_row's
+        step = step_speed.train_step(row.kind, row.opt)
+        traced = jax.jit(step, donate_argnums=donated).trace(*args)
         trace_s = time.perf_counter() - start
         start = time.perf_counter()
         lowered = traced.lower(lowering_platforms=("cuda",))
@@ -250,6 +266,10 @@ def _timed(case: str, optimizer: str, xla_events: int = 0) -> dict[str, Any]:
         "lower_s": round(lower_s, 3),
         "compile_s": compile_s,
         "init_s": init_s,
+        "donated": donate,
+        # the lowered module's inputs marked for reuse by an output
+        "donated_inputs": text.count("tf.aliasing_output")
+        + text.count("jax.buffer_donor"),
         "hlo_ops": text.count(" = "),
         # the distinct Triton kernels XLA compiles (module and grid) and their
         # serialised size (v31)
@@ -276,10 +296,12 @@ def _fresh(
     timeout: float,
     env: dict[str, str] | None = None,
     xla_events: int = 0,
+    donate: bool = False,
 ) -> dict[str, Any]:
     """`one_row` in a new Python process (its JSON on the last stdout line)."""
     one = ["-m", "benchmarks.compile_host", "--one", case, optimizer]
     one += ["--ablation", ablation, "--xla-events", str(xla_events)]
+    one += ["--donate"] if donate else []
     proc = subprocess.run(
         [sys.executable, *one, *_kernel_args.argv()],
         capture_output=True,
@@ -300,7 +322,12 @@ def _fresh(
 
 
 def _first_and_restart(
-    case: str, optimizer: str, ablation: str, timeout: float, xla_events: int = 0
+    case: str,
+    optimizer: str,
+    ablation: str,
+    timeout: float,
+    xla_events: int = 0,
+    donate: bool = False,
 ) -> dict[str, Any]:
     """A row, then the same row again in a process reading its compile cache."""
     with tempfile.TemporaryDirectory(prefix="compile_host_cache_") as cache:
@@ -310,8 +337,8 @@ def _first_and_restart(
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
         )
-        record = _fresh(case, optimizer, ablation, timeout, env, xla_events)
-        restart = _fresh(case, optimizer, ablation, timeout, env, xla_events)
+        record = _fresh(case, optimizer, ablation, timeout, env, xla_events, donate)
+        restart = _fresh(case, optimizer, ablation, timeout, env, xla_events, donate)
     if "error" in restart:
         record.setdefault("error", restart["error"])
     for part in PARTS:
@@ -416,6 +443,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "(the compile time then includes the profiler's overhead)",
     )
     ap.add_argument(
+        "--donate",
+        action="store_true",
+        help="jit every row's step with the parameters and the state donated "
+        "(as the README asks of users; default: nothing donated)",
+    )
+    ap.add_argument(
         "--one", nargs=2, metavar=("CASE", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     ap.add_argument("--ablation", default="kernel", help=argparse.SUPPRESS)
@@ -423,7 +456,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     _kernel_args.apply(args)  # here and, by `_fresh`'s flags, in every row
     if args.one:
-        record = one_row(*args.one, args.ablation, args.xla_events)
+        record = one_row(*args.one, args.ablation, args.xla_events, args.donate)
         print(json.dumps(record))
         return []
     from benchmarks import kernel_ablation, step_speed
@@ -456,9 +489,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for v in (("kernel",) if n == "optax.adamw" else ablations)
     ]
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {r: [] for r in rows}
+    per_row = {"xla_events": args.xla_events, "donate": args.donate}
     for _ in range(args.repeats):  # round by round: drift falls on every row
         for c, n, v in rows:
-            runs[c, n, v].append(row(c, n, v, args.timeout, xla_events=args.xla_events))
+            runs[c, n, v].append(row(c, n, v, args.timeout, **per_row))
     records = [median_row(runs[r]) for r in rows]
     add_ratios(records)
     print(table(records))
@@ -473,6 +507,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "repeats": args.repeats,
         "ablations": ablations,
         "xla_events": args.xla_events,
+        "donated": args.donate,
         "kernel_settings": _kernel_args.settings(),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,

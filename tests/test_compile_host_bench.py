@@ -221,3 +221,35 @@ def test_gc_timer_counts_collections_in_its_block_only():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_donate_flag_reaches_every_row(tmp_path, monkeypatch):
+    """``--donate`` is passed to each row's process and recorded."""
+    from benchmarks import compile_host
+
+    commands = _fake_rows(monkeypatch)
+    out = tmp_path / "donate.json"
+    flags = ["--cases", "tiny_tree", "--optimizers", "polar2", "--out", str(out)]
+    compile_host.main(flags)
+    assert len(commands) == 2 and all("--donate" not in c for c in commands)
+    assert json.loads(out.read_text())["meta"]["donated"] is False
+    compile_host.main([*flags, "--donate"])
+    assert len(commands) == 4 and all("--donate" in c for c in commands[2:])
+    assert json.loads(out.read_text())["meta"]["donated"] is True
+
+
+def test_a_donated_row_lowers_its_inputs_as_donated():
+    """In the row's own process: the donated step's lowered module marks the
+    parameters and the state for reuse, the undonated one nothing."""
+    from benchmarks import compile_host
+
+    rows = {
+        d: compile_host._fresh("tiny_tree", "polar2", "kernel", 300, donate=d)
+        for d in (False, True)
+    }
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows[False]["donated"] is False and rows[False]["donated_inputs"] == 0
+    assert rows[True]["donated"] is True and rows[True]["donated_inputs"] > 0
+    # the same operations; `hlo_ops` counts each " = ", the marks' too
+    donated = rows[True]["hlo_ops"] - rows[True]["donated_inputs"]
+    assert donated == rows[False]["hlo_ops"]
