@@ -241,7 +241,7 @@ def _timed(
     force = mock.patch.object(_backend, "pick", lambda lowering=None: triton)
     with _gc_timer() as gc_s, force if not on_gpu else contextlib.nullcontext():
         start = time.perf_counter()
-        donated = (1, 2) if donate else ()  # step_speed.compile_row's
+        donated = step_speed.DONATED_ARGNUMS if donate else ()
         step = step_speed.train_step(row.kind, row.opt)
         traced = jax.jit(step, donate_argnums=donated).trace(*args)
         trace_s = time.perf_counter() - start

@@ -257,6 +257,10 @@ def rows_for(
 #: of ``optax.adamw``): XLA then adds copies or temporaries (NOTES_kernels.md,
 #: v7). ``--state-first`` sets it for an A/B.
 PARAMS_FIRST = True
+#: `train_step`'s donated arguments as `step_args` orders them (the parameters
+#: and the state, in either order): one definition for `compile_row` and
+#: `benchmarks.compile_host`.
+DONATED_ARGNUMS = (1, 2)
 
 
 def train_step(kind: str, opt):
@@ -367,7 +371,8 @@ def compile_row(row: Row, params, grads) -> Compiled:
     p = jax.tree.map(jnp.copy, params)
     state = jax.jit(row.opt.init)(p)
     jstep = jax.jit(
-        train_step(row.kind, row.opt), donate_argnums=(1, 2) if row.donate else ()
+        train_step(row.kind, row.opt),
+        donate_argnums=DONATED_ARGNUMS if row.donate else (),
     )
     t0 = time.perf_counter()
     executable = jstep.lower(*step_args(grads, state, p)).compile()
