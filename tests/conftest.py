@@ -33,7 +33,20 @@ if _CACHE_ON:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# XLA's optimizations mostly off (``JAX_DISABLE_MOST_OPTIMIZATIONS``, read by
+# jax at import, here and in every subprocess a test starts): the suite is
+# bound by compiling many small programs on a CPU, and unoptimized compiles
+# take ~35% less of it (README, "Tests"). Tests marked ``optimized`` compile
+# with the optimizations on, as a user's program does (`_xla_optimizations`):
+# those that hold two programs to the same bits (a kernel and its jnp
+# reference, the fused step and the chain, a state saved by an optimized
+# program), which XLA's optimizations (its FMA contraction on the CPU) can
+# tell apart. Setting JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs every test
+# optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 if _CACHE_ON:
@@ -65,13 +78,36 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: long test, skipped unless OPTAX_LOWBIT_SLOW=1"
     )
+    config.addinivalue_line(
+        "markers",
+        "optimized: compiled with XLA's optimizations on (bit-equality tests)",
+    )
+
+
+_OPTIMIZATIONS_FLAG = "jax_disable_most_optimizations"
+#: The suite's setting (the environment's, or conftest's default above).
+_DISABLED_BY_DEFAULT = jax.config.read(_OPTIMIZATIONS_FLAG)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+    """Compiles the test with XLA's optimizations on where it needs them.
+
+    The flag is switched only where the next test needs the other setting;
+    JAX's in-memory caches do not key on it, so they are cleared then: no
+    program compiled one way runs in the other.
+    """
+    optimized = request.node.get_closest_marker("optimized") is not None
+    disabled = _DISABLED_BY_DEFAULT and not optimized
+    if jax.config.read(_OPTIMIZATIONS_FLAG) != disabled:
+        jax.clear_caches()
+        jax.config.update(_OPTIMIZATIONS_FLAG, disabled)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("OPTAX_LOWBIT_SLOW") == "1":
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="slow test; set OPTAX_LOWBIT_SLOW=1 to run it")
     for item in items:
         if "slow" in item.keywords:

@@ -7,6 +7,10 @@ from tests import _compat_states as compat
 
 DATA = np.load("tests/data/compat_states.npz")
 
+# the saved bits come from optimized programs (what users run): XLA's CPU
+# backend rounds some steps differently with its optimizations off
+pytestmark = pytest.mark.optimized
+
 
 @pytest.mark.parametrize("name", sorted(compat.optimizers()))
 def test_saved_state_restores_and_steps_bit_exactly(name):

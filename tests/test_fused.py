@@ -10,6 +10,9 @@ import pytest
 
 import optax_lowbit as lowbit
 
+# the fused step and the chain held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 
 def _params(key):
     k1, k2 = jax.random.split(key)

@@ -13,6 +13,9 @@ import optax_lowbit as lowbit
 from optax_lowbit.codecs import polar as polar_factory
 from optax_lowbit.kernels import adam as kadam
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 BITS = 2
 MU = polar_factory(bits=BITS, signed=True)
 NU = polar_factory(bits=BITS, signed=False)

@@ -20,6 +20,9 @@ from tests.kernels.test_adam_kernel import (
     _reference,
 )
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 PRESETS = {
     "polar2": lambda: lowbit.scale_by_adam_polar(bits=2),
     "polar1.5": lambda: lowbit.scale_by_adam_polar(bits=1.5),

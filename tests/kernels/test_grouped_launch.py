@@ -22,6 +22,9 @@ from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.kernels import launch
 from tests.kernels.test_adam_kernel import VARIANTS, _random_state, _reference
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 #: (variant, apply): every codec with a kernel, the chain path (``u`` out)
 #: and the fused apply (parameters in place) both covered. π-Quant's two cases
 #: take 15-19 s each in the interpreter on 2 cores: CI's second step runs them

@@ -18,6 +18,9 @@ from optax_lowbit.codecs import base
 from optax_lowbit.kernels import codec_ops
 from optax_lowbit.transforms import adam_presets
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 # the package re-exports the factory `polar` under the module's name
 polar_lib = importlib.import_module("optax_lowbit.codecs.polar")
 

@@ -17,7 +17,7 @@ import pytest
 import optax_lowbit as lowbit
 from optax_lowbit.transforms import _quantized
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 STEPS = 300
 PARAMS = {"a": jnp.zeros((6, 200)), "b": jnp.zeros((6, 200)), "c": jnp.zeros((4, 320))}

@@ -20,6 +20,9 @@ from optax_lowbit.codecs import polar
 from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.kernels import rules
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 #: Every momentum (signed) codec with a kernel.
 CODECS = {
     "polar2": polar(bits=2, signed=True, rounding="stochastic"),

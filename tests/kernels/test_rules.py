@@ -14,6 +14,9 @@ import optax_lowbit as lowbit
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import rules
 
+# the kernel and its reference held to the same bits (tests/conftest.py)
+pytestmark = pytest.mark.optimized
+
 
 @given(
     seeds=st.lists(

@@ -187,6 +187,7 @@ def _run_steps(tx, params, steps=3):
     return jax.jit(lambda: jax.lax.scan(body, tx.init(params), keys))()
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize(
     "codec, nesterov",
     [
