@@ -42,15 +42,17 @@ every rule).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from optax_lowbit import _checks
 from optax_lowbit.codecs import base
-from optax_lowbit.kernels import _backend, launch, rules
+from optax_lowbit.kernels import _backend, codec_ops, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
 from optax_lowbit.kernels.rules import (
     HP_FIELDS,
@@ -65,6 +67,8 @@ __all__ = [
     "DEFAULT_BLOCK_GROUPS",
     "DEFAULT_NUM_WARPS",
     "DEFAULT_PROGRAMS",
+    "FLOAT_BLOCK_GROUPS",
+    "FLOAT_LEAVES_PER_LAUNCH",
     "GROUPED_LEAVES_PER_LAUNCH",
     "HP_FIELDS",
     "IMPLS",
@@ -73,6 +77,7 @@ __all__ = [
     "MAX_GROUPED_BLOCK_ELEMENTS",
     "SHARE_LONE_LEAVES",
     "adam_update",
+    "adam_update_float_many",
     "adam_update_many",
     "adam_update_reference",
     "apply_leaf",
@@ -80,6 +85,7 @@ __all__ = [
     "default_block_groups",
     "default_leaves_per_launch",
     "default_num_warps",
+    "float_leaf_fits",
     "has_kernel",
     "launch_config",
     "make_hp",
@@ -148,6 +154,17 @@ GROUPED_LEAVES_PER_LAUNCH = 2
 #: call, benchmarks/NOTES_kernels.md, v29). 1 turns it on (benchmarks:
 #: ``--share-lone-leaves 1``).
 SHARE_LONE_LEAVES = 0
+#: Groups of `codec_ops.FloatMoment` (16 values) per block of the
+#: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4
+#: warps, as the prototype measured on an H100 (benchmarks/NOTES_kernels.md,
+#: v37).
+FLOAT_BLOCK_GROUPS = 64
+#: The most float-moment leaves of one launch (`adam_update_float_many`).
+#: Triton's compile grows faster than the kernel's leaves (a branch of loads
+#: and one of stores per leaf): on an H100 49 leaves a launch took a 23 s
+#: first step, 14 a 1.5 s one (v37); 8 is a GPT-2 layer's float leaves,
+#: so that a model of repeated layers launches few distinct leaf tuples.
+FLOAT_LEAVES_PER_LAUNCH = 8
 #: What ``impl`` of `adam_update` accepts (as the transforms' ``impl``).
 IMPLS = ("pallas", "jnp", "auto")
 
@@ -462,3 +479,91 @@ def adam_update_many(
         config, gs, moments, hps, seeds, params, leaves_per_launch
     )
     return [(out, mu, nu) for out, (mu, nu) in results]
+
+
+def float_leaf_fits(g: Any, mu: Any, nu: Any, params: Any = None) -> bool:
+    """Whether a leaf with plain float32 moments takes `adam_update_float_many`.
+
+    The moments must be float32 arrays of the gradient's shape (not
+    `base.Packed`), the gradient real floating (float32 with ``params``, so
+    that the update applied is the float32 one the jnp path applies), the
+    last axis a multiple of `codec_ops.FloatMoment`'s group (the moments are
+    updated in place: a padded copy could not be), the leaf not sharded
+    under explicit mesh axes, and ``params`` (if given) a real floating
+    array of the same shape.
+
+    Args:
+      g: the gradient leaf.
+      mu: its first moment.
+      nu: its second moment.
+      params: its parameter leaf for the fused apply, or ``None``.
+
+    Returns:
+      ``True`` where the float kernel takes the leaf.
+    """
+    shape = tuple(jnp.shape(g))
+    if not shape or shape[-1] % codec_ops.FloatMoment().group_size:
+        return False
+    if not all(
+        isinstance(x, jax.Array) and x.dtype == jnp.float32 and tuple(x.shape) == shape
+        for x in (mu, nu)
+    ):
+        return False
+    real = jnp.issubdtype(g.dtype, jnp.floating)
+    if params is not None:
+        real = real and g.dtype == jnp.float32
+        real = real and jnp.issubdtype(params.dtype, jnp.floating)
+        real = real and tuple(params.shape) == shape
+    return bool(real) and launch.lead_sharding(g) is None
+
+
+def adam_update_float_many(
+    gs: Sequence[jax.Array],
+    mus: Sequence[jax.Array],
+    nus: Sequence[jax.Array],
+    hps: Sequence[jax.Array],
+    *,
+    nesterov: bool = False,
+    params: Sequence[jax.Array] | None = None,
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """`adam_update_many` of leaves whose moments are plain float32 arrays.
+
+    The policy keeps small leaves' moments unquantized; stepped one by one
+    in jnp, XLA fuses their many small graphs into a few loops, and that
+    fusion is most of a fused step's first compile (GPT-2 small's 98 such
+    leaves: ~1 s of an H100's; benchmarks/NOTES_kernels.md, v37). Here the
+    kernel steps them as `codec_ops.FloatMoment`s, `FLOAT_LEAVES_PER_LAUNCH`
+    leaves a launch (`launch.by_grid`), updating moments (and parameters)
+    in place: the same `moment_step` and `apply_leaf` arithmetic as the jnp
+    path, so the results are its bits. Every leaf must pass
+    `float_leaf_fits`.
+
+    Args:
+      gs: gradient leaves.
+      mus: their first moments, float32 arrays of the leaves' shapes.
+      nus: their second moments.
+      hps: one `make_hp` vector per leaf.
+      nesterov: Nesterov momentum.
+      params: parameter leaves for the fused apply (or ``None``).
+
+    Returns:
+      One ``(out, new_mu, new_nu)`` per leaf: ``u`` in the gradient's dtype
+      (or the new parameters) and float32 moments.
+    """
+    codec = codec_ops.FloatMoment()
+    config = launch_config(rules.AdamRule(nesterov), (codec, codec), FLOAT_BLOCK_GROUPS)
+    # every block masked: leaves of any row counts share launches, so that a
+    # model of repeated layers launches few distinct tuples of leaves (each
+    # one traced and lowered on the host: GPT-2 small's 98 leaves in 12
+    # launches of one tuple and one of two leaves)
+    config = dataclasses.replace(config, masked=True)
+    none = jnp.zeros((0,), jnp.float32)  # no scales (no operand either)
+
+    def packed(x):
+        return base.Packed(codes=x, scales=none, shape=tuple(x.shape), codec=codec)
+
+    moments = [(packed(m), packed(v)) for m, v in zip(mus, nus, strict=True)]
+    results = rule_update_many(
+        config, gs, moments, hps, None, params, FLOAT_LEAVES_PER_LAUNCH
+    )
+    return [(out, mu.codes, nu.codes) for out, (mu, nu) in results]

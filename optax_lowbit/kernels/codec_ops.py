@@ -11,7 +11,9 @@ update rule (Adam, momentum):
   planes, its scales, and a leaf's values (gradient, parameters, update):
   gathered offsets of flat buffers, so nothing in a kernel depends on the
   leaf's shape (`optax_lowbit.kernels.launch`);
-* `load` / `store`: a block's masked loads and stores.
+* `load` / `store`: a block's masked loads and stores;
+* `FloatMoment`: a moment kept as a plain float32 array (the float-moment
+  leaves), as a codec the kernels step like the quantized ones.
 
 The group math itself (decode, encode, the codebooks) is not here: the kernel
 calls the codec's own jnp group functions (``codec.kernel_decode`` and
@@ -21,8 +23,9 @@ reference of this part.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +301,11 @@ class Scales:
     def __init__(self, codec: base.Codec):
         self.per_group = codec.scales_per_group
 
+    @property
+    def has_operand(self) -> bool:
+        """Whether a launch passes the scales (not for `FloatMoment`: none)."""
+        return self.per_group > 0
+
     def operand(self, scales: jax.Array) -> jax.Array:
         """The ``pallas_call`` operand of a leaf's scales: flat."""
         return scales.reshape(-1)
@@ -316,3 +324,49 @@ class Scales:
         scales = [scales] if self.per_group == 1 else scales
         for idx, s in zip(offsets, scales, strict=True):
             store(ref, s, valid, idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatMoment:
+    """A moment kept as a plain float32 array, as the kernels read it.
+
+    The transforms keep some leaves' moments unquantized (the policy's
+    float32 leaves: plain arrays of the leaf's shape, not `base.Packed`).
+    To the kernels such a moment is a codec without scales or tables: groups
+    of `group_size` values along the last axis, one code plane per group
+    holding the values themselves (`Codes`' offsets count elements of the
+    codes' dtype: bytes for the quantized codecs' uint8 codes, float32
+    values here), decoded and encoded as they are. A launch passes no scales
+    operand for it (`Scales.has_operand`), and the arrays are updated in
+    place as the codes are. Only leaves whose last axis is a multiple of
+    `group_size` can take it (a padded copy could not be updated in place;
+    `optax_lowbit.kernels.adam.float_leaf_fits`).
+
+    Attributes:
+      group_size: values per group (a kernel group size, `KERNEL_GROUP_SIZES`).
+    """
+
+    group_size: int = 16
+    name: ClassVar[str] = "float32"
+    stochastic: ClassVar[bool] = False
+    scales_per_group: ClassVar[int] = 0
+
+    def code_planes(self) -> tuple[int, ...]:
+        """One plane of `group_size` float32 values a group."""
+        return (self.group_size,)
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """No tables."""
+        return ()
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> Any:
+        """The stored values (float32)."""
+        del scales, tables
+        return planes[0]
+
+    def kernel_encode(
+        self, x: Any, tables: Any, noise: Any
+    ) -> tuple[list[Any], list[Any]]:
+        """The values to store, as they are, and no scales."""
+        del tables, noise
+        return [x], []

@@ -62,6 +62,11 @@ class LaunchConfig:
         programs, each looping over the launch's blocks (a *persistent*
         launch: one grid, hence one compiled kernel, for every launch of a
         codec pair and number of leaves, whatever the leaves' shapes).
+      masked: every launch masks its blocks' loads and stores (`signature`
+        then calls every leaf ragged): leaves that end in a whole block and
+        leaves that do not share launches (the float-moment leaves' launches,
+        whose masking costs little: `optax_lowbit.kernels.adam.
+        adam_update_float_many`).
     """
 
     rule: rules.Rule
@@ -70,6 +75,7 @@ class LaunchConfig:
     num_warps: int
     lowering: str | None = None
     programs: int | None = None
+    masked: bool = False
 
     @property
     def block_elements(self) -> int:
@@ -306,7 +312,7 @@ def signature(g: Any, params: Any, config: LaunchConfig) -> Signature:
     rows = math.prod(base.group_grid(shape, gsize))
     return Signature(
         padded=padded(shape, gsize),
-        ragged=bool(rows % config.block_groups),
+        ragged=config.masked or bool(rows % config.block_groups),
         g_dtype=jnp.dtype(g.dtype),
         p_dtype=None if params is None else jnp.dtype(params.dtype),
     )
@@ -432,14 +438,19 @@ def many_leaves(
         results[k] = _checked_one_leaf(
             gs[k], moments[k], hps[k], finals[k], params[k], config
         )
+    stochastic = any(c.stochastic for c in config.codecs)
     for idx in [idx for idx in launches if len(idx) > 1]:
         for k in idx:
             _check(gs[k], params[k], config)
+        if stochastic:
+            rows = jnp.take(finals, np.asarray(idx), axis=0)[:, :n_moments]
+        else:  # unread: a constant, not one more slice kernel a launch (v37)
+            rows = np.zeros((len(idx), n_moments), np.uint32)
         outs = _many_leaves(
             tuple(gs[k] for k in idx),
             tuple(tuple(moments[k]) for k in idx),
             jnp.stack([jnp.asarray(hps[k], jnp.float32) for k in idx]),
-            jnp.take(finals, np.asarray(idx), axis=0)[:, :n_moments],
+            rows,
             None if params[idx[0]] is None else tuple(params[k] for k in idx),
             config=config,
         )
@@ -603,17 +614,15 @@ def launch(
     tables = [t for c in codecs for t in codec_ops.tables(c)]
     ins, out_shapes, aliases, nbytes, total = [], [], {}, 0, 0
     first = 4 + len(tables)  # after hp, seeds, offsets, sizes and the tables
-    n_state = 2 * len(codecs)
+    n_state = loop.state_operands(codecs)
     n_in = 1 + n_state + int(apply)
     for k, (g, state_in, p, _) in enumerate(leaves):
         rows = base.to_groups(g, gsize).reshape(-1, gsize)
-        state = [
-            x
-            for (c_io, s_io), c, s in zip(
-                ios, state_in[::2], state_in[1::2], strict=True
-            )
-            for x in (c_io.operand(c), s_io.operand(s))
-        ]
+        state = []
+        for (c_io, s_io), c, s in zip(ios, state_in[::2], state_in[1::2], strict=True):
+            state.append(c_io.operand(c))
+            if s_io.has_operand:  # no operand for a moment without scales
+                state.append(s_io.operand(s))
         out_dtype = g.dtype if p is None else p.dtype
         leaf_in = [vals.operand(rows)]
         if apply:
@@ -685,6 +694,10 @@ def launch(
         out, *state = outs[width * k : width * (k + 1)]
         grid = base.group_grid(tuple(g.shape), gsize)
         out = base.from_groups(out.reshape((*grid, gsize)), tuple(g.shape))
-        state = [x.reshape(old.shape) for x, old in zip(state, state_in, strict=True)]
+        new, state = iter(state), []
+        for (_, s_io), c, s in zip(ios, state_in[::2], state_in[1::2], strict=True):
+            state.append(next(new).reshape(c.shape))
+            # a moment without scales keeps its own (empty) ones
+            state.append(next(new).reshape(s.shape) if s_io.has_operand else s)
         results.append((out, *state))
     return results

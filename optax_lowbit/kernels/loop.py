@@ -128,14 +128,13 @@ def load_block(in_refs, offsets, valid, *, codecs, apply):
     at_values, at_state = offsets
     g_ref, refs = in_refs[0], in_refs[1:]
     p = vals.load(refs[0], at_values, valid) if apply else None
-    state = refs[int(apply) :]
     loaded = [vals.load(g_ref, at_values, valid), p]
-    for k, ((codes, scales), (at_codes, at_scales)) in enumerate(
-        zip(_ios(codecs), at_state, strict=True)
+    for (codes, scales), (c_ref, s_ref), (at_codes, at_scales) in zip(
+        _ios(codecs), moment_refs(refs[int(apply) :], codecs), at_state, strict=True
     ):
         loaded += [
-            codes.load(state[2 * k], at_codes, valid),
-            scales.load(state[2 * k + 1], at_scales, valid),
+            codes.load(c_ref, at_codes, valid),
+            scales.load(s_ref, at_scales, valid),
         ]
     return tuple(loaded)
 
@@ -244,11 +243,33 @@ def store_block(out_refs, offsets, valid, result, *, codecs):
     out_ref, *state_refs = out_refs
     out, *state = result
     vals.store(out_ref, at_values, [x.astype(out_ref.dtype) for x in out], valid)
-    for k, ((codes, scales), (at_codes, at_scales)) in enumerate(
-        zip(_ios(codecs), at_state, strict=True)
+    for k, ((codes, scales), (c_ref, s_ref), (at_codes, at_scales)) in enumerate(
+        zip(_ios(codecs), moment_refs(state_refs, codecs), at_state, strict=True)
     ):
-        codes.store(state_refs[2 * k], at_codes, state[2 * k], valid)
-        scales.store(state_refs[2 * k + 1], at_scales, state[2 * k + 1], valid)
+        codes.store(c_ref, at_codes, state[2 * k], valid)
+        scales.store(s_ref, at_scales, state[2 * k + 1], valid)
+
+
+def state_operands(codecs) -> int:
+    """A leaf's state operands in a launch: codes, and scales where kept.
+
+    Each moment's codes, and its scales where it has any
+    (`codec_ops.Scales.has_operand`).
+    """
+    return sum(1 + scales.has_operand for _, scales in _ios(codecs))
+
+
+def moment_refs(refs, codecs):
+    """Each moment's ``(codes_ref, scales_ref)`` among a leaf's state refs.
+
+    ``refs`` are the leaf's `state_operands` refs in order; a moment
+    without scales (`codec_ops.FloatMoment`) has ``None`` for its scales'.
+    """
+    out, at = [], 0
+    for _, scales in _ios(codecs):
+        out.append((refs[at], refs[at + 1] if scales.has_operand else None))
+        at += 1 + scales.has_operand
+    return out
 
 
 def _split_refs(refs, codecs, n_leaves, apply):
@@ -258,7 +279,7 @@ def _split_refs(refs, codecs, n_leaves, apply):
         n = len(codec.kernel_tables())
         tables.append(refs[:n])
         refs = refs[n:]
-    n_out = 1 + 2 * len(codecs)
+    n_out = 1 + state_operands(codecs)
     n_in = n_out + int(apply)
     ins, outs = refs[: n_in * n_leaves], refs[n_in * n_leaves :]
     leaves = [

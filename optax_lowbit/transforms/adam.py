@@ -274,11 +274,17 @@ def fused_leaves(
     (`adam_update_many`: one kernel launch per leaf signature, leaves of one
     group grid and dtypes together; or its jnp definition
     `adam_update_reference` leaf by leaf when ``use_pallas`` is false);
-    the others (float moments, codecs without a kernel) take ``step`` through
-    `_quantized.map_leaves`, leaf by leaf in their own shapes, and with
-    ``params`` the same AdamW apply as the kernel's (`kadam.apply_leaf`); on a
-    GPU XLA fuses these small elementwise steps into a few multi-output loops
-    (NOTES_kernels.md v9, v11). Kernel and jnp leaves draw leaf
+    with ``use_pallas``, leaves whose moments are plain float32 arrays
+    (`kadam.float_leaf_fits`) take the kernel too, as float moments
+    (`kadam.adam_update_float_many`: a few launches for all of them, bit for
+    bit the jnp step; stepped in jnp, their many small graphs were most of
+    the first step's XLA compile: NOTES_kernels.md, v37); the others (codecs
+    without a kernel, complex leaves, other float leaves, every float leaf
+    without ``use_pallas``) take ``step`` through `_quantized.map_leaves`,
+    leaf by leaf in their own shapes, and with ``params`` the same AdamW
+    apply as the kernel's (`kadam.apply_leaf`); on a GPU XLA fuses these
+    small elementwise steps into a few multi-output loops (NOTES_kernels.md
+    v9, v11). Kernel and jnp leaves draw leaf
     ``i``'s stochastic rounding from the streams ``leaf_seed(count, i, 0 | 1)``.
 
     Args:
@@ -314,9 +320,14 @@ def fused_leaves(
     outs = [None] * n
     new_m, new_v = [None] * n, [None] * n
     kernel_leaves = []  # stepped below, one launch per leaf signature
+    float_leaves = []  # the float kernel's, below
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
             kernel_leaves.append(i)
+            continue
+        p = None if params is None else params[i]
+        if use_pallas and kadam.float_leaf_fits(g, m, v, p):
+            float_leaves.append(i)
             continue
         sub_u, (sub_m, sub_v) = _quantized.map_leaves(
             step, [g], ([m], [v]), (mu_codec, nu_codec), seed=count, first_leaf=i
@@ -324,6 +335,18 @@ def fused_leaves(
         outs[i], new_m[i], new_v[i] = sub_u[0], sub_m[0], sub_v[0]
         if params is not None:
             outs[i] = _apply_leaf(params[i], outs[i], hps[i])
+    if float_leaves:
+        idx = float_leaves
+        results = kadam.adam_update_float_many(
+            [flat[i] for i in idx],
+            [mus[i] for i in idx],
+            [nus[i] for i in idx],
+            [hps[i] for i in idx],
+            nesterov=nesterov,
+            params=None if params is None else [params[i] for i in idx],
+        )
+        for i, (out, m, v) in zip(idx, results, strict=True):
+            outs[i], new_m[i], new_v[i] = out, m, v
     # All kernel leaves in one call: the kernel runs the leaves that share a
     # signature (group grid and dtypes) in one launch (adam_update_many).
     idx = kernel_leaves
