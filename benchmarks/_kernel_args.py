@@ -1,10 +1,10 @@
 """The kernel tunables as command-line flags: one definition for every benchmark.
 
 `add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch``,
-``--programs`` and ``--share-lone-leaves`` on a parser, `apply` sets the
-module attributes of `optax_lowbit.kernels.adam` they stand for, `argv`
-gives the flags that reproduce the current settings (for a child process),
-and `settings` the values a result records.
+``--programs``, ``--share-lone-leaves`` and ``--float-leaves-per-launch`` on
+a parser, `apply` sets the module attributes of `optax_lowbit.kernels.adam`
+they stand for, `argv` gives the flags that reproduce the current settings
+(for a child process), and `settings` the values a result records.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ FLAGS = (
         "SHARE_LONE_LEAVES",
         "1: the leaves a signature leaves alone share launches, any shapes "
         "(kadam.SHARE_LONE_LEAVES, NOTES_kernels.md v28 / v29; default: off)",
+    ),
+    (
+        "--float-leaves-per-launch",
+        "FLOAT_LEAVES_PER_LAUNCH",
+        "most float-moment leaves per kernel launch, "
+        "kadam.FLOAT_LEAVES_PER_LAUNCH (NOTES_kernels.md v37; default: the "
+        "library's)",
     ),
 )
 
