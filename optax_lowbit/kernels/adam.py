@@ -488,8 +488,9 @@ def float_leaf_fits(g: Any, mu: Any, nu: Any, params: Any = None) -> bool:
     `base.Packed`), the gradient real floating (float32 with ``params``, so
     that the update applied is the float32 one the jnp path applies), the
     last axis a multiple of `codec_ops.FloatMoment`'s group (the moments are
-    updated in place: a padded copy could not be), the leaf not sharded
-    under explicit mesh axes, and ``params`` (if given) a real floating
+    updated in place: a padded copy could not be), no axis of the leaf
+    sharded under explicit mesh axes (XLA steps a sharded float leaf in
+    place where it lies), and ``params`` (if given) a real floating
     array of the same shape.
 
     Args:
@@ -514,7 +515,7 @@ def float_leaf_fits(g: Any, mu: Any, nu: Any, params: Any = None) -> bool:
         real = real and g.dtype == jnp.float32
         real = real and jnp.issubdtype(params.dtype, jnp.floating)
         real = real and tuple(params.shape) == shape
-    return bool(real) and launch.lead_sharding(g) is None
+    return bool(real) and launch.explicit_spec(g) is None
 
 
 def adam_update_float_many(

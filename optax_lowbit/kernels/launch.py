@@ -131,8 +131,8 @@ def default_programs(num_warps: int, interpret: bool) -> int:
     return (sms or DEFAULT_SMS) * max(1, PERSISTENT_WARPS_PER_SM // num_warps)
 
 
-def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
-    """``(mesh, spec)`` of a leaf sharded on leading axes, else ``None``.
+def explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
+    """The full-rank partition spec of a leaf sharded under explicit mesh axes.
 
     Reads the sharding in ``x``'s type (explicit mesh axes).
 
@@ -140,17 +140,31 @@ def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
       x: a leaf (may be traced).
 
     Returns:
-      The mesh and the full-rank partition spec, or ``None`` if unsharded.
-
-    Raises:
-      ValueError: the last axis (the groups' axis) is sharded.
+      The spec, one entry per axis, or ``None`` if no axis is sharded.
     """
     sharding = jax.typeof(x).sharding
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or x.ndim == 0:
         return None
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    if all(s is None for s in spec):
+    return None if all(s is None for s in spec) else spec
+
+
+def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(mesh, spec)`` of a leaf sharded on leading axes, else ``None``.
+
+    Args:
+      x: a leaf (may be traced).
+
+    Returns:
+      The mesh and the full-rank partition spec (`explicit_spec`), or
+      ``None`` if unsharded.
+
+    Raises:
+      ValueError: the last axis (the groups' axis) is sharded.
+    """
+    spec = explicit_spec(x)
+    if spec is None:
         return None
     if spec[-1] is not None:
         raise ValueError(
@@ -158,7 +172,7 @@ def lead_sharding(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
             f"it), got a leaf of shape {tuple(x.shape)} sharded as {spec}; "
             "shard leading axes, or use impl='jnp' for this optimizer."
         )
-    return mesh, spec
+    return jax.typeof(x).sharding.mesh, spec
 
 
 def one_leaf(

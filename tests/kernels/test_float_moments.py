@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given, settings
+from jax.sharding import PartitionSpec as P
 
 import optax_lowbit as lowbit
 from optax_lowbit.kernels import adam as kadam
@@ -213,3 +214,19 @@ def test_optimizers_step_float_leaves_in_the_kernel(fused):
     want, got = (jax.tree.leaves(results[k]) for k in ("jnp", "pallas"))
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("spec", [("x",), (None, "x"), ("x", None)])
+def test_a_sharded_float_leaf_stays_on_the_jnp_step(spec):
+    # under explicit mesh axes, any sharded axis (the last too: no error)
+    # leaves the leaf to XLA, which steps it in place where it lies
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    shape = (32,) if len(spec) == 1 else (2, 32)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.ones(shape), jax.sharding.NamedSharding(mesh, P(*spec)))
+        m = jnp.zeros_like(x)
+        assert launch.explicit_spec(x) is not None
+        assert not kadam.float_leaf_fits(x, m, m, x)
+        plain = jax.device_put(jnp.ones(shape), jax.sharding.NamedSharding(mesh, P()))
+        assert launch.explicit_spec(plain) is None
+        assert kadam.float_leaf_fits(plain, plain, plain, plain)
