@@ -14,6 +14,10 @@ import pytest
 import optax_lowbit as lowbit
 from optax_lowbit import demo
 
+# 300 training steps a test: run-bound, so compiled optimized as a user's
+# training is (tests/conftest.py; on 2 cores 79 -> 60 s for the module)
+pytestmark = pytest.mark.optimized
+
 STEPS = 300
 LR = 3e-3
 

@@ -15,10 +15,11 @@ import pytest
 from benchmarks import state_drift
 from optax_lowbit.codecs import polar
 
-# 2000 re-encoding steps per check, 11 checks: ~90-130 s of run time on a
-# 2-core CPU (most of it the steps, not compiles): slow, CI's second step
-# (OPTAX_LOWBIT_SLOW=1) runs them.
-pytestmark = pytest.mark.slow
+# 2000 re-encoding steps per check, 11 checks: slow, CI's second step
+# (OPTAX_LOWBIT_SLOW=1) runs them. Most of their time is the steps, not the
+# compiles, so they compile optimized, as the benchmark does (tests/conftest.py;
+# on 2 cores 13.7-15.2 s a check unoptimized, 3.6-3.8 s optimized).
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 SHAPE = (8, 1536)  # 192 groups of 64, 96 of 128, 48 of 256
 STEPS = 2000
