@@ -58,9 +58,8 @@ def _leaf(key, k, shape, g_dtype, p_dtype, faults):
 
 @functools.partial(jax.jit, static_argnames=("nesterov",))
 def _reference(g, m, v, hp, p, nesterov):
-    """The jnp step of one float leaf, as `transforms.adam` takes it (jitted)."""
-    u, m, v = rules.moment_step(g.astype(jnp.float32), m, v, hp, nesterov=nesterov)
-    out = u.astype(g.dtype) if p is None else rules.apply_leaf(p, u, hp)
+    """The jnp step of one float leaf: `rules.reference_step`, jitted."""
+    out, (m, v) = rules.reference_step(rules.AdamRule(nesterov), g, [m, v], hp, p)
     return out, m, v
 
 
