@@ -282,8 +282,9 @@ def moment_step(g, m, v, hp, *, nesterov: bool):
     overflowed to inf from a finite ``g`` (``|g|`` above about 1e19) 0, as
     Optax's (also where Optax's would be ``inf / inf``: a finite ``g`` never
     gives NaN). The moments returned are the ones to store
-    (`base.saturate_or_keep`): saturated at ``±base.MAX_STORED``, and the old
-    ones where ``g`` is not finite.
+    (`base.saturate_or_keep`): saturated at ``±base.MAX_STORED`` (``v``,
+    never negative, at the upper bound alone), and the old ones where ``g``
+    is not finite.
 
     Args:
       g: the update, float32.
@@ -306,7 +307,8 @@ def moment_step(g, m, v, hp, *, nesterov: bool):
     u = m_hat / (jnp.sqrt(new_v * inv_bc2 + eps_root) + eps)
     ok = base.is_finite(g)
     u = jnp.where(ok & jnp.isnan(u), 0.0, u)
-    return u, base.saturate_or_keep(new_m, m, ok), base.saturate_or_keep(new_v, v, ok)
+    new_m = base.saturate_or_keep(new_m, m, ok)
+    return u, new_m, base.saturate_or_keep(new_v, v, ok, nonnegative=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,3 +105,40 @@ def test_a_steps_stream_hashing_does_not_grow_with_its_leaves():
     same number of hashing operations for 3 leaves as for 9 (it was ~33 per
     leaf: NOTES_kernels.md, v25)."""
     assert _hash_ops(3, "pallas") == _hash_ops(9, "pallas")
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b2=st.sampled_from([0.0, 0.5, 0.9, 0.999, 0.99999, float(np.nextafter(1, 0))]),
+    log_g=st.floats(-45.0, 20.0),
+)
+def test_second_moment_is_never_negative_so_one_sided_saturation_is_exact(
+    seed, b2, log_g
+):
+    """`moment_step`'s ``v`` from any ``v >= 0`` and finite ``g`` is ``>= 0``.
+
+    So `base.saturate_or_keep(..., nonnegative=True)` (the upper bound alone,
+    what the step and the kernels store) equals the two-sided saturation.
+    Fresh ``v`` and ``g`` over many binades, and the edges: ``v`` and ``g``
+    0, ``g²`` overflowing, ``g² - v`` tiny against ``v``.
+    """
+    rng = np.random.default_rng(seed)
+    n = 4096
+    scale = 10.0 ** rng.uniform(-30, 30, n)
+    v = np.abs(rng.standard_normal(n) * scale).astype(np.float32)
+    g = (rng.standard_normal(n) * 10.0**log_g).astype(np.float32)
+    v[:8] = [0, 0, 1, 1e-30, 3e38, 1.0, 2.5e-8, 0]
+    g[:8] = [0, 1, 1, 0, 0, 1e20, np.sqrt(np.float32(2.5e-8)), 1e-45]
+    g[8:16] = np.sqrt(v[8:16]) * np.float32(1 + 1e-7)  # g² - v near 0
+    hp = rules.make_hp(0.9, b2, 1e-8, 0.0, 0.1, 0.01, 0.1, 1e-3, 0.01)
+
+    @jax.jit
+    def step(g, v):
+        ok = base.is_finite(g)
+        new_v = v + hp[1] * (g * g - v)  # moment_step's form of Adam's v
+        _, _, stored = rules.moment_step(g, jnp.zeros_like(g), v, hp, nesterov=False)
+        return new_v, stored, base.saturate_or_keep(new_v, v, ok)
+
+    new_v, stored, two_sided = (np.asarray(x) for x in step(g, v))
+    assert np.all(new_v >= 0)
+    np.testing.assert_array_equal(stored, two_sided)
