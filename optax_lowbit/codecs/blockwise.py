@@ -496,13 +496,14 @@ def _bucket_lanes(
 ) -> tuple[list[jax.Array], jax.Array]:
     """``x``'s `bucket_entries`: the value lanes and the int32 count.
 
-    ``x >= 0`` for an unsigned table (its encoder clips negatives first).
     The bucket is ``clip((|x|'s bits - origin) >> shift, 0, half - 1)``,
     formed as ``max(|x|'s bits, origin) >> shift``, capped, minus ``origin
     >> shift`` (``origin`` is a multiple of ``2**shift``): the lower clip
     moves before the shift, and the subtracted constant joins each read's
     constant offset. Unsigned, the floor is a float maximum that also stands
-    for the sign mask. One (signed) or two (unsigned) instructions per
+    for the sign mask (a negative ``x``, which the encoder no longer clips,
+    takes the bucket of 0 and, below every entry, the index of 0). One
+    (signed) or two (unsigned) instructions per
     element fewer in an ALU-bound kernel (``NOTES_kernels.md``, v38); the
     same buckets, so the same entries and index (tested against the
     search). A NaN gets some bucket in range (none is encoded: moments are
@@ -624,7 +625,8 @@ def encode_groups_with(
       qmap: ``(2**bits,)`` float32 sorted map with values in [-1, 1]
         (``codec.qmap()``); an argument, not a constant, so that a Pallas
         kernel can pass it in.
-      signed: if ``False`` negative inputs are clipped to 0 first.
+      signed: if ``False`` negative inputs encode as 0 (the map's entries
+        are all >= 0).
       table: the binary search's table: `search_table` of ``qmap`` for
         nearest rounding, `stochastic_table` with ``noise`` (``None``:
         computed here); not read with ``lut`` (a kernel's search).
@@ -646,11 +648,16 @@ def encode_groups_with(
     bits = _bits_of(qmap)
     given = xg if isinstance(xg, (list, tuple)) else [xg]
     parts = [jnp.asarray(x, jnp.float32) for x in given]
-    if not signed:
-        parts = [jnp.maximum(x, 0.0) for x in parts]
-    absmax = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(x), axis=-1, keepdims=True) for x in parts]
-    )
+    if signed:
+        extent = [jnp.max(jnp.abs(x), axis=-1, keepdims=True) for x in parts]
+        absmax = functools.reduce(jnp.maximum, extent)
+    else:
+        # Negative values are not clipped one by one: below every entry of
+        # an unsigned map (all >= 0) and every bound, they take the code of
+        # 0 under either rounding; only the group's maximum is floored at 0
+        # (v38: one instruction per element fewer in the kernels).
+        extent = [jnp.max(x, axis=-1, keepdims=True) for x in parts]
+        absmax = jnp.maximum(functools.reduce(jnp.maximum, extent), 0.0)
     scales, divisor = base.safe_scale(absmax, jnp.float32)
     inv = 1.0 / divisor  # one division a block, as polar's groups (v36)
     normalised = [x * inv for x in parts]
