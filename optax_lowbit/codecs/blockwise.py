@@ -503,11 +503,10 @@ def _bucket_lanes(
     constant offset. Unsigned, the floor is a float maximum that also stands
     for the sign mask (a negative ``x``, which the encoder no longer clips,
     takes the bucket of 0 and, below every entry, the index of 0). One
-    (signed) or two (unsigned) instructions per
-    element fewer in an ALU-bound kernel (``NOTES_kernels.md``, v38); the
-    same buckets, so the same entries and index (tested against the
-    search). A NaN gets some bucket in range (none is encoded: moments are
-    saturated first).
+    (signed) or two (unsigned) instructions per element fewer in an
+    ALU-bound kernel (``NOTES_kernels.md``, v38); the same buckets, so the
+    same entries and index (tested against the search). A NaN gets some
+    bucket in range (none is encoded: moments are saturated first).
     """
     first = params.origin >> params.shift  # origin's bucket, counted from 0
     if params.signed:
