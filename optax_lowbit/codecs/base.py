@@ -390,21 +390,13 @@ def pack_codes(values: Any, bits: int) -> jax.Array:
 
 
 def unpack_planes(
-    planes: Sequence[jax.Array],
-    bits: int,
-    parts: int = 0,
-    *,
-    kernel: bool = False,
-    spread: bool = False,
+    planes: Sequence[jax.Array], bits: int, parts: int = 0, *, kernel: bool = False
 ) -> Any:
     """Inverse of `pack_planes`: the planes -> ``(..., K)`` uint8 codes.
 
     ``parts > 0`` returns the codes as that many equal contiguous parts
     (`parts_of`; a kernel's halves of a 4-bit plane are its two nibbles).
     ``kernel``: unpack as a Pallas Triton kernel can (`_unpack_plane`).
-    ``spread``: every plane is given spread, ``(..., K)`` (`spread_plane`:
-    value ``j``'s byte at ``j``), as a kernel loads it; only each value's
-    shift and mask remain.
     """
     widths = list(reversed(_widths(bits)))
     if len(planes) != len(widths):
@@ -414,51 +406,34 @@ def unpack_planes(
     out, shift = None, 0
     for w, byte in zip(widths, planes, strict=True):
         byte = byte.astype(jnp.uint8)
-        field = [p << shift for p in _unpack_plane(byte, w, parts, kernel, spread)]
+        field = [p << shift for p in _unpack_plane(byte, w, parts, kernel)]
         out = field if out is None else [a | b for a, b in zip(out, field, strict=True)]
         shift += w
     return out if parts else out[0]
 
 
-def _unpack_plane(
-    byte: jax.Array, w: int, parts: int, kernel: bool, spread: bool = False
-) -> list[jax.Array]:
+def _unpack_plane(byte: jax.Array, w: int, parts: int, kernel: bool) -> list[jax.Array]:
     """One plane's ``w``-bit values as ``max(parts, 1)`` contiguous parts.
 
     Where each part is made of whole bytes' pieces (a kernel's halves of a
     4-bit plane), or outside a kernel, each byte's pieces are shifted out
-    and joined into the parts. Otherwise (``kernel``) every byte is repeated
-    once per value it holds (`spread_plane`: a broadcast and a reshape,
-    ``(..., nbytes) -> (..., K)``, unless the plane comes ``spread``
-    already) and each value shifted down from its bit (`_plane_bits`): no
-    tree of joins in a Triton kernel (`_pack_plane`).
+    and joined into the parts. Otherwise (``kernel``) every
+    byte is repeated once per value it holds (a broadcast and a reshape:
+    ``(..., nbytes) -> (..., K)``) and each value shifted down from its
+    bit (`_plane_bits`): no tree of joins in a Triton kernel (`_pack_plane`).
     """
     mask = (1 << w) - 1
     per_byte = 8 // w
     n = max(parts, 1)
-    if not spread and (not kernel or n % per_byte == 0):
+    if not kernel or n % per_byte == 0:
         pieces = [(byte >> (s * w)) & mask for s in range(per_byte)]
         return [p.astype(jnp.uint8) for p in parts_of(pieces, n)]
-    if not spread:
-        byte = spread_plane(byte, w)
-    k = byte.shape[-1]
-    shift = _plane_bits(k, k * w // 8, w).astype(jnp.uint8)
-    values = (byte >> shift) & mask
-    return parts_of(values.astype(jnp.uint8), n)
-
-
-def spread_plane(byte: jax.Array, w: int) -> jax.Array:
-    """A plane of ``w``-bit fields with each byte repeated once per value it holds.
-
-    ``(..., nbytes) -> (..., K)``, ``K = nbytes * 8 / w``: value ``j`` sits
-    in byte ``j % nbytes`` (`_plane_bits`), so entry ``j`` is that byte. A
-    kernel loads a plane this way directly (`kernels.codec_ops.Codes`: the
-    repetition is in the load's offsets, not a Triton layout conversion).
-    """
     *lead, nbytes = byte.shape
-    per_byte = 8 // w
+    k = nbytes * per_byte
     spread = jnp.broadcast_to(byte[..., None, :], (*lead, per_byte, nbytes))
-    return spread.reshape((*lead, nbytes * per_byte))
+    shift = _plane_bits(k, nbytes, w).astype(jnp.uint8)
+    values = (spread.reshape((*lead, k)) >> shift) & mask
+    return parts_of(values.astype(jnp.uint8), n)
 
 
 def split_planes(packed: jax.Array, bits: int, num_values: int) -> list[jax.Array]:

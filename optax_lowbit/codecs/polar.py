@@ -571,7 +571,6 @@ def decode_groups_with(
     signed: bool,
     halves: bool = False,
     tables: Any = None,
-    spread: bool = False,
 ) -> Any:
     """Decodes ``(..., bytes)`` codes and ``(..., 1)`` scales to ``(..., G)``.
 
@@ -586,8 +585,6 @@ def decode_groups_with(
         kernel's parts) instead of their concatenation.
       tables: `code_tables` of ``rings`` (a kernel passes its input refs);
         ``None``: built here.
-      spread: the planes come spread, one byte per pair
-        (`base.spread_plane`), as a kernel loads them.
 
     Returns:
       float32 ``(..., G)`` (or its two halves); zeros where the scale is 0;
@@ -598,7 +595,7 @@ def decode_groups_with(
     if tables is None:
         tables = code_tables(jnp.stack(rings), signed)
     if isinstance(codes, (list, tuple)):
-        code = base.unpack_planes(codes, bits, kernel=True, spread=spread)
+        code = base.unpack_planes(codes, bits, kernel=True)
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
     code = code.astype(jnp.int32)  # < S·R: every table read is in range
@@ -725,29 +722,13 @@ class PolarCodec(base.Codec):
         """The kernel's parts of a group: its two halves (`base.halves`)."""
         return base.halves(self.group_size)
 
-    def kernel_plane_values(self) -> list[int]:
-        """Pairs each code plane holds: a kernel loads every plane spread.
-
-        One byte per pair (`base.spread_plane`, the repetition in the load's
-        offsets), so the decode needs no broadcast and reshape, a Triton
-        layout conversion: 3 SASS instructions per element and 2 registers
-        fewer at 2 bits, 2 and 8 at 1.5 bits (``NOTES_kernels.md``, v38).
-        """
-        return [self.group_size // 2] * len(self.code_planes())
-
     def kernel_decode(
         self, planes: list[Any], scales: Any, tables: Any
     ) -> list[jax.Array]:
-        """`decode_groups_with` on spread code planes to the group's halves."""
+        """`decode_groups_with` on code planes to the group's halves."""
         rings = [tables[0][k] for k in range(len(self.rings))]
         return decode_groups_with(
-            planes,
-            scales,
-            rings,
-            signed=self.signed,
-            halves=True,
-            tables=tables[1:],
-            spread=True,
+            planes, scales, rings, signed=self.signed, halves=True, tables=tables[1:]
         )
 
     def kernel_encode(

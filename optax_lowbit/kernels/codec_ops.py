@@ -200,63 +200,38 @@ class Codes:
     gathered and scattered at computed offsets ``row * bytes + offset + j``
     (every block shape a power of two). The offsets of a row-contiguous
     plane are contiguous, so Triton vectorises their loads as it would a
-    blocked row. A codec with ``kernel_plane_values`` (polar) reads every
-    plane spread instead (`base.spread_plane`): value ``j`` loads byte ``j %
-    bytes``, runs of contiguous offsets that Triton still vectorises, so
-    the decode needs no layout conversion; planes are stored packed.
+    blocked row.
 
     Attributes:
       planes: bytes of each code plane of a group.
       nbytes: bytes of a group's codes.
-      spread: values of each plane where the codec reads them spread, else
-        ``None``.
     """
 
     def __init__(self, codec: base.Codec):
         self.planes = planes(codec)
         self.nbytes = sum(self.planes)
-        values = getattr(codec, "kernel_plane_values", None)
-        self.spread = None if values is None else list(values())
 
     def operand(self, codes: jax.Array) -> jax.Array:
         """The ``pallas_call`` operand of a leaf's codes: flat."""
         return codes.reshape(-1)
 
-    def offsets(self, row: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
-        """``(stored, loaded)``: each plane's int32 offsets of the rows ``row``.
-
-        ``stored`` are ``(block, bytes)``; ``loaded`` the same, or ``(block,
-        values)`` where the planes are read spread.
-        """
-        stored, loaded, start = [], [], 0
-        for k, n in enumerate(self.planes):
-            at = row[:, None] * self.nbytes + start
-            col = jnp.arange(n, dtype=jnp.int32)[None, :]
-            stored.append(at + col)
-            if self.spread is not None:  # value j reads byte j % n; j >= 0
-                j = jnp.arange(self.spread[k], dtype=jnp.int32)[None, :]
-                col = jax.lax.rem(j, jnp.int32(n))
-            loaded.append(at + col)
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each code plane's int32 ``(block, bytes)`` offsets of the rows ``row``."""
+        out, start = [], 0
+        for n in self.planes:
+            col = jnp.arange(n, dtype=jnp.int32)[None, :] + start
+            out.append(row[:, None] * self.nbytes + col)
             start += n
-        return stored, loaded
+        return out
 
     def load(self, ref, offsets, valid) -> list[jax.Array]:
-        """The block's code planes at `offsets`, uint8 (spread: `spread`)."""
-        return [load(ref, valid, idx) for idx in offsets[1]]
+        """The block's code planes at `offsets`, one ``(block, bytes)`` uint8 each."""
+        return [load(ref, valid, idx) for idx in offsets]
 
     def store(self, ref, offsets, planes: list[jax.Array], valid) -> None:
-        """Stores the block's packed code planes at `offsets`."""
-        for idx, plane in zip(offsets[0], planes, strict=True):
+        """Stores the block's code planes at `offsets` (`load`'s layout)."""
+        for idx, plane in zip(offsets, planes, strict=True):
             store(ref, plane, valid, idx)
-
-    def as_loaded(self, planes: list[jax.Array]) -> list[jax.Array]:
-        """Packed planes ``(..., bytes)`` as `load` gives them (tests, references)."""
-        if self.spread is None:
-            return list(planes)
-        return [
-            base.spread_plane(p, n * 8 // k)
-            for p, n, k in zip(planes, self.planes, self.spread, strict=True)
-        ]
 
 
 class Values:

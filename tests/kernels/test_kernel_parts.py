@@ -7,7 +7,6 @@ on whole groups.
 """
 
 import importlib
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -82,9 +81,7 @@ def test_kernel_parts_equal_whole_groups(name):
     np.testing.assert_array_equal(
         np.asarray(scales, np.float32), np.asarray(want_scales, np.float32)
     )
-    # as the kernel loads them (polar: every plane spread, one byte per pair)
-    loaded = codec_ops.Codes(codec).as_loaded(planes)
-    got = codec.kernel_decode(loaded, scales, tables)
+    got = codec.kernel_decode(planes, scales, tables)
     got = got if parts is None else jnp.concatenate(got, -1)
     want = codec.decode_groups(codes, want_scales)
     np.testing.assert_array_equal(
@@ -140,50 +137,3 @@ def test_kernel_group_sizes():
     assert codec_ops.planes(lowbit.codecs.blockwise8()) == [128, 128]
     assert not codec_ops.has_kernel(lowbit.codecs.blockwise4(block_size=512))
     assert not codec_ops.has_kernel(lowbit.codecs.polar(2, group_size=48))
-
-
-@pytest.mark.parametrize("name", sorted(CODECS))
-def test_codes_offsets_read_packed_or_spread_planes(name):
-    """`Codes.offsets`: stores at the packed planes, loads as `Codes.as_loaded`.
-
-    Read from a leaf's flat code buffer as the kernel indexes it (fresh
-    random bytes, a few rows out of order): the stored offsets give each
-    packed plane, the loaded ones each plane as the codec decodes it (polar:
-    spread, value ``j`` reading byte ``j % bytes``).
-    """
-    codec = CODECS[name]()
-    codes = codec_ops.Codes(codec)
-    groups = 12
-    flat = jax.random.randint(
-        jax.random.key(len(name)), (groups * codes.nbytes,), 0, 256, jnp.int32
-    ).astype(jnp.uint8)
-    rows = jnp.asarray([5, 0, 11, 3], jnp.int32)
-    stored, loaded = codes.offsets(rows)
-    whole = flat.reshape(groups, codes.nbytes)[rows]
-    starts = np.cumsum([0, *codes.planes])
-    packed = [whole[:, a:b] for a, b in itertools.pairwise(starts)]
-    for idx, plane in zip(stored, packed, strict=True):
-        np.testing.assert_array_equal(np.asarray(flat[idx]), np.asarray(plane))
-    for idx, plane in zip(loaded, codes.as_loaded(packed), strict=True):
-        np.testing.assert_array_equal(np.asarray(flat[idx]), np.asarray(plane))
-    if codes.spread is not None:  # polar: one byte per pair
-        assert [i.shape[-1] for i in loaded] == [codec.group_size // 2] * len(loaded)
-
-
-@pytest.mark.parametrize("w", [1, 2, 4])
-def test_spread_planes_unpack_as_packed_ones(w):
-    """`base.unpack_planes` of spread planes equals its unpack of packed planes."""
-    bits = {1: 1, 2: 3, 4: 4}[w]  # a code width with a plane of width w
-    values = jax.random.randint(jax.random.key(w), (7, 32), 0, 2**bits, jnp.int32)
-    planes = base.pack_planes(values.astype(jnp.uint8), bits, kernel=True)
-    widths = [p.shape[-1] * 8 // 32 for p in planes]
-    spread = [base.spread_plane(p, pw) for p, pw in zip(planes, widths, strict=True)]
-    assert all(s.shape == (7, 32) for s in spread)
-    for kernel in (False, True):
-        np.testing.assert_array_equal(
-            np.asarray(base.unpack_planes(spread, bits, spread=True)),
-            np.asarray(base.unpack_planes(planes, bits, kernel=kernel)),
-        )
-    np.testing.assert_array_equal(
-        np.asarray(base.unpack_planes(spread, bits, spread=True)), np.asarray(values)
-    )
