@@ -505,3 +505,45 @@ def test_grid_search_is_the_exact_nearest(signed, scale):
     picked = score[np.arange(len(pts)), got]
     np.testing.assert_allclose(picked, best, atol=1e-6)
     assert np.mean(got != score.argmin(-1)) < 1e-4  # only float ties differ
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    signed=st.booleans(),
+    n_bad=st.integers(0, 8),
+)
+def test_array_search_equals_the_kernels_running_minimum(seed, signed, n_bad):
+    """On arrays the candidates are scored as one axis (`jnp.argmin`); a kernel
+    keeps a running minimum (strict ``<``, code 0 until a finite score). Both
+    must give the same code for every pair: ties (the table's rows repeat their
+    last code), the square's edges, and pairs with a NaN (code 0) or an
+    infinite coordinate. The reference is that loop, in NumPy over the same
+    candidates and the same float32 scores."""
+    from optax_lowbit.codecs.piquant import _cell, _nearest_codes, _search_tables
+
+    codec = lowbit.codecs.piquant(signed=signed)
+    (bx, by, cand), width = _search_tables(codec.codebook(), signed, codec.candidates())
+    lo = -1.0 if signed else 0.0
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(lo, 1.0, (4096, 2)).astype(np.float32)
+    pts[:64] = rng.choice(np.linspace(lo, 1.0, 33, dtype=np.float32), (64, 2))
+    bad = rng.choice(len(pts), n_bad, replace=False)
+    pts[bad, rng.integers(0, 2, n_bad)] = rng.choice([np.nan, np.inf, -np.inf], n_bad)
+    px, py = jnp.asarray(pts[:, 0]), jnp.asarray(pts[:, 1])
+    got = np.asarray(_nearest_codes(px, py, (bx, by, cand), width, signed))
+
+    rows = np.asarray(_cell(px, py, signed)) * width
+    bx, by, cand = (np.asarray(t) for t in (bx, by, cand))
+    best = np.full(len(pts), np.inf, np.float32)
+    want = np.zeros(len(pts), np.int32)
+    with np.errstate(invalid="ignore"):
+        for t in range(width):
+            k = cand[rows + t].astype(np.int32)
+            qx, qy = bx[k], by[k]
+            score = (qx * qx + qy * qy) - np.float32(2.0) * (
+                pts[:, 0] * qx + pts[:, 1] * qy
+            )
+            better = score < best
+            best, want = np.where(better, score, best), np.where(better, k, want)
+    np.testing.assert_array_equal(got, want)
+    assert (got[np.isnan(pts).any(-1)] == 0).all()  # no finite score: code 0
