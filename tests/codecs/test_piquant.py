@@ -519,7 +519,12 @@ def test_array_search_equals_the_kernels_running_minimum(seed, signed, n_bad):
     last code), the square's edges, and pairs with a NaN coordinate (code
     0; a normalised pair is finite or NaN). The reference is that loop, in
     NumPy over the same candidates and the same float32 scores."""
-    from optax_lowbit.codecs.piquant import _cell, _nearest_codes, _search_tables
+    from optax_lowbit.codecs.piquant import (
+        _cell,
+        _nearest_codes,
+        _score,
+        _search_tables,
+    )
 
     codec = lowbit.codecs.piquant(signed=signed)
     (bx, by, cand), width = _search_tables(codec.codebook(), signed, codec.candidates())
@@ -539,10 +544,7 @@ def test_array_search_equals_the_kernels_running_minimum(seed, signed, n_bad):
     with np.errstate(invalid="ignore"):
         for t in range(width):
             k = cand[rows + t].astype(np.int32)
-            qx, qy = bx[k], by[k]
-            score = (qx * qx + qy * qy) - np.float32(2.0) * (
-                pts[:, 0] * qx + pts[:, 1] * qy
-            )
+            score = _score(pts[:, 0], pts[:, 1], bx[k], by[k])  # NumPy float32
             better = score < best
             best, want = np.where(better, score, best), np.where(better, k, want)
     np.testing.assert_array_equal(got, want)
