@@ -439,9 +439,9 @@ def _nearest_codes(
     pair's running minimum and code from memory (π-Quant's fused step on a
     256M leaf 16.6 -> 12.3 ms on an H100, measured before the NaN guard
     below; a Python-unrolled loop took 10.8 ms but doubled GPT-2 small's
-    compile; ``NOTES_kernels.md``, v39). The same
-    scores, and the first least one either way: the same codes for pairs of
-    finite or NaN coordinates (code 0), which is all a normalised pair can be.
+    compile; ``NOTES_kernels.md``, v39). The same scores, and the first
+    least one either way: the same codes for pairs of finite or NaN
+    coordinates (code 0), which is all a normalised pair can be.
     """
     bx, by, cand = tables
     row = _cell(px, py, signed) * width
