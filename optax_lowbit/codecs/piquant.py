@@ -437,9 +437,9 @@ def _nearest_codes(
     first least score is taken by `jnp.argmin`: as a ``fori_loop`` each trip
     was a loop iteration of its own, which on a GPU read and wrote every
     pair's running minimum and code from memory (π-Quant's fused step on a
-    256M leaf 16.6 -> 12.3 ms on an H100, measured before the NaN guard
-    below; a Python-unrolled loop took 10.8 ms but doubled GPT-2 small's
-    compile; ``NOTES_kernels.md``, v39). The same scores, and the first
+    256M leaf 16.6 -> 12.4 ms on an H100, the NaN guard below included; a
+    Python-unrolled loop took 10.8 ms but doubled GPT-2 small's compile;
+    ``NOTES_kernels.md``, v39). The same scores, and the first
     least one either way: the same codes for pairs of finite or NaN
     coordinates (code 0), which is all a normalised pair can be.
     """
