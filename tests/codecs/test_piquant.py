@@ -513,13 +513,12 @@ def test_grid_search_is_the_exact_nearest(signed, scale):
     n_bad=st.integers(0, 8),
 )
 def test_array_search_equals_the_kernels_running_minimum(seed, signed, n_bad):
-    """On arrays the candidates are scored as one axis and reduced as (score,
-    code) pairs (`_least`); a kernel keeps a running minimum (strict ``<``,
-    code 0 until a finite score). Both must give the same code for every
-    pair: the table's rows repeating their last code, the square's edges, and
-    pairs with a NaN coordinate (code 0; a normalised pair is finite or NaN).
-    The reference is that loop, in NumPy over the same candidates and the
-    same float32 scores (ties of distinct codes: the next test)."""
+    """On arrays the candidates are scored as one axis (`jnp.argmin`); a kernel
+    keeps a running minimum (strict ``<``, code 0 until a finite score). Both
+    must give the same code for every pair: ties (the table's rows repeat their
+    last code), the square's edges, and pairs with a NaN coordinate (code
+    0; a normalised pair is finite or NaN). The reference is that loop, in
+    NumPy over the same candidates and the same float32 scores."""
     from optax_lowbit.codecs.piquant import (
         _cell,
         _nearest_codes,
@@ -550,24 +549,3 @@ def test_array_search_equals_the_kernels_running_minimum(seed, signed, n_bad):
             best, want = np.where(better, score, best), np.where(better, k, want)
     np.testing.assert_array_equal(got, want)
     assert (got[np.isnan(pts).any(-1)] == 0).all()  # no finite score: code 0
-
-
-@given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 9))
-def test_least_pair_reduction_is_the_first_least_score_of_ascending_codes(seed, width):
-    """`_least` reduces (score, code) pairs to the least score and, among equal
-    scores, the least code: over a row of ascending codes (a candidate table
-    row, its last code repeated) that is the first least score, as the loop
-    and `np.argmin` take it. Scores drawn from three values, so most rows tie."""
-    from optax_lowbit.codecs.piquant import _least
-
-    rng = np.random.default_rng(seed)
-    score = rng.integers(-1, 2, (512, width)).astype(np.float32)
-    code = np.sort(rng.integers(0, 100, (512, width)), axis=-1).astype(np.int32)
-    _, got = jax.lax.reduce(
-        (jnp.asarray(score), jnp.asarray(code)),
-        (np.float32(np.inf), np.int32(0)),
-        _least,
-        (1,),
-    )
-    want = np.take_along_axis(code, score.argmin(-1)[:, None], -1)[:, 0]
-    np.testing.assert_array_equal(np.asarray(got), want)
