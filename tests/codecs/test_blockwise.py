@@ -701,3 +701,41 @@ def test_stochastic_bracket_equals_the_guarded_rule(bits, kind, seed):
         )
     )(x, u)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+_EVERY_RULE = {
+    **CODECS,
+    "8-unsigned-sr": lowbit.codecs.blockwise8(signed=False, rounding="stochastic"),
+    "4-signed-sr": lowbit.codecs.blockwise4(signed=True, rounding="stochastic"),
+    "4-unsigned-log-sr": lowbit.codecs.blockwise4(
+        signed=False, qmap="log", rounding="stochastic"
+    ),
+    "4-unsigned-linear": lowbit.codecs.blockwise4(signed=False, qmap="linear"),
+}
+
+
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(sorted(_EVERY_RULE)))
+@settings(max_examples=8)
+def test_codec_encodes_arrays_as_the_binary_search(seed, name):
+    """On arrays the codec searches by `bucket_entries` (the kernels' search);
+    its codes and scales equal the binary search's (`encode_groups_with`
+    without ``lut``) on fresh values of many binades, with zeros, negatives,
+    infinities and NaNs (a NaN keeps the search's code 0), either rounding."""
+    codec = _EVERY_RULE[name]
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 9)), codec.block_size)
+    x = rng.standard_normal(shape) * np.exp(rng.uniform(-20, 5, (shape[0], 1)))
+    x = x.astype(np.float32)
+    flat = x.reshape(-1)
+    for value in (np.nan, np.inf, -np.inf, 0.0, -1.0):
+        flat[rng.choice(flat.size, int(rng.integers(0, 3)), replace=False)] = value
+    xg, seed_word = jnp.asarray(x), base.stream_seed(int(rng.integers(0, 2**31)))
+    got = jax.jit(lambda v: codec.encode_groups(v, seed_word))(xg)
+    noise = base.group_noise(xg, seed_word) if codec.stochastic else None
+    want = jax.jit(
+        lambda v: blockwise.encode_groups_with(
+            v, codec.qmap(), signed=codec.signed, noise=noise
+        )
+    )(xg)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
