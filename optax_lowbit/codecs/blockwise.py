@@ -635,10 +635,11 @@ def encode_groups_with(
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
       lut: ``(entries, counts, params)``: the `bucket_entries` of
-        ``table``'s `bucket_lut` (a kernel's ref), the bucket table where
-        the entries are read by count (else ``None``) and that
+        ``table``'s `bucket_lut` (a kernel's ref, or an array), the bucket
+        table where the entries are read by count (else ``None``) and that
         `BucketLut`: the same indices from one read per lane instead of a
-        binary search and the bracket's reads.
+        binary search and the bracket's reads (on arrays a NaN value takes
+        the search's code 0).
 
     Returns:
       ``(codes, scales)``: ``(..., block_size * bits // 8)`` uint8 packed map
@@ -859,7 +860,7 @@ class BlockwiseCodec(base.Codec):
     def encode_groups(
         self, xg: jax.Array, seed: Any = None
     ) -> tuple[jax.Array, jax.Array]:
-        """See `encode_groups_with`; uses `qmap`.
+        """See `encode_groups_with`; searches `qmap` by its `kernel_tables`.
 
         A stochastic codec draws its bits from the stream ``seed``
         (`base.group_noise`; ``None`` is stream 0).
