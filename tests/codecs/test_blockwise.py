@@ -715,7 +715,6 @@ _EVERY_RULE = {
 
 
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(sorted(_EVERY_RULE)))
-@settings(max_examples=8)
 def test_codec_encodes_arrays_as_the_binary_search(seed, name):
     """On arrays the codec searches by `bucket_entries` (the kernels' search);
     its codes and scales equal the binary search's (`encode_groups_with`
