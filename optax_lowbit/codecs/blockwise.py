@@ -962,15 +962,16 @@ class BlockwiseCodec(base.Codec):
 def _kernel_search(codec: BlockwiseCodec) -> tuple[np.ndarray, BucketLut]:
     """The codec's search table and its `bucket_lut`.
 
-    Built once per codec (the kernel's tables and each trace of its encoder
-    read them). Every map a codec can take has one (`MAPS`; tested).
+    Built once per codec (the kernel's tables and each trace of its encoder,
+    on arrays too since v41, read them). Every map a codec can take has one
+    (`MAPS`; tested).
     """
     qmap = np.asarray(codec.qmap(), np.float32)
     # numpy in, numpy out: no JAX operation, no trace (nor shard_map) seen
     table = stochastic_table(qmap) if codec.stochastic else search_table(qmap)
     table.flags.writeable = False
     lut = bucket_lut(table, codec.signed)
-    if lut is None:  # no map in MAPS: a new map needs the binary search here
+    if lut is None:  # no map in MAPS: a new map would need the binary search
         raise ValueError(f"{codec!r}: no bucket table separates its map's bounds.")
     return table, lut
 
