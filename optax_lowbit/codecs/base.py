@@ -658,7 +658,7 @@ def stream_seed(seed: Any, *salts: Any) -> jax.Array:
     return jnp.asarray(s, _U32)
 
 
-def dither_bits(group: jax.Array, half: int, seed: Any) -> jax.Array:
+def dither_bits(group: jax.Array, half: Any, seed: Any) -> jax.Array:
     """Random uint32 words of the ``half`` pairs of each group, stream ``seed``.
 
     A counter-based generator: one ``lowbias32`` key per group (two rounds of
@@ -682,15 +682,22 @@ def dither_bits(group: jax.Array, half: int, seed: Any) -> jax.Array:
     Args:
       group: uint32 group indices (row-major positions in the leaf's group
         grid) with a trailing axis of 1.
-      half: pairs per group (the group's size / 2).
+      half: pairs per group (the group's size / 2): words ``0 .. half - 1``;
+        or an integer array of the pairs whose words are wanted (a kernel
+        that holds a group in strided parts draws each part's words where
+        it holds them; `optax_lowbit.kernels.codec_ops.Blocks32`).
       seed: uint32 stream seed (`stream_seed`).
 
     Returns:
-      uint32 array of ``group``'s shape with the trailing axis ``half``.
+      uint32 array of ``group``'s shape with the trailing axis ``half`` (or
+      the pairs' shape).
     """
     seed = jnp.asarray(seed).astype(_U32)
     key = hash32(hash32(group.astype(_U32) ^ seed) + seed)
-    return key + jnp.arange(half, dtype=_U32) * _WEYL
+    pairs = half
+    if isinstance(half, (int, np.integer)):
+        pairs = jnp.arange(half, dtype=_U32)
+    return key + jnp.asarray(pairs).astype(_U32) * _WEYL
 
 
 def flat_index(shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:

@@ -631,7 +631,12 @@ def encode_groups_with(
         computed here); not read with ``lut`` (a kernel's search).
       noise: ``None`` for round-to-nearest, or uint32 ``(..., block_size /
         2)`` random words (`base.group_noise`) for unbiased stochastic
-        rounding between the two map entries around each value.
+        rounding between the two map entries around each value; or a list
+        of parts of those words, where ``xg`` is a list of twice as many
+        parts whose part ``i + len(noise)`` holds the elements ``G / 2``
+        after part ``i``'s (word ``j`` serves elements ``j`` and
+        ``j + G/2``; a kernel's strided parts, `optax_lowbit.kernels.
+        codec_ops.Blocks32`).
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
       lut: ``(entries, counts, params)``: the `bucket_entries` of
@@ -662,8 +667,11 @@ def encode_groups_with(
     inv = 1.0 / divisor  # one division a block, as polar's groups (v36)
     normalised = [x * inv for x in parts]
     uniform = [None] * len(parts)
-    if noise is not None:
-        uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
+    if noise is not None:  # word j: the uniforms of elements j and j + G/2
+        words = noise if isinstance(noise, (list, tuple)) else [noise]
+        pairs = [base.uniform_pair(w) for w in words]
+        firsts, seconds = [u for u, _ in pairs], [u for _, u in pairs]
+        uniform = base.parts_of(firsts + seconds, len(parts))
     if lut is not None:
         index = [
             _index_by_buckets(*lut, x, u, bits)
@@ -698,12 +706,18 @@ def _as_table(table: Any) -> Any:
 def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     """The code planes a kernel stores (`BlockwiseCodec.code_planes`).
 
-    At 4 bits the packed plane (the halves are its two nibbles); at 8 bits,
-    one byte per code, the codes of the block's two halves: the same bytes in
-    memory as the one plane, stored without joining the halves.
+    At 4 bits the packed plane (the halves are its two nibbles), or, from
+    more parts, one byte part per pair of parts ``i`` and ``i + n/2`` (their
+    low and high nibbles: in memory the plane's bytes, part by part, where
+    the parts are contiguous; a kernel's strided parts store each byte part
+    at its own offsets, `optax_lowbit.kernels.codec_ops.Blocks32`); at 8
+    bits, one byte per code, the codes of the block's two halves: the same
+    bytes in memory as the one plane, stored without joining the halves.
 
     Args:
-      index: uint8 map indices, the block or its parts (`base.parts_of`).
+      index: uint8 map indices, the block or its parts (`base.parts_of`,
+        or strided parts where element ``j`` of part ``i + n/2`` is ``G / 2``
+        after element ``j`` of part ``i``).
       bits: 4 or 8.
 
     Returns:
@@ -711,7 +725,14 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     """
     if bits == 8:
         return base.parts_of(index, 2)
-    return base.pack_planes(index, bits)
+    if len(index) % 2 or len(index) == 2:
+        return base.pack_planes(index, bits)
+    # parts i and i + n/2 are each other's nibbles (`decode_groups_with`)
+    half = len(index) // 2
+    return [
+        base.pack_planes([lo, hi], bits)[0]
+        for lo, hi in zip(index[:half], index[half:], strict=True)
+    ]
 
 
 def decode_map(qmap: Any, floor: float) -> Any:
@@ -737,15 +758,16 @@ def decode_groups_with(
 
     Args:
       codes: ``(..., bytes_per_block)`` uint8, or the kernel's planes
-        (`kernel_planes`).
+        (`kernel_planes`, byte parts too).
       scales: ``(..., 1)`` float block scales.
       qmap: the map that encoded them, or its `decode_map` (a kernel's ref
         holds the `decode_map`, read as it is).
       floor: smallest map value decoded (unsigned codecs pass the smallest
         positive entry, so a second moment never decodes to 0 in a block
         whose scale is > 0: an Adam update divides by its square root).
-      halves: return the block's two halves (a kernel's parts,
-        `base.halves`) instead of the whole block.
+      halves: return the block as a kernel's parts (its two halves,
+        `base.halves`, or from byte parts twice as many parts) instead of
+        the whole block.
 
     Returns:
       ``(..., block_size)`` float32, ``block_size = bytes * 8 // bits``, or
@@ -755,6 +777,11 @@ def decode_groups_with(
     parts = 2 if halves else 1
     if isinstance(codes, (list, tuple)) and bits == 8:  # each half's bytes
         index = base.parts_of(codes, parts)
+    elif isinstance(codes, (list, tuple)) and bits == 4 and len(codes) > 1:
+        # byte parts (`kernel_planes`): the low nibbles' parts, then the high
+        nibbles = [base.unpack_planes([c], bits, parts=2) for c in codes]
+        index = [lo for lo, _ in nibbles] + [hi for _, hi in nibbles]
+        index = index if halves else base.parts_of(index, 1)
     else:
         plane = codes if isinstance(codes, (list, tuple)) else [codes]
         index = base.unpack_planes(plane, bits, parts=parts)

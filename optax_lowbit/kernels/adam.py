@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from optax_lowbit import _checks
 from optax_lowbit.codecs import base
-from optax_lowbit.kernels import _backend, codec_ops, launch, rules
+from optax_lowbit.kernels import _backend, codec_ops, joint, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
 from optax_lowbit.kernels.rules import (
     HP_FIELDS,
@@ -407,12 +407,41 @@ def adam_update(
       ``u`` in ``g``'s dtype and shape (or the new ``params``), and the new
       moments (same layout).
     """
-    codecs = (mu_codec, nu_codec)
+    codecs = (mu_codec, nu_codec)  # the jnp path: the definition, as they are
+    if impl in IMPLS and _backend.use_pallas(impl):
+        codecs = _pair_codecs([g], mu_codec, nu_codec)
     config = launch_config(
         rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
     )
     out, (mu, nu) = rule_update(config, g, (mu, nu), hp, seeds, params, impl)
     return out, mu, nu
+
+
+def _pair_codecs(
+    gs: Sequence[jax.Array], mu_codec: base.Codec, nu_codec: base.Codec
+) -> tuple[Any, Any]:
+    """The codecs the kernel steps Adam's pair as (`joint.kernel_codecs`).
+
+    Where the pair's groups differ and a joint row holds both, every leaf's
+    last axis must be a multiple of it (`joint.leaf_fits`); a pair without a
+    kernel is returned as it is (`codec_ops.check_codecs` then says why).
+
+    Raises:
+      ValueError: a leaf whose rows a joint row would straddle.
+    """
+    pair = joint.kernel_codecs(mu_codec, nu_codec)
+    if pair is None:
+        return mu_codec, nu_codec
+    for g in gs:
+        if not joint.leaf_fits(tuple(g.shape), mu_codec, nu_codec):
+            raise ValueError(
+                f"a leaf of shape {tuple(g.shape)} cannot take the fused kernel of "
+                f"{mu_codec!r} and {nu_codec!r}: their joint row of "
+                f"{joint.row_size(mu_codec, nu_codec)} elements must divide the "
+                "last axis (see optax_lowbit.kernels.joint.leaf_fits); step it "
+                "with impl='jnp'."
+            )
+    return pair
 
 
 adam_update_reference = functools.partial(adam_update, impl="jnp")
@@ -470,7 +499,7 @@ def adam_update_many(
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.
     """
-    codecs = (mu_codec, nu_codec)
+    codecs = _pair_codecs(gs, mu_codec, nu_codec)
     config = launch_config(
         rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
     )

@@ -36,6 +36,10 @@ from optax_lowbit.codecs import base
 
 #: Group sizes the kernel blocks: powers of two, 16 to 256 (π-Quant's 96 too).
 KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256)
+#: The longest kernel row of a codec held in parts (`columns`): a joint row of
+#: two codecs whose groups differ, π-Quant's four superblocks beside three
+#: 128-element groups (`optax_lowbit.kernels.joint`).
+MAX_KERNEL_ROW = 384
 #: Sizes of the parts a kernel holds a group as (`columns`): powers of two.
 KERNEL_PART_SIZES = (8, 16, 32, 64, 128)
 
@@ -47,6 +51,52 @@ def _power_of_two(n: int) -> bool:
 def planes(codec: base.Codec) -> list[int]:
     """Bytes of each code plane of one group of ``codec``."""
     return list(codec.code_planes())
+
+
+def plane_parts(codec: base.Codec) -> tuple[tuple[int, int, int], ...]:
+    """``(start, stride, size)`` of each piece of a group's codes a kernel loads.
+
+    The code planes one after the other (`planes`: ``(start, 1, bytes)``),
+    unless the codec says where it holds them (``kernel_plane_parts``: a
+    4-bit plane read as strided byte parts beside π-Quant, whose nibbles
+    then pair part by part; `optax_lowbit.kernels.joint.Blocks32`). The
+    pieces cover the group's code bytes once each.
+
+    Args:
+      codec: the moment's codec.
+
+    Returns:
+      One ``(start, stride, size)`` per piece, in the order the codec's
+      ``kernel_decode`` takes them and its ``kernel_encode`` returns them.
+    """
+    if hasattr(codec, "kernel_plane_parts"):
+        return tuple(codec.kernel_plane_parts())
+    out, start = [], 0
+    for n in planes(codec):
+        out.append((start, 1, n))
+        start += n
+    return tuple(out)
+
+
+def noise(codec: base.Codec, group: jax.Array, seed: Any) -> Any:
+    """The random words a kernel gives a stochastic codec's ``kernel_encode``.
+
+    `base.dither_bits` of the group's ``G / 2`` pairs, unless the codec draws
+    its own (``kernel_noise``: the words of strided parts, or of each group
+    of a joint row; `optax_lowbit.kernels.joint`), which are the same words
+    where that codec holds them.
+
+    Args:
+      codec: a stochastic codec with a kernel.
+      group: uint32 ``(block, 1)`` global group indices of the block's rows.
+      seed: the moment's final stream seed (traced uint32).
+
+    Returns:
+      What the codec's ``kernel_encode`` takes as ``noise``.
+    """
+    if hasattr(codec, "kernel_noise"):
+        return codec.kernel_noise(group, seed)
+    return base.dither_bits(group, codec.group_size // 2, seed)
 
 
 def columns(codec: base.Codec) -> tuple[tuple[int, int, int], ...] | None:
@@ -108,10 +158,10 @@ def has_kernel(codec: base.Codec) -> bool:
     if cols is None:
         sizes_ok = codec.group_size in KERNEL_GROUP_SIZES
     else:
-        sizes_ok = codec.group_size <= max(KERNEL_GROUP_SIZES) and all(
+        sizes_ok = codec.group_size <= MAX_KERNEL_ROW and all(
             c[2] in KERNEL_PART_SIZES for c in cols
         )
-    return sizes_ok and all(_power_of_two(n) for n in planes(codec))
+    return sizes_ok and all(_power_of_two(p[2]) for p in plane_parts(codec))
 
 
 def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> None:
@@ -196,32 +246,32 @@ def store(ref: Any, value: jax.Array, valid: jax.Array | None, idx: jax.Array) -
 class Codes:
     """How the kernel reads and writes one moment's codes.
 
-    A leaf's codes are one flat buffer; each code plane of a block is
-    gathered and scattered at computed offsets ``row * bytes + offset + j``
-    (every block shape a power of two). The offsets of a row-contiguous
-    plane are contiguous, so Triton vectorises their loads as it would a
-    blocked row.
+    A leaf's codes are one flat buffer; each code plane of a block (or
+    each piece the codec loads, `plane_parts`) is gathered and scattered at
+    computed offsets ``row * bytes + start + stride * j`` (every block shape
+    a power of two). The offsets of a row-contiguous plane are contiguous,
+    so Triton vectorises their loads as it would a blocked row.
 
     Attributes:
-      planes: bytes of each code plane of a group.
+      parts: ``(start, stride, size)`` of each piece (`plane_parts`).
       nbytes: bytes of a group's codes.
     """
 
     def __init__(self, codec: base.Codec):
-        self.planes = planes(codec)
-        self.nbytes = sum(self.planes)
+        self.parts = plane_parts(codec)
+        self.nbytes = sum(size for _, _, size in self.parts)
 
     def operand(self, codes: jax.Array) -> jax.Array:
         """The ``pallas_call`` operand of a leaf's codes: flat."""
         return codes.reshape(-1)
 
     def offsets(self, row: jax.Array) -> list[jax.Array]:
-        """Each code plane's int32 ``(block, bytes)`` offsets of the rows ``row``."""
-        out, start = [], 0
-        for n in self.planes:
-            col = jnp.arange(n, dtype=jnp.int32)[None, :] + start
+        """Each piece's int32 ``(block, bytes)`` offsets of the rows ``row``."""
+        out = []
+        for start, stride, size in self.parts:
+            col = jnp.arange(size, dtype=jnp.int32)[None, :]
+            col = col * stride + start if stride != 1 else col + start
             out.append(row[:, None] * self.nbytes + col)
-            start += n
         return out
 
     def load(self, ref, offsets, valid) -> list[jax.Array]:

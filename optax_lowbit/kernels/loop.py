@@ -16,7 +16,7 @@ arithmetic between them is traced once.
 
 Stochastic rounding draws the same bits as the jnp path: the counter-based
 words of each group's row-major position in the leaf's group grid
-(`base.dither_bits`) under the stream seed `Codec.encode` would use
+(`base.dither_bits`, `codec_ops.noise`) under the stream seed `Codec.encode` would use
 (`rules.stream_seeds`).
 
 The jnp reference of this loop between decode and encode is
@@ -211,7 +211,7 @@ def compute_block(
     for x, codec, tabs, seed in zip(moments, codecs, tables, seeds, strict=True):
         noise = None
         if codec.stochastic:
-            noise = base.dither_bits(grow, vals.size // 2, seed)
+            noise = codec_ops.noise(codec, grow, seed)
         encoded += codec.kernel_encode(whole(x), tabs, noise)
     return (out, *encoded)
 

@@ -30,6 +30,7 @@ from optax_lowbit import _checks, _generate
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
 from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.kernels import joint as kjoint
 from optax_lowbit.transforms import _quantized
 
 _IMPLS = ("auto", "jnp", "pallas")
@@ -307,11 +308,9 @@ def fused_leaves(
       ``unflatten(flat)``, which builds the updates' tree from flat leaves
       (``nnx.Variable`` nodes rewrapped).
     """
-    fusable = (
-        kadam.has_kernel(mu_codec)
-        and kadam.has_kernel(nu_codec)
-        and mu_codec.group_size == nu_codec.group_size
-    )
+    # a pair of unequal groups (π-Quant's m beside its 128-element v) takes
+    # joint rows where the leaf's last axis is a multiple of them
+    fusable = kjoint.kernel_codecs(mu_codec, nu_codec) is not None
     flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
         updates, (state.mu, state.nu)
     )
@@ -322,7 +321,8 @@ def fused_leaves(
     kernel_leaves = []  # stepped below, one launch per leaf signature
     float_leaves = []  # the float kernel's, below
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
-        if fusable and _quantized.is_packed(m) and _quantized.is_packed(v):
+        packed = _quantized.is_packed(m) and _quantized.is_packed(v)
+        if fusable and packed and kjoint.leaf_fits(m.shape, mu_codec, nu_codec):
             kernel_leaves.append(i)
             continue
         p = None if params is None else params[i]

@@ -1,0 +1,192 @@
+"""Joint kernel rows: π-Quant's m (96) and its 128-element v in one fused step.
+
+`optax_lowbit.kernels.joint` holds a 4-bit blockwise group as π-Quant holds a
+superblock (`Blocks32`) and ``k`` groups as one row (`Rows`); the kernel
+then steps the π-Quant preset's pair on leaves whose last axis is a multiple
+of 384. These tests hold the parts to the codecs' whole groups, the
+interpreted kernel to the jnp path, and the preset's transform to its jnp
+path with the kernel in its program.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optax_lowbit as lowbit
+from optax_lowbit.codecs import base
+from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.kernels import codec_ops, joint
+from optax_lowbit.transforms import adam_presets
+
+MU, NU = adam_presets.piquant_codecs("nearest")
+
+
+def _rows(seed, n, size, spread=3.0):
+    """Fresh groups over many magnitudes, a zero row and a half-zero row."""
+    key = jax.random.key(seed)
+    x = jax.random.normal(key, (n, size)) * jnp.exp(
+        spread * jax.random.normal(jax.random.fold_in(key, 1), (n, 1))
+    )
+    return x.at[0].set(0.0).at[1, : size // 3].set(0.0)
+
+
+def _parts(x, codec):
+    """``x``'s columns as the kernel holds them (`codec_ops.columns`)."""
+    return [x[:, s : s + d * n : d] for s, d, n in codec_ops.columns(codec)]
+
+
+def _bytes(pieces, codec, nbytes):
+    """A row's code bytes from the pieces a kernel stores (`plane_parts`)."""
+    out = np.zeros((pieces[0].shape[0], nbytes), np.uint8)
+    for (s, d, n), piece in zip(codec_ops.plane_parts(codec), pieces, strict=True):
+        out[:, s : s + d * n : d] = np.asarray(piece)
+    return out
+
+
+def test_the_piquant_pair_takes_joint_rows():
+    mu, nu = joint.kernel_codecs(MU, NU)
+    assert (mu.group_size, nu.group_size) == (384, 384)
+    assert codec_ops.columns(mu) == codec_ops.columns(nu)
+    assert len(codec_ops.columns(mu)) == 24
+    codec_ops.check_codecs(mu, nu)  # the launch's own check
+    assert joint.leaf_fits((4, 768), MU, NU) and joint.leaf_fits((3072,), MU, NU)
+    assert not joint.leaf_fits((4, 1000), MU, NU)
+    assert not joint.leaf_fits((16384, 16384), MU, NU)
+    # a pair of equal groups is stepped as it is, on any leaf
+    polar = adam_presets.polar_codecs(2, "stochastic")
+    assert joint.kernel_codecs(*polar) == tuple(polar)
+    assert joint.leaf_fits((4, 1000), *polar)
+    # the polar preset's v (4-bit, 64) beside π-Quant: rows of 192
+    assert [c.group_size for c in joint.kernel_codecs(MU, polar[1])] == [192, 192]
+    # halves of a polar group cannot share a row with 32-blocks (π-Quant's)
+    assert joint.kernel_codecs(polar[0], NU) is None
+    assert joint.kernel_codecs(MU, lowbit.codecs.blockwise8(False)) is None
+    with pytest.raises(ValueError, match="Blocks32 takes a 4-bit"):
+        joint.Blocks32(lowbit.codecs.blockwise8(False))
+
+
+@given(seed=st.integers(0, 2**31 - 1), stream=st.integers(0, 2**32 - 1))
+def test_rows_encode_and_decode_as_whole_groups(seed, stream):
+    """Rows of 384 held in 24 strided parts: the same codes, scales, values and
+    stochastic words as the codecs' own encode of 4 superblocks / 3 groups."""
+    xs = _rows(seed, 6, 384)
+    rows = joint.kernel_codecs(MU, NU)
+    tables = {c: [jnp.asarray(t) for t in c.kernel_tables()] for c in rows}
+    row_seed = base.stream_seed(stream)
+    grow = jnp.arange(2, 8, dtype=jnp.uint32)[:, None]  # rows 2..7 of a leaf
+    for codec, inner in zip(tables, (MU, NU), strict=True):
+        x = xs if inner.signed else jnp.abs(xs)
+        noise = codec_ops.noise(codec, grow, row_seed) if codec.stochastic else None
+        pieces, scales = codec.kernel_encode(_parts(x, codec), tables[codec], noise)
+        # the codec on the same groups, at their places in a leaf of 8 rows
+        whole = jnp.zeros((8, 384)).at[2:].set(x).reshape(8 * codec.k, -1)
+        if inner.stochastic:
+            want, want_scales = inner.encode_groups(whole, seed=row_seed)
+        else:
+            want, want_scales = inner.encode_groups(whole)
+        want = np.asarray(want).reshape(8, -1)[2:]
+        want_scales = np.asarray(want_scales).reshape(8, -1)[2:]
+        nbytes = codec.k * inner.bytes_per_group
+        np.testing.assert_array_equal(_bytes(pieces, codec, nbytes), want)
+        np.testing.assert_array_equal(np.concatenate(scales, -1), want_scales)
+        decoded = codec.kernel_decode(pieces, scales, tables[codec])
+        got = np.zeros((6, 384), np.float32)
+        for (s, d, n), part in zip(codec_ops.columns(codec), decoded, strict=True):
+            got[:, s : s + d * n : d] = np.asarray(part)
+        codes = jnp.asarray(want).reshape(6 * codec.k, -1)
+        scl = jnp.asarray(want_scales).reshape(6 * codec.k, -1)
+        np.testing.assert_array_equal(
+            got, np.asarray(inner.decode_groups(codes, scl)).reshape(6, 384)
+        )
+
+
+def _state(key, shape):
+    k1, k2, k3 = jax.random.split(key, 3)
+    m = 0.1 * jax.random.normal(k1, shape)
+    v = 0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6
+    return jax.random.normal(k3, shape), MU.encode(m), NU.encode(v, seed=5)
+
+
+def test_joint_kernel_equals_the_jnp_step():
+    """The interpreted kernel against the jnp definition: leaves of 768 and
+    (2, 3, 1152) elements in one call (blocks of 2 rows, a partial last
+    block), with and without the fused apply, and faulty gradients. Compiled
+    without XLA's optimizations: with them the CPU interpreter's kernel was
+    seen to contract ``v + (1 - b2)(g g - v)`` into one fused multiply-add on
+    one shape (a group maximum 1 ulp apart; `rules`' note)."""
+    shapes = [(5, 768), (2, 3, 1152)]
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    leaves = [_state(jax.random.key(i), s) for i, s in enumerate(shapes)]
+    gs, mus, nus = (list(x) for x in zip(*leaves, strict=True))
+    flat = np.asarray(gs[0]).reshape(-1).copy()
+    flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
+    gs[0] = jnp.asarray(flat.reshape(shapes[0]))
+    seeds = np.asarray([[3, 4], [5, 6]], np.uint32)
+    for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
+        got = kadam.adam_update_many(
+            gs,
+            mus,
+            nus,
+            [hp, hp],
+            mu_codec=MU,
+            nu_codec=NU,
+            seeds=seeds,
+            params=params,
+            block_groups=2,
+        )
+        for k in range(len(shapes)):
+            want = kadam.adam_update_reference(
+                gs[k],
+                mus[k],
+                nus[k],
+                hp,
+                mu_codec=MU,
+                nu_codec=NU,
+                seeds=tuple(seeds[k]),
+                params=None if params is None else params[k],
+            )
+            chex.assert_trees_all_equal(got[k][1:], want[1:])
+            out, ref = np.asarray(got[k][0]), np.asarray(want[0])
+            np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
+            ok = np.isfinite(ref)
+            np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
+
+
+def test_a_leaf_that_splits_a_joint_row_is_a_clear_error():
+    g, mu, nu = _state(jax.random.key(0), (4, 1000))
+    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.001)
+    with pytest.raises(ValueError, match=r"shape \(4, 1000\).*joint row of 384"):
+        kadam.adam_update(g, mu, nu, hp, mu_codec=MU, nu_codec=NU, impl="pallas")
+
+
+def test_piquant_preset_steps_fitting_leaves_in_the_kernel():
+    """`adamw_piquant` with ``impl="pallas"``: the leaves of 768 and 2304 take
+    the joint kernel (its launch is in the step's program), the leaf of 1000
+    and the bias of 10 the jnp path; three steps equal ``impl="jnp"``'s."""
+    key = jax.random.key(3)
+    shapes = {"a": (4, 768), "b": (2304,), "c": (3, 1000), "bias": (10,)}
+    params = {
+        k: jax.random.normal(jax.random.fold_in(key, i), s)
+        for i, (k, s) in enumerate(shapes.items())
+    }
+    policy = dict(policy=lambda path, x: x.size >= 1000)
+    kernel = lowbit.adamw_piquant(1e-2, impl="pallas", **policy)
+    ref = lowbit.adamw_piquant(1e-2, impl="jnp", **policy)
+    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.1 * p, params)
+    jaxpr = str(jax.make_jaxpr(kernel.update)(grads, kernel.init(params), params))
+    row = joint.kernel_codecs(MU, NU)[0]
+    assert f"name=adam_{row.name}" in jaxpr  # the joint rows' launch
+    assert row.name.endswith("-x4")
+    s1, s2 = kernel.init(params), ref.init(params)
+    for step in range(3):
+        g = jax.tree.map(lambda x, s=step: x * (1.0 + s), grads)
+        u1, s1 = jax.jit(kernel.update)(g, s1, params)
+        u2, s2 = jax.jit(ref.update)(g, s2, params)
+        chex.assert_trees_all_equal(s1, s2)
+        chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
