@@ -422,24 +422,25 @@ def _pair_codecs(
 ) -> tuple[Any, Any]:
     """The codecs the kernel steps Adam's pair as (`joint.kernel_codecs`).
 
-    Where the pair's groups differ and a joint row holds both, every leaf's
-    last axis must be a multiple of it (`joint.leaf_fits`); a pair without a
-    kernel is returned as it is (`codec_ops.check_codecs` then says why).
+    Where the pair's groups differ and a joint row holds both, every leaf
+    must take it (`joint.leaf_fits`); a pair without a kernel is returned as
+    it is (`codec_ops.check_codecs` then says why).
 
     Raises:
-      ValueError: a leaf whose rows a joint row would straddle.
+      ValueError: a sharded leaf whose rows a joint row would straddle.
     """
     pair = joint.kernel_codecs(mu_codec, nu_codec)
     if pair is None:
         return mu_codec, nu_codec
     for g in gs:
-        if not joint.leaf_fits(tuple(g.shape), mu_codec, nu_codec):
+        if not joint.leaf_fits(g, mu_codec, nu_codec):
             raise ValueError(
-                f"a leaf of shape {tuple(g.shape)} cannot take the fused kernel of "
-                f"{mu_codec!r} and {nu_codec!r}: their joint row of "
-                f"{joint.row_size(mu_codec, nu_codec)} elements must divide the "
-                "last axis (see optax_lowbit.kernels.joint.leaf_fits); step it "
-                "with impl='jnp'."
+                f"a leaf of shape {tuple(g.shape)} sharded as "
+                f"{launch.explicit_spec(g)} cannot take the fused kernel of "
+                f"{mu_codec!r} and {nu_codec!r}: sharded, its last axis must be "
+                f"a multiple of their joint row of "
+                f"{joint.row_size(mu_codec, nu_codec)} elements (see "
+                "optax_lowbit.kernels.joint.leaf_fits); step it with impl='jnp'."
             )
     return pair
 

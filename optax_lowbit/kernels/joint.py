@@ -23,13 +23,16 @@ format:
   its codes, scales and values, so a row's bytes are ``k`` groups' bytes,
   read in place.
 
-`kernel_codecs` picks the codecs a launch steps a pair with (the pair
-itself where its groups agree), `leaf_fits` which leaves can take them: a
-row's groups must not straddle the leaf's rows, so the last axis must be a
-multiple of the joint row (GPT-2's 768, 2304 and 3072 are; 4096 is not,
-and such leaves keep the jnp path). The arithmetic is the codecs' own
-kernel functions, group by group: the kernel's result is the jnp path's
-(`tests/kernels/test_joint.py`).
+A leaf's groups are numbered along each of its rows, so a joint row's
+groups are read where they lie: at ``k r + i`` of the codec's grid where the
+leaf's last axis is a multiple of the joint row (GPT-2's 768, 2304, 3072),
+else at their own row of each codec's grid, a joint row past either codec's
+last group masked (`codec_ops.group_rows`; 4096 and 16384 pad the kernel's
+rows to 4224 and 16512, and π-Quant's to 4128 and 16416, as the jnp path's
+groups do). `kernel_codecs` picks the codecs a launch steps a pair with (the
+pair itself where its groups agree), `leaf_fits` the leaves that take them.
+The arithmetic is the codecs' own kernel functions, group by group: the
+kernel's result is the jnp path's (`tests/kernels/test_joint.py`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import numpy as np
 
 from optax_lowbit.codecs import base
 from optax_lowbit.codecs.blockwise import BlockwiseCodec
-from optax_lowbit.kernels import codec_ops
+from optax_lowbit.kernels import codec_ops, launch
 
 #: Elements of the blocks every codec of a joint row is held in (π-Quant's).
 BLOCK = 32
@@ -192,11 +195,14 @@ class Rows:
             _progression(s + i * g, d, n) for i in range(self.k) for s, d, n in cols
         ]
 
-    def kernel_plane_parts(self) -> list[tuple[int, int, int]]:
-        """Each group's code pieces, shifted to its bytes in the row."""
-        pieces = codec_ops.plane_parts(self.codec)
-        nbytes = sum(n for _, _, n in pieces)
-        return [(s + i * nbytes, d, n) for i in range(self.k) for s, d, n in pieces]
+    @property
+    def row_groups(self) -> tuple[Any, int]:
+        """``(codec, k)``: the codec of each group and the groups of a row.
+
+        A kernel reads each group's codes and scales at its own row of the
+        codec's grid (`codec_ops.group_rows`).
+        """
+        return self.codec, self.k
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The codec's tables."""
@@ -227,17 +233,6 @@ class Rows:
             planes += list(p)
             scales += list(s) if isinstance(s, (list, tuple)) else [s]
         return planes, scales
-
-    def kernel_noise(self, group: jax.Array, seed: Any) -> list[Any]:
-        """Each group's words, from its index ``k * row + i``.
-
-        Wrapping mod 2**32, as `base.flat_index` numbers a leaf's groups.
-        """
-        first = group * jnp.uint32(self.k)
-        return [
-            codec_ops.noise(self.codec, first + jnp.uint32(i), seed)
-            for i in range(self.k)
-        ]
 
 
 def fits_blocks32(codec: Any) -> bool:
@@ -293,15 +288,19 @@ def kernel_codecs(mu_codec: Any, nu_codec: Any) -> tuple[Any, Any] | None:
     return tuple(Rows(c, row // c.group_size) for c in pair)
 
 
-def leaf_fits(shape: tuple[int, ...], mu_codec: Any, nu_codec: Any) -> bool:
-    """Whether a leaf of ``shape`` takes the kernel of `kernel_codecs`.
+def leaf_fits(g: Any, mu_codec: Any, nu_codec: Any) -> bool:
+    """Whether the leaf ``g`` takes the kernel of `kernel_codecs`.
 
-    Every leaf where the pair's groups agree; for a joint row, leaves whose
-    last axis is a multiple of the row (a row's groups then never straddle
-    two of the leaf's rows, and neither codec pads).
+    Every leaf where the pair's groups agree. For a joint row, any leaf
+    unsharded (a last axis that is not a multiple of the row pads the
+    kernel's rows, and each group is read at its own row,
+    `codec_ops.group_rows`); a leaf sharded under explicit mesh axes only
+    where its last axis is a multiple of the row (a shard's groups are then
+    numbered from its kernel rows).
 
     Args:
-      shape: the leaf's shape.
+      g: the leaf (an array, traced or not; or anything with a ``shape``,
+        taken as unsharded).
       mu_codec: the first moment's codec (as given, not `kernel_codecs`').
       nu_codec: the second moment's codec.
 
@@ -310,5 +309,7 @@ def leaf_fits(shape: tuple[int, ...], mu_codec: Any, nu_codec: Any) -> bool:
     """
     if mu_codec.group_size == nu_codec.group_size:
         return True
-    last = base.lead_and_last(tuple(shape))[1]
+    if not isinstance(g, jax.Array) or launch.explicit_spec(g) is None:
+        return True
+    last = base.lead_and_last(tuple(g.shape))[1]
     return last % row_size(mu_codec, nu_codec) == 0

@@ -309,7 +309,7 @@ def fused_leaves(
       (``nnx.Variable`` nodes rewrapped).
     """
     # a pair of unequal groups (π-Quant's m beside its 128-element v) takes
-    # joint rows where the leaf's last axis is a multiple of them
+    # joint rows (kernels/joint.py; sharded, where they divide the last axis)
     fusable = kjoint.kernel_codecs(mu_codec, nu_codec) is not None
     flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
         updates, (state.mu, state.nu)
@@ -322,7 +322,7 @@ def fused_leaves(
     float_leaves = []  # the float kernel's, below
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         packed = _quantized.is_packed(m) and _quantized.is_packed(v)
-        if fusable and packed and kjoint.leaf_fits(m.shape, mu_codec, nu_codec):
+        if fusable and packed and kjoint.leaf_fits(g, mu_codec, nu_codec):
             kernel_leaves.append(i)
             continue
         p = None if params is None else params[i]
