@@ -40,11 +40,14 @@ def _parts(x, codec):
 
 
 def _bytes(pieces, codec, nbytes):
-    """A row's code bytes from the pieces a kernel stores (`plane_parts`)."""
-    out = np.zeros((pieces[0].shape[0], nbytes), np.uint8)
-    for (s, d, n), piece in zip(codec_ops.plane_parts(codec), pieces, strict=True):
-        out[:, s : s + d * n : d] = np.asarray(piece)
-    return out
+    """Rows' code bytes from the pieces a kernel stores, at the kernel's own
+    offsets (`codec_ops.Codes`, `codec_ops.group_rows`)."""
+    n = pieces[0].shape[0]
+    rows, _ = codec_ops.group_rows(codec, jnp.arange(n, dtype=jnp.int32))
+    flat = np.zeros(n * nbytes, np.uint8)
+    for at, piece in zip(codec_ops.Codes(codec).offsets(rows), pieces, strict=True):
+        flat[np.asarray(at)] = np.asarray(piece)
+    return flat.reshape(n, nbytes)
 
 
 def test_the_piquant_pair_takes_joint_rows():
@@ -53,13 +56,12 @@ def test_the_piquant_pair_takes_joint_rows():
     assert codec_ops.columns(mu) == codec_ops.columns(nu)
     assert len(codec_ops.columns(mu)) == 24
     codec_ops.check_codecs(mu, nu)  # the launch's own check
-    assert joint.leaf_fits((4, 768), MU, NU) and joint.leaf_fits((3072,), MU, NU)
-    assert not joint.leaf_fits((4, 1000), MU, NU)
-    assert not joint.leaf_fits((16384, 16384), MU, NU)
-    # a pair of equal groups is stepped as it is, on any leaf
+    # unsharded leaves of any shape (a padded last axis included)
+    for shape in ((4, 768), (3072,), (4, 1000), (16384, 16384)):
+        assert joint.leaf_fits(jax.ShapeDtypeStruct(shape, jnp.float32), MU, NU)
+    # a pair of equal groups is stepped as it is
     polar = adam_presets.polar_codecs(2, "stochastic")
     assert joint.kernel_codecs(*polar) == tuple(polar)
-    assert joint.leaf_fits((4, 1000), *polar)
     # the polar preset's v (4-bit, 64) beside π-Quant: rows of 192
     assert [c.group_size for c in joint.kernel_codecs(MU, polar[1])] == [192, 192]
     # halves of a polar group cannot share a row with 32-blocks (π-Quant's)
@@ -111,14 +113,22 @@ def _state(key, shape):
     return jax.random.normal(k3, shape), MU.encode(m), NU.encode(v, seed=5)
 
 
-def test_joint_kernel_equals_the_jnp_step():
-    """The interpreted kernel against the jnp definition: leaves of 768 and
-    (2, 3, 1152) elements in one call (blocks of 2 rows, a partial last
-    block), with and without the fused apply, and faulty gradients. Compiled
-    without XLA's optimizations: with them the CPU interpreter's kernel was
-    seen to contract ``v + (1 - b2)(g g - v)`` into one fused multiply-add on
-    one shape (a group maximum 1 ulp apart; `rules`' note)."""
-    shapes = [(5, 768), (2, 3, 1152)]
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        pytest.param([(5, 768), (2, 3, 1152)], id="whole-rows"),
+        # last axes that pad the kernel's rows: π-Quant pads 1000 to 1056 and
+        # 4096 to 4128, v 1000 to 1024; a leaf shorter than one joint row
+        pytest.param([(3, 1000), (2, 4096), (200,)], id="padded-rows"),
+    ],
+)
+def test_joint_kernel_equals_the_jnp_step(shapes):
+    """The interpreted kernel against the jnp definition: leaves in one call
+    (blocks of 2 rows, a partial last block), with and without the fused
+    apply, and faulty gradients. Compiled without XLA's optimizations: with
+    them the CPU interpreter's kernel was seen to contract ``v + (1 - b2)(g g
+    - v)`` into one fused multiply-add on one shape (a group maximum 1 ulp
+    apart; `rules`' note)."""
     hp = kadam.make_hp(
         0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
     )
@@ -127,13 +137,13 @@ def test_joint_kernel_equals_the_jnp_step():
     flat = np.asarray(gs[0]).reshape(-1).copy()
     flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
     gs[0] = jnp.asarray(flat.reshape(shapes[0]))
-    seeds = np.asarray([[3, 4], [5, 6]], np.uint32)
+    seeds = np.arange(3, 3 + 2 * len(shapes), dtype=np.uint32).reshape(-1, 2)
     for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
         got = kadam.adam_update_many(
             gs,
             mus,
             nus,
-            [hp, hp],
+            [hp] * len(shapes),
             mu_codec=MU,
             nu_codec=NU,
             seeds=seeds,
@@ -158,17 +168,11 @@ def test_joint_kernel_equals_the_jnp_step():
             np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
 
 
-def test_a_leaf_that_splits_a_joint_row_is_a_clear_error():
-    g, mu, nu = _state(jax.random.key(0), (4, 1000))
-    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.001)
-    with pytest.raises(ValueError, match=r"shape \(4, 1000\).*joint row of 384"):
-        kadam.adam_update(g, mu, nu, hp, mu_codec=MU, nu_codec=NU, impl="pallas")
-
-
-def test_piquant_preset_steps_fitting_leaves_in_the_kernel():
-    """`adamw_piquant` with ``impl="pallas"``: the leaves of 768 and 2304 take
-    the joint kernel (its launch is in the step's program), the leaf of 1000
-    and the bias of 10 the jnp path; three steps equal ``impl="jnp"``'s."""
+def test_piquant_preset_steps_its_quantized_leaves_in_the_kernel():
+    """`adamw_piquant` with ``impl="pallas"``: the quantized leaves (768, 2304
+    and a padded 1000) take the joint kernel (its launch is in the step's
+    program), the float bias of 10 the jnp path; three steps equal
+    ``impl="jnp"``'s, chain and fused."""
     key = jax.random.key(3)
     shapes = {"a": (4, 768), "b": (2304,), "c": (3, 1000), "bias": (10,)}
     params = {
@@ -176,17 +180,24 @@ def test_piquant_preset_steps_fitting_leaves_in_the_kernel():
         for i, (k, s) in enumerate(shapes.items())
     }
     policy = dict(policy=lambda path, x: x.size >= 1000)
-    kernel = lowbit.adamw_piquant(1e-2, impl="pallas", **policy)
-    ref = lowbit.adamw_piquant(1e-2, impl="jnp", **policy)
-    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.1 * p, params)
-    jaxpr = str(jax.make_jaxpr(kernel.update)(grads, kernel.init(params), params))
     row = joint.kernel_codecs(MU, NU)[0]
-    assert f"name=adam_{row.name}" in jaxpr  # the joint rows' launch
     assert row.name.endswith("-x4")
-    s1, s2 = kernel.init(params), ref.init(params)
-    for step in range(3):
-        g = jax.tree.map(lambda x, s=step: x * (1.0 + s), grads)
-        u1, s1 = jax.jit(kernel.update)(g, s1, params)
-        u2, s2 = jax.jit(ref.update)(g, s2, params)
-        chex.assert_trees_all_equal(s1, s2)
-        chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
+    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p) + 0.1 * p, params)
+    for fused in (False, True):
+        kernel = lowbit.adamw_piquant(1e-2, impl="pallas", fused=fused, **policy)
+        ref = lowbit.adamw_piquant(1e-2, impl="jnp", fused=fused, **policy)
+        run = kernel.step if fused else kernel.update
+        jaxpr = str(jax.make_jaxpr(run)(grads, kernel.init(params), params))
+        assert f"name=adam_{row.name}" in jaxpr  # the joint rows' launch
+        s1, s2 = kernel.init(params), ref.init(params)
+        p1 = p2 = params
+        for step in range(3):
+            g = jax.tree.map(lambda x, s=step: x * (1.0 + s), grads)
+            if fused:
+                p1, s1 = jax.jit(kernel.step)(g, s1, p1)
+                p2, s2 = jax.jit(ref.step)(g, s2, p2)
+            else:
+                p1, s1 = jax.jit(kernel.update)(g, s1, p1)
+                p2, s2 = jax.jit(ref.update)(g, s2, p2)
+            chex.assert_trees_all_equal(s1, s2)
+            chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
