@@ -427,7 +427,7 @@ def _pair_codecs(
     it is (`codec_ops.check_codecs` then says why).
 
     Raises:
-      ValueError: a sharded leaf whose rows a joint row would straddle.
+      ValueError: a leaf sharded under explicit mesh axes, with a joint row.
     """
     pair = joint.kernel_codecs(mu_codec, nu_codec)
     if pair is None:
@@ -437,10 +437,10 @@ def _pair_codecs(
             raise ValueError(
                 f"a leaf of shape {tuple(g.shape)} sharded as "
                 f"{launch.explicit_spec(g)} cannot take the fused kernel of "
-                f"{mu_codec!r} and {nu_codec!r}: sharded, its last axis must be "
-                f"a multiple of their joint row of "
-                f"{joint.row_size(mu_codec, nu_codec)} elements (see "
-                "optax_lowbit.kernels.joint.leaf_fits); step it with impl='jnp'."
+                f"{mu_codec!r} and {nu_codec!r}, whose groups differ (joint rows "
+                f"of {joint.row_size(mu_codec, nu_codec)} elements run unsharded "
+                "leaves only; see optax_lowbit.kernels.joint.leaf_fits); step it "
+                "with impl='jnp'."
             )
     return pair
 

@@ -30,7 +30,8 @@ else at their own row of each codec's grid, a joint row past either codec's
 last group masked (`codec_ops.group_rows`; 4096 and 16384 pad the kernel's
 rows to 4224 and 16512, and π-Quant's to 4128 and 16416, as the jnp path's
 groups do). `kernel_codecs` picks the codecs a launch steps a pair with (the
-pair itself where its groups agree), `leaf_fits` the leaves that take them.
+pair itself where its groups agree), `leaf_fits` the leaves that take them
+(every leaf not sharded under explicit mesh axes).
 The arithmetic is the codecs' own kernel functions, group by group: the
 kernel's result is the jnp path's (`tests/kernels/test_joint.py`).
 """
@@ -292,11 +293,11 @@ def leaf_fits(g: Any, mu_codec: Any, nu_codec: Any) -> bool:
     """Whether the leaf ``g`` takes the kernel of `kernel_codecs`.
 
     Every leaf where the pair's groups agree. For a joint row, any leaf
-    unsharded (a last axis that is not a multiple of the row pads the
-    kernel's rows, and each group is read at its own row,
-    `codec_ops.group_rows`); a leaf sharded under explicit mesh axes only
-    where its last axis is a multiple of the row (a shard's groups are then
-    numbered from its kernel rows).
+    that is not sharded under explicit mesh axes (a last axis that is not a
+    multiple of the row pads the kernel's rows, and each group is read at
+    its own row, `codec_ops.group_rows`); a sharded leaf takes the jnp path
+    (the kernel per shard, `launch.one_leaf`, is not checked for joint
+    rows).
 
     Args:
       g: the leaf (an array, traced or not; or anything with a ``shape``,
@@ -309,7 +310,4 @@ def leaf_fits(g: Any, mu_codec: Any, nu_codec: Any) -> bool:
     """
     if mu_codec.group_size == nu_codec.group_size:
         return True
-    if not isinstance(g, jax.Array) or launch.explicit_spec(g) is None:
-        return True
-    last = base.lead_and_last(tuple(g.shape))[1]
-    return last % row_size(mu_codec, nu_codec) == 0
+    return not isinstance(g, jax.Array) or launch.explicit_spec(g) is None
