@@ -1,7 +1,8 @@
 """The kernel tunables as command-line flags: one definition for every benchmark.
 
 `add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch``,
-``--programs``, ``--share-lone-leaves`` and ``--float-leaves-per-launch`` on
+``--programs``, ``--share-lone-leaves``, ``--joint-rows`` and
+``--float-leaves-per-launch`` on
 a parser, `apply` sets the module attributes of `optax_lowbit.kernels.adam`
 they stand for, `argv` gives the flags that reproduce the current settings
 (for a child process), and `settings` the values a result records.
@@ -47,6 +48,12 @@ FLAGS = (
         "SHARE_LONE_LEAVES",
         "1: the leaves a signature leaves alone share launches, any shapes "
         "(kadam.SHARE_LONE_LEAVES, NOTES_kernels.md v28 / v29; default: off)",
+    ),
+    (
+        "--joint-rows",
+        "JOINT_ROWS",
+        "1: codec pairs whose groups differ (pi-Quant's preset) take the kernel "
+        "in joint rows (kadam.JOINT_ROWS, NOTES_kernels.md v42; default: off)",
     ),
     (
         "--float-leaves-per-launch",

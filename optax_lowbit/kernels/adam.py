@@ -72,6 +72,7 @@ __all__ = [
     "GROUPED_LEAVES_PER_LAUNCH",
     "HP_FIELDS",
     "IMPLS",
+    "JOINT_ROWS",
     "LEAVES_PER_LAUNCH",
     "MAX_BLOCK_ELEMENTS",
     "MAX_GROUPED_BLOCK_ELEMENTS",
@@ -87,6 +88,7 @@ __all__ = [
     "default_num_warps",
     "float_leaf_fits",
     "has_kernel",
+    "kernel_codecs",
     "launch_config",
     "make_hp",
     "moment_step",
@@ -154,6 +156,13 @@ GROUPED_LEAVES_PER_LAUNCH = 2
 #: call, benchmarks/NOTES_kernels.md, v29). 1 turns it on (benchmarks:
 #: ``--share-lone-leaves 1``).
 SHARE_LONE_LEAVES = 0
+#: Whether a pair of codecs whose groups differ takes the kernel in joint rows
+#: (`joint`: π-Quant's preset, ``m`` in superblocks of 96 beside a 4-bit ``v``
+#: in groups of 128, stepped in rows of 384; `kernel_codecs`). Off by default
+#: until measured on a GPU: checked against the jnp path in the Pallas
+#: interpreter only (benchmarks/NOTES_kernels.md, v42); off, such a pair steps
+#: through XLA as before. 1 turns it on (benchmarks: ``--joint-rows 1``).
+JOINT_ROWS = 0
 #: Groups of `codec_ops.FloatMoment` (16 values) per block of the
 #: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4
 #: warps, as the prototype measured on an H100 (benchmarks/NOTES_kernels.md,
@@ -417,10 +426,29 @@ def adam_update(
     return out, mu, nu
 
 
+def kernel_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> tuple[Any, Any] | None:
+    """The codecs the fused kernel steps Adam's pair as, or ``None`` (none).
+
+    `joint.kernel_codecs`: the pair itself where its groups agree; where they
+    differ, its joint rows, with `JOINT_ROWS` (read now) on.
+
+    Args:
+      mu_codec: the first moment's codec.
+      nu_codec: the second moment's codec.
+
+    Returns:
+      ``(mu, nu)`` to launch with, or ``None`` where the kernel takes no leaf
+      of this pair.
+    """
+    if mu_codec.group_size != nu_codec.group_size and not JOINT_ROWS:
+        return None
+    return joint.kernel_codecs(mu_codec, nu_codec)
+
+
 def _pair_codecs(
     gs: Sequence[jax.Array], mu_codec: base.Codec, nu_codec: base.Codec
 ) -> tuple[Any, Any]:
-    """The codecs the kernel steps Adam's pair as (`joint.kernel_codecs`).
+    """The codecs the kernel steps Adam's pair as (`kernel_codecs`).
 
     Where the pair's groups differ and a joint row holds both, every leaf
     must take it (`joint.leaf_fits`); a pair without a kernel is returned as
@@ -429,7 +457,7 @@ def _pair_codecs(
     Raises:
       ValueError: a leaf sharded under explicit mesh axes, with a joint row.
     """
-    pair = joint.kernel_codecs(mu_codec, nu_codec)
+    pair = kernel_codecs(mu_codec, nu_codec)
     if pair is None:
         return mu_codec, nu_codec
     for g in gs:

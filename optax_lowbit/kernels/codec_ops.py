@@ -252,7 +252,9 @@ def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> No
         raise ValueError(
             "mu_codec and nu_codec must share group_size (and its kernel parts) "
             f"for the fused kernel, got {mu_codec!r} (group_size "
-            f"{mu_codec.group_size}) and {nu_codec!r} ({nu_codec.group_size})."
+            f"{mu_codec.group_size}) and {nu_codec!r} ({nu_codec.group_size}); "
+            "π-Quant's m beside a 4-bit v steps in joint rows with "
+            "optax_lowbit.kernels.adam.JOINT_ROWS = 1 (kernels/joint.py)."
         )
 
 

@@ -309,8 +309,8 @@ def fused_leaves(
       (``nnx.Variable`` nodes rewrapped).
     """
     # a pair of unequal groups (π-Quant's m beside its 128-element v) takes
-    # joint rows (kernels/joint.py; sharded, where they divide the last axis)
-    fusable = kjoint.kernel_codecs(mu_codec, nu_codec) is not None
+    # joint rows with kadam.JOINT_ROWS (kernels/joint.py; unsharded leaves)
+    fusable = kadam.kernel_codecs(mu_codec, nu_codec) is not None
     flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
         updates, (state.mu, state.nu)
     )

@@ -25,6 +25,13 @@ from optax_lowbit.transforms import adam_presets
 MU, NU = adam_presets.piquant_codecs("nearest")
 
 
+@pytest.fixture(autouse=True)
+def _joint_rows(monkeypatch):
+    """Joint rows on (`kadam.JOINT_ROWS`, off by default until measured on a
+    GPU); `test_joint_rows_are_off_by_default` turns them off again."""
+    monkeypatch.setattr(kadam, "JOINT_ROWS", 1)
+
+
 def _rows(seed, n, size, spread=3.0):
     """Fresh groups over many magnitudes, a zero row and a half-zero row."""
     key = jax.random.key(seed)
@@ -201,3 +208,20 @@ def test_piquant_preset_steps_its_quantized_leaves_in_the_kernel():
                 p2, s2 = jax.jit(ref.update)(g, s2, p2)
             chex.assert_trees_all_equal(s1, s2)
             chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
+
+
+def test_joint_rows_are_off_by_default(monkeypatch):
+    """Without `kadam.JOINT_ROWS` the preset's leaves step through the jnp path
+    (no launch), and the kernel asked for the pair says how to turn them on."""
+    monkeypatch.setattr(kadam, "JOINT_ROWS", 0)
+    assert kadam.kernel_codecs(MU, NU) is None
+    polar = adam_presets.polar_codecs(2, "stochastic")
+    assert kadam.kernel_codecs(*polar) == tuple(polar)
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 768))}
+    tx = lowbit.adamw_piquant(1e-2, impl="pallas", policy=lambda path, x: True)
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert "pallas_call" not in jaxpr
+    g, mu, nu = _state(jax.random.key(1), (4, 768))
+    hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.001)
+    with pytest.raises(ValueError, match="JOINT_ROWS = 1"):
+        kadam.adam_update(g, mu, nu, hp, mu_codec=MU, nu_codec=NU, impl="pallas")
