@@ -231,10 +231,11 @@ PRESETS: dict[str, AdamPreset] = {
             "longer offered for ``v`` by default; "
             "``nu_codec=lowbit.codecs.piquant(signed=False)`` restores the "
             "paper's layout. The two moments are grouped differently (96 and "
-            "128 elements), so the fused Pallas kernel does not take them: on a "
-            "GPU the step runs through XLA, 3.5-4.6x ``optax.adamw``'s time (README, "
-            '"The fused step"); the polar and blockwise presets are the fast '
-            "ones."
+            "128 elements): on a GPU the step runs through XLA, 3.5-4.6x "
+            '``optax.adamw``\'s time (README, "The fused step"); the polar and '
+            "blockwise presets are the fast ones. The fused kernel can step both "
+            "in joint rows of 384 elements (``optax_lowbit.kernels.adam."
+            "JOINT_ROWS = 1``; off by default, not yet measured on a GPU)."
         ),
         references=(
             "  Tian et al, `Irrational Complex Rotations Empower Low-bit "
