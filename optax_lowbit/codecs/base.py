@@ -685,7 +685,7 @@ def dither_bits(group: jax.Array, half: Any, seed: Any) -> jax.Array:
       half: pairs per group (the group's size / 2): words ``0 .. half - 1``;
         or an integer array of the pairs whose words are wanted (a kernel
         that holds a group in strided parts draws each part's words where
-        it holds them; `optax_lowbit.kernels.codec_ops.Blocks32`).
+        it holds them; `optax_lowbit.kernels.joint.Blocks32`).
       seed: uint32 stream seed (`stream_seed`).
 
     Returns:

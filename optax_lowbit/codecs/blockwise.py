@@ -636,7 +636,7 @@ def encode_groups_with(
         parts whose part ``i + len(noise)`` holds the elements ``G / 2``
         after part ``i``'s (word ``j`` serves elements ``j`` and
         ``j + G/2``; a kernel's strided parts, `optax_lowbit.kernels.
-        codec_ops.Blocks32`).
+        joint.Blocks32`).
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
       lut: ``(entries, counts, params)``: the `bucket_entries` of
@@ -710,7 +710,7 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     more parts, one byte part per pair of parts ``i`` and ``i + n/2`` (their
     low and high nibbles: in memory the plane's bytes, part by part, where
     the parts are contiguous; a kernel's strided parts store each byte part
-    at its own offsets, `optax_lowbit.kernels.codec_ops.Blocks32`); at 8
+    at its own offsets, `optax_lowbit.kernels.joint.Blocks32`); at 8
     bits, one byte per code, the codes of the block's two halves: the same
     bytes in memory as the one plane, stored without joining the halves.
 

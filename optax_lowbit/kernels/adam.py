@@ -20,6 +20,10 @@ a `launch_config`. The parts live beside it, each with its jnp reference:
   have a kernel (`has_kernel`), their tables, and how a block reads and
   writes codes, scales and values. Its reference is the codec's own group
   math in `optax_lowbit.codecs` (``kernel_decode`` / ``kernel_encode``).
+* `optax_lowbit.kernels.joint`: joint rows, for a pair whose groups differ
+  (π-Quant's ``m`` beside a 4-bit ``v``: rows of 384 elements; behind
+  `JOINT_ROWS`, `kernel_codecs`). Its reference is the codecs' own group
+  math too, group by group.
 * `optax_lowbit.kernels.rules`: the update rules: the kernel's inputs
   (`HP_FIELDS`, `make_hp`, `rules.momentum_hp`, `stream_seeds`), each
   rule's step (Adam's `moment_step`, `rules.momentum_step`) and
