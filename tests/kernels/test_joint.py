@@ -120,6 +120,9 @@ def _state(key, shape):
     return jax.random.normal(k3, shape), MU.encode(m), NU.encode(v, seed=5)
 
 
+# The joint rows are opt-in (`kadam.JOINT_ROWS`): their interpreted kernel
+# checks (~100 CPU-s) run in CI's slow step, keeping the first under its limit.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shapes",
     [
@@ -175,6 +178,7 @@ def test_joint_kernel_equals_the_jnp_step(shapes):
             np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_piquant_preset_steps_its_quantized_leaves_in_the_kernel():
     """`adamw_piquant` with ``impl="pallas"``: the quantized leaves (768, 2304
     and a padded 1000) take the joint kernel (its launch is in the step's
