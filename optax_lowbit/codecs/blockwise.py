@@ -725,7 +725,7 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     """
     if bits == 8:
         return base.parts_of(index, 2)
-    if len(index) % 2 or len(index) == 2:
+    if len(index) % 2:
         return base.pack_planes(index, bits)
     # parts i and i + n/2 are each other's nibbles (`decode_groups_with`)
     half = len(index) // 2
@@ -777,14 +777,14 @@ def decode_groups_with(
     parts = 2 if halves else 1
     if isinstance(codes, (list, tuple)) and bits == 8:  # each half's bytes
         index = base.parts_of(codes, parts)
-    elif isinstance(codes, (list, tuple)) and bits == 4 and len(codes) > 1:
-        # byte parts (`kernel_planes`): the low nibbles' parts, then the high
+    elif isinstance(codes, (list, tuple)) and bits == 4:
+        # byte parts (`kernel_planes`; one: the halves' plane): the low
+        # nibbles' parts, then the high
         nibbles = [base.unpack_planes([c], bits, parts=2) for c in codes]
         index = [lo for lo, _ in nibbles] + [hi for _, hi in nibbles]
         index = index if halves else base.parts_of(index, 1)
     else:
-        plane = codes if isinstance(codes, (list, tuple)) else [codes]
-        index = base.unpack_planes(plane, bits, parts=parts)
+        index = base.unpack_planes([codes], bits, parts=parts)
     if not base.is_ref(qmap):
         qmap = jnp.asarray(decode_map(qmap, floor))
     scales = jnp.asarray(scales, jnp.float32)

@@ -78,7 +78,55 @@ def _progression(start: int, stride: int, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Blocks32:
+class _Held:
+    """A codec as a kernel holds it: its group, scales, tables and kernel math.
+
+    The format is the codec's; `Blocks32` and `Rows` change only where a
+    kernel holds its groups, and override what that changes.
+
+    Attributes:
+      codec: the codec held.
+    """
+
+    codec: Any
+
+    @property
+    def group_size(self) -> int:
+        """The codec's group."""
+        return self.codec.group_size
+
+    @property
+    def scales_per_group(self) -> int:
+        """The codec's scales per group."""
+        return self.codec.scales_per_group
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the codec rounds stochastically."""
+        return self.codec.stochastic
+
+    @property
+    def name(self) -> str:
+        """The codec's format name."""
+        return self.codec.name
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The codec's tables."""
+        return self.codec.kernel_tables()
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> list[Any]:
+        """The codec's decode (byte parts to parts, for `Blocks32`)."""
+        return self.codec.kernel_decode(planes, scales, tables)
+
+    def kernel_encode(
+        self, parts: list[Any], tables: Any, noise: Any
+    ) -> tuple[list[Any], Any]:
+        """The codec's encode (for `Blocks32`: parts to byte parts, word parts)."""
+        return self.codec.kernel_encode(parts, tables, noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks32(_Held):
     """A 4-bit blockwise codec as a kernel holds it beside π-Quant.
 
     The same format, codes and bits as the codec (its tables, decode and
@@ -92,34 +140,12 @@ class Blocks32:
       codec: a 4-bit `BlockwiseCodec` whose group is a multiple of 64.
     """
 
-    codec: BlockwiseCodec
-
     def __post_init__(self) -> None:
         if not fits_blocks32(self.codec):
             raise ValueError(
                 f"codec={self.codec!r}: Blocks32 takes a 4-bit blockwise codec "
                 "whose block_size is a multiple of 64."
             )
-
-    @property
-    def group_size(self) -> int:
-        """The codec's group."""
-        return self.codec.group_size
-
-    @property
-    def scales_per_group(self) -> int:
-        """The codec's (one)."""
-        return self.codec.scales_per_group
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the codec rounds stochastically."""
-        return self.codec.stochastic
-
-    @property
-    def name(self) -> str:
-        """The codec's format name (the format is the codec's)."""
-        return self.codec.name
 
     def kernel_columns(self) -> list[np.ndarray]:
         """`block_columns` of the group."""
@@ -130,20 +156,6 @@ class Blocks32:
         half = block_columns(self.group_size)[: self.group_size // BLOCK]
         return list(half)
 
-    def kernel_tables(self) -> tuple[np.ndarray, ...]:
-        """The codec's tables."""
-        return self.codec.kernel_tables()
-
-    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> list[Any]:
-        """The codec's decode of byte parts: its parts (low nibbles' first)."""
-        return self.codec.kernel_decode(planes, scales, tables)
-
-    def kernel_encode(
-        self, parts: list[Any], tables: Any, noise: Any
-    ) -> tuple[list[Any], Any]:
-        """The codec's encode of the parts to byte parts (``noise``: word parts)."""
-        return self.codec.kernel_encode(parts, tables, noise)
-
     def kernel_noise(self, group: jax.Array, seed: Any) -> list[jax.Array]:
         """Each first-half part's words: `base.dither_bits` of its pairs."""
         return [
@@ -153,7 +165,7 @@ class Blocks32:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rows:
+class Rows(_Held):
     """``k`` consecutive groups of a codec held as one kernel row.
 
     Parts, code pieces and scales are the groups' in order; each group is
@@ -165,7 +177,6 @@ class Rows:
       k: groups per row.
     """
 
-    codec: Any
     k: int
 
     @property
@@ -177,11 +188,6 @@ class Rows:
     def scales_per_group(self) -> int:
         """``k`` groups' scales."""
         return self.k * self.codec.scales_per_group
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the codec rounds stochastically."""
-        return self.codec.stochastic
 
     @property
     def name(self) -> str:
@@ -204,10 +210,6 @@ class Rows:
         codec's grid (`codec_ops.group_rows`).
         """
         return self.codec, self.k
-
-    def kernel_tables(self) -> tuple[np.ndarray, ...]:
-        """The codec's tables."""
-        return self.codec.kernel_tables()
 
     def _split(self, items: list[Any]) -> list[list[Any]]:
         n = len(items) // self.k

@@ -242,8 +242,7 @@ def _one_leaf(g, moments, hp, seeds, params, *, config):
         lead = spec[:-1]
         g_spec = P(*spec)
         state_specs = (P(*lead, None, None), P(*lead, None)) * len(moments)
-        # the kernel rows' grid (a joint row spans several of a codec's groups)
-        lead_global = base.group_grid(tuple(g.shape), config.codecs[0].group_size)
+        lead_global = (*g.shape[:-1], moments[0].codes.shape[-2])
         n_state = 2 * len(moments)
 
         def body(g, *rest):
