@@ -537,6 +537,9 @@ KERNEL_VARIANTS = {
     "preset-polar1.5": ("polar1.5", "preset"),
     "preset-4bit": ("4bit", "preset"),
     "preset-8bit": ("8bit", "preset"),
+    # pi-Quant's preset: m in superblocks of 96, v 4-bit blockwise in 128s;
+    # the kernel takes it in joint rows only (kadam.JOINT_ROWS, v42)
+    "preset-piquant": ("piquant", "preset"),
 }
 
 
@@ -1230,7 +1233,12 @@ def main(argv: list[str] | None = None) -> dict:
         variants = tuple(filter(None, args.variants.split(",")))
         try:
             if args.quick_kernel or args.quick:
-                presets = [v for v in KERNEL_VARIANTS if v.startswith("preset-")]
+                presets = [
+                    v
+                    for v in KERNEL_VARIANTS
+                    if v.startswith("preset-")
+                    and (kadam.JOINT_ROWS or v != "preset-piquant")
+                ]
                 result["kernel"] = kernel_checks(
                     log,
                     ((16, 4), (8, 4)),
