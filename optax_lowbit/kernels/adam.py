@@ -162,10 +162,11 @@ GROUPED_LEAVES_PER_LAUNCH = 2
 SHARE_LONE_LEAVES = 0
 #: Whether a pair of codecs whose groups differ takes the kernel in joint rows
 #: (`joint`: π-Quant's preset, ``m`` in superblocks of 96 beside a 4-bit ``v``
-#: in groups of 128, stepped in rows of 384; `kernel_codecs`). Off by default
-#: until measured on a GPU: checked against the jnp path in the Pallas
-#: interpreter only (benchmarks/NOTES_kernels.md, v42); off, such a pair steps
-#: through XLA as before. 1 turns it on (benchmarks: ``--joint-rows 1``).
+#: in groups of 128, stepped in rows of 384; `kernel_codecs`). Off by default:
+#: on an H100 it equals the jnp path bit for bit but is slower than the XLA
+#: step it would replace (256M leaf, fused: 16.0 ms against 11.7, first step
+#: 45 s against 0.6; benchmarks/NOTES_kernels.md, v42 measured); off, such a
+#: pair steps through XLA. 1 turns it on (benchmarks: ``--joint-rows 1``).
 JOINT_ROWS = 0
 #: Groups of `codec_ops.FloatMoment` (16 values) per block of the
 #: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4

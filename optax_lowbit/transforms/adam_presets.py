@@ -235,7 +235,8 @@ PRESETS: dict[str, AdamPreset] = {
             '``optax.adamw``\'s time (README, "The fused step"); the polar and '
             "blockwise presets are the fast ones. The fused kernel can step both "
             "in joint rows of 384 elements (``optax_lowbit.kernels.adam."
-            "JOINT_ROWS = 1``; off by default, not yet measured on a GPU)."
+            "JOINT_ROWS = 1``; off by default: bit-equal on an H100 but slower "
+            "than the XLA step, 6.1x against 4.4x)."
         ),
         references=(
             "  Tian et al, `Irrational Complex Rotations Empower Low-bit "

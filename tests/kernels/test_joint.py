@@ -27,8 +27,9 @@ MU, NU = adam_presets.piquant_codecs("nearest")
 
 @pytest.fixture(autouse=True)
 def _joint_rows(monkeypatch):
-    """Joint rows on (`kadam.JOINT_ROWS`, off by default until measured on a
-    GPU); `test_joint_rows_are_off_by_default` turns them off again."""
+    """Joint rows on (`kadam.JOINT_ROWS`, off by default: slower than the XLA
+    step on an H100, NOTES_kernels.md v42); `test_joint_rows_are_off_by_default`
+    turns them off again."""
     monkeypatch.setattr(kadam, "JOINT_ROWS", 1)
 
 
