@@ -32,7 +32,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import _kernel_args, step_speed
 
@@ -54,45 +53,39 @@ def grads_at(params, step: int):
     )
 
 
-def _applying(opt):
-    """``(grads, state, params) -> (params, state)`` of an Optax transform."""
-
-    def step(g, s, p):
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    return step
-
-
 def check(name: str, params, steps: int) -> list[dict]:
     """``steps`` steps of preset ``name``'s chain and fused kernel paths
     against its jnp path (module docstring); one record per path and step."""
     alias, kw = step_speed.LOWBIT[name]
     kw = dict(kw, weight_decay=1e-2)
     ref = alias(1e-3, impl="jnp", **kw)
-    chain = alias(1e-3, impl="pallas", **kw)
-    fused = alias(1e-3, impl="pallas", fused=True, **kw)
+    opts = {
+        "chain": alias(1e-3, impl="pallas", **kw),
+        "fused": alias(1e-3, impl="pallas", fused=True, **kw),
+    }
+    # `step_speed.train_step`: ``(params, state)`` of a chain (the updates
+    # applied) or a fused step, its arguments in `step_speed.step_args`' order
+    args = step_speed.step_args
     g0 = grads_at(params, 0)
-    paths = {
-        "chain": (_applying(chain), chain.init(params)),
-        "fused": (fused.step, fused.init(params)),
-    }
+    fns = {path: step_speed.train_step(path, o) for path, o in opts.items()}
     calls = {
-        path: str(jax.make_jaxpr(fn)(g0, s, params)).count("pallas_call")
-        for path, (fn, s) in paths.items()
+        path: str(jax.make_jaxpr(fn)(*args(g0, opts[path].init(params), params))).count(
+            "pallas_call"
+        )
+        for path, fn in fns.items()
     }
-    ref_step = jax.jit(_applying(ref))
-    steps_of = {path: jax.jit(fn) for path, (fn, _) in paths.items()}
-    states = {path: (s, params) for path, (_, s) in paths.items()}
+    ref_step = jax.jit(step_speed.train_step("chain", ref))
+    steps_of = {path: jax.jit(fn) for path, fn in fns.items()}
+    states = {path: (o.init(params), params) for path, o in opts.items()}
     s_ref, p_ref = ref.init(params), params
     out = []
     for step in range(steps):
         g = grads_at(params, step)
-        p_ref, s_ref = ref_step(g, s_ref, p_ref)
+        p_ref, s_ref = ref_step(*args(g, s_ref, p_ref))
         want = digests(s_ref)
         for path, fn in steps_of.items():
             s, p = states[path]
-            p, s = fn(g, s, p)
+            p, s = fn(*args(g, s, p))
             states[path] = (s, p)
             got = digests(s)
             rel = max(
