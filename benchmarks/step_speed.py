@@ -538,7 +538,7 @@ KERNEL_VARIANTS = {
     "preset-4bit": ("4bit", "preset"),
     "preset-8bit": ("8bit", "preset"),
     # pi-Quant's preset: m in superblocks of 96, v 4-bit blockwise in 128s;
-    # the kernel takes it in joint rows only (kadam.JOINT_ROWS, v42)
+    # the kernel takes it in joint rows only (kadam.kernel_codecs, v42)
     "preset-piquant": ("piquant", "preset"),
 }
 
@@ -1236,8 +1236,8 @@ def main(argv: list[str] | None = None) -> dict:
                 presets = [
                     v
                     for v in KERNEL_VARIANTS
-                    if v.startswith("preset-")
-                    and (kadam.JOINT_ROWS or v != "preset-piquant")
+                    if v.startswith("preset-")  # those the kernel takes
+                    and kadam.kernel_codecs(*_codecs(*KERNEL_VARIANTS[v]))
                 ]
                 result["kernel"] = kernel_checks(
                     log,
