@@ -1,8 +1,8 @@
 """The kernel tunables as command-line flags: one definition for every benchmark.
 
 `add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch``,
-``--programs``, ``--share-lone-leaves``, ``--joint-rows`` and
-``--float-leaves-per-launch`` on
+``--programs``, ``--share-lone-leaves``, ``--joint-rows``, ``--prefetch``
+and ``--float-leaves-per-launch`` on
 a parser, `apply` sets the module attributes of `optax_lowbit.kernels.adam`
 they stand for, `argv` gives the flags that reproduce the current settings
 (for a child process), and `settings` the values a result records.
@@ -54,6 +54,13 @@ FLAGS = (
         "JOINT_ROWS",
         "1: codec pairs whose groups differ (pi-Quant's preset) take the kernel "
         "in joint rows (kadam.JOINT_ROWS, NOTES_kernels.md v42; default: off)",
+    ),
+    (
+        "--prefetch",
+        "PREFETCH",
+        "1: persistent launches (--programs set) load each program's next "
+        "block before stepping the current one (kadam.PREFETCH, "
+        "NOTES_kernels.md v43; default: off)",
     ),
     (
         "--float-leaves-per-launch",

@@ -80,6 +80,7 @@ __all__ = [
     "LEAVES_PER_LAUNCH",
     "MAX_BLOCK_ELEMENTS",
     "MAX_GROUPED_BLOCK_ELEMENTS",
+    "PREFETCH",
     "SHARE_LONE_LEAVES",
     "adam_update",
     "adam_update_float_many",
@@ -115,6 +116,12 @@ DEFAULT_NUM_WARPS: int | None = None
 #: Persistent launches compile one kernel per codec pair instead of one per
 #: leaf shape (benchmarks/NOTES_kernels.md, v22; not yet timed on a GPU).
 DEFAULT_PROGRAMS: int | None = None
+#: Whether persistent launches (`DEFAULT_PROGRAMS` set) load each program's
+#: next block before stepping the current one (`launch.LaunchConfig.
+#: prefetch`, `loop.kernel`): 0 (the default) or 1; launches of one program
+#: per block have no next block and ignore it. Not yet timed on a GPU
+#: (benchmarks/NOTES_kernels.md, v43).
+PREFETCH = 0
 #: Elements of a default block each thread handles (`default_num_warps`). On
 #: the H200 (256M leaf, fused step, 2026-12-04) each preset was fastest at 8:
 #: 8-bit and 4-bit (2048-element blocks) with 8 warps (2.24 and 1.87 ms
@@ -263,11 +270,12 @@ def launch_config(
 
     Returns:
       A `launch.LaunchConfig` (static: the jitted launches' cache key), with
-      `DEFAULT_PROGRAMS` (read now) as its programs.
+      `DEFAULT_PROGRAMS` (read now) as its programs and, for a persistent
+      launch, `PREFETCH` (read now) as its prefetch.
 
     Raises:
       TypeError, ValueError: `DEFAULT_PROGRAMS` is not ``None``, 0 or an
-        int > 0.
+        int > 0; `PREFETCH` is not 0 or 1.
     """
     group_size = max(c.group_size for c in codecs)
     block_groups = block_groups or default_block_groups(group_size)
@@ -277,6 +285,10 @@ def launch_config(
         _checks.positive_int(
             "optax_lowbit.kernels.adam.DEFAULT_PROGRAMS (None, 0 or n > 0)", programs
         )
+    if PREFETCH not in (0, 1) or type(PREFETCH) is not int:
+        raise ValueError(
+            f"optax_lowbit.kernels.adam.PREFETCH must be 0 or 1, got {PREFETCH!r}."
+        )
     return launch.LaunchConfig(
         rule=rule,
         codecs=tuple(codecs),
@@ -285,6 +297,8 @@ def launch_config(
         or default_num_warps(launch.block_elements(block_groups, codecs)),
         lowering=lowering,
         programs=programs,
+        # one program per block has no next block to load
+        prefetch=bool(PREFETCH) and programs is not None,
     )
 
 

@@ -62,6 +62,8 @@ class LaunchConfig:
         programs, each looping over the launch's blocks (a *persistent*
         launch: one grid, hence one compiled kernel, for every launch of a
         codec pair and number of leaves, whatever the leaves' shapes).
+      prefetch: a persistent launch's programs load each next block before
+        stepping the current one (`loop.kernel`); needs ``programs`` set.
       masked: every launch masks its blocks' loads and stores (`signature`
         then calls every leaf ragged): leaves that end in a whole block and
         leaves that do not share launches (the float-moment leaves' launches,
@@ -75,7 +77,15 @@ class LaunchConfig:
     num_warps: int
     lowering: str | None = None
     programs: int | None = None
+    prefetch: bool = False
     masked: bool = False
+
+    def __post_init__(self):
+        if self.prefetch and self.programs is None:
+            raise ValueError(
+                "LaunchConfig: prefetch=True needs a persistent launch "
+                "(programs 0 or n > 0), got programs=None."
+            )
 
     @property
     def block_elements(self) -> int:
@@ -675,6 +685,7 @@ def launch(
         padded=key.padded,
         ragged=key.ragged,
         persistent=persistent,
+        prefetch=config.prefetch,
         lead_local=lead_local,
         lead_global=None if lead_global is None else tuple(lead_global),
     )

@@ -383,6 +383,7 @@ def kernel(
     padded,
     ragged,
     persistent,
+    prefetch=False,
     lead_local=None,
     lead_global=None,
 ):
@@ -404,6 +405,13 @@ def kernel(
     sizes are read at its (traced) offsets. Their trace is shared with the
     step's other launches too (`compute_block_traced_once`).
 
+    With ``prefetch`` a persistent program loads its next block before it
+    steps the current one (the loads carried across the loop's trips), so
+    each program keeps its own reads in flight while it computes; the last
+    trip's look-ahead re-reads the launch's last block and drops it. Blocks
+    are disjoint, so reading block ``b + P`` before storing block ``b`` reads
+    the same values; the codes, scales and outputs are those without it.
+
     Args:
       hp_ref: every leaf's hyperparameter vector (`make_hp`,
         `momentum_hp`), flat (`HP_LEN` slots each).
@@ -420,6 +428,8 @@ def kernel(
       ragged: whether a leaf's last block runs past its rows (masked loads
         and stores; without, none are masked).
       persistent: whether each program loops over blocks.
+      prefetch: with ``persistent``, load each trip's next block before
+        stepping the current one.
       lead_local: a shard's group grid (on a shard, else ``None``).
       lead_global: the whole leaf's group grid on a shard, else ``None``.
     """
@@ -427,7 +437,8 @@ def kernel(
     pid = pl.program_id(0)
     n = len(codecs)
 
-    def run(b, zero):
+    def locate(b, zero):
+        """Block ``b``'s leaf, rows, mask, shape arguments and offsets."""
         leaf = 0
         for k in range(1, n_leaves):
             leaf = leaf + (b >= size_ref[k * SIZE_SLOTS + FIRST]).astype(jnp.int32)
@@ -442,8 +453,11 @@ def kernel(
                 last=size_ref[slot + LAST],
                 groups_per_row=size_ref[slot + GROUPS_PER_ROW],
             )
-        offsets = block_offsets(row, codecs=codecs, **shape)
-        loaded = _select(
+        return leaf, row, valid, shape, block_offsets(row, codecs=codecs, **shape)
+
+    def fetch(where):
+        leaf, _, valid, _, offsets = where
+        return _select(
             leaf,
             [
                 functools.partial(
@@ -452,6 +466,9 @@ def kernel(
                 for ins, _ in leaf_refs
             ],
         )
+
+    def finish(where, loaded):
+        leaf, row, valid, shape, offsets = where
         hp = [hp_ref[leaf * HP_LEN + k] for k in range(len(rule.hp_fields))]
         seeds = [seed_ref[leaf * n + k] for k in range(n)]
         kw = dict(rule=rule, codecs=codecs, padded=padded)
@@ -469,20 +486,39 @@ def kernel(
             ],
         )
 
+    def run(b, zero):
+        where = locate(b, zero)
+        finish(where, fetch(where))
+
     if not persistent:
         run(pid, 0)
         return
     programs = pl.num_programs(0)
     at = n_leaves * SIZE_SLOTS
     total = size_ref[at]
-
-    def trip(t, carry):
-        # The table's 0, loaded in every trip, is added to the rows: the
-        # compiler then recomputes each trip's per-thread offsets instead of
-        # holding them in registers across the loop (polar 2-bit fused,
-        # offline: 89 -> 80 registers a thread, the same instructions).
-        run(pid + t * programs, size_ref[at + 1])
-        return carry
-
     trips = jax.lax.div(total - pid + programs - 1, programs)
-    jax.lax.fori_loop(0, trips, trip, jnp.int32(0))
+
+    # The table's 0, loaded in every trip, is added to the rows: the
+    # compiler then recomputes each trip's per-thread offsets instead of
+    # holding them in registers across the loop (polar 2-bit fused,
+    # offline: 89 -> 80 registers a thread, the same instructions).
+    if not prefetch:
+
+        def trip(t, carry):
+            run(pid + t * programs, size_ref[at + 1])
+            return carry
+
+        jax.lax.fori_loop(0, trips, trip, jnp.int32(0))
+        return
+    last = jnp.maximum(total - 1, 0)
+
+    def ahead(b):  # the look-ahead past the last block re-reads the last
+        return fetch(locate(jnp.minimum(b, last), size_ref[at + 1]))
+
+    def prefetched_trip(t, loaded):
+        b = pid + t * programs
+        following = ahead(b + programs)
+        finish(locate(b, size_ref[at + 1]), loaded)
+        return following
+
+    jax.lax.fori_loop(0, trips, prefetched_trip, ahead(pid))

@@ -264,20 +264,32 @@ MIXED = [(3, 256), (41, 128), (7, 384)]
 
 
 @pytest.mark.parametrize(
-    ("variant", "programs"),
-    [("sr2", None), ("sr2", 1), ("sr2", 3), ("sr2", 32), ("blockwise4", 3)],
+    ("variant", "programs", "prefetch"),
+    [
+        ("sr2", None, 0),
+        ("sr2", 1, 0),
+        ("sr2", 3, 0),
+        ("sr2", 32, 0),
+        ("blockwise4", 3, 0),
+        ("sr2", 3, 1),
+        ("blockwise4", 32, 1),
+    ],
 )
-def test_mixed_shapes_and_programs(monkeypatch, variant, programs):
+def test_mixed_shapes_and_programs(monkeypatch, variant, programs, prefetch):
     """Leaves of different shapes grouped with ``leaves_per_launch=0``: one
     program per block (each alone in its shape, the three share one launch
     with `kadam.SHARE_LONE_LEAVES`, v28), or one persistent launch run by
     1 program (a loop over all 19 blocks), 3 (loops of 6-7) or 32 (13
-    idle); blockwise (groups of 128, 10 blocks) by 3. Every output equals one launch
-    per leaf bit for bit, the state the jnp reference's."""
+    idle); blockwise (groups of 128, 10 blocks) by 3. With `kadam.PREFETCH`
+    (v43) each program loads its next block, across leaves, before stepping
+    the current one; by 32 programs (22 idle) every program's look-ahead
+    runs past the last block. Every output equals one launch per leaf bit
+    for bit, the state the jnp reference's."""
     monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
+    monkeypatch.setattr(kadam, "PREFETCH", prefetch)
     monkeypatch.setattr(kadam, "SHARE_LONE_LEAVES", 1)
     mc, nc = VARIANTS[variant]
-    key = jax.random.key(len(variant) + (programs or 0))
+    key = jax.random.key(len(variant) + (programs or 0) + 100 * prefetch)
     gs, mus, nus, hps, seeds, params = _leaves(key, MIXED, mc, nc, True)
     # not jitted: the launches' own jit caches key on the programs
     grouped = _update_many(gs, mus, nus, hps, seeds, params, mc, nc, per_launch=0)

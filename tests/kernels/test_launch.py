@@ -130,3 +130,25 @@ def test_bad_programs_named(monkeypatch, bad):
     for good in (None, 0, 3):
         monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", good)
         assert kadam.launch_config(rules.AdamRule(), codecs).programs == good
+
+
+@pytest.mark.parametrize(("prefetch", "programs"), [(2, 0), (True, 0), (-1, None)])
+def test_bad_prefetch_named(monkeypatch, prefetch, programs):
+    """`kadam.PREFETCH` is 0 or 1, else the launch's configuration fails
+    naming the setting; it applies to persistent launches only (v43)."""
+    from optax_lowbit.kernels import adam as kadam
+    from optax_lowbit.kernels import launch, rules
+    from optax_lowbit.transforms import adam_presets
+
+    codecs = adam_presets.polar_codecs(2, "stochastic")
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", programs)
+    monkeypatch.setattr(kadam, "PREFETCH", prefetch)
+    with pytest.raises(ValueError, match="PREFETCH"):
+        kadam.launch_config(rules.AdamRule(), codecs)
+    monkeypatch.setattr(kadam, "PREFETCH", 1)
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", 0)
+    assert kadam.launch_config(rules.AdamRule(), codecs).prefetch
+    monkeypatch.setattr(kadam, "DEFAULT_PROGRAMS", None)
+    assert not kadam.launch_config(rules.AdamRule(), codecs).prefetch
+    with pytest.raises(ValueError, match="prefetch=True needs a persistent"):
+        launch.LaunchConfig(rules.AdamRule(), codecs, 16, 4, prefetch=True)
