@@ -79,6 +79,8 @@ def test_the_piquant_pair_takes_joint_rows():
         joint.Blocks32(lowbit.codecs.blockwise8(False))
 
 
+# Opt-in like the kernel checks below (~23 CPU-s in the first step): slow step.
+@pytest.mark.slow
 @given(seed=st.integers(0, 2**31 - 1), stream=st.integers(0, 2**32 - 1))
 def test_rows_encode_and_decode_as_whole_groups(seed, stream):
     """Rows of 384 held in 24 strided parts: the same codes, scales, values and
