@@ -119,8 +119,10 @@ DEFAULT_PROGRAMS: int | None = None
 #: Whether persistent launches (`DEFAULT_PROGRAMS` set) load each program's
 #: next block before stepping the current one (`launch.LaunchConfig.
 #: prefetch`, `loop.kernel`): 0 (the default) or 1; launches of one program
-#: per block have no next block and ignore it. Not yet timed on a GPU
-#: (benchmarks/NOTES_kernels.md, v43).
+#: per block have no next block and ignore it. Off: on an H200 (256M leaf,
+#: fused, polar2) it made persistent launches ~11% faster (2.38 -> 2.12 ms)
+#: but no faster than one program per block (1.81-2.05 ms), and polar1.5's
+#: 8-22% slower than its default (benchmarks/NOTES_kernels.md, v43).
 PREFETCH = 0
 #: Elements of a default block each thread handles (`default_num_warps`). On
 #: the H200 (256M leaf, fused step, 2026-12-04) each preset was fastest at 8:
