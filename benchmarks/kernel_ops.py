@@ -496,12 +496,17 @@ def count_case(
             f"{name}/{path}: expected one Triton kernel, got {len(seen)}."
         )
     counts = seen[0]["counts"]
-    gsize = max(c.group_size for c in (mu_codec, nu_codec))
-    elements = kadam.default_block_groups(gsize) * gsize
+    # the block the launch took: the codecs the kernel steps (a pair whose
+    # groups differ steps joint rows, `kadam.kernel_codecs`), as configured
+    if muon:
+        config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
+    else:
+        pair = kadam.kernel_codecs(mu_codec, nu_codec) or (mu_codec, nu_codec)
+        config = kadam.launch_config(rules.AdamRule(), pair)
+    elements = config.block_elements
     extra = {}
     if sass:
-        warps = kadam.default_num_warps(elements)
-        extra = sass_counts(seen[0]["ttir"], warps, elements)
+        extra = sass_counts(seen[0]["ttir"], config.num_warps, elements)
     return {
         **extra,
         "case": name,
