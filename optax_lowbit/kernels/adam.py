@@ -114,7 +114,8 @@ DEFAULT_NUM_WARPS: int | None = None
 #: default) one per block; ``0`` a persistent launch of
 #: `launch.default_programs`; ``n > 0`` a persistent launch of ``n``.
 #: Persistent launches compile one kernel per codec pair instead of one per
-#: leaf shape (benchmarks/NOTES_kernels.md, v22; not yet timed on a GPU).
+#: leaf shape, but step slower (on the H200 at v22, 256M leaf: polar2 1.23x
+#: `optax.adamw` against 1.00x; benchmarks/NOTES_kernels.md, v22, v43).
 DEFAULT_PROGRAMS: int | None = None
 #: Whether persistent launches (`DEFAULT_PROGRAMS` set) load each program's
 #: next block before stepping the current one (`launch.LaunchConfig.
