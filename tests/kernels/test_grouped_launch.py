@@ -271,8 +271,9 @@ MIXED = [(3, 256), (41, 128), (7, 384)]
         ("sr2", 3, 0),
         ("sr2", 32, 0),
         ("blockwise4", 3, 0),
-        ("sr2", 3, 1),
-        ("blockwise4", 32, 1),
+        # opt-in (v43, off by default): ~27 CPU-s, in CI's slow step
+        pytest.param("sr2", 3, 1, marks=pytest.mark.slow),
+        pytest.param("blockwise4", 32, 1, marks=pytest.mark.slow),
     ],
 )
 def test_mixed_shapes_and_programs(monkeypatch, variant, programs, prefetch):
