@@ -68,15 +68,15 @@ def check(name: str, params, steps: int) -> list[dict]:
     args = step_speed.step_args
     g0 = grads_at(params, 0)
     fns = {path: step_speed.train_step(path, o) for path, o in opts.items()}
+    states = {path: (o.init(params), params) for path, o in opts.items()}
     calls = {
-        path: str(jax.make_jaxpr(fn)(*args(g0, opts[path].init(params), params))).count(
+        path: str(jax.make_jaxpr(fn)(*args(g0, states[path][0], params))).count(
             "pallas_call"
         )
         for path, fn in fns.items()
     }
     ref_step = jax.jit(step_speed.train_step("chain", ref))
     steps_of = {path: jax.jit(fn) for path, fn in fns.items()}
-    states = {path: (o.init(params), params) for path, o in opts.items()}
     s_ref, p_ref = ref.init(params), params
     out = []
     for step in range(steps):

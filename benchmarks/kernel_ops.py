@@ -469,10 +469,17 @@ def count_case(
     mu_codec, nu_codec = CASES[name]()
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
     muon = path == "momentum"
+    # the launch's configuration: Muon's momentum is the first moment's codec
+    # alone; Adam's pair launches as `kadam.kernel_codecs` steps it (a pair
+    # whose groups differ in joint rows), which `adam_update` configures alike
+    if muon:
+        config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
+    else:
+        pair = kadam.kernel_codecs(mu_codec, nu_codec) or (mu_codec, nu_codec)
+        config = kadam.launch_config(rules.AdamRule(), pair)
 
     def step(g, p):
-        if muon:  # Muon's momentum: the first moment's codec alone
-            config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
+        if muon:
             hp = rules.momentum_hp(0.95, 0.05, 0.0975)
             mu = mu_codec.zeros(shape)
             return kadam.rule_update(config, g, (mu,), hp, (1,), impl="pallas")
@@ -496,14 +503,7 @@ def count_case(
             f"{name}/{path}: expected one Triton kernel, got {len(seen)}."
         )
     counts = seen[0]["counts"]
-    # the block the launch took: the codecs the kernel steps (a pair whose
-    # groups differ steps joint rows, `kadam.kernel_codecs`), as configured
-    if muon:
-        config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
-    else:
-        pair = kadam.kernel_codecs(mu_codec, nu_codec) or (mu_codec, nu_codec)
-        config = kadam.launch_config(rules.AdamRule(), pair)
-    elements = config.block_elements
+    elements = config.block_elements  # per element of the block it launched
     extra = {}
     if sass:
         extra = sass_counts(seen[0]["ttir"], config.num_warps, elements)
