@@ -81,6 +81,7 @@ __all__ = [
     "MAX_BLOCK_ELEMENTS",
     "MAX_GROUPED_BLOCK_ELEMENTS",
     "PREFETCH",
+    "QUARTERS",
     "SHARE_LONE_LEAVES",
     "adam_update",
     "adam_update_float_many",
@@ -178,6 +179,14 @@ SHARE_LONE_LEAVES = 0
 #: 45 s against 0.6; benchmarks/NOTES_kernels.md, v42 measured); off, such a
 #: pair steps through XLA. 1 turns it on (benchmarks: ``--joint-rows 1``).
 JOINT_ROWS = 0
+#: Whether the polar 2-bit preset's pair (a polar ``m`` of 4-bit pair codes
+#: beside a 4-bit blockwise ``v`` of its group) is held in quarters instead of
+#: halves (`joint.quarters`): its code plane then packs and unpacks
+#: elementwise, without the reshapes Triton lowers as layout conversions
+#: (benchmarks/NOTES_kernels.md, v44). The same codes, scales and bits. Off by
+#: default until measured on a GPU; 1 turns it on (benchmarks: ``--quarters
+#: 1``).
+QUARTERS = 0
 #: Groups of `codec_ops.FloatMoment` (16 values) per block of the
 #: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4
 #: warps, as the prototype measured on an H100 (benchmarks/NOTES_kernels.md,
@@ -451,8 +460,9 @@ def adam_update(
 def kernel_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> tuple[Any, Any] | None:
     """The codecs the fused kernel steps Adam's pair as, or ``None`` (none).
 
-    `joint.kernel_codecs`: the pair itself where its groups agree; where they
-    differ, its joint rows, with `JOINT_ROWS` (read now) on.
+    `joint.kernel_codecs`: the pair itself where its groups agree (held in
+    quarters where `QUARTERS`, read now, is on and `joint.quarters` takes
+    it); where they differ, its joint rows, with `JOINT_ROWS` (read now) on.
 
     Args:
       mu_codec: the first moment's codec.
@@ -464,7 +474,12 @@ def kernel_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> tuple[Any, Any]
     """
     if mu_codec.group_size != nu_codec.group_size and not JOINT_ROWS:
         return None
-    return joint.kernel_codecs(mu_codec, nu_codec)
+    if QUARTERS not in (0, 1):
+        raise ValueError(f"QUARTERS={QUARTERS!r}: accepted 0 (halves) or 1 (quarters).")
+    pair = joint.kernel_codecs(mu_codec, nu_codec)
+    if QUARTERS and pair == (mu_codec, nu_codec):
+        return joint.quarters(mu_codec, nu_codec) or pair
+    return pair
 
 
 def _pair_codecs(

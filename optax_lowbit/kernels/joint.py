@@ -34,6 +34,13 @@ pair itself where its groups agree), `leaf_fits` the leaves that take them
 (every leaf not sharded under explicit mesh axes).
 The arithmetic is the codecs' own kernel functions, group by group: the
 kernel's result is the jnp path's (`tests/kernels/test_joint.py`).
+
+The same holding, without joint rows, also serves the polar 2-bit preset
+(`quarters`, opt-in: `optax_lowbit.kernels.adam.QUARTERS`): its 4-bit pair
+codes put pairs ``j`` and ``j + G/4`` in one byte, so a group held in
+quarters packs and unpacks its plane elementwise (`PolarQuarters`), where
+halves need a reshape that Triton lowers as layout conversions; the 4-bit
+``v`` beside it is held in the same quarters (`BlockwiseQuarters`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import numpy as np
 
 from optax_lowbit.codecs import base
 from optax_lowbit.codecs.blockwise import BlockwiseCodec
+from optax_lowbit.codecs.polar import PolarCodec
 from optax_lowbit.kernels import codec_ops, launch
 
 #: Elements of the blocks every codec of a joint row is held in (π-Quant's).
@@ -113,6 +121,15 @@ class _Held:
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The codec's tables."""
         return self.codec.kernel_tables()
+
+    def code_planes(self) -> list[int]:
+        """The codec's code planes (bytes of each, per group)."""
+        return self.codec.code_planes()
+
+    @property
+    def scale_dtype(self) -> Any:
+        """The codec's scale dtype."""
+        return self.codec.scale_dtype
 
     def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> list[Any]:
         """The codec's decode (byte parts to parts, for `Blocks32`)."""
@@ -236,6 +253,116 @@ class Rows(_Held):
             planes += list(p)
             scales += list(s) if isinstance(s, (list, tuple)) else [s]
         return planes, scales
+
+
+def quarter_columns(group_size: int) -> list[np.ndarray]:
+    """A group's four contiguous quarters (`PolarQuarters`, `BlockwiseQuarters`)."""
+    q = group_size // 4
+    return [_progression(i * q, 1, q) for i in range(4)]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseQuarters(Blocks32):
+    """A 4-bit blockwise codec held in quarters, beside `PolarQuarters`.
+
+    `Blocks32` with other columns: byte ``j`` of the plane holds elements
+    ``j`` and ``j + G/2``, quarters ``i`` and ``i + 2``, so the plane is
+    read and written as two byte parts (the first half's quarters), and the
+    stochastic words are drawn for the pairs those quarters hold.
+    """
+
+    @property
+    def name(self) -> str:
+        """The codec's name, marked (a kernel's name; the format is the codec's)."""
+        return f"{self.codec.name}-quarters"
+
+    def kernel_columns(self) -> list[np.ndarray]:
+        """`quarter_columns` of the group."""
+        return quarter_columns(self.group_size)
+
+    def kernel_plane_parts(self) -> list[tuple[int, int, int]]:
+        """The plane's bytes as the first two quarters hold their elements."""
+        q = self.group_size // 4
+        return [(0, 1, q), (q, 1, q)]
+
+
+def fits_quarters(codec: Any) -> bool:
+    """Whether `PolarQuarters` takes ``codec``: polar with 4-bit pair codes."""
+    return (
+        isinstance(codec, PolarCodec)
+        and codec.code_bits == 4
+        and codec.group_size % 16 == 0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PolarQuarters(_Held):
+    """A polar codec of 4-bit pair codes (2 bits an element) held in quarters.
+
+    Pair ``j`` is elements ``j`` and ``j + G/2``, and the plane's byte ``j``
+    holds pairs ``j`` and ``j + G/4`` (`base.pack_planes`). In quarters, the
+    pairs of quarters 0 and 2 are the plane's low nibbles and those of
+    quarters 1 and 3 its high ones: decode and encode split and join the
+    plane elementwise (`polar.encode_groups_with`'s ``pair_sets``), the
+    group's scale is the maximum over both pieces, and the words are each
+    piece's pairs'. The same codes, scales and bits as the codec.
+
+    Attributes:
+      codec: a `PolarCodec` with 4-bit pair codes.
+    """
+
+    def __post_init__(self) -> None:
+        if not fits_quarters(self.codec):
+            raise ValueError(
+                f"codec={self.codec!r}: PolarQuarters takes a polar codec of "
+                "4-bit pair codes (bits=2) whose group_size is a multiple of 16."
+            )
+
+    @property
+    def name(self) -> str:
+        """The codec's name, marked (a kernel's name; the format is the codec's)."""
+        return f"{self.codec.name}-quarters"
+
+    def kernel_columns(self) -> list[np.ndarray]:
+        """`quarter_columns` of the group."""
+        return quarter_columns(self.group_size)
+
+    def kernel_noise(self, group: jax.Array, seed: Any) -> list[jax.Array]:
+        """Each piece's words: `base.dither_bits` of the pairs it holds."""
+        q = self.group_size // 4
+        return [base.dither_bits(group, s + jnp.arange(q), seed) for s in (0, q)]
+
+    def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> list[Any]:
+        """The codec's decode of the plane's two nibbles, to quarters."""
+        return self.codec.kernel_decode(planes, scales, tables, pair_sets=2)
+
+    def kernel_encode(
+        self, parts: list[Any], tables: Any, noise: Any
+    ) -> tuple[list[Any], Any]:
+        """The codec's encode of the quarters as two pieces of pairs."""
+        return self.codec.kernel_encode(parts, tables, noise, pair_sets=2)
+
+
+def quarters(mu_codec: Any, nu_codec: Any) -> tuple[Any, Any] | None:
+    """The pair held in quarters, where it fits, else ``None``.
+
+    A polar ``m`` of 4-bit pair codes beside a 4-bit blockwise ``v`` of the
+    same group (the polar 2-bit preset).
+
+    Args:
+      mu_codec: the first moment's codec.
+      nu_codec: the second moment's codec.
+
+    Returns:
+      ``(PolarQuarters, BlockwiseQuarters)`` or ``None``.
+    """
+    if (
+        fits_quarters(mu_codec)
+        and fits_blocks32(nu_codec)
+        and mu_codec.group_size == nu_codec.group_size
+    ):
+        return PolarQuarters(mu_codec), BlockwiseQuarters(nu_codec)
+    return None
 
 
 def fits_blocks32(codec: Any) -> bool:

@@ -572,3 +572,47 @@ def test_stochastic_ring_rounding_equals_the_integer_rule(rings, signed, seed):
     )(s, sector, n_ring)
     np.testing.assert_array_equal(np.asarray(got[0]), want[0])
     np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+
+
+@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), sr=st.booleans())
+def test_pair_sets_give_the_halves_codes_and_values(seed, signed, sr):
+    """A group held as pieces of pairs (``pair_sets=2``: quarters, a kernel's
+    `PolarQuarters`) encodes to the same plane bytes and scales as its halves,
+    the words split where the pieces hold their pairs, and decodes to the same
+    values in quarters: the pieces pack and unpack elementwise, the format is
+    the same."""
+    encode_groups_with = polar_lib.encode_groups_with
+    decode_groups_with = polar_lib.decode_groups_with
+    codec = polar(2, signed=signed, rounding="stochastic" if sr else "nearest")
+    key = jax.random.key(seed)
+    x = jax.random.normal(key, (5, 64)) * jnp.exp(
+        3.0 * jax.random.normal(jax.random.fold_in(key, 1), (5, 1))
+    )
+    x = x.at[0].set(0.0)
+    words = jax.random.bits(jax.random.fold_in(key, 2), (5, 32), jnp.uint32)
+    halves = [x[:, :32], x[:, 32:]]
+    quarters = [x[:, 16 * i : 16 * (i + 1)] for i in range(4)]
+    kw = dict(signed=signed, scale_dtype=codec.scale_dtype, planes=True)
+    want, want_scale = encode_groups_with(
+        halves, codec.codebook(), noise=words if sr else None, **kw
+    )
+    got, got_scale = encode_groups_with(
+        quarters,
+        codec.codebook(),
+        noise=[words[:, :16], words[:, 16:]] if sr else None,
+        pair_sets=2,
+        **kw,
+    )
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(
+        np.asarray(got_scale, np.float32), np.asarray(want_scale, np.float32)
+    )
+    rings = codec.codebook()
+    back = decode_groups_with(want, want_scale, rings, signed=signed, halves=True)
+    parts = decode_groups_with(
+        want, want_scale, rings, signed=signed, halves=True, pair_sets=2
+    )
+    whole = np.concatenate([np.asarray(p) for p in back], axis=-1)
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(p) for p in parts], axis=-1), whole
+    )

@@ -226,3 +226,86 @@ def test_joint_rows_are_off_by_default(monkeypatch):
     hp = kadam.make_hp(0.9, 0.999, 1e-8, 0.0, 0.1, 0.001)
     with pytest.raises(ValueError, match="JOINT_ROWS = 1"):
         kadam.adam_update(g, mu, nu, hp, mu_codec=MU, nu_codec=NU, impl="pallas")
+
+
+POLAR2 = adam_presets.polar_codecs(2, "stochastic")
+
+
+def test_quarters_only_where_asked_and_where_they_fit(monkeypatch):
+    """`kadam.QUARTERS` (off by default) holds the polar 2-bit pair in quarters;
+    other pairs keep theirs; a bad setting and a codec the hold cannot take
+    are refused, naming them."""
+    monkeypatch.setattr(kadam, "QUARTERS", 0)
+    assert kadam.kernel_codecs(*POLAR2) == tuple(POLAR2)
+    monkeypatch.setattr(kadam, "QUARTERS", 1)
+    mu, nu = kadam.kernel_codecs(*POLAR2)
+    assert isinstance(mu, joint.PolarQuarters) and mu.codec == POLAR2[0]
+    assert isinstance(nu, joint.BlockwiseQuarters) and nu.codec == POLAR2[1]
+    assert mu.name.endswith("-quarters") and codec_ops.has_kernel(mu)
+    for pair in (
+        adam_presets.polar_codecs(1.5, "stochastic"),  # 3-bit pair codes
+        (lowbit.codecs.blockwise4(signed=True), lowbit.codecs.blockwise4()),
+    ):
+        assert kadam.kernel_codecs(*pair) == tuple(pair)
+    with pytest.raises(ValueError, match="PolarQuarters takes a polar codec"):
+        joint.PolarQuarters(adam_presets.polar_codecs(1.5, "stochastic")[0])
+    monkeypatch.setattr(kadam, "QUARTERS", 2)
+    with pytest.raises(ValueError, match="QUARTERS=2"):
+        kadam.kernel_codecs(*POLAR2)
+
+
+# Quarters are opt-in (`kadam.QUARTERS`, v44): their interpreted kernel check
+# runs in CI's slow step, as the other opt-in kernel forms' do.
+@pytest.mark.slow
+def test_quarters_kernel_equals_the_jnp_step(monkeypatch):
+    """The polar 2-bit pair held in quarters, interpreted, against the jnp
+    definition: leaves in one call (a partial last block, a padded last
+    axis), with and without the fused apply, and faulty gradients; codes and
+    scales bit for bit. Unoptimized, as `test_joint_kernel_equals_the_jnp_step`."""
+    monkeypatch.setattr(kadam, "QUARTERS", 1)
+    mu_codec, nu_codec = POLAR2
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    shapes = [(5, 320), (3, 100)]
+    leaves = []
+    for i, s in enumerate(shapes):
+        k1, k2, k3 = jax.random.split(jax.random.key(i), 3)
+        m = 0.1 * jax.random.normal(k1, s)
+        v = 0.01 * jnp.square(jax.random.normal(k2, s)) + 1e-6
+        leaves.append(
+            (jax.random.normal(k3, s), mu_codec.encode(m), nu_codec.encode(v, seed=5))
+        )
+    gs, mus, nus = (list(x) for x in zip(*leaves, strict=True))
+    flat = np.asarray(gs[0]).reshape(-1).copy()
+    flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
+    gs[0] = jnp.asarray(flat.reshape(shapes[0]))
+    seeds = np.arange(3, 3 + 2 * len(shapes), dtype=np.uint32).reshape(-1, 2)
+    for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
+        got = kadam.adam_update_many(
+            gs,
+            mus,
+            nus,
+            [hp] * len(shapes),
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            seeds=seeds,
+            params=params,
+            block_groups=2,
+        )
+        for k in range(len(shapes)):
+            want = kadam.adam_update_reference(
+                gs[k],
+                mus[k],
+                nus[k],
+                hp,
+                mu_codec=mu_codec,
+                nu_codec=nu_codec,
+                seeds=tuple(seeds[k]),
+                params=None if params is None else params[k],
+            )
+            chex.assert_trees_all_equal(got[k][1:], want[1:])
+            out, ref = np.asarray(got[k][0]), np.asarray(want[0])
+            np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
+            ok = np.isfinite(ref)
+            np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
