@@ -116,11 +116,56 @@ def test_rows_encode_and_decode_as_whole_groups(seed, stream):
         )
 
 
-def _state(key, shape):
+def _state(key, shape, mu_codec=MU, nu_codec=NU):
     k1, k2, k3 = jax.random.split(key, 3)
     m = 0.1 * jax.random.normal(k1, shape)
     v = 0.01 * jnp.square(jax.random.normal(k2, shape)) + 1e-6
-    return jax.random.normal(k3, shape), MU.encode(m), NU.encode(v, seed=5)
+    return jax.random.normal(k3, shape), mu_codec.encode(m), nu_codec.encode(v, seed=5)
+
+
+def _assert_kernel_equals_jnp(shapes, mu_codec=MU, nu_codec=NU):
+    """Fresh leaves of ``shapes`` (the first with NaN, inf and huge gradients)
+    in one interpreted call (blocks of 2 groups), with and without the fused
+    apply, against the jnp definition: codes and scales bit for bit."""
+    hp = kadam.make_hp(
+        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
+    )
+    leaves = [
+        _state(jax.random.key(i), s, mu_codec, nu_codec) for i, s in enumerate(shapes)
+    ]
+    gs, mus, nus = (list(x) for x in zip(*leaves, strict=True))
+    flat = np.asarray(gs[0]).reshape(-1).copy()
+    flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
+    gs[0] = jnp.asarray(flat.reshape(shapes[0]))
+    seeds = np.arange(3, 3 + 2 * len(shapes), dtype=np.uint32).reshape(-1, 2)
+    for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
+        got = kadam.adam_update_many(
+            gs,
+            mus,
+            nus,
+            [hp] * len(shapes),
+            mu_codec=mu_codec,
+            nu_codec=nu_codec,
+            seeds=seeds,
+            params=params,
+            block_groups=2,
+        )
+        for k in range(len(shapes)):
+            want = kadam.adam_update_reference(
+                gs[k],
+                mus[k],
+                nus[k],
+                hp,
+                mu_codec=mu_codec,
+                nu_codec=nu_codec,
+                seeds=tuple(seeds[k]),
+                params=None if params is None else params[k],
+            )
+            chex.assert_trees_all_equal(got[k][1:], want[1:])
+            out, ref = np.asarray(got[k][0]), np.asarray(want[0])
+            np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
+            ok = np.isfinite(ref)
+            np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
 
 
 # The joint rows are opt-in (`kadam.JOINT_ROWS`): their interpreted kernel
@@ -142,43 +187,7 @@ def test_joint_kernel_equals_the_jnp_step(shapes):
     them the CPU interpreter's kernel was seen to contract ``v + (1 - b2)(g g
     - v)`` into one fused multiply-add on one shape (a group maximum 1 ulp
     apart; `rules`' note)."""
-    hp = kadam.make_hp(
-        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
-    )
-    leaves = [_state(jax.random.key(i), s) for i, s in enumerate(shapes)]
-    gs, mus, nus = (list(x) for x in zip(*leaves, strict=True))
-    flat = np.asarray(gs[0]).reshape(-1).copy()
-    flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
-    gs[0] = jnp.asarray(flat.reshape(shapes[0]))
-    seeds = np.arange(3, 3 + 2 * len(shapes), dtype=np.uint32).reshape(-1, 2)
-    for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
-        got = kadam.adam_update_many(
-            gs,
-            mus,
-            nus,
-            [hp] * len(shapes),
-            mu_codec=MU,
-            nu_codec=NU,
-            seeds=seeds,
-            params=params,
-            block_groups=2,
-        )
-        for k in range(len(shapes)):
-            want = kadam.adam_update_reference(
-                gs[k],
-                mus[k],
-                nus[k],
-                hp,
-                mu_codec=MU,
-                nu_codec=NU,
-                seeds=tuple(seeds[k]),
-                params=None if params is None else params[k],
-            )
-            chex.assert_trees_all_equal(got[k][1:], want[1:])
-            out, ref = np.asarray(got[k][0]), np.asarray(want[0])
-            np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
-            ok = np.isfinite(ref)
-            np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
+    _assert_kernel_equals_jnp(shapes)
 
 
 @pytest.mark.slow
@@ -263,49 +272,4 @@ def test_quarters_kernel_equals_the_jnp_step(monkeypatch):
     axis), with and without the fused apply, and faulty gradients; codes and
     scales bit for bit. Unoptimized, as `test_joint_kernel_equals_the_jnp_step`."""
     monkeypatch.setattr(kadam, "QUARTERS", 1)
-    mu_codec, nu_codec = POLAR2
-    hp = kadam.make_hp(
-        0.9, 0.999, 1e-8, 0.0, 0.271, 0.003, learning_rate=1e-2, weight_decay=0.1
-    )
-    shapes = [(5, 320), (3, 100)]
-    leaves = []
-    for i, s in enumerate(shapes):
-        k1, k2, k3 = jax.random.split(jax.random.key(i), 3)
-        m = 0.1 * jax.random.normal(k1, s)
-        v = 0.01 * jnp.square(jax.random.normal(k2, s)) + 1e-6
-        leaves.append(
-            (jax.random.normal(k3, s), mu_codec.encode(m), nu_codec.encode(v, seed=5))
-        )
-    gs, mus, nus = (list(x) for x in zip(*leaves, strict=True))
-    flat = np.asarray(gs[0]).reshape(-1).copy()
-    flat[[0, 7, 300, 301]] = [np.nan, np.inf, -1e30, 1e-30]
-    gs[0] = jnp.asarray(flat.reshape(shapes[0]))
-    seeds = np.arange(3, 3 + 2 * len(shapes), dtype=np.uint32).reshape(-1, 2)
-    for params in (None, [jax.random.normal(jax.random.key(9), s) for s in shapes]):
-        got = kadam.adam_update_many(
-            gs,
-            mus,
-            nus,
-            [hp] * len(shapes),
-            mu_codec=mu_codec,
-            nu_codec=nu_codec,
-            seeds=seeds,
-            params=params,
-            block_groups=2,
-        )
-        for k in range(len(shapes)):
-            want = kadam.adam_update_reference(
-                gs[k],
-                mus[k],
-                nus[k],
-                hp,
-                mu_codec=mu_codec,
-                nu_codec=nu_codec,
-                seeds=tuple(seeds[k]),
-                params=None if params is None else params[k],
-            )
-            chex.assert_trees_all_equal(got[k][1:], want[1:])
-            out, ref = np.asarray(got[k][0]), np.asarray(want[0])
-            np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
-            ok = np.isfinite(ref)
-            np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
+    _assert_kernel_equals_jnp([(5, 320), (3, 100)], *POLAR2)
