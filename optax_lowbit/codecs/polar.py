@@ -637,8 +637,8 @@ def decode_groups_with(
     if tables is None:
         tables = code_tables(jnp.stack(rings), signed)
     if isinstance(codes, (list, tuple)):
-        sets = pair_sets if halves else 1
-        code = base.unpack_planes(codes, bits, sets if sets > 1 else 0, kernel=True)
+        pieces = pair_sets if halves and pair_sets > 1 else 0  # 0: one array
+        code = base.unpack_planes(codes, bits, pieces, kernel=True)
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
     scale, firsts, seconds = None, [], []

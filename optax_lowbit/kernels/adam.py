@@ -472,10 +472,10 @@ def kernel_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> tuple[Any, Any]
       ``(mu, nu)`` to launch with, or ``None`` where the kernel takes no leaf
       of this pair.
     """
-    if mu_codec.group_size != nu_codec.group_size and not JOINT_ROWS:
-        return None
     if QUARTERS not in (0, 1):
         raise ValueError(f"QUARTERS={QUARTERS!r}: accepted 0 (halves) or 1 (quarters).")
+    if mu_codec.group_size != nu_codec.group_size and not JOINT_ROWS:
+        return None
     pair = joint.kernel_codecs(mu_codec, nu_codec)
     if QUARTERS and pair == (mu_codec, nu_codec):
         return joint.quarters(mu_codec, nu_codec) or pair

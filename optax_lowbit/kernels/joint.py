@@ -85,6 +85,19 @@ def _progression(start: int, stride: int, size: int) -> np.ndarray:
     return start + stride * np.arange(size)
 
 
+def _piece_words(
+    group: jax.Array, seed: Any, pieces: list[tuple[int, int, int]]
+) -> list[jax.Array]:
+    """`base.dither_bits` of the pairs ``(start, stride, size)`` of each piece.
+
+    The pairs from an iota: a kernel cannot capture an array constant.
+    """
+    return [
+        base.dither_bits(group, start + stride * jnp.arange(size), seed)
+        for start, stride, size in pieces
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Held:
     """A codec as a kernel holds it: its group, scales, tables and kernel math.
@@ -175,10 +188,7 @@ class Blocks32(_Held):
 
     def kernel_noise(self, group: jax.Array, seed: Any) -> list[jax.Array]:
         """Each first-half part's words: `base.dither_bits` of its pairs."""
-        return [
-            base.dither_bits(group, start + stride * jnp.arange(size), seed)
-            for start, stride, size in self.kernel_plane_parts()
-        ]
+        return _piece_words(group, seed, self.kernel_plane_parts())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,29 +271,49 @@ def quarter_columns(group_size: int) -> list[np.ndarray]:
     return [_progression(i * q, 1, q) for i in range(4)]
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockwiseQuarters(Blocks32):
-    """A 4-bit blockwise codec held in quarters, beside `PolarQuarters`.
+class _InQuarters:
+    """What a codec held in quarters changes, for both codecs of the pair.
 
-    `Blocks32` with other columns: byte ``j`` of the plane holds elements
-    ``j`` and ``j + G/2``, quarters ``i`` and ``i + 2``, so the plane is
-    read and written as two byte parts (the first half's quarters), and the
-    stochastic words are drawn for the pairs those quarters hold.
+    Its columns, its name (a kernel's; the format is the codec's) and where
+    its stochastic words are drawn: the pairs of quarters 0 and 2 (pairs
+    ``0 .. G/4 - 1``), then those of quarters 1 and 3 (`pair_pieces`).
     """
+
+    codec: Any
+    group_size: int
 
     @property
     def name(self) -> str:
-        """The codec's name, marked (a kernel's name; the format is the codec's)."""
+        """The codec's name, marked."""
         return f"{self.codec.name}-quarters"
 
     def kernel_columns(self) -> list[np.ndarray]:
         """`quarter_columns` of the group."""
         return quarter_columns(self.group_size)
 
-    def kernel_plane_parts(self) -> list[tuple[int, int, int]]:
-        """The plane's bytes as the first two quarters hold their elements."""
+    def pair_pieces(self) -> list[tuple[int, int, int]]:
+        """``(start, stride, size)`` of the pairs of each piece."""
         q = self.group_size // 4
         return [(0, 1, q), (q, 1, q)]
+
+    def kernel_noise(self, group: jax.Array, seed: Any) -> list[jax.Array]:
+        """Each piece's words: `base.dither_bits` of the pairs it holds."""
+        return _piece_words(group, seed, self.pair_pieces())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseQuarters(_InQuarters, Blocks32):
+    """A 4-bit blockwise codec held in quarters, beside `PolarQuarters`.
+
+    `Blocks32` with other columns: byte ``j`` of the plane holds elements
+    ``j`` and ``j + G/2``, quarters ``i`` and ``i + 2``, so the plane is
+    read and written as two byte parts (the first half's quarters, whose
+    elements are the pieces' pairs).
+    """
+
+    def kernel_plane_parts(self) -> list[tuple[int, int, int]]:
+        """The plane's bytes as the first two quarters hold their elements."""
+        return self.pair_pieces()
 
 
 def fits_quarters(codec: Any) -> bool:
@@ -296,7 +326,7 @@ def fits_quarters(codec: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class PolarQuarters(_Held):
+class PolarQuarters(_InQuarters, _Held):
     """A polar codec of 4-bit pair codes (2 bits an element) held in quarters.
 
     Pair ``j`` is elements ``j`` and ``j + G/2``, and the plane's byte ``j``
@@ -317,20 +347,6 @@ class PolarQuarters(_Held):
                 f"codec={self.codec!r}: PolarQuarters takes a polar codec of "
                 "4-bit pair codes (bits=2) whose group_size is a multiple of 16."
             )
-
-    @property
-    def name(self) -> str:
-        """The codec's name, marked (a kernel's name; the format is the codec's)."""
-        return f"{self.codec.name}-quarters"
-
-    def kernel_columns(self) -> list[np.ndarray]:
-        """`quarter_columns` of the group."""
-        return quarter_columns(self.group_size)
-
-    def kernel_noise(self, group: jax.Array, seed: Any) -> list[jax.Array]:
-        """Each piece's words: `base.dither_bits` of the pairs it holds."""
-        q = self.group_size // 4
-        return [base.dither_bits(group, s + jnp.arange(q), seed) for s in (0, q)]
 
     def kernel_decode(self, planes: list[Any], scales: Any, tables: Any) -> list[Any]:
         """The codec's decode of the plane's two nibbles, to quarters."""
@@ -356,13 +372,15 @@ def quarters(mu_codec: Any, nu_codec: Any) -> tuple[Any, Any] | None:
     Returns:
       ``(PolarQuarters, BlockwiseQuarters)`` or ``None``.
     """
-    if (
+    if not (
         fits_quarters(mu_codec)
         and fits_blocks32(nu_codec)
         and mu_codec.group_size == nu_codec.group_size
     ):
-        return PolarQuarters(mu_codec), BlockwiseQuarters(nu_codec)
-    return None
+        return None
+    pair = PolarQuarters(mu_codec), BlockwiseQuarters(nu_codec)
+    # quarters the kernel cannot hold (not a power of two): the halves stay
+    return pair if all(codec_ops.has_kernel(c) for c in pair) else None
 
 
 def fits_blocks32(codec: Any) -> bool:
