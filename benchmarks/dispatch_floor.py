@@ -169,12 +169,11 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = [r for r in records if "error" not in r]
     for case, marker in (("gpt2s_148", "o"), ("gpt2s_stacked", "s")):
+        tag = "stacked" if "stacked" in case else "tree"
         rs = [r for r in ok if r["case"] == case]
         ax.scatter([r["buffers"] for r in rs], [r["ms"] for r in rs], marker=marker)
         for r in rs:
-            ax.annotate(
-                f"{r['row']} ({case[-7:]})", (r["buffers"], r["ms"]), fontsize=7
-            )
+            ax.annotate(f"{r['row']} ({tag})", (r["buffers"], r["ms"]), fontsize=7)
     ax.set_xlabel("buffers passed (inputs + outputs)")
     ax.set_ylabel("ms per blocked step")
     ax.set_title("A jitted step's wall time against its buffers")
@@ -193,7 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--impl", default="pallas", help="the fused rows' impl")
     ap.add_argument("--n-timed", type=int, default=60)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run, tiny trees")
+    ap.add_argument("--replot", action="store_true", help="redraw --out's PNG only")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(pathlib.Path(args.out))
+        return {}
     n, warm = (3, 1) if args.tiny else (args.n_timed, 8)
     optimizers = tuple(filter(None, args.optimizers.split(",")))
     result: dict[str, Any] = {"meta": step_speed.run_meta(args), "records": []}
@@ -209,6 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     path.write_text(json.dumps(result, indent=1))
     plot(result["records"], path.with_suffix(".png"))
     return result
+
+
+def replot(path: pathlib.Path) -> None:
+    """The PNG of a written JSON file, again (``--replot``)."""
+    plot(json.loads(path.read_text())["records"], path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

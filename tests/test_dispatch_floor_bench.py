@@ -89,3 +89,6 @@ def test_tiny_run_writes_every_row(tmp_path):
         assert got["state_arrays"] == k
     assert set(data["summary"]["tree_over_stacked"]) >= {"params_only", "polar2 fused"}
     assert (tmp_path / "d.png").stat().st_size > 0
+    (tmp_path / "d.png").unlink()
+    dispatch_floor.main(["--replot", "--out", str(out)])  # from the JSON alone
+    assert (tmp_path / "d.png").stat().st_size > 0
