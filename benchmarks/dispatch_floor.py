@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
 import traceback
 from typing import Any
 
@@ -59,28 +57,11 @@ def passthrough_step(lr: float = 1e-3):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def time_dispatch(fn, *args, n: int, warm: int) -> tuple[float, float, tuple]:
-    """Medians (ms) of blocked single steps and of the call's return alone;
-    outputs are fed back as `step_speed.time_fn` does."""
-    wall, host = [], []
-    for i in range(warm + n):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        t1 = time.perf_counter()
-        jax.block_until_ready(out)
-        t2 = time.perf_counter()
-        args = step_speed._fed(out, args)
-        if i >= warm:
-            wall.append((t2 - t0) * 1e3)
-            host.append((t1 - t0) * 1e3)
-    return statistics.median(wall), statistics.median(host), args
-
-
 def measure(row: str, case: str, fn, args: tuple, n: int, warm: int) -> dict:
     """One row's record (``args = (state, params, grads)``)."""
     n_in = sum(len(jax.tree.leaves(a)) for a in args)
     n_out = n_in - len(jax.tree.leaves(args[2]))
-    ms, dispatch_ms, args = time_dispatch(fn, *args, n=n, warm=warm)
+    ms, dispatch_ms, args = step_speed.time_dispatch(fn, *args, n=n, warm=warm)
     pipelined_ms, _ = step_speed.time_pipelined(fn, *args, n=n)
     return {
         "case": case,

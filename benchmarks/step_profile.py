@@ -36,9 +36,7 @@ import gzip
 import json
 import os
 import pathlib
-import statistics
 import tempfile
-import time
 import traceback
 from typing import Any
 
@@ -176,16 +174,10 @@ def profile_row(row: step_speed.Row, params, grads, steps: int) -> dict[str, Any
     try:
         c = step_speed.compile_row(row, params, grads)
         rec["compile_s"], run = c.compile_s, c.run
-        ms, _, (state, p, _) = step_speed.time_fn(run, c.state, c.params, grads)
+        rec["wall_ms"], rec["dispatch_ms"], (state, p, _) = step_speed.time_dispatch(
+            run, c.state, c.params, grads
+        )
         del c
-        rec["wall_ms"] = ms
-        dispatch = []  # host time of the call alone (it returns before the device ends)
-        for _ in range(step_speed.N_TIMED):
-            t0 = time.perf_counter()
-            state, p = run(state, p, grads)
-            dispatch.append((time.perf_counter() - t0) * 1e3)
-            jax.block_until_ready(p)
-        rec["dispatch_ms"] = statistics.median(dispatch)
         rec["pipelined_ms"], (state, p, _) = step_speed.time_pipelined(
             run, state, p, grads
         )

@@ -332,6 +332,27 @@ def time_fn(fn, *args, n=None, warm=None, feed=True):
     return statistics.median(times), min(times), args
 
 
+def time_dispatch(fn, *args, n=None, warm=None):
+    """Like `time_fn`, blocked single steps fed back, but returns ``(ms,
+    dispatch_ms, args)``: the medians of the whole step and of the call alone
+    (it returns once the host has dispatched the step, before the device
+    ends it)."""
+    n = N_TIMED if n is None else n
+    warm = N_WARM if warm is None else warm
+    wall, host = [], []
+    for i in range(warm + n):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        args = _fed(out, args)
+        if i >= warm:
+            wall.append((t2 - t0) * 1e3)
+            host.append((t1 - t0) * 1e3)
+    return statistics.median(wall), statistics.median(host), args
+
+
 def time_pipelined(fn, *args, n=None, reps: int = 3):
     """Median ms per step of ``n`` steps run back to back, blocked on once at
     the end (``reps`` repetitions), as a training loop runs them: the host

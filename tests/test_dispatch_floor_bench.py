@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import dispatch_floor
+from benchmarks import dispatch_floor, step_speed
 from tests._bench import run_module
 
 
@@ -24,6 +24,17 @@ def test_passthrough_step_updates_params_and_returns_the_state_unchanged():
         np.testing.assert_array_equal(got, want)
     for k in p:
         np.testing.assert_allclose(p_out[k], p[k] - 0.25 * g[k], rtol=1e-6)
+
+
+@given(st.integers(0, 3), st.integers(1, 5))
+def test_time_dispatch_feeds_every_step_back(warm, n):
+    x0 = np.random.default_rng().normal(size=4).astype(np.float32)
+    step = jax.jit(lambda x, g: (x + g,))
+    ms, dispatch_ms, (x, _) = step_speed.time_dispatch(
+        step, jax.numpy.asarray(x0), jax.numpy.ones(4), n=n, warm=warm
+    )
+    np.testing.assert_allclose(x, x0 + warm + n, rtol=1e-6)
+    assert ms >= dispatch_ms > 0
 
 
 @given(
