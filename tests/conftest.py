@@ -59,39 +59,6 @@ if _CACHE_ON:
 
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
-
-def _unoptimized_compiles_without_fusion_emitters():
-    """Unoptimized compiles use XLA:CPU's elemental emitters, not its fusion
-    emitters (``xla_cpu_use_fusion_emitters=false``).
-
-    Only where XLA's optimizations are off for the test (not ``optimized``;
-    read per compile, as JAX reads the flag itself): those compiles take about
-    half their XLA time with the elemental emitters (most of the suite's
-    time is compiling small programs), and they already differ from a user's
-    optimized program. Tests marked ``optimized`` compile with XLA's defaults,
-    as a user's program does. The option is part of the compile options, so
-    the persistent cache keeps the two kinds of executable apart.
-    ``OPTAX_LOWBIT_FUSION_EMITTERS=1`` keeps XLA's default emitters everywhere.
-    """
-    from jax._src import compiler
-
-    get_compile_options = compiler.get_compile_options
-
-    def compile_options(*args, **kwargs):
-        options = get_compile_options(*args, **kwargs)
-        if compiler._DISABLE_MOST_OPTIMIZATIONS.value:
-            options.env_option_overrides = [
-                *options.env_option_overrides,
-                ("xla_cpu_use_fusion_emitters", False),
-            ]
-        return options
-
-    compiler.get_compile_options = compile_options
-
-
-if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS", "0") != "1":
-    _unoptimized_compiles_without_fusion_emitters()
-
 settings.register_profile(
     "ci",
     max_examples=15,

@@ -28,23 +28,3 @@ def test_a_test_marked_optimized_compiles_optimized():
 
 def test_an_unmarked_test_after_an_optimized_one_runs_unoptimized_again():
     assert jax.config.read(FLAG) is _unoptimized_by_default()
-
-
-def _fusion_emitters_off() -> bool:
-    from jax._src import compiler
-
-    overrides = dict(compiler.get_compile_options(1, 1).env_option_overrides)
-    return overrides.get("xla_cpu_use_fusion_emitters") is False
-
-
-def test_unoptimized_compiles_use_the_elemental_emitters():
-    if not _unoptimized_by_default():
-        pytest.skip("JAX_DISABLE_MOST_OPTIMIZATIONS set to run every test optimized")
-    if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS") == "1":
-        pytest.skip("OPTAX_LOWBIT_FUSION_EMITTERS=1 keeps XLA's default emitters")
-    assert _fusion_emitters_off()
-
-
-@pytest.mark.optimized
-def test_optimized_compiles_keep_xlas_default_emitters():
-    assert not _fusion_emitters_off()
