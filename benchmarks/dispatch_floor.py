@@ -105,8 +105,10 @@ def case_rows(case: str, shapes: dict, optimizers, impl: str, n: int, warm: int)
 
 
 def summarize(records: list[dict]) -> dict:
-    """``tree_over_stacked`` per row both cases have (``ms`` and
-    ``pipelined_ms``), and the tree's cost of one more state array."""
+    """``tree_over_stacked`` per row both cases have (``ms``, ``dispatch_ms``
+    and ``pipelined_ms``), and the tree's cost of one more state array in
+    microseconds (``us_per_state_array``: the slope over the pass-through
+    rows)."""
     by = {(r["case"], r["row"]): r for r in records if "error" not in r}
     ratios = {}
     for (case, row), tree in by.items():
