@@ -183,9 +183,10 @@ JOINT_ROWS = 0
 #: beside a 4-bit blockwise ``v`` of its group) is held in quarters instead of
 #: halves (`joint.quarters`): its code plane then packs and unpacks
 #: elementwise, without the reshapes Triton lowers as layout conversions
-#: (benchmarks/NOTES_kernels.md, v44). The same codes, scales and bits. Off by
-#: default until measured on a GPU; 1 turns it on (benchmarks: ``--quarters
-#: 1``).
+#: (benchmarks/NOTES_kernels.md, v44). The same codes, scales and bits. Off:
+#: measured no faster on an H100 (fused +1.5%, chain -0.9%, inside the
+#: spread; NOTES_kernels.md, "v44 measured"); 1 turns it on (benchmarks:
+#: ``--quarters 1``).
 QUARTERS = 0
 #: Groups of `codec_ops.FloatMoment` (16 values) per block of the
 #: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4
