@@ -59,6 +59,58 @@ if _CACHE_ON:
 
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
+
+#: Whether the next compiles use XLA:CPU's elemental emitters (set per test by
+#: `_xla_optimizations`; read by the compile-options wrapper below).
+_ELEMENTAL = {"on": False}
+
+
+def _compiles_can_use_elemental_emitters() -> bool:
+    """Wraps JAX's compile options so that `_ELEMENTAL` can switch XLA:CPU to
+    its elemental emitters (``xla_cpu_use_fusion_emitters=false``).
+
+    The tests compiled without XLA's optimizations (not marked ``optimized``)
+    use them unless marked ``fusion_emitters``: they take about half the XLA
+    time of XLA's default fusion emitters, and most of the suite's time is
+    compiling small programs. Tests marked ``optimized`` compile with XLA's
+    defaults, as a user's program does. The option is part of the compile
+    options, so the persistent cache keeps the two kinds of executable apart.
+    Returns False (nothing wrapped) where this jax has no such hook or XLA no
+    such option, and where ``OPTAX_LOWBIT_FUSION_EMITTERS=1`` keeps XLA's
+    default emitters everywhere.
+    """
+    if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS", "0") == "1":
+        return False
+    try:
+        from jax._src import compiler
+
+        get_compile_options = compiler.get_compile_options
+    except (ImportError, AttributeError):
+        return False
+
+    def compile_options(*args, **kwargs):
+        options = get_compile_options(*args, **kwargs)
+        if _ELEMENTAL["on"]:
+            options.env_option_overrides = [
+                *options.env_option_overrides,
+                ("xla_cpu_use_fusion_emitters", False),
+            ]
+        return options
+
+    compiler.get_compile_options = compile_options
+    _ELEMENTAL["on"] = True
+    try:  # an XLA without the option refuses it at compile time
+        jax.jit(lambda x: x + 1).lower(1.0).compile()
+    except Exception:  # any refusal means: keep the defaults
+        compiler.get_compile_options = get_compile_options
+        return False
+    finally:
+        _ELEMENTAL["on"] = False
+    return True
+
+
+_ELEMENTAL_AVAILABLE = _compiles_can_use_elemental_emitters()
+
 settings.register_profile(
     "ci",
     max_examples=15,
@@ -85,6 +137,12 @@ def pytest_configure(config):
         "optimized: compiled with XLA's optimizations on (bit-equality tests, "
         "run-bound tests)",
     )
+    config.addinivalue_line(
+        "markers",
+        "fusion_emitters: compiled unoptimized but with XLA:CPU's default "
+        "(fusion) emitters, not the elemental ones (kernel-vs-jnp bit checks "
+        "that the elemental emitters round apart)",
+    )
 
 
 _OPTIMIZATIONS_FLAG = "jax_disable_most_optimizations"
@@ -94,17 +152,28 @@ _DISABLED_BY_DEFAULT = jax.config.read(_OPTIMIZATIONS_FLAG)
 
 @pytest.fixture(autouse=True)
 def _xla_optimizations(request):
-    """Compiles the test with XLA's optimizations on where it needs them.
+    """Compiles the test with XLA's optimizations on where it needs them, and
+    the unoptimized ones with XLA:CPU's elemental emitters unless marked
+    ``fusion_emitters``.
 
-    The flag is switched only where the next test needs the other setting;
-    JAX's in-memory caches do not key on it, so they are cleared then: no
-    program compiled one way runs in the other.
+    The settings are switched only where the next test needs others; JAX's
+    in-memory caches do not key on them, so they are cleared then: no program
+    compiled one way runs in the other.
     """
     optimized = request.node.get_closest_marker("optimized") is not None
     disabled = _DISABLED_BY_DEFAULT and not optimized
-    if jax.config.read(_OPTIMIZATIONS_FLAG) != disabled:
+    elemental = (
+        _ELEMENTAL_AVAILABLE
+        and disabled
+        and request.node.get_closest_marker("fusion_emitters") is None
+    )
+    if (jax.config.read(_OPTIMIZATIONS_FLAG), _ELEMENTAL["on"]) != (
+        disabled,
+        elemental,
+    ):
         jax.clear_caches()
         jax.config.update(_OPTIMIZATIONS_FLAG, disabled)
+        _ELEMENTAL["on"] = elemental
     yield
 
 

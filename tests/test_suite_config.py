@@ -1,4 +1,5 @@
-"""The suite's own settings (tests/conftest.py): XLA's optimizations per test."""
+"""The suite's own settings (tests/conftest.py): XLA's optimizations and
+XLA:CPU's emitters per test."""
 
 import os
 
@@ -28,3 +29,39 @@ def test_a_test_marked_optimized_compiles_optimized():
 
 def test_an_unmarked_test_after_an_optimized_one_runs_unoptimized_again():
     assert jax.config.read(FLAG) is _unoptimized_by_default()
+
+
+def _fusion_emitters_off() -> bool:
+    from jax._src import compiler
+
+    overrides = dict(compiler.get_compile_options(1, 1).env_option_overrides)
+    return overrides.get("xla_cpu_use_fusion_emitters") is False
+
+
+def _elemental_emitters_wrapped() -> bool:
+    from jax._src import compiler
+
+    return compiler.get_compile_options.__name__ == "compile_options"
+
+
+def test_unoptimized_compiles_use_the_elemental_emitters():
+    if not _unoptimized_by_default():
+        pytest.skip("JAX_DISABLE_MOST_OPTIMIZATIONS set to run every test optimized")
+    if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS") == "1":
+        pytest.skip("OPTAX_LOWBIT_FUSION_EMITTERS=1 keeps XLA's default emitters")
+    if not _elemental_emitters_wrapped():
+        pytest.skip("this jax or XLA has no xla_cpu_use_fusion_emitters option")
+    assert _fusion_emitters_off()
+    # and XLA takes it: a program compiles and runs with it
+    assert float(jax.jit(lambda x: x * 2.0)(jnp.float32(1.5))) == 3.0
+
+
+@pytest.mark.fusion_emitters
+def test_a_test_marked_fusion_emitters_keeps_them_unoptimized():
+    assert jax.config.read(FLAG) is _unoptimized_by_default()
+    assert not _fusion_emitters_off()
+
+
+@pytest.mark.optimized
+def test_optimized_compiles_keep_xlas_default_emitters():
+    assert not _fusion_emitters_off()
