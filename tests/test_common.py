@@ -250,6 +250,9 @@ def test_apply_if_finite_keeps_state_bitwise(name):
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
+# two programs held to the same bits: XLA:CPU's elemental emitters round
+# Adafactor's step 1 ulp apart in one of them (tests/conftest.py)
+@pytest.mark.fusion_emitters
 def test_chain_with_clip_by_global_norm(name):
     params = _params()
     grads = jax.grad(_loss)(params)
