@@ -8,6 +8,7 @@ Exits non-zero (an AssertionError) on the first failed check; prints
 """
 
 import contextlib
+import os
 import re
 import sys
 import traceback
@@ -21,6 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import base
+
+if os.environ.get("OPTAX_LOWBIT_ELEMENTAL_EMITTERS") == "1":
+    # set by tests/test_sharding.py for the checks that compare with a
+    # tolerance or compare no programs (tests/_emitters.py): XLA:CPU's
+    # elemental emitters, about half the compile time
+    import _emitters  # the script's own folder, tests/
+
+    _emitters.use_elemental_emitters_when(lambda: True)
 
 ALIASES = {
     "adamw_polar-2": lambda: lowbit.adamw_polar(1e-3, bits=2),

@@ -51,6 +51,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from tests import _emitters  # noqa: E402
+
 if _CACHE_ON:
     # in case jax was imported before this file (a plugin)
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
@@ -60,56 +62,10 @@ if _CACHE_ON:
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
 
-#: Whether the next compiles use XLA:CPU's elemental emitters (set per test by
-#: `_xla_optimizations`; read by the compile-options wrapper below).
+#: Whether the next compiles use XLA:CPU's elemental emitters: set per test
+#: by `_xla_optimizations` (tests/_emitters.py says why and when).
 _ELEMENTAL = {"on": False}
-
-
-def _compiles_can_use_elemental_emitters() -> bool:
-    """Wraps JAX's compile options so that `_ELEMENTAL` can switch XLA:CPU to
-    its elemental emitters (``xla_cpu_use_fusion_emitters=false``).
-
-    The tests compiled without XLA's optimizations (not marked ``optimized``)
-    use them unless marked ``fusion_emitters``: they take about half the XLA
-    time of XLA's default fusion emitters, and most of the suite's time is
-    compiling small programs. Tests marked ``optimized`` compile with XLA's
-    defaults, as a user's program does. The option is part of the compile
-    options, so the persistent cache keeps the two kinds of executable apart.
-    Returns False (nothing wrapped) where this jax has no such hook or XLA no
-    such option, and where ``OPTAX_LOWBIT_FUSION_EMITTERS=1`` keeps XLA's
-    default emitters everywhere.
-    """
-    if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS", "0") == "1":
-        return False
-    try:
-        from jax._src import compiler
-
-        get_compile_options = compiler.get_compile_options
-    except (ImportError, AttributeError):
-        return False
-
-    def compile_options(*args, **kwargs):
-        options = get_compile_options(*args, **kwargs)
-        if _ELEMENTAL["on"]:
-            options.env_option_overrides = [
-                *options.env_option_overrides,
-                ("xla_cpu_use_fusion_emitters", False),
-            ]
-        return options
-
-    compiler.get_compile_options = compile_options
-    _ELEMENTAL["on"] = True
-    try:  # an XLA without the option refuses it at compile time
-        jax.jit(lambda x: x + 1).lower(1.0).compile()
-    except Exception:  # any refusal means: keep the defaults
-        compiler.get_compile_options = get_compile_options
-        return False
-    finally:
-        _ELEMENTAL["on"] = False
-    return True
-
-
-_ELEMENTAL_AVAILABLE = _compiles_can_use_elemental_emitters()
+_ELEMENTAL_AVAILABLE = _emitters.use_elemental_emitters_when(lambda: _ELEMENTAL["on"])
 
 settings.register_profile(
     "ci",

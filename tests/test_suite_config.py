@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests import _emitters
+
 FLAG = "jax_disable_most_optimizations"
 
 
@@ -32,10 +34,7 @@ def test_an_unmarked_test_after_an_optimized_one_runs_unoptimized_again():
 
 
 def _fusion_emitters_off() -> bool:
-    from jax._src import compiler
-
-    overrides = dict(compiler.get_compile_options(1, 1).env_option_overrides)
-    return overrides.get("xla_cpu_use_fusion_emitters") is False
+    return _emitters.elemental_emitters_on()
 
 
 def _elemental_emitters_wrapped() -> bool:
@@ -47,8 +46,8 @@ def _elemental_emitters_wrapped() -> bool:
 def test_unoptimized_compiles_use_the_elemental_emitters():
     if not _unoptimized_by_default():
         pytest.skip("JAX_DISABLE_MOST_OPTIMIZATIONS set to run every test optimized")
-    if os.environ.get("OPTAX_LOWBIT_FUSION_EMITTERS") == "1":
-        pytest.skip("OPTAX_LOWBIT_FUSION_EMITTERS=1 keeps XLA's default emitters")
+    if os.environ.get(_emitters.ENV) == "1":
+        pytest.skip(f"{_emitters.ENV}=1 keeps XLA's default emitters")
     if not _elemental_emitters_wrapped():
         pytest.skip("this jax or XLA has no xla_cpu_use_fusion_emitters option")
     assert _fusion_emitters_off()
