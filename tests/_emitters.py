@@ -59,6 +59,7 @@ def use_elemental_emitters_when(on: Callable[[], bool]) -> bool:
             ]
         return options
 
+    compile_options.elemental_emitters_wrapper = True
     compiler.get_compile_options = compile_options
     try:  # an XLA without the option refuses it at compile time
         jax.jit(lambda x: x + 1).lower(1.0).compile()
@@ -68,6 +69,13 @@ def use_elemental_emitters_when(on: Callable[[], bool]) -> bool:
     finally:
         probing[0] = False
     return True
+
+
+def wrapped() -> bool:
+    """Whether `use_elemental_emitters_when` wrapped this process's compiles."""
+    from jax._src import compiler
+
+    return getattr(compiler.get_compile_options, "elemental_emitters_wrapper", False)
 
 
 def elemental_emitters_on() -> bool:

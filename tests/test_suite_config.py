@@ -33,24 +33,14 @@ def test_an_unmarked_test_after_an_optimized_one_runs_unoptimized_again():
     assert jax.config.read(FLAG) is _unoptimized_by_default()
 
 
-def _fusion_emitters_off() -> bool:
-    return _emitters.elemental_emitters_on()
-
-
-def _elemental_emitters_wrapped() -> bool:
-    from jax._src import compiler
-
-    return compiler.get_compile_options.__name__ == "compile_options"
-
-
 def test_unoptimized_compiles_use_the_elemental_emitters():
     if not _unoptimized_by_default():
         pytest.skip("JAX_DISABLE_MOST_OPTIMIZATIONS set to run every test optimized")
     if os.environ.get(_emitters.ENV) == "1":
         pytest.skip(f"{_emitters.ENV}=1 keeps XLA's default emitters")
-    if not _elemental_emitters_wrapped():
+    if not _emitters.wrapped():
         pytest.skip("this jax or XLA has no xla_cpu_use_fusion_emitters option")
-    assert _fusion_emitters_off()
+    assert _emitters.elemental_emitters_on()
     # and XLA takes it: a program compiles and runs with it
     assert float(jax.jit(lambda x: x * 2.0)(jnp.float32(1.5))) == 3.0
 
@@ -58,9 +48,9 @@ def test_unoptimized_compiles_use_the_elemental_emitters():
 @pytest.mark.fusion_emitters
 def test_a_test_marked_fusion_emitters_keeps_them_unoptimized():
     assert jax.config.read(FLAG) is _unoptimized_by_default()
-    assert not _fusion_emitters_off()
+    assert not _emitters.elemental_emitters_on()
 
 
 @pytest.mark.optimized
 def test_optimized_compiles_keep_xlas_default_emitters():
-    assert not _fusion_emitters_off()
+    assert not _emitters.elemental_emitters_on()
