@@ -13,6 +13,7 @@ import re
 import sys
 import traceback
 
+import _emitters  # the script's own folder, tests/
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,12 +24,10 @@ from jax.sharding import PartitionSpec as P
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import base
 
-if os.environ.get("OPTAX_LOWBIT_ELEMENTAL_EMITTERS") == "1":
+if os.environ.get(_emitters.SUBPROCESS_ENV) == "1":
     # set by tests/test_sharding.py for the checks that compare with a
-    # tolerance or compare no programs (tests/_emitters.py): XLA:CPU's
-    # elemental emitters, about half the compile time
-    import _emitters  # the script's own folder, tests/
-
+    # tolerance or compare no programs: XLA:CPU's elemental emitters, about
+    # half the compile time
     _emitters.use_elemental_emitters_when(lambda: True)
 
 ALIASES = {

@@ -96,8 +96,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "fusion_emitters: compiled unoptimized but with XLA:CPU's default "
-        "(fusion) emitters, not the elemental ones (kernel-vs-jnp bit checks "
-        "that the elemental emitters round apart)",
+        "(fusion) emitters, not the elemental ones (checks holding two "
+        "programs to the same bits that the elemental emitters round apart)",
     )
 
 
