@@ -4,7 +4,10 @@ Exits non-zero (an AssertionError) on the first failed check; prints
 ``ALL OK`` at the end. Run by hand::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python tests/_sharding_script.py auto|explicit [alias ...]
+        python -m tests._sharding_script auto|explicit [alias ...]
+
+(from the repository's root: a module of the ``tests`` package, which pytest's
+doctest collection also imports)
 """
 
 import contextlib
@@ -13,7 +16,6 @@ import re
 import sys
 import traceback
 
-import _emitters  # the script's own folder, tests/
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import base
+from tests import _emitters
 
 if os.environ.get(_emitters.SUBPROCESS_ENV) == "1":
     # set by tests/test_sharding.py for the checks that compare with a

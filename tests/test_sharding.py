@@ -46,8 +46,7 @@ import pytest
 
 from tests import _emitters
 
-SCRIPT = pathlib.Path(__file__).with_name("_sharding_script.py")
-ROOT = SCRIPT.parent.parent
+ROOT = pathlib.Path(__file__).parent.parent  # runs tests/_sharding_script.py
 ALL = [
     "adamw_polar-2",
     "adamw_polar-1.5",
@@ -137,7 +136,13 @@ def _run_checks(checks, elemental=False):
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "checks", *(f"{m}:{n}" for m, n in checks)],
+        [
+            sys.executable,
+            "-m",
+            "tests._sharding_script",
+            "checks",
+            *(f"{m}:{n}" for m, n in checks),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
