@@ -25,13 +25,13 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import base
-from tests import _emitters
+from tests import _xla_cpu
 
-if os.environ.get(_emitters.SUBPROCESS_ENV) == "1":
+if os.environ.get(_xla_cpu.SUBPROCESS_ENV) == "1":
     # set by tests/test_sharding.py for the checks that compare with a
     # tolerance or compare no programs: XLA:CPU's elemental emitters, about
     # half the compile time
-    _emitters.use_elemental_emitters_when(lambda: True)
+    _xla_cpu.add_options_when(lambda: _xla_cpu.UNOPTIMIZED)
 
 ALIASES = {
     "adamw_polar-2": lambda: lowbit.adamw_polar(1e-3, bits=2),

@@ -37,7 +37,8 @@ if _CACHE_ON:
 # jax at import, here and in every subprocess a test starts): the suite is
 # bound by compiling many small programs on a CPU, and unoptimized compiles
 # take ~35% less of it (README, "Tests"). Tests marked ``optimized`` compile
-# with the optimizations on, as a user's program does (`_xla_optimizations`):
+# with the optimizations on (`_xla_optimizations`; LLVM at -O1 rather than
+# XLA's -O2 unless marked ``fusion_emitters``, tests/_xla_cpu.py):
 # those that hold two programs to the same bits (a kernel and its jnp
 # reference, the fused step and the chain, a state saved by an optimized
 # program), which XLA's optimizations (its FMA contraction on the CPU) can
@@ -51,7 +52,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests import _emitters  # noqa: E402
+from tests import _xla_cpu  # noqa: E402
 
 if _CACHE_ON:
     # in case jax was imported before this file (a plugin)
@@ -62,10 +63,10 @@ if _CACHE_ON:
 jax.config.update("jax_numpy_rank_promotion", "allow")
 
 
-#: Whether the next compiles use XLA:CPU's elemental emitters: set per test
-#: by `_xla_optimizations` (tests/_emitters.py says why and when).
-_ELEMENTAL = {"on": False}
-_ELEMENTAL_AVAILABLE = _emitters.use_elemental_emitters_when(lambda: _ELEMENTAL["on"])
+#: The XLA:CPU options the next compiles add: set per test by
+#: `_xla_optimizations` (tests/_xla_cpu.py says which and why).
+_XLA_CPU = {"options": ()}
+_XLA_CPU_AVAILABLE = _xla_cpu.add_options_when(lambda: _XLA_CPU["options"])
 
 settings.register_profile(
     "ci",
@@ -95,9 +96,10 @@ def pytest_configure(config):
     )
     config.addinivalue_line(
         "markers",
-        "fusion_emitters: compiled unoptimized but with XLA:CPU's default "
-        "(fusion) emitters, not the elemental ones (checks holding two "
-        "programs to the same bits that the elemental emitters round apart)",
+        "fusion_emitters: compiled with XLA:CPU's defaults (its fusion "
+        "emitters, its optimization level where optimized), not the "
+        "suite's cheaper options (checks holding two programs to the same "
+        "bits that the elemental emitters round apart)",
     )
 
 
@@ -109,27 +111,30 @@ _DISABLED_BY_DEFAULT = jax.config.read(_OPTIMIZATIONS_FLAG)
 @pytest.fixture(autouse=True)
 def _xla_optimizations(request):
     """Compiles the test with XLA's optimizations on where it needs them, and
-    the unoptimized ones with XLA:CPU's elemental emitters unless marked
-    ``fusion_emitters``.
+    with the suite's cheaper XLA:CPU options (`_xla_cpu.OPTIMIZED` or
+    `_xla_cpu.UNOPTIMIZED`) unless marked ``fusion_emitters``.
 
     The settings are switched only where the next test needs others; JAX's
     in-memory caches do not key on them, so they are cleared then: no program
-    compiled one way runs in the other.
+    compiled one way runs in the other. With JAX_DISABLE_MOST_OPTIMIZATIONS=0
+    every test compiles as a user's program does (XLA's defaults).
     """
     optimized = request.node.get_closest_marker("optimized") is not None
     disabled = _DISABLED_BY_DEFAULT and not optimized
-    elemental = (
-        _ELEMENTAL_AVAILABLE
-        and disabled
+    options = ()
+    if (
+        _XLA_CPU_AVAILABLE
+        and _DISABLED_BY_DEFAULT
         and request.node.get_closest_marker("fusion_emitters") is None
-    )
-    if (jax.config.read(_OPTIMIZATIONS_FLAG), _ELEMENTAL["on"]) != (
+    ):
+        options = _xla_cpu.UNOPTIMIZED if disabled else _xla_cpu.OPTIMIZED
+    if (jax.config.read(_OPTIMIZATIONS_FLAG), _XLA_CPU["options"]) != (
         disabled,
-        elemental,
+        options,
     ):
         jax.clear_caches()
         jax.config.update(_OPTIMIZATIONS_FLAG, disabled)
-        _ELEMENTAL["on"] = elemental
+        _XLA_CPU["options"] = options
     yield
 
 

@@ -44,7 +44,7 @@ import sys
 
 import pytest
 
-from tests import _emitters
+from tests import _xla_cpu
 
 ROOT = pathlib.Path(__file__).parent.parent  # runs tests/_sharding_script.py
 ALL = [
@@ -123,13 +123,13 @@ def slow_reports():
 
 def _run_checks(checks, elemental=False):
     """Runs ``checks`` in a subprocess; ``elemental``: its compiles use XLA:CPU's
-    elemental emitters where the suite's are unoptimized (tests/_emitters.py).
+    elemental emitters where the suite's are unoptimized (tests/_xla_cpu.py).
     Only for checks that compare no two programs' floats bit for bit: with
     them the per-shard kernels' states differed from the jnp path's in 20% of
     their codes and the FSDP run's from one device's (`SLOW_CHECKS`)."""
     env = dict(os.environ)
     if elemental and env.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1":
-        env[_emitters.SUBPROCESS_ENV] = "1"
+        env[_xla_cpu.SUBPROCESS_ENV] = "1"
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
