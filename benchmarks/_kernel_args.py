@@ -1,11 +1,11 @@
 """The kernel tunables as command-line flags: one definition for every benchmark.
 
 `add` puts ``--block-groups``, ``--num-warps``, ``--leaves-per-launch``,
-``--programs``, ``--share-lone-leaves``, ``--joint-rows``, ``--prefetch``,
-``--quarters`` and ``--float-leaves-per-launch`` on
-a parser, `apply` sets the module attributes of `optax_lowbit.kernels.adam`
-they stand for, `argv` gives the flags that reproduce the current settings
-(for a child process), and `settings` the values a result records.
+``--programs``, ``--share-lone-leaves``, ``--prefetch`` and
+``--float-leaves-per-launch`` on a parser, `apply` sets the module attributes
+of `optax_lowbit.kernels.adam` they stand for, `argv` gives the flags that
+reproduce the current settings (for a child process), and `settings` the
+values a result records.
 """
 
 from __future__ import annotations
@@ -50,23 +50,11 @@ FLAGS = (
         "(kadam.SHARE_LONE_LEAVES, NOTES_kernels.md v28 / v29; default: off)",
     ),
     (
-        "--joint-rows",
-        "JOINT_ROWS",
-        "1: codec pairs whose groups differ (pi-Quant's preset) take the kernel "
-        "in joint rows (kadam.JOINT_ROWS, NOTES_kernels.md v42; default: off)",
-    ),
-    (
         "--prefetch",
         "PREFETCH",
         "1: persistent launches (--programs set) load each program's next "
         "block before stepping the current one (kadam.PREFETCH, "
         "NOTES_kernels.md v43; default: off)",
-    ),
-    (
-        "--quarters",
-        "QUARTERS",
-        "1: the polar 2-bit pair is held in quarters, its code plane packed "
-        "without reshapes (kadam.QUARTERS, NOTES_kernels.md v44; default: off)",
     ),
     (
         "--float-leaves-per-launch",

@@ -11,7 +11,7 @@ largest value. A GPU run is the check that a kernel change keeps the jnp
 path's codes on the compiled kernel (CI checks the interpreted kernel);
 ``--tiny`` runs the same on a small tree in the Pallas interpreter (CPU).
 
-    python -m benchmarks.kernel_equality --optimizers piquant --joint-rows 1
+    python -m benchmarks.kernel_equality --optimizers polar2,4bit
 
 writes ``benchmarks/results/kernel_equality.json`` (``--out``) with each
 record's ``optimizer``, ``path``, ``step``, ``state_arrays``,
@@ -110,7 +110,7 @@ def check(name: str, params, steps: int) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizers", default="piquant", help="comma list of presets")
+    parser.add_argument("--optimizers", default="polar2", help="comma list of presets")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(
         "--tiny", action="store_true", help="a small tree (CPU: the interpreter)"

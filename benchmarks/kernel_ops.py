@@ -470,13 +470,11 @@ def count_case(
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
     muon = path == "momentum"
     # the launch's configuration: Muon's momentum is the first moment's codec
-    # alone; Adam's pair launches as `kadam.kernel_codecs` steps it (a pair
-    # whose groups differ in joint rows), which `adam_update` configures alike
+    # alone; Adam's pair as `adam_update` configures it
     if muon:
         config = kadam.launch_config(rules.MomentumRule(True), (mu_codec,))
     else:
-        pair = kadam.kernel_codecs(mu_codec, nu_codec) or (mu_codec, nu_codec)
-        config = kadam.launch_config(rules.AdamRule(), pair)
+        config = kadam.launch_config(rules.AdamRule(), (mu_codec, nu_codec))
 
     def step(g, p):
         if muon:

@@ -559,7 +559,7 @@ KERNEL_VARIANTS = {
     "preset-4bit": ("4bit", "preset"),
     "preset-8bit": ("8bit", "preset"),
     # pi-Quant's preset: m in superblocks of 96, v 4-bit blockwise in 128s;
-    # the kernel takes it in joint rows only (kadam.kernel_codecs, v42)
+    # no kernel takes it (kadam.kernel_codecs; v42's joint rows removed, v45)
     "preset-piquant": ("piquant", "preset"),
 }
 

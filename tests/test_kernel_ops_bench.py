@@ -18,22 +18,6 @@ def test_count_case_categories_add_up():
     assert rec["elements_per_block"] <= 2048
 
 
-def test_count_case_divides_by_the_block_the_kernel_launched(monkeypatch):
-    """A pair whose groups differ (π-Quant's preset) steps joint rows of 384
-    (`kadam.JOINT_ROWS`): 4 rows a block, 1536 elements, not 16 groups of its
-    larger group size capped at 2048."""
-    from benchmarks import kernel_ops
-    from optax_lowbit.kernels import adam as kadam
-    from optax_lowbit.transforms import adam_presets
-
-    monkeypatch.setattr(kadam, "JOINT_ROWS", 1)
-    pair = adam_presets.piquant_codecs("paper")
-    monkeypatch.setitem(kernel_ops.CASES, "piquant", lambda: pair)
-    rec = kernel_ops.count_case("piquant", "fused", shape=(4, 6144))
-    assert rec["elements_per_block"] == 4 * 384
-    assert rec["ops"]["tt.store"] > 0
-
-
 def test_step_speed_ttir_column_is_the_kernel_ops_count():
     from benchmarks import kernel_ops, step_speed
 

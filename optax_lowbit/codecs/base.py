@@ -683,9 +683,8 @@ def dither_bits(group: jax.Array, half: Any, seed: Any) -> jax.Array:
       group: uint32 group indices (row-major positions in the leaf's group
         grid) with a trailing axis of 1.
       half: pairs per group (the group's size / 2): words ``0 .. half - 1``;
-        or an integer array of the pairs whose words are wanted (a kernel
-        that holds a group in strided parts draws each part's words where
-        it holds them; `optax_lowbit.kernels.joint.Blocks32`).
+        or an integer array of the pairs whose words are wanted (a group
+        held in strided parts draws each part's words where it holds them).
       seed: uint32 stream seed (`stream_seed`).
 
     Returns:

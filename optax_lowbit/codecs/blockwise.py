@@ -635,8 +635,7 @@ def encode_groups_with(
         of parts of those words, where ``xg`` is a list of twice as many
         parts whose part ``i + len(noise)`` holds the elements ``G / 2``
         after part ``i``'s (word ``j`` serves elements ``j`` and
-        ``j + G/2``; a kernel's strided parts, `optax_lowbit.kernels.
-        joint.Blocks32`).
+        ``j + G/2``: a group held in strided parts).
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
       lut: ``(entries, counts, params)``: the `bucket_entries` of
@@ -709,10 +708,10 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     At 4 bits the packed plane (the halves are its two nibbles), or, from
     more parts, one byte part per pair of parts ``i`` and ``i + n/2`` (their
     low and high nibbles: in memory the plane's bytes, part by part, where
-    the parts are contiguous; a kernel's strided parts store each byte part
-    at its own offsets, `optax_lowbit.kernels.joint.Blocks32`); at 8
-    bits, one byte per code, the codes of the block's two halves: the same
-    bytes in memory as the one plane, stored without joining the halves.
+    the parts are contiguous; strided parts store each byte part at its own
+    offsets); at 8 bits, one byte per code, the codes of the block's two
+    halves: the same bytes in memory as the one plane, stored without joining
+    the halves.
 
     Args:
       index: uint8 map indices, the block or its parts (`base.parts_of`,

@@ -503,7 +503,6 @@ def encode_groups_with(
     scale_dtype: Any = jnp.bfloat16,
     noise: Any = None,
     planes: bool = False,
-    pair_sets: int = 1,
 ) -> tuple[Any, jax.Array]:
     """Encodes ``(..., G)`` groups with an explicit codebook (kernel entry point).
 
@@ -513,26 +512,19 @@ def encode_groups_with(
     Args:
       xg: float ``(..., G)`` groups, ``G`` a multiple of 16, or their two
         halves ``[(..., G/2), (..., G/2)]`` (`base.halves`: a kernel's parts;
-        the pairs' two coordinates, so nothing is split); with ``pair_sets =
-        k``, ``2 k`` parts: the pairs' first coordinates in ``k`` contiguous
-        pieces, then their second coordinates alike.
+        the pairs' two coordinates, so nothing is split).
       rings: float32 ``(R,)`` ring radii (`PolarCodec.codebook`).
       signed: signed (8 sectors) or unsigned (2 sectors in the first quadrant;
         negatives are treated as 0).
       scale_dtype: dtype of the stored scales (rounded up to it).
       noise: ``None`` for the deterministic rules (signed: exact nearest;
         unsigned: radial ceiling), or uint32 random bits ``(..., G/2)``, one
-        word per pair, for stochastic rounding (`assign_stochastic`); with
-        ``pair_sets = k``, a list of each piece's words.
+        word per pair, for stochastic rounding (`assign_stochastic`).
         Signed stochastic groups are scaled by the largest
         ``α + β`` instead of the largest radius, so every pair is in reach.
       planes: return the codes as the list of `base.pack_planes` planes (a
         kernel stores them separately, and packs them as a kernel can)
         instead of their concatenation.
-      pair_sets: pieces the pairs are held in (a kernel's quarters,
-        `optax_lowbit.kernels.joint.PolarQuarters`: pairs ``j`` and ``j +
-        G/4`` share a byte of a 4-bit plane, so two pieces pack without a
-        reshape); the codes and scales are the same.
 
     Returns:
       ``(codes, scales)``: uint8 ``(..., packed_bytes)`` planar codes (or
@@ -542,62 +534,49 @@ def encode_groups_with(
     parts = [jnp.asarray(x, jnp.float32) for x in parts]
     if not signed:  # whole groups: clipped before the split, as in format 2
         parts = [jnp.maximum(x, 0.0) for x in parts]
-    if pair_sets == 1:
-        pairs, words = [tuple(base.parts_of(parts, 2))], [noise]
-    else:
-        pairs = list(zip(parts[:pair_sets], parts[pair_sets:], strict=True))
-        words = [None] * pair_sets if noise is None else list(noise)
+    a, b = base.parts_of(parts, 2)
     rings = ring_values(rings)
-    code, stored = _encode_pairs(pairs, rings, signed, scale_dtype, words)
+    code, stored = _encode_pairs(a, b, rings, signed, scale_dtype, noise)
     bits = code_bits(len(rings), signed)
     if planes:
-        return base.pack_planes(code, bits, kernel=True), stored
-    return base.pack_codes(code[0] if len(code) == 1 else code, bits), stored
+        return base.pack_planes([code], bits, kernel=True), stored
+    return base.pack_codes(code, bits), stored
 
 
 def _encode_pairs(
-    pairs: list[tuple[jax.Array, jax.Array]],
+    a: jax.Array,
+    b: jax.Array,
     rings: Any,
     signed: bool,
     scale_dtype: Any,
-    words: list[Any],
-) -> tuple[list[jax.Array], jax.Array]:
-    """Codes of each piece of a group's pairs, and the group's stored scale.
+    words: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Codes of a group's pairs ``(a, b)``, and the group's stored scale.
 
-    ``rings``: `ring_values`' list.
+    ``rings``: `ring_values`' list; ``words``: the pairs' random words, or
+    ``None`` (deterministic rounding).
     """
-    stochastic = words[0] is not None
+    stochastic = words is not None
     if signed:  # folded once: scaling by a positive number commutes with it
-        folded = [fold_octant(a, b) for a, b in pairs]
+        x, y, axis, diag = fold_octant(a, b)
         # stochastic: every pair's α + β must reach <= 1
-        extent = [
-            signed_span(x, y) if stochastic else _folded_hypot(x, y)
-            for x, y, _, _ in folded
-        ]
+        extent = signed_span(x, y) if stochastic else _folded_hypot(x, y)
     else:
-        extent = [safe_hypot(a, b) for a, b in pairs]
-    absmax = jnp.max(extent[0], axis=-1, keepdims=True)
-    for e in extent[1:]:  # the group's maximum over its pieces (exact)
-        absmax = jnp.maximum(absmax, jnp.max(e, axis=-1, keepdims=True))
+        extent = safe_hypot(a, b)
+    absmax = jnp.max(extent, axis=-1, keepdims=True)
     stored, divisor = base.safe_scale(absmax, scale_dtype)
     inv = 1.0 / divisor  # one division per group
-    codes = []
-    for k, (a, b) in enumerate(pairs):
-        if signed:
-            x, y, axis, diag = folded[k]
-            scaled = (x * inv, y * inv, axis, diag)
-            if stochastic:
-                ring, sector = _assign_stochastic_folded(scaled, words[k], rings)
-            else:
-                ring, sector, _ = _assign_folded(scaled, rings)
-        elif stochastic:
-            ring, sector = assign_stochastic(
-                a * inv, b * inv, words[k], rings, signed=False
-            )
+    if signed:
+        scaled = (x * inv, y * inv, axis, diag)
+        if stochastic:
+            ring, sector = _assign_stochastic_folded(scaled, words, rings)
         else:
-            ring, sector, _ = assign(a * inv, b * inv, rings, signed=False)
-        codes.append(ring * _num_sectors(signed) + sector)
-    return codes, stored
+            ring, sector, _ = _assign_folded(scaled, rings)
+    elif stochastic:
+        ring, sector = assign_stochastic(a * inv, b * inv, words, rings, signed=False)
+    else:
+        ring, sector, _ = assign(a * inv, b * inv, rings, signed=False)
+    return ring * _num_sectors(signed) + sector, stored
 
 
 def decode_groups_with(
@@ -608,7 +587,6 @@ def decode_groups_with(
     signed: bool,
     halves: bool = False,
     tables: Any = None,
-    pair_sets: int = 1,
 ) -> Any:
     """Decodes ``(..., bytes)`` codes and ``(..., 1)`` scales to ``(..., G)``.
 
@@ -623,12 +601,9 @@ def decode_groups_with(
         kernel's parts) instead of their concatenation.
       tables: `code_tables` of ``rings`` (a kernel passes its input refs);
         ``None``: built here.
-      pair_sets: with ``halves``, the pieces the pairs are held in (as
-        `encode_groups_with`'s): the ``2 k`` parts are the pieces' first
-        coordinates, then their second coordinates.
 
     Returns:
-      float32 ``(..., G)`` (or its two halves, or ``2 k`` parts); zeros where
+      float32 ``(..., G)`` (or its two halves); zeros where
       the scale is 0; for unsigned codecs every value is > 0 where the scale
       is > 0.
     """
@@ -637,22 +612,17 @@ def decode_groups_with(
     if tables is None:
         tables = code_tables(jnp.stack(rings), signed)
     if isinstance(codes, (list, tuple)):
-        pieces = pair_sets if halves and pair_sets > 1 else 0  # 0: one array
-        code = base.unpack_planes(codes, bits, pieces, kernel=True)
+        code = base.unpack_planes(codes, bits, kernel=True)
     else:
         code = base.unpack_codes(codes, bits, codes.shape[-1] * 8 // bits)
-    scale, firsts, seconds = None, [], []
-    for piece in code if isinstance(code, list) else [code]:
-        piece = piece.astype(jnp.int32)  # < S·R: every table read is in range
-        rho, cos_s, sin_s = (base.take(t, piece, in_range=True) for t in tables)
-        if scale is None:  # traced where format 2's graph has it
-            scale = scales.astype(jnp.float32)
-        radius = rho * scale  # one order of products, the same under jit and eager
-        firsts.append(radius * cos_s)
-        seconds.append(radius * sin_s)
+    code = code.astype(jnp.int32)  # < S·R: every table read is in range
+    rho, cos_s, sin_s = (base.take(t, code, in_range=True) for t in tables)
+    scale = scales.astype(jnp.float32)  # traced where format 2's graph has it
+    radius = rho * scale  # one order of products, the same under jit and eager
+    halves_out = [radius * cos_s, radius * sin_s]
     # Whole groups keep the jnp graph of format 2 (an equal but reordered
     # graph can change XLA's fusion, and so the low bits of the update).
-    out = firsts + seconds if halves else base.concat_last(firsts + seconds)
+    out = halves_out if halves else base.concat_last(halves_out)
     if not signed:  # never decode to 0 (nor flush to 0) where the scale is > 0
         floor = jnp.where(scale > 0, _TINY, 0.0)
         out = (
@@ -769,12 +739,9 @@ class PolarCodec(base.Codec):
         return base.halves(self.group_size)
 
     def kernel_decode(
-        self, planes: list[Any], scales: Any, tables: Any, pair_sets: int = 1
+        self, planes: list[Any], scales: Any, tables: Any
     ) -> list[jax.Array]:
-        """`decode_groups_with` on code planes to the group's halves.
-
-        ``pair_sets``: the pairs in that many pieces (`encode_groups_with`).
-        """
+        """`decode_groups_with` on code planes to the group's halves."""
         rings = [tables[0][k] for k in range(len(self.rings))]
         return decode_groups_with(
             planes,
@@ -783,17 +750,12 @@ class PolarCodec(base.Codec):
             signed=self.signed,
             halves=True,
             tables=tables[1:],
-            pair_sets=pair_sets,
         )
 
     def kernel_encode(
-        self, x: list[jax.Array], tables: Any, noise: Any, pair_sets: int = 1
+        self, x: list[jax.Array], tables: Any, noise: Any
     ) -> tuple[list[jax.Array], jax.Array]:
-        """`encode_groups_with` of the halves to code planes (``noise``: SR bits).
-
-        ``pair_sets``: the pairs in that many pieces, ``noise`` a list of
-        their words (`encode_groups_with`).
-        """
+        """`encode_groups_with` of the halves to code planes (``noise``: SR bits)."""
         rings = [tables[0][k] for k in range(len(self.rings))]
         return encode_groups_with(
             x,
@@ -802,7 +764,6 @@ class PolarCodec(base.Codec):
             scale_dtype=self.scale_dtype,
             noise=noise if self.stochastic else None,
             planes=True,
-            pair_sets=pair_sets,
         )
 
 

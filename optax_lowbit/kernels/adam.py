@@ -20,10 +20,8 @@ a `launch_config`. The parts live beside it, each with its jnp reference:
   have a kernel (`has_kernel`), their tables, and how a block reads and
   writes codes, scales and values. Its reference is the codec's own group
   math in `optax_lowbit.codecs` (``kernel_decode`` / ``kernel_encode``).
-* `optax_lowbit.kernels.joint`: joint rows, for a pair whose groups differ
-  (π-Quant's ``m`` beside a 4-bit ``v``: rows of 384 elements; behind
-  `JOINT_ROWS`, `kernel_codecs`). Its reference is the codecs' own group
-  math too, group by group.
+  A pair whose groups differ (π-Quant's ``m`` beside a 4-bit ``v``) has no
+  kernel (`kernel_codecs`): the optimizers step it through XLA.
 * `optax_lowbit.kernels.rules`: the update rules: the kernel's inputs
   (`HP_FIELDS`, `make_hp`, `rules.momentum_hp`, `stream_seeds`), each
   rule's step (Adam's `moment_step`, `rules.momentum_step`) and
@@ -56,7 +54,7 @@ import jax.numpy as jnp
 
 from optax_lowbit import _checks
 from optax_lowbit.codecs import base
-from optax_lowbit.kernels import _backend, codec_ops, joint, launch, rules
+from optax_lowbit.kernels import _backend, codec_ops, launch, rules
 from optax_lowbit.kernels.codec_ops import has_kernel
 from optax_lowbit.kernels.rules import (
     HP_FIELDS,
@@ -76,12 +74,10 @@ __all__ = [
     "GROUPED_LEAVES_PER_LAUNCH",
     "HP_FIELDS",
     "IMPLS",
-    "JOINT_ROWS",
     "LEAVES_PER_LAUNCH",
     "MAX_BLOCK_ELEMENTS",
     "MAX_GROUPED_BLOCK_ELEMENTS",
     "PREFETCH",
-    "QUARTERS",
     "SHARE_LONE_LEAVES",
     "adam_update",
     "adam_update_float_many",
@@ -171,23 +167,6 @@ GROUPED_LEAVES_PER_LAUNCH = 2
 #: call, benchmarks/NOTES_kernels.md, v29). 1 turns it on (benchmarks:
 #: ``--share-lone-leaves 1``).
 SHARE_LONE_LEAVES = 0
-#: Whether a pair of codecs whose groups differ takes the kernel in joint rows
-#: (`joint`: π-Quant's preset, ``m`` in superblocks of 96 beside a 4-bit ``v``
-#: in groups of 128, stepped in rows of 384; `kernel_codecs`). Off by default:
-#: on an H100 it equals the jnp path bit for bit but is slower than the XLA
-#: step it would replace (256M leaf, fused: 16.0 ms against 11.7, first step
-#: 45 s against 0.6; benchmarks/NOTES_kernels.md, v42 measured); off, such a
-#: pair steps through XLA. 1 turns it on (benchmarks: ``--joint-rows 1``).
-JOINT_ROWS = 0
-#: Whether the polar 2-bit preset's pair (a polar ``m`` of 4-bit pair codes
-#: beside a 4-bit blockwise ``v`` of its group) is held in quarters instead of
-#: halves (`joint.quarters`): its code plane then packs and unpacks
-#: elementwise, without the reshapes Triton lowers as layout conversions
-#: (benchmarks/NOTES_kernels.md, v44). The same codes, scales and bits. Off:
-#: measured no faster on an H100 (fused +1.5%, chain -0.9%, inside the
-#: spread; NOTES_kernels.md, "v44 measured"); 1 turns it on (benchmarks:
-#: ``--quarters 1``).
-QUARTERS = 0
 #: Groups of `codec_ops.FloatMoment` (16 values) per block of the
 #: float-moment leaves' launches (`adam_update_float_many`): 1024 values, 4
 #: warps, as the prototype measured on an H100 (benchmarks/NOTES_kernels.md,
@@ -448,11 +427,12 @@ def adam_update(
       ``u`` in ``g``'s dtype and shape (or the new ``params``), and the new
       moments (same layout).
     """
-    codecs = (mu_codec, nu_codec)  # the jnp path: the definition, as they are
-    if impl in IMPLS and _backend.use_pallas(impl):
-        codecs = _pair_codecs([g], mu_codec, nu_codec)
     config = launch_config(
-        rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
+        rules.AdamRule(nesterov),
+        (mu_codec, nu_codec),
+        block_groups,
+        num_warps,
+        lowering,
     )
     out, (mu, nu) = rule_update(config, g, (mu, nu), hp, seeds, params, impl)
     return out, mu, nu
@@ -461,54 +441,27 @@ def adam_update(
 def kernel_codecs(mu_codec: base.Codec, nu_codec: base.Codec) -> tuple[Any, Any] | None:
     """The codecs the fused kernel steps Adam's pair as, or ``None`` (none).
 
-    `joint.kernel_codecs`: the pair itself where its groups agree (held in
-    quarters where `QUARTERS`, read now, is on and `joint.quarters` takes
-    it); where they differ, its joint rows, with `JOINT_ROWS` (read now) on.
+    The pair itself where both codecs have a kernel (`has_kernel`) and share
+    their group and the parts a kernel holds it in (`codec_ops.columns`);
+    else ``None``: no kernel takes the pair (π-Quant's ``m`` in superblocks
+    of 96 beside a 4-bit ``v`` in groups of 128), and the optimizers step
+    its leaves through XLA.
 
     Args:
       mu_codec: the first moment's codec.
       nu_codec: the second moment's codec.
 
     Returns:
-      ``(mu, nu)`` to launch with, or ``None`` where the kernel takes no leaf
+      ``(mu_codec, nu_codec)``, or ``None`` where the kernel takes no leaf
       of this pair.
     """
-    if QUARTERS not in (0, 1):
-        raise ValueError(f"QUARTERS={QUARTERS!r}: accepted 0 (halves) or 1 (quarters).")
-    if mu_codec.group_size != nu_codec.group_size and not JOINT_ROWS:
+    if not (has_kernel(mu_codec) and has_kernel(nu_codec)):
         return None
-    pair = joint.kernel_codecs(mu_codec, nu_codec)
-    if QUARTERS and pair == (mu_codec, nu_codec):
-        return joint.quarters(mu_codec, nu_codec) or pair
-    return pair
-
-
-def _pair_codecs(
-    gs: Sequence[jax.Array], mu_codec: base.Codec, nu_codec: base.Codec
-) -> tuple[Any, Any]:
-    """The codecs the kernel steps Adam's pair as (`kernel_codecs`).
-
-    Where the pair's groups differ and a joint row holds both, every leaf
-    must take it (`joint.leaf_fits`); a pair without a kernel is returned as
-    it is (`codec_ops.check_codecs` then says why).
-
-    Raises:
-      ValueError: a leaf sharded under explicit mesh axes, with a joint row.
-    """
-    pair = kernel_codecs(mu_codec, nu_codec)
-    if pair is None:
-        return mu_codec, nu_codec
-    for g in gs:
-        if not joint.leaf_fits(g, mu_codec, nu_codec):
-            raise ValueError(
-                f"a leaf of shape {tuple(g.shape)} sharded as "
-                f"{launch.explicit_spec(g)} cannot take the fused kernel of "
-                f"{mu_codec!r} and {nu_codec!r}, whose groups differ (joint rows "
-                f"of {joint.row_size(mu_codec, nu_codec)} elements run unsharded "
-                "leaves only; see optax_lowbit.kernels.joint.leaf_fits); step it "
-                "with impl='jnp'."
-            )
-    return pair
+    if mu_codec.group_size != nu_codec.group_size:
+        return None
+    if codec_ops.columns(mu_codec) != codec_ops.columns(nu_codec):
+        return None
+    return mu_codec, nu_codec
 
 
 adam_update_reference = functools.partial(adam_update, impl="jnp")
@@ -566,9 +519,12 @@ def adam_update_many(
     Returns:
       One ``(out, new_mu, new_nu)`` per leaf.
     """
-    codecs = _pair_codecs(gs, mu_codec, nu_codec)
     config = launch_config(
-        rules.AdamRule(nesterov), codecs, block_groups, num_warps, lowering
+        rules.AdamRule(nesterov),
+        (mu_codec, nu_codec),
+        block_groups,
+        num_warps,
+        lowering,
     )
     moments = list(zip(mus, nus, strict=True))
     results = rule_update_many(

@@ -34,12 +34,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from optax_lowbit.codecs import base
 
-#: Group sizes the kernel blocks: powers of two, 16 to 256 (π-Quant's 96 too).
+#: Group sizes the kernel blocks: powers of two, 16 to 256 (π-Quant's 96 too,
+#: held in parts: `columns`).
 KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256)
-#: The longest kernel row of a codec held in parts (`columns`): a joint row of
-#: two codecs whose groups differ, π-Quant's four superblocks beside three
-#: 128-element groups (`optax_lowbit.kernels.joint`).
-MAX_KERNEL_ROW = 384
 #: Sizes of the parts a kernel holds a group as (`columns`): powers of two.
 KERNEL_PART_SIZES = (8, 16, 32, 64, 128)
 
@@ -53,25 +50,11 @@ def planes(codec: base.Codec) -> list[int]:
     return list(codec.code_planes())
 
 
-def row_groups(codec: Any) -> tuple[Any, int]:
-    """``(codec of each group, groups per kernel row)`` of a moment's codec.
-
-    ``(codec, 1)``: a kernel row is one group; a joint row
-    (`optax_lowbit.kernels.joint.Rows`) holds ``k`` consecutive groups of
-    its codec (its ``row_groups``).
-    """
-    return getattr(codec, "row_groups", (codec, 1))
-
-
 def plane_parts(codec: base.Codec) -> tuple[tuple[int, int, int], ...]:
     """``(start, stride, size)`` of each piece of a group's codes a kernel loads.
 
-    The code planes one after the other (`planes`: ``(start, 1, bytes)``),
-    unless the codec says where it holds them (``kernel_plane_parts``: a
-    4-bit plane read as strided byte parts beside π-Quant, whose nibbles
-    then pair part by part; `optax_lowbit.kernels.joint.Blocks32`). The
-    pieces cover the group's code bytes once each. For a joint row, those
-    of one of its groups (`row_groups`).
+    The code planes one after the other (`planes`: ``(start, 1, bytes)``);
+    the pieces cover the group's code bytes once each.
 
     Args:
       codec: the moment's codec.
@@ -80,9 +63,6 @@ def plane_parts(codec: base.Codec) -> tuple[tuple[int, int, int], ...]:
       One ``(start, stride, size)`` per piece, in the order the codec's
       ``kernel_decode`` takes them and its ``kernel_encode`` returns them.
     """
-    codec = row_groups(codec)[0]
-    if hasattr(codec, "kernel_plane_parts"):
-        return tuple(codec.kernel_plane_parts())
     out, start = [], 0
     for n in planes(codec):
         out.append((start, 1, n))
@@ -90,75 +70,20 @@ def plane_parts(codec: base.Codec) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-def group_rows(
-    codec: Any, row: jax.Array, groups_per_row: Any = None, last: Any = None
-) -> tuple[list[jax.Array], list[jax.Array] | None]:
-    """Each group of the kernel rows ``row``: its row in the codec's group grid.
-
-    One group a row: ``row`` itself. A joint row of ``k`` groups of ``G``
-    (`row_groups`) over a leaf whose rows are whole joint rows (``last`` is
-    ``None``): groups ``k row + i``. Otherwise (the leaf's last axis
-    ``last`` not a multiple of the joint row, its rows padded to
-    ``groups_per_row`` joint rows): kernel row ``r`` is joint row ``c = r
-    mod groups_per_row`` of leaf row ``R``; its group ``i`` is the codec's
-    group ``R ceil(last / G) + k c + i``, which exists where ``k c + i <
-    ceil(last / G)`` (the codec pads its own rows to ``G`` only).
-
-    Args:
-      codec: the moment's codec.
-      row: integer ``(block,)`` (or ``(block, 1)``) kernel rows (int32, or
-        uint32 global rows).
-      groups_per_row: joint rows along the leaf's last axis (traced).
-      last: the leaf's last axis (traced), or ``None`` for whole rows.
-
-    Returns:
-      ``(rows, valid)``: one array of ``row``'s shape and dtype per group,
-      and per group a bool array where it exists (``None``: everywhere).
-    """
-    inner, k = row_groups(codec)
-    if k == 1:
-        return [row], None
-    dtype = row.dtype
-    if last is None:
-        first = row * jnp.asarray(k, dtype)
-        return [first + jnp.asarray(i, dtype) for i in range(k)], None
-    size = jnp.asarray(inner.group_size, dtype)
-    per = jnp.asarray(groups_per_row, dtype)
-    # rows >= 0: truncating division and remainder (v35)
-    own = jax.lax.div(jnp.asarray(last, dtype) + size - 1, size)
-    lead = jax.lax.div(row, per)
-    first = (row - lead * per) * jnp.asarray(k, dtype)
-    at = [first + jnp.asarray(i, dtype) for i in range(k)]
-    return [lead * own + j for j in at], [j < own for j in at]
-
-
-def noise(
-    codec: base.Codec, group: jax.Array, seed: Any, groups_per_row=None, last=None
-) -> Any:
+def noise(codec: base.Codec, group: jax.Array, seed: Any) -> Any:
     """The random words a kernel gives a stochastic codec's ``kernel_encode``.
 
-    `base.dither_bits` of the group's ``G / 2`` pairs, unless the codec draws
-    its own (``kernel_noise``: the words of strided parts,
-    `optax_lowbit.kernels.joint.Blocks32`); a joint row's groups each their
-    own, from their rows in the codec's grid (`group_rows`). The same words
-    as the jnp path's (`base.group_noise`) where the codec holds them.
+    `base.dither_bits` of the group's ``G / 2`` pairs: the same words as the
+    jnp path's (`base.group_noise`).
 
     Args:
       codec: a stochastic codec with a kernel.
       group: uint32 ``(block, 1)`` global kernel rows of the block.
       seed: the moment's final stream seed (traced uint32).
-      groups_per_row: as `group_rows` (a padded leaf).
-      last: as `group_rows` (a padded leaf).
 
     Returns:
       What the codec's ``kernel_encode`` takes as ``noise``.
     """
-    inner, k = row_groups(codec)
-    if k > 1:
-        rows, _ = group_rows(codec, group, groups_per_row, last)
-        return [noise(inner, r, seed) for r in rows]
-    if hasattr(codec, "kernel_noise"):
-        return codec.kernel_noise(group, seed)
     return base.dither_bits(group, codec.group_size // 2, seed)
 
 
@@ -221,7 +146,7 @@ def has_kernel(codec: base.Codec) -> bool:
     if cols is None:
         sizes_ok = codec.group_size in KERNEL_GROUP_SIZES
     else:
-        sizes_ok = codec.group_size <= MAX_KERNEL_ROW and all(
+        sizes_ok = codec.group_size <= max(KERNEL_GROUP_SIZES) and all(
             c[2] in KERNEL_PART_SIZES for c in cols
         )
     return sizes_ok and all(_power_of_two(p[2]) for p in plane_parts(codec))
@@ -235,7 +160,8 @@ def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> No
       nu_codec: the second moment's codec; ``None`` for a rule of one moment.
 
     Raises:
-      ValueError: a codec without a kernel, or a pair whose groups differ.
+      ValueError: a codec without a kernel, or a pair whose groups differ
+        (π-Quant's ``m`` beside a 4-bit ``v``: no kernel takes it).
     """
     for name, codec in (("mu_codec", mu_codec), ("nu_codec", nu_codec)):
         if codec is not None and not has_kernel(codec):
@@ -246,15 +172,19 @@ def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> No
             )
     if nu_codec is None:
         return
-    if mu_codec.group_size != nu_codec.group_size or columns(mu_codec) != columns(
-        nu_codec
-    ):
+    if mu_codec.group_size != nu_codec.group_size:
         raise ValueError(
-            "mu_codec and nu_codec must share group_size (and its kernel parts) "
-            f"for the fused kernel, got {mu_codec!r} (group_size "
-            f"{mu_codec.group_size}) and {nu_codec!r} ({nu_codec.group_size}); "
-            "π-Quant's m beside a 4-bit v steps in joint rows with "
-            "optax_lowbit.kernels.adam.JOINT_ROWS = 1 (kernels/joint.py)."
+            f"mu_codec={mu_codec!r} and nu_codec={nu_codec!r}: their group sizes "
+            f"differ ({mu_codec.group_size} and {nu_codec.group_size}) and no "
+            "fused kernel takes such a pair (π-Quant's preset steps these leaves "
+            "through XLA); step it with impl='jnp'."
+        )
+    if columns(mu_codec) != columns(nu_codec):
+        raise ValueError(
+            f"mu_codec={mu_codec!r} and nu_codec={nu_codec!r} share group_size "
+            f"{mu_codec.group_size} but hold it in different kernel parts "
+            "(`columns`): no fused kernel takes such a pair; step it with "
+            "impl='jnp'."
         )
 
 
@@ -275,17 +205,6 @@ def tables(codec: base.Codec) -> list[jax.Array]:
         n = 1 << max(0, math.ceil(math.log2(max(t.size, 1))))
         out.append(jnp.asarray(np.pad(t, (0, n - t.size), mode="edge")))
     return out
-
-
-def _per_piece(valid: Any, n: int) -> list[Any]:
-    """``n`` pieces' masks: ``valid`` for each.
-
-    Given one mask per group of a joint row (`group_rows`), each group's for
-    its pieces in turn.
-    """
-    if not isinstance(valid, list):
-        return [valid] * n
-    return [v for v in valid for _ in range(n // len(valid))]
 
 
 def load(ref: Any, valid: jax.Array | None, idx: jax.Array) -> jax.Array:
@@ -324,12 +243,9 @@ class Codes:
 
     A leaf's codes are one flat buffer; each code plane of a block (or
     each piece the codec loads, `plane_parts`) is gathered and scattered at
-    computed offsets ``row * bytes + start + stride * j`` (every block shape
-    a power of two). The offsets of a row-contiguous plane are contiguous,
-    so Triton vectorises their loads as it would a blocked row.
-
-    A joint row's groups (`row_groups`) are read at their own rows of the
-    codec's grid (`group_rows`), piece by piece.
+    computed offsets ``row * bytes + start + j`` (every block shape a power
+    of two). The offsets of a row-contiguous plane are contiguous, so Triton
+    vectorises their loads as it would a blocked row.
 
     Attributes:
       parts: ``(start, stride, size)`` of each piece of a group
@@ -345,35 +261,29 @@ class Codes:
         """The ``pallas_call`` operand of a leaf's codes: flat."""
         return codes.reshape(-1)
 
-    def offsets(self, rows: list[jax.Array]) -> list[jax.Array]:
-        """Each piece's int32 ``(block, bytes)`` offsets, group by group.
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each piece's int32 ``(block, bytes)`` offsets of the rows ``row``.
 
         Args:
-          rows: each group's int32 ``(block,)`` rows in the codec's grid
-            (`group_rows`).
+          row: int32 ``(block,)`` group rows.
         """
         out = []
-        for row in rows:
-            for start, stride, size in self.parts:
-                col = jnp.arange(size, dtype=jnp.int32)[None, :]
-                col = col * stride + start if stride != 1 else col + start
-                out.append(row[:, None] * self.nbytes + col)
+        for start, _, size in self.parts:
+            col = jnp.arange(size, dtype=jnp.int32)[None, :] + start
+            out.append(row[:, None] * self.nbytes + col)
         return out
 
     def load(self, ref, offsets, valid) -> list[jax.Array]:
         """The block's code pieces at `offsets`, one ``(block, bytes)`` each.
 
-        ``valid``: bool ``(block,)`` rows to load (``None``: all), or one
-        such mask per group (a joint row's, `group_rows`).
+        ``valid``: bool ``(block,)`` rows to load (``None``: all).
         """
-        masks = _per_piece(valid, len(offsets))
-        return [load(ref, m, idx) for idx, m in zip(offsets, masks, strict=True)]
+        return [load(ref, valid, idx) for idx in offsets]
 
     def store(self, ref, offsets, planes: list[jax.Array], valid) -> None:
         """Stores the block's code pieces at `offsets` (`load`'s layout)."""
-        masks = _per_piece(valid, len(offsets))
-        for idx, plane, m in zip(offsets, planes, masks, strict=True):
-            store(ref, plane, m, idx)
+        for idx, plane in zip(offsets, planes, strict=True):
+            store(ref, plane, valid, idx)
 
 
 class Values:
@@ -433,17 +343,15 @@ class Scales:
     """How the kernel reads and writes a moment's scales.
 
     A leaf's scales are one flat buffer, ``per_group`` per group; a block
-    reads them as a list of ``(block, 1)`` columns, one per scale of a
-    kernel row (a joint row's groups each at their own rows, `Codes`).
+    reads them as a ``(block, 1)`` column, or a list of them where a group
+    has several scales.
 
     Attributes:
       per_group: scales per group.
-      per_row: scales per kernel row.
     """
 
     def __init__(self, codec: base.Codec):
-        self.per_group = row_groups(codec)[0].scales_per_group
-        self.per_row = codec.scales_per_group
+        self.per_group = codec.scales_per_group
 
     @property
     def has_operand(self) -> bool:
@@ -454,26 +362,20 @@ class Scales:
         """The ``pallas_call`` operand of a leaf's scales: flat."""
         return scales.reshape(-1)
 
-    def offsets(self, rows: list[jax.Array]) -> list[jax.Array]:
-        """Each scale's int32 ``(block, 1)`` offsets, group by group (`Codes`)."""
-        return [
-            row[:, None] * self.per_group + k
-            for row in rows
-            for k in range(self.per_group)
-        ]
+    def offsets(self, row: jax.Array) -> list[jax.Array]:
+        """Each scale's int32 ``(block, 1)`` offsets of the rows ``row``."""
+        return [row[:, None] * self.per_group + k for k in range(self.per_group)]
 
     def load(self, ref, offsets, valid):
         """The block's scales at `offsets`: a ``(block, 1)`` column, or a list."""
-        masks = _per_piece(valid, len(offsets))
-        out = [load(ref, m, idx) for idx, m in zip(offsets, masks, strict=True)]
-        return out[0] if self.per_row == 1 else out
+        out = [load(ref, valid, idx) for idx in offsets]
+        return out[0] if self.per_group == 1 else out
 
     def store(self, ref, offsets, scales, valid) -> None:
         """Stores the block's scales at `offsets` (`load`'s layout)."""
-        scales = [scales] if self.per_row == 1 else scales
-        masks = _per_piece(valid, len(offsets))
-        for idx, s, m in zip(offsets, scales, masks, strict=True):
-            store(ref, s, m, idx)
+        scales = [scales] if self.per_group == 1 else scales
+        for idx, s in zip(offsets, scales, strict=True):
+            store(ref, s, valid, idx)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ def _ios(codecs):
     return [(codec_ops.Codes(c), codec_ops.Scales(c)) for c in codecs]
 
 
-def block_offsets(row, *, codecs, groups_per_row=None, last=None):
+def block_offsets(row, *, codecs):
     """Where one block's rows are in a leaf's flat buffers (`codec_ops` layouts).
 
     Computed once per block, outside the per-leaf branches of a grouped
@@ -95,31 +95,17 @@ def block_offsets(row, *, codecs, groups_per_row=None, last=None):
     Args:
       row: int32 ``(block,)`` the block's group rows within the leaf.
       codecs: each moment's codec.
-      groups_per_row: the leaf's kernel rows along its last axis (traced;
-        where rows are padded: a joint row's groups then sit at their own
-        rows, `codec_ops.group_rows`).
-      last: the leaf's last axis (traced; where rows are padded).
 
     Returns:
-      ``(values, [(codes, scales, groups) per moment])``: the value parts'
-      offsets (gradient, parameters and output share them), each moment's
-      code pieces' and scales' offsets (lists of int32 arrays) and the
-      masks of a joint row's groups that exist (`codec_ops.group_rows`;
-      ``None``: all).
+      ``(values, [(codes, scales) per moment])``: the value parts' offsets
+      (gradient, parameters and output share them), each moment's code
+      pieces' and scales' offsets (lists of int32 arrays).
     """
     vals = codec_ops.Values(codecs[0])
-    state = []
-    for codec, (codes, scales) in zip(codecs, _ios(codecs), strict=True):
-        rows, exist = codec_ops.group_rows(codec, row, groups_per_row, last)
-        state.append((codes.offsets(rows), scales.offsets(rows), exist))
+    state = [
+        (codes.offsets(row), scales.offsets(row)) for codes, scales in _ios(codecs)
+    ]
     return vals.offsets(row), state
-
-
-def _masks(valid, exist):
-    """A moment's masks: the block's rows, and a joint row's groups that exist."""
-    if exist is None:
-        return valid
-    return [e if valid is None else e & valid for e in exist]
 
 
 def load_block(in_refs, offsets, valid, *, codecs, apply):
@@ -143,13 +129,12 @@ def load_block(in_refs, offsets, valid, *, codecs, apply):
     g_ref, refs = in_refs[0], in_refs[1:]
     p = vals.load(refs[0], at_values, valid) if apply else None
     loaded = [vals.load(g_ref, at_values, valid), p]
-    for (codes, scales), (c_ref, s_ref), (at_codes, at_scales, exist) in zip(
+    for (codes, scales), (c_ref, s_ref), (at_codes, at_scales) in zip(
         _ios(codecs), moment_refs(refs[int(apply) :], codecs), at_state, strict=True
     ):
-        masks = _masks(valid, exist)
         loaded += [
-            codes.load(c_ref, at_codes, masks),
-            scales.load(s_ref, at_scales, masks),
+            codes.load(c_ref, at_codes, valid),
+            scales.load(s_ref, at_scales, valid),
         ]
     return tuple(loaded)
 
@@ -226,7 +211,7 @@ def compute_block(
     for x, codec, tabs, seed in zip(moments, codecs, tables, seeds, strict=True):
         noise = None
         if codec.stochastic:
-            noise = codec_ops.noise(codec, grow, seed, groups_per_row, last)
+            noise = codec_ops.noise(codec, grow, seed)
         encoded += codec.kernel_encode(whole(x), tabs, noise)
     return (out, *encoded)
 
@@ -258,12 +243,11 @@ def store_block(out_refs, offsets, valid, result, *, codecs):
     out_ref, *state_refs = out_refs
     out, *state = result
     vals.store(out_ref, at_values, [x.astype(out_ref.dtype) for x in out], valid)
-    for k, ((codes, scales), (c_ref, s_ref), (at_codes, at_scales, exist)) in enumerate(
+    for k, ((codes, scales), (c_ref, s_ref), (at_codes, at_scales)) in enumerate(
         zip(_ios(codecs), moment_refs(state_refs, codecs), at_state, strict=True)
     ):
-        masks = _masks(valid, exist)
-        codes.store(c_ref, at_codes, state[2 * k], masks)
-        scales.store(s_ref, at_scales, state[2 * k + 1], masks)
+        codes.store(c_ref, at_codes, state[2 * k], valid)
+        scales.store(s_ref, at_scales, state[2 * k + 1], valid)
 
 
 def state_operands(codecs) -> int:
@@ -453,7 +437,7 @@ def kernel(
                 last=size_ref[slot + LAST],
                 groups_per_row=size_ref[slot + GROUPS_PER_ROW],
             )
-        return leaf, row, valid, shape, block_offsets(row, codecs=codecs, **shape)
+        return leaf, row, valid, shape, block_offsets(row, codecs=codecs)
 
     def fetch(where):
         leaf, _, valid, _, offsets = where

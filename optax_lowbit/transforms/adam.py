@@ -30,7 +30,6 @@ from optax_lowbit import _checks, _generate
 from optax_lowbit.codecs import base
 from optax_lowbit.kernels import _backend
 from optax_lowbit.kernels import adam as kadam
-from optax_lowbit.kernels import joint as kjoint
 from optax_lowbit.transforms import _quantized
 
 _IMPLS = ("auto", "jnp", "pallas")
@@ -308,8 +307,8 @@ def fused_leaves(
       ``unflatten(flat)``, which builds the updates' tree from flat leaves
       (``nnx.Variable`` nodes rewrapped).
     """
-    # a pair of unequal groups (π-Quant's m beside its 128-element v) takes
-    # joint rows with kadam.JOINT_ROWS (kernels/joint.py; unsharded leaves)
+    # a pair of unequal groups (π-Quant's m beside its 128-element v) has no
+    # kernel: its leaves step through XLA
     fusable = kadam.kernel_codecs(mu_codec, nu_codec) is not None
     flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
         updates, (state.mu, state.nu)
@@ -322,7 +321,7 @@ def fused_leaves(
     float_leaves = []  # the float kernel's, below
     for i, (g, m, v) in enumerate(zip(flat, mus, nus, strict=True)):
         packed = _quantized.is_packed(m) and _quantized.is_packed(v)
-        if fusable and packed and kjoint.leaf_fits(g, mu_codec, nu_codec):
+        if fusable and packed:
             kernel_leaves.append(i)
             continue
         p = None if params is None else params[i]

@@ -233,10 +233,9 @@ PRESETS: dict[str, AdamPreset] = {
             "paper's layout. The two moments are grouped differently (96 and "
             "128 elements): on a GPU the step runs through XLA, 3.5-4.6x "
             '``optax.adamw``\'s time (README, "The fused step"); the polar and '
-            "blockwise presets are the fast ones. The fused kernel can step both "
-            "in joint rows of 384 elements (``optax_lowbit.kernels.adam."
-            "JOINT_ROWS = 1``; off by default: bit-equal on an H100 but slower "
-            "than the XLA step, 6.1x against 4.4x)."
+            "blockwise presets are the fast ones. A fused kernel stepping both "
+            "in joint rows of 384 elements was measured bit-equal on an H100 but "
+            "slower than the XLA step (6.1x against 4.4x) and removed."
         ),
         references=(
             "  Tian et al, `Irrational Complex Rotations Empower Low-bit "

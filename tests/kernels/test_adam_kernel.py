@@ -12,6 +12,7 @@ import pytest
 import optax_lowbit as lowbit
 from optax_lowbit.codecs import polar as polar_factory
 from optax_lowbit.kernels import adam as kadam
+from optax_lowbit.transforms import adam_presets
 
 # the kernel and its reference held to the same bits (tests/conftest.py)
 pytestmark = pytest.mark.optimized
@@ -240,12 +241,35 @@ def test_unsupported_codec_is_a_clear_error():
     with pytest.raises(ValueError, match=r"mu_codec=.*has no fused kernel"):
         kadam.adam_update(g, mu, nu, _hp(), mu_codec=wide, nu_codec=NU)
     pq = lowbit.codecs.piquant()
-    with pytest.raises(ValueError, match="must share group_size"):
+    with pytest.raises(ValueError, match="group sizes differ"):
         kadam.adam_update(g, mu, nu, _hp(), mu_codec=pq, nu_codec=NU)
     with pytest.raises(ValueError, match="params has shape"):
         kadam.adam_update(
             g, mu, nu, _hp(), mu_codec=MU, nu_codec=NU, params=jnp.zeros((3,))
         )
+
+
+def test_a_pair_whose_groups_differ_has_no_kernel():
+    """π-Quant's preset (``m`` in superblocks of 96 beside a 4-bit ``v`` in
+    groups of 128) has no kernel: its leaves step through the jnp path (no
+    launch), and the kernel asked for the pair says why, naming both codecs
+    (v42's joint rows were removed in v45)."""
+    mu_codec, nu_codec = adam_presets.piquant_codecs("nearest")
+    assert kadam.kernel_codecs(mu_codec, nu_codec) is None
+    polar = adam_presets.polar_codecs(2, "stochastic")
+    assert kadam.kernel_codecs(*polar) == tuple(polar)
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 768))}
+    tx = lowbit.adamw_piquant(1e-2, impl="pallas", policy=lambda path, x: True)
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert "pallas_call" not in jaxpr
+    g, mu, nu = _random_state(jax.random.key(1), (4, 768), mu_codec, nu_codec)
+    with pytest.raises(ValueError, match="group sizes differ") as err:
+        kadam.adam_update(
+            g, mu, nu, _hp(), mu_codec=mu_codec, nu_codec=nu_codec, impl="pallas"
+        )
+    message = str(err.value)
+    assert repr(mu_codec) in message and repr(nu_codec) in message
+    assert "no fused kernel takes such a pair" in message
 
 
 def test_every_output_written():

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import optax_lowbit as lowbit
-from optax_lowbit.kernels import adam as kadam
 from optax_lowbit.transforms import _quantized
 
 pytestmark = [pytest.mark.slow, pytest.mark.optimized]
@@ -72,16 +71,6 @@ def _assert_paths_equal(make):
 def test_adam_kernel_equals_jnp_over_300_steps(name):
     assert any(_quantized.is_packed(x) for x in _packed(ADAM[name]("jnp").init(PARAMS)))
     _assert_paths_equal(ADAM[name])
-
-
-def test_polar2_in_quarters_equals_jnp_over_300_steps(monkeypatch):
-    """v44's opt-in hold of the polar 2-bit pair (`kadam.QUARTERS`) over the
-    same 300 re-encodes: states and updates bit for bit."""
-    monkeypatch.setattr(kadam, "QUARTERS", 1)
-    tx = ADAM["polar2"]("pallas")
-    jaxpr = str(jax.make_jaxpr(tx.update)(PARAMS, tx.init(PARAMS), PARAMS))
-    assert "-quarters" in jaxpr  # the kernel's launch holds the pair in quarters
-    _assert_paths_equal(ADAM["polar2"])
 
 
 @pytest.mark.parametrize(
