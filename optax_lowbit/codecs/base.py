@@ -344,13 +344,14 @@ def _pack_plane(field: list[jax.Array], w: int, kernel: bool) -> jax.Array:
 
     Where each byte's values are whole parts (a kernel's halves into 4-bit
     bytes), or outside a kernel, the values are split into each byte's
-    pieces, shifted and joined by ORs. Otherwise (``kernel``) each part is
-    folded whole: its values shifted to their bits (`_plane_bits`), reshaped
-    to ``(..., values per byte in it, nbytes)`` and summed over the first of
-    those axes (the bits are disjoint: a sum is an OR). A Triton kernel then
-    needs one reshape and one reduction per part, instead of a tree of
-    splits (three layout operations each) and one OR per piece: a smaller
-    module, which Triton compiles faster (``NOTES_kernels.md``, v29).
+    pieces, shifted and joined by ORs. Otherwise (``kernel``: polar's codes,
+    one part; several are joined first) the values are folded whole: shifted
+    to their bits (`_plane_bits`), reshaped to ``(..., values per byte,
+    nbytes)`` and summed over the first of those axes (the bits are
+    disjoint: a sum is an OR). A Triton kernel then needs one reshape and
+    one reduction, instead of a tree of splits (three layout operations
+    each) and one OR per piece: a smaller module, which Triton compiles
+    faster (``NOTES_kernels.md``, v29).
     """
     k = sum(v.shape[-1] for v in field)
     nbytes = k * w // 8
@@ -361,17 +362,10 @@ def _pack_plane(field: list[jax.Array], w: int, kernel: bool) -> jax.Array:
         for s in range(1, per_byte):
             byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
         return byte
-    if any(v.shape[-1] % nbytes for v in field):  # a part splits a byte's run
-        field = [concat_last(field)]
-    out, first = None, 0
-    for v in field:
-        size = v.shape[-1]
-        shifted = v.astype(jnp.int32) << _plane_bits(size, nbytes, w, first)
-        rows = shifted.reshape((*v.shape[:-1], size // nbytes, nbytes))
-        folded = jnp.sum(rows, axis=-2)
-        out = folded if out is None else out | folded
-        first += size
-    return out.astype(jnp.uint8)
+    v = concat_last(field) if len(field) > 1 else field[0]
+    shifted = v.astype(jnp.int32) << _plane_bits(k, nbytes, w)
+    rows = shifted.reshape((*v.shape[:-1], per_byte, nbytes))
+    return jnp.sum(rows, axis=-2).astype(jnp.uint8)
 
 
 def pack_codes(values: Any, bits: int) -> jax.Array:
@@ -658,7 +652,7 @@ def stream_seed(seed: Any, *salts: Any) -> jax.Array:
     return jnp.asarray(s, _U32)
 
 
-def dither_bits(group: jax.Array, half: Any, seed: Any) -> jax.Array:
+def dither_bits(group: jax.Array, half: int, seed: Any) -> jax.Array:
     """Random uint32 words of the ``half`` pairs of each group, stream ``seed``.
 
     A counter-based generator: one ``lowbias32`` key per group (two rounds of
@@ -682,21 +676,15 @@ def dither_bits(group: jax.Array, half: Any, seed: Any) -> jax.Array:
     Args:
       group: uint32 group indices (row-major positions in the leaf's group
         grid) with a trailing axis of 1.
-      half: pairs per group (the group's size / 2): words ``0 .. half - 1``;
-        or an integer array of the pairs whose words are wanted (a group
-        held in strided parts draws each part's words where it holds them).
+      half: pairs per group (the group's size / 2): words ``0 .. half - 1``.
       seed: uint32 stream seed (`stream_seed`).
 
     Returns:
-      uint32 array of ``group``'s shape with the trailing axis ``half`` (or
-      the pairs' shape).
+      uint32 array of ``group``'s shape with the trailing axis ``half``.
     """
     seed = jnp.asarray(seed).astype(_U32)
     key = hash32(hash32(group.astype(_U32) ^ seed) + seed)
-    pairs = half
-    if isinstance(half, (int, np.integer)):
-        pairs = jnp.arange(half, dtype=_U32)
-    return key + jnp.asarray(pairs).astype(_U32) * _WEYL
+    return key + jnp.arange(half, dtype=_U32) * _WEYL
 
 
 def flat_index(shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:

@@ -631,11 +631,8 @@ def encode_groups_with(
         computed here); not read with ``lut`` (a kernel's search).
       noise: ``None`` for round-to-nearest, or uint32 ``(..., block_size /
         2)`` random words (`base.group_noise`) for unbiased stochastic
-        rounding between the two map entries around each value; or a list
-        of parts of those words, where ``xg`` is a list of twice as many
-        parts whose part ``i + len(noise)`` holds the elements ``G / 2``
-        after part ``i``'s (word ``j`` serves elements ``j`` and
-        ``j + G/2``: a group held in strided parts).
+        rounding between the two map entries around each value (word ``j``
+        serves elements ``j`` and ``j + block_size / 2``).
       planes: return the codes as the kernel's planes (`kernel_planes`)
         instead of one array.
       lut: ``(entries, counts, params)``: the `bucket_entries` of
@@ -667,10 +664,7 @@ def encode_groups_with(
     normalised = [x * inv for x in parts]
     uniform = [None] * len(parts)
     if noise is not None:  # word j: the uniforms of elements j and j + G/2
-        words = noise if isinstance(noise, (list, tuple)) else [noise]
-        pairs = [base.uniform_pair(w) for w in words]
-        firsts, seconds = [u for u, _ in pairs], [u for _, u in pairs]
-        uniform = base.parts_of(firsts + seconds, len(parts))
+        uniform = base.parts_of(list(base.uniform_pair(noise)), len(parts))
     if lut is not None:
         index = [
             _index_by_buckets(*lut, x, u, bits)
@@ -705,18 +699,12 @@ def _as_table(table: Any) -> Any:
 def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     """The code planes a kernel stores (`BlockwiseCodec.code_planes`).
 
-    At 4 bits the packed plane (the halves are its two nibbles), or, from
-    more parts, one byte part per pair of parts ``i`` and ``i + n/2`` (their
-    low and high nibbles: in memory the plane's bytes, part by part, where
-    the parts are contiguous; strided parts store each byte part at its own
-    offsets); at 8 bits, one byte per code, the codes of the block's two
-    halves: the same bytes in memory as the one plane, stored without joining
-    the halves.
+    At 4 bits the packed plane (the halves are its two nibbles); at 8 bits,
+    one byte per code, the codes of the block's two halves: the same bytes in
+    memory as the one plane, stored without joining the halves.
 
     Args:
-      index: uint8 map indices, the block or its parts (`base.parts_of`,
-        or strided parts where element ``j`` of part ``i + n/2`` is ``G / 2``
-        after element ``j`` of part ``i``).
+      index: uint8 map indices, the block or its two halves (`base.parts_of`).
       bits: 4 or 8.
 
     Returns:
@@ -724,14 +712,7 @@ def kernel_planes(index: list[jax.Array], bits: int) -> list[jax.Array]:
     """
     if bits == 8:
         return base.parts_of(index, 2)
-    if len(index) % 2:
-        return base.pack_planes(index, bits)
-    # parts i and i + n/2 are each other's nibbles (`decode_groups_with`)
-    half = len(index) // 2
-    return [
-        base.pack_planes([lo, hi], bits)[0]
-        for lo, hi in zip(index[:half], index[half:], strict=True)
-    ]
+    return base.pack_planes(index, bits)
 
 
 def decode_map(qmap: Any, floor: float) -> Any:
@@ -757,7 +738,7 @@ def decode_groups_with(
 
     Args:
       codes: ``(..., bytes_per_block)`` uint8, or the kernel's planes
-        (`kernel_planes`, byte parts too).
+        (`kernel_planes`).
       scales: ``(..., 1)`` float block scales.
       qmap: the map that encoded them, or its `decode_map` (a kernel's ref
         holds the `decode_map`, read as it is).
@@ -765,8 +746,7 @@ def decode_groups_with(
         positive entry, so a second moment never decodes to 0 in a block
         whose scale is > 0: an Adam update divides by its square root).
       halves: return the block as a kernel's parts (its two halves,
-        `base.halves`, or from byte parts twice as many parts) instead of
-        the whole block.
+        `base.halves`) instead of the whole block.
 
     Returns:
       ``(..., block_size)`` float32, ``block_size = bytes * 8 // bits``, or
@@ -776,14 +756,9 @@ def decode_groups_with(
     parts = 2 if halves else 1
     if isinstance(codes, (list, tuple)) and bits == 8:  # each half's bytes
         index = base.parts_of(codes, parts)
-    elif isinstance(codes, (list, tuple)) and bits == 4:
-        # byte parts (`kernel_planes`; one: the halves' plane): the low
-        # nibbles' parts, then the high
-        nibbles = [base.unpack_planes([c], bits, parts=2) for c in codes]
-        index = [lo for lo, _ in nibbles] + [hi for _, hi in nibbles]
-        index = index if halves else base.parts_of(index, 1)
-    else:
-        index = base.unpack_planes([codes], bits, parts=parts)
+    else:  # at 4 bits one plane: the halves are its two nibbles
+        planes = list(codes) if isinstance(codes, (list, tuple)) else [codes]
+        index = base.unpack_planes(planes, bits, parts=parts)
     if not base.is_ref(qmap):
         qmap = jnp.asarray(decode_map(qmap, floor))
     scales = jnp.asarray(scales, jnp.float32)

@@ -50,26 +50,6 @@ def planes(codec: base.Codec) -> list[int]:
     return list(codec.code_planes())
 
 
-def plane_parts(codec: base.Codec) -> tuple[tuple[int, int, int], ...]:
-    """``(start, stride, size)`` of each piece of a group's codes a kernel loads.
-
-    The code planes one after the other (`planes`: ``(start, 1, bytes)``);
-    the pieces cover the group's code bytes once each.
-
-    Args:
-      codec: the moment's codec.
-
-    Returns:
-      One ``(start, stride, size)`` per piece, in the order the codec's
-      ``kernel_decode`` takes them and its ``kernel_encode`` returns them.
-    """
-    out, start = [], 0
-    for n in planes(codec):
-        out.append((start, 1, n))
-        start += n
-    return tuple(out)
-
-
 def noise(codec: base.Codec, group: jax.Array, seed: Any) -> Any:
     """The random words a kernel gives a stochastic codec's ``kernel_encode``.
 
@@ -149,7 +129,7 @@ def has_kernel(codec: base.Codec) -> bool:
         sizes_ok = codec.group_size <= max(KERNEL_GROUP_SIZES) and all(
             c[2] in KERNEL_PART_SIZES for c in cols
         )
-    return sizes_ok and all(_power_of_two(p[2]) for p in plane_parts(codec))
+    return sizes_ok and all(_power_of_two(n) for n in planes(codec))
 
 
 def check_codecs(mu_codec: base.Codec, nu_codec: base.Codec | None = None) -> None:
@@ -241,47 +221,50 @@ def store(ref: Any, value: jax.Array, valid: jax.Array | None, idx: jax.Array) -
 class Codes:
     """How the kernel reads and writes one moment's codes.
 
-    A leaf's codes are one flat buffer; each code plane of a block (or
-    each piece the codec loads, `plane_parts`) is gathered and scattered at
-    computed offsets ``row * bytes + start + j`` (every block shape a power
-    of two). The offsets of a row-contiguous plane are contiguous, so Triton
-    vectorises their loads as it would a blocked row.
+    A leaf's codes are one flat buffer; each code plane of a block
+    (`planes`, one after the other in a group's bytes, in the order the
+    codec's ``kernel_decode`` takes them and its ``kernel_encode`` returns
+    them) is gathered and scattered at computed offsets ``row * bytes +
+    start + j`` (every block shape a power of two). The offsets of a
+    row-contiguous plane are contiguous, so Triton vectorises their loads as
+    it would a blocked row.
 
     Attributes:
-      parts: ``(start, stride, size)`` of each piece of a group
-        (`plane_parts`).
+      parts: ``(start, size)`` of each plane of a group.
       nbytes: bytes of a group's codes.
     """
 
     def __init__(self, codec: base.Codec):
-        self.parts = plane_parts(codec)
-        self.nbytes = sum(size for _, _, size in self.parts)
+        sizes = planes(codec)
+        starts = np.cumsum([0, *sizes[:-1]]).tolist()
+        self.parts = tuple(zip(starts, sizes, strict=True))
+        self.nbytes = sum(sizes)
 
     def operand(self, codes: jax.Array) -> jax.Array:
         """The ``pallas_call`` operand of a leaf's codes: flat."""
         return codes.reshape(-1)
 
     def offsets(self, row: jax.Array) -> list[jax.Array]:
-        """Each piece's int32 ``(block, bytes)`` offsets of the rows ``row``.
+        """Each plane's int32 ``(block, bytes)`` offsets of the rows ``row``.
 
         Args:
           row: int32 ``(block,)`` group rows.
         """
         out = []
-        for start, _, size in self.parts:
+        for start, size in self.parts:
             col = jnp.arange(size, dtype=jnp.int32)[None, :] + start
             out.append(row[:, None] * self.nbytes + col)
         return out
 
     def load(self, ref, offsets, valid) -> list[jax.Array]:
-        """The block's code pieces at `offsets`, one ``(block, bytes)`` each.
+        """The block's code planes at `offsets`, one ``(block, bytes)`` each.
 
         ``valid``: bool ``(block,)`` rows to load (``None``: all).
         """
         return [load(ref, valid, idx) for idx in offsets]
 
     def store(self, ref, offsets, planes: list[jax.Array], valid) -> None:
-        """Stores the block's code pieces at `offsets` (`load`'s layout)."""
+        """Stores the block's code planes at `offsets` (`load`'s layout)."""
         for idx, plane in zip(offsets, planes, strict=True):
             store(ref, plane, valid, idx)
 
