@@ -76,7 +76,12 @@ def test_ablation_row_in_its_own_process():
     # the stand-ins shrink the kernels' Triton modules, not their number
     kernel, stand_in = rows["kernel"], rows["no codec work"]
     assert stand_in["triton_configs"] == kernel["triton_configs"] > 0
-    assert stand_in["triton_chars"] < kernel["triton_chars"] / 2
+    # by about half (0.495 at 9e5d692, 0.500 at a88aee4); a stand-in that did
+    # not apply leaves ~1. Not held to exactly half: the serialised modules
+    # carry debug locations (file paths, line numbers), so their sizes move
+    # with edits and the checkout's path (a88aee4: kernel 67237 characters
+    # under /work/main, 67265 under /tmp/ci_clone)
+    assert stand_in["triton_chars"] < 0.6 * kernel["triton_chars"]
 
 
 def test_bad_arguments_are_named():
