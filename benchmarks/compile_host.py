@@ -13,8 +13,9 @@ traces, JAX's caches start empty):
   lowered to Triton (forced, as `benchmarks.kernel_ops` does), so the host's
   part of a GPU compile is measured here without a GPU;
 * ``hlo_ops``: operations in the lowered module's text (one per ``=``);
-* ``triton_configs``, ``triton_chars``: the distinct Triton kernels in it (each
-  module and grid, what XLA's kernel cache keys on) and their size;
+* ``triton_configs``, ``triton_chars``, ``triton_ops``: the distinct Triton
+  kernels in it (each module and grid, what XLA's kernel cache keys on), their
+  serialised size (debug locations included) and their operations;
 * ``compile_s``: ``.compile()`` (GPU only; ``null`` on a CPU host);
 * ``gc_s``, ``gc_full``: the seconds Python's garbage collector took during
   the trace, lowering and compile (part of their times), and its full
@@ -275,6 +276,9 @@ def _timed(
         # serialised size (v31)
         "triton_configs": len(configs),
         "triton_chars": sum(map(len, configs)),
+        # their operations (`kernel_ops.config_module_size`): unlike the
+        # characters, the same wherever the checkout lies
+        "triton_ops": sum(map(kernel_ops.config_module_size, configs)),
         # whether the first step imported Pallas' Mosaic GPU backend (v30)
         "mosaic_gpu_imported": "jax._src.pallas.mosaic_gpu.core" in sys.modules,
         # Python's garbage collections in the trace, lowering and compile:

@@ -166,6 +166,29 @@ def module_size(module_op: Any) -> int:
     return sum(1 for _ in _walk(_simplified(module_op)))
 
 
+def config_module_size(config: str) -> int:
+    """`module_size` of the Triton module a `triton_configs` entry carries.
+
+    The entry's ``ir`` string is the module's MLIR bytecode, debug locations
+    (file paths, line numbers) included, so its length moves with the
+    checkout's path and with edits that change no operation; the operations
+    do not.
+
+    Args:
+      config: one string of `triton_configs`.
+
+    Returns:
+      The number of operations after ``canonicalize`` and ``cse``.
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering
+
+    with lowering._new_ir_context():
+        attrs = ir.DictAttr(ir.Attribute.parse(config))
+        module = ir.Module.parse(ir.StringAttr(attrs["ir"]).value_bytes)
+        return module_size(module.operation)
+
+
 def per_element(counts: collections.Counter, elements: int) -> dict[str, float]:
     """`CATEGORIES` per element from `ir_counts` of a program of ``elements``."""
     cat: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)

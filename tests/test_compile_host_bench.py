@@ -76,12 +76,11 @@ def test_ablation_row_in_its_own_process():
     # the stand-ins shrink the kernels' Triton modules, not their number
     kernel, stand_in = rows["kernel"], rows["no codec work"]
     assert stand_in["triton_configs"] == kernel["triton_configs"] > 0
-    # by about half (0.495 at 9e5d692, 0.500 at a88aee4); a stand-in that did
-    # not apply leaves ~1. Not held to exactly half: the serialised modules
-    # carry debug locations (file paths, line numbers), so their sizes move
-    # with edits and the checkout's path (a88aee4: kernel 67237 characters
-    # under /work/main, 67265 under /tmp/ci_clone)
-    assert stand_in["triton_chars"] < 0.6 * kernel["triton_chars"]
+    # to under half their operations (258 of 591 at 4785675); a stand-in that
+    # did not apply leaves them equal. Counted as operations, not serialised
+    # characters: those carry debug locations (file paths, line numbers) and
+    # so move with the checkout's path (CI failed on them at 7bbed30)
+    assert 0 < stand_in["triton_ops"] < kernel["triton_ops"] / 2
 
 
 def test_bad_arguments_are_named():
