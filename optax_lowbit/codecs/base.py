@@ -323,8 +323,8 @@ def pack_planes(values: Any, bits: int, *, kernel: bool = False) -> list[jax.Arr
     return planes
 
 
-def _plane_bits(size: int, nbytes: int, w: int, first: int = 0) -> jax.Array:
-    """Where values ``first .. first + size - 1`` of a plane sit in their bytes.
+def _plane_bits(size: int, nbytes: int, w: int) -> jax.Array:
+    """Where values ``0 .. size - 1`` of a plane sit in their bytes.
 
     The planar layout (`pack_planes`): value ``j`` of a plane of ``nbytes``
     bytes and ``w``-bit fields sits in byte ``j % nbytes`` at bit
@@ -333,7 +333,7 @@ def _plane_bits(size: int, nbytes: int, w: int, first: int = 0) -> jax.Array:
     Returns:
       int32 ``(size,)`` bit offsets.
     """
-    j = jnp.arange(size, dtype=jnp.int32) + first
+    j = jnp.arange(size, dtype=jnp.int32)
     # j >= 0: truncating division is the floor, without `//`'s sign fix-ups
     # (which Pallas' Triton lowering traces anew in every kernel; v35)
     return jax.lax.div(j, jnp.int32(nbytes)) * w
