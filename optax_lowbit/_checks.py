@@ -4,9 +4,9 @@ Each check raises at construction time with a message that names the argument,
 the value received and what is accepted, e.g.
 ``ValueError: bits must be one of (1.5, 2), got 3``.
 
-Checks on numeric hyperparameters only run on concrete Python numbers: under
-``optax.inject_hyperparams`` or a schedule they may be tracers, and a tracer is
-never branched on.
+Checks on numeric hyperparameters run on concrete numbers and scalar arrays:
+under ``optax.inject_hyperparams`` they may be tracers, and a tracer is never
+branched on (only its type is checked: `numeric`).
 """
 
 from __future__ import annotations
@@ -64,19 +64,69 @@ def divisible(name: str, value: int, by_name: str, by: int) -> None:
         )
 
 
-def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> None:
-    """Checks 0 <= value < 1 (or <= 1) when ``value`` is a concrete number."""
-    if not is_concrete_number(value):
+def numeric(name: str, value: Any) -> float | None:
+    """The value of a numeric hyperparameter, or ``None`` where it is traced.
+
+    Accepted: a Python or NumPy number, a concrete JAX or NumPy scalar array
+    of a numeric dtype (its value is returned and checked like a number),
+    and a tracer (``optax.inject_hyperparams`` traces the values it
+    injects; never branched on). A string, ``None``, a bool, a sequence or
+    an array of several values would fail deep inside the first traced
+    step instead.
+
+    Raises:
+      TypeError: naming ``name`` and the value.
+    """
+    if is_concrete_number(value):
+        return value
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        real = any(
+            jax.numpy.issubdtype(value.dtype, t) for t in (np.integer, np.floating)
+        )
+        if np.ndim(value) == 0 and real:  # bfloat16 too (numpy's kind "V")
+            return float(value)
+    raise TypeError(
+        f"{name} must be a number (a Python or NumPy number, or a numeric scalar "
+        f"array such as optax.inject_hyperparams passes), got {value!r}."
+    )
+
+
+def scalar_or_schedule(name: str, value: Any, *, none: str = "") -> None:
+    """Raises TypeError unless ``value`` is a number (`numeric`) or a schedule.
+
+    As Optax's ``ScalarOrSchedule``: a callable passes as a schedule (it is
+    called on the step count when traced). ``none``: what ``None`` means
+    where it is accepted (``optax.scale_by_learning_rate``: no scaling);
+    empty where it is not.
+    """
+    if callable(value) or (value is None and none):
         return
-    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    try:
+        numeric(name, value)
+    except TypeError:
+        accepted = "a number, a scalar array or an optax.Schedule" + (
+            f", or None ({none})" if none else ""
+        )
+        raise TypeError(f"{name} must be {accepted}, got {value!r}.") from None
+
+
+def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> None:
+    """Checks 0 <= value < 1 (or <= 1) unless ``value`` is traced (`numeric`)."""
+    number = numeric(name, value)
+    if number is None:
+        return
+    ok = 0.0 <= number <= 1.0 if closed_right else 0.0 <= number < 1.0
     if not ok:
         right = "1]" if closed_right else "1)"
         raise ValueError(f"{name} must be in [0, {right}, got {value!r}.")
 
 
 def non_negative(name: str, value: Any) -> None:
-    """Checks value >= 0 when ``value`` is a concrete number."""
-    if is_concrete_number(value) and not value >= 0:
+    """Checks value >= 0 unless ``value`` is traced (`numeric`)."""
+    number = numeric(name, value)
+    if number is not None and not number >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 

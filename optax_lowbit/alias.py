@@ -67,7 +67,19 @@ def _checked_mask(mask: Any) -> Any:
     return check
 
 
-def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+def _scaled_by(
+    learning_rate: Any, name: str = "learning_rate", *, flip_sign: bool = True
+) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate`, ``learning_rate`` checked first."""
+    _checks.scalar_or_schedule(name, learning_rate, none="no scaling, as in Optax")
+    return optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
+
+
+def _decay(
+    weight_decay: Any, mask: Any, name: str = "weight_decay"
+) -> optax.GradientTransformation:
+    """`optax.add_decayed_weights`, ``weight_decay`` and ``mask`` checked."""
+    _checks.scalar_or_schedule(name, weight_decay)
     inner = optax.add_decayed_weights(weight_decay, mask)
     check = _checked_mask(mask)
     if check is None:
@@ -101,7 +113,7 @@ def _adam_chain(
 
     def tail(mask: Any) -> list[optax.GradientTransformation]:
         links = [_decay(weight_decay, mask)] if decay else []
-        return [*links, optax.scale_by_learning_rate(learning_rate)]
+        return [*links, _scaled_by(learning_rate)]
 
     tx = optax.chain(adam, *tail(mask))
     if not fused:
@@ -402,8 +414,16 @@ def _muon(
         ),
         _muon_tx.scale_by_shape(dims, consistent_rms),
         _decay(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
+        _scaled_by(learning_rate),
     )
+    _checks.scalar_or_schedule(
+        "adam_learning_rate", adam_learning_rate, none="then learning_rate"
+    )
+    _checks.scalar_or_schedule("adam_weight_decay", adam_weight_decay)
+    # named as the user wrote them (the Adam chain would say b1, b2, eps_root)
+    _checks.in_unit_interval("adam_b1", adam_b1)
+    _checks.in_unit_interval("adam_b2", adam_b2)
+    _checks.non_negative("adam_eps_root", adam_eps_root)
     adam = _adam_chain(
         preset,
         True,
@@ -574,6 +594,7 @@ def _polar_of(args: dict[str, Any], signed: bool) -> base.Codec:
 
 def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
     """`adafactor_polar`'s chain; ``a``: its arguments by name, defaults applied."""
+    _checks.non_negative("eps", a["eps"])  # the transform's ``epsilon``
     mu_codec, nu_codec = _polar_of(a, True), _polar_of(a, False)
     txs = [
         _adafactor.scale_by_factored_rms_quantized(
@@ -589,7 +610,7 @@ def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
     if a["clipping_threshold"] is not None:
         txs.append(optax.clip_by_block_rms(a["clipping_threshold"]))
     if a["learning_rate"] is not None:
-        txs.append(optax.scale_by_learning_rate(a["learning_rate"], flip_sign=False))
+        txs.append(_scaled_by(a["learning_rate"], flip_sign=False))
     if a["multiply_by_parameter_scale"]:
         txs.append(optax.scale_by_param_block_rms())
     if a["momentum"] is not None:
@@ -603,7 +624,9 @@ def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
             )
         )
     if a["weight_decay_rate"] is not None:
-        txs.append(_decay(a["weight_decay_rate"], a["weight_decay_mask"]))
+        txs.append(
+            _decay(a["weight_decay_rate"], a["weight_decay_mask"], "weight_decay_rate")
+        )
     txs.append(optax.scale(-1))
     return optax.chain(*txs)
 
@@ -717,7 +740,7 @@ def _lion_chain(**a: Any) -> optax.GradientTransformation:
     return optax.chain(
         lion,
         _decay(a["weight_decay"], a["mask"]),
-        optax.scale_by_learning_rate(a["learning_rate"]),
+        _scaled_by(a["learning_rate"]),
     )
 
 
@@ -794,6 +817,7 @@ def _sgd_chain(**a: Any) -> optax.GradientTransformation:
             "momentum must be a number in [0, 1) for sgd_polar, got None; SGD "
             "without momentum keeps no state to quantize: use optax.sgd."
         )
+    _checks.numeric("momentum", a["momentum"])  # its range: `trace_quantized`
     trace = _sgd.trace_quantized(
         a["momentum"],
         a["nesterov"],
@@ -801,7 +825,7 @@ def _sgd_chain(**a: Any) -> optax.GradientTransformation:
         codec=_polar_of(a, True),
         policy=a["policy"],
     )
-    return optax.chain(trace, optax.scale_by_learning_rate(a["learning_rate"]))
+    return optax.chain(trace, _scaled_by(a["learning_rate"]))
 
 
 sgd_polar = _gen.function(

@@ -37,12 +37,13 @@ class TraceQuantizedState(NamedTuple):
 
 
 def _check_decay(decay: Any) -> None:
-    """Checks 0 <= decay < 1 when ``decay`` is a concrete number.
+    """Checks 0 <= decay < 1 unless ``decay`` is traced (`_checks.numeric`).
 
     The message names ``momentum`` too: `optax_lowbit.sgd_polar` passes its
     ``momentum`` here, and a user of it never wrote ``decay``.
     """
-    if _checks.is_concrete_number(decay) and not 0.0 <= decay < 1.0:
+    number = _checks.numeric("decay (sgd_polar's momentum)", decay)
+    if number is not None and not 0.0 <= number < 1.0:
         raise ValueError(
             f"decay must be >= 0 and < 1 (the momentum of sgd_polar: momentum "
             f"must be in [0, 1)), got {decay!r}."
