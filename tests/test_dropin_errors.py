@@ -113,3 +113,33 @@ def test_sgd_polar_momentum_out_of_range(momentum):
 @given(momentum=st.floats(0.0, 0.999))
 def test_sgd_polar_momentum_in_range(momentum):
     lowbit.sgd_polar(0.1, momentum=momentum)
+
+
+# a gradient whose shape is not its parameter's ------------------------------
+
+
+@pytest.mark.parametrize("name", [*ALIASES, "adamw_polar-fused"])
+@given(
+    shape=st.sampled_from([(8, 127), (8, 129), (7, 128), (1024,), (8, 128, 1)]),
+    nested=st.booleans(),
+)
+def test_a_gradient_of_another_shape_is_named(name, shape, nested):
+    if name == "adamw_polar-fused":
+        opt = lowbit.adamw_polar(1e-3, policy=EVERYTHING, fused=True)
+        init, step = opt.init, opt.step
+    else:
+        tx = ALIASES[name]()
+        init, step = tx.init, tx.update
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((8, 128)), jnp.float32)
+    params = {"layer": {"w": w}, "b": jnp.ones((16,))} if nested else {"w": w}
+    grads = jax.tree.map(jnp.ones_like, params)
+    if nested:
+        grads["layer"]["w"] = jnp.ones(shape)
+    else:
+        grads["w"] = jnp.ones(shape)
+    where = "['layer']['w']" if nested else "['w']"
+    with pytest.raises(ValueError, match=r"was the state made by tx\.init") as e:
+        step(grads, init(params), params)
+    assert f"updates{where} has shape {shape}" in str(e.value)
+    assert "for shape (8, 128)" in str(e.value)

@@ -532,7 +532,33 @@ def flatten_with_moments(updates: Any, moments: Sequence[Any]) -> tuple[Any, ...
         return u, ms
 
     plain = [unwrap(x) for x in flat]
+    _check_packed_shapes(updates, plain, per_moment)
     return plain, treedef, [[unwrap(x) for x in m] for m in per_moment], rewrap
+
+
+def _check_packed_shapes(
+    updates: Any, plain: list[Any], per_moment: Sequence[list[Any]]
+) -> None:
+    """Raises where an update leaf's shape is not its quantized moment's.
+
+    A `Packed` moment holds the codes of its parameter's whole leaf
+    (``Packed.shape``); a gradient of another shape would otherwise fail
+    deep inside the decode, in an arithmetic operation's words. Plain
+    moments are left to the step (Adafactor's factored rows differ by
+    design).
+    """
+    for leaves in per_moment:
+        for k, (g, x) in enumerate(zip(plain, leaves, strict=True)):
+            if is_packed(x) and tuple(np.shape(g)) != tuple(x.shape):
+                path = jax.tree_util.tree_flatten_with_path(
+                    updates, is_leaf=_is_variable
+                )[0][k][0]
+                raise ValueError(
+                    f"updates{jax.tree_util.keystr(path)} has shape "
+                    f"{tuple(np.shape(g))}, but the optimizer state holds that "
+                    f"leaf's moment for shape {tuple(x.shape)}; was the state made "
+                    "by tx.init on these parameters?"
+                )
 
 
 def map_leaves(
