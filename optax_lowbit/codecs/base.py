@@ -362,7 +362,7 @@ def _pack_plane(field: list[jax.Array], w: int, kernel: bool) -> jax.Array:
         for s in range(1, per_byte):
             byte = byte | (pieces[s] << (s * w)).astype(jnp.uint8)
         return byte
-    v = concat_last(field) if len(field) > 1 else field[0]
+    v = concat_last(field)
     shifted = v.astype(jnp.int32) << _plane_bits(k, nbytes, w)
     rows = shifted.reshape((*v.shape[:-1], per_byte, nbytes))
     return jnp.sum(rows, axis=-2).astype(jnp.uint8)
