@@ -10,9 +10,11 @@ a `ScaleByAdamQuantizedState` (which is what `optax_lowbit.convert` relies on).
 Arguments keep Optax's names and order (``learning_rate, b1, b2, eps, eps_root,
 mu_dtype, weight_decay, mask``); ours are keyword-only after ``*``.
 
-Under ``optax.inject_hyperparams`` pass the structural arguments that are
-numbers or callables as static: ``static_args=("bits", "policy")`` (``mask``
-too when it is a callable).
+``optax.inject_hyperparams`` wraps every alias as it is: the structural
+arguments' defaults (``bits=None``, ``policy=None``, Adafactor's
+``min_dim_size_to_factor=None``) are not numbers, so it leaves them static.
+Structural values you pass as numbers or callables must be listed:
+``static_args=("bits", "policy")`` (``mask`` too when it is a callable).
 
 The Adam family (``adam_<name>``, ``adamw_<name>`` and the deprecated
 ``fused_adamw_<name>``) and the Muon family (``muon_<name>``) are generated
@@ -641,10 +643,10 @@ adafactor_polar = _gen.function(
         ),
         _gen.Arg(
             "min_dim_size_to_factor",
-            "factor a leaf only if its two largest axes are at least this size. "
-            "Structural: under ``optax.inject_hyperparams`` list it in "
-            "``static_args``.",
-            128,
+            "factor a leaf only if its two largest axes are at least this size; "
+            "``None`` (the default) is Optax's 128. Structural: a value passed "
+            "under ``optax.inject_hyperparams`` must be listed in ``static_args``.",
+            None,
         ),
         _gen.Arg("decay_rate", "exponent of the second moment's decay schedule.", 0.8),
         _gen.Arg(

@@ -6,12 +6,13 @@ step of an alias is built once (`_setup`) and shared by the checks that use it,
 so this file stays within a few minutes on a CPU.
 
 inject_hyperparams: ``optax.inject_hyperparams`` turns every int/float argument
-of the factory into an array, *defaults included*. Arguments that fix the
-state's layout must be listed in ``static_args`` (`STATIC_ARGS`); omitting them
-raises a TypeError at construction that names the argument and says
-``static_args=('<name>',)`` (``test_inject_hyperparams_without_static_args``).
-Aliases without such numeric arguments (adamw_piquant, adamw_8bit, adamw_4bit)
-need none.
+of the factory into an array, *defaults included*. The structural arguments'
+defaults are ``None`` (``bits``, Adafactor's ``min_dim_size_to_factor``), so every
+alias wraps as it is (``test_inject_hyperparams_as_is``). A structural value
+passed as a number must be listed in ``static_args`` (`STATIC_ARGS`: the values
+each check passes); omitting it raises a TypeError at construction that names the
+argument and says ``static_args=('<name>',)``
+(``test_inject_hyperparams_without_static_args``).
 """
 
 import functools
@@ -50,13 +51,14 @@ FACTORIES = {
     "lion_polar": (lowbit.lion_polar, {}),
     "sgd_polar": (lowbit.sgd_polar, {"momentum": 0.9}),
 }
+# Structural values passed explicitly (they need ``static_args``).
 STATIC_ARGS = {
-    "adamw_polar-2": ("bits",),
-    "adamw_polar-1.5": ("bits",),
-    "adam_polar": ("bits",),
-    "adafactor_polar": ("bits", "min_dim_size_to_factor"),
-    "lion_polar": ("bits",),
-    "sgd_polar": ("bits",),
+    "adamw_polar-2": {"bits": 2},
+    "adamw_polar-1.5": {"bits": 1.5},
+    "adam_polar": {"bits": 1.5},
+    "adafactor_polar": {"bits": 2, "min_dim_size_to_factor": 64},
+    "lion_polar": {"bits": 1.5},
+    "sgd_polar": {"bits": 2},
 }
 NAMES = list(ALIASES)
 # One alias per transform and state layout (Adam with polar, with π-Quant; Adafactor;
@@ -192,9 +194,10 @@ def test_init_under_eval_shape(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams_traced_learning_rate(name):
     factory, kw = FACTORIES[name]
+    static = STATIC_ARGS.get(name, {})
     sched = optax.linear_schedule(1e-2, 1e-3, 10)
-    tx = optax.inject_hyperparams(factory, static_args=STATIC_ARGS.get(name, ()))(
-        learning_rate=sched, **kw
+    tx = optax.inject_hyperparams(factory, static_args=tuple(static))(
+        learning_rate=sched, **{**kw, **static}
     )
     params = _params()
     state = tx.init(params)
@@ -207,13 +210,42 @@ def test_inject_hyperparams_traced_learning_rate(name):
     assert len(_packed(state.inner_state)) >= 2
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n in STATIC_ARGS])
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_as_is(name):
+    # No static_args: the structural defaults are None, which inject_hyperparams
+    # leaves static; the state is the plain alias's, the updates its own up to
+    # the hyperparameters' float32 rounding (arrays, not Python floats).
+    factory, kw = FACTORIES[name]
+    kw = {k: v for k, v in kw.items() if k not in STATIC_ARGS.get(name, {})}
+    wrapped = optax.inject_hyperparams(factory)(learning_rate=1e-3, **kw)
+    plain = factory(1e-3, **kw)
+    params = _params()
+    state, plain_state = wrapped.init(params), plain.init(params)
+    assert not set(state.hyperparams) & {"bits", "min_dim_size_to_factor"}
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.inner_state, plain_state)
+    assert [x.codec for x in _packed(state.inner_state)] == [
+        x.codec for x in _packed(plain_state)
+    ]
+    grads = jax.grad(_loss)(params)
+    for _ in range(2):
+        u, state = jax.jit(wrapped.update)(grads, state, params)
+        v, plain_state = jax.jit(plain.update)(grads, plain_state, params)
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert scale > 0
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", list(STATIC_ARGS))
 def test_inject_hyperparams_without_static_args(name):
     factory, kw = FACTORIES[name]
+    static = STATIC_ARGS[name]
     params = _params()
-    for arg in STATIC_ARGS[name]:
-        others = tuple(a for a in STATIC_ARGS[name] if a != arg)
-        tx = optax.inject_hyperparams(factory, static_args=others)(1e-3, **kw)
+    for arg in static:
+        others = tuple(a for a in static if a != arg)
+        tx = optax.inject_hyperparams(factory, static_args=others)(
+            1e-3, **{**kw, **static}
+        )
         with pytest.raises(TypeError, match=rf"static_args=\('{arg}',\)"):
             tx.init(params)
 

@@ -18,13 +18,14 @@ statistics kept unquantized are float32 (Optax keeps the parameter's dtype),
 and so are the factored row/column statistics.
 
 ``min_dim_size_to_factor`` and ``factored`` decide which leaves are factored,
-so they fix the state's layout: under ``optax.inject_hyperparams`` list
-``min_dim_size_to_factor`` in ``static_args`` (``inject_hyperparams`` would
-turn it into an array; construction then raises a TypeError saying so)::
+so they fix the state's layout. Its default is ``None`` (Optax's 128,
+`MIN_DIM_SIZE_TO_FACTOR`), which ``optax.inject_hyperparams`` leaves alone; a
+value you pass there must be listed in ``static_args`` (``inject_hyperparams``
+would turn it into an array; construction then raises a TypeError saying so)::
 
     optax.inject_hyperparams(
         lowbit.adafactor_polar, static_args=("min_dim_size_to_factor", "bits")
-    )
+    )(learning_rate=1e-2, min_dim_size_to_factor=64, bits=1.5)
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class EmaQuantizedState(NamedTuple):
 
     count: jax.Array
     ema: optax.Updates
+
+
+#: Optax's ``min_dim_size_to_factor``, taken where it is ``None``.
+MIN_DIM_SIZE_TO_FACTOR = 128
 
 
 def _factored_dims(
@@ -148,7 +153,7 @@ def scale_by_factored_rms_quantized(
     factored: bool = True,
     decay_rate: Any = 0.8,
     step_offset: Any = 0,
-    min_dim_size_to_factor: int = 128,
+    min_dim_size_to_factor: int | None = None,
     epsilon: Any = 1e-30,
     *,
     nu_codec: base.Codec,
@@ -183,8 +188,10 @@ def scale_by_factored_rms_quantized(
       decay_rate: exponent of the decay schedule :math:`1 - (t+1)^{-c}`.
       step_offset: subtracted from the count, for fine-tuning.
       min_dim_size_to_factor: factor a leaf only if its two largest axes are at
-        least this size. Structural (it shapes the state): a Python int; under
-        ``optax.inject_hyperparams`` list it in ``static_args``.
+        least this size; ``None`` is Optax's 128 (`MIN_DIM_SIZE_TO_FACTOR`).
+        Structural (it shapes the state): a Python int; one passed under
+        ``optax.inject_hyperparams`` must be listed in ``static_args``
+        (``None``, the default, stays static by itself).
       epsilon: added to the squared update.
       nu_codec: codec of the unfactored second moment on quantized leaves
         (unsigned codecs fit; it is always > 0).
@@ -212,6 +219,8 @@ def scale_by_factored_rms_quantized(
     """
     nu_codec = _quantized.check_codec("nu_codec", nu_codec)
     _checks.is_bool("factored", factored)
+    if min_dim_size_to_factor is None:
+        min_dim_size_to_factor = MIN_DIM_SIZE_TO_FACTOR
     _checks.static_arg("min_dim_size_to_factor", min_dim_size_to_factor, "an int > 0")
     _checks.positive_int("min_dim_size_to_factor", min_dim_size_to_factor)
     _checks.non_negative("decay_rate", decay_rate)

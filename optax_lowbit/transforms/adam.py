@@ -9,10 +9,13 @@ float32, update them, bias-correct, compute the update from the float32 moments
 Structural arguments (codecs, ``bits``, ``policy``, ``impl``, ``nesterov``) are
 fixed at construction. Numeric hyperparameters (``b1``, ``b2``, ``eps``,
 ``eps_root``) may be arrays or tracers (``optax.inject_hyperparams``); they are
-checked only when they are Python numbers. Under ``optax.inject_hyperparams``
-list the structural ones that are numbers or callables in ``static_args``::
+checked only when they are Python numbers. ``optax.inject_hyperparams``
+wraps the aliases as they are (the structural defaults are ``None``); the
+structural values you pass as numbers or callables go in ``static_args``::
 
-    optax.inject_hyperparams(lowbit.adamw_polar, static_args=("bits", "policy"))
+    optax.inject_hyperparams(lowbit.adamw_polar, static_args=("bits", "policy"))(
+        learning_rate=1e-3, bits=1.5, policy=my_policy
+    )
 """
 
 from __future__ import annotations

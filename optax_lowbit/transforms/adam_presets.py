@@ -70,6 +70,10 @@ def stable_nu_codec(group_size: int = 128) -> base.Codec:
     )
 
 
+#: The polar optimizers' code bits per element when ``bits`` is ``None``.
+DEFAULT_POLAR_BITS = 2
+
+
 def polar_codec(bits: Any, rounding: Any, signed: bool = True) -> base.Codec:
     """The polar codec of the structural ``bits`` and ``rounding``, checked.
 
@@ -78,13 +82,17 @@ def polar_codec(bits: Any, rounding: Any, signed: bool = True) -> base.Codec:
     in (1.5, 2), ``rounding`` in ('stochastic', 'nearest').
 
     Args:
-      bits: ``2`` or ``1.5``.
+      bits: ``2`` or ``1.5``; ``None`` is `DEFAULT_POLAR_BITS`. The
+        optimizers' default is ``None``, not ``2``: ``optax.inject_hyperparams``
+        turns a numeric default into an array, so ``None`` lets it wrap them
+        without ``static_args`` (``None`` stays a Python value).
       rounding: ``"stochastic"`` or ``"nearest"``.
       signed: the signed codebook (moments, momenta) or the unsigned one.
 
     Returns:
       `optax_lowbit.codecs.polar.polar` of these arguments.
     """
+    bits = DEFAULT_POLAR_BITS if bits is None else bits
     _checks.static_arg("bits", bits, "1.5 or 2")
     _checks.one_of(
         "bits",
@@ -100,7 +108,7 @@ def polar_codec(bits: Any, rounding: Any, signed: bool = True) -> base.Codec:
     return _codecs("polar").polar(bits=bits, signed=signed, rounding=rounding)
 
 
-def polar_codecs(bits: float, rounding: str) -> tuple[base.Codec, base.Codec]:
+def polar_codecs(bits: float | None, rounding: str) -> tuple[base.Codec, base.Codec]:
     """``(mu_codec, nu_codec)`` of the polar preset."""
     mu_codec = polar_codec(bits, rounding)
     return mu_codec, stable_nu_codec(mu_codec.group_size)
@@ -178,10 +186,11 @@ PRESETS: dict[str, AdamPreset] = {
             [
                 gen.Arg(
                     "bits",
-                    "``2`` or ``1.5`` code bits per element of the first moment "
-                    "(structural: under ``optax.inject_hyperparams`` list it in "
-                    "``static_args``).",
-                    2,
+                    "``2`` or ``1.5`` code bits per element of the first moment; "
+                    "``None`` (the default) is 2, and stays static under "
+                    "``optax.inject_hyperparams`` (structural: a value you pass "
+                    "there must be listed in ``static_args``).",
+                    None,
                 ),
                 gen.Arg(
                     "rounding",

@@ -163,8 +163,9 @@ def test_int8_codecs_stay_close_to_optax():
 
 def test_min_dim_size_to_factor_needs_static_args():
     params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
-    # inject_hyperparams turns every numeric argument, defaults included, into
-    # an array: both structural ones must be static.
+    # inject_hyperparams turns every numeric argument it is given into an
+    # array: a structural value passed there must be static (its default, None,
+    # is: tests/test_common.py::test_inject_hyperparams_as_is).
     factory = optax.inject_hyperparams(lowbit.adafactor_polar, static_args=("bits",))
     with pytest.raises(TypeError, match=r"static_args=\('min_dim_size_to_factor',\)"):
         factory(learning_rate=1e-2, min_dim_size_to_factor=32).init(params)
