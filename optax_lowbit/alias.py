@@ -41,6 +41,7 @@ from optax_lowbit import _checks
 from optax_lowbit import _generate as _gen
 from optax_lowbit import fused as _fused
 from optax_lowbit.codecs import base
+from optax_lowbit.transforms import _quantized
 from optax_lowbit.transforms import adafactor as _adafactor
 from optax_lowbit.transforms import adam_presets as _presets
 from optax_lowbit.transforms import lion as _lion
@@ -590,7 +591,10 @@ def _polar_of(args: dict[str, Any], signed: bool) -> base.Codec:
     From its arguments ``args``: ``bits`` and ``rounding``, overridden by
     ``mu_codec`` (signed) or ``nu_codec`` (unsigned).
     """
-    override = args["mu_codec" if signed else "nu_codec"]
+    name = "mu_codec" if signed else "nu_codec"
+    override = args[name]
+    if override is not None:  # checked here, named as the user wrote it
+        _quantized.check_codec(name, override, signed=signed)
     return _polar(args["bits"], signed, override, args["rounding"])
 
 

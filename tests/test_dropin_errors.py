@@ -143,3 +143,82 @@ def test_a_gradient_of_another_shape_is_named(name, shape, nested):
         step(grads, init(params), params)
     assert f"updates{where} has shape {shape}" in str(e.value)
     assert "for shape (8, 128)" in str(e.value)
+
+
+# codec overrides -----------------------------------------------------------
+
+# Every public optimizer taking ``mu_codec``, and those taking ``nu_codec``
+# (positional learning rate where the factory has one).
+MU_CODEC_TAKERS = {
+    "adamw_polar": lowbit.adamw_polar,
+    "adamw_polar-fused": lambda **kw: lowbit.adamw_polar(1e-3, fused=True, **kw),
+    "adamw_4bit": lowbit.adamw_4bit,
+    "adamw_piquant": lowbit.adamw_piquant,
+    "lion_polar": lowbit.lion_polar,
+    "sgd_polar": lowbit.sgd_polar,
+    "adafactor_polar": lowbit.adafactor_polar,  # momentum off: still checked
+    "muon_polar": lowbit.muon_polar,
+    "muon_8bit": lowbit.muon_8bit,
+    "scale_by_adam_polar": lambda *a, **kw: lowbit.scale_by_adam_polar(**kw),
+}
+NU_CODEC_TAKERS = [
+    "adamw_polar",
+    "adamw_8bit",
+    "adafactor_polar",
+    "scale_by_adam_polar",
+]
+
+
+def _make(name, **kw):
+    make = MU_CODEC_TAKERS.get(name) or getattr(lowbit, name)
+    return make(**kw) if name.endswith("-fused") else make(1e-3, **kw)
+
+
+NOT_CODECS = st.one_of(
+    st.text(max_size=12),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.sampled_from([lowbit.codecs.polar, lowbit.codecs, (), {"bits": 2}]),
+)
+
+
+@pytest.mark.parametrize("name", list(MU_CODEC_TAKERS))
+@given(value=NOT_CODECS)
+def test_mu_codec_that_is_not_a_codec_is_named(name, value):
+    # before: adamw_polar / muon_polar raised AttributeError ('str' object has
+    # no attribute 'group_size'), sgd_polar named it "codec", adafactor_polar
+    # without momentum took it
+    with pytest.raises(TypeError, match=r"^mu_codec must be a codec") as e:
+        _make(name, mu_codec=value)
+    assert repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(MU_CODEC_TAKERS))
+def test_unsigned_mu_codec_is_named(name):
+    codec = lowbit.codecs.polar(bits=1.5, signed=False)
+    with pytest.raises(ValueError, match=r"^mu_codec must be a signed codec"):
+        _make(name, mu_codec=codec)
+
+
+@pytest.mark.parametrize("name", NU_CODEC_TAKERS)
+@given(value=NOT_CODECS)
+def test_nu_codec_that_is_not_a_codec_is_named(name, value):
+    with pytest.raises(TypeError, match=r"^nu_codec must be a codec"):
+        _make(name, nu_codec=value)
+
+
+@pytest.mark.parametrize("name", list(MU_CODEC_TAKERS))
+def test_a_signed_mu_codec_override_is_taken(name):
+    codec = lowbit.codecs.blockwise8(True)
+    kw = {"momentum": 0.9} if name == "adafactor_polar" else {}
+    tx = _make(name, mu_codec=codec, **kw)
+    tx = getattr(tx, "tx", tx)  # the fused optimizer's chain
+    params = {"w": jnp.ones((16, 256))}
+    codecs = {
+        x.codec
+        for x in jax.tree.leaves(
+            tx.init(params), is_leaf=lambda x: isinstance(x, lowbit.codecs.Packed)
+        )
+        if isinstance(x, lowbit.codecs.Packed)
+    }
+    assert codec in codecs

@@ -24,6 +24,7 @@ import optax
 from optax_lowbit import _checks
 from optax_lowbit import _generate as gen
 from optax_lowbit.codecs import base
+from optax_lowbit.transforms import _quantized
 from optax_lowbit.transforms import adam as _adam
 
 #: The polar presets' rounding rule (see `optax_lowbit.codecs.polar`).
@@ -357,7 +358,7 @@ def codecs(
     """
     mu, nu = preset.codecs(**options)
     if mu_codec is not None:
-        mu = mu_codec
+        mu = _quantized.check_codec("mu_codec", mu_codec, signed=True)
         if preset.nu_follows_mu and nu_codec is None:
             nu = stable_nu_codec(mu.group_size)
     return mu, nu if nu_codec is None else nu_codec
