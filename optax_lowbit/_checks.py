@@ -55,6 +55,28 @@ def positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
+def positive_int_hyperparameter(name: str, value: Any) -> None:
+    """`positive_int`, also taking integer scalar arrays and tracers.
+
+    For an integer hyperparameter that is not structural (Muon's
+    ``ns_steps``): ``optax.inject_hyperparams`` passes it as an int32 array,
+    concrete at ``init`` and traced in ``update`` (never branched on).
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        if jax.numpy.issubdtype(value.dtype, np.integer):
+            value = int(value)
+    positive_int(name, value)
+
+
+def positive(name: str, value: Any) -> None:
+    """Checks value > 0 unless ``value`` is traced (`numeric`)."""
+    number = numeric(name, value)
+    if number is not None and not number > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
 def divisible(name: str, value: int, by_name: str, by: int) -> None:
     """Raises ValueError unless ``value`` is a multiple of ``by``."""
     if value % by:
@@ -161,6 +183,18 @@ def is_callable(name: str, value: Any) -> None:
     """Raises TypeError unless ``value`` is callable."""
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {value!r}.")
+
+
+def transformation(
+    name: str, tx: Any, needs: Sequence[str] = ("init", "update"), hint: str = ""
+) -> None:
+    """Raises TypeError unless ``tx`` has the callables ``needs`` (an Optax one)."""
+    if not all(callable(getattr(tx, method, None)) for method in needs):
+        methods = " and ".join(needs)
+        raise TypeError(
+            f"{name} must be an optax.GradientTransformation (with {methods}), "
+            f"got {tx!r}" + (f"; {hint}" if hint else ".")
+        )
 
 
 def shape_of(name: str, shape: Any) -> tuple[int, ...]:

@@ -601,6 +601,14 @@ def _polar_of(args: dict[str, Any], signed: bool) -> base.Codec:
 def _adafactor_chain(**a: Any) -> optax.GradientTransformation:
     """`adafactor_polar`'s chain; ``a``: its arguments by name, defaults applied."""
     _checks.non_negative("eps", a["eps"])  # the transform's ``epsilon``
+    # checked here, named as the user wrote them: the links they reach check
+    # them as ``decay`` and ``accumulator_dtype``, or not at all (momentum off)
+    _checks.is_bool("multiply_by_parameter_scale", a["multiply_by_parameter_scale"])
+    if a["clipping_threshold"] is not None:
+        _checks.positive("clipping_threshold", a["clipping_threshold"])
+    if a["momentum"] is not None:
+        _checks.in_unit_interval("momentum", a["momentum"], closed_right=True)
+    _quantized.moment_dtype("dtype_momentum", a["dtype_momentum"], none="float32")
     mu_codec, nu_codec = _polar_of(a, True), _polar_of(a, False)
     txs = [
         _adafactor.scale_by_factored_rms_quantized(

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowbit import _checks
 from optax_lowbit.codecs import base
 from optax_lowbit.transforms import _quantized
 from optax_lowbit.transforms import adam as _adam
@@ -92,8 +93,8 @@ def convert(
       opt_state: the current state, e.g. of ``optax.adamw(...)`` or of a
         low-bit alias.
       tx: the target transformation, e.g. ``lowbit.adamw_polar(...)`` or
-        ``optax.adamw(...)``; its state must have the shape of ``opt_state``
-        outside the Adam entries.
+        ``optax.adamw(...)`` (or a fused optimizer); its state must have the
+        shape of ``opt_state`` outside the Adam entries.
       params: the parameters (``tx.init`` is traced on them with
         ``jax.eval_shape``: nothing is allocated for the template).
 
@@ -119,6 +120,8 @@ def convert(
       >>> type(back[0]).__name__, back[0].mu["w"].dtype
       ('ScaleByAdamState', dtype('float32'))
     """
+    # only its init is traced: a FusedOptimizer passes too
+    _checks.transformation("tx", tx, needs=("init",))
     target = jax.eval_shape(tx.init, params)
     src_flat, src_def = jax.tree.flatten(opt_state, is_leaf=_is_adam)
     dst_flat, dst_def = jax.tree.flatten(target, is_leaf=_is_adam)

@@ -84,11 +84,9 @@ def offload(
       Ren et al, `ZeRO-Offload: Democratizing Billion-Scale Model Training
       <https://arxiv.org/abs/2101.06840>`_, 2021
     """
-    if not hasattr(tx, "init") or not hasattr(tx, "update"):
-        raise TypeError(
-            f"tx must be an optax.GradientTransformation (init and update), got "
-            f"{tx!r}; a FusedOptimizer's transformation is its .tx."
-        )
+    _checks.transformation(
+        "tx", tx, hint="a FusedOptimizer's transformation is its .tx."
+    )
     if where is not None:
         _checks.is_callable("where", where)
     selected = _default_where if where is None else where

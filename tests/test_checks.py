@@ -173,3 +173,88 @@ def test_scalar_arrays_train_as_numbers():
     u, _ = plain.update(grads, plain.init(params), params)
     v, _ = arrays.update(grads, arrays.init(params), params)
     np.testing.assert_allclose(u["w"], v["w"], rtol=1e-6, atol=0)
+
+
+# the arguments a wrapped link used to take unnamed or unchecked -----------------
+
+
+@given(steps=st.integers(-5, 0))
+def test_muon_ns_steps_below_one_refused(steps):
+    # before: taken, and Newton-Schulz ran no iteration (no orthogonalisation)
+    with pytest.raises(
+        ValueError, match=rf"^ns_steps must be a positive int, got {steps}"
+    ):
+        _build("muon_polar", ns_steps=steps)
+
+
+@given(value=st.one_of(NOT_NUMBERS, st.floats(0.5, 8.0), st.just(jnp.float32(3.0))))
+def test_muon_ns_steps_not_an_int_refused(value):
+    with pytest.raises(TypeError, match=r"^ns_steps must be a positive int"):
+        _build("muon_polar", ns_steps=value)
+
+
+@pytest.mark.parametrize("steps", [1, 3, np.int64(4), jnp.int32(2)])
+def test_muon_ns_steps_ints_and_integer_arrays_taken(steps):
+    params = {"w": jnp.linspace(-1.0, 1.0, 32 * 64).reshape(32, 64)}
+    tx = _build("muon_polar", ns_steps=steps)
+    u, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
+def test_muon_ns_steps_under_inject_hyperparams():
+    params = {"w": jnp.linspace(-1.0, 1.0, 32 * 64).reshape(32, 64)}
+    tx = optax.inject_hyperparams(lowbit.muon_polar)(learning_rate=1e-3, ns_steps=3)
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(params, state, params)
+    assert int(state.hyperparams["ns_steps"]) == 3
+
+
+@given(value=st.one_of(st.floats(-10.0, 0.0), st.integers(-3, 0)))
+def test_adafactor_clipping_threshold_not_positive_refused(value):
+    with pytest.raises(ValueError, match=r"^clipping_threshold must be > 0"):
+        _build("adafactor_polar", learning_rate=1e-2, clipping_threshold=value)
+
+
+@given(value=NOT_NUMBERS.filter(lambda v: v is not None))
+def test_adafactor_clipping_threshold_not_a_number_refused(value):
+    with pytest.raises(TypeError, match=r"^clipping_threshold must be a number"):
+        _build("adafactor_polar", learning_rate=1e-2, clipping_threshold=value)
+
+
+@given(value=st.one_of(st.text(max_size=4), st.sampled_from([0, 1, None, 1.0])))
+def test_adafactor_multiply_by_parameter_scale_must_be_a_bool(value):
+    # before: "no" was taken as True (Optax takes it too)
+    with pytest.raises(TypeError, match=r"^multiply_by_parameter_scale must be a bool"):
+        _build("adafactor_polar", learning_rate=1e-2, multiply_by_parameter_scale=value)
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1])
+def test_adafactor_momentum_named_as_written(momentum):
+    # before: named ``decay`` (the ema link's argument)
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\]"):
+        _build("adafactor_polar", learning_rate=1e-2, momentum=momentum)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float16, "bf16", "x"])
+def test_adafactor_dtype_momentum_named_as_written(momentum, dtype):
+    # before: unchecked without momentum; named accumulator_dtype with it
+    with pytest.raises(ValueError, match=r"^dtype_momentum must be one of .*float32"):
+        _build(
+            "adafactor_polar",
+            learning_rate=1e-2,
+            momentum=momentum,
+            dtype_momentum=dtype,
+        )
+
+
+def test_a_transformation_argument_is_checked():
+    params = {"w": jnp.ones((8, 64))}
+    state = optax.adamw(1e-3).init(params)
+    with pytest.raises(TypeError, match=r"^tx must be an optax.GradientTransformation"):
+        lowbit.convert(state, "adamw", params)
+    fused = lowbit.adamw_polar(1e-3, fused=True)  # init alone is enough to convert
+    converted = lowbit.convert(state, fused, params)
+    assert jax.tree.structure(converted) == jax.tree.structure(fused.init(params))
+    with pytest.raises(TypeError, match=r"FusedOptimizer's transformation is its .tx"):
+        lowbit.offload(fused)

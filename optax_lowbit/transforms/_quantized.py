@@ -185,23 +185,28 @@ def plain_dtype(leaf_dtype: Any, fallback_dtype: Any) -> Any:
     return jnp.dtype(fallback_dtype)
 
 
-def moment_dtype(name: str, dtype: Any) -> Any:
+def moment_dtype(name: str, dtype: Any, none: str = "the params' dtype") -> Any:
     """Checks a moment-dtype argument (``mu_dtype``, ``accumulator_dtype``).
 
+    Args:
+      name: the argument's name, for the message.
+      dtype: the value received.
+      none: what ``None`` means for this argument, for the message (Optax's
+        moments: each takes its parameter's dtype).
+
     Returns:
-      ``None`` for ``None`` (each unquantized moment takes its parameter's dtype,
-      as in Optax), else the dtype; ValueError naming ``name`` unless it is
-      float32 or bfloat16.
+      ``None`` for ``None``, else the dtype; ValueError naming ``name`` unless
+      it is float32 or bfloat16.
     """
     if dtype is None:
         return None
     try:
         dtype_name = jnp.dtype(dtype).name
     except TypeError:
-        dtype_name = repr(dtype)
-    _checks.one_of(
-        name, dtype_name, ("float32", "bfloat16"), "or None for the params' dtype."
-    )
+        # not a dtype: a string as it is (its repr in the message), any
+        # other value by its repr (an array never meets ``==``)
+        dtype_name = dtype if isinstance(dtype, str) else repr(dtype)
+    _checks.one_of(name, dtype_name, ("float32", "bfloat16"), f"or None for {none}.")
     return jnp.dtype(dtype)
 
 

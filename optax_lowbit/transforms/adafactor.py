@@ -371,10 +371,9 @@ def ema_quantized(
     codec = _quantized.check_codec("codec", codec, signed=True)
     _checks.in_unit_interval("decay", decay, closed_right=True)
     _checks.is_bool("debias", debias)
-    fallback = jnp.dtype(
-        jnp.float32 if accumulator_dtype is None else accumulator_dtype
-    )
-    _checks.one_of("accumulator_dtype", fallback.name, ("float32", "bfloat16"))
+    fallback = _quantized.moment_dtype(
+        "accumulator_dtype", accumulator_dtype, none="float32"
+    ) or jnp.dtype(jnp.float32)
     policy = _quantized.resolve_policy(policy)
 
     def step(g32: jax.Array, m: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:

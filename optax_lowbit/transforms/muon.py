@@ -212,6 +212,7 @@ def scale_by_muon_quantized(
     _checks.one_of("impl", impl, _IMPLS, hint)
     fallback = _quantized.moment_dtype("mu_dtype", mu_dtype)
     policy = _quantized.resolve_policy(policy)
+    _checks.positive_int_hyperparameter("ns_steps", ns_steps)
     coeffs = _ns_coeffs(ns_coeffs, ns_steps)  # checked at construction, as Optax
 
     def init_fn(params: optax.Params) -> ScaleByMuonQuantizedState:
