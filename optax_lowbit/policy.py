@@ -254,7 +254,7 @@ def from_predicate(fn: Callable[[Any, Any], Any]) -> PredicatePolicy:
       >>> policy(("w",), jnp.zeros((4, 4))), policy(("b",), jnp.zeros(4))
       (True, False)
     """
-    _checks.is_callable("policy", fn)
+    _checks.is_callable("fn", fn)
     if isinstance(fn, (DefaultPolicy, PredicatePolicy)):
         return fn
     return PredicatePolicy(fn)

@@ -3,6 +3,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 
 import optax_lowbit as lowbit
 
@@ -77,8 +79,6 @@ def test_predicate_and_non_callable():
     assert _decisions(policy, params) == {"attn": True, "mlp": False, "n": False}
     assert policy.reason(("mlp",), params["mlp"]) == "excluded by policy"
     with pytest.raises(TypeError, match="policy must be callable"):
-        lowbit.policy.from_predicate(3)
-    with pytest.raises(TypeError, match="policy must be callable"):
         lowbit.scale_by_adam_quantized(FP32, FP32, policy=("embed",))
 
 
@@ -118,3 +118,9 @@ def test_nnx_state_variables():
     # a Variable given as the leaf is unwrapped
     assert policy(("lin", "kernel"), state["lin"]["kernel"])
     assert policy.reason(("embed",), state["embed"]["embedding"]) == "embedding"
+
+
+@given(value=st.one_of(st.integers(), st.text(max_size=5), st.just(None)))
+def test_from_predicate_names_its_argument(value):
+    with pytest.raises(TypeError, match=r"^fn must be callable"):
+        lowbit.policy.from_predicate(value)
