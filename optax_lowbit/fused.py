@@ -118,6 +118,7 @@ def fuse_adamw(
     use_pallas = _backend.use_pallas(impl)
 
     def step(grads, state, params):
+        _check_params(grads, params)
         adam_state, *tail_state = state
         decay_state, lr_state = tail_state[0], tail_state[-1]
         _quantized.check_state(
@@ -151,6 +152,36 @@ def fuse_adamw(
         return jax.tree_util.tree_unflatten(p_def, new_p), (new_adam, *new_tail)
 
     return FusedOptimizer(tx.init, step, tx)
+
+
+def _check_params(grads: Any, params: Any) -> None:
+    """Raises, while the step is traced, where ``params`` cannot take ``grads``.
+
+    The fused step writes each parameter leaf from its gradient's: without
+    parameters, or with another tree (a list where the gradients are a dict,
+    a missing or extra leaf) or another leaf shape, it failed inside the
+    kernel's arguments with an unrelated message, or, with the same number of
+    leaves in another order, paired leaves with the wrong gradients.
+    """
+    if params is None:
+        raise ValueError(
+            "the fused step applies the update to the parameters: call "
+            "opt.step(grads, state, params) (opt.tx.update(grads, state, params) "
+            "returns updates instead)."
+        )
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    g_leaves, g_def = jax.tree_util.tree_flatten(grads)
+    if p_def != g_def:
+        raise ValueError(
+            f"params must have the tree structure of grads; got params {p_def} "
+            f"and grads {g_def}."
+        )
+    for (path, p), g in zip(p_leaves, g_leaves, strict=True):
+        if jnp.shape(p) != jnp.shape(g):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} has shape {jnp.shape(p)}, but "
+                f"its gradient has shape {jnp.shape(g)}."
+            )
 
 
 # The deprecated ``fused_adamw_*``, at their old address.

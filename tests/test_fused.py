@@ -218,3 +218,34 @@ def test_fused_step_traces_no_per_leaf_work_it_drops(mask):
         chex.assert_trees_all_equal(s_fused[1:], s_chain[1:])  # the tail's
         assert int(s_fused[-1].count) == 1
     assert dead[0] == dead[1], dead  # 3 -> 9 pairs of leaves: none added
+
+
+def _wrong_params(kind, params):
+    if kind == "none":
+        return None, r"^the fused step applies the update to the parameters"
+    if kind == "list":  # as many leaves, another order: it paired them silently
+        return list(params.values()), r"^params must have the tree structure of grads"
+    if kind == "missing":
+        return {"w": params["w"]}, r"^params must have the tree structure of grads"
+    if kind == "extra":
+        extra = {**params, "c": jnp.ones(3)}
+        return extra, r"^params must have the tree structure of grads"
+    w = params["w"]
+    return {**params, "w": w[:, :-1]}, r"^params\['w'\] has shape \(16, 127\)"
+
+
+@pytest.mark.parametrize("kind", ["none", "list", "missing", "extra", "shape"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_fused_step_refuses_params_that_do_not_match_grads(kind, jit):
+    rng = np.random.default_rng()
+    params = {
+        "w": jnp.asarray(rng.standard_normal((16, 128)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(128), jnp.float32),
+    }
+    grads = jax.tree.map(lambda x: 0.1 * x, params)
+    opt = lowbit.adamw_polar(1e-3, fused=True)
+    state = opt.init(params)
+    step = jax.jit(opt.step) if jit else opt.step
+    wrong, message = _wrong_params(kind, params)
+    with pytest.raises(ValueError, match=message):
+        step(grads, state, wrong)
