@@ -371,9 +371,8 @@ def ema_quantized(
     codec = _quantized.check_codec("codec", codec, signed=True)
     _checks.in_unit_interval("decay", decay, closed_right=True)
     _checks.is_bool("debias", debias)
-    fallback = _quantized.moment_dtype(
-        "accumulator_dtype", accumulator_dtype, none="float32"
-    ) or jnp.dtype(jnp.float32)
+    checked = _quantized.moment_dtype("accumulator_dtype", accumulator_dtype, "float32")
+    fallback = jnp.dtype(jnp.float32) if checked is None else checked
     policy = _quantized.resolve_policy(policy)
 
     def step(g32: jax.Array, m: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:

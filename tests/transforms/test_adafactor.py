@@ -202,3 +202,21 @@ def test_ema_quantized_debias_equals_optax_ema():
     _, _, u1 = _run(ours, params, 10)
     _, _, u2 = _run(optax.ema(0.9), params, 10)
     chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [(None, jnp.float32), (jnp.bfloat16, jnp.bfloat16), ("float32", jnp.float32)],
+)
+def test_ema_accumulator_dtype_on_unquantized_leaves(dtype, expected):
+    tx = lowbit.ema_quantized(
+        0.9,
+        codec=lowbit.codecs.identity(),
+        accumulator_dtype=dtype,
+        policy=lambda path, x: False,
+    )
+    params = {"w": jnp.ones((4, 8), jnp.bfloat16)}
+    state = tx.init(params)
+    assert state.ema["w"].dtype == expected
+    _, state = jax.jit(tx.update)(params, state)
+    assert state.ema["w"].dtype == expected
