@@ -155,13 +155,14 @@ def fuse_adamw(
 
 
 def _check_params(grads: Any, params: Any) -> None:
-    """Raises, while the step is traced, where ``params`` cannot take ``grads``.
+    """Raises, while the step is traced, where ``params`` is not ``grads``' tree.
 
     The fused step writes each parameter leaf from its gradient's: without
     parameters, or with another tree (a list where the gradients are a dict,
-    a missing or extra leaf) or another leaf shape, it failed inside the
-    kernel's arguments with an unrelated message, or, with the same number of
-    leaves in another order, paired leaves with the wrong gradients.
+    a missing or extra leaf), it failed inside the kernel's arguments with an
+    unrelated message or, with the same number of leaves in another order,
+    paired leaves with the wrong gradients. Leaf shapes are checked after the
+    state's (`_quantized.check_param_shapes`).
     """
     if params is None:
         raise ValueError(
@@ -169,19 +170,12 @@ def _check_params(grads: Any, params: Any) -> None:
             "opt.step(grads, state, params) (opt.tx.update(grads, state, params) "
             "returns updates instead)."
         )
-    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
-    g_leaves, g_def = jax.tree_util.tree_flatten(grads)
+    p_def, g_def = jax.tree.structure(params), jax.tree.structure(grads)
     if p_def != g_def:
         raise ValueError(
             f"params must have the tree structure of grads; got params {p_def} "
             f"and grads {g_def}."
         )
-    for (path, p), g in zip(p_leaves, g_leaves, strict=True):
-        if jnp.shape(p) != jnp.shape(g):
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} has shape {jnp.shape(p)}, but "
-                f"its gradient has shape {jnp.shape(g)}."
-            )
 
 
 # The deprecated ``fused_adamw_*``, at their old address.

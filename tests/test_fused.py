@@ -231,12 +231,15 @@ def _wrong_params(kind, params):
         extra = {**params, "c": jnp.ones(3)}
         return extra, r"^params must have the tree structure of grads"
     w = params["w"]
-    return {**params, "w": w[:, :-1]}, r"^params\['w'\] has shape \(16, 127\)"
+    message = r"^params\['w'\] has shape \(16, 127\), which its update of shape"
+    return {**params, "w": w[:, :-1]}, message
 
 
 @pytest.mark.parametrize("kind", ["none", "list", "missing", "extra", "shape"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_fused_step_refuses_params_that_do_not_match_grads(kind, jit):
+    # a gradient that does not fit its quantized moment is named by the state's
+    # check first (tests/test_dropin_errors.py); here the parameters are wrong
     rng = np.random.default_rng()
     params = {
         "w": jnp.asarray(rng.standard_normal((16, 128)), jnp.float32),
@@ -249,3 +252,14 @@ def test_fused_step_refuses_params_that_do_not_match_grads(kind, jit):
     wrong, message = _wrong_params(kind, params)
     with pytest.raises(ValueError, match=message):
         step(grads, state, wrong)
+
+
+def test_fused_step_broadcasts_a_float_leaf_gradient_as_the_chain():
+    # a plain (float) leaf's gradient that broadcasts to its parameter is taken,
+    # as optax.apply_updates takes it on the chain path
+    params = {"w": jnp.linspace(-1.0, 1.0, 16 * 128).reshape(16, 128), "b": jnp.ones(8)}
+    grads = {"w": 0.1 * params["w"], "b": jnp.full((1,), 0.5)}
+    opt = lowbit.adamw_polar(1e-2, fused=True)
+    new, _ = jax.jit(opt.step)(grads, opt.init(params), params)
+    u, _ = opt.tx.update(grads, opt.tx.init(params), params)
+    chex.assert_trees_all_close(new, optax.apply_updates(params, u), atol=1e-6)

@@ -48,6 +48,7 @@ from optax_lowbit.kernels.rules import compute_dtype, is_complex
 __all__ = [
     "check_codec",
     "check_float_params",
+    "check_param_shapes",
     "check_state",
     "complex_adam_step",
     "compute_dtype",
@@ -555,15 +556,39 @@ def _check_packed_shapes(
     for leaves in per_moment:
         for k, (g, x) in enumerate(zip(plain, leaves, strict=True)):
             if is_packed(x) and tuple(np.shape(g)) != tuple(x.shape):
-                path = jax.tree_util.tree_flatten_with_path(
-                    updates, is_leaf=_is_variable
-                )[0][k][0]
                 raise ValueError(
-                    f"updates{jax.tree_util.keystr(path)} has shape "
+                    f"updates{_leaf_path(updates, k)} has shape "
                     f"{tuple(np.shape(g))}, but the optimizer state holds that "
                     f"leaf's moment for shape {tuple(x.shape)}; was the state made "
                     "by tx.init on these parameters?"
                 )
+
+
+def check_param_shapes(updates: Any, plain: list[Any], params: list[Any]) -> None:
+    """Raises where a parameter leaf cannot take its update (the fused apply).
+
+    ``plain``: `flatten_with_moments`' update leaves, ``params`` the parameter
+    leaves in their order. An update that broadcasts to its parameter's shape
+    passes, as `optax.apply_updates` takes it; called after the state's check
+    (`_check_packed_shapes`), which names a gradient that does not fit its
+    quantized moment.
+    """
+    for k, (g, p) in enumerate(zip(plain, params, strict=True)):
+        try:
+            fits = np.broadcast_shapes(np.shape(g), np.shape(p)) == np.shape(p)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"params{_leaf_path(updates, k)} has shape {np.shape(p)}, "
+                f"which its update of shape {np.shape(g)} does not fit."
+            )
+
+
+def _leaf_path(updates: Any, k: int) -> str:
+    """The key path of ``updates``' ``k``-th leaf (`flatten_with_moments`' order)."""
+    flat = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_variable)[0]
+    return jax.tree_util.keystr(flat[k][0])
 
 
 def map_leaves(

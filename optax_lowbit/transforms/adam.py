@@ -316,6 +316,8 @@ def fused_leaves(
     flat, _, (mus, nus), rewrap = _quantized.flatten_with_moments(
         updates, (state.mu, state.nu)
     )
+    if params is not None:
+        _quantized.check_param_shapes(updates, flat, params)
     n = len(flat)
     hps = [hp] * n if leaf_hps is None else list(leaf_hps)
     outs = [None] * n
